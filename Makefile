@@ -1,0 +1,47 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets up .venv by itself.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU-only machines get this CPU build of torch; a CUDA build is left to machines with a GPU.
+CPU_TORCH ?= torch==2.13.0+cpu
+CPU_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+STAMP := $(VENV)/.sdtrain-setup
+
+.PHONY: setup test test-all demo lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# torch first, so that installing sdtrain never pulls a multi-GB CUDA build on a CPU-only machine,
+	@# and a torch the user already has in this venv (CUDA or not) is left alone.
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "setup: keeping torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PIP) install -q "torch>=2.6"; \
+	else \
+		$(PIP) install -q "$(CPU_TORCH)" 2>/dev/null || $(PIP) install -q torch --index-url $(CPU_TORCH_INDEX); \
+	fi
+	$(PIP) install -q -e ".[dev]"
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m "not gpu"
+
+demo: setup
+	$(VENV)/bin/sdtrain demo --out runs/demo --data data/shapes
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+format: setup
+	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench
+
+clean:
+	rm -rf $(VENV) runs data/shapes .pytest_cache

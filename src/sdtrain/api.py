@@ -1,0 +1,201 @@
+"""The Python facade, with the source article's API: ``fit / generate / reconstruct / save_pretrained``.
+
+``StableDiffusion`` holds the four components plus a sampler and delegates: training to
+:func:`sdtrain.train.loop.train`, sampling to diffusers pipelines through :mod:`sdtrain.sample.pipeline`, saving to
+diffusers' ``StableDiffusionPipeline.save_pretrained`` (so the folder loads in plain diffusers without sdtrain).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from PIL import Image
+
+from sdtrain.config import Config, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, TrainConfig
+from sdtrain.models.text import freeze
+from sdtrain.sample.pipeline import SCHEDULERS, Output, img2img, sampling_scheduler, txt2img, with_scheduler
+from sdtrain.train.loop import Components, train
+
+
+def objective_from_scheduler(scheduler) -> ObjectiveConfig:
+    """The training objective a sampler's config describes (used when loading a saved pipeline)."""
+    c = scheduler.config
+    return ObjectiveConfig(
+        prediction_type=c.get("prediction_type", "epsilon"),
+        num_train_timesteps=c.get("num_train_timesteps", 1000),
+        beta_schedule=c.get("beta_schedule", "scaled_linear"),
+        beta_start=c.get("beta_start", 0.00085),
+        beta_end=c.get("beta_end", 0.012),
+        rescale_zero_terminal_snr=bool(c.get("rescale_betas_zero_snr", False)),
+    )
+
+
+class StableDiffusion:
+    """A trainable text-to-image latent diffusion model.
+
+    Args:
+        vae: frozen AutoencoderKL or VQModel.
+        text_encoder: frozen transformers text encoder.
+        tokenizer: its tokenizer (``model_max_length`` is the prompt length).
+        unet: the trainable UNet2DConditionModel (``image_decoder=`` is accepted as the article's name for it).
+        scheduler: a diffusers scheduler, or a name from ``SCHEDULERS``; default Euler on the training schedule.
+        device: where to run; default CUDA if available.
+        objective: the training objective (prediction type, schedule); default read from ``scheduler`` or epsilon.
+    """
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet=None,
+        scheduler=None,
+        device: str | torch.device | None = None,
+        image_decoder=None,
+        objective: ObjectiveConfig | None = None,
+    ):
+        if unet is None and image_decoder is None:
+            raise TypeError("StableDiffusion needs a unet (or image_decoder)")
+        if unet is not None and image_decoder is not None:
+            raise TypeError("give unet or image_decoder, not both")
+        self.vae = freeze(vae)
+        self.text_encoder = freeze(text_encoder)
+        self.tokenizer = tokenizer
+        self.unet = unet if unet is not None else image_decoder
+        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if objective is None:
+            objective = objective_from_scheduler(scheduler) if scheduler is not None and not isinstance(scheduler, str) else ObjectiveConfig()
+        self.objective = objective
+        if scheduler is None or isinstance(scheduler, str):
+            scheduler = sampling_scheduler(objective, scheduler or "euler")
+        self.scheduler = scheduler
+
+    # ----------------------------------------------------------------------------------------------------- training
+    def fit(
+        self,
+        dataloader: Iterable,
+        num_steps: int = 100_000,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        clip_norm: float | None = 1.0,
+        log_interval: int = 100,
+        save_interval: int = 1000,
+        save_dir: str | Path = "runs/fit",
+        weight_decay: float = 0.0,
+        caption_dropout: float = 0.1,
+        ema_decay: float | None = None,
+        mixed_precision: str = "no",
+        seed: int = 0,
+        batch_size: int | None = None,
+    ) -> StableDiffusion:
+        """Train the UNet on batches from ``dataloader`` (re-iterated as needed) for ``num_steps`` optimizer steps.
+
+        Batches are dicts with ``image`` (B x 3 x H x W in [-1, 1], or a list of PIL images) and ``text`` (list of
+        str), or ``(images, texts)`` tuples. Checkpoints go to ``save_dir/checkpoints`` every ``save_interval``
+        steps and the trained pipeline to ``save_dir/final``; a second call with the same ``save_dir`` resumes.
+        After training this object holds the trained (EMA, if enabled) weights.
+        """
+        objective = self.objective
+        config = Config(
+            model=ModelConfig(pretrained="<in memory>"),
+            data=DataConfig(caption_dropout=caption_dropout),
+            train=TrainConfig(
+                output_dir=str(save_dir),
+                seed=seed,
+                batch_size=batch_size or _peek_batch_size(dataloader),
+                num_steps=num_steps,
+                mixed_precision=mixed_precision,  # type: ignore[arg-type]
+                clip_norm=clip_norm,
+                ema_decay=ema_decay,
+                log_every=log_interval,
+                save_every=save_interval,
+                objective=copy.deepcopy(objective),
+                optim=OptimConfig(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+            ),
+        )
+        components = Components(self.vae, self.text_encoder, self.tokenizer, self.unet)
+        final = train(config, components=components, batches=dataloader)
+        if ema_decay is not None:  # adopt the exported EMA weights
+            from diffusers import UNet2DConditionModel
+
+            self.unet.load_state_dict(UNet2DConditionModel.from_pretrained(final, subfolder="unet").state_dict())
+        self.unet.eval()
+        return self
+
+    # ----------------------------------------------------------------------------------------------------- sampling
+    def _pipeline(self, cls, scheduler: str | None):
+        sched = with_scheduler(self.scheduler, scheduler) if scheduler else self.scheduler
+        pipe = cls(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        self.unet.eval()
+        return pipe.to(self.device)
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int = 0,
+        scheduler: str | None = None,
+    ) -> Output:
+        """Text to image. Image *i* (prompt-major) is sampled with its own generator seeded ``seed + i``."""
+        pipe = self._pipeline(StableDiffusionPipeline, scheduler)
+        return txt2img(
+            pipe, prompt, negative_prompt, num_images_per_prompt, num_inference_steps, guidance_scale, height, width, seed
+        )
+
+    def reconstruct(
+        self,
+        prompt: str | list[str],
+        image: Image.Image | list[Image.Image],
+        strength: float = 0.6,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+        scheduler: str | None = None,
+    ) -> Output:
+        """Image to image under a prompt (SDEdit): ``strength`` 0 keeps the image, 1 ignores it."""
+        pipe = self._pipeline(StableDiffusionImg2ImgPipeline, scheduler)
+        return img2img(pipe, prompt, image, strength, negative_prompt, num_inference_steps, guidance_scale, seed)
+
+    # ----------------------------------------------------------------------------------------------------- saving
+    def save_pretrained(self, path: str | Path) -> Path:
+        """A plain diffusers StableDiffusionPipeline folder."""
+        self._pipeline(StableDiffusionPipeline, None).save_pretrained(path, safe_serialization=True)
+        return Path(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, scheduler: str | None = None):
+        """Load a pipeline folder (ours or any Stable Diffusion 1.x / 2.x folder or hub id)."""
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+        sched = with_scheduler(pipe.scheduler, scheduler) if scheduler else pipe.scheduler
+        return cls(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, scheduler=sched, device=device)
+
+
+def _peek_batch_size(dataloader) -> int:
+    size = getattr(dataloader, "batch_size", None)
+    if isinstance(size, int):
+        return size
+    raise ValueError("cannot tell the batch size of this iterable: pass batch_size= to fit()")
+
+
+__all__ = ["StableDiffusion", "SCHEDULERS"]

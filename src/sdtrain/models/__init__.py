@@ -1,0 +1,1 @@
+"""Load or build the components: text encoder + tokenizer, autoencoder, UNet."""

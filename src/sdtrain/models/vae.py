@@ -1,0 +1,82 @@
+"""Frozen autoencoder (AutoencoderKL or VQModel) and the mapping between pixels and scaled latents.
+
+Latents the UNet sees are ``(z - shift_factor) * scaling_factor`` with both read from the autoencoder's config
+(``shift_factor`` is unset for Stable Diffusion 1.x / 2.x VAEs). For a VQModel the UNet denoises the
+pre-quantisation latents, as the LDM paper does, and decoding quantises them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, VQModel
+
+from sdtrain.models.text import DTYPES, freeze
+
+AUTOENCODERS = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
+
+Autoencoder = AutoencoderKL | VQModel
+
+
+def _class_name(path: str, subfolder: str | None) -> str:
+    """The diffusers class recorded in the model's config.json (local folder or hub id)."""
+    local = Path(path, subfolder or "", "config.json")
+    if local.exists():
+        return json.loads(local.read_text()).get("_class_name", "AutoencoderKL")
+    from huggingface_hub import hf_hub_download
+
+    config = hf_hub_download(path, "config.json", subfolder=subfolder)
+    return json.loads(Path(config).read_text()).get("_class_name", "AutoencoderKL")
+
+
+def load_vae(path: str, subfolder: str | None = None, dtype: str = "float32") -> Autoencoder:
+    """Load a frozen AutoencoderKL or VQModel from a local folder or hub id (the class is read from its config)."""
+    name = _class_name(path, subfolder)
+    if name not in AUTOENCODERS:
+        raise ValueError(f"{path}: autoencoder class {name!r} is not supported (use one of {', '.join(AUTOENCODERS)})")
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    vae = AUTOENCODERS[name].from_pretrained(path, torch_dtype=DTYPES[dtype], **kwargs)
+    return freeze(vae)
+
+
+def downsample_factor(vae: Autoencoder) -> int:
+    """Pixels per latent pixel (8 for Stable Diffusion's VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _scale_shift(vae: Autoencoder) -> tuple[float, float]:
+    scale = getattr(vae.config, "scaling_factor", None) or 1.0
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return float(scale), float(shift)
+
+
+@torch.no_grad()
+def encode_moments(vae: Autoencoder, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscaled posterior ``(mean, std)`` of images in [-1, 1]; std is zero for a VQModel (deterministic)."""
+    images = images.to(device=vae.device, dtype=vae.dtype)
+    if isinstance(vae, VQModel):
+        latents = vae.encode(images).latents
+        return latents, torch.zeros_like(latents)
+    dist = vae.encode(images).latent_dist
+    return dist.mean, dist.std
+
+
+def scale_latents(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
+    """Autoencoder latents -> the UNet's latent space."""
+    scale, shift = _scale_shift(vae)
+    return (latents - shift) * scale
+
+
+def unscale_latents(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
+    """The UNet's latent space -> autoencoder latents."""
+    scale, shift = _scale_shift(vae)
+    return latents / scale + shift
+
+
+@torch.no_grad()
+def decode_latents(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images in [-1, 1] (not clamped)."""
+    latents = unscale_latents(vae, latents).to(device=vae.device, dtype=vae.dtype)
+    return vae.decode(latents).sample

@@ -1,0 +1,1 @@
+"""Sampling: scheduler map, pipeline assembly, text-to-image and image-to-image."""

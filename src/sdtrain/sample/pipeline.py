@@ -1,0 +1,200 @@
+"""Sampling: scheduler map, pipeline assembly, text-to-image and image-to-image (SDEdit), grids.
+
+diffusers owns the samplers and the denoising loop: we assemble a ``StableDiffusionPipeline`` (or its img2img
+sibling) from our components, ask it for latents, and decode them ourselves so that VQ autoencoders and VAEs with a
+``shift_factor`` decode correctly (for a plain AutoencoderKL the pixels are identical to the pipeline's own output).
+Each image has its own generator seeded ``seed + i``, so image *i* does not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    SchedulerMixin,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from sdtrain.config import ObjectiveConfig
+from sdtrain.models.vae import decode_latents, encode_moments, scale_latents
+
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "ddim": DDIMScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "heun": HeunDiscreteScheduler,
+    "lms": LMSDiscreteScheduler,
+    "pndm": PNDMScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+
+
+@dataclass
+class Output:
+    """What generate / reconstruct return: PIL images, in prompt-major order."""
+
+    images: list[Image.Image]
+
+
+def sampling_scheduler(objective: ObjectiveConfig, name: str = "euler") -> SchedulerMixin:
+    """A sampler that matches the training schedule (betas, prediction type, zero terminal SNR)."""
+    base = EulerDiscreteScheduler(
+        num_train_timesteps=objective.num_train_timesteps,
+        beta_schedule=objective.beta_schedule,
+        beta_start=objective.beta_start,
+        beta_end=objective.beta_end,
+        prediction_type=objective.prediction_type,
+        rescale_betas_zero_snr=objective.rescale_zero_terminal_snr,
+        timestep_spacing="trailing",
+    )
+    return with_scheduler(base, name)
+
+
+def with_scheduler(scheduler: SchedulerMixin, name: str) -> SchedulerMixin:
+    """The sampler ``name`` built from another scheduler's config (same training schedule)."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    if isinstance(scheduler, SCHEDULERS[name]):
+        return scheduler
+    return SCHEDULERS[name].from_config(scheduler.config)
+
+
+def _generators(seed: int, count: int, device: torch.device) -> list[torch.Generator]:
+    # generators live on the CPU so that a seed gives the same image on every device
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+
+
+def _as_list(prompt: str | list[str]) -> list[str]:
+    return [prompt] if isinstance(prompt, str) else list(prompt)
+
+
+def _postprocess(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
+    images = decode_latents(pipe.vae, latents)
+    processor: VaeImageProcessor = pipe.image_processor
+    return processor.postprocess(images.float(), output_type="pil")
+
+
+def txt2img(
+    pipe: StableDiffusionPipeline,
+    prompt: str | list[str],
+    negative_prompt: str | list[str] | None = None,
+    num_images_per_prompt: int = 1,
+    num_inference_steps: int = 30,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> Output:
+    """Text to image with the pipeline's sampler; image *i* (prompt-major) uses the generator seeded ``seed + i``."""
+    prompts = _as_list(prompt)
+    negatives = _as_list(negative_prompt) if negative_prompt is not None else None
+    if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
+        negatives = negatives * len(prompts)
+    flat = [p for p in prompts for _ in range(num_images_per_prompt)]
+    flat_neg = [n for n in negatives for _ in range(num_images_per_prompt)] if negatives else None
+    generators = _generators(seed, len(flat), pipe.device)
+    images: list[Image.Image] = []
+    for start in range(0, len(flat), batch_size):
+        stop = start + batch_size
+        latents = pipe(
+            prompt=flat[start:stop],
+            negative_prompt=flat_neg[start:stop] if flat_neg else None,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            generator=generators[start:stop],
+            output_type="latent",
+        ).images
+        images += _postprocess(pipe, latents)
+    return Output(images)
+
+
+def img2img(
+    pipe: StableDiffusionImg2ImgPipeline,
+    prompt: str | list[str],
+    image: Image.Image | list[Image.Image],
+    strength: float = 0.6,
+    negative_prompt: str | list[str] | None = None,
+    num_inference_steps: int = 30,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> Output:
+    """SDEdit: noise each image's latents to ``strength`` and denoise under its prompt.
+
+    One prompt for all images, or one per image. The image is resized to a multiple of the autoencoder's factor.
+    """
+    images_in = [image] if isinstance(image, Image.Image) else list(image)
+    prompts = _as_list(prompt)
+    if len(prompts) == 1:
+        prompts = prompts * len(images_in)
+    if len(prompts) != len(images_in):
+        raise ValueError(f"{len(prompts)} prompts for {len(images_in)} images: give one prompt, or one per image")
+    negatives = _as_list(negative_prompt) * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+    generators = _generators(seed, len(images_in), pipe.device)
+    processor: VaeImageProcessor = pipe.image_processor
+    latent_channels = pipe.vae.config.latent_channels
+    out: list[Image.Image] = []
+    for start in range(0, len(images_in), batch_size):
+        stop = start + batch_size
+        pixels = processor.preprocess(images_in[start:stop])
+        if latent_channels == 4:
+            # encode ourselves: the posterior sample uses each image's generator, and VQ / shift_factor are handled
+            mean, std = encode_moments(pipe.vae, pixels)
+            noise = torch.stack([torch.randn(m.shape, generator=g) for m, g in zip(mean, generators[start:stop])])
+            init = scale_latents(pipe.vae, mean + std * noise.to(mean))
+        else:
+            init = pixels  # diffusers encodes (scaling_factor only)
+        latents = pipe(
+            prompt=prompts[start:stop],
+            image=init,
+            strength=strength,
+            negative_prompt=negatives[start:stop] if negatives else None,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators[start:stop],
+            output_type="latent",
+        ).images
+        out += _postprocess(pipe, latents)
+    return Output(out)
+
+
+def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Tile images into one picture, row-major."""
+    if not images:
+        raise ValueError("no images to tile")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def save_images(images: list[Image.Image], out_dir: str | Path, prefix: str = "image", columns: int | None = None):
+    """Write ``prefix-0000.png ...`` and ``grid.png``; returns the grid's path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        img.save(out_dir / f"{prefix}-{i:04d}.png")
+    grid_path = out_dir / "grid.png"
+    make_grid(images, columns).save(grid_path)
+    return grid_path

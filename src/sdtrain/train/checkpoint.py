@@ -1,0 +1,166 @@
+"""Atomic, verified training checkpoints.
+
+A checkpoint is a folder ``checkpoints/step-XXXXXXXX/`` holding safetensors weights, the optimizer state, a JSON
+state and a ``manifest.json`` with the size and sha256 of every file. It is written into a temporary folder, each
+file fsynced, then renamed into place and the parent folder fsynced; the ``latest`` pointer is replaced last.
+Rotation prunes old checkpoints only after the new one is committed. Loading verifies the manifest and falls back to
+the previous checkpoint, with a message, when the newest one is incomplete or corrupt. Nothing is unpickled:
+weights are safetensors and the optimizer state is read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"{PREFIX}{step:08d}"
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    objects: dict[str, Any],
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write one checkpoint atomically and prune the old ones.
+
+    Args:
+        root: the ``checkpoints`` folder.
+        step: optimizer step the checkpoint holds.
+        tensors: ``{file stem: flat state dict}`` written as ``stem.safetensors`` (model, EMA).
+        objects: ``{file stem: object}`` of tensors and plain values written with ``torch.save`` as ``stem.pt`` and
+            read back with ``weights_only=True`` (optimizer, RNG states).
+        state: JSON-serialisable counters and settings, written as ``state.json``.
+        keep: checkpoints to keep (at least 2).
+
+    Returns:
+        The committed checkpoint folder.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        for stem, tensor_dict in tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensor_dict.items()}, tmp / f"{stem}.safetensors")
+        for stem, obj in objects.items():
+            torch.save(obj, tmp / f"{stem}.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        for path in files:
+            _fsync(path)
+        manifest = {"step": step, "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync(tmp / MANIFEST)
+        _fsync(tmp)
+        if final.exists():  # a stale checkpoint of the same step (e.g. from before a crash): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer = root / ".latest.tmp"
+    pointer.write_text(final.name)
+    _fsync(pointer)
+    os.replace(pointer, root / "latest")
+    _fsync(root)
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    committed = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    for old in committed[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(path: str | Path) -> None:
+    """Check a checkpoint folder against its manifest.
+
+    Raises:
+        CheckpointError: missing manifest, missing file, wrong size or wrong sha256.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST} (incomplete checkpoint)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: unreadable {MANIFEST} ({e})") from None
+    for name, meta in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if file.stat().st_size != meta["size"]:
+            raise CheckpointError(f"{path}: {name} has {file.stat().st_size} bytes, manifest says {meta['size']}")
+        if _sha256(file) != meta["sha256"]:
+            raise CheckpointError(f"{path}: {name} does not match its sha256")
+
+
+def find_latest(root: str | Path) -> Path | None:
+    """Newest checkpoint that verifies; corrupt newer ones are reported with logger.error and skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), reverse=True)
+    for candidate in candidates:
+        try:
+            verify(candidate)
+            return candidate
+        except CheckpointError as e:
+            logger.error("checkpoint %s is unusable, falling back to an older one: %s", candidate.name, e)
+    if candidates:
+        raise CheckpointError(f"no valid checkpoint in {root}: all {len(candidates)} failed verification")
+    return None
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
+    """Read a verified checkpoint: ``(tensors, objects, state)`` as given to :func:`save_checkpoint`."""
+    path = Path(path)
+    verify(path)
+    tensors = {p.stem: load_file(p) for p in sorted(path.glob("*.safetensors"))}
+    objects = {p.stem: torch.load(p, map_location="cpu", weights_only=True) for p in sorted(path.glob("*.pt"))}
+    state = json.loads((path / "state.json").read_text())
+    return tensors, objects, state

@@ -1,0 +1,47 @@
+"""AdamW with decay only where it belongs, and the warm-up + decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sdtrain.config import OptimConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices and convolution kernels decay; norms, biases and embeddings' 1-d params do not."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW(lr, betas, eps, weight_decay), fused on CUDA."""
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    return torch.optim.AdamW(
+        param_groups(model, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=config.eps, **fused
+    )
+
+
+def lr_factor(step: int, progress: float, config: OptimConfig) -> float:
+    """Multiplier of the peak lr: linear warm-up over ``warmup_steps``, then constant, cosine or linear decay to
+    ``min_lr_ratio`` as ``progress`` (the share of the run done, by steps or by time budget) goes from 0 to 1.
+
+    The lr is a pure function of (step, progress), so there is no schedule state to checkpoint.
+    """
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = min(1.0, max(0.0, progress))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1.0 - progress
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * shape
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,127 @@
+"""Tiny random components built from configs (never downloaded), saved to folders as a user's would be."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _byte_vocab() -> dict[str, int]:
+    """CLIP's byte-level alphabet (GPT-2's bytes_to_unicode), each char alone and word-final, plus the specials."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> Path:
+    """A tiny CLIPTextModel + CLIPTokenizer (byte-level vocabulary, no merges) saved as a pipeline-style folder."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = tmp_path_factory.mktemp("clip")
+    vocab = _byte_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=24)
+    tokenizer.save_pretrained(root / "tokenizer")
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=24,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+    CLIPTextModel(config).save_pretrained(root / "text_encoder")
+    return root
+
+
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory) -> Path:
+    """A tiny AutoencoderKL (factor 2, 4 latent channels) saved to a folder."""
+    from diffusers import AutoencoderKL
+
+    root = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+        scaling_factor=3.0,  # ~1 / std of its latents on the test images, as train-vae would set it
+    )
+    with torch.no_grad():  # a near-deterministic posterior (std ~ 1e-6), as a trained VAE's is, not a random one's
+        vae.quant_conv.bias[4:] = -28.0
+    vae.save_pretrained(root)
+    return root
+
+
+def write_image_folder(root: Path, count: int = 8, size: int = 32, manifest: bool = False, seed: int = 0) -> Path:
+    """Random coloured-rectangle images with captions, as .txt sidecars or a metadata.jsonl."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    colours = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 50)}
+    for i in range(count):
+        name = rng.choice(list(colours))
+        array = np.full((size, size + 8, 3), 240, dtype=np.uint8)  # not square: exercises resize + crop
+        x, y = rng.randrange(0, size // 2), rng.randrange(0, size // 2)
+        array[y : y + size // 2, x : x + size // 2] = colours[name]
+        Image.fromarray(array).save(root / f"{i:03d}.png")
+        caption = f"a {name} square"
+        if manifest:
+            lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": caption}))
+        else:
+            (root / f"{i:03d}.txt").write_text(caption)
+    if manifest:
+        (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "data")
+
+
+def tiny_overrides(out: Path, data: Path, vae: Path, text: str, subfolder: str | None = None) -> list[str]:
+    """Config overrides for a tiny run on the CPU."""
+    overrides = [
+        f"train.output_dir={out}",
+        f"data.path={data}",
+        "data.resolution=32",
+        "data.caption_dropout=0.2",
+        f"model.vae.path={vae}",
+        f"model.text_encoder.path={text}",
+        "model.unet.block_out_channels=[16, 32]",
+        "model.unet.attention=[false, true]",
+        "model.unet.norm_num_groups=8",
+        "model.unet.attention_head_dim=8",
+        "train.batch_size=4",
+        "train.num_steps=4",
+        "train.save_every=2",
+        "train.log_every=1",
+        "train.ema_decay=0.99",
+        "train.optim.lr=1e-3",
+        "sample.num_inference_steps=4",
+    ]
+    if subfolder:
+        overrides.append(f"model.text_encoder.subfolder={subfolder}")
+    return overrides

@@ -1,0 +1,119 @@
+"""Folder and metadata.jsonl sources, the decoding policy, transforms, the resumable sampler."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdtrain.config import DataConfig
+from sdtrain.data.cache import drop_captions, normalize_batch
+from sdtrain.data.decode import Skip, decode_image
+from sdtrain.data.folder import EpochSampler, ImageCaptionFolder, collate, make_dataloader, resize_crop
+from tests.conftest import write_image_folder
+
+
+@pytest.mark.parametrize("manifest", [False, True], ids=["txt-sidecars", "metadata.jsonl"])
+def test_folder_yields_rgb_tensors_and_captions(tmp_path, manifest):
+    root = write_image_folder(tmp_path / "d", count=6, manifest=manifest)
+    loader = make_dataloader(DataConfig(path=str(root), resolution=16), batch_size=3)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (3, 3, 16, 16)
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+    assert all(t.startswith("a ") and t.endswith(" square") for t in batch["text"])
+    assert batch["original_size"][0] == (32, 40)
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    root = write_image_folder(tmp_path / "d", count=4)
+    (root / "003.png").write_bytes(b"")  # zero bytes
+    (root / "002.png").write_bytes(b"not an image at all")
+    (root / "001.txt").write_text("   ")  # empty caption
+    data = ImageCaptionFolder(DataConfig(path=str(root), resolution=16))
+    batch = collate([data[i] for i in range(len(data))])
+    assert len(batch["text"]) == 1
+    assert dict(batch["skipped"]) == {"empty": 1, "not_an_image": 1, "bad_caption": 1}
+
+
+def test_metadata_caption_lists_pick_one(tmp_path):
+    root = write_image_folder(tmp_path / "d", count=2, manifest=True)
+    rows = [json.loads(x) for x in (root / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["text"] = ["first", "second"]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = ImageCaptionFolder(DataConfig(path=str(root), resolution=16))
+    seen = {data[i]["text"] for i in range(40)}
+    assert seen == {"first", "second"}
+
+
+def test_decode_policy_converts_modes(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red -> white
+    buffer = io.BytesIO()
+    rgba.save(buffer, "PNG")
+    assert decode_image(buffer.getvalue()).getpixel((0, 0)) == (255, 255, 255)
+    gray16 = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    buffer = io.BytesIO()
+    gray16.save(buffer, "PNG")
+    assert decode_image(buffer.getvalue()).getpixel((0, 0)) == (255, 255, 255)
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))
+    buffer = io.BytesIO()
+    cmyk.save(buffer, "JPEG")
+    assert decode_image(buffer.getvalue()).mode == "RGB"
+
+
+def test_oversized_image_refused_from_header():
+    buffer = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(buffer, "PNG")
+    with pytest.raises(Skip) as info:
+        decode_image(buffer.getvalue(), max_pixels=1_000_000)
+    assert info.value.reason == "too_large"
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (20, 10))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    assert decode_image(buffer.getvalue()).size == (10, 20)
+
+
+def test_resize_crop_shorter_side_and_flip():
+    image = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8)[None, :, None], (20, 1, 3)))
+    pixels, info = resize_crop(image, 10, center_crop=True)
+    assert pixels.shape == (3, 10, 10)
+    assert info["crop_top_left"] == (0, 5)
+    import random
+
+    flipped, info = resize_crop(image, 10, center_crop=True, flip=True, rng=random.Random(1))
+    assert info["flipped"] and torch.equal(flipped, pixels.flip(-1))
+
+
+def test_epoch_sampler_resumes_and_shards():
+    full = EpochSampler(10, seed=3)
+    first = full.take(7)
+    later = full.take(9)
+    resumed = EpochSampler(10, seed=3, epoch=0, offset=7)
+    assert resumed.take(9) == later
+    assert sorted(x % 10 for x in first + later[:3]) == list(range(10))  # epoch 0 is a permutation
+    ranks = [EpochSampler(10, seed=3, rank=r, world_size=2).take(5) for r in range(2)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(10))
+
+
+def test_caption_dropout_rate():
+    generator = torch.Generator().manual_seed(0)
+    dropped = drop_captions(["x"] * 2000, 0.25, generator)
+    assert 0.2 < dropped.count("") / 2000 < 0.3
+
+
+def test_normalize_batch_accepts_tuples_and_pil():
+    images = [Image.new("RGB", (8, 8), (255, 0, 0))] * 2
+    tensor, texts = normalize_batch((images, ["a", "b"]))
+    assert tensor.shape == (2, 3, 8, 8) and texts == ["a", "b"]
+    assert torch.allclose(tensor[:, 0], torch.ones(2, 8, 8))
+    with pytest.raises(ValueError, match="captions"):
+        normalize_batch({"image": tensor, "text": ["a"]})

@@ -1,0 +1,152 @@
+"""The diffusion math against closed-form formulas; atomic checkpoints and their verification; safe loading."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from sdtrain.config import ConfigError, ObjectiveConfig, OptimConfig
+from sdtrain.train import checkpoint, objective
+from sdtrain.train.optim import lr_factor, param_groups
+
+
+def _setup(prediction_type: str, zsnr: bool = False):
+    sched = objective.make_noise_scheduler(
+        ObjectiveConfig(prediction_type=prediction_type, rescale_zero_terminal_snr=zsnr)
+    )
+    torch.manual_seed(0)
+    x0, eps = torch.randn(6, 4, 8, 8), torch.randn(6, 4, 8, 8)
+    t = torch.tensor([0, 10, 200, 500, 900, 999])
+    ab = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    return sched, x0, eps, t, ab
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_noising_and_targets_match_closed_form(kind):
+    sched, x0, eps, t, ab = _setup(kind)
+    xt = sched.add_noise(x0, eps, t)
+    assert torch.allclose(xt, ab.sqrt() * x0 + (1 - ab).sqrt() * eps, atol=1e-5)
+    expected = {"epsilon": eps, "v_prediction": ab.sqrt() * eps - (1 - ab).sqrt() * x0, "sample": x0}[kind]
+    assert torch.allclose(objective.target(sched, x0, eps, t), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_closed_form(kind):
+    sched, _, _, t, ab = _setup(kind)
+    snr = (ab / (1 - ab)).flatten()
+    w = objective.loss_weights(sched, t, 5.0)
+    expected = {"epsilon": snr.clamp(max=5) / snr, "v_prediction": snr.clamp(max=5) / (snr + 1), "sample": snr.clamp(max=5)}
+    assert torch.allclose(w, expected[kind], rtol=1e-4)
+    assert torch.equal(objective.loss_weights(sched, t, None), torch.ones(6))
+
+
+def test_zero_terminal_snr_keeps_last_step_trained():
+    sched, x0, eps, t, _ = _setup("v_prediction", zsnr=True)
+    assert sched.alphas_cumprod[-1] == 0
+    assert objective.snr(sched, t)[-1] == 0
+    assert objective.loss_weights(sched, t, 5.0)[-1] == 1.0
+    # at zero SNR the v target is -x0: the model must predict the image from pure noise
+    assert torch.allclose(objective.target(sched, x0, eps, t)[-1], -x0[-1], atol=1e-6)
+    with pytest.raises(ConfigError):
+        ObjectiveConfig(prediction_type="epsilon", rescale_zero_terminal_snr=True)
+
+
+def test_noise_offset_adds_per_channel_constant():
+    latents = torch.zeros(64, 4, 8, 8)
+    noise = objective.sample_noise(latents, 0.5, torch.Generator().manual_seed(0))
+    channel_means = noise.mean(dim=(2, 3))
+    assert channel_means.std() > 0.35  # plain N(0, 1) noise would give ~1/8
+
+
+def test_loss_is_weighted_mse():
+    out, target = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    loss, per_sample = objective.diffusion_loss(out, target, torch.tensor([1.0, 3.0]))
+    assert per_sample.tolist() == [1.0, 1.0] and loss.item() == 2.0
+
+
+def test_lr_schedule_warmup_cosine_floor():
+    c = OptimConfig(lr=1.0, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, 0.0, c) == pytest.approx(0.1)
+    assert lr_factor(10, 0.0, c) == pytest.approx(1.0)
+    assert lr_factor(50, 0.5, c) == pytest.approx(0.55)
+    assert lr_factor(99, 1.0, c) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    decay, no_decay = param_groups(model, 0.1)
+    assert [p.ndim for p in decay["params"]] == [2]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def _save(root, step, value=1.0, keep=2):
+    tensors = {"unet": {"w": torch.full((4,), value)}}
+    return checkpoint.save_checkpoint(root, step, tensors, {"optimizer": {"state": {}}}, {"step": step}, keep=keep)
+
+
+def test_checkpoint_round_trip_rotation_and_pointer(tmp_path):
+    for step in (1, 2, 3):
+        _save(tmp_path, step, float(step))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["latest", "step-00000002", "step-00000003"]
+    assert (tmp_path / "latest").read_text() == "step-00000003"
+    tensors, objects, state = checkpoint.load_checkpoint(checkpoint.find_latest(tmp_path))
+    assert state["step"] == 3 and torch.equal(tensors["unet"]["w"], torch.full((4,), 3.0))
+    manifest = json.loads((tmp_path / "step-00000003" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"unet.safetensors", "optimizer.pt", "state.json"}
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_message(tmp_path, caplog):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2, 2.0)
+    data = bytearray((newest / "unet.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (newest / "unet.safetensors").write_bytes(bytes(data))
+    assert checkpoint.find_latest(tmp_path).name == "step-00000001"
+    assert "step-00000002" in caplog.text and "sha256" in caplog.text
+
+
+def test_partial_checkpoint_is_ignored_and_all_bad_is_an_error(tmp_path):
+    _save(tmp_path, 1)
+    (tmp_path / "step-00000002").mkdir()  # a crash between mkdir and manifest
+    assert checkpoint.find_latest(tmp_path).name == "step-00000001"
+    (tmp_path / "step-00000001" / "manifest.json").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="no valid checkpoint"):
+        checkpoint.find_latest(tmp_path)
+
+
+def test_failed_save_leaves_previous_intact(tmp_path, monkeypatch):
+    _save(tmp_path, 1)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(OSError):
+        _save(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]
+    checkpoint.verify(tmp_path / "step-00000001")
+
+
+class _Boom:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_pickle_payload_is_never_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _save(tmp_path / "ckpt", 1)
+    (path / "optimizer.pt").write_bytes(pickle.dumps(_Boom()))
+    # even with a manifest that matches the malicious file, loading refuses to unpickle it
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["optimizer.pt"] = {
+        "size": (path / "optimizer.pt").stat().st_size,
+        "sha256": checkpoint._sha256(path / "optimizer.pt"),
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoint.load_checkpoint(path)
+    assert not (tmp_path / "PWNED").exists()
