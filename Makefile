@@ -13,7 +13,9 @@ STAMP := $(VENV)/.sdtrain-setup
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# a torch the user already has (e.g. a CUDA build in the base interpreter) is reused, not replaced
+	@test -x $(PY) || if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		$(PYTHON) -m venv --system-site-packages $(VENV); else $(PYTHON) -m venv $(VENV); fi
 	@# torch first, so that installing sdtrain never pulls a multi-GB CUDA build on a CPU-only machine,
 	@# and a torch the user already has in this venv (CUDA or not) is left alone.
 	@if $(PY) -c "import torch" 2>/dev/null; then \

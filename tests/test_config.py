@@ -23,7 +23,9 @@ BASE = ["model.vae.path=some/vae"]
 
 
 def test_overrides_are_typed_and_nested():
-    config = load_config(Config, None, BASE + ["train.optim.lr=1e-3", "train.optim.betas=[0.8, 0.95]", "data.resolution=128"])
+    config = load_config(
+        Config, None, BASE + ["train.optim.lr=1e-3", "train.optim.betas=[0.8, 0.95]", "data.resolution=128"]
+    )
     assert config.train.optim.lr == 1e-3 and isinstance(config.train.optim.lr, float)
     assert config.train.optim.betas == (0.8, 0.95)
     assert config.data.resolution == 128

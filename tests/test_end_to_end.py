@@ -87,9 +87,11 @@ def test_image_i_does_not_depend_on_batch(trained_clip):
 @pytest.mark.parametrize("scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m", "heun", "lms", "pndm", "unipc"])
 def test_every_scheduler_samples(trained_clip, scheduler):
     _, final = trained_clip
-    image = StableDiffusion.from_pretrained(final, device="cpu", scheduler=scheduler).generate(
-        "a red square", num_inference_steps=4
-    ).images[0]
+    image = (
+        StableDiffusion.from_pretrained(final, device="cpu", scheduler=scheduler)
+        .generate("a red square", num_inference_steps=4)
+        .images[0]
+    )
     assert image.size == (32, 32) and np.asarray(image).std() > 0
 
 
@@ -146,3 +148,94 @@ def test_minilm_trains_and_exports_to_plain_diffusers(tmp_path, vae_dir, image_f
     image = plain("a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]
     ours = StableDiffusion.from_pretrained(final, device="cpu").generate("a red square", num_inference_steps=3)
     assert np.array_equal(_pixels(image), _pixels(ours.images[0]))
+
+
+def test_export_of_last_checkpoint_equals_final(trained_clip, tmp_path):
+    from sdtrain.train.loop import export_checkpoint
+
+    run, final = trained_clip
+    exported = export_checkpoint(run, 4, tmp_path / "e")
+    a = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(exported / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (exported / "model_index.json").read_text() == (final / "model_index.json").read_text()
+
+
+def test_t5_encoder_from_a_folder_trains(tmp_path, clip_dir, vae_dir, image_folder):
+    """A T5 checkpoint (saved as the full encoder-decoder, as T5 repos are) is loaded as T5EncoderModel."""
+    from transformers import AutoTokenizer, T5Config, T5Model
+
+    folder = tmp_path / "t5"
+    config = T5Config(vocab_size=600, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    T5Model(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(clip_dir / "tokenizer").save_pretrained(folder)  # any tokenizer with ids < 600
+    overrides = tiny_overrides(tmp_path / "run", image_folder, vae_dir, str(folder)) + ["train.num_steps=2"]
+    final = train(load_config(Config, None, overrides))
+    plain = StableDiffusionPipeline.from_pretrained(final)
+    assert type(plain.text_encoder).__name__ == "T5EncoderModel"
+    assert plain.unet.config.cross_attention_dim == 32
+
+
+def test_bf16_autocast_run(tmp_path, clip_dir, vae_dir, image_folder):
+    overrides = tiny_overrides(tmp_path / "run", image_folder, vae_dir, str(clip_dir), "text_encoder")
+    final = train(load_config(Config, None, overrides + ["train.mixed_precision=bf16", "train.num_steps=2"]))
+    weights = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())  # fp32 master weights
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, clip_dir, vae_dir, image_folder):
+    from sdtrain.train.loop import load_components
+
+    overrides = tiny_overrides(tmp_path / "run", image_folder, vae_dir, str(clip_dir), "text_encoder")
+    config = load_config(
+        Config, None, overrides + ["train.num_steps=3", "train.save_every=100", "train.ema_decay=null"]
+    )
+    components = load_components(config)
+    before = {k: v.clone() for k, v in components.unet.state_dict().items()}
+    nan_batch = {"image": torch.full((2, 3, 32, 32), float("nan")), "text": ["a", "b"]}
+    train(config, components=components, batches=[nan_batch])
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["skipped_steps"] == 3
+    after = components.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights unchanged
+
+    config.train.max_consecutive_skips = 2
+    config.train.output_dir = str(tmp_path / "run2")
+    with pytest.raises(RuntimeError, match="2 consecutive steps"):
+        train(config, components=components, batches=[nan_batch])
+
+
+def test_sigterm_checkpoints_and_exits_with_documented_code(tmp_path, clip_dir, vae_dir, image_folder):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sdtrain.train.loop import EXIT_PREEMPTED
+
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder")
+    overrides += ["train.num_steps=100000", "train.save_every=100000"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdtrain", "train", *overrides],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    log = run / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err.decode()[-2000:]
+    latest = checkpoint.find_latest(run / "checkpoints")
+    assert latest is not None
+    stopped_at = json.loads((latest / "state.json").read_text())["step"]
+    assert stopped_at >= 2
+    # the same command resumes from there
+    final = train(load_config(Config, None, overrides[:-2] + [f"train.num_steps={stopped_at + 2}"]))
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
+    assert steps[-1] == stopped_at + 2 and (final / "model_index.json").exists()

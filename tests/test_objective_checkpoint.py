@@ -38,7 +38,11 @@ def test_min_snr_weights_closed_form(kind):
     sched, _, _, t, ab = _setup(kind)
     snr = (ab / (1 - ab)).flatten()
     w = objective.loss_weights(sched, t, 5.0)
-    expected = {"epsilon": snr.clamp(max=5) / snr, "v_prediction": snr.clamp(max=5) / (snr + 1), "sample": snr.clamp(max=5)}
+    expected = {
+        "epsilon": snr.clamp(max=5) / snr,
+        "v_prediction": snr.clamp(max=5) / (snr + 1),
+        "sample": snr.clamp(max=5),
+    }
     assert torch.allclose(w, expected[kind], rtol=1e-4)
     assert torch.equal(objective.loss_weights(sched, t, None), torch.ones(6))
 

@@ -68,7 +68,11 @@ class StableDiffusion:
         self.unet = unet if unet is not None else image_decoder
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if objective is None:
-            objective = objective_from_scheduler(scheduler) if scheduler is not None and not isinstance(scheduler, str) else ObjectiveConfig()
+            objective = (
+                objective_from_scheduler(scheduler)
+                if scheduler is not None and not isinstance(scheduler, str)
+                else ObjectiveConfig()
+            )
         self.objective = objective
         if scheduler is None or isinstance(scheduler, str):
             scheduler = sampling_scheduler(objective, scheduler or "euler")
@@ -155,11 +159,21 @@ class StableDiffusion:
         width: int | None = None,
         seed: int = 0,
         scheduler: str | None = None,
+        progress: bool = False,
     ) -> Output:
         """Text to image. Image *i* (prompt-major) is sampled with its own generator seeded ``seed + i``."""
         pipe = self._pipeline(StableDiffusionPipeline, scheduler)
         return txt2img(
-            pipe, prompt, negative_prompt, num_images_per_prompt, num_inference_steps, guidance_scale, height, width, seed
+            pipe,
+            prompt,
+            negative_prompt,
+            num_images_per_prompt,
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            seed,
+            progress=progress,
         )
 
     def reconstruct(
@@ -172,10 +186,21 @@ class StableDiffusion:
         guidance_scale: float = 7.5,
         seed: int = 0,
         scheduler: str | None = None,
+        progress: bool = False,
     ) -> Output:
         """Image to image under a prompt (SDEdit): ``strength`` 0 keeps the image, 1 ignores it."""
         pipe = self._pipeline(StableDiffusionImg2ImgPipeline, scheduler)
-        return img2img(pipe, prompt, image, strength, negative_prompt, num_inference_steps, guidance_scale, seed)
+        return img2img(
+            pipe,
+            prompt,
+            image,
+            strength,
+            negative_prompt,
+            num_inference_steps,
+            guidance_scale,
+            seed,
+            progress=progress,
+        )
 
     # ----------------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, path: str | Path) -> Path:

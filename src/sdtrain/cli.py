@@ -17,6 +17,8 @@ EXAMPLES = {
     "reconstruct": """example:
   sdtrain reconstruct --model runs/demo/final --image dog.png --strength 0.6 --out out/ \\
       "a dog with blue fur and yellow eyes\"""",
+    "export": """example:
+  sdtrain export --run runs/demo/unet --step 500 --out runs/demo/step-500   # EMA weights of that checkpoint""",
     "train-vae": """example:
   sdtrain train-vae --config configs/demo-vae.yaml data.path=data/shapes/train train.max_minutes=3""",
     "evaluate": """example:
@@ -32,12 +34,21 @@ def _parser() -> argparse.ArgumentParser:
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
         return sub.add_parser(
-            name, help=help_, description=help_, epilog=EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter
+            name,
+            help=help_,
+            description=help_,
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
     p = add("train", "Train the UNet (resumes from the run directory's newest valid checkpoint).")
     p.add_argument("--config", type=Path, help="YAML config (see README's config reference)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.optim.lr=1e-3")
+
+    p = add("export", "Export a training checkpoint (EMA weights) as a diffusers pipeline folder.")
+    p.add_argument("--run", type=Path, required=True, help="the run's output_dir")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest valid one)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/export/step-XXXXXXXX)")
 
     p = add("train-vae", "Train an autoencoder (stage 1): AutoencoderKL or VQModel.")
     p.add_argument("--config", type=Path, help="YAML config")
@@ -95,10 +106,18 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from sdtrain.config import Config, load_config
-        from sdtrain.train.loop import train
+        from sdtrain.train.loop import EXIT_PREEMPTED, Preempted, train
 
         config = load_config(Config, args.config, args.overrides)
-        print(f"exported {train(config)}")
+        try:
+            print(f"exported {train(config)}")
+        except Preempted as e:
+            print(f"sdtrain: {e}", file=sys.stderr)
+            return EXIT_PREEMPTED
+    elif args.command == "export":
+        from sdtrain.train.loop import export_checkpoint
+
+        print(f"exported {export_checkpoint(args.run, args.step, args.out)}")
     elif args.command == "train-vae":
         from sdtrain.config import AutoencoderConfig, load_config
         from sdtrain.train.autoencoder import train_autoencoder
@@ -113,9 +132,13 @@ def _run(args: argparse.Namespace) -> int:
         from sdtrain.sample.pipeline import save_images
 
         pipe = StableDiffusion.from_pretrained(args.model, device=args.device, scheduler=args.scheduler)
-        common = dict(negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+        common = dict(
+            negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed
+        )
         if args.command == "generate":
-            out = pipe.generate(args.prompts, num_images_per_prompt=args.num, height=args.height, width=args.width, **common)
+            out = pipe.generate(
+                args.prompts, num_images_per_prompt=args.num, height=args.height, width=args.width, **common
+            )
         else:
             image = Image.open(args.image).convert("RGB")
             out = pipe.reconstruct(args.prompt, image, strength=args.strength, **common)
@@ -126,7 +149,11 @@ def _run(args: argparse.Namespace) -> int:
 
         out = args.out or Path(args.model).parent
         metrics = evaluate_shapes_model(
-            args.model, args.data, out, guidance_scale=args.guidance, num_inference_steps=args.steps,
+            args.model,
+            args.data,
+            out,
+            guidance_scale=args.guidance,
+            num_inference_steps=args.steps,
             images_per_combo=args.images_per_combo,
         )
         print(f"seen {metrics['seen']}\nheld_out {metrics['held_out']}\nwrote {out / 'metrics.json'}")

@@ -45,7 +45,7 @@ class VAEConfig:
     """Frozen autoencoder: AutoencoderKL or VQModel."""
 
     path: str | None = None
-    """Local folder or hub id of a diffusers AutoencoderKL / VQModel (None: the `vae` subfolder of model.pretrained)."""
+    """Local folder or hub id of a diffusers AutoencoderKL / VQModel (None: the vae subfolder of model.pretrained)."""
     subfolder: str | None = None
     """Subfolder of `path`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -61,7 +61,7 @@ class UNetConfig:
     subfolder: str | None = None
     """Subfolder of `pretrained`."""
     from_scratch: bool = False
-    """Build a fresh UNet from the knobs below even when model.pretrained is set (its VAE and text encoder are used)."""
+    """Build a fresh UNet from the knobs below even when model.pretrained is set (its VAE and text encoder used)."""
     block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])
     """Width of each level; the number of entries is the number of levels (the article's hidden_channels and
     num_downsamples)."""
@@ -75,6 +75,9 @@ class UNetConfig:
     """GroupNorm groups; must divide every level's width."""
     dropout: float = 0.0
     """Dropout in the residual blocks (the article's dropout)."""
+    text_time_embedding: bool = False
+    """Also add an attention-pooled text embedding to the timestep embedding (diffusers' addition_embed_type "text"),
+    so every residual block sees the prompt, not only the cross-attention layers."""
 
     def __post_init__(self) -> None:
         if len(self.attention) != len(self.block_out_channels):
@@ -92,7 +95,7 @@ class ModelConfig:
     """The three components."""
 
     pretrained: str | None = None
-    """A Stable Diffusion pipeline folder or hub id; components without a path of their own come from its subfolders."""
+    """A Stable Diffusion pipeline folder or hub id; components without a path of their own come from it."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -220,6 +223,8 @@ class TrainConfig:
     """Log loss, lr and images/s every N steps."""
     save_every: int = 1000
     """Checkpoint every N steps."""
+    max_consecutive_skips: int = 20
+    """Stop the run when this many optimizer steps in a row had a non-finite loss or gradient (each is skipped)."""
     keep_checkpoints: int = 2
     """Checkpoints kept; older ones are pruned only after a new one is committed."""
     sample_every: int | None = None
@@ -340,8 +345,6 @@ class AutoencoderTrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.num_steps <= 0:
             raise ConfigError("train.batch_size and train.num_steps must be positive")
-
-
 
 
 @dataclass

@@ -54,12 +54,20 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/shapes", qu
         else:
             from sdtrain.train.autoencoder import train_autoencoder
 
-            overrides = [f"data.path={data / 'train'}", f"eval_data={data / 'eval'}", f"train.output_dir={out / 'vae'}"]
-            config = load_config(AutoencoderConfig, CONFIGS / "demo-vae.yaml", overrides + (QUICK["vae"] if quick else []))
+            overrides = [
+                f"data.path={data / 'train'}",
+                f"eval_data={data / 'eval'}",
+                f"train.output_dir={out / 'vae'}",
+            ]
+            config = load_config(
+                AutoencoderConfig, CONFIGS / "demo-vae.yaml", overrides + (QUICK["vae"] if quick else [])
+            )
             train_autoencoder(config)
         vae_metrics = json.loads((vae_dir / "metrics.json").read_text())
-        print(f"autoencoder: PSNR {vae_metrics['psnr']:.2f} dB, SSIM {vae_metrics['ssim']:.3f}, "
-              f"scaling factor {vae_metrics['scaling_factor']:.3f}")
+        print(
+            f"autoencoder: PSNR {vae_metrics['psnr']:.2f} dB, SSIM {vae_metrics['ssim']:.3f}, "
+            f"scaling factor {vae_metrics['scaling_factor']:.3f}"
+        )
 
     unet_final = out / "unet" / "final"
     with _stage("unet", seconds):
@@ -68,7 +76,11 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/shapes", qu
         else:
             from sdtrain.train.loop import train
 
-            overrides = [f"data.path={data / 'train'}", f"model.vae.path={vae_dir}", f"train.output_dir={out / 'unet'}"]
+            overrides = [
+                f"data.path={data / 'train'}",
+                f"model.vae.path={vae_dir}",
+                f"train.output_dir={out / 'unet'}",
+            ]
             config = load_config(Config, CONFIGS / "demo.yaml", overrides + (QUICK["unet"] if quick else []))
             train(config)
 
@@ -78,8 +90,15 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/shapes", qu
         kwargs = QUICK["evaluate"] if quick else {}
         previous = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
         # timings of stages reused from an earlier run are kept from that run
-        timings = {**previous.get("seconds", {}), **{k: v for k, v in seconds.items() if v > 5 or k not in previous.get("seconds", {})}}
-        extra = {"vae_psnr": vae_metrics["psnr"], "vae_ssim": vae_metrics["ssim"], "vae_scaling_factor": vae_metrics["scaling_factor"]}
+        timings = {
+            **previous.get("seconds", {}),
+            **{k: v for k, v in seconds.items() if v > 5 or k not in previous.get("seconds", {})},
+        }
+        extra = {
+            "vae_psnr": vae_metrics["psnr"],
+            "vae_ssim": vae_metrics["ssim"],
+            "vae_scaling_factor": vae_metrics["scaling_factor"],
+        }
         metrics = evaluate_shapes_model(unet_final, data, out, extra=extra, **kwargs)
     seconds["total_this_run"] = round(time.perf_counter() - started, 1)
     metrics["seconds"] = {**timings, "evaluate": seconds["evaluate"], "total_this_run": seconds["total_this_run"]}

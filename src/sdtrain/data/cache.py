@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from sdtrain.config import DataConfig
 from sdtrain.data.decode import Skip, SkipCounter, clean_caption, decode_image
-from sdtrain.data.folder import EpochSampler, collate, list_folder, make_dataloader, resize_crop
+from sdtrain.data.folder import EpochSampler, list_folder, make_dataloader, resize_crop
 from sdtrain.models.text import encode_prompts
 from sdtrain.models.vae import encode_moments, scale_latents
 
@@ -92,7 +92,10 @@ def build_memory_cache(config: DataConfig, vae, text_encoder, tokenizer, batch_s
     distinct = list(texts) + [""]
     device = text_encoder.device
     embeddings = torch.cat(
-        [encode_prompts(text_encoder, tokenizer, distinct[i : i + 256], device).float().cpu() for i in range(0, len(distinct), 256)]
+        [
+            encode_prompts(text_encoder, tokenizer, distinct[i : i + 256], device).float().cpu()
+            for i in range(0, len(distinct), 256)
+        ]
     )
     return MemoryCache(torch.cat(means), torch.cat(stds), captions, embeddings, skipped)
 
@@ -154,7 +157,13 @@ class OnlineStream:
         position: tuple[int, int] = (0, 0),
     ):
         self.config, self.vae, self.text_encoder, self.tokenizer = config, vae, text_encoder, tokenizer
-        self.batch_size, self.device, self.seed, self.rank, self.world_size = batch_size, device, seed, rank, world_size
+        self.batch_size, self.device, self.seed, self.rank, self.world_size = (
+            batch_size,
+            device,
+            seed,
+            rank,
+            world_size,
+        )
         self.skipped = SkipCounter()
         self._start(position)
 
@@ -179,8 +188,14 @@ class OnlineStream:
             if len(batch["text"]):
                 break
         return encode_batch(
-            batch["image"], batch["text"], self.vae, self.text_encoder, self.tokenizer,
-            self.config.caption_dropout, generator, self.device,
+            batch["image"],
+            batch["text"],
+            self.vae,
+            self.text_encoder,
+            self.tokenizer,
+            self.config.caption_dropout,
+            generator,
+            self.device,
         )
 
 
@@ -221,7 +236,9 @@ class IterableStream:
 
     def next(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         images, texts = normalize_batch(self._next_raw())
-        return encode_batch(images, texts, self.vae, self.text_encoder, self.tokenizer, self.caption_dropout, generator, self.device)
+        return encode_batch(
+            images, texts, self.vae, self.text_encoder, self.tokenizer, self.caption_dropout, generator, self.device
+        )
 
 
 def normalize_batch(batch) -> tuple[torch.Tensor, list[str]]:
@@ -239,7 +256,10 @@ def normalize_batch(batch) -> tuple[torch.Tensor, list[str]]:
         import numpy as np
 
         images = torch.stack(
-            [torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for im in images]
+            [
+                torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                for im in images
+            ]
         )
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be B x 3 x H x W, got {tuple(images.shape)}")

@@ -107,7 +107,9 @@ class ImageCaptionFolder(Dataset):
             image = decode_image(record["image"])
         except Skip as skip:
             return {"skip": skip.reason}
-        pixels, info = resize_crop(image, self.config.resolution, self.config.center_crop, self.config.random_flip, rng)
+        pixels, info = resize_crop(
+            image, self.config.resolution, self.config.center_crop, self.config.random_flip, rng
+        )
         return {"image": pixels, "text": caption, **info}
 
 

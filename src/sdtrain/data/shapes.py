@@ -1,4 +1,4 @@
-""""shapes": the built-in procedural image-caption dataset.
+""" "shapes": the built-in procedural image-caption dataset.
 
 Each image is a single flat-coloured shape (circle, square, triangle) on a flat background of another colour,
 with jittered size, position and colour. Captions name the three attributes with some varied phrasing. A fixed set
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 # Named colours, chosen far apart in RGB so that the analytic evaluator can tell them apart after jitter.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -138,7 +139,7 @@ def write_shapes_dataset(
         folder = root / split
         folder.mkdir(parents=True, exist_ok=True)
         lines = []
-        for i in range(count):
+        for i in tqdm(range(count), desc=f"shapes/{split}", unit="img", leave=False):
             combo = pool[i % len(pool)] if split == "eval" else rng.choice(pool)
             template = 0 if split == "eval" else rng.randrange(len(TEMPLATES))
             name = f"{i:06d}.png"

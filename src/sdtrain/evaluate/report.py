@@ -38,6 +38,7 @@ def adherence(
         guidance_scale=guidance_scale,
         num_inference_steps=num_inference_steps,
         seed=seed,
+        progress=True,
     ).images
     targets = [c for c in combos for _ in range(images_per_combo)]
     return score([read_image(im) for im in images], targets), images
@@ -77,6 +78,7 @@ def reconstruct_edits(
         guidance_scale=guidance_scale,
         num_inference_steps=num_inference_steps,
         seed=seed,
+        progress=True,
     ).images
     hits: dict[str, list[bool]] = {"color": [], "background": []}
     kept = []

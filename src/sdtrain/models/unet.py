@@ -7,7 +7,9 @@ from diffusers import UNet2DConditionModel
 from sdtrain.config import UNetConfig
 
 
-def build_unet(config: UNetConfig, latent_channels: int, sample_size: int, cross_attention_dim: int) -> UNet2DConditionModel:
+def build_unet(
+    config: UNetConfig, latent_channels: int, sample_size: int, cross_attention_dim: int
+) -> UNet2DConditionModel:
     """A fresh UNet2DConditionModel.
 
     Args:
@@ -30,6 +32,7 @@ def build_unet(config: UNetConfig, latent_channels: int, sample_size: int, cross
         norm_num_groups=config.norm_num_groups,
         cross_attention_dim=cross_attention_dim,
         dropout=config.dropout,
+        addition_embed_type="text" if config.text_time_embedding else None,
     )
 
 

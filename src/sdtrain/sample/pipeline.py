@@ -28,6 +28,7 @@ from diffusers import (
 )
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
+from tqdm.auto import tqdm
 
 from sdtrain.config import ObjectiveConfig
 from sdtrain.models.vae import decode_latents, encode_moments, scale_latents
@@ -71,7 +72,9 @@ def with_scheduler(scheduler: SchedulerMixin, name: str) -> SchedulerMixin:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     if isinstance(scheduler, SCHEDULERS[name]):
         return scheduler
-    return SCHEDULERS[name].from_config(scheduler.config)
+    # DDIM's and PNDM's defaults (clip_sample, PRK warm-up steps) are not what Stable Diffusion samples with
+    fixes = {"ddim": {"clip_sample": False}, "pndm": {"skip_prk_steps": True}}.get(name, {})
+    return SCHEDULERS[name].from_config(scheduler.config, **fixes)
 
 
 def _generators(seed: int, count: int, device: torch.device) -> list[torch.Generator]:
@@ -100,6 +103,7 @@ def txt2img(
     width: int | None = None,
     seed: int = 0,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> Output:
     """Text to image with the pipeline's sampler; image *i* (prompt-major) uses the generator seeded ``seed + i``."""
     prompts = _as_list(prompt)
@@ -110,7 +114,7 @@ def txt2img(
     flat_neg = [n for n in negatives for _ in range(num_images_per_prompt)] if negatives else None
     generators = _generators(seed, len(flat), pipe.device)
     images: list[Image.Image] = []
-    for start in range(0, len(flat), batch_size):
+    for start in tqdm(range(0, len(flat), batch_size), desc="generate", unit="batch", disable=not progress):
         stop = start + batch_size
         latents = pipe(
             prompt=flat[start:stop],
@@ -136,6 +140,7 @@ def img2img(
     guidance_scale: float = 7.5,
     seed: int = 0,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> Output:
     """SDEdit: noise each image's latents to ``strength`` and denoise under its prompt.
 
@@ -152,7 +157,7 @@ def img2img(
     processor: VaeImageProcessor = pipe.image_processor
     latent_channels = pipe.vae.config.latent_channels
     out: list[Image.Image] = []
-    for start in range(0, len(images_in), batch_size):
+    for start in tqdm(range(0, len(images_in), batch_size), desc="reconstruct", unit="batch", disable=not progress):
         stop = start + batch_size
         pixels = processor.preprocess(images_in[start:stop])
         if latent_channels == 4:

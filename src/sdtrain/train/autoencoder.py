@@ -26,6 +26,7 @@ from sdtrain.config import AutoencoderConfig, AutoencoderModelConfig, DataConfig
 from sdtrain.data.decode import Skip, SkipCounter, decode_image
 from sdtrain.data.folder import list_folder, resize_crop
 from sdtrain.evaluate.metrics import psnr, ssim
+from sdtrain.train.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,12 @@ def build_autoencoder(config: AutoencoderModelConfig) -> AutoencoderKL | VQModel
         mid_block_add_attention=config.mid_block_attention,
     )
     if config.kind == "kl":
-        return AutoencoderKL(**common)
+        vae = AutoencoderKL(**common)
+        with torch.no_grad():
+            # start the posterior narrow (std e^-3 instead of 1): early training is not drowned in sampling noise,
+            # which the small KL weight would otherwise take thousands of steps to shrink
+            vae.quant_conv.bias[config.latent_channels :] = -6.0
+        return vae
     return VQModel(**common, num_vq_embeddings=config.num_vq_embeddings, vq_embed_dim=config.latent_channels)
 
 
@@ -167,7 +173,7 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
     log_path = out / "log.jsonl"
     started = time.perf_counter()
     step = 0
-    bar = tqdm(total=tc.num_steps, desc="train-vae", unit="step")
+    bar = Progress("train-vae", tc.num_steps, budget)
     while step < tc.num_steps and (budget is None or time.perf_counter() - started < budget):
         progress = max(step / tc.num_steps, (time.perf_counter() - started) / budget if budget else 0.0)
         lr = tc.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
@@ -176,7 +182,9 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
         index = torch.randint(0, len(images), (tc.batch_size,), generator=generator)
         x = _to_float(images[index]).to(device)
         if crop is not None and crop < res:
-            top, left = (int(v) * factor for v in torch.randint(0, (res - crop) // factor + 1, (2,), generator=generator))
+            top, left = (
+                int(v) * factor for v in torch.randint(0, (res - crop) // factor + 1, (2,), generator=generator)
+            )
             x = x[:, :, top : top + crop, left : left + crop]
         loss, parts = reconstruction_loss(vae, x, config)
         loss.backward()
@@ -184,9 +192,9 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        bar.update(1)
+        bar.update(step, time.perf_counter() - started)
         if step % tc.log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.update(step, time.perf_counter() - started, loss=f"{loss.item():.4f}")
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr, **parts}) + "\n")
     bar.close()

@@ -7,9 +7,13 @@ batches it already has. Helpers are small functions of their own (components in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from sdtrain.config import Config, save_config
 from sdtrain.data.cache import CachedStream, IterableStream, OnlineStream, build_memory_cache
@@ -31,8 +35,53 @@ from sdtrain.models.vae import downsample_factor, load_vae
 from sdtrain.sample.pipeline import sampling_scheduler, save_images, txt2img
 from sdtrain.train import checkpoint, objective
 from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
+from sdtrain.train.progress import Progress
 
 logger = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # exit code of `sdtrain train` after SIGTERM / SIGUSR1: checkpoint written, rerun to resume
+
+
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM / SIGUSR1 after writing a checkpoint; running the same command resumes."""
+
+
+class _StopSignal:
+    """Records SIGTERM / SIGUSR1 so the loop can finish its step, checkpoint and stop."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_disk(out: Path, model: torch.nn.Module, with_ema: bool) -> None:
+    """Fail before training when the run directory is not writable or cannot hold two checkpoints."""
+    probe = out / ".write-test"
+    try:
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise RuntimeError(f"cannot write to {out}: {e}") from None
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    checkpoint_bytes = params * (4 if with_ema else 3)  # weights, two Adam moments, EMA
+    free = shutil.disk_usage(out).free
+    if free < 2 * checkpoint_bytes:
+        raise RuntimeError(
+            f"{out} has {free / 2**30:.2f} GiB free, two checkpoints need {2 * checkpoint_bytes / 2**30:.2f} GiB"
+        )
 
 
 @dataclass
@@ -74,6 +123,31 @@ def export_pipeline(components: Components, objective_config, out_dir: str | Pat
     return Path(out_dir)
 
 
+def export_checkpoint(run_dir: str | Path, step: int | None = None, out_dir: str | Path | None = None) -> Path:
+    """Export a training checkpoint of a run (EMA weights if it has them) as a diffusers pipeline folder.
+
+    Args:
+        run_dir: the run's ``output_dir`` (its ``config.yaml`` says how to build the components).
+        step: which checkpoint; None: the newest valid one.
+        out_dir: where to write; default ``run_dir/export/step-XXXXXXXX``.
+    """
+    from sdtrain.config import load_config
+
+    run_dir = Path(run_dir)
+    config = load_config(Config, run_dir / "config.yaml")
+    root = run_dir / "checkpoints"
+    path = checkpoint.step_dir(root, step) if step is not None else checkpoint.find_latest(root)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint in {root}")
+    tensors, _, _ = checkpoint.load_checkpoint(path)
+    config.model.unet.from_scratch = True  # the weights come from the checkpoint, not from a pretrained UNet
+    components = load_components(config)
+    weights = dict(tensors["unet"])
+    weights.update(tensors.get("ema", {}))
+    components.unet.load_state_dict(weights)
+    return export_pipeline(components, config.train.objective, out_dir or run_dir / "export" / path.name)
+
+
 def assemble_pipeline(components: Components, objective_config, scheduler: str = "euler") -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline(
         vae=components.vae,
@@ -93,7 +167,9 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
     state = {
         "python": random.getstate(),
         # numpy's key array as a tensor: the file is read back with torch.load(weights_only=True)
-        "numpy": [torch.from_numpy(v.astype(np.int64)) if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
+        "numpy": [
+            torch.from_numpy(v.astype(np.int64)) if isinstance(v, np.ndarray) else v for v in np.random.get_state()
+        ],
         "torch": torch.get_rng_state(),
         "generator": generator.get_state(),
     }
@@ -109,6 +185,56 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Counters:
+    """Where a run stands; saved in every checkpoint's state.json."""
+
+    step: int = 0
+    samples_seen: int = 0
+    skipped_steps: int = 0
+    train_seconds: float = 0.0
+
+
+def save_training_state(
+    accelerator: Accelerator, root: Path, keep: int, unet, optimizer, ema, stream, generator, counters: Counters
+) -> None:
+    """Checkpoint everything a bit-exact resume needs: weights, EMA, optimizer, every rank's RNGs and data position.
+
+    Collective: every rank calls it; only the main process writes.
+    """
+    model = accelerator.unwrap_model(unet)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise RuntimeError(f"non-finite weights at step {counters.step}: checkpoint not written")
+    data_states = accelerator.gather_for_metrics([stream.state()], use_gather_object=True)
+    rng_states = accelerator.gather_for_metrics([_rng_state(generator)], use_gather_object=True)
+    if not accelerator.is_main_process:
+        return
+    tensors = {"unet": model.state_dict()}
+    ema_meta = {}
+    if ema is not None:
+        tensors["ema"] = dict(zip([n for n, _ in model.named_parameters()], ema.shadow_params))
+        ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    objects = {"optimizer": optimizer.state_dict()} | {f"rng-{i}": s for i, s in enumerate(rng_states)}
+    state = {**dataclasses.asdict(counters), "ema": ema_meta, "data": data_states}
+    checkpoint.save_checkpoint(root, counters.step, tensors, objects, state, keep=keep)
+
+
+def load_training_state(path: Path, accelerator: Accelerator, unet, optimizer, ema, stream, generator) -> Counters:
+    """Restore what :func:`save_training_state` wrote; returns the counters."""
+    tensors, objects, state = checkpoint.load_checkpoint(path)
+    model = accelerator.unwrap_model(unet)
+    model.load_state_dict(tensors["unet"])
+    optimizer.load_state_dict(objects["optimizer"])
+    if ema is not None:
+        shadow = [tensors["ema"][n] for n, _ in model.named_parameters()]
+        ema.load_state_dict({**state["ema"], "shadow_params": shadow})
+        ema.to(accelerator.device)
+    rank = accelerator.process_index
+    _set_rng_state(objects.get(f"rng-{rank}", objects["rng-0"]), generator)
+    stream.load_state(state["data"][rank] if rank < len(state["data"]) else state["data"][0])
+    return Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
 
 
 def _tuple(value):
@@ -130,6 +256,9 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     """
     tc = config.train
     # 1. Accelerator, seeds, run directory
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", tc.mixed_precision) != tc.mixed_precision:
+        AcceleratorState._reset_state()  # a second run in this process (the Python API) with another precision
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.gradient_accumulation)
     out = Path(tc.output_dir)
     ckpt_root = out / "checkpoints"
@@ -146,6 +275,8 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     # 2. Components: frozen encoders on the device, the UNet in fp32 master weights
     components = components or load_components(config)
     vae, text_encoder, unet = components.vae, components.text_encoder, components.unet
+    if accelerator.is_main_process:
+        check_disk(out, unet, tc.ema_decay is not None)
     vae.to(device).requires_grad_(False).eval()
     text_encoder.to(device).requires_grad_(False).eval()
     unet.train()
@@ -176,74 +307,42 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     unet, optimizer = accelerator.prepare(unet, optimizer)
     ema = None
     if tc.ema_decay is not None:
-        ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3)
+        parameters = accelerator.unwrap_model(unet).parameters()
+        ema = EMAModel(parameters, decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)
         ema.to(device)
-    param_names = [n for n, _ in accelerator.unwrap_model(unet).named_parameters()]
 
     # 5. Resume from the newest valid checkpoint
-    step, samples_seen, skipped_steps, train_seconds = 0, 0, 0, 0.0
+    counters = Counters()
     latest = checkpoint.find_latest(ckpt_root)
     if latest is not None:
-        tensors, objects, state = checkpoint.load_checkpoint(latest)
-        accelerator.unwrap_model(unet).load_state_dict(tensors["unet"])
-        optimizer.load_state_dict(objects["optimizer"])
-        if ema is not None:
-            ema.load_state_dict({**state["ema"], "shadow_params": [tensors["ema"][n] for n in param_names]})
-            ema.to(device)
-        rng = objects[f"rng-{rank}"] if f"rng-{rank}" in objects else objects["rng-0"]
-        _set_rng_state(rng, generator)
-        stream.load_state(state["data"][rank] if isinstance(state["data"], list) else state["data"])
-        step, samples_seen = state["step"], state["samples_seen"]
-        skipped_steps, train_seconds = state["skipped_steps"], state["train_seconds"]
-        logger.info("resumed from %s at step %d", latest, step)
-
-    def save(step: int) -> None:
-        weights = {n: p for n, p in accelerator.unwrap_model(unet).named_parameters()}
-        if not all(torch.isfinite(p).all() for p in weights.values()):
-            raise RuntimeError(f"non-finite weights at step {step}: checkpoint not written")
-        data_states = accelerator.gather_for_metrics([stream.state()], use_gather_object=True)
-        rng_states = accelerator.gather_for_metrics([_rng_state(generator)], use_gather_object=True)
-        if not accelerator.is_main_process:
-            return
-        tensors = {"unet": accelerator.unwrap_model(unet).state_dict()}
-        ema_meta = {}
-        if ema is not None:
-            tensors["ema"] = dict(zip(param_names, ema.shadow_params))
-            ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-        objects = {"optimizer": optimizer.state_dict()} | {f"rng-{i}": s for i, s in enumerate(rng_states)}
-        state = {
-            "step": step,
-            "samples_seen": samples_seen,
-            "skipped_steps": skipped_steps,
-            "train_seconds": train_seconds,
-            "ema": ema_meta,
-            "data": data_states,
-        }
-        checkpoint.save_checkpoint(ckpt_root, step, tensors, objects, state, keep=tc.keep_checkpoints)
+        counters = load_training_state(latest, accelerator, unet, optimizer, ema, stream, generator)
+        logger.info("resumed from %s at step %d", latest, counters.step)
+    ckpt_args = (accelerator, ckpt_root, tc.keep_checkpoints, unet, optimizer, ema, stream, generator, counters)
 
     # 6. The loop
     log_path = out / "log.jsonl"
     budget = tc.max_minutes * 60 if tc.max_minutes is not None else None
-    bar = tqdm(total=tc.num_steps, initial=step, desc="train", unit="step", disable=not accelerator.is_main_process)
+    bar = Progress("train", tc.num_steps, budget, counters.step, disable=not accelerator.is_main_process)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-    started = time.perf_counter() - train_seconds
-    while step < tc.num_steps and (budget is None or time.perf_counter() - started < budget):
-        progress = max(step / tc.num_steps, (time.perf_counter() - started) / budget if budget else 0.0)
-        set_lr(optimizer, tc.optim.lr * lr_factor(step, progress, tc.optim))
+    consecutive_skips = 0
+    started = time.perf_counter() - counters.train_seconds
+    stop_signal = _StopSignal().__enter__()
+    while counters.step < tc.num_steps and (budget is None or time.perf_counter() - started < budget):
+        progress = max(counters.step / tc.num_steps, (time.perf_counter() - started) / budget if budget else 0.0)
+        set_lr(optimizer, tc.optim.lr * lr_factor(counters.step, progress, tc.optim))
         step_loss = 0.0
         for _ in range(tc.gradient_accumulation):
             # 6a. a micro-batch: latents sampled from the posterior, text embeddings with caption dropout
             latents, cond = stream.next(generator)
             # 6b. noise it at random timesteps
             noise = objective.sample_noise(latents, tc.objective.noise_offset, generator)
-            timesteps = objective.sample_timesteps(latents.shape[0], tc.objective.num_train_timesteps, device, generator)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = objective.target(noise_scheduler, latents, noise, timesteps)
-            weights = objective.loss_weights(noise_scheduler, timesteps, tc.objective.snr_gamma)
+            t = objective.sample_timesteps(latents.shape[0], tc.objective.num_train_timesteps, device, generator)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            target = objective.target(noise_scheduler, latents, noise, t)
+            weights = objective.loss_weights(noise_scheduler, t, tc.objective.snr_gamma)
             # 6c. predict and backpropagate
             with accelerator.accumulate(unet), accelerator.autocast():
-                prediction = unet(noisy, timesteps, cond).sample
-                loss, _ = objective.diffusion_loss(prediction, target, weights)
+                loss, _ = objective.diffusion_loss(unet(noisy, t, cond).sample, target, weights)
                 accelerator.backward(loss)
                 step_loss += loss.detach().item() / tc.gradient_accumulation
                 if accelerator.sync_gradients:
@@ -252,50 +351,68 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
                     # 6d. non-finite guard: gradients are all-reduced, so every rank takes the same decision
                     if torch.isfinite(torch.as_tensor(grad_norm)):
                         optimizer.step()
+                        consecutive_skips = 0
                     else:
-                        skipped_steps += 1
-                        logger.warning("non-finite gradient at step %d: step skipped", step)
+                        counters.skipped_steps += 1
+                        consecutive_skips += 1
+                        logger.warning("non-finite loss or gradient at step %d: step skipped", counters.step)
+                        if consecutive_skips >= tc.max_consecutive_skips:
+                            raise RuntimeError(
+                                f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (last: "
+                                f"step {counters.step}); the newest checkpoint in {ckpt_root} holds finite weights. "
+                                "Lower the learning rate or use bf16 instead of fp16."
+                            )
                     optimizer.zero_grad(set_to_none=True)
         # 6e. EMA, counters, logs
         if ema is not None:
             ema.step(accelerator.unwrap_model(unet).parameters())
-        step += 1
-        samples_seen += tc.batch_size
-        window_loss += step_loss
-        window_steps += 1
-        bar.update(1)
-        if step % tc.log_every == 0 or step == tc.num_steps:
-            elapsed = time.perf_counter() - window_start
+        counters.step += 1
+        counters.samples_seen += tc.batch_size
+        counters.train_seconds = time.perf_counter() - started
+        window_loss, window_steps = window_loss + step_loss, window_steps + 1
+        bar.update(counters.step, counters.train_seconds)
+        if counters.step % tc.log_every == 0 or counters.step == tc.num_steps:
             record = {
-                "step": step,
+                "step": counters.step,
                 "loss": window_loss / window_steps,
                 "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": window_steps * tc.batch_size / elapsed,
-                "skipped_steps": skipped_steps,
+                "images_per_s": window_steps * tc.batch_size / (time.perf_counter() - window_start),
+                "skipped_steps": counters.skipped_steps,
             }
             if accelerator.is_main_process:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                postfix = {"loss": f"{record['loss']:.4f}", "img_s": f"{record['images_per_s']:.0f}"}
+                bar.update(counters.step, counters.train_seconds, **postfix)
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        train_seconds = time.perf_counter() - started
         # 6f. checkpoints and validation samples
-        if step % tc.save_every == 0:
-            save(step)
-        if tc.sample_every and step % tc.sample_every == 0 and tc.sample_prompts and accelerator.is_main_process:
-            _sample(components, unet, ema, accelerator, config, out / "samples" / f"step-{step:06d}")
+        if counters.step % tc.save_every == 0:
+            save_training_state(*ckpt_args)
+        if tc.sample_every and counters.step % tc.sample_every == 0 and tc.sample_prompts:
+            if accelerator.is_main_process:
+                _sample(components, unet, ema, accelerator, config, out / "samples" / f"step-{counters.step:06d}")
+        # 6g. preemption: every rank learns of a signal any rank received, and they checkpoint together
+        flag = torch.tensor([0 if stop_signal.received is None else 1], device=device)
+        if accelerator.reduce(flag, reduction="sum").item() > 0:
+            bar.close()
+            stop_signal.__exit__()
+            if not checkpoint.step_dir(ckpt_root, counters.step).exists():
+                save_training_state(*ckpt_args)
+            accelerator.wait_for_everyone()
+            raise Preempted(f"stopped by signal at step {counters.step}; checkpoint written to {ckpt_root}")
+    stop_signal.__exit__()
     bar.close()
 
     # 7. Final checkpoint, export with EMA weights, validation samples
-    if not (ckpt_root / checkpoint.step_dir(ckpt_root, step).name).exists():
-        save(step)
+    if not checkpoint.step_dir(ckpt_root, counters.step).exists():
+        save_training_state(*ckpt_args)
     accelerator.wait_for_everyone()
     final = out / "final"
     if accelerator.is_main_process:
         export = _with_ema(components, unet, ema, accelerator)
         export_pipeline(export, tc.objective, final)
         if tc.sample_prompts:
-            _sample(components, unet, ema, accelerator, config, out / "samples" / f"step-{step:06d}")
+            _sample(components, unet, ema, accelerator, config, out / "samples" / f"step-{counters.step:06d}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
@@ -313,7 +430,9 @@ def _with_ema(components: Components, unet, ema, accelerator) -> Components:
 
 
 def _sample(components, unet, ema, accelerator, config: Config, out_dir: Path) -> Path:
-    pipe = assemble_pipeline(_with_ema(components, unet, ema, accelerator), config.train.objective, config.sample.scheduler)
+    pipe = assemble_pipeline(
+        _with_ema(components, unet, ema, accelerator), config.train.objective, config.sample.scheduler
+    )
     result = txt2img(
         pipe,
         config.train.sample_prompts,

@@ -20,10 +20,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW(lr, betas, eps, weight_decay), fused on CUDA."""
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    """AdamW(lr, betas, eps, weight_decay), fused (one kernel for all parameters; CUDA and CPU)."""
     return torch.optim.AdamW(
-        param_groups(model, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=config.eps, **fused
+        param_groups(model, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=True
     )
 
 

@@ -1,0 +1,33 @@
+"""A shortened `make demo` end to end: every stage runs, metrics and grids are written, a rerun reuses stages."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from sdtrain.demo import run_demo
+
+
+def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
+    out, data = tmp_path / "demo", tmp_path / "shapes"
+    metrics = run_demo(out, data, quick=True)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["seen"] == metrics["seen"]
+    for key in ("vae_psnr", "seen", "held_out", "reconstruct", "seconds"):
+        assert key in saved, key
+    for group in ("seen", "held_out"):
+        assert set(saved[group]) >= {"color", "shape", "background", "all"}
+        assert all(0.0 <= saved[group][k] <= 1.0 for k in ("color", "shape", "background", "all"))
+    assert saved["held_out"]["count"] == 12 and saved["seen"]["count"] == 78
+    assert 0.0 <= saved["reconstruct"]["edit_success"] <= 1.0
+    assert saved["vae_psnr"] > 10.0
+    for grid in ("grid_seen.png", "grid_held_out.png", "grid_reconstruct.png"):
+        assert Image.open(out / grid).size[0] > 0
+    first = capsys.readouterr().out
+    assert "| seen |" in first and "metrics:" in first
+
+    run_demo(out, data, quick=True)  # finished stages are reused, not retrained
+    second = capsys.readouterr().out
+    assert f"reusing {out / 'vae' / 'final'}" in second
+    assert f"reusing {out / 'unet' / 'final'}" in second
