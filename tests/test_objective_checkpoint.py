@@ -154,3 +154,14 @@ def test_pickle_payload_is_never_executed(tmp_path, monkeypatch):
     with pytest.raises(pickle.UnpicklingError):
         checkpoint.load_checkpoint(path)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_logit_normal_timesteps_concentrate_at_mid_noise():
+    config = ObjectiveConfig(timestep_sampling="logit_normal")
+    g = torch.Generator().manual_seed(0)
+    t = objective.sample_timesteps(20000, 1000, torch.device("cpu"), g, config)
+    u = objective.sample_timesteps(20000, 1000, torch.device("cpu"), g)
+    assert t.min() >= 0 and t.max() <= 999
+    mid = lambda x: ((x > 250) & (x < 750)).float().mean().item()  # noqa: E731
+    assert mid(t) > 0.6 and 0.45 < mid(u) < 0.55  # logit-normal(0, 1): 73 % inside, uniform: 50 %
+    assert abs(t.float().median().item() - 500) < 15

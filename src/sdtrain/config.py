@@ -160,6 +160,12 @@ class ObjectiveConfig:
     """Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE."""
     noise_offset: float = 0.0
     """Per-channel constant added to the noise (helps very dark / bright images)."""
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    """How training timesteps are drawn: uniform, or t = T * sigmoid(N(mean, std)) (SD3), denser at mid noise."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal timestep distribution."""
+    logit_std: float = 1.0
+    """Standard deviation of the logit-normal timestep distribution."""
 
     def __post_init__(self) -> None:
         if self.rescale_zero_terminal_snr and self.prediction_type == "epsilon":

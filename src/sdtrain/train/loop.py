@@ -336,7 +336,9 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
             latents, cond = stream.next(generator)
             # 6b. noise it at random timesteps
             noise = objective.sample_noise(latents, tc.objective.noise_offset, generator)
-            t = objective.sample_timesteps(latents.shape[0], tc.objective.num_train_timesteps, device, generator)
+            t = objective.sample_timesteps(
+                latents.shape[0], tc.objective.num_train_timesteps, device, generator, tc.objective
+            )
             noisy = noise_scheduler.add_noise(latents, noise, t)
             target = objective.target(noise_scheduler, latents, noise, t)
             weights = objective.loss_weights(noise_scheduler, t, tc.objective.snr_gamma)

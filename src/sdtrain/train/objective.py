@@ -44,10 +44,17 @@ def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0, generator: to
 
 
 def sample_timesteps(
-    batch_size: int, num_train_timesteps: int, device: torch.device, generator: torch.Generator | None = None
+    batch_size: int,
+    num_train_timesteps: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    config: ObjectiveConfig | None = None,
 ) -> torch.Tensor:
-    """Uniform integer timesteps."""
-    return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device).long()
+    """Integer timesteps: uniform, or logit-normal (``T * sigmoid(N(mean, std))``, as Stable Diffusion 3 trains)."""
+    if config is None or config.timestep_sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device).long()
+    normal = torch.randn(batch_size, generator=generator, device=device) * config.logit_std + config.logit_mean
+    return (torch.sigmoid(normal) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
 
 
 def target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
