@@ -27,7 +27,8 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
     first = capsys.readouterr().out
     assert "| seen |" in first and "metrics:" in first
 
-    run_demo(out, data, quick=True)  # finished stages are reused, not retrained
+    again = run_demo(out, data, quick=True)  # finished stages are reused, not retrained
     second = capsys.readouterr().out
+    assert again["seconds"]["unet"] == metrics["seconds"]["unet"]  # a reused stage keeps its training time
     assert f"reusing {out / 'vae' / 'final'}" in second
     assert f"reusing {out / 'unet' / 'final'}" in second

@@ -106,7 +106,7 @@ class StableDiffusion:
         """
         objective = self.objective
         config = Config(
-            model=ModelConfig(pretrained="<in memory>"),
+            model=ModelConfig(pretrained="<in memory>"),  # components are passed in; this only satisfies validation
             data=DataConfig(caption_dropout=caption_dropout),
             train=TrainConfig(
                 output_dir=str(save_dir),
