@@ -62,6 +62,7 @@ def sampling_scheduler(objective: ObjectiveConfig, name: str = "euler") -> Sched
         prediction_type=objective.prediction_type,
         rescale_betas_zero_snr=objective.rescale_zero_terminal_snr,
         timestep_spacing="trailing",
+        steps_offset=1,  # unused with trailing spacing; set because StableDiffusionPipeline rewrites any other value
     )
     return with_scheduler(base, name)
 
