@@ -42,6 +42,7 @@ def test_run_writes_config_log_checkpoints_and_export(trained_clip):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in log)
+    assert log[-1]["skipped_samples"] == {}
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert ckpts == ["step-00000002", "step-00000004"]
     assert (run / "checkpoints" / "latest").read_text() == "step-00000004"
@@ -239,3 +240,16 @@ def test_sigterm_checkpoints_and_exits_with_documented_code(tmp_path, clip_dir, 
     final = train(load_config(Config, None, overrides[:-2] + [f"train.num_steps={stopped_at + 2}"]))
     steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
     assert steps[-1] == stopped_at + 2 and (final / "model_index.json").exists()
+
+
+def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, clip_dir, vae_dir):
+    from tests.conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "data", count=8)
+    (data / "002.png").write_bytes(b"\x89PNG truncated")
+    (data / "005.png").write_bytes(b"")
+    overrides = tiny_overrides(tmp_path / "run", data, vae_dir, str(clip_dir), "text_encoder")
+    train(load_config(Config, None, overrides + ["train.num_steps=6", "train.save_every=100"]))
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    # 6 steps x 4 = 24 draws = 3 epochs of 8 files: each bad file is met (and counted) 3 times
+    assert log[-1]["skipped_samples"] == {"not_an_image": 3, "empty": 3}

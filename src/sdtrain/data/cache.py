@@ -121,6 +121,7 @@ class CachedStream:
         self.embeddings = cache.embeddings.to(device)
         self.mean, self.std = cache.mean.to(device), cache.std.to(device)
         self.choice = random.Random(seed)
+        self.skipped = cache.skipped  # counted once, while caching
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.sampler.epoch, "offset": self.sampler.offset, "choice": self.choice.getstate()}
@@ -215,6 +216,7 @@ class IterableStream:
     def __init__(self, batches, vae, text_encoder, tokenizer, caption_dropout: float, device: torch.device):
         self.batches, self.vae, self.text_encoder, self.tokenizer = batches, vae, text_encoder, tokenizer
         self.caption_dropout, self.device = caption_dropout, device
+        self.skipped = SkipCounter()  # the caller's iterable does its own decoding
         self._iter = iter(batches)
         self.consumed = 0
 

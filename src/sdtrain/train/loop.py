@@ -380,6 +380,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
                 "lr": optimizer.param_groups[0]["lr"],
                 "images_per_s": window_steps * tc.batch_size / (time.perf_counter() - window_start),
                 "skipped_steps": counters.skipped_steps,
+                "skipped_samples": dict(stream.skipped),  # bad inputs by reason (corrupt, empty caption, ...)
             }
             if accelerator.is_main_process:
                 postfix = {"loss": f"{record['loss']:.4f}", "img_s": f"{record['images_per_s']:.0f}"}
