@@ -78,7 +78,7 @@ def with_scheduler(scheduler: SchedulerMixin, name: str) -> SchedulerMixin:
     return SCHEDULERS[name].from_config(scheduler.config, **fixes)
 
 
-def _generators(seed: int, count: int, device: torch.device) -> list[torch.Generator]:
+def _generators(seed: int, count: int) -> list[torch.Generator]:
     # generators live on the CPU so that a seed gives the same image on every device
     return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
 
@@ -113,7 +113,7 @@ def txt2img(
         negatives = negatives * len(prompts)
     flat = [p for p in prompts for _ in range(num_images_per_prompt)]
     flat_neg = [n for n in negatives for _ in range(num_images_per_prompt)] if negatives else None
-    generators = _generators(seed, len(flat), pipe.device)
+    generators = _generators(seed, len(flat))
     images: list[Image.Image] = []
     for start in tqdm(range(0, len(flat), batch_size), desc="generate", unit="batch", disable=not progress):
         stop = start + batch_size
@@ -154,7 +154,7 @@ def img2img(
     if len(prompts) != len(images_in):
         raise ValueError(f"{len(prompts)} prompts for {len(images_in)} images: give one prompt, or one per image")
     negatives = _as_list(negative_prompt) * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-    generators = _generators(seed, len(images_in), pipe.device)
+    generators = _generators(seed, len(images_in))
     processor: VaeImageProcessor = pipe.image_processor
     latent_channels = pipe.vae.config.latent_channels
     out: list[Image.Image] = []

@@ -179,7 +179,7 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    random.setstate(_tuple(state["python"]))
+    random.setstate(state["python"])  # torch.save keeps the tuples
     np.random.set_state(tuple(v.numpy().astype(np.uint32) if torch.is_tensor(v) else v for v in state["numpy"]))
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
@@ -235,10 +235,6 @@ def load_training_state(path: Path, accelerator: Accelerator, unet, optimizer, e
     _set_rng_state(objects.get(f"rng-{rank}", objects["rng-0"]), generator)
     stream.load_state(state["data"][rank] if rank < len(state["data"]) else state["data"][0])
     return Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
-
-
-def _tuple(value):
-    return tuple(_tuple(v) for v in value) if isinstance(value, list) else value
 
 
 def train(config: Config, components: Components | None = None, batches: Iterable | None = None) -> Path:
