@@ -105,8 +105,9 @@ def test_epoch_sampler_resumes_and_shards():
 
 
 def test_caption_dropout_rate():
-    generator = torch.Generator().manual_seed(0)
-    dropped = drop_captions(["x"] * 2000, 0.25, generator)
+    from sdtrain.train.randomness import SharedDraws
+
+    dropped = drop_captions(["x"] * 2000, 0.25, SharedDraws(torch.Generator().manual_seed(0)))
     assert 0.2 < dropped.count("") / 2000 < 0.3
 
 

@@ -11,6 +11,7 @@ import torch
 from sdtrain.config import ConfigError, ObjectiveConfig, OptimConfig
 from sdtrain.train import checkpoint, objective
 from sdtrain.train.optim import lr_factor, param_groups
+from sdtrain.train.randomness import SharedDraws
 
 
 def _setup(prediction_type: str, zsnr: bool = False):
@@ -59,8 +60,7 @@ def test_zero_terminal_snr_keeps_last_step_trained():
 
 
 def test_noise_offset_adds_per_channel_constant():
-    latents = torch.zeros(64, 4, 8, 8)
-    noise = objective.sample_noise(latents, 0.5, torch.Generator().manual_seed(0))
+    noise = objective.sample_noise((64, 4, 8, 8), 0.5, SharedDraws(torch.Generator().manual_seed(0)))
     channel_means = noise.mean(dim=(2, 3))
     assert channel_means.std() > 0.35  # plain N(0, 1) noise would give ~1/8
 
@@ -158,10 +158,37 @@ def test_pickle_payload_is_never_executed(tmp_path, monkeypatch):
 
 def test_logit_normal_timesteps_concentrate_at_mid_noise():
     config = ObjectiveConfig(timestep_sampling="logit_normal")
-    g = torch.Generator().manual_seed(0)
-    t = objective.sample_timesteps(20000, 1000, torch.device("cpu"), g, config)
-    u = objective.sample_timesteps(20000, 1000, torch.device("cpu"), g)
+    draws = SharedDraws(torch.Generator().manual_seed(0))
+    t = objective.sample_timesteps(20000, config, draws)
+    u = objective.sample_timesteps(20000, ObjectiveConfig(), draws)
     assert t.min() >= 0 and t.max() <= 999
     mid = lambda x: ((x > 250) & (x < 750)).float().mean().item()  # noqa: E731
     assert mid(t) > 0.6 and 0.45 < mid(u) < 0.55  # logit-normal(0, 1): 73 % inside, uniform: 50 %
     assert abs(t.float().median().item() - 500) < 15
+
+
+def test_timestep_range_and_input_perturbation():
+    draws = SharedDraws(torch.Generator().manual_seed(0))
+    for sampling in ("uniform", "logit_normal"):
+        config = ObjectiveConfig(timestep_sampling=sampling, min_timestep=200, max_timestep=299)
+        t = objective.sample_timesteps(5000, config, draws)
+        assert 200 <= t.min() and t.max() <= 299
+        if sampling == "uniform":
+            assert t.min() == 200 and t.max() == 299
+    with pytest.raises(ConfigError, match="timestep range"):
+        ObjectiveConfig(min_timestep=500, max_timestep=100)
+    noise = torch.randn(4000, 8)
+    assert objective.perturb(noise, 0.0, draws) is noise
+    extra = objective.perturb(noise, 0.1, draws) - noise
+    assert abs(extra.std().item() - 0.1) < 0.005  # gamma times standard normal noise
+
+
+def test_shared_draws_split_the_global_batch_across_ranks():
+    """Rank r of W gets rows r, r + W, ... of what one process drawing for the whole micro-batch gets."""
+    single = SharedDraws(torch.Generator().manual_seed(3), 0, 1, micro_batch=6)
+    full = single.randn((6, 2)), single.rand(6), single.randint(1000, 6)
+    for rank in range(3):
+        draws = SharedDraws(torch.Generator().manual_seed(3), rank, 3, micro_batch=2)
+        mine = draws.randn((2, 2)), draws.rand(2), draws.randint(1000, 2)
+        for a, b in zip(full, mine):
+            assert torch.equal(a[rank::3], b)

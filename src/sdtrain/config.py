@@ -166,8 +166,23 @@ class ObjectiveConfig:
     """Mean of the logit-normal timestep distribution."""
     logit_std: float = 1.0
     """Standard deviation of the logit-normal timestep distribution."""
+    min_timestep: int = 0
+    """Smallest training timestep (train on a range, e.g. a refiner on 0..199)."""
+    max_timestep: int | None = None
+    """Largest training timestep; None: num_train_timesteps - 1."""
+    input_perturbation: float = 0.0
+    """Ning et al. 2023: noise the input with noise + gamma * extra noise while the target keeps the plain noise
+    (0.1 is typical); 0 turns it off."""
 
     def __post_init__(self) -> None:
+        high = self.max_timestep if self.max_timestep is not None else self.num_train_timesteps - 1
+        if not 0 <= self.min_timestep <= high < self.num_train_timesteps:
+            raise ConfigError(
+                f"train.objective timestep range [{self.min_timestep}, {high}] must lie inside "
+                f"[0, num_train_timesteps - 1 = {self.num_train_timesteps - 1}]"
+            )
+        if self.input_perturbation < 0:
+            raise ConfigError(f"train.objective.input_perturbation must be >= 0, got {self.input_perturbation}")
         if self.rescale_zero_terminal_snr and self.prediction_type == "epsilon":
             raise ConfigError(
                 "train.objective.rescale_zero_terminal_snr=true needs prediction_type v_prediction or sample: "
@@ -561,5 +576,12 @@ def reference_markdown() -> str:
     return "\n\n".join(parts) + "\n"
 
 
-if __name__ == "__main__":
-    print(reference_markdown())
+if __name__ == "__main__":  # `python -m sdtrain.config [README.md]`: print, or rewrite README's reference section
+    import sys
+
+    if len(sys.argv) > 1:
+        readme = Path(sys.argv[1])
+        text = readme.read_text()
+        readme.write_text(text[: text.index("### `sdtrain train`")] + reference_markdown())
+    else:
+        print(reference_markdown())

@@ -26,17 +26,17 @@ from sdtrain.models.text import encode_prompts
 from sdtrain.models.vae import encode_moments, scale_latents
 
 
-def drop_captions(texts: list[str], probability: float, generator: torch.Generator) -> list[str]:
-    """Replace each caption by the empty prompt with ``probability`` (classifier-free guidance training)."""
-    if probability <= 0:
-        return list(texts)
-    keep = torch.rand(len(texts), generator=generator) >= probability
+def drop_captions(texts: list[str], probability: float, draws) -> list[str]:
+    """Replace each caption by the empty prompt with ``probability`` (classifier-free guidance training).
+
+    ``draws`` is a :class:`sdtrain.train.randomness.SharedDraws` (one draw per sample of the global micro-batch)."""
+    keep = draws.rand(len(texts)) >= probability  # drawn even at 0, so the random stream does not depend on it
     return [t if k else "" for t, k in zip(texts, keep.tolist())]
 
 
-def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean)
-    return mean + std * noise
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor, draws) -> torch.Tensor:
+    """One sample of the diagonal Gaussian posterior per image."""
+    return mean + std * draws.randn(tuple(mean.shape)).to(mean)
 
 
 @dataclass
@@ -120,24 +120,24 @@ class CachedStream:
         self.sampler = EpochSampler(len(cache), seed, rank, world_size, *position)
         self.embeddings = cache.embeddings.to(device)
         self.mean, self.std = cache.mean.to(device), cache.std.to(device)
-        self.choice = random.Random(seed)
+        self.seed = seed
         self.skipped = cache.skipped  # counted once, while caching
 
     def state(self) -> dict[str, Any]:
-        return {"epoch": self.sampler.epoch, "offset": self.sampler.offset, "choice": self.choice.getstate()}
+        return {"epoch": self.sampler.epoch, "offset": self.sampler.offset}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.sampler.epoch, self.sampler.offset = state["epoch"], state["offset"]
-        self.choice.setstate(_as_tuple(state["choice"]))
 
-    def next(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self.cache)
         encoded = self.sampler.take(self.batch_size)
         index = torch.tensor([e % n for e in encoded], device=self.device)
-        latents = scale_latents(self.vae, sample_posterior(self.mean[index], self.std[index], generator))
-        text = [self.choice.choice(self.cache.captions[e % n]) for e in encoded]
-        keep = torch.rand(len(text), generator=generator, device=generator.device) >= self.caption_dropout
-        text_index = torch.where(keep.to(self.device), torch.tensor(text, device=self.device), self.cache.empty)
+        latents = scale_latents(self.vae, sample_posterior(self.mean[index], self.std[index], draws))
+        # the caption option is seeded by the sample's (epoch, index), as the folder dataset seeds its augmentation
+        text = [random.Random(self.seed * 1_000_003 + e).choice(self.cache.captions[e % n]) for e in encoded]
+        keep = draws.rand(len(text)).to(self.device) >= self.caption_dropout
+        text_index = torch.where(keep, torch.tensor(text, device=self.device), self.cache.empty)
         return latents, self.embeddings[text_index]
 
 
@@ -180,7 +180,7 @@ class OnlineStream:
         self.skipped = SkipCounter(state.get("skipped", {}))
         self._start((state["epoch"], state["offset"]))
 
-    def next(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
         while True:  # a batch whose samples were all skipped is drawn again
             batch = next(self._batches)
             # the DataLoader prefetches, so the position is counted from the batches actually consumed
@@ -195,16 +195,16 @@ class OnlineStream:
             self.text_encoder,
             self.tokenizer,
             self.config.caption_dropout,
-            generator,
+            draws,
             self.device,
         )
 
 
-def encode_batch(images, texts, vae, text_encoder, tokenizer, caption_dropout, generator, device):
+def encode_batch(images, texts, vae, text_encoder, tokenizer, caption_dropout, draws, device):
     """Pixels in [-1, 1] and captions -> scaled posterior-sampled latents and text embeddings."""
     mean, std = encode_moments(vae, images.to(device))
-    latents = scale_latents(vae, sample_posterior(mean.float(), std.float(), generator))
-    texts = drop_captions(texts, caption_dropout, generator)
+    latents = scale_latents(vae, sample_posterior(mean.float(), std.float(), draws))
+    texts = drop_captions(texts, caption_dropout, draws)
     return latents, encode_prompts(text_encoder, tokenizer, texts, device).float()
 
 
@@ -236,10 +236,10 @@ class IterableStream:
         self.consumed += 1
         return batch
 
-    def next(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
         images, texts = normalize_batch(self._next_raw())
         return encode_batch(
-            images, texts, self.vae, self.text_encoder, self.tokenizer, self.caption_dropout, generator, self.device
+            images, texts, self.vae, self.text_encoder, self.tokenizer, self.caption_dropout, draws, self.device
         )
 
 
@@ -268,7 +268,3 @@ def normalize_batch(batch) -> tuple[torch.Tensor, list[str]]:
     if len(texts) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(texts)} captions in a batch")
     return images.float(), texts
-
-
-def _as_tuple(value):
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value

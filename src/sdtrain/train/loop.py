@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import shutil
 import signal
@@ -36,6 +37,7 @@ from sdtrain.sample.pipeline import sampling_scheduler, save_images, txt2img
 from sdtrain.train import checkpoint, objective
 from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
 from sdtrain.train.progress import Progress
+from sdtrain.train.randomness import SharedDraws, rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -163,30 +165,6 @@ def assemble_pipeline(components: Components, objective_config, scheduler: str =
     return pipe
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        # numpy's key array as a tensor: the file is read back with torch.load(weights_only=True)
-        "numpy": [
-            torch.from_numpy(v.astype(np.int64)) if isinstance(v, np.ndarray) else v for v in np.random.get_state()
-        ],
-        "torch": torch.get_rng_state(),
-        "generator": generator.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    random.setstate(state["python"])  # torch.save keeps the tuples
-    np.random.set_state(tuple(v.numpy().astype(np.uint32) if torch.is_tensor(v) else v for v in state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 @dataclass
 class Counters:
     """Where a run stands; saved in every checkpoint's state.json."""
@@ -208,7 +186,7 @@ def save_training_state(
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise RuntimeError(f"non-finite weights at step {counters.step}: checkpoint not written")
     data_states = accelerator.gather_for_metrics([stream.state()], use_gather_object=True)
-    rng_states = accelerator.gather_for_metrics([_rng_state(generator)], use_gather_object=True)
+    rng_states = accelerator.gather_for_metrics([rng_state(generator)], use_gather_object=True)
     if not accelerator.is_main_process:
         return
     tensors = {"unet": model.state_dict()}
@@ -217,6 +195,8 @@ def save_training_state(
         tensors["ema"] = dict(zip([n for n, _ in model.named_parameters()], ema.shadow_params))
         ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
     objects = {"optimizer": optimizer.state_dict()} | {f"rng-{i}": s for i, s in enumerate(rng_states)}
+    if accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker
+        objects["scaler"] = accelerator.scaler.state_dict()
     state = {**dataclasses.asdict(counters), "ema": ema_meta, "data": data_states}
     checkpoint.save_checkpoint(root, counters.step, tensors, objects, state, keep=keep)
 
@@ -231,9 +211,15 @@ def load_training_state(path: Path, accelerator: Accelerator, unet, optimizer, e
         shadow = [tensors["ema"][n] for n, _ in model.named_parameters()]
         ema.load_state_dict({**state["ema"], "shadow_params": shadow})
         ema.to(accelerator.device)
-    rank = accelerator.process_index
-    _set_rng_state(objects.get(f"rng-{rank}", objects["rng-0"]), generator)
-    stream.load_state(state["data"][rank] if rank < len(state["data"]) else state["data"][0])
+    if accelerator.scaler is not None and "scaler" in objects:
+        accelerator.scaler.load_state_dict(objects["scaler"])
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if len(state["data"]) != world:
+        raise checkpoint.CheckpointError(
+            f"{path} was written by {len(state['data'])} processes; resume it with the same number, not {world}"
+        )
+    set_rng_state(objects[f"rng-{rank}"], generator)
+    stream.load_state(state["data"][rank])
     return Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
 
 
@@ -255,18 +241,25 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision", tc.mixed_precision) != tc.mixed_precision:
         AcceleratorState._reset_state()  # a second run in this process (the Python API) with another precision
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.gradient_accumulation)
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=tc.gradient_accumulation,
+        # several processes on a machine without CUDA (`accelerate launch --multi_gpu` on CPUs): DDP over gloo
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+    )
     out = Path(tc.output_dir)
     ckpt_root = out / "checkpoints"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-    seed = tc.seed + accelerator.process_index
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    random.seed(tc.seed + rank)  # global RNGs (UNet dropout) differ per rank
+    np.random.seed(tc.seed + rank)
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank, before DDP even broadcasts them
     device = accelerator.device
-    generator = torch.Generator(device).manual_seed(seed)  # noise, timesteps, caption dropout
+    # noise, timesteps, posterior samples, caption dropout: drawn for the global micro-batch on every rank, so a run
+    # does not depend on the number of processes (sdtrain.train.randomness)
+    generator = torch.Generator(device).manual_seed(tc.seed)
 
     # 2. Components: frozen encoders on the device, the UNet in fp32 master weights
     components = components or load_components(config)
@@ -284,7 +277,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
             f"train.batch_size={tc.batch_size} is smaller than gradient_accumulation x processes "
             f"({tc.gradient_accumulation} x {accelerator.num_processes})"
         )
-    rank, world = accelerator.process_index, accelerator.num_processes
+    draws = SharedDraws(generator, rank, world, micro_batch)
     if batches is not None:
         stream = IterableStream(batches, vae, text_encoder, components.tokenizer, config.data.caption_dropout, device)
     elif config.data.cache_latents:
@@ -317,62 +310,76 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
 
     # 6. The loop
     log_path = out / "log.jsonl"
+    if accelerator.is_main_process:
+        _truncate_log(log_path, counters.step)  # steps logged after the checkpoint are trained (and logged) again
     budget = tc.max_minutes * 60 if tc.max_minutes is not None else None
     bar = Progress("train", tc.num_steps, budget, counters.step, disable=not accelerator.is_main_process)
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-    consecutive_skips = 0
+    window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+    consecutive_skips, stop, saved_at = 0, False, counters.step  # the decisions every rank takes alike
     started = time.perf_counter() - counters.train_seconds
     stop_signal = _StopSignal().__enter__()
-    while counters.step < tc.num_steps and (budget is None or time.perf_counter() - started < budget):
-        progress = max(counters.step / tc.num_steps, (time.perf_counter() - started) / budget if budget else 0.0)
+    o = tc.objective
+    while counters.step < tc.num_steps and (budget is None or counters.train_seconds < budget):
+        progress = max(counters.step / tc.num_steps, counters.train_seconds / budget if budget else 0.0)
         set_lr(optimizer, tc.optim.lr * lr_factor(counters.step, progress, tc.optim))
-        step_loss = 0.0
+        step_loss, nonfinite = torch.zeros((), device=device), False
         for _ in range(tc.gradient_accumulation):
             # 6a. a micro-batch: latents sampled from the posterior, text embeddings with caption dropout
-            latents, cond = stream.next(generator)
+            latents, cond = stream.next(draws)
             # 6b. noise it at random timesteps
-            noise = objective.sample_noise(latents, tc.objective.noise_offset, generator)
-            t = objective.sample_timesteps(
-                latents.shape[0], tc.objective.num_train_timesteps, device, generator, tc.objective
-            )
-            noisy = noise_scheduler.add_noise(latents, noise, t)
+            noise = objective.sample_noise(tuple(latents.shape), o.noise_offset, draws).to(latents)
+            t = objective.sample_timesteps(latents.shape[0], o, draws)
+            noisy = noise_scheduler.add_noise(latents, objective.perturb(noise, o.input_perturbation, draws), t)
             target = objective.target(noise_scheduler, latents, noise, t)
-            weights = objective.loss_weights(noise_scheduler, t, tc.objective.snr_gamma)
-            # 6c. predict and backpropagate
-            with accelerator.accumulate(unet), accelerator.autocast():
-                loss, _ = objective.diffusion_loss(unet(noisy, t, cond).sample, target, weights)
+            weights = objective.loss_weights(noise_scheduler, t, o.snr_gamma)
+            # 6c. predict and backpropagate (accelerate skips the all-reduce until the last micro-batch)
+            with accelerator.accumulate(unet):
+                with accelerator.autocast():
+                    loss, _ = objective.diffusion_loss(unet(noisy, t, cond).sample, target, weights)
                 accelerator.backward(loss)
-                step_loss += loss.detach().item() / tc.gradient_accumulation
+                step_loss += loss.detach() / tc.gradient_accumulation
                 if accelerator.sync_gradients:
                     max_norm = tc.clip_norm if tc.clip_norm is not None else float("inf")
                     grad_norm = accelerator.clip_grad_norm_(unet.parameters(), max_norm)
-                    # 6d. non-finite guard: gradients are all-reduced, so every rank takes the same decision
-                    if torch.isfinite(torch.as_tensor(grad_norm)):
+                    # 6d. one all-reduce (max) makes every rank agree on: a non-finite loss or gradient on any
+                    # rank, a stop signal received by any rank, and the elapsed time (so a time budget ends the
+                    # run on the same step everywhere)
+                    finite = torch.isfinite(step_loss) & torch.isfinite(torch.as_tensor(grad_norm, device=device))
+                    flags = torch.tensor(
+                        [0.0, float(stop_signal.received is not None), time.perf_counter() - started],
+                        device=device,
+                        dtype=torch.float64,
+                    )
+                    flags[0] = (~finite).double()
+                    flags = accelerator.reduce(flags, reduction="max")
+                    nonfinite, stop, counters.train_seconds = bool(flags[0]), bool(flags[1]), float(flags[2])
+                    if not nonfinite:
                         optimizer.step()
-                        consecutive_skips = 0
-                    else:
-                        counters.skipped_steps += 1
-                        consecutive_skips += 1
-                        logger.warning("non-finite loss or gradient at step %d: step skipped", counters.step)
-                        if consecutive_skips >= tc.max_consecutive_skips:
-                            raise RuntimeError(
-                                f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (last: "
-                                f"step {counters.step}); the newest checkpoint in {ckpt_root} holds finite weights. "
-                                "Lower the learning rate or use bf16 instead of fp16."
-                            )
                     optimizer.zero_grad(set_to_none=True)
-        # 6e. EMA, counters, logs
-        if ema is not None:
-            ema.step(accelerator.unwrap_model(unet).parameters())
+        # 6e. EMA, counters, logs; a skipped step leaves weights and EMA unchanged
+        if nonfinite:
+            counters.skipped_steps += 1
+            consecutive_skips += 1
+            logger.warning("non-finite loss or gradient at step %d: step skipped", counters.step)
+            if consecutive_skips >= tc.max_consecutive_skips:
+                raise RuntimeError(
+                    f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (last: step "
+                    f"{counters.step}); the newest checkpoint in {ckpt_root} holds finite weights. Lower the "
+                    "learning rate, or use bf16 instead of fp16."
+                )
+        else:
+            consecutive_skips = 0
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(unet).parameters())
         counters.step += 1
         counters.samples_seen += tc.batch_size
-        counters.train_seconds = time.perf_counter() - started
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
         bar.update(counters.step, counters.train_seconds)
         if counters.step % tc.log_every == 0 or counters.step == tc.num_steps:
+            mean_loss = accelerator.reduce(window_loss / window_steps, reduction="mean").item()  # over ranks
             record = {
                 "step": counters.step,
-                "loss": window_loss / window_steps,
+                "loss": mean_loss,
                 "lr": optimizer.param_groups[0]["lr"],
                 "images_per_s": window_steps * tc.batch_size / (time.perf_counter() - window_start),
                 "skipped_steps": counters.skipped_steps,
@@ -383,19 +390,19 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
                 bar.update(counters.step, counters.train_seconds, **postfix)
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
         # 6f. checkpoints and validation samples
         if counters.step % tc.save_every == 0:
             save_training_state(*ckpt_args)
+            saved_at = counters.step
         if tc.sample_every and counters.step % tc.sample_every == 0 and tc.sample_prompts:
             if accelerator.is_main_process:
                 _sample(components, unet, ema, accelerator, config, out / "samples" / f"step-{counters.step:06d}")
-        # 6g. preemption: every rank learns of a signal any rank received, and they checkpoint together
-        flag = torch.tensor([0 if stop_signal.received is None else 1], device=device)
-        if accelerator.reduce(flag, reduction="sum").item() > 0:
+        # 6g. preemption: all ranks saw the flag in 6d, so they checkpoint together and stop
+        if stop:
             bar.close()
             stop_signal.__exit__()
-            if not checkpoint.step_dir(ckpt_root, counters.step).exists():
+            if saved_at != counters.step:
                 save_training_state(*ckpt_args)
             accelerator.wait_for_everyone()
             raise Preempted(f"stopped by signal at step {counters.step}; checkpoint written to {ckpt_root}")
@@ -403,7 +410,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     bar.close()
 
     # 7. Final checkpoint, export with EMA weights, validation samples
-    if not checkpoint.step_dir(ckpt_root, counters.step).exists():
+    if saved_at != counters.step:
         save_training_state(*ckpt_args)
     accelerator.wait_for_everyone()
     final = out / "final"
@@ -415,6 +422,18 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records past ``step`` (written before a crash, and about to be written again by the resumed run)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 def _with_ema(components: Components, unet, ema, accelerator) -> Components:

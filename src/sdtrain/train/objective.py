@@ -13,6 +13,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from sdtrain.config import ObjectiveConfig
+from sdtrain.train.randomness import SharedDraws
 
 
 def make_noise_scheduler(config: ObjectiveConfig) -> DDPMScheduler:
@@ -34,27 +35,31 @@ def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return (alpha_bar / (1 - alpha_bar)).float()
 
 
-def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0, generator: torch.Generator | None = None):
-    """Gaussian noise like ``latents``, plus an optional per-(sample, channel) offset."""
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+def sample_noise(shape: tuple[int, ...], noise_offset: float, draws: SharedDraws) -> torch.Tensor:
+    """Gaussian noise of ``shape``, plus an optional per-(sample, channel) offset (Guttenberg's noise offset)."""
+    noise = draws.randn(shape)
     if noise_offset:
-        offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator, device=latents.device)
-        noise = noise + noise_offset * offset.to(latents.dtype)
+        noise = noise + noise_offset * draws.randn(shape[:2] + (1,) * (len(shape) - 2))
     return noise
 
 
-def sample_timesteps(
-    batch_size: int,
-    num_train_timesteps: int,
-    device: torch.device,
-    generator: torch.Generator | None = None,
-    config: ObjectiveConfig | None = None,
-) -> torch.Tensor:
-    """Integer timesteps: uniform, or logit-normal (``T * sigmoid(N(mean, std))``, as Stable Diffusion 3 trains)."""
-    if config is None or config.timestep_sampling == "uniform":
-        return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device).long()
-    normal = torch.randn(batch_size, generator=generator, device=device) * config.logit_std + config.logit_mean
-    return (torch.sigmoid(normal) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+def sample_timesteps(n: int, config: ObjectiveConfig, draws: SharedDraws) -> torch.Tensor:
+    """Integer timesteps in ``[t_min, t_max]``: uniform, or logit-normal (``sigmoid(N(mean, std))`` over the range,
+    as Stable Diffusion 3 trains)."""
+    low = config.min_timestep
+    high = config.max_timestep if config.max_timestep is not None else config.num_train_timesteps - 1
+    if config.timestep_sampling == "uniform":
+        return draws.randint(high - low + 1, n).long() + low
+    u = torch.sigmoid(draws.randn((n,)) * config.logit_std + config.logit_mean)
+    return (low + u * (high - low + 1)).long().clamp(low, high)
+
+
+def perturb(noise: torch.Tensor, gamma: float, draws: SharedDraws) -> torch.Tensor:
+    """Input perturbation (Ning et al. 2023): the noise put into ``x_t`` is ``noise + gamma * extra``; the target
+    keeps ``noise``. ``gamma = 0`` returns ``noise`` itself and draws nothing."""
+    if not gamma:
+        return noise
+    return noise + gamma * draws.randn(tuple(noise.shape)).to(noise)
 
 
 def target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
