@@ -76,9 +76,9 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
+    for stale in root.glob(".tmp-*"):  # left by a process killed while saving (only one process writes)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         for stem, tensor_dict in tensors.items():

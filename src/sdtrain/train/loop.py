@@ -278,6 +278,12 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
             f"({tc.gradient_accumulation} x {accelerator.num_processes})"
         )
     draws = SharedDraws(generator, rank, world, micro_batch)
+    if accelerator.is_main_process:
+        kind, accumulation = accelerator.distributed_type.value, tc.gradient_accumulation
+        logger.info(
+            "world size %d (%s on %s): global batch %d = micro-batch %d x accumulation %d x processes %d",
+            *(world, kind, device, tc.batch_size, micro_batch, accumulation, world),
+        )
     if batches is not None:
         stream = IterableStream(batches, vae, text_encoder, components.tokenizer, config.data.caption_dropout, device)
     elif config.data.cache_latents:

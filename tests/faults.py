@@ -1,0 +1,107 @@
+"""`sdtrain` with a fault injected, for the never-lose-a-run tests: ``python tests/faults.py train ...``.
+
+``SDTRAIN_FAULT`` says what goes wrong (nothing when unset):
+
+- ``kill_micro=N``: SIGKILL this process when it starts its N-th micro-batch (counted from its own start, so
+  N not a multiple of the accumulation steps kills in the middle of an optimizer step);
+- ``kill_save=K:POINT``: SIGKILL inside the K-th checkpoint save, at POINT: ``file`` (a weights file written in the
+  temporary folder), ``manifest`` (manifest written, folder not yet renamed), ``committed`` (renamed, ``latest``
+  not yet updated), ``pointer`` (new ``latest`` written but not yet swapped in), ``prune`` (an old checkpoint half
+  deleted);
+- ``nan=RANK:N``: rank RANK's N-th micro-batch has a NaN loss (the other ranks' are finite).
+
+The kill is a real SIGKILL: no handler, no ``finally``, no flush, exactly what a preempted VM or the OOM killer does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pointer(root: Path) -> str:
+    return (root / "latest").read_text() if (root / "latest").exists() else ""
+
+
+def _newest(root: Path) -> str:
+    return max(p.name for p in root.iterdir() if p.name.startswith("step-"))
+
+
+def _inject(spec: str) -> None:
+    from sdtrain.train import checkpoint, objective
+
+    kind, _, arg = spec.partition("=")
+    if kind == "kill_micro":
+        limit, calls = int(arg), [0]
+        loss = objective.diffusion_loss
+
+        def counted_loss(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == limit:
+                _die()
+            return loss(*args, **kwargs)
+
+        objective.diffusion_loss = counted_loss
+    elif kind == "kill_save":
+        nth, point = arg.split(":")
+        saves = [0]
+        save, fsync, prune = checkpoint.save_checkpoint, checkpoint._fsync, checkpoint._prune
+
+        def counted_save(*args, **kwargs):
+            saves[0] += 1
+            return save(*args, **kwargs)
+
+        def fsync_then_maybe_die(path: Path) -> None:
+            fsync(path)
+            if saves[0] != int(nth):
+                return
+            in_tmp = path.parent.name.startswith(".tmp-")
+            committed = path.is_dir() and path.name == "checkpoints" and not (path / ".latest.tmp").exists()
+            if (
+                (point == "file" and in_tmp and path.suffix == ".safetensors")
+                or (point == "manifest" and in_tmp and path.name == checkpoint.MANIFEST)
+                # the parent's fsync right after the rename (the one after the pointer swap comes later: skip it)
+                or (point == "committed" and committed and _pointer(path) != _newest(path))
+                or (point == "pointer" and path.name == ".latest.tmp")
+            ):
+                _die()
+
+        def prune_then_maybe_die(root: Path, keep: int) -> None:
+            if point == "prune" and saves[0] == int(nth):
+                committed = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(checkpoint.PREFIX))
+                if len(committed) > keep:
+                    next(committed[0].glob("*.safetensors")).unlink()  # half-deleted
+                    _die()
+            prune(root, keep)
+
+        checkpoint.save_checkpoint = counted_save
+        checkpoint._fsync = fsync_then_maybe_die
+        checkpoint._prune = prune_then_maybe_die
+    elif kind == "nan":
+        rank, nth = (int(x) for x in arg.split(":"))
+        calls = [0]
+        loss = objective.diffusion_loss
+
+        def nan_loss(*args, **kwargs):
+            calls[0] += 1
+            value, per_sample = loss(*args, **kwargs)
+            if int(os.environ.get("RANK", "0")) == rank and calls[0] == nth:
+                value = value * float("nan")
+            return value, per_sample
+
+        objective.diffusion_loss = nan_loss
+    elif kind:
+        raise ValueError(f"unknown SDTRAIN_FAULT {spec!r}")
+
+
+if __name__ == "__main__":
+    _inject(os.environ.get("SDTRAIN_FAULT", ""))
+    from sdtrain.cli import main
+
+    sys.exit(main(sys.argv[1:]))

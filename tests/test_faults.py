@@ -1,0 +1,177 @@
+"""Never lose a run: real subprocesses killed with SIGKILL at random steps and inside saves, resumed, and compared
+bit for bit with an uninterrupted run; SIGTERM and a NaN on one rank of a 2-process gloo run.
+
+The faults are injected by ``tests/faults.py`` (see its docstring). Kill points are drawn at random; the seed is in
+every failure message and ``SDTRAIN_TEST_SEED`` replays it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdtrain.train import checkpoint
+from sdtrain.train.loop import EXIT_PREEMPTED
+from tests.conftest import tiny_overrides
+
+FAULTS = Path(__file__).parent / "faults.py"
+KILLED = -9  # Popen's return code for a process that died of SIGKILL
+# Comparing 1 and 2 processes: the all-reduce sums gradients in another order, and with Adam's default eps the update
+# g / (sqrt(v) + eps) of a parameter whose gradient is ~1e-9 turns that rounding into a full-size step. A larger eps
+# keeps the comparison about the gradients (max difference 1e-7 after 3 steps, 2e-4 with eps 1e-8).
+ADAM_EPS = "train.optim.eps=1e-4"
+
+
+def _env(fault: str | None = None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env.pop("SDTRAIN_FAULT", None)
+    if fault:
+        env["SDTRAIN_FAULT"] = fault
+    return env
+
+
+def _train(overrides: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(FAULTS), "train", *overrides]
+    return subprocess.run(command, env=_env(fault), capture_output=True, text=True, timeout=300)
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def _overrides(run: Path, data: Path, vae: Path, clip: Path) -> list[str]:
+    return tiny_overrides(run, data, vae, str(clip), "text_encoder") + [
+        "data.num_workers=2",
+        "train.gradient_accumulation=2",  # micro-batches of 2: a kill can land between them
+        "train.num_steps=20",
+        "train.save_every=3",  # 8 images = 2 steps an epoch: every other checkpoint falls mid-epoch
+        "train.keep_checkpoints=2",
+    ]
+
+
+def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path, clip_dir, vae_dir, image_folder):
+    seed = int(os.environ.get("SDTRAIN_TEST_SEED", random.randrange(10**6)))
+    rng = random.Random(seed)
+    straight = _train(_overrides(tmp_path / "a", image_folder, vae_dir, clip_dir))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run = tmp_path / "b"
+    overrides = _overrides(run, image_folder, vae_dir, clip_dir)
+    # two kills at random micro-batches, then one inside each stage of a save, then another random kill; a process
+    # gets at most 3 steps further, so 20 steps leave room for every fault
+    faults = [f"kill_micro={rng.randint(2, 7)}", f"kill_micro={rng.randint(2, 7)}"]
+    faults += [f"kill_save=1:{point}" for point in ("file", "manifest", "committed", "pointer", "prune")]
+    faults += [f"kill_micro={rng.randint(2, 7)}"]
+    for fault in faults:
+        result = _train(overrides, fault)
+        assert result.returncode == KILLED, f"seed {seed}, {fault}: not killed\n{result.stderr[-3000:]}"
+    result = _train(overrides)
+    assert result.returncode == 0, f"seed {seed}\n{result.stderr[-3000:]}"
+
+    assert _losses(run) == _losses(tmp_path / "a"), f"seed {seed}, faults {faults}"
+    assert [s for s, _ in _losses(run)] == list(range(1, 21))  # each step logged once
+    a, b = _weights(tmp_path / "a"), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a), f"seed {seed}, faults {faults}"
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["latest", "step-00000018", "step-00000020"], names  # no temporary or half-pruned leftovers
+
+
+def test_kill_inside_first_save_resumes_from_scratch_not_from_garbage(tmp_path, clip_dir, vae_dir, image_folder):
+    run = tmp_path / "run"
+    overrides = _overrides(run, image_folder, vae_dir, clip_dir) + ["train.num_steps=2"]
+    assert _train(overrides, "kill_save=1:manifest").returncode == KILLED
+    assert [p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith(".tmp-")] == []
+    assert checkpoint.find_latest(run / "checkpoints") is None
+    assert _train(overrides).returncode == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_two(overrides: list[str], fault: str | None = None) -> list[subprocess.Popen]:
+    """Two gloo ranks started by hand (the environment torchrun / accelerate launch would set), so that each
+    rank's exit code can be checked."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = _env(fault, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank))
+        env.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(FAULTS), "train", *overrides],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    return procs
+
+
+def test_sigterm_on_one_rank_stops_both_with_a_checkpoint_and_resume_matches(
+    tmp_path, clip_dir, vae_dir, image_folder
+):
+    import signal
+
+    base = tiny_overrides(tmp_path / "a", image_folder, vae_dir, str(clip_dir), "text_encoder")
+    steps = ["train.num_steps=8", "train.save_every=100"]
+    procs = _launch_two(base + steps)
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+
+    run = tmp_path / "b"
+    overrides = tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder") + steps
+    procs = _launch_two(overrides)
+    log = run / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)  # only rank 1 is told; rank 0 learns it from the all-reduce
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], [p.stderr.read()[-3000:] for p in procs]
+    latest = checkpoint.find_latest(run / "checkpoints")
+    state = json.loads((latest / "state.json").read_text())
+    assert 2 <= state["step"] < 8 and len(state["data"]) == 2  # both ranks' data positions were saved
+    procs = _launch_two(overrides)
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    (steps_a, losses_a), (steps_b, losses_b) = zip(*_losses(tmp_path / "a")), zip(*_losses(run))
+    assert steps_b == steps_a and losses_b == pytest.approx(losses_a, rel=1e-5)
+    a, b = _weights(tmp_path / "a"), _weights(run)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, clip_dir, vae_dir, image_folder):
+    """NaN on rank 1 at step 2: the 2-process run skips step 2 everywhere and ends with the weights of a 1-process
+    run (same global batch) whose step 2 was skipped. Had any rank stepped, its replica (and the export) would differ;
+    had none skipped, the weights would be NaN."""
+    overrides = ["train.num_steps=3", "train.save_every=100", "train.ema_decay=null", ADAM_EPS]
+    single = tiny_overrides(tmp_path / "one", image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
+    assert _train(single, "nan=0:2").returncode == 0
+    run = tmp_path / "two"
+    two = tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
+    procs = _launch_two(two, fault="nan=1:2")  # rank 1's second micro-batch = step 2
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    for name in ("one", "two"):
+        log = [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        assert [r["skipped_steps"] for r in log] == [0, 1, 1]
+    a, b = _weights(tmp_path / "one"), _weights(run)
+    assert all(torch.isfinite(b[k]).all() and torch.allclose(a[k], b[k], atol=1e-6) for k in a)
