@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +193,58 @@ def test_shared_draws_split_the_global_batch_across_ranks():
         mine = draws.randn((2, 2)), draws.rand(2), draws.randint(1000, 2)
         for a, b in zip(full, mine):
             assert torch.equal(a[rank::3], b)
+
+
+def test_remote_code_is_refused_without_the_flag(tmp_path, monkeypatch):
+    """A text encoder folder whose config maps AutoModel to code shipped with it: that code never runs by default."""
+    from sdtrain.models.text import load_text_encoder
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    payload = "open('PWNED', 'w').write('x')\n"
+    (folder / "configuration_evil.py").write_text(payload + "from transformers import PretrainedConfig\n")
+    (folder / "modeling_evil.py").write_text(payload)
+    config = {
+        "model_type": "evil",
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_text_encoder(str(folder))
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_old_torch_is_refused():
+    from sdtrain import check_torch
+
+    for version in ("2.5.1", "2.5.1+cu121", "1.13.0", "2.6.0.dev20240101"):
+        if version.startswith("2.6"):
+            check_torch(version)
+        else:
+            with pytest.raises(RuntimeError, match="torch >= 2.6"):
+                check_torch(version)
+    check_torch("2.13.0+cpu")
+    check_torch("3.0.0")
+
+
+def test_start_up_refuses_an_unwritable_or_full_output_folder(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from sdtrain.train.loop import check_disk
+
+    model = torch.nn.Linear(1000, 1000)  # 4 MB of weights: a checkpoint with Adam and EMA is ~16 MB
+    check_disk(tmp_path, model, with_ema=True)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 20 * 2**20))
+    with pytest.raises(RuntimeError, match="two checkpoints need"):
+        check_disk(tmp_path, model, with_ema=True)
+    monkeypatch.undo()
+
+    def denied(self, data):  # chmod would not stop root, so the refusal is simulated where the probe writes
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", denied)
+    with pytest.raises(RuntimeError, match="cannot write"):
+        check_disk(tmp_path, model, with_ema=False)

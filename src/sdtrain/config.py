@@ -38,6 +38,8 @@ class TextEncoderConfig:
     """Tokens per prompt; overrides the tokenizer's model_max_length and is saved with the export."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Precision the frozen encoder runs in."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the encoder's repository (its `auto_map`); off: such a model is refused."""
 
 
 @dataclass

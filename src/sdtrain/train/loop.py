@@ -102,7 +102,9 @@ def load_components(config: Config) -> Components:
     te_path, te_sub = m.text_encoder.path, m.text_encoder.subfolder
     if m.pretrained and m.text_encoder.path == "minilm" and m.text_encoder.subfolder is None:
         te_path, te_sub = m.pretrained, "text_encoder"  # a pipeline's own encoder wins over the default
-    text_encoder, tokenizer = load_text_encoder(te_path, te_sub, m.text_encoder.max_length, m.text_encoder.dtype)
+    text_encoder, tokenizer = load_text_encoder(
+        te_path, te_sub, m.text_encoder.max_length, m.text_encoder.dtype, m.text_encoder.trust_remote_code
+    )
     vae_path, vae_sub = (m.vae.path, m.vae.subfolder) if m.vae.path else (m.pretrained, "vae")
     vae = load_vae(vae_path, vae_sub, m.vae.dtype)
     if not m.unet.from_scratch and (m.unet.pretrained or m.pretrained):
@@ -198,7 +200,14 @@ def save_training_state(
     if accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker
         objects["scaler"] = accelerator.scaler.state_dict()
     state = {**dataclasses.asdict(counters), "ema": ema_meta, "data": data_states}
-    checkpoint.save_checkpoint(root, counters.step, tensors, objects, state, keep=keep)
+    try:
+        checkpoint.save_checkpoint(root, counters.step, tensors, objects, state, keep=keep)
+    except OSError as e:  # full disk, permissions: the temporary folder is gone, the previous checkpoint intact
+        previous = checkpoint.find_latest(root)
+        raise RuntimeError(
+            f"could not write the checkpoint of step {counters.step} ({e}); {previous or 'no earlier checkpoint'} is "
+            "intact: free some space and run the same command to resume"
+        ) from e
 
 
 def load_training_state(path: Path, accelerator: Accelerator, unet, optimizer, ema, stream, generator) -> Counters:
