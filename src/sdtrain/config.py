@@ -130,8 +130,16 @@ class DataConfig:
     cache_latents: bool = False
     """Encode every image and caption once before training and train from memory (small datasets; crops and flips
     are then fixed at caching time)."""
+    validation_split: int = 0
+    """Images held out of training (chosen by train.seed) for the validation loss; 0: none."""
+    validation_path: str | None = None
+    """A separate folder of held-out image-caption pairs for the validation loss (instead of validation_split)."""
 
     def __post_init__(self) -> None:
+        if self.validation_split < 0:
+            raise ConfigError(f"data.validation_split must be >= 0, got {self.validation_split}")
+        if self.validation_split and self.validation_path:
+            raise ConfigError("set data.validation_split or data.validation_path, not both")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.resolution <= 0 or self.resolution % 8:
@@ -196,8 +204,11 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule."""
+    """Optimizer and the learning-rate schedule."""
 
+    name: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
+    """AdamW (fused), 8-bit AdamW (bitsandbytes, `pip install bitsandbytes`) or Adafactor (factored second moments,
+    transformers' implementation, driven by `lr`)."""
     lr: float = 2e-4
     """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -218,6 +229,27 @@ class OptimConfig:
             raise ConfigError(f"train.optim.lr must be positive, got {self.lr}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.optim.betas must be in [0, 1), got {self.betas}")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on the UNet through peft (`pip install peft`): only the adapters train, and the export
+    adds `pytorch_lora_weights.safetensors`, which plain diffusers' `load_lora_weights` reads."""
+
+    rank: int = 0
+    """Adapter rank; 0: full fine-tuning of every UNet weight."""
+    alpha: float | None = None
+    """Scale numerator (the update is alpha / rank x B A); None: equal to rank."""
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """UNet module names that get adapters (the attention projections, as diffusers' LoRA example)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"train.lora.rank must be >= 0, got {self.rank}")
+        if self.rank and not self.target_modules:
+            raise ConfigError("train.lora.target_modules is empty")
 
 
 @dataclass
@@ -254,10 +286,32 @@ class TrainConfig:
     """Sample the validation prompts every N steps into samples/step-XXXXXX.png (None: only at the end)."""
     sample_prompts: list[str] = field(default_factory=list)
     """Validation prompts."""
+    validation_every: int | None = None
+    """Validation loss (EMA weights, fixed latents, timesteps and noise) every N steps and at the end; needs
+    data.validation_split or data.validation_path. None: only at the end, if there is a validation set."""
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers through accelerate: "tensorboard" (local, in output_dir/tracking), "wandb"; [] for none.
+    log.jsonl and loss.png are always written."""
+    ema_offload: bool = False
+    """Keep the EMA weights in CPU memory (moved to the device for each update), saving one copy of the UNet."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: much less memory, about 30 % slower."""
+    channels_last: bool = False
+    """Channels-last memory format for the UNet (faster convolutions on recent GPUs)."""
+    compile: bool = False
+    """torch.compile the UNet (minutes of compilation; faster steps on GPUs)."""
+    allow_tf32: bool = True
+    """TF32 matmuls and convolutions on Ampere and newer GPUs (fp32 runs only; no effect on a CPU)."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
+        unknown = set(self.trackers) - {"tensorboard", "wandb"}
+        if unknown:
+            raise ConfigError(f"train.trackers: unknown {sorted(unknown)}; choose from tensorboard, wandb")
+        if self.validation_every is not None and self.validation_every <= 0:
+            raise ConfigError(f"train.validation_every must be positive, got {self.validation_every}")
         for key in ("batch_size", "gradient_accumulation", "num_steps", "log_every", "save_every"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from sdtrain.config import DataConfig
 from sdtrain.data.decode import Skip, SkipCounter, clean_caption, decode_image
-from sdtrain.data.folder import EpochSampler, list_folder, make_dataloader, resize_crop
+from sdtrain.data.folder import EpochSampler, make_dataloader, resize_crop, training_records
 from sdtrain.models.text import encode_prompts
 from sdtrain.models.vae import encode_moments, scale_latents
 
@@ -58,9 +58,11 @@ class MemoryCache:
 
 
 @torch.no_grad()
-def build_memory_cache(config: DataConfig, vae, text_encoder, tokenizer, batch_size: int = 64) -> MemoryCache:
-    """Encode a folder dataset once (center crop, no flip), skipping and counting bad samples."""
-    records = list_folder(config.path, config.image_column, config.caption_column)
+def build_memory_cache(
+    config: DataConfig, vae, text_encoder, tokenizer, batch_size: int = 64, seed: int = 0
+) -> MemoryCache:
+    """Encode a folder dataset's training records once (center crop, no flip), skipping and counting bad samples."""
+    records = training_records(config, seed)
     skipped = SkipCounter()
     texts: dict[str, int] = {}
     captions: list[list[int]] = []

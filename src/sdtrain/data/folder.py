@@ -82,13 +82,39 @@ def resize_crop(
     return tensor, {"original_size": (height, width), "crop_top_left": (top, left), "flipped": flipped}
 
 
+def split_records(records: list[dict], holdout: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """``(training, held out)``: ``holdout`` records chosen by ``seed``, the same on every rank and after a resume."""
+    if holdout <= 0:
+        return records, []
+    if holdout >= len(records):
+        raise ValueError(f"data.validation_split={holdout} leaves no training images (the dataset has {len(records)})")
+    held = set(torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:holdout].tolist())
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def training_records(config: DataConfig, seed: int) -> list[dict]:
+    """The records training reads: the folder less its validation split."""
+    records = list_folder(config.path, config.image_column, config.caption_column)
+    return split_records(records, config.validation_split, seed)[0]
+
+
+def validation_records(config: DataConfig, seed: int) -> list[dict]:
+    """The held-out records: ``data.validation_path``, or the split of ``data.path``; empty when neither is set."""
+    if config.validation_path:
+        return list_folder(config.validation_path, config.image_column, config.caption_column)
+    if config.validation_split:
+        records = list_folder(config.path, config.image_column, config.caption_column)
+        return split_records(records, config.validation_split, seed)[1]
+    return []
+
+
 class ImageCaptionFolder(Dataset):
     """Map-style dataset over an image folder. A bad sample is returned as ``{"skip": reason}`` and dropped by
     :func:`collate`, which counts it."""
 
     def __init__(self, config: DataConfig, seed: int = 0):
         self.config = config
-        self.records = list_folder(config.path, config.image_column, config.caption_column)
+        self.records = training_records(config, seed)
         self.seed = seed
 
     def __len__(self) -> int:

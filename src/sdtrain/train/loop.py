@@ -12,11 +12,11 @@ import json
 import logging
 import os
 import random
-import shutil
 import signal
 import threading
 import time
 from collections.abc import Iterable
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,19 +25,32 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import TorchDynamoPlugin
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
 from sdtrain.config import Config, save_config
 from sdtrain.data.cache import CachedStream, IterableStream, OnlineStream, build_memory_cache
+from sdtrain.models.lora import LORA_FOLDER, add_lora, has_lora, merged_copy, save_lora
 from sdtrain.models.text import hidden_size, load_text_encoder
 from sdtrain.models.unet import build_unet, load_unet
 from sdtrain.models.vae import downsample_factor, load_vae
 from sdtrain.sample.pipeline import sampling_scheduler, save_images, txt2img
 from sdtrain.train import checkpoint, objective
 from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
+from sdtrain.train.perf import GiB, StepProfile, advice, estimate_memory, peak_tflops, profile_unet
 from sdtrain.train.progress import Progress
-from sdtrain.train.randomness import SharedDraws, rng_state, set_rng_state
+from sdtrain.train.randomness import SharedDraws
+from sdtrain.train.state import (
+    Counters,
+    check_disk,
+    load_training_state,
+    save_training_state,
+    trainable,
+    truncate_log,
+)
+from sdtrain.train.tracking import check_trackers, log_images, plot_losses, read_log
+from sdtrain.train.validation import ValidationSet, build_validation_set, validation_loss
 
 logger = logging.getLogger(__name__)
 
@@ -67,23 +80,6 @@ class _StopSignal:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def check_disk(out: Path, model: torch.nn.Module, with_ema: bool) -> None:
-    """Fail before training when the run directory is not writable or cannot hold two checkpoints."""
-    probe = out / ".write-test"
-    try:
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as e:
-        raise RuntimeError(f"cannot write to {out}: {e}") from None
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    checkpoint_bytes = params * (4 if with_ema else 3)  # weights, two Adam moments, EMA
-    free = shutil.disk_usage(out).free
-    if free < 2 * checkpoint_bytes:
-        raise RuntimeError(
-            f"{out} has {free / 2**30:.2f} GiB free, two checkpoints need {2 * checkpoint_bytes / 2**30:.2f} GiB"
-        )
 
 
 @dataclass
@@ -121,7 +117,14 @@ def load_components(config: Config) -> Components:
 
 
 def export_pipeline(components: Components, objective_config, out_dir: str | Path) -> Path:
-    """Save a plain diffusers StableDiffusionPipeline folder (Euler scheduler, no safety checker)."""
+    """Save a plain diffusers StableDiffusionPipeline folder (Euler scheduler, no safety checker).
+
+    A UNet with LoRA adapters is saved twice: merged into the pipeline's UNet (a standalone model), and as the
+    adapters alone in ``out_dir/lora/pytorch_lora_weights.safetensors`` for ``load_lora_weights`` on the base model.
+    """
+    if has_lora(components.unet):
+        save_lora(components.unet, Path(out_dir) / LORA_FOLDER)
+        components = dataclasses.replace(components, unet=merged_copy(components.unet))
     pipe = assemble_pipeline(components, objective_config)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
@@ -146,6 +149,8 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out_dir: str
     tensors, _, _ = checkpoint.load_checkpoint(path)
     config.model.unet.from_scratch = True  # the weights come from the checkpoint, not from a pretrained UNet
     components = load_components(config)
+    if config.train.lora.rank:
+        add_lora(components.unet, config.train.lora)
     weights = dict(tensors["unet"])
     weights.update(tensors.get("ema", {}))
     components.unet.load_state_dict(weights)
@@ -167,71 +172,6 @@ def assemble_pipeline(components: Components, objective_config, scheduler: str =
     return pipe
 
 
-@dataclass
-class Counters:
-    """Where a run stands; saved in every checkpoint's state.json."""
-
-    step: int = 0
-    samples_seen: int = 0
-    skipped_steps: int = 0
-    train_seconds: float = 0.0
-
-
-def save_training_state(
-    accelerator: Accelerator, root: Path, keep: int, unet, optimizer, ema, stream, generator, counters: Counters
-) -> None:
-    """Checkpoint everything a bit-exact resume needs: weights, EMA, optimizer, every rank's RNGs and data position.
-
-    Collective: every rank calls it; only the main process writes.
-    """
-    model = accelerator.unwrap_model(unet)
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise RuntimeError(f"non-finite weights at step {counters.step}: checkpoint not written")
-    data_states = accelerator.gather_for_metrics([stream.state()], use_gather_object=True)
-    rng_states = accelerator.gather_for_metrics([rng_state(generator)], use_gather_object=True)
-    if not accelerator.is_main_process:
-        return
-    tensors = {"unet": model.state_dict()}
-    ema_meta = {}
-    if ema is not None:
-        tensors["ema"] = dict(zip([n for n, _ in model.named_parameters()], ema.shadow_params))
-        ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    objects = {"optimizer": optimizer.state_dict()} | {f"rng-{i}": s for i, s in enumerate(rng_states)}
-    if accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker
-        objects["scaler"] = accelerator.scaler.state_dict()
-    state = {**dataclasses.asdict(counters), "ema": ema_meta, "data": data_states}
-    try:
-        checkpoint.save_checkpoint(root, counters.step, tensors, objects, state, keep=keep)
-    except OSError as e:  # full disk, permissions: the temporary folder is gone, the previous checkpoint intact
-        previous = checkpoint.find_latest(root)
-        raise RuntimeError(
-            f"could not write the checkpoint of step {counters.step} ({e}); {previous or 'no earlier checkpoint'} is "
-            "intact: free some space and run the same command to resume"
-        ) from e
-
-
-def load_training_state(path: Path, accelerator: Accelerator, unet, optimizer, ema, stream, generator) -> Counters:
-    """Restore what :func:`save_training_state` wrote; returns the counters."""
-    tensors, objects, state = checkpoint.load_checkpoint(path)
-    model = accelerator.unwrap_model(unet)
-    model.load_state_dict(tensors["unet"])
-    optimizer.load_state_dict(objects["optimizer"])
-    if ema is not None:
-        shadow = [tensors["ema"][n] for n, _ in model.named_parameters()]
-        ema.load_state_dict({**state["ema"], "shadow_params": shadow})
-        ema.to(accelerator.device)
-    if accelerator.scaler is not None and "scaler" in objects:
-        accelerator.scaler.load_state_dict(objects["scaler"])
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if len(state["data"]) != world:
-        raise checkpoint.CheckpointError(
-            f"{path} was written by {len(state['data'])} processes; resume it with the same number, not {world}"
-        )
-    set_rng_state(objects[f"rng-{rank}"], generator)
-    stream.load_state(state["data"][rank])
-    return Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
-
-
 def train(config: Config, components: Components | None = None, batches: Iterable | None = None) -> Path:
     """Train the UNet and export ``output_dir/final`` as a diffusers pipeline folder.
 
@@ -250,17 +190,24 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision", tc.mixed_precision) != tc.mixed_precision:
         AcceleratorState._reset_state()  # a second run in this process (the Python API) with another precision
+    check_trackers(tc.trackers)
+    out = Path(tc.output_dir)
     accelerator = Accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=tc.gradient_accumulation,
         # several processes on a machine without CUDA (`accelerate launch --multi_gpu` on CPUs): DDP over gloo
         cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+        log_with=tc.trackers or None,
+        project_dir=out,
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
     )
-    out = Path(tc.output_dir)
     ckpt_root = out / "checkpoints"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
+    if torch.cuda.is_available() and tc.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     rank, world = accelerator.process_index, accelerator.num_processes
     random.seed(tc.seed + rank)  # global RNGs (UNet dropout) differ per rank
     np.random.seed(tc.seed + rank)
@@ -277,7 +224,13 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         check_disk(out, unet, tc.ema_decay is not None)
     vae.to(device).requires_grad_(False).eval()
     text_encoder.to(device).requires_grad_(False).eval()
-    unet.train()
+    if tc.lora.rank:
+        add_lora(unet, tc.lora)  # the base weights freeze, only the adapters train
+    unet.to(device).train()
+    if tc.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if tc.channels_last:
+        unet.to(memory_format=torch.channels_last)
 
     # 3. Data: a resumable stream of micro-batches, each process its own share
     micro_batch = tc.batch_size // (tc.gradient_accumulation * accelerator.num_processes)
@@ -293,10 +246,11 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
             "world size %d (%s on %s): global batch %d = micro-batch %d x accumulation %d x processes %d",
             *(world, kind, device, tc.batch_size, micro_batch, accumulation, world),
         )
+    profile = _preflight(accelerator, components, config, micro_batch)
     if batches is not None:
         stream = IterableStream(batches, vae, text_encoder, components.tokenizer, config.data.caption_dropout, device)
     elif config.data.cache_latents:
-        cache = build_memory_cache(config.data, vae, text_encoder, components.tokenizer)
+        cache = build_memory_cache(config.data, vae, text_encoder, components.tokenizer, seed=tc.seed)
         if cache.skipped:
             logger.warning("skipped while caching: %s", cache.skipped.summary())
         stream = CachedStream(cache, vae, micro_batch, config.data.caption_dropout, device, tc.seed, rank, world)
@@ -305,15 +259,18 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
             config.data, vae, text_encoder, components.tokenizer, micro_batch, device, tc.seed, rank, world
         )
 
-    # 4. Objective, optimizer, EMA
+    validation = None
+    if batches is None and accelerator.is_main_process:
+        validation = build_validation_set(config.data, tc.objective, vae, text_encoder, components.tokenizer, tc.seed)
+
+    # 4. Objective, optimizer, EMA of the trainable weights (on the CPU with ema_offload)
     noise_scheduler = objective.make_noise_scheduler(tc.objective)
     optimizer = make_optimizer(unet, tc.optim)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    ema = None
+    ema, ema_device = None, torch.device("cpu") if tc.ema_offload else device
     if tc.ema_decay is not None:
-        parameters = accelerator.unwrap_model(unet).parameters()
+        parameters = [p for _, p in trainable(accelerator.unwrap_model(unet))]
         ema = EMAModel(parameters, decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)
-        ema.to(device)
 
     # 5. Resume from the newest valid checkpoint
     counters = Counters()
@@ -321,12 +278,18 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     if latest is not None:
         counters = load_training_state(latest, accelerator, unet, optimizer, ema, stream, generator)
         logger.info("resumed from %s at step %d", latest, counters.step)
+    if ema is not None:
+        ema.to(ema_device)
+        if tc.ema_offload and device.type == "cuda":
+            ema.pin_memory()  # asynchronous copies to and from the GPU
     ckpt_args = (accelerator, ckpt_root, tc.keep_checkpoints, unet, optimizer, ema, stream, generator, counters)
 
     # 6. The loop
     log_path = out / "log.jsonl"
     if accelerator.is_main_process:
-        _truncate_log(log_path, counters.step)  # steps logged after the checkpoint are trained (and logged) again
+        truncate_log(log_path, counters.step)  # steps logged after the checkpoint are trained (and logged) again
+        accelerator.init_trackers("tracking", config=_flat_config(config))
+    peak = peak_tflops(device, tc.mixed_precision)
     budget = tc.max_minutes * 60 if tc.max_minutes is not None else None
     bar = Progress("train", tc.num_steps, budget, counters.step, disable=not accelerator.is_main_process)
     window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
@@ -385,26 +348,30 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         else:
             consecutive_skips = 0
             if ema is not None:
-                ema.step(accelerator.unwrap_model(unet).parameters())
+                _ema_step(ema, accelerator.unwrap_model(unet), device, tc.ema_offload)
         counters.step += 1
         counters.samples_seen += tc.batch_size
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
         bar.update(counters.step, counters.train_seconds)
         if counters.step % tc.log_every == 0 or counters.step == tc.num_steps:
             mean_loss = accelerator.reduce(window_loss / window_steps, reduction="mean").item()  # over ranks
+            images_per_s = window_steps * tc.batch_size / (time.perf_counter() - window_start)
             record = {
                 "step": counters.step,
                 "loss": mean_loss,
                 "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": window_steps * tc.batch_size / (time.perf_counter() - window_start),
+                "images_per_s": images_per_s,
                 "skipped_steps": counters.skipped_steps,
                 "skipped_samples": dict(stream.skipped),  # bad inputs by reason (corrupt, empty caption, ...)
             }
+            if device.type == "cuda" and profile is not None:
+                record["tflops"] = images_per_s * profile.train_flops / 1e12  # all processes together
+                if peak:
+                    record["mfu"] = record["tflops"] / (peak * world)
+            if validation is not None and tc.validation_every and counters.step % tc.validation_every == 0:
+                record["val_loss"] = _validation(unet, ema, validation, noise_scheduler, accelerator, tc, micro_batch)
             if accelerator.is_main_process:
-                postfix = {"loss": f"{record['loss']:.4f}", "img_s": f"{record['images_per_s']:.0f}"}
-                bar.update(counters.step, counters.train_seconds, **postfix)
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                _report(accelerator, bar, counters, record, log_path)
             window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
         # 6f. checkpoints and validation samples
         if counters.step % tc.save_every == 0:
@@ -412,7 +379,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
             saved_at = counters.step
         if tc.sample_every and counters.step % tc.sample_every == 0 and tc.sample_prompts:
             if accelerator.is_main_process:
-                _sample(components, unet, ema, accelerator, config, out / "samples" / f"step-{counters.step:06d}")
+                _sample(components, unet, ema, accelerator, config, counters.step)
         # 6g. preemption: all ranks saw the flag in 6d, so they checkpoint together and stop
         if stop:
             bar.close()
@@ -424,31 +391,120 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     stop_signal.__exit__()
     bar.close()
 
-    # 7. Final checkpoint, export with EMA weights, validation samples
+    # 7. Final checkpoint, validation loss, export with EMA weights (+ LoRA weights), samples, loss.png
     if saved_at != counters.step:
         save_training_state(*ckpt_args)
     accelerator.wait_for_everyone()
     final = out / "final"
     if accelerator.is_main_process:
+        if validation is not None:
+            val_loss = _validation(unet, ema, validation, noise_scheduler, accelerator, tc, micro_batch)
+            accelerator.log({"val_loss": val_loss}, step=counters.step)
+            _append_val_loss(log_path, counters.step, val_loss)
         export = _with_ema(components, unet, ema, accelerator)
         export_pipeline(export, tc.objective, final)
         if tc.sample_prompts:
-            _sample(components, unet, ema, accelerator, config, out / "samples" / f"step-{counters.step:06d}")
+            _sample(components, unet, ema, accelerator, config, counters.step)
+        plot_losses(log_path, out / "loss.png")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records past ``step`` (written before a crash, and about to be written again by the resumed run)."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+def _preflight(accelerator, components: Components, config: Config, micro_batch: int) -> StepProfile | None:
+    """Print parameters, FLOPs and the memory estimate (main process); warn with advice when it will not fit."""
+    if not accelerator.is_main_process:
+        return None
+    tc, unet = config.train, components.unet
+    vae_factor = downsample_factor(components.vae)
+    size = config.data.resolution // vae_factor
+    latent_shape = (unet.config.in_channels, size, size)
+    text_shape = (components.tokenizer.model_max_length, unet.config.cross_attention_dim)
+    profile = profile_unet(unet, latent_shape, text_shape, accelerator.device)
+    estimate = estimate_memory(unet, [components.vae, components.text_encoder], profile, micro_batch, tc)
+    params = sum(p.numel() for p in unet.parameters())
+    logger.info(
+        "UNet %.1fM parameters (%.1fM trainable), %.2f GFLOPs per image per training step at %d px",
+        params / 1e6,
+        sum(p.numel() for _, p in trainable(unet)) / 1e6,
+        profile.train_flops / 1e9,
+        config.data.resolution,
+    )
+    logger.info("memory estimate per device (GiB): %s", estimate.table())
+    if accelerator.device.type == "cuda":
+        available = torch.cuda.get_device_properties(accelerator.device).total_memory
+        if estimate.total > 0.9 * available:
+            tips = "\n  ".join(advice(estimate, available, tc, micro_batch))
+            logger.warning(
+                "the estimate (%.1f GiB) exceeds 90 %% of %s's %.1f GiB; to fit:\n  %s",
+                estimate.total / GiB,
+                torch.cuda.get_device_name(accelerator.device),
+                available / GiB,
+                tips,
+            )
+    return profile
+
+
+def _ema_step(ema: EMAModel, model, device: torch.device, offload: bool) -> None:
+    parameters = [p for _, p in trainable(model)]
+    if offload:
+        ema.to(device, non_blocking=True)
+        ema.step(parameters)
+        ema.to("cpu", non_blocking=True)
+    else:
+        ema.step(parameters)
+
+
+def _validation(unet, ema, validation: ValidationSet, scheduler, accelerator, tc, batch_size: int) -> float:
+    """Validation loss with the EMA weights (the ones exported), swapped in and back out."""
+    model = accelerator.unwrap_model(unet)
+    parameters = [p for _, p in trainable(model)]
+    if ema is not None:
+        ema.store(parameters)
+        ema.copy_to(parameters)
+    try:
+        return validation_loss(model, scheduler, validation, tc.objective.snr_gamma, batch_size, accelerator.autocast)
+    finally:
+        if ema is not None:
+            ema.restore(parameters)
+
+
+def _report(accelerator, bar: Progress, counters: Counters, record: dict, log_path: Path) -> None:
+    postfix = {"loss": f"{record['loss']:.4f}", "img_s": f"{record['images_per_s']:.0f}"}
+    if "val_loss" in record:
+        postfix["val"] = f"{record['val_loss']:.4f}"
+    bar.update(counters.step, counters.train_seconds, **postfix)
+    with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+    accelerator.log(scalars, step=record["step"])
+
+
+def _append_val_loss(log_path: Path, step: int, val_loss: float) -> None:
+    """Put the final validation loss on the last log record (or a record of its own)."""
+    records = read_log(log_path)
+    if records and records[-1]["step"] == step:
+        records[-1]["val_loss"] = val_loss
+    else:
+        records.append({"step": step, "val_loss": val_loss})
+    log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _flat_config(config: Config) -> dict[str, Any]:
+    """The config as flat scalars (trackers record hyperparameters that way)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(f"{prefix}.{f.name}" if prefix else f.name, getattr(value, f.name))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[prefix] = value
+        elif value is not None:
+            flat[prefix] = str(value)
+
+    walk("", config)
+    return flat
 
 
 def _with_ema(components: Components, unet, ema, accelerator) -> Components:
@@ -456,13 +512,14 @@ def _with_ema(components: Components, unet, ema, accelerator) -> Components:
     model = accelerator.unwrap_model(unet)
     if ema is None:
         return Components(components.vae, components.text_encoder, components.tokenizer, model)
-    copy = UNet2DConditionModel.from_config(model.config).to(model.device)
-    copy.load_state_dict(model.state_dict())
-    ema.copy_to(copy.parameters())
+    copy = deepcopy(model)
+    ema.copy_to([p for _, p in trainable(copy)])
     return Components(components.vae, components.text_encoder, components.tokenizer, copy.eval())
 
 
-def _sample(components, unet, ema, accelerator, config: Config, out_dir: Path) -> Path:
+def _sample(components, unet, ema, accelerator, config: Config, step: int) -> Path:
+    """Validation prompts with fixed seeds, EMA weights: ``samples/step-XXXXXX.png`` and the trackers."""
+    out_dir = Path(config.train.output_dir) / "samples" / f"step-{step:06d}"
     pipe = assemble_pipeline(
         _with_ema(components, unet, ema, accelerator), config.train.objective, config.sample.scheduler
     )
@@ -476,4 +533,5 @@ def _sample(components, unet, ema, accelerator, config: Config, out_dir: Path) -
     unet.train()
     grid = save_images(result.images, out_dir)
     grid.replace(out_dir.with_suffix(".png"))
+    log_images(accelerator, result.images, step)
     return out_dir.with_suffix(".png")

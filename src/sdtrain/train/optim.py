@@ -1,4 +1,4 @@
-"""AdamW with decay only where it belongs, and the warm-up + decay learning-rate schedule."""
+"""Optimizers (AdamW, 8-bit AdamW, Adafactor) with decay only where it belongs, and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -20,10 +20,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW(lr, betas, eps, weight_decay), fused (one kernel for all parameters; CUDA and CPU)."""
-    return torch.optim.AdamW(
-        param_groups(model, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=True
-    )
+    """The optimizer of ``config.name`` over the trainable parameters, without decay on norms and biases.
+
+    - ``adamw``: torch's fused AdamW (one kernel for all parameters, CUDA and CPU);
+    - ``adamw8bit``: bitsandbytes' 8-bit AdamW (optimizer state in 2 instead of 8 bytes per parameter);
+    - ``adafactor``: transformers' Adafactor with factored second moments, stepped at ``lr`` (the schedule here
+      sets it, so its own relative-step schedule is off).
+    """
+    groups = param_groups(model, config.weight_decay)
+    if config.name == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=True)
+    if config.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("train.optim.name=adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
+        return bnb.optim.AdamW8bit(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(groups, lr=config.lr, beta1=None, relative_step=False, scale_parameter=False, warmup_init=False)
 
 
 def lr_factor(step: int, progress: float, config: OptimConfig) -> float:

@@ -1,0 +1,56 @@
+"""LoRA adapters on the UNet through peft, saved the way plain diffusers' ``load_lora_weights`` reads them."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from sdtrain.config import LoRAConfig
+
+LORA_FOLDER = "lora"  # inside an export: final/lora/pytorch_lora_weights.safetensors
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as e:
+        raise ImportError("train.lora.rank > 0 needs peft: pip install 'sdtrain[lora]' (or pip install peft)") from e
+    return peft
+
+
+def add_lora(unet, config: LoRAConfig) -> None:
+    """Freeze the UNet and add trainable adapters (fp32, Gaussian A, zero B: the model starts unchanged)."""
+    peft = _peft()
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        peft.LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha if config.alpha is not None else config.rank,
+            lora_dropout=config.dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(config.target_modules),
+        )
+    )
+
+
+def has_lora(unet) -> bool:
+    return bool(getattr(unet, "peft_config", None))
+
+
+def save_lora(unet, out_dir: str | Path) -> Path:
+    """Write ``out_dir/pytorch_lora_weights.safetensors`` in diffusers' format (keys ``unet.…lora_A/B``)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    peft = _peft()
+    layers = convert_state_dict_to_diffusers(peft.get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+    return Path(out_dir)
+
+
+def merged_copy(unet):
+    """A plain UNet (no peft layers) whose weights are base + adapter update, for a standalone export."""
+    merged = copy.deepcopy(unet)
+    merged.fuse_lora()
+    merged.unload_lora()
+    return merged

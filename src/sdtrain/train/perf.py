@@ -1,0 +1,136 @@
+"""What a step costs: the UNet's FLOPs (for TFLOP/s and MFU) and a pre-flight memory estimate with advice.
+
+Both come from one batch-1 forward pass of the UNet at the run's latent size: torch's ``FlopCounterMode`` counts
+its FLOPs (a training step is ~3x a forward: the backward pass costs two), and forward hooks add up the bytes of
+every leaf module's output, which is about what autograd keeps for the backward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense bf16 / fp16 tensor-core peaks (TFLOP/s, no sparsity), for MFU. fp32 runs use TF32 peaks: half of these.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
+
+GiB = 2**30
+
+
+def peak_tflops(device: torch.device, mixed_precision: str) -> float | None:
+    """The device's peak for the run's precision, or None (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_TFLOPS.items():
+        if key in name:
+            return peak if mixed_precision in ("bf16", "fp16") else peak / 2
+    return None
+
+
+@dataclass
+class StepProfile:
+    """FLOPs and activation bytes of one sample through the UNet."""
+
+    forward_flops: float
+    activation_bytes: float  # of one sample, every leaf module's output
+    checkpointed_bytes: float  # of one sample, only the outputs of the UNet's top-level blocks
+
+    @property
+    def train_flops(self) -> float:
+        """Forward + backward per sample."""
+        return 3 * self.forward_flops
+
+
+@torch.no_grad()
+def profile_unet(unet, latent_shape: tuple[int, int, int], text_shape: tuple[int, int], device) -> StepProfile:
+    """Run one batch-1 forward pass of ``unet`` and measure FLOPs and activation sizes."""
+    leaf_bytes, block_bytes = [0.0], [0.0]
+    blocks = {id(b) for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if b is not None}
+
+    def count(module, inputs, output):
+        tensors = output if isinstance(output, (tuple, list)) else (output,)
+        size = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        if id(module) in blocks:
+            block_bytes[0] += size
+        elif not any(True for _ in module.children()):
+            leaf_bytes[0] += size
+
+    hooks = [m.register_forward_hook(count) for m in unet.modules()]
+    try:
+        dtype = next(unet.parameters()).dtype
+        x = torch.randn(1, *latent_shape, device=device, dtype=dtype)
+        cond = torch.randn(1, *text_shape, device=device, dtype=dtype)
+        with FlopCounterMode(display=False) as counter:
+            unet(x, torch.tensor([500], device=device), cond)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return StepProfile(float(counter.get_total_flops()), leaf_bytes[0], block_bytes[0])
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes on the training device, by kind."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    ema: float
+    frozen: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.ema + self.frozen + self.activations
+
+    def table(self) -> str:
+        rows = [(k, getattr(self, k)) for k in ("weights", "gradients", "optimizer", "ema", "frozen", "activations")]
+        return ", ".join(f"{k} {v / GiB:.2f}" for k, v in rows) + f" = {self.total / GiB:.2f} GiB"
+
+
+OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "adafactor": 0.1}  # per trainable parameter (Adafactor: factored)
+
+
+def estimate_memory(
+    unet, frozen: list[torch.nn.Module], profile: StepProfile, micro_batch: int, train_config
+) -> MemoryEstimate:
+    """Memory of a training step on the device: fp32 master weights, gradients and optimizer state of the trainable
+    parameters, EMA (unless offloaded), the frozen encoders, and activations of a micro-batch (half size under
+    autocast, block outputs only with gradient checkpointing)."""
+    params = sum(p.numel() for p in unet.parameters())
+    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    per_sample = profile.checkpointed_bytes if train_config.gradient_checkpointing else profile.activation_bytes
+    if train_config.mixed_precision in ("bf16", "fp16"):
+        per_sample /= 2  # measured in fp32, stored in 16 bits under autocast
+    return MemoryEstimate(
+        weights=4.0 * params,
+        gradients=4.0 * trainable,
+        optimizer=OPTIMIZER_BYTES[train_config.optim.name] * trainable,
+        ema=0.0 if train_config.ema_decay is None or train_config.ema_offload else 4.0 * trainable,
+        frozen=sum(p.numel() * p.element_size() for m in frozen for p in m.parameters()),
+        activations=per_sample * micro_batch,
+    )
+
+
+def advice(estimate: MemoryEstimate, available: float, train_config, micro_batch: int) -> list[str]:
+    """Concrete changes that bring the estimate under ``available`` bytes, largest saving first."""
+    tips = []
+    if not train_config.gradient_checkpointing and estimate.activations > 0.25 * available:
+        tips.append("train.gradient_checkpointing=true (activations drop to the blocks' outputs, ~30 % slower)")
+    if train_config.mixed_precision == "no":
+        tips.append("train.mixed_precision=bf16 (activations in half the memory)")
+    if train_config.optim.name == "adamw":
+        tips.append(f"train.optim.name=adamw8bit (optimizer state {estimate.optimizer / GiB:.2f} -> "
+                    f"{estimate.optimizer / 4 / GiB:.2f} GiB)")  # fmt: skip
+    if estimate.ema and not train_config.ema_offload:
+        tips.append(f"train.ema_offload=true (frees {estimate.ema / GiB:.2f} GiB)")
+    if micro_batch > 1:
+        tips.append(
+            f"train.gradient_accumulation={2 * train_config.gradient_accumulation} (same global batch, half the "
+            "activations)"
+        )
+    if not train_config.lora.rank:
+        tips.append("train.lora.rank=16 (train adapters only: no full gradients or optimizer state)")
+    return tips

@@ -1,0 +1,119 @@
+"""Training state: what a checkpoint holds and how a run is restored from it, and the start-up disk check.
+
+A checkpoint of a run holds the UNet (fp32 master weights), the EMA of its trainable weights, the optimizer and fp16
+loss-scaler states, the counters, every rank's RNG states and data position. ``save_training_state`` is collective
+(every rank calls it, the main process writes); ``load_training_state`` restores all of it on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from sdtrain.train import checkpoint
+from sdtrain.train.randomness import rng_state, set_rng_state
+
+
+def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters that train (all of the UNet, or only its LoRA adapters), in a fixed order: what EMA tracks."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def check_disk(out: Path, model: torch.nn.Module, with_ema: bool) -> None:
+    """Fail before training when the run directory is not writable or cannot hold two checkpoints."""
+    probe = out / ".write-test"
+    try:
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise RuntimeError(f"cannot write to {out}: {e}") from None
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    checkpoint_bytes = params * (4 if with_ema else 3)  # weights, two Adam moments, EMA
+    free = shutil.disk_usage(out).free
+    if free < 2 * checkpoint_bytes:
+        raise RuntimeError(
+            f"{out} has {free / 2**30:.2f} GiB free, two checkpoints need {2 * checkpoint_bytes / 2**30:.2f} GiB"
+        )
+
+
+@dataclass
+class Counters:
+    """Where a run stands; saved in every checkpoint's state.json."""
+
+    step: int = 0
+    samples_seen: int = 0
+    skipped_steps: int = 0
+    train_seconds: float = 0.0
+
+
+def save_training_state(
+    accelerator: Accelerator, root: Path, keep: int, unet, optimizer, ema, stream, generator, counters: Counters
+) -> None:
+    """Checkpoint everything a bit-exact resume needs: weights, EMA, optimizer, every rank's RNGs and data position.
+
+    Collective: every rank calls it; only the main process writes.
+    """
+    model = accelerator.unwrap_model(unet)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise RuntimeError(f"non-finite weights at step {counters.step}: checkpoint not written")
+    data_states = accelerator.gather_for_metrics([stream.state()], use_gather_object=True)
+    rng_states = accelerator.gather_for_metrics([rng_state(generator)], use_gather_object=True)
+    if not accelerator.is_main_process:
+        return
+    tensors = {"unet": model.state_dict()}
+    ema_meta = {}
+    if ema is not None:
+        tensors["ema"] = dict(zip([n for n, _ in trainable(model)], ema.shadow_params))
+        ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+    objects = {"optimizer": optimizer.state_dict()} | {f"rng-{i}": s for i, s in enumerate(rng_states)}
+    if accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker
+        objects["scaler"] = accelerator.scaler.state_dict()
+    state = {**dataclasses.asdict(counters), "ema": ema_meta, "data": data_states}
+    try:
+        checkpoint.save_checkpoint(root, counters.step, tensors, objects, state, keep=keep)
+    except OSError as e:  # full disk, permissions: the temporary folder is gone, the previous checkpoint intact
+        previous = checkpoint.find_latest(root)
+        raise RuntimeError(
+            f"could not write the checkpoint of step {counters.step} ({e}); {previous or 'no earlier checkpoint'} is "
+            "intact: free some space and run the same command to resume"
+        ) from e
+
+
+def load_training_state(path: Path, accelerator: Accelerator, unet, optimizer, ema, stream, generator) -> Counters:
+    """Restore what :func:`save_training_state` wrote; returns the counters."""
+    tensors, objects, state = checkpoint.load_checkpoint(path)
+    model = accelerator.unwrap_model(unet)
+    model.load_state_dict(tensors["unet"])
+    optimizer.load_state_dict(objects["optimizer"])
+    if ema is not None:
+        shadow = [tensors["ema"][n] for n, _ in trainable(model)]
+        ema.load_state_dict({**state["ema"], "shadow_params": shadow})  # on the CPU: the caller places it
+    if accelerator.scaler is not None and "scaler" in objects:
+        accelerator.scaler.load_state_dict(objects["scaler"])
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if len(state["data"]) != world:
+        raise checkpoint.CheckpointError(
+            f"{path} was written by {len(state['data'])} processes; resume it with the same number, not {world}"
+        )
+    set_rng_state(objects[f"rng-{rank}"], generator)
+    stream.load_state(state["data"][rank])
+    return Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log records past ``step`` (written before a crash, and about to be written again by the resumed run)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
