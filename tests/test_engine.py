@@ -1,0 +1,210 @@
+"""The training engine's parts: trackers and loss.png, validation loss, LoRA export, optimizers, speed switches,
+EMA, FLOP count and the memory estimate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from sdtrain.config import Config, LoRAConfig, OptimConfig, TrainConfig, UNetConfig, load_config
+from sdtrain.models.unet import build_unet
+from sdtrain.train.loop import train
+from sdtrain.train.optim import make_optimizer
+from sdtrain.train.perf import advice, estimate_memory, profile_unet
+from tests.conftest import tiny_overrides, write_image_folder
+
+
+def _run(tmp_path, clip_dir, vae_dir, data, extra, name="run"):
+    overrides = tiny_overrides(tmp_path / name, data, vae_dir, str(clip_dir), "text_encoder") + extra
+    return train(load_config(Config, None, overrides))
+
+
+def _log(run):
+    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_tensorboard_loss_png_and_validation_loss(tmp_path, clip_dir, vae_dir):
+    data = write_image_folder(tmp_path / "data", count=12)
+    extra = ["data.validation_split=4", "train.validation_every=2", "train.sample_prompts=['a red square']"]
+    extra += ["train.sample_every=2"]
+    _run(tmp_path, clip_dir, vae_dir, data, extra)
+    run = tmp_path / "run"
+    log = _log(run)
+    val = [r["val_loss"] for r in log if "val_loss" in r]
+    assert [r["step"] for r in log if "val_loss" in r] == [2, 4] and all(np.isfinite(val))
+    # TensorBoard event files hold the scalars and the sample images
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tracking")).Reload()
+    assert {"loss", "lr", "images_per_s", "val_loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert "samples" in events.Tags()["images"]
+    plot = Image.open(run / "loss.png")
+    assert plot.size == (800, 450)
+    pixels = np.asarray(plot.convert("RGB")).reshape(-1, 3)
+    assert ((pixels == (31, 119, 180)).all(1)).sum() > 50  # the train-loss curve is drawn
+    assert ((pixels == (214, 39, 40)).all(1)).sum() > 10  # and the validation points
+
+
+def test_validation_loss_is_fixed_for_fixed_weights(tmp_path, clip_dir, vae_dir):
+    from sdtrain.train import objective
+    from sdtrain.train.loop import load_components
+    from sdtrain.train.validation import build_validation_set, validation_loss
+
+    data = write_image_folder(tmp_path / "data", count=12)
+    config = load_config(
+        Config,
+        None,
+        tiny_overrides(tmp_path / "run", data, vae_dir, str(clip_dir), "text_encoder") + ["data.validation_split=4"],
+    )
+    c = load_components(config)
+    held = build_validation_set(config.data, config.train.objective, c.vae, c.text_encoder, c.tokenizer, 0)
+    assert len(held) == 4 * 4  # 4 images x 4 timesteps
+    assert held.timesteps.min() < 250 and held.timesteps.max() > 750  # spread over the whole range
+    scheduler = objective.make_noise_scheduler(config.train.objective)
+    import contextlib
+
+    a = validation_loss(c.unet, scheduler, held, None, 3, contextlib.nullcontext)
+    b = validation_loss(c.unet, scheduler, held, None, 16, contextlib.nullcontext)
+    assert a == pytest.approx(b, rel=1e-5)  # does not depend on the batch size or on when it runs
+    # the held-out images are not trained on
+    from sdtrain.data.folder import training_records, validation_records
+
+    names = lambda records: {r["image"].name for r in records}  # noqa: E731
+    train_names, val_names = names(training_records(config.data, 0)), names(validation_records(config.data, 0))
+    assert len(train_names) == 8 and len(val_names) == 4 and not train_names & val_names
+
+
+def test_lora_export_loads_with_plain_diffusers_and_changes_the_output(tmp_path, clip_dir, vae_dir, image_folder):
+    base = _run(tmp_path, clip_dir, vae_dir, image_folder, ["train.num_steps=1", "train.ema_decay=null"], "base")
+    extra = [f"model.pretrained={base}", "train.lora.rank=4", "train.optim.lr=1e-2", "train.ema_decay=null"]
+    final = _run(tmp_path, clip_dir, vae_dir, image_folder, extra, "lora")
+    lora = final / "lora" / "pytorch_lora_weights.safetensors"
+    from safetensors.torch import load_file
+
+    keys = list(load_file(lora))
+    assert keys and all(k.startswith("unet.") and "lora" in k for k in keys)
+    # the base UNet's weights are untouched by LoRA training: only the adapters trained
+    pipe = StableDiffusionPipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=3, output_type="np")
+    before = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    pipe.load_lora_weights(final / "lora")
+    after = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    assert np.abs(after - before).mean() > 1e-3
+    # the export's own UNet is base + adapters merged: it samples what base + load_lora_weights samples
+    merged = StableDiffusionPipeline.from_pretrained(final)
+    merged.set_progress_bar_config(disable=True)
+    again = merged("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    assert np.abs(again - after).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_optimizers_train(tmp_path, clip_dir, vae_dir, image_folder, name):
+    final = _run(tmp_path, clip_dir, vae_dir, image_folder, [f"train.optim.name={name}", "train.num_steps=3"])
+    assert (final / "unet").is_dir()
+    losses = [r["loss"] for r in _log(tmp_path / "run")]
+    assert all(np.isfinite(losses))
+
+
+def test_adamw8bit_without_bitsandbytes_names_the_package(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        make_optimizer(torch.nn.Linear(2, 2), OptimConfig(name="adamw8bit"))
+
+
+def _tiny_unet(attention=(False, True)):
+    torch.manual_seed(0)
+    config = UNetConfig(
+        block_out_channels=[16, 32], attention=list(attention), norm_num_groups=8, attention_head_dim=8
+    )
+    return build_unet(config, 4, 16, 32)
+
+
+def test_gradient_checkpointing_and_channels_last_give_the_same_gradients():
+    x, cond = torch.randn(2, 4, 16, 16), torch.randn(2, 8, 32)
+    t = torch.tensor([10, 900])
+
+    def grads(unet):
+        unet.train()
+        unet(x, t, cond).sample.square().mean().backward()
+        return torch.cat([p.grad.flatten() for p in unet.parameters()])
+
+    plain = grads(_tiny_unet())
+    checkpointed = _tiny_unet()
+    checkpointed.enable_gradient_checkpointing()
+    assert torch.allclose(grads(checkpointed), plain, atol=1e-6)
+    channels_last = _tiny_unet().to(memory_format=torch.channels_last)
+    assert torch.allclose(grads(channels_last), plain, atol=1e-5)
+
+
+def test_ema_follows_diffusers_warmup_formula(tmp_path, clip_dir, vae_dir, image_folder):
+    """decay_k = min(ema_decay, 1 - (1 + k) ** (-2/3)); the export holds the EMA, not the raw weights."""
+    from diffusers.training_utils import EMAModel
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    ema = EMAModel([p], decay=0.99, use_ema_warmup=True, power=2 / 3, foreach=True)
+    shadow, expected = 0.0, []
+    for k in range(1, 6):
+        p.data.fill_(float(k))
+        ema.step([p])
+        decay = min(0.99, 1 - (1 + k - 1) ** (-2 / 3)) if k > 1 else 0.0
+        shadow = decay * shadow + (1 - decay) * k
+        expected.append(shadow)
+        assert ema.shadow_params[0].item() == pytest.approx(shadow, rel=1e-5)
+
+
+def test_ema_offload_keeps_the_same_result(tmp_path, clip_dir, vae_dir, image_folder):
+    from safetensors.torch import load_file
+
+    a = _run(tmp_path, clip_dir, vae_dir, image_folder, [], "a")
+    b = _run(tmp_path, clip_dir, vae_dir, image_folder, ["train.ema_offload=true"], "b")
+    wa = load_file(a / "unet" / "diffusion_pytorch_model.safetensors")
+    wb = load_file(b / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_flop_count_scales_with_resolution_and_memory_estimate_reacts_to_settings():
+    unet = _tiny_unet(attention=(False, False))  # no attention: FLOPs exactly proportional to the pixel count
+    small = profile_unet(unet, (4, 16, 16), (8, 32), torch.device("cpu"))
+    large = profile_unet(unet, (4, 32, 32), (8, 32), torch.device("cpu"))
+    assert small.forward_flops > 0 and large.forward_flops == pytest.approx(4 * small.forward_flops, rel=0.02)
+    assert small.train_flops == 3 * small.forward_flops
+    assert 0 < small.checkpointed_bytes < small.activation_bytes
+
+    params = sum(p.numel() for p in unet.parameters())
+    base = estimate_memory(unet, [], large, 8, TrainConfig())
+    assert base.weights == base.gradients == 4 * params and base.optimizer == 8 * params and base.ema == 4 * params
+    lean = TrainConfig(gradient_checkpointing=True, mixed_precision="bf16", ema_offload=True)
+    lean.optim.name = "adamw8bit"
+    small_est = estimate_memory(unet, [], large, 8, lean)
+    assert small_est.optimizer == base.optimizer / 4 and small_est.ema == 0
+    assert small_est.activations < base.activations / 2
+    tips = advice(base, base.total / 2, TrainConfig(), 8)
+    assert any("gradient_checkpointing" in t for t in tips) and any("adamw8bit" in t for t in tips)
+    assert any("gradient_accumulation=2" in t for t in tips)
+    lora = TrainConfig(lora=LoRAConfig(rank=4))
+    assert not any("lora" in t for t in advice(base, base.total / 2, lora, 8))
+
+
+def test_preflight_is_logged(tmp_path, clip_dir, vae_dir, image_folder, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    _run(tmp_path, clip_dir, vae_dir, image_folder, ["train.num_steps=1"])
+    assert "GFLOPs per image per training step" in caplog.text
+    assert "memory estimate per device (GiB): weights" in caplog.text
