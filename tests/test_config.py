@@ -93,3 +93,11 @@ def _flatten(d, prefix=""):
 def test_readme_config_reference_is_in_sync():
     readme = (ROOT / "README.md").read_text()
     assert reference_markdown().strip() in readme, "regenerate with: python -m sdtrain.config"
+
+
+def test_bare_no_is_the_string_no():
+    """YAML 1.1 reads `no` as false: `train.mixed_precision=no` must still mean "no"."""
+    config = load_config(Config, None, ["model.vae.path=x", "train.mixed_precision=no"])
+    assert config.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(Config, None, ["model.vae.path=x", "train.mixed_precision=yes"])

@@ -292,6 +292,10 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Experiment trackers through accelerate: "tensorboard" (local, in output_dir/tracking), "wandb"; [] for none.
     log.jsonl and loss.png are always written."""
+    final_checkpoint: bool = True
+    """Write a checkpoint when the run ends (whatever save_every says)."""
+    export: bool = True
+    """Export final/ (a diffusers pipeline folder) when the run ends."""
     ema_offload: bool = False
     """Keep the EMA weights in CPU memory (moved to the device for each update), saving one copy of the UNet."""
     gradient_checkpointing: bool = False
@@ -476,7 +480,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return None
         raise ConfigError(f"{key}: expected None, got {value!r}")
     if origin is Literal:
-        if value in typing.get_args(tp):
+        if isinstance(value, bool) and ("no" if value is False else "yes") in typing.get_args(tp):
+            return "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` as false
+        if not isinstance(value, bool) and value in typing.get_args(tp):
             return value
         choices = ", ".join(repr(c) for c in typing.get_args(tp))
         raise ConfigError(f"{key}: expected one of {choices}, got {value!r}")

@@ -213,7 +213,7 @@ def encode_batch(images, texts, vae, text_encoder, tokenizer, caption_dropout, d
 class IterableStream:
     """Micro-batches from any iterable of batches (the Python API's ``fit(dataloader=...)``), re-iterated when
     exhausted. A batch is a dict with ``image`` (B x 3 x H x W in [-1, 1], or a list of PIL images) and ``text``,
-    or an ``(images, texts)`` tuple."""
+    an ``(images, texts)`` tuple, or already-encoded ``{"latents": ..., "prompt_embeds": ...}``."""
 
     def __init__(self, batches, vae, text_encoder, tokenizer, caption_dropout: float, device: torch.device):
         self.batches, self.vae, self.text_encoder, self.tokenizer = batches, vae, text_encoder, tokenizer
@@ -239,7 +239,14 @@ class IterableStream:
         return batch
 
     def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
-        images, texts = normalize_batch(self._next_raw())
+        batch = self._next_raw()
+        if isinstance(batch, dict) and "latents" in batch:
+            # already encoded: latents in the UNet's scaled space and the text encoder's output (no caption dropout:
+            # put the empty prompt's embedding in the batch where you want it)
+            if "prompt_embeds" not in batch:
+                raise ValueError("a batch with 'latents' needs 'prompt_embeds' (the text encoder's output) too")
+            return batch["latents"].to(self.device, non_blocking=True), batch["prompt_embeds"].to(self.device)
+        images, texts = normalize_batch(batch)
         return encode_batch(
             images, texts, self.vae, self.text_encoder, self.tokenizer, self.caption_dropout, draws, self.device
         )

@@ -392,7 +392,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     bar.close()
 
     # 7. Final checkpoint, validation loss, export with EMA weights (+ LoRA weights), samples, loss.png
-    if saved_at != counters.step:
+    if saved_at != counters.step and tc.final_checkpoint:
         save_training_state(*ckpt_args)
     accelerator.wait_for_everyone()
     final = out / "final"
@@ -401,8 +401,8 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
             val_loss = _validation(unet, ema, validation, noise_scheduler, accelerator, tc, micro_batch)
             accelerator.log({"val_loss": val_loss}, step=counters.step)
             _append_val_loss(log_path, counters.step, val_loss)
-        export = _with_ema(components, unet, ema, accelerator)
-        export_pipeline(export, tc.objective, final)
+        if tc.export:
+            export_pipeline(_with_ema(components, unet, ema, accelerator), tc.objective, final)
         if tc.sample_prompts:
             _sample(components, unet, ema, accelerator, config, counters.step)
         plot_losses(log_path, out / "loss.png")
