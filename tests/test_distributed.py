@@ -38,3 +38,15 @@ def test_accelerate_launch_two_processes_equals_one(tmp_path, clip_dir, vae_dir,
     assert state["samples_seen"] == 16 and len(state["data"]) == 2  # global batch 4 x 4 steps; both ranks' positions
     assert not os.path.exists(run / "checkpoints" / "step-00000004" / "rng-2.pt")
     assert torch.load(run / "checkpoints" / "step-00000004" / "rng-1.pt", weights_only=True)
+
+
+def test_sharded_strategies_are_refused_before_any_work():
+    from accelerate.utils import DistributedType
+
+    from sdtrain.train.loop import check_distributed_type
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(RuntimeError, match="use DDP"):
+            check_distributed_type(kind)
+    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        check_distributed_type(kind)

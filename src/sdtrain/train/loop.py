@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import TorchDynamoPlugin
+from accelerate.utils import DistributedType, TorchDynamoPlugin
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
@@ -201,6 +201,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         project_dir=out,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
     )
+    check_distributed_type(accelerator.distributed_type)
     ckpt_root = out / "checkpoints"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -409,6 +410,19 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def check_distributed_type(kind: DistributedType) -> None:
+    """Refuse the sharded strategies the checkpoint and EMA code does not handle yet, before any work.
+
+    sdtrain's checkpoints (bit-exact resume) and EMA read full parameters and optimizer states on the main process.
+    Under FSDP or DeepSpeed ZeRO those are sharded across ranks, and saving rank 0's shard would lose the others.
+    """
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise RuntimeError(
+            f"{kind.value} is not supported yet (checkpoints and EMA assume full parameters on every rank); use DDP "
+            "(`accelerate launch --multi_gpu`): an SD-1.5-size UNet trains in DDP on GPUs of 24 GB and more"
+        )
 
 
 def _preflight(accelerator, components: Components, config: Config, micro_batch: int) -> StepProfile | None:
