@@ -1,15 +1,13 @@
-"""Image-caption folders: images with same-named ``.txt`` / ``.caption`` files, or a ``metadata.jsonl`` manifest.
+"""Map-style datasets over indexable sources (folders, manifests, Hugging Face datasets: sdtrain.data.sources), the
+transforms (resize by the shorter side, crop, flip, crop info for micro-conditioning) and the resumable sampler.
 
-``metadata.jsonl`` follows the Hugging Face imagefolder convention: one JSON object per line with the image path
-relative to the folder (``file_name``) and the caption (``text``); both column names are configurable. A caption may
-be a list of strings, one of which is chosen at random each time the sample is read.
+A caption may be a list of strings, one of which is chosen (seeded by the sample's epoch and index) each time the
+sample is read.
 """
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,61 +17,33 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sdtrain.config import DataConfig
 from sdtrain.data.decode import Skip, SkipCounter, clean_caption, decode_image
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-CAPTION_SUFFIXES = (".txt", ".caption")
-
-
-def list_folder(root: str | Path, image_column: str = "file_name", caption_column: str = "text") -> list[dict]:
-    """Records ``{"image": path, "caption": str | list | None}`` of an image folder, without decoding anything."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist")
-    manifest = root / "metadata.jsonl"
-    records = []
-    if manifest.exists():
-        for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{manifest}:{number}: not valid JSON ({e})") from None
-            if image_column not in row:
-                raise ValueError(f"{manifest}:{number}: no {image_column!r} key (set data.image_column)")
-            records.append({"image": root / row[image_column], "caption": row.get(caption_column)})
-        return records
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        caption = None
-        for suffix in CAPTION_SUFFIXES:
-            sidecar = path.with_suffix(suffix)
-            if sidecar.exists():
-                caption = sidecar.read_bytes()
-                break
-        records.append({"image": path, "caption": caption})
-    if not records:
-        raise ValueError(f"no images found in {root} (and no metadata.jsonl)")
-    return records
+from sdtrain.data.sources import list_records
 
 
 def resize_crop(
-    image: Image.Image, resolution: int, center_crop: bool = True, flip: bool = False, rng: random.Random | None = None
+    image: Image.Image,
+    size: int | tuple[int, int],
+    center_crop: bool = True,
+    flip: bool = False,
+    rng: random.Random | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Resize by the shorter side, crop to a square, optionally flip; returns C x H x W in [-1, 1] and the crop info.
+    """Resize so the image covers ``size`` (a square side, or a ``(width, height)`` bucket), crop to it, optionally
+    flip; returns C x H x W in [-1, 1] and the crop info.
 
     The info (original size, crop offsets) is kept for SDXL-style micro-conditioning.
     """
     rng = rng or random.Random()
+    target_w, target_h = (size, size) if isinstance(size, int) else size
     width, height = image.size
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    scale = max(target_w / width, target_h / height)
+    new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
     if (new_w, new_h) != (width, height):
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
     if center_crop:
-        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+        left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
     else:
-        left, top = rng.randint(0, new_w - resolution), rng.randint(0, new_h - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
+        left, top = rng.randint(0, new_w - target_w), rng.randint(0, new_h - target_h)
+    image = image.crop((left, top, left + target_w, top + target_h))
     flipped = flip and rng.random() < 0.5
     if flipped:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -94,16 +64,16 @@ def split_records(records: list[dict], holdout: int, seed: int) -> tuple[list[di
 
 def training_records(config: DataConfig, seed: int) -> list[dict]:
     """The records training reads: the folder less its validation split."""
-    records = list_folder(config.path, config.image_column, config.caption_column)
+    records = list_records(config.path, config.image_column, config.caption_column)
     return split_records(records, config.validation_split, seed)[0]
 
 
 def validation_records(config: DataConfig, seed: int) -> list[dict]:
     """The held-out records: ``data.validation_path``, or the split of ``data.path``; empty when neither is set."""
     if config.validation_path:
-        return list_folder(config.validation_path, config.image_column, config.caption_column)
+        return list_records(config.validation_path, config.image_column, config.caption_column)
     if config.validation_split:
-        records = list_folder(config.path, config.image_column, config.caption_column)
+        records = list_records(config.path, config.image_column, config.caption_column)
         return split_records(records, config.validation_split, seed)[1]
     return []
 

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from sdtrain.config import AutoencoderConfig, AutoencoderModelConfig, DataConfig, save_config
 from sdtrain.data.decode import Skip, SkipCounter, decode_image
-from sdtrain.data.folder import list_folder, resize_crop
+from sdtrain.data.folder import resize_crop
+from sdtrain.data.sources import list_records
 from sdtrain.evaluate.metrics import psnr, ssim
 from sdtrain.train.progress import Progress
 
@@ -57,7 +58,7 @@ def build_autoencoder(config: AutoencoderModelConfig) -> AutoencoderKL | VQModel
 
 def load_images(config: DataConfig, limit: int | None = None) -> tuple[torch.Tensor, SkipCounter]:
     """Decode a folder's images (captions are not needed) into a uint8 N x 3 x R x R tensor, counting skips."""
-    records = list_folder(config.path, config.image_column, config.caption_column)[:limit]
+    records = list_records(config.path, config.image_column, config.caption_column)[:limit]
     skipped = SkipCounter()
     images = []
     for record in tqdm(records, desc=f"reading {Path(config.path).name}", unit="img", leave=False):

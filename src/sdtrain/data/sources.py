@@ -1,0 +1,147 @@
+"""Indexable sources of image-caption records: folders, manifests and Hugging Face datasets.
+
+A record is ``{"image": path | bytes, "caption": str | bytes | list | None}``; nothing is decoded here (decoding,
+with its skip policy, is :mod:`sdtrain.data.decode`). ``data.path`` may be:
+
+- a folder of images with same-named ``.txt`` / ``.caption`` sidecars;
+- a folder holding a ``metadata.jsonl`` / ``metadata.csv`` / ``metadata.parquet`` manifest (the Hugging Face
+  imagefolder convention: image path relative to the folder in ``file_name``, caption in ``text``);
+- a manifest file (``.jsonl``, ``.csv``, ``.parquet``) whose image column holds paths (relative to the manifest's
+  folder, or absolute) or encoded image bytes (parquet);
+- a Hugging Face dataset: a folder written by ``Dataset.save_to_disk``, or ``hf:NAME`` / ``hf:/local/path`` for
+  ``datasets.load_dataset`` (split ``train``), with an image column (the ``Image`` feature or bytes) and a text column.
+
+Webdataset shards are streamed instead (:mod:`sdtrain.data.shards`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CAPTION_SUFFIXES = (".txt", ".caption")
+MANIFESTS = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
+def is_shards(path: str) -> bool:
+    """Webdataset shards: ``.tar`` paths or URLs, possibly brace-expanded (``data/{00000..00099}.tar``)."""
+    return any(part.strip().split("::")[0].endswith((".tar", ".tar}")) or ".tar" in part for part in path.split(","))
+
+
+def list_records(path: str | Path, image_column: str = "file_name", caption_column: str = "text") -> Sequence[dict]:
+    """The records of a folder, manifest or Hugging Face dataset (see the module docstring)."""
+    text = str(path)
+    if text.startswith("hf:"):
+        return _hf_records(text[3:], image_column, caption_column, saved=False)
+    root = Path(path)
+    if root.is_file():
+        return _manifest(root, image_column, caption_column)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data path {root} does not exist")
+    if any((root / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        return _hf_records(str(root), image_column, caption_column, saved=True)
+    for name in MANIFESTS:
+        if (root / name).exists():
+            return _manifest(root / name, image_column, caption_column)
+    records = []
+    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        caption = None
+        for suffix in CAPTION_SUFFIXES:
+            sidecar = image.with_suffix(suffix)
+            if sidecar.exists():
+                caption = sidecar.read_bytes()  # decoded (UTF-8 or skipped) by clean_caption
+                break
+        records.append({"image": image, "caption": caption})
+    if not records:
+        raise ValueError(f"no images found in {root} (and no {' / '.join(MANIFESTS)})")
+    return records
+
+
+def _rows(manifest: Path) -> list[dict[str, Any]]:
+    suffix = manifest.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{manifest}:{number}: not valid JSON ({e})") from None
+        return rows
+    if suffix == ".csv":
+        with open(manifest, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ImportError("parquet manifests need pyarrow: pip install 'sdtrain[data]'") from e
+        return pq.read_table(manifest).to_pylist()
+    raise ValueError(f"{manifest}: manifests are .jsonl, .csv or .parquet")
+
+
+def _manifest(manifest: Path, image_column: str, caption_column: str) -> list[dict]:
+    rows = _rows(manifest)
+    if not rows:
+        raise ValueError(f"{manifest} lists no samples")
+    records = []
+    for number, row in enumerate(rows, 1):
+        if image_column not in row:
+            raise ValueError(f"{manifest}: row {number} has no {image_column!r} column (set data.image_column)")
+        records.append({"image": _image_value(row[image_column], manifest.parent), "caption": row.get(caption_column)})
+    return records
+
+
+def _image_value(value: Any, root: Path) -> Path | bytes | None:
+    """A path (relative to the manifest's folder) or encoded bytes (a parquet binary column, or a {"bytes": ...})."""
+    if isinstance(value, dict):  # the datasets Image feature's storage: {"bytes": ..., "path": ...}
+        return value.get("bytes") or (_image_value(value["path"], root) if value.get("path") else None)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str) and value:
+        return root / value
+    return None  # decode_image reports it as missing
+
+
+class _HFRecords(Sequence):
+    """Rows of a Hugging Face dataset read on access (the dataset stays memory-mapped on disk)."""
+
+    def __init__(self, dataset, image_column: str, caption_column: str):
+        self.dataset, self.image_column, self.caption_column = dataset, image_column, caption_column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = self.dataset[int(index)]
+        return {"image": _image_value(row[self.image_column], Path(".")), "caption": row.get(self.caption_column)}
+
+
+def _hf_records(name: str, image_column: str, caption_column: str, saved: bool) -> _HFRecords:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("Hugging Face datasets need the datasets package: pip install datasets") from e
+    if saved:
+        dataset = datasets.load_from_disk(name)
+    else:
+        dataset = datasets.load_dataset(name, split="train")
+    if isinstance(dataset, datasets.DatasetDict):
+        dataset = dataset["train"]
+    if image_column == "file_name":  # the folder default; a hub dataset's usual image column is "image"
+        image_column = "image"
+    missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"dataset {name} has no column {missing} (it has {dataset.column_names}); set data.image_column / "
+            "data.caption_column"
+        )
+    if isinstance(dataset.features[image_column], datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))  # bytes: our decoding policy
+    return _HFRecords(dataset, image_column, caption_column)
