@@ -36,7 +36,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     data = ImageCaptionFolder(DataConfig(path=str(root), resolution=16))
     batch = collate([data[i] for i in range(len(data))])
     assert len(batch["text"]) == 1
-    assert dict(batch["skipped"]) == {"empty": 1, "not_an_image": 1, "bad_caption": 1}
+    assert dict(batch["skipped"]) == {"empty": 1, "not_an_image": 1, "empty_caption": 1}
 
 
 def test_metadata_caption_lists_pick_one(tmp_path):

@@ -112,7 +112,9 @@ class DataConfig:
     """Image-caption pairs."""
 
     path: str = ""
-    """Folder of images with same-named .txt captions, or a folder with metadata.jsonl."""
+    """Images with captions: a folder (.txt / .caption sidecars, or a metadata.jsonl / .csv / .parquet manifest), a
+    manifest file, a Hugging Face dataset (a save_to_disk folder, or hf:NAME), or webdataset shards
+    (`shards/{00000..00099}.tar`, local or an fsspec URL such as s3://...)."""
     image_column: str = "file_name"
     """metadata.jsonl key holding the image path, relative to the folder."""
     caption_column: str = "text"
@@ -130,12 +132,37 @@ class DataConfig:
     cache_latents: bool = False
     """Encode every image and caption once before training and train from memory (small datasets; crops and flips
     are then fixed at caching time)."""
+    buckets: bool = False
+    """Aspect-ratio buckets: sizes of about resolution**2 pixels in bucket_step steps; each image is trained at the
+    bucket nearest its aspect ratio, every batch one bucket (webdataset shards)."""
+    bucket_step: int = 64
+    """Side step of the buckets (a multiple of the VAE factor x 2**(UNet levels - 1))."""
+    bucket_max_ratio: float = 2.0
+    """Largest aspect ratio of a bucket."""
+    shuffle_buffer: int = 1000
+    """Samples per shuffled block when streaming shards (memory: one block of encoded images per worker)."""
+    allow_pipe: bool = False
+    """Allow `pipe:` shard URLs (they run a shell command)."""
+    max_bad_share: float = 0.5
+    """Stop the run when more than this share of the samples read so far (after the first 100) were skipped."""
     validation_split: int = 0
     """Images held out of training (chosen by train.seed) for the validation loss; 0: none."""
     validation_path: str | None = None
     """A separate folder of held-out image-caption pairs for the validation loss (instead of validation_split)."""
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.max_bad_share <= 1.0:
+            raise ConfigError(f"data.max_bad_share must be in (0, 1], got {self.max_bad_share}")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer must be positive, got {self.shuffle_buffer}")
+        if self.buckets and (self.bucket_step <= 0 or self.resolution % self.bucket_step):
+            raise ConfigError(
+                f"data.resolution={self.resolution} must be a multiple of data.bucket_step={self.bucket_step}"
+            )
+        if self.cache_latents and (".tar" in self.path):
+            raise ConfigError(
+                "data.cache_latents holds a dataset in memory: it reads folders, manifests and datasets, not shards"
+            )
         if self.validation_split < 0:
             raise ConfigError(f"data.validation_split must be >= 0, got {self.validation_split}")
         if self.validation_split and self.validation_path:

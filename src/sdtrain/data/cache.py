@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from sdtrain.config import DataConfig
 from sdtrain.data.decode import Skip, SkipCounter, clean_caption, decode_image
 from sdtrain.data.folder import EpochSampler, make_dataloader, resize_crop, training_records
+from sdtrain.data.shards import ShardDataset, ShardPosition, make_shard_loader
 from sdtrain.models.text import encode_prompts
 from sdtrain.models.vae import encode_moments, scale_latents
 
@@ -168,6 +169,7 @@ class OnlineStream:
             world_size,
         )
         self.skipped = SkipCounter()
+        self.read = 0  # samples read (good + skipped), for data.max_bad_share
         self._start(position)
 
     def _start(self, position: tuple[int, int]) -> None:
@@ -176,10 +178,15 @@ class OnlineStream:
         self._batches: Iterator = iter(self.loader)
 
     def state(self) -> dict[str, Any]:
-        return {"epoch": self.position[0], "offset": self.position[1], "skipped": dict(self.skipped)}
+        return {
+            "epoch": self.position[0],
+            "offset": self.position[1],
+            "skipped": dict(self.skipped),
+            "read": self.read,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.skipped = SkipCounter(state.get("skipped", {}))
+        self.skipped, self.read = SkipCounter(state.get("skipped", {})), state.get("read", 0)
         self._start((state["epoch"], state["offset"]))
 
     def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +195,8 @@ class OnlineStream:
             # the DataLoader prefetches, so the position is counted from the batches actually consumed
             self.position = self.loader.sampler.advance(self.position, self.batch_size)
             self.skipped.update(batch["skipped"])
+            self.read += len(batch["text"]) + sum(batch["skipped"].values())
+            check_bad_share(self.skipped, self.read, self.config.max_bad_share)
             if len(batch["text"]):
                 break
         return encode_batch(
@@ -199,6 +208,75 @@ class OnlineStream:
             self.config.caption_dropout,
             draws,
             self.device,
+        )
+
+
+class ShardStream:
+    """Micro-batches streamed from webdataset shards (sdtrain.data.shards), encoded every step; resumable."""
+
+    def __init__(
+        self,
+        config: DataConfig,
+        vae,
+        text_encoder,
+        tokenizer,
+        batch_size: int,
+        device: torch.device,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.config, self.vae, self.text_encoder, self.tokenizer = config, vae, text_encoder, tokenizer
+        self.batch_size, self.device, self.seed, self.rank, self.world_size = (
+            batch_size,
+            device,
+            seed,
+            rank,
+            world_size,
+        )
+        self.skipped = SkipCounter()
+        self.read = 0  # samples read (good + skipped), for data.max_bad_share
+        self._start(None)
+
+    def _start(self, state: dict | None) -> None:
+        workers = max(1, self.config.num_workers)
+        self.position = ShardPosition(workers, state)
+        dataset = ShardDataset(
+            self.config, self.batch_size, self.seed, self.rank, self.world_size, workers,
+            self.position.states, self.position.next_worker,
+        )  # fmt: skip
+        self.loader = make_shard_loader(dataset)
+        self._batches: Iterator = iter(self.loader)
+
+    def state(self) -> dict[str, Any]:
+        return {**self.position.state(), "skipped": dict(self.skipped), "read": self.read}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.skipped, self.read = SkipCounter(state.get("skipped", {})), state.get("read", 0)
+        self._start(state)
+
+    def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:  # a batch whose samples were all skipped is drawn again
+            batch = next(self._batches)
+            self.position.consumed(batch)
+            self.skipped.update(batch["skipped"])
+            self.read += len(batch["text"]) + sum(batch["skipped"].values())
+            check_bad_share(self.skipped, self.read, self.config.max_bad_share)
+            if len(batch["text"]):
+                break
+        return encode_batch(
+            batch["image"], batch["text"], self.vae, self.text_encoder, self.tokenizer, self.config.caption_dropout,
+            draws, self.device,
+        )  # fmt: skip
+
+
+def check_bad_share(skipped: SkipCounter, read: int, max_share: float, minimum: int = 100) -> None:
+    """Stop with a clear message when too much of the data is unusable (after ``minimum`` samples)."""
+    bad = sum(skipped.values())
+    if read >= minimum and bad > max_share * read:
+        raise RuntimeError(
+            f"{bad} of the {read} samples read so far were skipped ({skipped.summary()}), more than "
+            f"data.max_bad_share={max_share}: check the data (or raise the share)"
         )
 
 

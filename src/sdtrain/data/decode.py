@@ -69,9 +69,11 @@ def decode_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Im
             return to_rgb(image)
     except Skip:
         raise
+    except Image.DecompressionBombError as e:  # PIL's own header check (over twice its pixel limit)
+        raise Skip("too_large", str(e)) from None
     except UnidentifiedImageError as e:
         raise Skip("not_an_image", str(e)) from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as e:
         raise Skip("corrupt", str(e)) from None
 
 
@@ -79,16 +81,39 @@ def clean_caption(caption: object) -> str:
     """A usable caption string.
 
     Raises:
-        Skip: ``bad_caption`` for a missing, empty or undecodable caption.
+        Skip: ``no_caption`` (missing), ``empty_caption`` (blank) or ``caption_not_utf8``.
     """
-    if isinstance(caption, bytes):
+    if isinstance(caption, (bytes, bytearray)):
         try:
-            caption = caption.decode("utf-8")
+            caption = bytes(caption).decode("utf-8")
         except UnicodeDecodeError:
-            raise Skip("bad_caption", "not UTF-8") from None
-    if not isinstance(caption, str) or not caption.strip():
-        raise Skip("bad_caption", "missing or empty")
+            raise Skip("caption_not_utf8") from None
+    if caption is None:
+        raise Skip("no_caption")
+    if not isinstance(caption, str):
+        raise Skip("no_caption", f"a {type(caption).__name__}, not text")
+    if not caption.strip():
+        raise Skip("empty_caption")
     return caption.strip()
+
+
+def probe_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` from the header alone (for aspect buckets), with the same skip reasons as decoding."""
+    if not data:
+        raise Skip("empty")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1) if image.format in ("JPEG", "WEBP", "TIFF") else 1
+    except Image.DecompressionBombError as e:
+        raise Skip("too_large", str(e)) from None
+    except UnidentifiedImageError as e:
+        raise Skip("not_an_image", str(e)) from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise Skip("corrupt", str(e)) from None
+    if width * height > max_pixels:
+        raise Skip("too_large", f"{width}x{height}")
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # EXIF rotations swap the sides
 
 
 class SkipCounter(Counter):

@@ -30,7 +30,8 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
 from sdtrain.config import Config, save_config
-from sdtrain.data.cache import CachedStream, IterableStream, OnlineStream, build_memory_cache
+from sdtrain.data.cache import CachedStream, IterableStream, OnlineStream, ShardStream, build_memory_cache
+from sdtrain.data.sources import is_shards
 from sdtrain.models.lora import LORA_FOLDER, add_lora, has_lora, merged_copy, save_lora
 from sdtrain.models.text import hidden_size, load_text_encoder
 from sdtrain.models.unet import build_unet, load_unet
@@ -255,6 +256,10 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         if cache.skipped:
             logger.warning("skipped while caching: %s", cache.skipped.summary())
         stream = CachedStream(cache, vae, micro_batch, config.data.caption_dropout, device, tc.seed, rank, world)
+    elif is_shards(config.data.path):
+        stream = ShardStream(
+            config.data, vae, text_encoder, components.tokenizer, micro_batch, device, tc.seed, rank, world
+        )
     else:
         stream = OnlineStream(
             config.data, vae, text_encoder, components.tokenizer, micro_batch, device, tc.seed, rank, world
