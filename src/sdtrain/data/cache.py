@@ -80,7 +80,7 @@ def build_memory_cache(
         try:
             options = record["caption"] if isinstance(record["caption"], list) else [record["caption"]]
             options = [clean_caption(c) for c in options]
-            image = decode_image(record["image"])
+            image = decode_image(record["image"], cover=(config.resolution, config.resolution))
         except Skip as skip:
             skipped[skip.reason] += 1
             continue

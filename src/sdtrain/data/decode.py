@@ -9,6 +9,7 @@ composited on white).
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -42,8 +43,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode_image(
+    source: str | Path | bytes, max_pixels: int = MAX_PIXELS, cover: tuple[int, int] | None = None
+) -> Image.Image:
     """Decode a file path or encoded bytes to an RGB image.
+
+    Args:
+        cover: the ``(width, height)`` the image will be resized to cover; a JPEG is then decoded directly at the
+            smallest DCT scale (1/2, 1/4, 1/8) still covering it, which is several times faster for large photos.
+            ``image.info["original_size"]`` keeps the full ``(width, height)`` for micro-conditioning.
 
     Raises:
         Skip: with a reason among ``missing``, ``empty``, ``too_large``, ``not_an_image``, ``corrupt``.
@@ -64,9 +72,17 @@ def decode_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Im
             width, height = image.size  # from the header; nothing decoded yet
             if width * height > max_pixels:
                 raise Skip("too_large", f"{width}x{height}")
+            rotated = image.format in ("JPEG", "WEBP", "TIFF") and image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            original = (height, width) if rotated else (width, height)
+            if cover is not None and image.format == "JPEG":
+                target = (cover[1], cover[0]) if rotated else cover  # in the stored orientation
+                scale = max(target[0] / width, target[1] / height)
+                if scale < 0.5:
+                    image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+            image = to_rgb(ImageOps.exif_transpose(image))
+            image.info["original_size"] = original
+            return image
     except Skip:
         raise
     except Image.DecompressionBombError as e:  # PIL's own header check (over twice its pixel limit)

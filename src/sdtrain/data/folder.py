@@ -34,11 +34,12 @@ def resize_crop(
     """
     rng = rng or random.Random()
     target_w, target_h = (size, size) if isinstance(size, int) else size
+    original = image.info.get("original_size", image.size)  # before a JPEG draft decode shrank it
     width, height = image.size
     scale = max(target_w / width, target_h / height)
     new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
     if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)  # antialiased when shrinking
     if center_crop:
         left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
     else:
@@ -49,7 +50,7 @@ def resize_crop(
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-    return tensor, {"original_size": (height, width), "crop_top_left": (top, left), "flipped": flipped}
+    return tensor, {"original_size": (original[1], original[0]), "crop_top_left": (top, left), "flipped": flipped}
 
 
 def split_records(records: list[dict], holdout: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -100,7 +101,7 @@ class ImageCaptionFolder(Dataset):
             if isinstance(caption, list):
                 caption = rng.choice(caption) if caption else None
             caption = clean_caption(caption)
-            image = decode_image(record["image"])
+            image = decode_image(record["image"], cover=(self.config.resolution,) * 2)
         except Skip as skip:
             return {"skip": skip.reason}
         pixels, info = resize_crop(

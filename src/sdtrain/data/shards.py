@@ -296,7 +296,7 @@ class ShardDataset(IterableDataset):
             rng = random.Random(f"{self.seed}-{epoch}-{key}")  # crop and flip of this sample in this epoch
             try:
                 caption = clean_caption(_caption(sample, self.config.caption_column))
-                image = decode_image(_image_bytes(sample) or b"")
+                image = decode_image(_image_bytes(sample) or b"", cover=bucket)
             except Skip as skip:
                 skipped[skip.reason] += 1
                 continue

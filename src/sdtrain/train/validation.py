@@ -46,7 +46,7 @@ def build_validation_set(
         try:
             caption = record["caption"][0] if isinstance(record["caption"], list) else record["caption"]
             caption = clean_caption(caption)
-            image = decode_image(record["image"])
+            image = decode_image(record["image"], cover=(data.resolution, data.resolution))
         except Skip:
             continue
         pixels.append(resize_crop(image, data.resolution, center_crop=True, flip=False)[0])
