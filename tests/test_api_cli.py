@@ -125,7 +125,9 @@ def test_cli_train_generate_reconstruct(tmp_path, clip_dir, vae_dir, image_folde
     assert (tmp_path / "r" / "reconstruct-0000.png").exists()
 
 
-@pytest.mark.parametrize("command", ["train", "export", "generate", "reconstruct", "train-vae", "evaluate", "demo"])
+@pytest.mark.parametrize(
+    "command", ["train", "cache", "export", "generate", "reconstruct", "train-vae", "evaluate", "demo"]
+)
 def test_every_command_has_help_with_an_example(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])

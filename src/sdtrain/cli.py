@@ -17,6 +17,10 @@ EXAMPLES = {
     "reconstruct": """example:
   sdtrain reconstruct --model runs/demo/final --image dog.png --strength 0.6 --out out/ \\
       "a dog with blue fur and yellow eyes\"""",
+    "cache": """example:
+  sdtrain cache --config configs/scratch-256.yaml data.cache_dir=cache/laion-256
+  accelerate launch -m sdtrain cache --config configs/scratch-256.yaml data.cache_dir=cache/laion-256  # N GPUs
+  sdtrain train --config configs/scratch-256.yaml data.cache_dir=cache/laion-256         # trains from the cache""",
     "export": """example:
   sdtrain export --run runs/demo/unet --step 500 --out runs/demo/step-500   # EMA weights of that checkpoint""",
     "train-vae": """example:
@@ -44,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     p = add("train", "Train the UNet (resumes from the run directory's newest valid checkpoint).")
     p.add_argument("--config", type=Path, help="YAML config (see README's config reference)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.optim.lr=1e-3")
+
+    p = add("cache", "Encode a dataset's latents and caption embeddings once into data.cache_dir.")
+    p.add_argument("--config", type=Path, help="the training config (its model and data sections are used)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
 
     p = add("export", "Export a training checkpoint (EMA weights) as a diffusers pipeline folder.")
     p.add_argument("--run", type=Path, required=True, help="the run's output_dir")
@@ -114,6 +122,11 @@ def _run(args: argparse.Namespace) -> int:
         except Preempted as e:
             print(f"sdtrain: {e}", file=sys.stderr)
             return EXIT_PREEMPTED
+    elif args.command == "cache":
+        from sdtrain.config import Config, load_config
+        from sdtrain.train.loop import cache_dataset
+
+        print(f"cached into {cache_dataset(load_config(Config, args.config, args.overrides))}")
     elif args.command == "export":
         from sdtrain.train.loop import export_checkpoint
 

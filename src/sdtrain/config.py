@@ -132,9 +132,12 @@ class DataConfig:
     cache_latents: bool = False
     """Encode every image and caption once before training and train from memory (small datasets; crops and flips
     are then fixed at caching time)."""
+    cache_dir: str | None = None
+    """Latent cache written by `sdtrain cache` (posterior moments and text embeddings in shards); when set, training
+    reads it instead of the images and refuses one made with another VAE, text encoder, resolution or bucket set."""
     buckets: bool = False
     """Aspect-ratio buckets: sizes of about resolution**2 pixels in bucket_step steps; each image is trained at the
-    bucket nearest its aspect ratio, every batch one bucket (webdataset shards)."""
+    bucket nearest its aspect ratio, every batch one bucket (webdataset shards and the on-disk cache)."""
     bucket_step: int = 64
     """Side step of the buckets (a multiple of the VAE factor x 2**(UNet levels - 1))."""
     bucket_max_ratio: float = 2.0

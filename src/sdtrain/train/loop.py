@@ -31,6 +31,7 @@ from diffusers.training_utils import EMAModel
 
 from sdtrain.config import Config, save_config
 from sdtrain.data.cache import CachedStream, IterableStream, OnlineStream, ShardStream, build_memory_cache
+from sdtrain.data.disk_cache import DiskCache, DiskCacheStream, write_cache
 from sdtrain.data.sources import is_shards
 from sdtrain.models.lora import LORA_FOLDER, add_lora, has_lora, merged_copy, save_lora
 from sdtrain.models.text import hidden_size, load_text_encoder
@@ -93,8 +94,8 @@ class Components:
     unet: UNet2DConditionModel
 
 
-def load_components(config: Config) -> Components:
-    """Load the frozen text encoder and autoencoder, and build or load the UNet, as the config says."""
+def load_encoders(config: Config) -> tuple[Any, Any, Any]:
+    """The frozen ``(vae, text_encoder, tokenizer)`` the config names."""
     m = config.model
     te_path, te_sub = m.text_encoder.path, m.text_encoder.subfolder
     if m.pretrained and m.text_encoder.path == "minilm" and m.text_encoder.subfolder is None:
@@ -103,7 +104,29 @@ def load_components(config: Config) -> Components:
         te_path, te_sub, m.text_encoder.max_length, m.text_encoder.dtype, m.text_encoder.trust_remote_code
     )
     vae_path, vae_sub = (m.vae.path, m.vae.subfolder) if m.vae.path else (m.pretrained, "vae")
-    vae = load_vae(vae_path, vae_sub, m.vae.dtype)
+    return load_vae(vae_path, vae_sub, m.vae.dtype), text_encoder, tokenizer
+
+
+def cache_dataset(config: Config) -> Path:
+    """``sdtrain cache``: encode ``config.data`` into ``data.cache_dir`` (each process of an ``accelerate launch``
+    its own share, no collective waits)."""
+    from accelerate import PartialState
+
+    if not config.data.cache_dir:
+        raise ValueError("set data.cache_dir: where the cache is written")
+    state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    vae, text_encoder, tokenizer = load_encoders(config)
+    vae.to(state.device)
+    text_encoder.to(state.device)
+    return write_cache(
+        config.data, vae, text_encoder, tokenizer, config.train.seed, state.process_index, state.num_processes
+    )
+
+
+def load_components(config: Config) -> Components:
+    """Load the frozen text encoder and autoencoder, and build or load the UNet, as the config says."""
+    m = config.model
+    vae, text_encoder, tokenizer = load_encoders(config)
     if not m.unet.from_scratch and (m.unet.pretrained or m.pretrained):
         unet = load_unet(m.unet.pretrained or m.pretrained, m.unet.subfolder if m.unet.pretrained else "unet")
     else:
@@ -251,6 +274,9 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     profile = _preflight(accelerator, components, config, micro_batch)
     if batches is not None:
         stream = IterableStream(batches, vae, text_encoder, components.tokenizer, config.data.caption_dropout, device)
+    elif config.data.cache_dir:
+        disk = DiskCache(config.data, vae, text_encoder, components.tokenizer)
+        stream = DiskCacheStream(disk, vae, micro_batch, config.data.caption_dropout, device, tc.seed, rank, world)
     elif config.data.cache_latents:
         cache = build_memory_cache(config.data, vae, text_encoder, components.tokenizer, seed=tc.seed)
         if cache.skipped:
