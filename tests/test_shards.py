@@ -345,3 +345,51 @@ def test_training_from_shards_with_buckets_resumes_exactly(tmp_path, clip_dir, v
     assert all(torch.equal(a[k], b[k]) for k in a)
     state = json.loads((tmp_path / "split" / "checkpoints" / "step-00000006" / "state.json").read_text())
     assert set(state["data"][0]["workers"]) == {"0", "1"}  # both workers' positions are in the checkpoint
+
+
+def test_fsspec_urls_are_read(tmp_path):
+    import fsspec
+
+    spec = write_shards(tmp_path / "s", shards=2, per_shard=3)
+    memory = fsspec.filesystem("memory")
+    for url in expand_urls(spec):
+        memory.pipe(f"/shards/{Path(url).name}", Path(url).read_bytes())
+    dataset = ShardDataset(_config("memory://shards/{00000..00001}.tar"), 6)
+    batch = next(iter(dataset))
+    assert sorted(batch["key"]) == sorted(f"{s:05d}{i:04d}" for s in range(2) for i in range(3))
+
+
+def test_mixed_sources_follow_their_weights_and_resume(tmp_path, clip_dir, vae_dir):
+    from safetensors.torch import load_file
+
+    from sdtrain.config import Config, load_config
+    from sdtrain.data.cache import MixedStream
+    from sdtrain.train.loop import train
+    from tests.conftest import tiny_overrides, write_image_folder
+
+    class Counting:
+        def __init__(self, name):
+            self.name, self.skipped = name, {}
+
+        def next(self, draws):
+            return self.name
+
+    mixed = MixedStream([Counting("a"), Counting("b")], [3.0, 1.0], seed=0)
+    picks = [mixed.next(None) for _ in range(4000)]
+    assert abs(picks.count("a") / 4000 - 0.75) < 0.03
+
+    folder = write_image_folder(tmp_path / "folder", count=8, size=64)
+    spec = write_shards(tmp_path / "s", shards=2, per_shard=6)
+    extra = ["data.resolution=32", f"data.mix=[{{path: '{spec}', weight: 1.0}}]", "train.num_steps=6"]
+    extra += ["train.save_every=3", "data.random_flip=true"]
+    runs = {}
+    for name in ("straight", "split"):
+        overrides = tiny_overrides(tmp_path / name, folder, vae_dir, str(clip_dir), "text_encoder") + extra
+        if name == "split":
+            train(load_config(Config, None, overrides + ["train.num_steps=3"]))
+        runs[name] = train(load_config(Config, None, overrides))
+    a, b = (load_file(runs[n] / "unet" / "diffusion_pytorch_model.safetensors") for n in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step-00000006" / "state.json").read_text())
+    folder_state, shard_state = state["data"][0]["streams"]
+    assert state["data"][0]["count"] == 6 and folder_state["read"] > 0 and shard_state["read"] > 0  # both drawn

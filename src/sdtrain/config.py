@@ -108,6 +108,26 @@ class ModelConfig:
 
 
 @dataclass
+class MixSource:
+    """A further source mixed into data.path's, with the same transforms."""
+
+    path: str = ""
+    """Folder, manifest, Hugging Face dataset or shards, as data.path."""
+    weight: float = 1.0
+    """Relative share of micro-batches drawn from it (data.weight is data.path's)."""
+    image_column: str = "file_name"
+    """Its image column (manifests, datasets)."""
+    caption_column: str = "text"
+    """Its caption column."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("data.mix: every source needs a path")
+        if self.weight <= 0:
+            raise ConfigError(f"data.mix: weights must be positive, got {self.weight} for {self.path}")
+
+
+@dataclass
 class DataConfig:
     """Image-caption pairs."""
 
@@ -148,6 +168,11 @@ class DataConfig:
     """Allow `pipe:` shard URLs (they run a shell command)."""
     max_bad_share: float = 0.5
     """Stop the run when more than this share of the samples read so far (after the first 100) were skipped."""
+    weight: float = 1.0
+    """Relative share of micro-batches drawn from data.path when data.mix adds sources."""
+    mix: list[MixSource] = field(default_factory=list)
+    """More sources, each micro-batch drawn from one source with probability proportional to its weight (the same
+    choice on every rank, seeded, resumable)."""
     validation_split: int = 0
     """Images held out of training (chosen by train.seed) for the validation loss; 0: none."""
     validation_path: str | None = None
@@ -162,6 +187,10 @@ class DataConfig:
             raise ConfigError(
                 f"data.resolution={self.resolution} must be a multiple of data.bucket_step={self.bucket_step}"
             )
+        if self.mix and (self.cache_latents or self.cache_dir):
+            raise ConfigError("data.mix mixes sources read online; it does not combine with a latent cache")
+        if self.weight <= 0:
+            raise ConfigError(f"data.weight must be positive, got {self.weight}")
         if self.cache_latents and (".tar" in self.path):
             raise ConfigError(
                 "data.cache_latents holds a dataset in memory: it reads folders, manifests and datasets, not shards"

@@ -270,6 +270,36 @@ class ShardStream:
         )  # fmt: skip
 
 
+class MixedStream:
+    """Several streams, each micro-batch drawn from one of them with probability proportional to its weight.
+
+    The choice of the ``n``-th micro-batch is seeded by ``(seed, n)``: every rank makes the same choice, and a resumed
+    run continues with the same sequence."""
+
+    def __init__(self, streams: list, weights: list[float], seed: int = 0):
+        self.streams, self.weights, self.seed, self.count = streams, weights, seed, 0
+
+    @property
+    def skipped(self) -> SkipCounter:
+        total = SkipCounter()
+        for stream in self.streams:
+            total.update(stream.skipped)
+        return total
+
+    def state(self) -> dict[str, Any]:
+        return {"count": self.count, "streams": [s.state() for s in self.streams]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.count = state["count"]
+        for stream, sub in zip(self.streams, state["streams"]):
+            stream.load_state(sub)
+
+    def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
+        choice = random.Random(f"{self.seed}-mix-{self.count}").choices(range(len(self.streams)), self.weights)[0]
+        self.count += 1
+        return self.streams[choice].next(draws)
+
+
 def check_bad_share(skipped: SkipCounter, read: int, max_share: float, minimum: int = 100) -> None:
     """Stop with a clear message when too much of the data is unusable (after ``minimum`` samples)."""
     bad = sum(skipped.values())

@@ -30,7 +30,14 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
 from sdtrain.config import Config, save_config
-from sdtrain.data.cache import CachedStream, IterableStream, OnlineStream, ShardStream, build_memory_cache
+from sdtrain.data.cache import (
+    CachedStream,
+    IterableStream,
+    MixedStream,
+    OnlineStream,
+    ShardStream,
+    build_memory_cache,
+)
 from sdtrain.data.disk_cache import DiskCache, DiskCacheStream, write_cache
 from sdtrain.data.sources import is_shards
 from sdtrain.models.lora import LORA_FOLDER, add_lora, has_lora, merged_copy, save_lora
@@ -282,14 +289,21 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         if cache.skipped:
             logger.warning("skipped while caching: %s", cache.skipped.summary())
         stream = CachedStream(cache, vae, micro_batch, config.data.caption_dropout, device, tc.seed, rank, world)
-    elif is_shards(config.data.path):
-        stream = ShardStream(
-            config.data, vae, text_encoder, components.tokenizer, micro_batch, device, tc.seed, rank, world
-        )
     else:
-        stream = OnlineStream(
-            config.data, vae, text_encoder, components.tokenizer, micro_batch, device, tc.seed, rank, world
-        )
+        sources = [config.data] + [
+            dataclasses.replace(
+                config.data, path=m.path, image_column=m.image_column, caption_column=m.caption_column, mix=[]
+            )
+            for m in config.data.mix
+        ]
+        streams = [
+            (ShardStream if is_shards(d.path) else OnlineStream)(
+                d, vae, text_encoder, components.tokenizer, micro_batch, device, tc.seed, rank, world
+            )
+            for d in sources
+        ]
+        weights = [config.data.weight] + [m.weight for m in config.data.mix]
+        stream = streams[0] if len(streams) == 1 else MixedStream(streams, weights, tc.seed)
 
     validation = None
     if batches is None and accelerator.is_main_process:
