@@ -8,7 +8,8 @@
   temporary folder), ``manifest`` (manifest written, folder not yet renamed), ``committed`` (renamed, ``latest``
   not yet updated), ``pointer`` (new ``latest`` written but not yet swapped in), ``prune`` (an old checkpoint half
   deleted);
-- ``nan=RANK:N``: rank RANK's N-th micro-batch has a NaN loss (the other ranks' are finite).
+- ``nan=RANK:N``: rank RANK's N-th micro-batch has a NaN loss (the other ranks' are finite);
+- ``enospc=K``: the K-th checkpoint save fails with "No space left on device" after writing its first file.
 
 The kill is a real SIGKILL: no handler, no ``finally``, no flush, exactly what a preempted VM or the OOM killer does.
 """
@@ -83,6 +84,19 @@ def _inject(spec: str) -> None:
         checkpoint.save_checkpoint = counted_save
         checkpoint._fsync = fsync_then_maybe_die
         checkpoint._prune = prune_then_maybe_die
+    elif kind == "enospc":
+        nth, saves = int(arg), [0]
+        save_file = checkpoint.save_file
+
+        def full_disk(tensors, path, *args, **kwargs):
+            if Path(path).name == "unet.safetensors":
+                saves[0] += 1
+                if saves[0] == nth:
+                    save_file(tensors, path, *args, **kwargs)  # part of it fits...
+                    raise OSError(28, "No space left on device", str(path))  # ...then the disk is full
+            return save_file(tensors, path, *args, **kwargs)
+
+        checkpoint.save_file = full_disk
     elif kind == "nan":
         rank, nth = (int(x) for x in arg.split(":"))
         calls = [0]

@@ -118,3 +118,17 @@ def test_normalize_batch_accepts_tuples_and_pil():
     assert torch.allclose(tensor[:, 0], torch.ones(2, 8, 8))
     with pytest.raises(ValueError, match="captions"):
         normalize_batch({"image": tensor, "text": ["a"]})
+
+
+def test_a_run_stops_when_too_much_data_is_bad(tmp_path, clip_dir, vae_dir):
+    from sdtrain.config import Config, load_config
+    from sdtrain.train.loop import train
+    from tests.conftest import tiny_overrides, write_image_folder
+
+    data = write_image_folder(tmp_path / "data", count=10)
+    for i in range(7):
+        (data / f"{i:03d}.png").write_bytes(b"garbage")
+    overrides = tiny_overrides(tmp_path / "run", data, vae_dir, str(clip_dir), "text_encoder")
+    overrides += ["train.num_steps=200", "data.max_bad_share=0.5"]
+    with pytest.raises(RuntimeError, match=r"skipped \(not_an_image: \d+\), more than data.max_bad_share=0.5"):
+        train(load_config(Config, None, overrides))

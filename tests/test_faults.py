@@ -99,6 +99,31 @@ def test_kill_inside_first_save_resumes_from_scratch_not_from_garbage(tmp_path, 
     assert _train(overrides).returncode == 0
 
 
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, clip_dir, vae_dir, image_folder):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder") + ["train.num_steps=6"]
+    result = _train(overrides, "enospc=2")  # saves at steps 2 (fine), 4 (disk full)
+    assert result.returncode != 0
+    assert "could not write the checkpoint of step 4" in result.stderr and "step-00000002 is intact" in result.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000002"]  # no temp folder
+    checkpoint.verify(run / "checkpoints" / "step-00000002")
+    assert _train(overrides).returncode == 0  # space freed: the same command resumes from step 2
+
+
+def test_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, clip_dir, vae_dir, image_folder):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder")
+    assert _train(overrides).returncode == 0  # checkpoints at steps 2 and 4
+    weights = run / "checkpoints" / "step-00000004" / "unet.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a torn write
+    result = _train(overrides + ["train.num_steps=6"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step-00000004 is unusable" in result.stderr and "resumed from" in result.stderr
+    assert "step-00000002 at step 2" in result.stderr
+    steps = [s for s, _ in _losses(run)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 trained again, logged once
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -295,7 +295,10 @@ class ShardDataset(IterableDataset):
             key = sample.get("__key__", "")
             rng = random.Random(f"{self.seed}-{epoch}-{key}")  # crop and flip of this sample in this epoch
             try:
-                caption = clean_caption(_caption(sample, self.config.caption_column))
+                caption = _caption(sample, self.config.caption_column)
+                if isinstance(caption, list):  # several captions in the json: one per epoch, seeded
+                    caption = rng.choice(caption) if caption else None
+                caption = clean_caption(caption)
                 image = decode_image(_image_bytes(sample) or b"", cover=bucket)
             except Skip as skip:
                 skipped[skip.reason] += 1
