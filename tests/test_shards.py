@@ -78,6 +78,13 @@ def test_ranks_and_workers_read_disjoint_shards_that_cover_all(tmp_path):
             for worker in range(2):
                 seen.append(set(dataset.shards(epoch, worker)))
         assert sum(len(s) for s in seen) == 8 and set().union(*seen) == set(urls)  # disjoint and complete
+    # and the samples they actually read in an epoch: every key once, across 2 ranks x 2 workers
+    keys = []
+    for rank in range(2):
+        dataset = ShardDataset(_config(spec), 4, seed=1, rank=rank, world_size=2, num_workers=2)
+        for worker in range(2):
+            keys += _keys(dataset._epoch(0, worker, None))
+    assert sorted(keys) == sorted(f"{s:05d}{i:04d}" for s in range(8) for i in range(10))
     with pytest.raises(ValueError, match="cannot feed"):
         ShardDataset(_config(spec), 4, rank=0, world_size=3, num_workers=3)
 
