@@ -18,12 +18,12 @@ from sdtrain.data.shapes import write_shapes_dataset
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
-# --quick: seconds per stage instead of minutes (the end-to-end test); the quality targets do not apply.
-# Classifier-free guidance of the evaluation. Measured on one 9-minute demo model (seen, all three correct / reconstruct
-# edits): 2: 35 / 31 %, 3: 37 / 42 %, 4: 37 / 56 %, 6: 31 / 50 %, 7.5: 31 / 42 %, 12: 24 / 23 %. The small,
-# briefly trained UNet overshoots at high guidance (saturated, lumpy objects).
+# Classifier-free guidance of the evaluation. Measured on one 9-minute demo model (seen prompts, all three correct /
+# reconstruct edits): 2: 35 / 31 %, 3: 37 / 42 %, 4: 37 / 56 %, 6: 31 / 50 %, 7.5: 31 / 42 %, 12: 24 / 23 %. The
+# small, briefly trained UNet overshoots at high guidance (saturated, lumpy objects).
 GUIDANCE = 4.0
 
+# --quick: seconds per stage instead of minutes (the end-to-end test); the quality targets do not apply.
 QUICK = {
     "dataset": {"num_images": 256, "num_eval": 64},
     "vae": ["train.max_minutes=0.15", "train.eval_images=32"],

@@ -144,8 +144,8 @@ class CachedStream:
         return latents, self.embeddings[text_index]
 
 
-class OnlineStream:
-    """Micro-batches read from a folder dataset and encoded every step."""
+class _EncodingStream:
+    """The streams that decode images and encode them every step: bad-sample accounting and encoding."""
 
     def __init__(
         self,
@@ -158,7 +158,6 @@ class OnlineStream:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        position: tuple[int, int] = (0, 0),
     ):
         self.config, self.vae, self.text_encoder, self.tokenizer = config, vae, text_encoder, tokenizer
         self.batch_size, self.device, self.seed, self.rank, self.world_size = (
@@ -170,12 +169,38 @@ class OnlineStream:
         )
         self.skipped = SkipCounter()
         self.read = 0  # samples read (good + skipped), for data.max_bad_share
+        self._batches: Iterator = iter(())
+
+    def _consumed(self, batch: dict[str, Any]) -> None:
+        """Advance the position past ``batch`` (the loader prefetches: only consumed batches count)."""
+        raise NotImplementedError
+
+    def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:  # a batch whose samples were all skipped is drawn again
+            batch = next(self._batches)
+            self._consumed(batch)
+            self.skipped.update(batch["skipped"])
+            self.read += len(batch["text"]) + sum(batch["skipped"].values())
+            check_bad_share(self.skipped, self.read, self.config.max_bad_share)
+            if len(batch["text"]):
+                break
+        return encode_batch(
+            batch["image"], batch["text"], self.vae, self.text_encoder, self.tokenizer, self.config.caption_dropout,
+            draws, self.device,
+        )  # fmt: skip
+
+
+class OnlineStream(_EncodingStream):
+    """Micro-batches read from an indexable source (folder, manifest, dataset), encoded every step."""
+
+    def __init__(self, *args, position: tuple[int, int] = (0, 0), **kwargs):
+        super().__init__(*args, **kwargs)
         self._start(position)
 
     def _start(self, position: tuple[int, int]) -> None:
         self.position = position
         self.loader = make_dataloader(self.config, self.batch_size, self.seed, self.rank, self.world_size, position)
-        self._batches: Iterator = iter(self.loader)
+        self._batches = iter(self.loader)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -189,53 +214,15 @@ class OnlineStream:
         self.skipped, self.read = SkipCounter(state.get("skipped", {})), state.get("read", 0)
         self._start((state["epoch"], state["offset"]))
 
-    def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
-        while True:  # a batch whose samples were all skipped is drawn again
-            batch = next(self._batches)
-            # the DataLoader prefetches, so the position is counted from the batches actually consumed
-            self.position = self.loader.sampler.advance(self.position, self.batch_size)
-            self.skipped.update(batch["skipped"])
-            self.read += len(batch["text"]) + sum(batch["skipped"].values())
-            check_bad_share(self.skipped, self.read, self.config.max_bad_share)
-            if len(batch["text"]):
-                break
-        return encode_batch(
-            batch["image"],
-            batch["text"],
-            self.vae,
-            self.text_encoder,
-            self.tokenizer,
-            self.config.caption_dropout,
-            draws,
-            self.device,
-        )
+    def _consumed(self, batch: dict[str, Any]) -> None:
+        self.position = self.loader.sampler.advance(self.position, self.batch_size)
 
 
-class ShardStream:
+class ShardStream(_EncodingStream):
     """Micro-batches streamed from webdataset shards (sdtrain.data.shards), encoded every step; resumable."""
 
-    def __init__(
-        self,
-        config: DataConfig,
-        vae,
-        text_encoder,
-        tokenizer,
-        batch_size: int,
-        device: torch.device,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        self.config, self.vae, self.text_encoder, self.tokenizer = config, vae, text_encoder, tokenizer
-        self.batch_size, self.device, self.seed, self.rank, self.world_size = (
-            batch_size,
-            device,
-            seed,
-            rank,
-            world_size,
-        )
-        self.skipped = SkipCounter()
-        self.read = 0  # samples read (good + skipped), for data.max_bad_share
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._start(None)
 
     def _start(self, state: dict | None) -> None:
@@ -246,7 +233,7 @@ class ShardStream:
             self.position.states, self.position.next_worker,
         )  # fmt: skip
         self.loader = make_shard_loader(dataset)
-        self._batches: Iterator = iter(self.loader)
+        self._batches = iter(self.loader)
 
     def state(self) -> dict[str, Any]:
         return {**self.position.state(), "skipped": dict(self.skipped), "read": self.read}
@@ -255,19 +242,8 @@ class ShardStream:
         self.skipped, self.read = SkipCounter(state.get("skipped", {})), state.get("read", 0)
         self._start(state)
 
-    def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
-        while True:  # a batch whose samples were all skipped is drawn again
-            batch = next(self._batches)
-            self.position.consumed(batch)
-            self.skipped.update(batch["skipped"])
-            self.read += len(batch["text"]) + sum(batch["skipped"].values())
-            check_bad_share(self.skipped, self.read, self.config.max_bad_share)
-            if len(batch["text"]):
-                break
-        return encode_batch(
-            batch["image"], batch["text"], self.vae, self.text_encoder, self.tokenizer, self.config.caption_dropout,
-            draws, self.device,
-        )  # fmt: skip
+    def _consumed(self, batch: dict[str, Any]) -> None:
+        self.position.consumed(batch)
 
 
 class MixedStream:
