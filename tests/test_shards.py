@@ -400,3 +400,18 @@ def test_mixed_sources_follow_their_weights_and_resume(tmp_path, clip_dir, vae_d
     state = json.loads((tmp_path / "split" / "checkpoints" / "step-00000006" / "state.json").read_text())
     folder_state, shard_state = state["data"][0]["streams"]
     assert state["data"][0]["count"] == 6 and folder_state["read"] > 0 and shard_state["read"] > 0  # both drawn
+
+
+def test_huggingface_dataset_by_path_through_load_dataset(tmp_path):
+    import datasets
+
+    names = _images(tmp_path / "img")
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict(
+        {"image": [str(tmp_path / "img" / n) for n in names], "text": [f"hub {n}" for n in names]}, features=features
+    )
+    (tmp_path / "repo").mkdir()
+    ds.to_parquet(tmp_path / "repo" / "train.parquet")  # a dataset repository's layout, loaded by load_dataset
+    records = list_records(f"hf:{tmp_path / 'repo'}")
+    assert len(records) == 4 and records[2]["caption"] == "hub 2.png"
+    assert decode_image(records[2]["image"]).getpixel((0, 0)) == (120, 0, 0)
