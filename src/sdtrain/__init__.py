@@ -23,7 +23,22 @@ def check_torch(version: str) -> None:
 
 check_torch(_torch.__version__)
 
-from sdtrain.api import StableDiffusion  # noqa: E402
+
+def _import_quietly():
+    """Import the API with transformers' import-time notices (torchvision-less image processors, which text-to-image
+    training never uses) silenced; the user's transformers verbosity is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        from sdtrain.api import StableDiffusion
+    finally:
+        hf_logging.set_verbosity(previous)
+    return StableDiffusion
+
+
+StableDiffusion = _import_quietly()
 
 __version__ = "0.1.0"
 __all__ = ["StableDiffusion", "__version__", "check_torch"]
