@@ -318,15 +318,20 @@ def test_csv_jsonl_and_parquet_manifests(tmp_path):
         list_records(tmp_path / "m.csv", "file_name", "caption")
 
 
-def test_huggingface_dataset_saved_to_disk(tmp_path):
+def _hf_dataset(tmp_path: Path, prefix: str):
+    """4 images (red 0, 60, 120, 180) with captions "PREFIX i.png", as a datasets.Dataset with an Image feature."""
     import datasets
 
     names = _images(tmp_path / "img")
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
-    ds = datasets.Dataset.from_dict(
-        {"image": [str(tmp_path / "img" / n) for n in names], "text": [f"hf {n}" for n in names]}, features=features
+    return datasets.Dataset.from_dict(
+        {"image": [str(tmp_path / "img" / n) for n in names], "text": [f"{prefix} {n}" for n in names]},
+        features=features,
     )
-    ds.save_to_disk(tmp_path / "hf")
+
+
+def test_huggingface_dataset_saved_to_disk(tmp_path):
+    _hf_dataset(tmp_path, "hf").save_to_disk(tmp_path / "hf")
     records = list_records(tmp_path / "hf")
     assert len(records) == 4 and records[1]["caption"] == "hf 1.png"
     assert decode_image(records[3]["image"]).getpixel((0, 0)) == (180, 0, 0)
@@ -403,15 +408,10 @@ def test_mixed_sources_follow_their_weights_and_resume(tmp_path, clip_dir, vae_d
 
 
 def test_huggingface_dataset_by_path_through_load_dataset(tmp_path):
-    import datasets
-
-    names = _images(tmp_path / "img")
-    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
-    ds = datasets.Dataset.from_dict(
-        {"image": [str(tmp_path / "img" / n) for n in names], "text": [f"hub {n}" for n in names]}, features=features
-    )
     (tmp_path / "repo").mkdir()
-    ds.to_parquet(tmp_path / "repo" / "train.parquet")  # a dataset repository's layout, loaded by load_dataset
+    _hf_dataset(tmp_path, "hub").to_parquet(
+        tmp_path / "repo" / "train.parquet"
+    )  # a dataset repository's layout, loaded by load_dataset
     records = list_records(f"hf:{tmp_path / 'repo'}")
     assert len(records) == 4 and records[2]["caption"] == "hub 2.png"
     assert decode_image(records[2]["image"]).getpixel((0, 0)) == (120, 0, 0)

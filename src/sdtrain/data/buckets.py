@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from sdtrain.config import DataConfig
+
 
 def make_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
     """Bucket sizes ``(width, height)``, sorted by aspect ratio; always includes the square."""
@@ -22,6 +24,13 @@ def make_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> lis
             buckets.add((width, height))
         width += step
     return sorted(buckets, key=lambda b: b[0] / b[1])
+
+
+def config_buckets(config: DataConfig) -> list[tuple[int, int]]:
+    """The run's buckets: ``make_buckets`` with ``data.buckets``, else the one square."""
+    if config.buckets:
+        return make_buckets(config.resolution, config.bucket_step, config.bucket_max_ratio)
+    return [(config.resolution, config.resolution)]
 
 
 def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:

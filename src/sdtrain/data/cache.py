@@ -1,12 +1,13 @@
-"""Batch streams for the training loop: online (decode, encode every step) or from an in-memory latent cache.
+"""Batch streams for the training loop: from an in-memory latent cache, online from an indexable source or from
+webdataset shards (decode and encode every step), a weighted mix of sources, or any iterable (the Python API).
 
-Both yield ``(latents, encoder_hidden_states)`` per micro-batch, with latents already in the UNet's scaled space and
-sampled from the autoencoder's posterior, and caption dropout applied. Both are resumable: ``state()`` returns the
-data position, and a stream built with that position continues with the same samples.
+Every stream yields ``(latents, encoder_hidden_states)`` per micro-batch, with latents already in the UNet's scaled
+space and sampled from the autoencoder's posterior, and caption dropout applied. Every stream is resumable:
+``state()`` returns the data position, and ``load_state`` continues with the same samples.
 
 The in-memory cache (``data.cache_latents``) encodes each image once (posterior mean and std) and each distinct
-caption once, which is what makes small-data training on a CPU fast. The sharded on-disk cache for large datasets
-belongs to ``sdtrain cache`` (the data issue).
+caption once, which is what makes small-data training on a CPU fast. The sharded on-disk cache for large datasets is
+``sdtrain.data.disk_cache``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdtrain.config import DataConfig
-from sdtrain.data.decode import Skip, SkipCounter, clean_caption, decode_image
+from sdtrain.data.decode import Skip, SkipCounter, caption_options, decode_image
 from sdtrain.data.folder import EpochSampler, make_dataloader, resize_crop, training_records
 from sdtrain.data.shards import ShardDataset, ShardPosition, make_shard_loader
 from sdtrain.models.text import encode_prompts
@@ -78,8 +79,7 @@ def build_memory_cache(
 
     for record in tqdm(records, desc="caching latents", unit="img", leave=False):
         try:
-            options = record["caption"] if isinstance(record["caption"], list) else [record["caption"]]
-            options = [clean_caption(c) for c in options]
+            options = caption_options(record["caption"])
             image = decode_image(record["image"], cover=(config.resolution, config.resolution))
         except Skip as skip:
             skipped[skip.reason] += 1

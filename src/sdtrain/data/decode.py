@@ -113,6 +113,18 @@ def clean_caption(caption: object) -> str:
     return caption.strip()
 
 
+def choose_caption(caption: object, rng) -> str:
+    """One usable caption: a list's option chosen with ``rng`` (seeded per sample by the caller), then cleaned."""
+    if isinstance(caption, list):
+        caption = rng.choice(caption) if caption else None
+    return clean_caption(caption)
+
+
+def caption_options(caption: object) -> list[str]:
+    """Every option of a caption (a string or a list), each cleaned; any bad option skips the sample."""
+    return [clean_caption(c) for c in (caption if isinstance(caption, list) else [caption])]
+
+
 def probe_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """``(width, height)`` from the header alone (for aspect buckets), with the same skip reasons as decoding."""
     if not data:

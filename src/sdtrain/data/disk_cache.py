@@ -31,8 +31,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from sdtrain.config import DataConfig
-from sdtrain.data.buckets import make_buckets, nearest_bucket
-from sdtrain.data.decode import Skip, SkipCounter, clean_caption, decode_image
+from sdtrain.data.buckets import config_buckets, nearest_bucket
+from sdtrain.data.decode import Skip, SkipCounter, caption_options, decode_image
 from sdtrain.data.folder import EpochSampler, resize_crop, training_records
 from sdtrain.data.sources import is_shards
 from sdtrain.models.text import encode_prompts
@@ -56,12 +56,6 @@ def model_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def buckets_of(config: DataConfig) -> list[tuple[int, int]]:
-    if config.buckets:
-        return make_buckets(config.resolution, config.bucket_step, config.bucket_max_ratio)
-    return [(config.resolution, config.resolution)]
-
-
 def fingerprint(config: DataConfig, vae, text_encoder, tokenizer) -> dict[str, Any]:
     """Everything a cached latent or embedding depends on."""
     return {
@@ -70,7 +64,7 @@ def fingerprint(config: DataConfig, vae, text_encoder, tokenizer) -> dict[str, A
         "max_length": tokenizer.model_max_length,
         "resolution": config.resolution,
         "center_crop": config.center_crop,
-        "buckets": [list(b) for b in buckets_of(config)],
+        "buckets": [list(b) for b in config_buckets(config)],
     }
 
 
@@ -96,6 +90,25 @@ def _records(config: DataConfig, seed: int, rank: int, world: int):
 
 
 @torch.no_grad()
+def _write_part(
+    root: Path, name: str, bucket: tuple[int, int], rows: list[dict], vae, text_encoder, tokenizer
+) -> dict:
+    """Encode one bucket's rows and write them as ``root/name.safetensors``; returns the part's index record."""
+    device = text_encoder.device
+    mean, std = encode_moments(vae, torch.stack([r["pixels"] for r in rows]).to(device))
+    options = [c for r in rows for c in r["captions"]]
+    embeds = torch.cat([encode_prompts(text_encoder, tokenizer, options[i : i + 64], device) for i in
+                        range(0, len(options), 64)])  # fmt: skip
+    offsets = torch.tensor([0] + [len(r["captions"]) for r in rows]).cumsum(0)
+    tensors = {"mean": mean.half(), "std": std.half(), "embeds": embeds.half(), "offsets": offsets}
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+    meta = {"keys": json.dumps([r["key"] for r in rows]), "bucket": json.dumps(list(bucket)),
+            "original_size": json.dumps([r["original_size"] for r in rows])}  # fmt: skip
+    _write_atomic(root / f"{name}.safetensors", lambda p: save_file(tensors, p, metadata=meta))
+    return {"file": f"{name}.safetensors", "count": len(rows), "bucket": list(bucket)}
+
+
+@torch.no_grad()
 def write_cache(
     config: DataConfig, vae, text_encoder, tokenizer, seed: int = 0, rank: int = 0, world_size: int = 1
 ) -> Path:
@@ -111,36 +124,15 @@ def write_cache(
         raise ValueError(f"{root} holds a cache made with other settings or models; choose another data.cache_dir")
     _write_atomic(fp, lambda p: p.write_text(json.dumps(stamp, indent=1)))
     device = text_encoder.device
-    empty = encode_prompts(text_encoder, tokenizer, [""], device).half().cpu()
     if rank == 0:
-        _write_atomic(root / "empty.safetensors", lambda p: save_file({"embedding": empty[0]}, p))
-    buckets = buckets_of(config)
+        empty = encode_prompts(text_encoder, tokenizer, [""], device).half().cpu()
+        _write_atomic(root / "empty.safetensors", lambda p: save_file({"embedding": empty[0].contiguous()}, p))
+    buckets = config_buckets(config)
     pending: dict[tuple[int, int], list] = {b: [] for b in buckets}
     parts, skipped = [], SkipCounter()
-
-    def flush(bucket: tuple[int, int]) -> None:
-        rows = pending[bucket]
-        if not rows:
-            return
-        mean, std = encode_moments(vae, torch.stack([r["pixels"] for r in rows]).to(device))
-        options = [c for r in rows for c in r["captions"]]
-        embeds = torch.cat([encode_prompts(text_encoder, tokenizer, options[i : i + 64], device) for i in
-                            range(0, len(options), 64)])  # fmt: skip
-        offsets = torch.tensor([0] + [len(r["captions"]) for r in rows]).cumsum(0)
-        name = f"part-r{rank:03d}-{len(parts):05d}.safetensors"
-        tensors = {"mean": mean.half().cpu(), "std": std.half().cpu(), "embeds": embeds.half().cpu(),
-                   "offsets": offsets}  # fmt: skip
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
-        meta = {"keys": json.dumps([r["key"] for r in rows]), "bucket": json.dumps(list(bucket)),
-                "original_size": json.dumps([r["original_size"] for r in rows])}  # fmt: skip
-        _write_atomic(root / name, lambda p: save_file(tensors, p, metadata=meta))
-        parts.append({"file": name, "count": len(rows), "bucket": list(bucket)})
-        rows.clear()
-
     for key, image, caption in tqdm(_records(config, seed, rank, world_size), desc="caching", unit="img"):
         try:
-            options = caption if isinstance(caption, list) else [caption]
-            options = [clean_caption(c) for c in options]
+            options = caption_options(caption)
             decoded = decode_image(image, cover=(config.resolution, config.resolution))
         except Skip as skip:
             skipped[skip.reason] += 1
@@ -150,9 +142,13 @@ def write_cache(
         pending[bucket].append({"key": key, "pixels": pixels, "captions": options,
                                 "original_size": info["original_size"]})  # fmt: skip
         if len(pending[bucket]) == PART_SIZE:
-            flush(bucket)
+            parts.append(_write_part(root, f"part-r{rank:03d}-{len(parts):05d}", bucket, pending[bucket],
+                                     vae, text_encoder, tokenizer))  # fmt: skip
+            pending[bucket] = []
     for bucket in buckets:
-        flush(bucket)
+        if pending[bucket]:
+            parts.append(_write_part(root, f"part-r{rank:03d}-{len(parts):05d}", bucket, pending[bucket],
+                                     vae, text_encoder, tokenizer))  # fmt: skip
     record = {"parts": parts, "skipped": dict(skipped), "samples": sum(p["count"] for p in parts)}
     _write_atomic(done, lambda p: p.write_text(json.dumps(record, indent=1)))
     return root

@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sdtrain.config import DataConfig
-from sdtrain.data.decode import Skip, SkipCounter, clean_caption, decode_image
+from sdtrain.data.decode import Skip, SkipCounter, choose_caption, decode_image
 from sdtrain.data.sources import list_records
 
 
@@ -97,10 +97,7 @@ class ImageCaptionFolder(Dataset):
         record = self.records[index % len(self.records)]
         rng = random.Random(self.seed * 1_000_003 + index)
         try:
-            caption = record["caption"]
-            if isinstance(caption, list):
-                caption = rng.choice(caption) if caption else None
-            caption = clean_caption(caption)
+            caption = choose_caption(record["caption"], rng)
             image = decode_image(record["image"], cover=(self.config.resolution,) * 2)
         except Skip as skip:
             return {"skip": skip.reason}

@@ -34,8 +34,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sdtrain.config import DataConfig
-from sdtrain.data.buckets import make_buckets, nearest_bucket
-from sdtrain.data.decode import Skip, SkipCounter, clean_caption, decode_image, probe_size
+from sdtrain.data.buckets import config_buckets, nearest_bucket
+from sdtrain.data.decode import Skip, SkipCounter, choose_caption, decode_image, probe_size
 from sdtrain.data.folder import resize_crop
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif")
@@ -155,10 +155,7 @@ class ShardDataset(IterableDataset):
                 f"{len(self.urls)} shards cannot feed {world_size} processes x {self.num_workers} dataloader workers: "
                 "write more, smaller shards or use fewer workers"
             )
-        if config.buckets:
-            self.buckets = make_buckets(config.resolution, config.bucket_step, config.bucket_max_ratio)
-        else:
-            self.buckets = [(config.resolution, config.resolution)]
+        self.buckets = config_buckets(config)
 
     def shards(self, epoch: int, worker: int) -> list[str]:
         """This (rank, worker)'s shards in epoch ``epoch``."""
@@ -221,7 +218,7 @@ class ShardDataset(IterableDataset):
         if state:  # replay headers from the oldest buffered block to the position: the buffers refill exactly
             oldest = state["oldest"]
             resume_at = (state["block"], state["in_block"])
-            start = (oldest[0], oldest[1], oldest[2])
+            start = tuple(oldest)
             keep = {tuple(b): n for b, n in state["buffers"]}
             buffers = {b: deque(maxlen=keep.get(b, 0)) for b in self.buckets}
         else:
@@ -295,10 +292,7 @@ class ShardDataset(IterableDataset):
             key = sample.get("__key__", "")
             rng = random.Random(f"{self.seed}-{epoch}-{key}")  # crop and flip of this sample in this epoch
             try:
-                caption = _caption(sample, self.config.caption_column)
-                if isinstance(caption, list):  # several captions in the json: one per epoch, seeded
-                    caption = rng.choice(caption) if caption else None
-                caption = clean_caption(caption)
+                caption = choose_caption(_caption(sample, self.config.caption_column), rng)  # json may hold a list
                 image = decode_image(_image_bytes(sample) or b"", cover=bucket)
             except Skip as skip:
                 skipped[skip.reason] += 1

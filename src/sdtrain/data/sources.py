@@ -29,7 +29,7 @@ MANIFESTS = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
 def is_shards(path: str) -> bool:
     """Webdataset shards: ``.tar`` paths or URLs, possibly brace-expanded (``data/{00000..00099}.tar``)."""
-    return any(part.strip().split("::")[0].endswith((".tar", ".tar}")) or ".tar" in part for part in path.split(","))
+    return ".tar" in str(path)
 
 
 def list_records(path: str | Path, image_column: str = "file_name", caption_column: str = "text") -> Sequence[dict]:

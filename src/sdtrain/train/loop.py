@@ -101,6 +101,17 @@ class Components:
     unet: UNet2DConditionModel
 
 
+def _processes_on_cpu() -> bool:
+    """Several processes on a machine without CUDA (`accelerate launch --multi_gpu` on CPUs): accelerate needs
+    ``cpu=True`` to run them as DDP over gloo, else each process would train alone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def make_ema(parameters: list[torch.nn.Parameter], decay: float) -> EMAModel:
+    """diffusers' EMA with warm-up: the step-k decay is ``min(decay, 1 - (1 + k) ** (-2/3))``."""
+    return EMAModel(parameters, decay=decay, use_ema_warmup=True, power=2 / 3, foreach=True)
+
+
 def load_encoders(config: Config) -> tuple[Any, Any, Any]:
     """The frozen ``(vae, text_encoder, tokenizer)`` the config names."""
     m = config.model
@@ -121,7 +132,7 @@ def cache_dataset(config: Config) -> Path:
 
     if not config.data.cache_dir:
         raise ValueError("set data.cache_dir: where the cache is written")
-    state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    state = PartialState(cpu=_processes_on_cpu())
     vae, text_encoder, tokenizer = load_encoders(config)
     vae.to(state.device)
     text_encoder.to(state.device)
@@ -226,8 +237,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     accelerator = Accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=tc.gradient_accumulation,
-        # several processes on a machine without CUDA (`accelerate launch --multi_gpu` on CPUs): DDP over gloo
-        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+        cpu=_processes_on_cpu(),
         log_with=tc.trackers or None,
         project_dir=out,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
@@ -316,7 +326,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     ema, ema_device = None, torch.device("cpu") if tc.ema_offload else device
     if tc.ema_decay is not None:
         parameters = [p for _, p in trainable(accelerator.unwrap_model(unet))]
-        ema = EMAModel(parameters, decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)
+        ema = make_ema(parameters, tc.ema_decay)
 
     # 5. Resume from the newest valid checkpoint
     counters = Counters()
@@ -549,21 +559,16 @@ def _append_val_loss(log_path: Path, step: int, val_loss: float) -> None:
     log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def _flat_config(config: Config) -> dict[str, Any]:
-    """The config as flat scalars (trackers record hyperparameters that way)."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if dataclasses.is_dataclass(value):
-            for f in dataclasses.fields(value):
-                walk(f"{prefix}.{f.name}" if prefix else f.name, getattr(value, f.name))
-        elif isinstance(value, (int, float, str, bool)):
-            flat[prefix] = value
-        elif value is not None:
-            flat[prefix] = str(value)
-
-    walk("", config)
-    return flat
+def _flat_config(value: Any, prefix: str = "") -> dict[str, Any]:
+    """The config as flat dotted scalars (trackers record hyperparameters that way)."""
+    if dataclasses.is_dataclass(value):
+        flat: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            flat.update(_flat_config(getattr(value, f.name), f"{prefix}.{f.name}" if prefix else f.name))
+        return flat
+    if value is None:
+        return {}
+    return {prefix: value if isinstance(value, (int, float, str, bool)) else str(value)}
 
 
 def _with_ema(components: Components, unet, ema, accelerator) -> Components:
