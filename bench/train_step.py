@@ -3,6 +3,7 @@
     python bench/train_step.py                       # CPU: the tests' tiny UNet, fp32
     python bench/train_step.py --sd15                # GPU: SD-1.5 UNet, 256 px batch 64 and 512 px batch 32, bf16
     python bench/train_step.py --sd15 --compile      # ... both sides under torch.compile
+    python bench/train_step.py --sd15 --full         # one GPU lease: eager with our variants, then compiled
 
 Both sides train from cached latents (random tensors of the right shape: the UNet's cost does not depend on what
 the numbers are) with fp32 master weights, autocast, gradient clipping, EMA and AdamW. The plain step is the loop of
@@ -17,6 +18,7 @@ count of the UNet) and peak memory on CUDA.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -137,7 +139,7 @@ def plain_diffusers(unet, data, steps: int, warmup: int, precision: str, compile
     return steps * data[0]["latents"].shape[0] / (time.perf_counter() - start)
 
 
-def ours(unet, parts, data, steps: int, warmup: int, precision: str, compile_: bool, resolution: int) -> float:
+def ours(unet, parts, data, steps, warmup, precision, compile_, resolution, extra=()) -> float:
     """images/s of sdtrain's loop (the log's windows after the warm-up)."""
     vae, text, tokenizer = parts
     batch = data[0]["latents"].shape[0]
@@ -158,6 +160,7 @@ def ours(unet, parts, data, steps: int, warmup: int, precision: str, compile_: b
             "train.ema_decay=0.9999",
             f"train.mixed_precision={precision}",
             f"train.compile={str(compile_).lower()}",
+            *extra,
         ]
         config = load_config(Config, None, overrides)
         AcceleratorState._reset_state()
@@ -171,66 +174,159 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_case(name, make_unet, parts, batch, latent, tokens, hidden, steps, warmup, precision, compile_, resolution):
-    data = batches(4, batch, latent, tokens, hidden)
-    torch.manual_seed(0)
-    base_unet = make_unet()
-    state = {k: v.clone() for k, v in base_unet.state_dict().items()}
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    plain = plain_diffusers(base_unet, data, steps, warmup, precision, compile_)
-    plain_mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    del base_unet
-    unet = make_unet()
-    unet.load_state_dict(state)
+def _release() -> None:
+    """Free what the last side left on the GPU (compiled graphs, cached blocks) before the next side starts."""
+    gc.collect()
+    torch._dynamo.reset()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    our = ours(unet, parts, data, steps, warmup, precision, compile_, resolution)
-    our_mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    flops = profile_unet(unet.to(device), (4, latent, latent), (tokens, hidden), device).train_flops
+
+
+def profile_plain(unet, data, steps: int, path: Path) -> None:
+    """A torch.profiler table (CUDA time by kernel) of a few eager plain steps, for the speed work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _release()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        plain_diffusers(unet, data, steps, 2, "bf16", False)
+    path.write_text(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
+
+
+class Case:
+    """One UNet size and batch: the initial weights (the same for every side) and the cached batches."""
+
+    def __init__(self, name, make_unet, parts, batch, latent, tokens, hidden, resolution):
+        self.name, self.make_unet, self.parts, self.resolution = name, make_unet, parts, resolution
+        self.latent, self.tokens, self.hidden = latent, tokens, hidden
+        pin = torch.cuda.is_available()  # both sides copy the same pinned batches to the GPU
+        self.data = [
+            {k: v.pin_memory() if pin else v for k, v in b.items()} for b in batches(4, batch, latent, tokens, hidden)
+        ]
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # SD 1.5's init is slow on a CPU
+            self.state = {k: v.cpu() for k, v in self.make_unet().state_dict().items()}
+        self.flops = None
+
+    def unet(self) -> UNet2DConditionModel:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        with device:
+            unet = self.make_unet()
+        unet.load_state_dict(self.state)
+        if self.flops is None:
+            shapes = (4, self.latent, self.latent), (self.tokens, self.hidden)
+            self.flops = profile_unet(unet, *shapes, device).train_flops
+        return unet
+
+    def side(self, label: str, run) -> dict:
+        """Run one side; its images/s, TFLOP/s and peak memory (None and the error when it failed)."""
+        _release()
+        started = time.perf_counter()
+        try:
+            images_per_s, error = run(self.unet()), None
+        except Exception as e:  # one failed variant (out of memory, a compiler error) must not end the benchmark
+            images_per_s, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        row = {
+            "case": self.name,
+            "side": label,
+            "images_per_s": images_per_s,
+            "tflops": images_per_s * self.flops / 1e12 if images_per_s else None,
+            "peak_gib": peak,
+            "seconds": time.perf_counter() - started,
+            "error": error,
+        }
+        _release()
+        return row
+
+
+def print_row(row: dict, baseline: dict | None, log: Path | None) -> None:
+    def num(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+
+    ratio = None
+    if baseline and baseline["images_per_s"] and row["images_per_s"]:
+        ratio = row["images_per_s"] / baseline["images_per_s"]
     print(
-        f"| {name} | {plain:8.1f} | {our:8.1f} | {our / plain:5.2f} | {plain * flops / 1e12:6.3g} | "
-        f"{our * flops / 1e12:6.3g} | {plain_mem:5.1f} | {our_mem:5.1f} |",
+        f"| {row['case']} | {row['side']} | {num(row['images_per_s'], '.1f')} | {num(ratio, '.2f')} | "
+        f"{num(row['tflops'], '.0f')} | {num(row['peak_gib'], '.1f')} | {row['seconds']:.0f} | {row['error'] or ''} |",
         flush=True,
     )
+    if log is not None:
+        with open(log, "a") as f:
+            f.write(json.dumps({**row, "ratio": ratio}) + "\n")
+
+
+def run_sides(case: Case, sides, steps: int, warmup: int, precision: str, compile_: bool, log) -> list:
+    """The plain step, then each of our variants (label, config overrides); returns our (row, overrides)."""
+    plain = case.side("plain diffusers", lambda u: plain_diffusers(u, case.data, steps, warmup, precision, compile_))
+    print_row(plain, None, log)
+    rows = []
+    for label, extra in sides:
+        row = case.side(
+            label,
+            lambda u, extra=extra: ours(
+                u, case.parts, case.data, steps, warmup, precision, compile_, case.resolution, extra
+            ),
+        )
+        print_row(row, plain, log)
+        rows.append((row, extra))
+    return rows
+
+
+def fastest(rows) -> tuple[str, list[str]]:
+    ok = [(row["images_per_s"], row["side"], extra) for row, extra in rows if row["images_per_s"]]
+    return max(ok, key=lambda x: x[0])[1:] if ok else ("sdtrain", [])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sd15", action="store_true", help="SD-1.5 UNet on the GPU (256 px b64, 512 px b32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    parser.add_argument("--full", action="store_true", help="--sd15: eager with our variants, then compiled")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per side")
     parser.add_argument("--precision", default=None, choices=["no", "bf16", "fp16"])
+    parser.add_argument("--log", type=Path, default=None, help="append each row as a JSON line to this file")
+    parser.add_argument("--profile", type=Path, default=None, help="--full: a profiler table of eager plain steps")
     args = parser.parse_args()
     os.environ["TQDM_DISABLE"] = "1"
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
-    print("| case | plain img/s | sdtrain img/s | ratio | plain TFLOP/s | sdtrain TFLOP/s | plain GiB | sdtrain GiB |")
+    print("| case | side | img/s | ratio to plain | TFLOP/s | peak GiB | s | error |")
     print("|---|---|---|---|---|---|---|---|")
-    if args.sd15:
-        if not torch.cuda.is_available():
-            raise SystemExit("--sd15 needs a CUDA GPU")
-        steps, warmup, precision = args.steps or 30, args.warmup or 10, args.precision or "bf16"
-        parts = frozen_parts(8, 768, 77)
-        for px, batch in ((256, 64), (512, 32)):
-            latent = px // 8
-            run_case(
-                f"SD-1.5 UNet {px} px b{batch} {precision}{' compile' if args.compile else ''}",
-                lambda latent=latent: sd15_unet(latent),
-                parts, batch, latent, 77, 768, steps, warmup, precision, args.compile, px,
-            )  # fmt: skip
-    else:
+    if not args.sd15:
         steps, warmup, precision = args.steps or 60, args.warmup or 20, args.precision or "no"
         parts = frozen_parts(2, 32, 8)
-        run_case(
-            f"tiny UNet 32 px b8 {precision}",
-            lambda: tiny_unet(32),
-            parts, 8, 16, 8, 32, steps, warmup, precision, args.compile, 32,
-        )  # fmt: skip
+        case = Case(f"tiny UNet 32 px b8 {precision}", lambda: tiny_unet(32), parts, 8, 16, 8, 32, 32)
+        run_sides(case, [("sdtrain", [])], steps, warmup, precision, args.compile, args.log)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("--sd15 needs a CUDA GPU")
+    steps, warmup, precision = args.steps or 30, args.warmup or 10, args.precision or "bf16"
+    parts = frozen_parts(8, 768, 77)
+    cases = {
+        px: Case(f"SD-1.5 {px} px b{b} {precision}", lambda px=px: sd15_unet(px // 8), parts, b, px // 8, 77, 768, px)
+        for px, b in ((256, 64), (512, 32))
+    }
+    if not args.full:
+        for case in cases.values():
+            run_sides(case, [("sdtrain", [])], steps, warmup, precision, args.compile, args.log)
+        return
+    # one GPU lease: eager first (cheap), our variants at 256 px and the fastest at 512 px; then compiled (the
+    # targets: minutes of compilation per side), both sizes with the variant that was fastest eager
+    variants = [
+        ("sdtrain", []),
+        ("sdtrain channels_last", ["train.channels_last=true"]),
+        ("sdtrain no cudnn.benchmark", ["train.cudnn_benchmark=false"]),
+    ]
+    chosen = fastest(run_sides(cases[256], variants, steps, warmup, precision, False, args.log))
+    run_sides(cases[512], [chosen], steps, warmup, precision, False, args.log)
+    if args.profile:
+        profile_plain(cases[256].unet(), cases[256].data, 3, args.profile)
+    for px in (256, 512):
+        run_sides(cases[px], [chosen], steps, warmup, precision, True, args.log)
 
 
 if __name__ == "__main__":

@@ -365,6 +365,9 @@ class TrainConfig:
     """torch.compile the UNet (minutes of compilation; faster steps on GPUs)."""
     allow_tf32: bool = True
     """TF32 matmuls and convolutions on Ampere and newer GPUs (fp32 runs only; no effect on a CPU)."""
+    cudnn_benchmark: bool = True
+    """Let cuDNN time its convolution algorithms once per input shape and keep the fastest (GPUs only; a few
+    shapes with aspect buckets, each timed once)."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -329,7 +329,8 @@ class IterableStream:
             # put the empty prompt's embedding in the batch where you want it)
             if "prompt_embeds" not in batch:
                 raise ValueError("a batch with 'latents' needs 'prompt_embeds' (the text encoder's output) too")
-            return batch["latents"].to(self.device, non_blocking=True), batch["prompt_embeds"].to(self.device)
+            latents, embeds = batch["latents"], batch["prompt_embeds"]
+            return latents.to(self.device, non_blocking=True), embeds.to(self.device, non_blocking=True)
         images, texts = normalize_batch(batch)
         return encode_batch(
             images, texts, self.vae, self.text_encoder, self.tokenizer, self.caption_dropout, draws, self.device

@@ -247,9 +247,11 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-    if torch.cuda.is_available() and tc.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if torch.cuda.is_available():
+        if tc.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = tc.cudnn_benchmark
     rank, world = accelerator.process_index, accelerator.num_processes
     random.seed(tc.seed + rank)  # global RNGs (UNet dropout) differ per rank
     np.random.seed(tc.seed + rank)
