@@ -34,6 +34,19 @@ def test_evaluator_reads_dataset_images():
     assert result["all"] >= 0.99, result
 
 
+def test_evaluator_reads_the_object_not_background_specks():
+    """Specks of another colour elsewhere (a mottled generated background) do not change the object's shape; the
+    same specks counted as object would have made this square's bounding box 4x its area and read it as a triangle."""
+    rng = random.Random(5)
+    for combo in (Combo("red", "square", "blue"), Combo("yellow", "triangle", "green"), Combo("red", "circle", "blue")):
+        image = render(combo, rng)
+        for xy in ((1, 1), (62, 62)):
+            image.putpixel(xy, (250, 130, 10))
+            image.putpixel((xy[0], xy[1] - 1 if xy[1] else 1), (250, 130, 10))
+        reading = read_image(image)
+        assert reading.shape == combo.shape and reading.color == combo.color, (combo, reading)
+
+
 def test_evaluator_reports_missing_object():
     reading = read_image(Image.new("RGB", (64, 64), (30, 60, 220)))
     assert reading.background == "blue" and reading.shape is None

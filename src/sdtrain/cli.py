@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--images-per-combo", type=int, default=2)
+    p.add_argument("--scheduler", default=None, help="sampler, as in generate (default: the model's own)")
 
     p = add("demo", "The built-in default: shapes data -> autoencoder -> UNet -> generate -> reconstruct -> evaluate.")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
@@ -168,6 +169,7 @@ def _run(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance,
             num_inference_steps=args.steps,
             images_per_combo=args.images_per_combo,
+            scheduler=args.scheduler,
         )
         print(f"seen {metrics['seen']}\nheld_out {metrics['held_out']}\nwrote {out / 'metrics.json'}")
     elif args.command == "demo":

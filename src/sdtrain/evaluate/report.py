@@ -109,6 +109,7 @@ def evaluate_shapes_model(
     edit_strength: float = 0.6,
     seed: int = 0,
     extra: dict[str, Any] | None = None,
+    scheduler: str | None = None,
 ) -> dict[str, Any]:
     """Score a shapes model; writes ``metrics.json``, ``grid_seen.png``, ``grid_held_out.png`` and
     ``grid_reconstruct.png`` into ``out_dir``.
@@ -119,7 +120,7 @@ def evaluate_shapes_model(
     """
     data_root, out_dir = Path(data_root), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = StableDiffusion.from_pretrained(model)
+    pipe = StableDiffusion.from_pretrained(model, scheduler=scheduler)  # None: the one exported with the model
     seen, held_out = load_combos(data_root)
     settings = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, seed=seed)
     seen_scores, seen_images = adherence(pipe, seen, images_per_combo, **settings)

@@ -1,13 +1,15 @@
 """Analytic prompt-adherence evaluator for the built-in shapes dataset.
 
-No learned model: from an image we read the background colour off the border, segment the object as the pixels far
-from that colour, name both colours by the nearest palette entry, and name the shape from two scale-free features of
+No learned model: from an image we read the background colour off the border, segment the object as the largest
+connected region of pixels far from that colour (specks of a mottled background elsewhere are not the object),
+name both colours by the nearest palette entry, and name the shape from two scale-free features of
 the object's mask: how much of its bounding box it fills (square 1.0, circle 0.79, triangle 0.5) and how far its
 centre of mass sits below the box centre (0 for circle and square, 1/6 of the height for an upright triangle).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +48,33 @@ def nearest_color(rgb: np.ndarray) -> str:
     return _PALETTE_NAMES[int(np.argmin(((_PALETTE - rgb) ** 2).sum(-1)))]
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of a boolean mask (the mask itself when it has one region or none)."""
+    seen = np.zeros_like(mask, dtype=bool)
+    best: list[tuple[int, int]] = []
+    height, width = mask.shape
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        region, queue = [start], deque([start])
+        while queue:
+            y, x = queue.popleft()
+            for ny in (y - 1, y, y + 1):
+                for nx in (x - 1, x, x + 1):
+                    if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        region.append((ny, nx))
+                        queue.append((ny, nx))
+        if len(region) > len(best):
+            best = region
+    out = np.zeros_like(mask, dtype=bool)
+    if best:
+        ys, xs = zip(*best)
+        out[list(ys), list(xs)] = True
+    return out
+
+
 def classify_mask(mask: np.ndarray) -> str | None:
     """Name the shape of a boolean object mask, or None if the mask is too small to tell."""
     ys, xs = np.nonzero(mask)
@@ -74,7 +103,7 @@ def read_image(image: Image.Image) -> Reading:
     )
     background_rgb = np.median(ring, axis=0)
     distance = np.sqrt(((pixels - background_rgb) ** 2).sum(-1))
-    mask = distance > _OBJECT_DISTANCE
+    mask = largest_component(distance > _OBJECT_DISTANCE)
     shape = classify_mask(mask)
     if shape is None:
         return Reading(color=None, shape=None, background=nearest_color(background_rgb))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from tqdm.auto import tqdm
 
 
@@ -10,6 +12,7 @@ class Progress:
 
     def __init__(self, desc: str, total_steps: int, budget_s: float | None, step: int = 0, disable: bool = False):
         self.timed = budget_s is not None and budget_s > 0
+        disable = disable or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
         if self.timed:
             fmt = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}"
             self.bar = tqdm(total=round(budget_s), desc=desc, bar_format=fmt, disable=disable)
@@ -22,7 +25,7 @@ class Progress:
         if self.timed:
             self.bar.n = min(elapsed, self.bar.total)
             self.bar.set_postfix(step=step, **self.postfix, refresh=False)
-            self.bar.refresh()
+            self.bar.update(0)  # redraws at tqdm's own pace (mininterval), not once per step
         else:
             self.bar.update(step - self.bar.n)
             if postfix:
