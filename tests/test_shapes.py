@@ -38,7 +38,8 @@ def test_evaluator_reads_the_object_not_background_specks():
     """Specks of another colour elsewhere (a mottled generated background) do not change the object's shape; the
     same specks counted as object would have made this square's bounding box 4x its area and read it as a triangle."""
     rng = random.Random(5)
-    for combo in (Combo("red", "square", "blue"), Combo("yellow", "triangle", "green"), Combo("red", "circle", "blue")):
+    combos = (Combo("red", "square", "blue"), Combo("yellow", "triangle", "green"), Combo("red", "circle", "blue"))
+    for combo in combos:
         image = render(combo, rng)
         for xy in ((1, 1), (62, 62)):
             image.putpixel(xy, (250, 130, 10))
