@@ -119,7 +119,8 @@ def _run(args: argparse.Namespace) -> int:
 
         config = load_config(Config, args.config, args.overrides)
         try:
-            print(f"exported {train(config)}")
+            final = train(config)
+            print(f"exported {final}" if config.train.export else f"finished: {config.train.output_dir}")
         except Preempted as e:
             print(f"sdtrain: {e}", file=sys.stderr)
             return EXIT_PREEMPTED
