@@ -175,9 +175,11 @@ def _sync(device: torch.device) -> None:
 
 
 def _release() -> None:
-    """Free what the last side left on the GPU (compiled graphs, cached blocks) before the next side starts."""
+    """Free what the last side left on the GPU (compiled graphs, cached blocks) before the next side starts, and
+    undo the global setting our loop makes (``train.cudnn_benchmark``): the plain step runs with torch's default."""
     gc.collect()
     torch._dynamo.reset()
+    torch.backends.cudnn.benchmark = False
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

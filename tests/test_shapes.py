@@ -41,9 +41,9 @@ def test_evaluator_reads_the_object_not_background_specks():
     combos = (Combo("red", "square", "blue"), Combo("yellow", "triangle", "green"), Combo("red", "circle", "blue"))
     for combo in combos:
         image = render(combo, rng)
-        for xy in ((1, 1), (62, 62)):
-            image.putpixel(xy, (250, 130, 10))
-            image.putpixel((xy[0], xy[1] - 1 if xy[1] else 1), (250, 130, 10))
+        for x, y in ((1, 0), (62, 61)):  # two-pixel specks in opposite corners
+            image.putpixel((x, y), (250, 130, 10))
+            image.putpixel((x, y + 1), (250, 130, 10))
         reading = read_image(image)
         assert reading.shape == combo.shape and reading.color == combo.color, (combo, reading)
 
