@@ -162,6 +162,18 @@ def test_export_of_last_checkpoint_equals_final(trained_clip, tmp_path):
     assert (exported / "model_index.json").read_text() == (final / "model_index.json").read_text()
 
 
+def test_export_carries_the_configured_sampler(tmp_path, clip_dir, vae_dir, image_folder):
+    """sample.scheduler is the exported pipeline's scheduler, with the run's noise schedule, in plain diffusers too."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    overrides = tiny_overrides(tmp_path / "run", image_folder, vae_dir, str(clip_dir), "text_encoder")
+    overrides += ["train.num_steps=1", "sample.scheduler=euler_a"]
+    final = train(load_config(Config, None, overrides))
+    scheduler = StableDiffusionPipeline.from_pretrained(final).scheduler
+    assert isinstance(scheduler, EulerAncestralDiscreteScheduler)
+    assert scheduler.config.prediction_type == load_config(Config, None, overrides).train.objective.prediction_type
+
+
 def test_t5_encoder_from_a_folder_trains(tmp_path, clip_dir, vae_dir, image_folder):
     """A T5 checkpoint (saved as the full encoder-decoder, as T5 repos are) is loaded as T5EncoderModel."""
     from transformers import AutoTokenizer, T5Config, T5Model

@@ -86,8 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="pipeline folder")
     p.add_argument("--data", type=Path, default=Path("data/shapes"), help="shapes dataset root")
     p.add_argument("--out", type=Path, default=None, help="where metrics.json and grids go (default: the model's run)")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance (the demo's 1.5)")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--strength", type=float, default=0.8, help="reconstruct edits: 0 keeps the image, 1 ignores it")
     p.add_argument("--images-per-combo", type=int, default=2)
     p.add_argument("--scheduler", default=None, help="sampler, as in generate (default: the model's own)")
 
@@ -170,6 +171,7 @@ def _run(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance,
             num_inference_steps=args.steps,
             images_per_combo=args.images_per_combo,
+            edit_strength=args.strength,
             scheduler=args.scheduler,
         )
         print(f"seen {metrics['seen']}\nheld_out {metrics['held_out']}\nwrote {out / 'metrics.json'}")

@@ -158,8 +158,8 @@ def load_components(config: Config) -> Components:
     return Components(vae, text_encoder, tokenizer, unet)
 
 
-def export_pipeline(components: Components, objective_config, out_dir: str | Path) -> Path:
-    """Save a plain diffusers StableDiffusionPipeline folder (Euler scheduler, no safety checker).
+def export_pipeline(components: Components, objective_config, out_dir: str | Path, scheduler: str = "euler") -> Path:
+    """Save a plain diffusers StableDiffusionPipeline folder (the ``sample.scheduler`` sampler, no safety checker).
 
     A UNet with LoRA adapters is saved twice: merged into the pipeline's UNet (a standalone model), and as the
     adapters alone in ``out_dir/lora/pytorch_lora_weights.safetensors`` for ``load_lora_weights`` on the base model.
@@ -167,7 +167,7 @@ def export_pipeline(components: Components, objective_config, out_dir: str | Pat
     if has_lora(components.unet):
         save_lora(components.unet, Path(out_dir) / LORA_FOLDER)
         components = dataclasses.replace(components, unet=merged_copy(components.unet))
-    pipe = assemble_pipeline(components, objective_config)
+    pipe = assemble_pipeline(components, objective_config, scheduler)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
 
@@ -196,7 +196,8 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out_dir: str
     weights = dict(tensors["unet"])
     weights.update(tensors.get("ema", {}))
     components.unet.load_state_dict(weights)
-    return export_pipeline(components, config.train.objective, out_dir or run_dir / "export" / path.name)
+    out = out_dir or run_dir / "export" / path.name
+    return export_pipeline(components, config.train.objective, out, config.sample.scheduler)
 
 
 def assemble_pipeline(components: Components, objective_config, scheduler: str = "euler") -> StableDiffusionPipeline:
@@ -460,7 +461,8 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
             accelerator.log({"val_loss": val_loss}, step=counters.step)
             _append_val_loss(log_path, counters.step, val_loss)
         if tc.export:
-            export_pipeline(_with_ema(components, unet, ema, accelerator), tc.objective, final)
+            exported = _with_ema(components, unet, ema, accelerator)
+            export_pipeline(exported, tc.objective, final, config.sample.scheduler)
         if tc.sample_prompts:
             _sample(components, unet, ema, accelerator, config, counters.step)
         plot_losses(log_path, out / "loss.png")
