@@ -23,6 +23,9 @@ EXAMPLES = {
   sdtrain train --config configs/scratch-256.yaml data.cache_dir=cache/laion-256         # trains from the cache""",
     "export": """example:
   sdtrain export --run runs/demo/unet --step 500 --out runs/demo/step-500   # EMA weights of that checkpoint""",
+    "convert": """examples:
+  sdtrain convert runs/demo/final model.safetensors --half       # for A1111 / ComfyUI (SD 1.x layout)
+  sdtrain convert model.safetensors sd15/ --config stable-diffusion-v1-5/stable-diffusion-v1-5""",
     "train-vae": """example:
   sdtrain train-vae --config configs/demo-vae.yaml data.path=data/shapes/train train.max_minutes=3""",
     "evaluate": """example:
@@ -92,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-combo", type=int, default=2)
     p.add_argument("--scheduler", default=None, help="sampler, as in generate (default: the model's own)")
 
+    p = add("convert", "A pipeline folder to a single-file (LDM layout) checkpoint, or a single file to a folder.")
+    p.add_argument("source", type=Path, help="pipeline folder, or .safetensors / .ckpt file")
+    p.add_argument("out", type=Path, help="the .safetensors file, or the folder, to write")
+    p.add_argument("--config", default=None, help="for a single file: the pipeline folder or hub id it matches")
+    p.add_argument("--half", action="store_true", help="write fp16 weights")
+
     p = add("demo", "The built-in default: shapes data -> autoencoder -> UNet -> generate -> reconstruct -> evaluate.")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
     p.add_argument("--data", type=Path, default=Path("data/shapes"), help="where the dataset is written")
@@ -105,11 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("diffusers", "transformers", "accelerate", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from sdtrain.config import ConfigError
+    from sdtrain.models.single_file import SingleFileError
 
     try:
         return _run(args)
     except ConfigError as e:
         print(f"sdtrain: config error: {e}", file=sys.stderr)
+        return 2
+    except SingleFileError as e:
+        print(f"sdtrain: {e}", file=sys.stderr)
         return 2
 
 
@@ -175,6 +188,10 @@ def _run(args: argparse.Namespace) -> int:
             scheduler=args.scheduler,
         )
         print(f"seen {metrics['seen']}\nheld_out {metrics['held_out']}\nwrote {out / 'metrics.json'}")
+    elif args.command == "convert":
+        from sdtrain.models.single_file import convert
+
+        print(f"wrote {convert(args.source, args.out, args.config, args.half)}")
     elif args.command == "demo":
         from sdtrain.demo import run_demo
 

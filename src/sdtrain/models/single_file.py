@@ -1,0 +1,264 @@
+"""Single-file Stable Diffusion checkpoints: the original LDM layout that A1111, ComfyUI and most model sites use.
+
+``save_single_file`` writes a diffusers pipeline folder (our exports) as one ``.safetensors`` file with the LDM key
+names: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.*`` (CLIP
+text encoder, SD 1.x layout). ``load_single_file`` reads such a file back into a diffusers pipeline through diffusers'
+own ``from_single_file``, with the component configs taken from a diffusers folder or hub id (the file holds weights
+only). Our direction is the inverse of diffusers' ``convert_ldm_*_checkpoint``; the tests check that diffusers maps
+every exported tensor back to the one it came from.
+
+What the LDM layout cannot hold is refused rather than dropped: UNet blocks other than SD's (cross-attention / plain
+down and up blocks, a cross-attention mid block), extra embeddings (sdtrain's ``text_time_embedding``, class
+embeddings), per-level ``layers_per_block``, VQ autoencoders, and text encoders other than CLIP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+SD_SCALING_FACTOR = 0.18215  # what SD 1.x single-file loaders assume when no config says otherwise
+
+_UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_BLOCKS = {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UNetMidBlock2DCrossAttn"}
+_VAE_FIXED = {
+    "encoder.conv_in": "encoder.conv_in",
+    "encoder.conv_out": "encoder.conv_out",
+    "encoder.conv_norm_out": "encoder.norm_out",
+    "decoder.conv_in": "decoder.conv_in",
+    "decoder.conv_out": "decoder.conv_out",
+    "decoder.conv_norm_out": "decoder.norm_out",
+    "quant_conv": "quant_conv",
+    "post_quant_conv": "post_quant_conv",
+}
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+class SingleFileError(ValueError):
+    """The model has something the single-file (LDM) layout has no place for."""
+
+
+def _prefixed(diffusers: str, ldm: str, renames: dict[str, str] = _VAE_RESNET) -> dict[str, str]:
+    """The names of one residual block's layers under both prefixes."""
+    return {f"{diffusers}.{d}": f"{ldm}.{m}" for d, m in renames.items()}
+
+
+def _rename(state_dict: dict[str, torch.Tensor], mapping: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Rename every key by the longest mapping entry that is a whole-component prefix of it; unmatched keys raise."""
+    out = {}
+    for key, value in state_dict.items():
+        matches = [p for p in mapping if key == p or key.startswith(p + ".")]
+        if not matches:
+            raise SingleFileError(f"no single-file name for the weight {key!r}")
+        prefix = max(matches, key=len)
+        out[mapping[prefix] + key[len(prefix) :]] = value
+    return out
+
+
+def unet_ldm_names(config: dict[str, Any]) -> dict[str, str]:
+    """diffusers module prefix -> LDM module prefix for a UNet2DConditionModel with SD's block layout."""
+    blocks = [*config["down_block_types"], *config["up_block_types"], config.get("mid_block_type")]
+    unsupported = sorted({str(b) for b in blocks if b not in _UNET_BLOCKS})
+    if unsupported:
+        raise SingleFileError(f"UNet blocks {unsupported} have no single-file (LDM) layout")
+    for key in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_embedding_type"):
+        if config.get(key) not in (None, "positional"):
+            raise SingleFileError(f"UNet {key}={config[key]!r} has no single-file (LDM) layout")
+    per_level = config["layers_per_block"]
+    if not isinstance(per_level, int):
+        raise SingleFileError("per-level layers_per_block has no single-file (LDM) layout")
+    levels = len(config["down_block_types"])
+    names = dict(_UNET_FIXED)
+    for level, kind in enumerate(config["down_block_types"]):
+        for layer in range(per_level):
+            slot = 1 + level * (per_level + 1) + layer
+            names |= _prefixed(f"down_blocks.{level}.resnets.{layer}", f"input_blocks.{slot}.0", _UNET_RESNET)
+            if kind.startswith("CrossAttn"):
+                names[f"down_blocks.{level}.attentions.{layer}"] = f"input_blocks.{slot}.1"
+        if level < levels - 1:  # the downsampler takes the slot after the level's layers
+            slot = 1 + level * (per_level + 1) + per_level
+            names[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{slot}.0.op"
+    names |= _prefixed("mid_block.resnets.0", "middle_block.0", _UNET_RESNET)
+    names["mid_block.attentions.0"] = "middle_block.1"
+    names |= _prefixed("mid_block.resnets.1", "middle_block.2", _UNET_RESNET)
+    for level, kind in enumerate(config["up_block_types"]):
+        attention = kind.startswith("CrossAttn")
+        for layer in range(per_level + 1):
+            slot = level * (per_level + 1) + layer
+            names |= _prefixed(f"up_blocks.{level}.resnets.{layer}", f"output_blocks.{slot}.0", _UNET_RESNET)
+            if attention:
+                names[f"up_blocks.{level}.attentions.{layer}"] = f"output_blocks.{slot}.1"
+        if level < levels - 1:  # the upsampler sits in the level's last slot, after its attention if any
+            slot = level * (per_level + 1) + per_level
+            names[f"up_blocks.{level}.upsamplers.0.conv"] = f"output_blocks.{slot}.{2 if attention else 1}.conv"
+    return names
+
+
+def vae_ldm_names(config: dict[str, Any]) -> dict[str, str]:
+    """diffusers module prefix -> LDM module prefix for an AutoencoderKL."""
+    levels = len(config["down_block_types"])
+    per_level = config["layers_per_block"]
+    names = dict(_VAE_FIXED)
+    for level in range(levels):
+        for layer in range(per_level):
+            names |= _prefixed(f"encoder.down_blocks.{level}.resnets.{layer}", f"encoder.down.{level}.block.{layer}")
+        names[f"encoder.down_blocks.{level}.downsamplers.0.conv"] = f"encoder.down.{level}.downsample.conv"
+        ldm_level = levels - 1 - level  # the decoder's up levels are numbered from the bottom in LDM
+        for layer in range(per_level + 1):
+            names |= _prefixed(f"decoder.up_blocks.{level}.resnets.{layer}", f"decoder.up.{ldm_level}.block.{layer}")
+        names[f"decoder.up_blocks.{level}.upsamplers.0.conv"] = f"decoder.up.{ldm_level}.upsample.conv"
+    for part in ("encoder", "decoder"):
+        for i in range(2):
+            names |= _prefixed(f"{part}.mid_block.resnets.{i}", f"{part}.mid.block_{i + 1}")
+        for d, m in _VAE_ATTENTION.items():
+            names[f"{part}.mid_block.attentions.0.{d}"] = f"{part}.mid.attn_1.{m}"
+    return names
+
+
+def unet_to_ldm(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A UNet2DConditionModel state dict under single-file names (``model.diffusion_model.*``)."""
+    renamed = _rename(state_dict, unet_ldm_names(config))
+    return {UNET_PREFIX + k: v for k, v in renamed.items()}
+
+
+def vae_to_ldm(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """An AutoencoderKL state dict under single-file names; the mid-block attention's linear weights become the
+    1 x 1 convolutions of the LDM layout."""
+    out = {}
+    for key, value in _rename(state_dict, vae_ldm_names(config)).items():
+        if ".mid.attn_1." in key and key.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]
+        out[VAE_PREFIX + key] = value
+    return out
+
+
+def text_encoder_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel state dict under SD 1.x single-file names (``cond_stage_model.transformer.text_model.*``);
+    transformers >= 5.6 drops the ``text_model.`` level from its own names."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("position_ids"):
+            continue
+        out[TEXT_PREFIX + (key if key.startswith("text_model.") else "text_model." + key)] = value
+    return out
+
+
+def save_single_file(model: str | Path, out_file: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the pipeline folder ``model`` as one single-file checkpoint (``.safetensors``).
+
+    Args:
+        model: a diffusers StableDiffusionPipeline folder (an sdtrain export).
+        out_file: the ``.safetensors`` file to write.
+        dtype: cast floating-point weights (``torch.float16`` halves the file); None keeps them as saved.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    model, out_file = Path(model), Path(out_file)
+    if out_file.suffix != ".safetensors":
+        raise SingleFileError(f"{out_file}: single files are written as .safetensors")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    vae_config = AutoencoderKL.load_config(model, subfolder="vae")
+    if vae_config.get("_class_name") != "AutoencoderKL":
+        raise SingleFileError(f"the single-file layout holds an AutoencoderKL, not a {vae_config.get('_class_name')}")
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    kind = _text_encoder_class(model)
+    if kind != "CLIPTextModel":
+        raise SingleFileError(f"the SD 1.x single-file layout holds a CLIPTextModel, this model's encoder is a {kind}")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    tensors = {
+        **unet_to_ldm(unet.state_dict(), dict(unet.config)),
+        **vae_to_ldm(vae.state_dict(), dict(vae.config)),
+        **text_encoder_to_ldm(text_encoder.state_dict()),
+    }
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    if abs(vae.config.scaling_factor - SD_SCALING_FACTOR) > 1e-6:
+        logger.warning(
+            "the VAE's scaling factor is %.5f, SD's is %.5f: loaders that assume SD's (ComfyUI, A1111 without a "
+            "config) will decode wrongly; diffusers' from_single_file(config=...) with the exported folder is right",
+            vae.config.scaling_factor,
+            SD_SCALING_FACTOR,
+        )
+    scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    if scheduler.get("prediction_type", "epsilon") != "epsilon" or scheduler.get("rescale_betas_zero_snr"):
+        logger.warning(
+            "the model predicts %s%s: a single file does not say so, and loaders without a config assume epsilon",
+            scheduler.get("prediction_type"),
+            " with zero-terminal-SNR betas" if scheduler.get("rescale_betas_zero_snr") else "",
+        )
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out_file, metadata={"format": "pt"})
+    return out_file
+
+
+def _text_encoder_class(model: Path) -> str:
+    """The transformers class name a pipeline folder's text encoder was saved as."""
+    index = json.loads((model / "model_index.json").read_text())
+    return index.get("text_encoder", [None, "none"])[1]
+
+
+def load_single_file(file: str | Path, config: str | Path, local_files_only: bool | None = None):
+    """Load a single-file checkpoint as a diffusers StableDiffusionPipeline.
+
+    Args:
+        file: the ``.safetensors`` / ``.ckpt`` file.
+        config: a diffusers pipeline folder or hub id whose component configs describe the file (for SD 1.5,
+            ``stable-diffusion-v1-5/stable-diffusion-v1-5``; for an sdtrain export, the exported folder).
+        local_files_only: never reach the hub (default: True when ``config`` is a local folder).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    if local_files_only is None:
+        local_files_only = Path(config).is_dir()
+    return StableDiffusionPipeline.from_single_file(
+        str(file), config=str(config), local_files_only=local_files_only, safety_checker=None
+    )
+
+
+def convert(source: str | Path, out: str | Path, config: str | Path | None = None, half: bool = False) -> Path:
+    """Either direction: a pipeline folder becomes a single file, a single file becomes a pipeline folder.
+
+    Args:
+        source: a diffusers pipeline folder, or a ``.safetensors`` / ``.ckpt`` single file.
+        out: the file (from a folder) or folder (from a file) to write.
+        config: for a single file, the pipeline folder or hub id describing it (see ``load_single_file``).
+        half: write fp16 weights (a folder from a single file is otherwise fp32, whatever the file held).
+    """
+    source, out = Path(source), Path(out)
+    if source.is_dir():
+        return save_single_file(source, out, torch.float16 if half else None)
+    if not source.is_file():
+        raise FileNotFoundError(source)
+    if config is None:
+        raise SingleFileError("a single file holds weights only: pass config, the pipeline folder or hub id of it")
+    pipe = load_single_file(source, config)
+    if half:
+        pipe.to(torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
