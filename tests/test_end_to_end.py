@@ -162,16 +162,26 @@ def test_export_of_last_checkpoint_equals_final(trained_clip, tmp_path):
     assert (exported / "model_index.json").read_text() == (final / "model_index.json").read_text()
 
 
-def test_export_carries_the_configured_sampler(tmp_path, clip_dir, vae_dir, image_folder):
-    """sample.scheduler is the exported pipeline's scheduler, with the run's noise schedule, in plain diffusers too."""
+def test_export_carries_the_configured_sampling(tmp_path, clip_dir, vae_dir, image_folder):
+    """sample.scheduler is the exported pipeline's scheduler, with the run's noise schedule, in plain diffusers too;
+    sample's steps and guidance are generate's defaults for the model, and survive save_pretrained."""
     from diffusers import EulerAncestralDiscreteScheduler
 
     overrides = tiny_overrides(tmp_path / "run", image_folder, vae_dir, str(clip_dir), "text_encoder")
-    overrides += ["train.num_steps=1", "sample.scheduler=euler_a"]
+    overrides += ["train.num_steps=1", "sample.scheduler=euler_a", "sample.num_inference_steps=3"]
+    overrides += ["sample.guidance_scale=2.0"]
     final = train(load_config(Config, None, overrides))
     scheduler = StableDiffusionPipeline.from_pretrained(final).scheduler
     assert isinstance(scheduler, EulerAncestralDiscreteScheduler)
     assert scheduler.config.prediction_type == load_config(Config, None, overrides).train.objective.prediction_type
+
+    model = StableDiffusion.from_pretrained(final, device="cpu")
+    assert model.sampling == {"num_inference_steps": 3, "guidance_scale": 2.0}
+    default = _pixels(model.generate("a red square").images[0])
+    assert np.array_equal(default, _pixels(model.generate("a red square", None, 1, 3, 2.0).images[0]))
+    assert not np.array_equal(default, _pixels(model.generate("a red square", None, 1, 3, 7.5).images[0]))
+    again = StableDiffusion.from_pretrained(model.save_pretrained(tmp_path / "saved"), device="cpu")
+    assert again.sampling == model.sampling
 
 
 def test_t5_encoder_from_a_folder_trains(tmp_path, clip_dir, vae_dir, image_folder):

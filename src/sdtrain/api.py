@@ -17,7 +17,17 @@ from PIL import Image
 
 from sdtrain.config import Config, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, TrainConfig
 from sdtrain.models.text import freeze
-from sdtrain.sample.pipeline import SCHEDULERS, Output, img2img, sampling_scheduler, txt2img, with_scheduler
+from sdtrain.sample.pipeline import (
+    FALLBACK_SAMPLING,
+    SCHEDULERS,
+    Output,
+    img2img,
+    read_sampling_defaults,
+    sampling_scheduler,
+    txt2img,
+    with_scheduler,
+    write_sampling_defaults,
+)
 from sdtrain.train.loop import Components, train
 
 
@@ -45,6 +55,8 @@ class StableDiffusion:
         scheduler: a diffusers scheduler, or a name from ``SCHEDULERS``; default Euler on the training schedule.
         device: where to run; default CUDA if available.
         objective: the training objective (prediction type, schedule); default read from ``scheduler`` or epsilon.
+        sampling: default ``num_inference_steps`` and ``guidance_scale`` of generate / reconstruct (default 30 and
+            7.5; ``from_pretrained`` reads the ones an sdtrain export saved).
     """
 
     def __init__(
@@ -57,6 +69,7 @@ class StableDiffusion:
         device: str | torch.device | None = None,
         image_decoder=None,
         objective: ObjectiveConfig | None = None,
+        sampling: dict[str, float] | None = None,
     ):
         if unet is None and image_decoder is None:
             raise TypeError("StableDiffusion needs a unet (or image_decoder)")
@@ -77,6 +90,7 @@ class StableDiffusion:
         if scheduler is None or isinstance(scheduler, str):
             scheduler = sampling_scheduler(objective, scheduler or "euler")
         self.scheduler = scheduler
+        self.sampling = FALLBACK_SAMPLING | (sampling or {})
 
     # ----------------------------------------------------------------------------------------------------- training
     def fit(
@@ -153,23 +167,24 @@ class StableDiffusion:
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int = 0,
         scheduler: str | None = None,
         progress: bool = False,
     ) -> Output:
-        """Text to image. Image *i* (prompt-major) is sampled with its own generator seeded ``seed + i``."""
+        """Text to image. Image *i* (prompt-major) is sampled with its own generator seeded ``seed + i``; steps and
+        guidance default to the model's ``sampling``."""
         pipe = self._pipeline(StableDiffusionPipeline, scheduler)
         return txt2img(
             pipe,
             prompt,
             negative_prompt,
             num_images_per_prompt,
-            num_inference_steps,
-            guidance_scale,
+            int(num_inference_steps or self.sampling["num_inference_steps"]),
+            self.sampling["guidance_scale"] if guidance_scale is None else guidance_scale,
             height,
             width,
             seed,
@@ -182,13 +197,14 @@ class StableDiffusion:
         image: Image.Image | list[Image.Image],
         strength: float = 0.6,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         seed: int = 0,
         scheduler: str | None = None,
         progress: bool = False,
     ) -> Output:
-        """Image to image under a prompt (SDEdit): ``strength`` 0 keeps the image, 1 ignores it."""
+        """Image to image under a prompt (SDEdit): ``strength`` 0 keeps the image, 1 ignores it; steps and guidance
+        default to the model's ``sampling``."""
         pipe = self._pipeline(StableDiffusionImg2ImgPipeline, scheduler)
         return img2img(
             pipe,
@@ -196,16 +212,17 @@ class StableDiffusion:
             image,
             strength,
             negative_prompt,
-            num_inference_steps,
-            guidance_scale,
+            int(num_inference_steps or self.sampling["num_inference_steps"]),
+            self.sampling["guidance_scale"] if guidance_scale is None else guidance_scale,
             seed,
             progress=progress,
         )
 
     # ----------------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, path: str | Path) -> Path:
-        """A plain diffusers StableDiffusionPipeline folder."""
+        """A plain diffusers StableDiffusionPipeline folder (with this model's sampling defaults)."""
         self._pipeline(StableDiffusionPipeline, None).save_pretrained(path, safe_serialization=True)
+        write_sampling_defaults(path, **self.sampling)
         return Path(path)
 
     @classmethod
@@ -213,7 +230,10 @@ class StableDiffusion:
         """Load a pipeline folder (ours or any Stable Diffusion 1.x / 2.x folder or hub id)."""
         pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
         sched = with_scheduler(pipe.scheduler, scheduler) if scheduler else pipe.scheduler
-        return cls(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, scheduler=sched, device=device)
+        sampling = read_sampling_defaults(path) if Path(path).is_dir() else None
+        return cls(
+            pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, scheduler=sched, device=device, sampling=sampling
+        )
 
 
 def _peek_batch_size(dataloader) -> int:

@@ -394,14 +394,14 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """Defaults for generate / reconstruct and validation samples."""
+    """Validation samples, and the sampling defaults the export carries for generate / reconstruct."""
 
     scheduler: Literal["euler", "euler_a", "ddim", "dpmpp_2m", "heun", "lms", "pndm", "unipc"] = "euler"
-    """Sampler."""
+    """Sampler (the exported pipeline's scheduler)."""
     num_inference_steps: int = 30
-    """Sampling steps."""
+    """Sampling steps (saved in the export's sampling.json)."""
     guidance_scale: float = 7.5
-    """Classifier-free guidance scale."""
+    """Classifier-free guidance scale (saved in the export's sampling.json)."""
 
 
 @dataclass

@@ -102,8 +102,8 @@ def evaluate_shapes_model(
     model: str | Path,
     data_root: str | Path,
     out_dir: str | Path,
-    guidance_scale: float = 1.5,
-    num_inference_steps: int = 30,
+    guidance_scale: float | None = None,
+    num_inference_steps: int | None = None,
     images_per_combo: int = 2,
     edit_count: int = 48,
     edit_strength: float = 0.8,
@@ -121,6 +121,9 @@ def evaluate_shapes_model(
     data_root, out_dir = Path(data_root), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = StableDiffusion.from_pretrained(model, scheduler=scheduler)  # None: the one exported with the model
+    # None: the guidance and step count exported with the model
+    guidance_scale = pipe.sampling["guidance_scale"] if guidance_scale is None else guidance_scale
+    num_inference_steps = int(num_inference_steps or pipe.sampling["num_inference_steps"])
     seen, held_out = load_combos(data_root)
     settings = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, seed=seed)
     seen_scores, seen_images = adherence(pipe, seen, images_per_combo, **settings)

@@ -8,6 +8,7 @@ Each image has its own generator seeded ``seed + i``, so image *i* does not depe
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,25 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "pndm": PNDMScheduler,
     "unipc": UniPCMultistepScheduler,
 }
+
+
+# sampling defaults saved beside a pipeline's components (plain diffusers ignores the file; the sampler itself is the
+# pipeline's scheduler): what guidance and step count the model was validated with
+SAMPLING_FILE = "sampling.json"
+FALLBACK_SAMPLING = {"num_inference_steps": 30, "guidance_scale": 7.5}
+
+
+def write_sampling_defaults(folder: str | Path, num_inference_steps: int, guidance_scale: float) -> None:
+    data = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+    (Path(folder) / SAMPLING_FILE).write_text(json.dumps(data, indent=1) + "\n")
+
+
+def read_sampling_defaults(folder: str | Path) -> dict[str, float]:
+    """A pipeline folder's sampling defaults; diffusers' usual 30 steps at guidance 7.5 where it has none (a hub id,
+    a folder not written by sdtrain)."""
+    path = Path(folder) / SAMPLING_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    return FALLBACK_SAMPLING | {k: v for k, v in saved.items() if k in FALLBACK_SAMPLING}
 
 
 @dataclass

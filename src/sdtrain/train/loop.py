@@ -29,7 +29,7 @@ from accelerate.utils import DistributedType, TorchDynamoPlugin
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
-from sdtrain.config import Config, save_config
+from sdtrain.config import Config, SampleConfig, save_config
 from sdtrain.data.cache import (
     CachedStream,
     IterableStream,
@@ -44,7 +44,7 @@ from sdtrain.models.lora import LORA_FOLDER, add_lora, has_lora, merged_copy, sa
 from sdtrain.models.text import hidden_size, load_text_encoder
 from sdtrain.models.unet import build_unet, load_unet
 from sdtrain.models.vae import downsample_factor, load_vae
-from sdtrain.sample.pipeline import sampling_scheduler, save_images, txt2img
+from sdtrain.sample.pipeline import sampling_scheduler, save_images, txt2img, write_sampling_defaults
 from sdtrain.train import checkpoint, objective
 from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
 from sdtrain.train.perf import GiB, StepProfile, advice, estimate_memory, peak_tflops, profile_unet
@@ -158,8 +158,11 @@ def load_components(config: Config) -> Components:
     return Components(vae, text_encoder, tokenizer, unet)
 
 
-def export_pipeline(components: Components, objective_config, out_dir: str | Path, scheduler: str = "euler") -> Path:
-    """Save a plain diffusers StableDiffusionPipeline folder (the ``sample.scheduler`` sampler, no safety checker).
+def export_pipeline(
+    components: Components, objective_config, out_dir: str | Path, sample: SampleConfig | None = None
+) -> Path:
+    """Save a plain diffusers StableDiffusionPipeline folder (no safety checker) with ``sample``'s sampler as its
+    scheduler and its step count and guidance in ``sampling.json`` (generate's defaults for the model).
 
     A UNet with LoRA adapters is saved twice: merged into the pipeline's UNet (a standalone model), and as the
     adapters alone in ``out_dir/lora/pytorch_lora_weights.safetensors`` for ``load_lora_weights`` on the base model.
@@ -167,8 +170,10 @@ def export_pipeline(components: Components, objective_config, out_dir: str | Pat
     if has_lora(components.unet):
         save_lora(components.unet, Path(out_dir) / LORA_FOLDER)
         components = dataclasses.replace(components, unet=merged_copy(components.unet))
-    pipe = assemble_pipeline(components, objective_config, scheduler)
+    sample = sample or SampleConfig()
+    pipe = assemble_pipeline(components, objective_config, sample.scheduler)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    write_sampling_defaults(out_dir, sample.num_inference_steps, sample.guidance_scale)
     return Path(out_dir)
 
 
@@ -197,7 +202,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out_dir: str
     weights.update(tensors.get("ema", {}))
     components.unet.load_state_dict(weights)
     out = out_dir or run_dir / "export" / path.name
-    return export_pipeline(components, config.train.objective, out, config.sample.scheduler)
+    return export_pipeline(components, config.train.objective, out, config.sample)
 
 
 def assemble_pipeline(components: Components, objective_config, scheduler: str = "euler") -> StableDiffusionPipeline:
@@ -462,7 +467,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
             _append_val_loss(log_path, counters.step, val_loss)
         if tc.export:
             exported = _with_ema(components, unet, ema, accelerator)
-            export_pipeline(exported, tc.objective, final, config.sample.scheduler)
+            export_pipeline(exported, tc.objective, final, config.sample)
         if tc.sample_prompts:
             _sample(components, unet, ema, accelerator, config, counters.step)
         plot_losses(log_path, out / "loss.png")
