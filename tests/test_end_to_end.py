@@ -184,6 +184,46 @@ def test_export_carries_the_configured_sampling(tmp_path, clip_dir, vae_dir, ima
     assert again.sampling == model.sampling
 
 
+def _other_vae(vae_dir, folder, scaling_factor=None):
+    """The test VAE with nudged weights (another training of it), or only another scaling factor."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    if scaling_factor is None:
+        with torch.no_grad():
+            for p in vae.parameters():
+                p.mul_(1.1)
+    else:
+        vae.register_to_config(scaling_factor=scaling_factor)
+    vae.save_pretrained(folder)
+    return folder
+
+
+def test_export_and_resume_refuse_another_frozen_model(trained_clip, tmp_path, vae_dir, clip_dir, image_folder):
+    """A run's checkpoints record its frozen VAE and text encoder; exporting or resuming with others (a relative path
+    read from another directory, a retrained VAE) is refused instead of silently decoding wrong latents."""
+    import shutil
+
+    from sdtrain.train.loop import export_checkpoint
+
+    run, _ = trained_clip
+    for i, other in enumerate((_other_vae(vae_dir, tmp_path / "v1"), _other_vae(vae_dir, tmp_path / "v2", 2.5))):
+        copy = tmp_path / f"run{i}"
+        shutil.copytree(run / "checkpoints", copy / "checkpoints")
+        text = (run / "config.yaml").read_text().replace(f"path: {vae_dir}", f"path: {other}")
+        assert text != (run / "config.yaml").read_text()
+        (copy / "config.yaml").write_text(text)
+        with pytest.raises(checkpoint.CheckpointError, match="the vae differs"):
+            export_checkpoint(copy, 4, tmp_path / f"e{i}")
+    overrides = tiny_overrides(tmp_path / "r", image_folder, vae_dir, str(clip_dir), "text_encoder")
+    train(load_config(Config, None, overrides + ["train.num_steps=2"]))
+    with pytest.raises(checkpoint.CheckpointError, match="the vae differs"):
+        train(load_config(Config, None, overrides + [f"model.vae.path={tmp_path / 'v1'}"]))
+    # the same VAE in another precision is the same VAE
+    final = train(load_config(Config, None, overrides + ["model.vae.dtype=bfloat16"]))
+    assert final.is_dir()
+
+
 def test_t5_encoder_from_a_folder_trains(tmp_path, clip_dir, vae_dir, image_folder):
     """A T5 checkpoint (saved as the full encoder-decoder, as T5 repos are) is loaded as T5EncoderModel."""
     from transformers import AutoTokenizer, T5Config, T5Model

@@ -53,6 +53,8 @@ from sdtrain.train.randomness import SharedDraws
 from sdtrain.train.state import (
     Counters,
     check_disk,
+    check_frozen,
+    describe_frozen,
     load_training_state,
     save_training_state,
     trainable,
@@ -193,9 +195,10 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out_dir: str
     path = checkpoint.step_dir(root, step) if step is not None else checkpoint.find_latest(root)
     if path is None:
         raise FileNotFoundError(f"no checkpoint in {root}")
-    tensors, _, _ = checkpoint.load_checkpoint(path)
+    tensors, _, state = checkpoint.load_checkpoint(path)
     config.model.unet.from_scratch = True  # the weights come from the checkpoint, not from a pretrained UNet
     components = load_components(config)
+    check_frozen(state.get("frozen"), describe_frozen(components.vae, components.text_encoder), path)
     if config.train.lora.rank:
         add_lora(components.unet, config.train.lora)
     weights = dict(tensors["unet"])
@@ -270,6 +273,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     # 2. Components: frozen encoders on the device, the UNet in fp32 master weights
     components = components or load_components(config)
     vae, text_encoder, unet = components.vae, components.text_encoder, components.unet
+    frozen = describe_frozen(vae, text_encoder)  # checkpoints record them; resume and export check them
     if accelerator.is_main_process:
         check_disk(out, unet, tc.ema_decay is not None)
     vae.to(device).requires_grad_(False).eval()
@@ -340,13 +344,14 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     counters = Counters()
     latest = checkpoint.find_latest(ckpt_root)
     if latest is not None:
-        counters = load_training_state(latest, accelerator, unet, optimizer, ema, stream, generator)
+        counters = load_training_state(latest, accelerator, unet, optimizer, ema, stream, generator, frozen)
         logger.info("resumed from %s at step %d", latest, counters.step)
     if ema is not None:
         ema.to(ema_device)
         if tc.ema_offload and device.type == "cuda":
             ema.pin_memory()  # asynchronous copies to and from the GPU
-    ckpt_args = (accelerator, ckpt_root, tc.keep_checkpoints, unet, optimizer, ema, stream, generator, counters)
+    ckpt_args = (accelerator, ckpt_root, tc.keep_checkpoints, unet, optimizer, ema, stream, generator)
+    ckpt_args += (counters, frozen)
 
     # 6. The loop
     log_path = out / "log.jsonl"

@@ -13,6 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -43,6 +44,47 @@ def check_disk(out: Path, model: torch.nn.Module, with_ema: bool) -> None:
         )
 
 
+def describe_frozen(vae: torch.nn.Module, text_encoder: torch.nn.Module, probes: int = 256) -> dict[str, Any]:
+    """What identifies the frozen components a run trains with, saved in every checkpoint: their classes, the
+    latent scaling, and ``probes`` weights of each at evenly spaced positions of its flattened state. Two loads of
+    the same model agree to rounding whatever dtype they were loaded in; two different models do not."""
+    described = {}
+    for name, module in (("vae", vae), ("text_encoder", text_encoder)):
+        tensors = [t.detach().reshape(-1) for t in module.state_dict().values() if t.is_floating_point()]
+        total = sum(t.numel() for t in tensors)
+        targets = [round(i * (total - 1) / max(1, probes - 1)) for i in range(probes)]
+        values, offset, k = [], 0, 0
+        for flat in tensors:
+            while k < len(targets) and targets[k] < offset + flat.numel():
+                values.append(float(flat[targets[k] - offset]))
+                k += 1
+            offset += flat.numel()
+        described[name] = {"class": type(module).__name__, "parameters": total, "probe": values}
+    config = getattr(vae, "config", {})
+    described["vae"] |= {k: config.get(k) for k in ("scaling_factor", "shift_factor")}
+    return described
+
+
+def check_frozen(saved: dict[str, Any] | None, current: dict[str, Any], where: Path) -> None:
+    """Refuse frozen components other than the ones the checkpoint ``where`` was trained with (None: an older
+    checkpoint that did not record them)."""
+    if not saved:
+        return
+    for name in ("vae", "text_encoder"):
+        a, b = saved[name], current[name]
+        same = (
+            a["class"] == b["class"]
+            and a["parameters"] == b["parameters"]
+            and all(a.get(k) == b.get(k) for k in ("scaling_factor", "shift_factor"))
+            and torch.allclose(torch.tensor(a["probe"]), torch.tensor(b["probe"]), rtol=2e-2, atol=1e-3)
+        )
+        if not same:
+            raise checkpoint.CheckpointError(
+                f"the {name} differs from the one {where} was trained with (a relative model.{name}.path is read "
+                f"from the current directory, {Path.cwd()}): point the config at the run's own {name}"
+            )
+
+
 @dataclass
 class Counters:
     """Where a run stands; saved in every checkpoint's state.json."""
@@ -54,7 +96,16 @@ class Counters:
 
 
 def save_training_state(
-    accelerator: Accelerator, root: Path, keep: int, unet, optimizer, ema, stream, generator, counters: Counters
+    accelerator: Accelerator,
+    root: Path,
+    keep: int,
+    unet,
+    optimizer,
+    ema,
+    stream,
+    generator,
+    counters: Counters,
+    frozen: dict[str, Any] | None = None,
 ) -> None:
     """Checkpoint everything a bit-exact resume needs: weights, EMA, optimizer, every rank's RNGs and data position.
 
@@ -75,7 +126,7 @@ def save_training_state(
     objects = {"optimizer": optimizer.state_dict()} | {f"rng-{i}": s for i, s in enumerate(rng_states)}
     if accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker
         objects["scaler"] = accelerator.scaler.state_dict()
-    state = {**dataclasses.asdict(counters), "ema": ema_meta, "data": data_states}
+    state = {**dataclasses.asdict(counters), "ema": ema_meta, "data": data_states, "frozen": frozen}
     try:
         checkpoint.save_checkpoint(root, counters.step, tensors, objects, state, keep=keep)
     except OSError as e:  # full disk, permissions: the temporary folder is gone, the previous checkpoint intact
@@ -86,9 +137,13 @@ def save_training_state(
         ) from e
 
 
-def load_training_state(path: Path, accelerator: Accelerator, unet, optimizer, ema, stream, generator) -> Counters:
-    """Restore what :func:`save_training_state` wrote; returns the counters."""
+def load_training_state(
+    path: Path, accelerator: Accelerator, unet, optimizer, ema, stream, generator, frozen: dict[str, Any] | None = None
+) -> Counters:
+    """Restore what :func:`save_training_state` wrote, with the same frozen components; returns the counters."""
     tensors, objects, state = checkpoint.load_checkpoint(path)
+    if frozen is not None:
+        check_frozen(state.get("frozen"), frozen, path)
     model = accelerator.unwrap_model(unet)
     model.load_state_dict(tensors["unet"])
     optimizer.load_state_dict(objects["optimizer"])
