@@ -152,3 +152,11 @@ def test_cli_converts_both_ways(sd_folder, tmp_path, capsys):
     # an fp16 file comes back as fp32 (ready to fine-tune), holding exactly the rounded values
     assert all(back[k].dtype == torch.float32 for k in original)
     assert all(torch.equal(back[k], original[k].half().float()) for k in original)
+
+
+def test_training_from_a_single_file_says_how(tmp_path, sd_folder):
+    from sdtrain.config import Config, ConfigError, load_config
+
+    file = save_single_file(sd_folder, tmp_path / "model.safetensors")
+    with pytest.raises(ConfigError, match="sdtrain convert"):
+        load_config(Config, None, [f"model.pretrained={file}"])

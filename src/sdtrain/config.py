@@ -416,6 +416,13 @@ class Config:
     def __post_init__(self) -> None:
         if self.model.pretrained is None and self.model.vae.path is None:
             raise ConfigError("model.vae.path is required when model.pretrained is not set")
+        pretrained = {"model.pretrained": self.model.pretrained, "model.unet.pretrained": self.model.unet.pretrained}
+        for key, path in pretrained.items():
+            if path and Path(path).suffix in (".safetensors", ".ckpt") and Path(path).is_file():
+                raise ConfigError(
+                    f"{key}={path} is a single-file checkpoint; make it a pipeline folder first, with the configs it "
+                    f"matches: sdtrain convert {path} FOLDER --config stable-diffusion-v1-5/stable-diffusion-v1-5"
+                )
         if self.model.unet.from_scratch or (self.model.unet.pretrained is None and self.model.pretrained is None):
             levels = len(self.model.unet.block_out_channels)
             if (self.data.resolution // 8) % 2 ** (levels - 1) and self.data.resolution % 2 ** (levels + 1):
