@@ -47,7 +47,8 @@ def check_disk(out: Path, model: torch.nn.Module, with_ema: bool) -> None:
 def describe_frozen(vae: torch.nn.Module, text_encoder: torch.nn.Module, probes: int = 256) -> dict[str, Any]:
     """What identifies the frozen components a run trains with, saved in every checkpoint: their classes, the
     latent scaling, and ``probes`` weights of each at evenly spaced positions of its flattened state. Two loads of
-    the same model agree to rounding whatever dtype they were loaded in; two different models do not."""
+    the same model agree to rounding whatever dtype they were loaded in; two different models do not. (The latent
+    cache's exact ``model_hash`` would refuse a resume that switches the VAE to fp32 after fp16 NaNs.)"""
     described = {}
     for name, module in (("vae", vae), ("text_encoder", text_encoder)):
         tensors = [t.detach().reshape(-1) for t in module.state_dict().values() if t.is_floating_point()]
