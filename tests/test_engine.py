@@ -80,9 +80,13 @@ def test_validation_loss_is_fixed_for_fixed_weights(tmp_path, clip_dir, vae_dir)
     assert len(train_names) == 8 and len(val_names) == 4 and not train_names & val_names
 
 
-def test_lora_export_loads_with_plain_diffusers_and_changes_the_output(tmp_path, clip_dir, vae_dir, image_folder):
+@pytest.mark.parametrize("alpha", ["null", "1"])  # alpha = rank, and a scale of 1 / 4 folded into the export
+def test_lora_export_loads_with_plain_diffusers_and_changes_the_output(
+    tmp_path, clip_dir, vae_dir, image_folder, alpha
+):
     base = _run(tmp_path, clip_dir, vae_dir, image_folder, ["train.num_steps=1", "train.ema_decay=null"], "base")
-    extra = [f"model.pretrained={base}", "train.lora.rank=4", "train.optim.lr=1e-2", "train.ema_decay=null"]
+    extra = [f"model.pretrained={base}", "train.lora.rank=4", f"train.lora.alpha={alpha}", "train.optim.lr=1e-2"]
+    extra += ["train.ema_decay=null"]
     final = _run(tmp_path, clip_dir, vae_dir, image_folder, extra, "lora")
     lora = final / "lora" / "pytorch_lora_weights.safetensors"
     from safetensors.torch import load_file

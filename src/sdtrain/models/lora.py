@@ -38,12 +38,21 @@ def has_lora(unet) -> bool:
 
 
 def save_lora(unet, out_dir: str | Path) -> Path:
-    """Write ``out_dir/pytorch_lora_weights.safetensors`` in diffusers' format (keys ``unet.…lora_A/B``)."""
+    """Write ``out_dir/pytorch_lora_weights.safetensors`` in diffusers' format (keys ``unet.…lora_A/B``).
+
+    The file holds no alpha, and loaders then scale the update by 1 (alpha = rank): the alpha / rank scale is folded
+    into every up (B) matrix, so ``load_lora_weights`` (and any loader that defaults alpha to the rank) applies the
+    update that trained.
+    """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
     peft = _peft()
-    layers = convert_state_dict_to_diffusers(peft.get_peft_model_state_dict(unet))
+    config = unet.peft_config["default"]
+    scale = config.lora_alpha / config.r
+    state = peft.get_peft_model_state_dict(unet)
+    state = {k: v * scale if "lora_B" in k else v for k, v in state.items()}
+    layers = convert_state_dict_to_diffusers(state)
     StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
     return Path(out_dir)
 
