@@ -106,6 +106,12 @@ def test_lora_export_loads_with_plain_diffusers_and_changes_the_output(
     merged.set_progress_bar_config(disable=True)
     again = merged("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
     assert np.abs(again - after).max() < 1e-4
+    # the kohya-layout file (for A1111 / ComfyUI), read by diffusers' kohya importer, applies the same update
+    kohya = StableDiffusionPipeline.from_pretrained(base)
+    kohya.set_progress_bar_config(disable=True)
+    kohya.load_lora_weights(final / "lora", weight_name="lora_kohya.safetensors")
+    third = kohya("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    assert np.abs(third - after).max() < 1e-4
 
 
 @pytest.mark.parametrize("name", ["adamw", "adafactor"])

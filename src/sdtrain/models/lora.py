@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import torch
+
 from sdtrain.config import LoRAConfig
 
 LORA_FOLDER = "lora"  # inside an export: final/lora/pytorch_lora_weights.safetensors
+KOHYA_FILE = "lora_kohya.safetensors"  # beside it: the same adapters for A1111 / ComfyUI
 
 
 def _peft():
@@ -54,7 +57,24 @@ def save_lora(unet, out_dir: str | Path) -> Path:
     state = {k: v * scale if "lora_B" in k else v for k, v in state.items()}
     layers = convert_state_dict_to_diffusers(state)
     StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+    save_kohya_lora(peft.get_peft_model_state_dict(unet), config.lora_alpha, Path(out_dir) / KOHYA_FILE)
     return Path(out_dir)
+
+
+def save_kohya_lora(peft_state: dict, alpha: float, out_file: Path) -> Path:
+    """The same adapters as one file in kohya-ss' SD 1.x layout, which A1111, ComfyUI and model sites load:
+    ``lora_unet_<module path with _>.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha`` (the loader
+    scales the update by alpha / rank)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for key, value in peft_state.items():  # "down_blocks.0.….to_q.lora_A.weight"
+        module, kind = key.rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        tensors[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    save_file(tensors, out_file, metadata={"ss_network_module": "networks.lora", "ss_network_alpha": str(alpha)})
+    return out_file
 
 
 def merged_copy(unet):
