@@ -160,3 +160,35 @@ def test_training_from_a_single_file_says_how(tmp_path, sd_folder):
     file = save_single_file(sd_folder, tmp_path / "model.safetensors")
     with pytest.raises(ConfigError, match="sdtrain convert"):
         load_config(Config, None, [f"model.pretrained={file}"])
+
+
+def test_sd15_sized_model_gets_sd15s_key_set():
+    """At SD 1.5's size (built on the meta device: no memory, no download) the export has the tensor counts of SD
+    1.5's own single file: 686 UNet, 248 VAE, 196 text-encoder tensors (its 197th is the position_ids buffer)."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig
+
+    from sdtrain.models.single_file import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+
+    with init_empty_weights():
+        unet = _unet(
+            sample_size=64,
+            cross_attention_dim=768,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+        )
+        text = CLIPTextModel(CLIPTextConfig(num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu"))
+    unet_keys = unet_to_ldm(unet.state_dict(), dict(unet.config))
+    vae_keys = vae_to_ldm(vae.state_dict(), dict(vae.config))
+    assert (len(unet_keys), len(vae_keys), len(text_encoder_to_ldm(text.state_dict()))) == (686, 248, 196)
+    for name in ("input_blocks.9.0.op", "output_blocks.2.1.conv", "output_blocks.8.2.conv", "middle_block.1.proj_in"):
+        assert f"model.diffusion_model.{name}.weight" in unet_keys
+    assert "first_stage_model.decoder.up.3.upsample.conv.weight" in vae_keys  # LDM numbers decoder levels upwards
