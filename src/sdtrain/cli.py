@@ -26,6 +26,8 @@ EXAMPLES = {
     "convert": """examples:
   sdtrain convert runs/demo/final model.safetensors --half       # for A1111 / ComfyUI (SD 1.x layout)
   sdtrain convert model.safetensors sd15/ --config stable-diffusion-v1-5/stable-diffusion-v1-5""",
+    "serve": """example:
+  sdtrain serve --runs runs --port 8000     # then open http://127.0.0.1:8000/""",
     "train-vae": """example:
   sdtrain train-vae --config configs/demo-vae.yaml data.path=data/shapes/train train.max_minutes=3""",
     "evaluate": """example:
@@ -100,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="the .safetensors file, or the folder, to write")
     p.add_argument("--config", default=None, help="for a single file: the pipeline folder or hub id it matches")
     p.add_argument("--half", action="store_true", help="write fp16 weights")
+
+    p = add("serve", "A local web page to browse runs (loss, samples, metrics, config) and generate from them.")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding the runs")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (it runs models on request: keep it local)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None, help="where models run (default: CUDA if available)")
 
     p = add("demo", "The built-in default: shapes data -> autoencoder -> UNet -> generate -> reconstruct -> evaluate.")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
@@ -192,6 +200,10 @@ def _run(args: argparse.Namespace) -> int:
         from sdtrain.models.single_file import convert
 
         print(f"wrote {convert(args.source, args.out, args.config, args.half)}")
+    elif args.command == "serve":
+        from sdtrain.web import serve
+
+        serve(args.runs, args.host, args.port, args.device)
     elif args.command == "demo":
         from sdtrain.demo import run_demo
 
