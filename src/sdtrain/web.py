@@ -83,7 +83,7 @@ class RunBrowser:
                 f'<input type="hidden" name="model" value="{model_rel}">'
                 '<input type="text" name="prompt" placeholder="a red circle on a blue background"> '
                 'seed <input name="seed" value="0" size="4"> images <input name="num" value="4" size="2"> '
-                '<button>generate</button></form>'
+                "<button>generate</button></form>"
             )
         pngs = sorted(p for p in run.glob("*.png")) + sorted(run.glob("samples/*.png"))[-3:]
         for png in pngs:
