@@ -44,9 +44,11 @@ def _get(url: str) -> tuple[int, bytes]:
 
 def test_pages_list_and_show_runs(served):
     root, base = served
+    with open(root / "runs" / "tiny" / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a run still writing its log
     assert find_runs(root / "runs") == [__import__("pathlib").Path("tiny")]
     status, body = _get(base + "/")
-    assert status == 200 and b'href="/run/tiny"' in body
+    assert status == 200 and b'href="/run/tiny"' in body and b"<td>2</td>" in body  # the last whole record
     status, body = _get(base + "/run/tiny")
     assert status == 200
     for part in (b"loss.png", b"config.yaml", b'name="model" value="tiny/final"', b"last log record"):

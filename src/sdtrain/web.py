@@ -38,9 +38,16 @@ def find_runs(root: Path, depth: int = 4) -> list[Path]:
 
 
 def _last_record(run: Path) -> dict[str, Any]:
+    """The newest training record of ``log.jsonl`` (a run still writing may have a half line at the end)."""
     log = run / "log.jsonl"
-    lines = log.read_text().splitlines() if log.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+    for line in reversed(log.read_text().splitlines() if log.is_file() else []):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in record:
+            return record
+    return {}
 
 
 def _models(run: Path) -> list[Path]:
