@@ -7,6 +7,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -46,7 +47,7 @@ def test_pages_list_and_show_runs(served):
     root, base = served
     with open(root / "runs" / "tiny" / "log.jsonl", "a") as f:
         f.write('{"step": 3, "lo')  # a run still writing its log
-    assert find_runs(root / "runs") == [__import__("pathlib").Path("tiny")]
+    assert find_runs(root / "runs") == [Path("tiny")]
     status, body = _get(base + "/")
     assert status == 200 and b'href="/run/tiny"' in body and b"<td>2</td>" in body  # the last whole record
     status, body = _get(base + "/run/tiny")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import torch
-
 from sdtrain.config import LoRAConfig
 
 LORA_FOLDER = "lora"  # inside an export: final/lora/pytorch_lora_weights.safetensors
@@ -41,40 +39,26 @@ def has_lora(unet) -> bool:
 
 
 def save_lora(unet, out_dir: str | Path) -> Path:
-    """Write ``out_dir/pytorch_lora_weights.safetensors`` in diffusers' format (keys ``unet.…lora_A/B``).
+    """Write the adapters twice: ``out_dir/pytorch_lora_weights.safetensors`` in diffusers' format (keys
+    ``unet.…lora_A/B``) and ``out_dir/lora_kohya.safetensors`` in kohya-ss' layout, which A1111, ComfyUI and model
+    sites load (``lora_unet_….lora_down / lora_up / alpha``).
 
-    The file holds no alpha, and loaders then scale the update by 1 (alpha = rank): the alpha / rank scale is folded
-    into every up (B) matrix, so ``load_lora_weights`` (and any loader that defaults alpha to the rank) applies the
-    update that trained.
+    Neither file carries our alpha (diffusers' holds none, its kohya converter writes alpha = rank), so loaders scale
+    the update by 1: the alpha / rank scale is folded into every up (B) matrix and both apply the update that trained.
     """
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from safetensors.torch import save_file
 
     peft = _peft()
     config = unet.peft_config["default"]
     scale = config.lora_alpha / config.r
-    state = peft.get_peft_model_state_dict(unet)
-    state = {k: v * scale if "lora_B" in k else v for k, v in state.items()}
+    state = {k: v * scale if "lora_B" in k else v for k, v in peft.get_peft_model_state_dict(unet).items()}
     layers = convert_state_dict_to_diffusers(state)
     StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
-    save_kohya_lora(peft.get_peft_model_state_dict(unet), config.lora_alpha, Path(out_dir) / KOHYA_FILE)
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+    save_file({k: v.contiguous() for k, v in kohya.items()}, Path(out_dir) / KOHYA_FILE)
     return Path(out_dir)
-
-
-def save_kohya_lora(peft_state: dict, alpha: float, out_file: Path) -> Path:
-    """The same adapters as one file in kohya-ss' SD 1.x layout, which A1111, ComfyUI and model sites load:
-    ``lora_unet_<module path with _>.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha`` (the loader
-    scales the update by alpha / rank)."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for key, value in peft_state.items():  # "down_blocks.0.….to_q.lora_A.weight"
-        module, kind = key.rsplit(".lora_", 1)
-        name = "lora_unet_" + module.replace(".", "_")
-        tensors[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value.contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
-    save_file(tensors, out_file, metadata={"ss_network_module": "networks.lora", "ss_network_alpha": str(alpha)})
-    return out_file
 
 
 def merged_copy(unet):
