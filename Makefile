@@ -8,6 +8,7 @@ CPU_TORCH ?= torch==2.13.0+cpu
 CPU_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.sdtrain-setup
 DEV_STAMP := $(VENV)/.sdtrain-dev
+REFERENCE := $(VENV)/reference
 
 .PHONY: setup test test-all demo lint format clean
 
@@ -32,6 +33,9 @@ $(STAMP): pyproject.toml Makefile
 # the tests also need the optional parts (peft, webdataset, pyarrow, datasets) and the dev tools; the demo does not
 $(DEV_STAMP): $(STAMP)
 	$(PIP) install -q -e ".[dev]"
+	@# torch-fidelity's wheel, not installed (it requires torchvision, which pins torch): the reference that
+	@# tests/test_fidelity.py checks our FID Inception network against
+	$(PIP) download -q --no-deps --dest $(REFERENCE) torch-fidelity==0.4.0
 	@touch $(DEV_STAMP)
 
 test: setup $(DEV_STAMP)

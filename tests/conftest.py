@@ -74,6 +74,25 @@ def vae_dir(tmp_path_factory) -> Path:
     return root
 
 
+def save_pipeline(folder: Path, unet, clip_dir: Path, vae_dir: Path) -> Path:
+    """``unet`` with the tiny VAE and CLIP text encoder, saved as a StableDiffusionPipeline folder (Euler)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir),
+        text_encoder=CLIPTextModel.from_pretrained(clip_dir / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(clip_dir / "tokenizer"),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
 def write_image_folder(root: Path, count: int = 8, size: int = 32, manifest: bool = False, seed: int = 0) -> Path:
     """Random coloured-rectangle images with captions, as .txt sidecars or a metadata.jsonl."""
     rng = random.Random(seed)

@@ -11,7 +11,6 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
-    EulerDiscreteScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -21,9 +20,10 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
 )
 from safetensors.torch import load_file
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel
 
 from sdtrain.models.single_file import SingleFileError, load_single_file, save_single_file
+from tests.conftest import save_pipeline
 
 
 def _unet(**overrides) -> UNet2DConditionModel:
@@ -52,19 +52,7 @@ def sd_folder(tmp_path_factory, clip_dir, vae_dir):
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.02)  # zero-initialised output convs would hide a mapping error
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(vae_dir),
-        text_encoder=CLIPTextModel.from_pretrained(clip_dir / "text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(clip_dir / "tokenizer"),
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    folder = tmp_path_factory.mktemp("sd") / "pipe"
-    pipe.save_pretrained(folder)
-    return folder
+    return save_pipeline(tmp_path_factory.mktemp("sd") / "pipe", unet, clip_dir, vae_dir)
 
 
 def test_diffusers_importer_maps_every_exported_tensor_back(sd_folder, tmp_path):

@@ -30,8 +30,10 @@ EXAMPLES = {
   sdtrain serve --runs runs --port 8000     # then open http://127.0.0.1:8000/""",
     "train-vae": """example:
   sdtrain train-vae --config configs/demo-vae.yaml data.path=data/shapes/train train.max_minutes=3""",
-    "evaluate": """example:
-  sdtrain evaluate --model runs/demo/final --data data/shapes --out runs/demo""",
+    "evaluate": """examples:
+  sdtrain evaluate --model runs/demo/final --data data/shapes --out runs/demo      # the shapes dataset's own scores
+  sdtrain evaluate --model runs/mine/final --data data/pets-heldout --num 2000 \\
+      --metrics fid,kid,clip --clip-model openai/clip-vit-large-patch14          # FID / KID / CLIP score""",
     "demo": """example:
   sdtrain demo --out runs/demo            # what `make demo` runs; finished stages are reused""",
 }
@@ -87,15 +89,28 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--strength", type=float, default=0.6, help="0 keeps the image, 1 ignores it")
             p.add_argument("prompt", help="the prompt")
 
-    p = add("evaluate", "Score a model trained on the built-in shapes dataset (prompt adherence, reconstruct edits).")
+    p = add(
+        "evaluate",
+        "Score a model: FID, KID and CLIP score against image-caption data, or, on the built-in shapes dataset, "
+        "prompt adherence and reconstruct edits.",
+    )
     p.add_argument("--model", required=True, help="pipeline folder")
-    p.add_argument("--data", type=Path, default=Path("data/shapes"), help="shapes dataset root")
-    p.add_argument("--out", type=Path, default=None, help="where metrics.json and grids go (default: the model's run)")
+    p.add_argument("--data", default="data/shapes", help="shapes dataset root, or image-caption data as in data.path")
+    p.add_argument("--out", type=Path, default=None, help="where the scores and grids go (default: the model's run)")
+    p.add_argument("--metrics", default=None, help="shapes, or some of fid,kid,clip (default: shapes on its dataset)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's, else 7.5)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, else 30)")
-    p.add_argument("--strength", type=float, default=0.8, help="reconstruct edits: 0 keeps the image, 1 ignores it")
-    p.add_argument("--images-per-combo", type=int, default=2)
     p.add_argument("--scheduler", default=None, help="sampler, as in generate (default: the model's own)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the images (and, for FID / KID, picks the pairs)")
+    p.add_argument("--strength", type=float, default=0.8, help="shapes edits: 0 keeps the image, 1 ignores it")
+    p.add_argument("--images-per-combo", type=int, default=2, help="shapes: images per combination")
+    p.add_argument("--num", type=int, default=1000, help="FID / KID / CLIP: image-caption pairs to score")
+    p.add_argument("--batch-size", type=int, default=16, help="FID / KID / CLIP: images drawn at a time")
+    p.add_argument("--inception", type=Path, default=None, help="FID's Inception weights (default: torch.hub's cache)")
+    p.add_argument("--clip-model", default=None, help="CLIP score's model, hub id or folder (default: CLIP ViT-L/14)")
+    p.add_argument("--device", default=None, help="default: CUDA if available")
+    p.add_argument("--image-column", default="file_name", help="as data.image_column")
+    p.add_argument("--caption-column", default="text", help="as data.caption_column")
 
     p = add("convert", "A pipeline folder to a single-file (LDM layout) checkpoint, or a single file to a folder.")
     p.add_argument("source", type=Path, help="pipeline folder, or .safetensors / .ckpt file")
@@ -122,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("diffusers", "transformers", "accelerate", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from sdtrain.config import ConfigError
+    from sdtrain.evaluate.fidelity import EvaluationError
     from sdtrain.models.single_file import SingleFileError
 
     try:
@@ -129,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sdtrain: config error: {e}", file=sys.stderr)
         return 2
-    except SingleFileError as e:
+    except (SingleFileError, EvaluationError) as e:
         print(f"sdtrain: {e}", file=sys.stderr)
         return 2
 
@@ -182,20 +198,46 @@ def _run(args: argparse.Namespace) -> int:
         grid = save_images(out.images, args.out, prefix=args.command)
         print(f"wrote {len(out.images)} images and {grid}")
     elif args.command == "evaluate":
-        from sdtrain.evaluate.report import evaluate_shapes_model
+        from sdtrain.evaluate.fidelity import DEFAULT_CLIP, METRICS, evaluate_fidelity
 
         out = args.out or Path(args.model).parent
-        metrics = evaluate_shapes_model(
-            args.model,
-            args.data,
-            out,
-            guidance_scale=args.guidance,
-            num_inference_steps=args.steps,
-            images_per_combo=args.images_per_combo,
-            edit_strength=args.strength,
-            scheduler=args.scheduler,
-        )
-        print(f"seen {metrics['seen']}\nheld_out {metrics['held_out']}\nwrote {out / 'metrics.json'}")
+        shapes = (Path(args.data) / "combos.json").is_file()
+        metrics = args.metrics or ("shapes" if shapes else ",".join(METRICS))
+        if metrics == "shapes":
+            from sdtrain.evaluate.report import evaluate_shapes_model
+
+            scores = evaluate_shapes_model(
+                args.model,
+                args.data,
+                out,
+                guidance_scale=args.guidance,
+                num_inference_steps=args.steps,
+                images_per_combo=args.images_per_combo,
+                edit_strength=args.strength,
+                scheduler=args.scheduler,
+                seed=args.seed,
+            )
+            print(f"seen {scores['seen']}\nheld_out {scores['held_out']}\nwrote {out / 'metrics.json'}")
+        else:
+            scores = evaluate_fidelity(
+                args.model,
+                args.data,
+                out,
+                metrics=[m.strip() for m in metrics.split(",") if m.strip()],
+                num_images=args.num,
+                inception=args.inception,
+                clip_model=args.clip_model or DEFAULT_CLIP,
+                guidance_scale=args.guidance,
+                num_inference_steps=args.steps,
+                scheduler=args.scheduler,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                device=args.device,
+                image_column=args.image_column,
+                caption_column=args.caption_column,
+            )
+            shown = {k: round(v, 4) for k, v in scores.items() if k.startswith(("fid", "kid_m", "kid_s", "clip_s"))}
+            print(f"{shown} on {scores['num_images']} images\nwrote {out / 'fidelity.json'}")
     elif args.command == "convert":
         from sdtrain.models.single_file import convert
 

@@ -77,11 +77,12 @@ def _write_atomic(path: Path, write) -> None:
 def _records(config: DataConfig, seed: int, rank: int, world: int):
     """This process's share of the raw samples: ``(key, image, caption)``."""
     if is_shards(config.path):
-        from sdtrain.data.shards import _caption, _image_bytes, expand_urls, iterate_shard
+        from sdtrain.data.shards import expand_urls, iterate_shard, sample_caption, sample_image
 
         for url in expand_urls(config.path)[rank::world]:
             for sample in iterate_shard(url, config.allow_pipe):
-                yield sample.get("__key__", ""), _image_bytes(sample) or b"", _caption(sample, config.caption_column)
+                caption = sample_caption(sample, config.caption_column)
+                yield sample.get("__key__", ""), sample_image(sample) or b"", caption
     else:
         records = training_records(config, seed)
         for index in range(rank, len(records), world):

@@ -102,11 +102,13 @@ def _field(sample: dict[str, Any], extensions: tuple[str, ...]) -> bytes | None:
     return None
 
 
-def _image_bytes(sample: dict[str, Any]) -> bytes | None:
+def sample_image(sample: dict[str, Any]) -> bytes | None:
+    """A raw sample's encoded image (the first member with an image extension)."""
     return _field(sample, IMAGE_EXTENSIONS)
 
 
-def _caption(sample: dict[str, Any], caption_column: str) -> object:
+def sample_caption(sample: dict[str, Any], caption_column: str) -> object:
+    """A raw sample's caption: its ``.txt``, else ``caption_column`` (or ``caption``) of its ``.json``, else None."""
     if _field(sample, ("txt",)) is not None:
         return _field(sample, ("txt",))
     if _field(sample, ("json",)) is not None:
@@ -193,7 +195,7 @@ class ShardDataset(IterableDataset):
 
     def _bucket(self, sample: dict) -> tuple[int, int]:
         """The sample's bucket from its image header; raises Skip for unusable samples (counted by the caller)."""
-        data = _image_bytes(sample)
+        data = sample_image(sample)
         if data is None:
             raise Skip("no_image", f"key {sample.get('__key__')!r} has no {'/'.join(IMAGE_EXTENSIONS)}")
         return nearest_bucket(probe_size(data), self.buckets)
@@ -292,8 +294,9 @@ class ShardDataset(IterableDataset):
             key = sample.get("__key__", "")
             rng = random.Random(f"{self.seed}-{epoch}-{key}")  # crop and flip of this sample in this epoch
             try:
-                caption = choose_caption(_caption(sample, self.config.caption_column), rng)  # json may hold a list
-                image = decode_image(_image_bytes(sample) or b"", cover=bucket)
+                # json may hold a list
+                caption = choose_caption(sample_caption(sample, self.config.caption_column), rng)
+                image = decode_image(sample_image(sample) or b"", cover=bucket)
             except Skip as skip:
                 skipped[skip.reason] += 1
                 continue

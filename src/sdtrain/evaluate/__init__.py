@@ -1,1 +1,2 @@
-"""Evaluation: prompt adherence on the shapes dataset, reconstruction metrics."""
+"""Evaluation: prompt adherence on the shapes dataset, FID / KID / CLIP score on any image-caption data, reconstruction
+metrics."""

@@ -1,0 +1,327 @@
+"""FID, KID and CLIP score of a text-to-image model against a user's image-caption pairs.
+
+A fixed sample of the pairs (``num_images``, chosen by ``seed``; shards are read in order) is center-cropped to the
+model's resolution, and the model draws one image per caption (image *i* seeded ``seed + i``, at the model's
+exported sampling defaults unless given). Then:
+
+- **FID** (Heusel et al. 2017) and **KID** (Binkowski et al. 2018: unbiased MMD with the cubic polynomial kernel,
+  mean and standard deviation over subsets) between the two sets, through torchmetrics, on FID's own Inception-v3
+  (:mod:`sdtrain.evaluate.inception`, features computed once and shared by both);
+- **CLIP score** (Hessel et al. 2021): ``100 * max(cos(image, caption), 0)`` averaged over the generated images, and
+  the same over the real images: the ceiling the data itself sets under that CLIP model.
+
+FID is biased upward at small sample sizes and both depend on the resolution and the captions: compare numbers only
+at the same ``num_images`` and data (papers report 10k or 30k COCO captions). Use held-out pairs: a training set
+rewards memorising.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdtrain.data.decode import Skip, SkipCounter, clean_caption, decode_image
+from sdtrain.data.folder import resize_crop
+from sdtrain.data.sources import is_shards, list_records
+from sdtrain.evaluate.inception import load_inception
+
+if TYPE_CHECKING:
+    from sdtrain.api import StableDiffusion
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("fid", "kid", "clip")
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # the CLIP score of the SD / Imagen papers
+GRID_PAIRS = 8
+
+
+class EvaluationError(ValueError):
+    """A request that cannot be scored (unknown metric, too little data, a scoring model not found), raised before
+    any image is drawn where it can be known then."""
+
+
+def _require_torchmetrics():
+    try:
+        import torchmetrics  # noqa: F401
+    except ImportError as e:
+        raise ImportError("FID / KID / CLIP score need torchmetrics: pip install 'sdtrain[metrics]'") from e
+
+
+class _Features(torch.nn.Module):
+    """torchmetrics' FID / KID call their feature network on what ``update`` gets: we hand them features computed
+    once by the Inception network, so the two metrics do not run it twice."""
+
+    num_features = 2048
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def reference_pairs(
+    data: str | Path,
+    count: int,
+    resolution: int,
+    seed: int = 0,
+    image_column: str = "file_name",
+    caption_column: str = "text",
+    skipped: SkipCounter | None = None,
+) -> Iterator[tuple[torch.Tensor, str]]:
+    """Up to ``count`` (uint8 3 x H x W image center-cropped to ``resolution``, caption) pairs of a folder, manifest,
+    Hugging Face dataset or webdataset shards; undecodable images and unusable captions are skipped and counted in
+    ``skipped``. A caption list gives its first option. The source is opened (and a missing one reported) now."""
+    raw = _raw_pairs(str(data), seed, image_column, caption_column)
+    return _decoded(raw, count, resolution, SkipCounter() if skipped is None else skipped)
+
+
+def _decoded(raw: Iterator[tuple[Any, Any]], count: int, resolution: int, skipped: SkipCounter):
+    taken = 0
+    for image, caption in raw:
+        if taken >= count:
+            return
+        try:
+            caption = clean_caption(caption[0] if isinstance(caption, list) and caption else caption)
+            decoded = decode_image(image, cover=(resolution, resolution))
+        except Skip as e:
+            skipped[e.reason] += 1
+            continue
+        pixels = resize_crop(decoded, resolution, center_crop=True)[0]
+        yield ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), caption
+        taken += 1
+
+
+def _raw_pairs(data: str, seed: int, image_column: str, caption_column: str) -> Iterator[tuple[Any, Any]]:
+    """(image, caption) of a source in the order scored: shards as stored, indexable sources shuffled by ``seed``."""
+    if is_shards(data):
+        from sdtrain.data.shards import expand_urls, iterate_shard, sample_caption, sample_image
+
+        urls = expand_urls(data)
+        samples = (sample for url in urls for sample in iterate_shard(url))
+        return ((sample_image(s) or b"", sample_caption(s, caption_column)) for s in samples)
+    records: Sequence[dict] = list_records(data, image_column, caption_column)
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    return ((records[i]["image"], records[i]["caption"]) for i in order)
+
+
+class ClipScore:
+    """CLIP score (Hessel et al. 2021): ``100 * max(cos(image embedding, caption embedding), 0)``, averaged.
+
+    Our own few lines rather than torchmetrics' ``CLIPScore``, which reads ``get_image_features`` as a tensor where
+    transformers 5 returns a model output; captions longer than the model's context are truncated, as CLIP's own
+    tokenizer does.
+    """
+
+    def __init__(self, model, processor):
+        self.model, self.processor = model, processor
+        self.total, self.count = 0.0, 0
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, captions: list[str]) -> None:
+        """Score uint8 N x 3 x H x W ``images`` against their ``captions``."""
+        length = self.model.config.text_config.max_position_embeddings
+        inputs = self.processor(
+            text=captions,
+            images=list(images.cpu()),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=length,
+        ).to(self.model.device)
+        image = _embedding(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
+        text = _embedding(
+            self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        )
+        cosine = torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=-1)
+        self.total += float((100 * cosine).clamp(min=0).sum())
+        self.count += len(captions)
+
+    def compute(self) -> float:
+        return self.total / max(1, self.count)
+
+
+def _embedding(output) -> torch.Tensor:
+    # transformers 4 returns the projected embedding; 5 returns a model output holding it as pooler_output
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def load_clip(name: str, device: torch.device):
+    """A transformers CLIP model and its processor, from a hub id or a local folder."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        model = CLIPModel.from_pretrained(name).to(device).eval()
+        processor = CLIPProcessor.from_pretrained(name)
+    except OSError as e:
+        raise EvaluationError(
+            f"CLIP score needs a CLIP model; {name!r} could not be loaded ({e}). Pass a local folder or a hub id you "
+            "have (--clip-model), or leave clip out of --metrics"
+        ) from None
+    return model, processor
+
+
+def _to_uint8(images: list[Image.Image]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])
+
+
+@torch.no_grad()
+def evaluate_fidelity(
+    model: str | Path | StableDiffusion,
+    data: str | Path,
+    out_dir: str | Path,
+    metrics: Sequence[str] = METRICS,
+    num_images: int = 1000,
+    inception: str | Path | None = None,
+    clip_model: str = DEFAULT_CLIP,
+    guidance_scale: float | None = None,
+    num_inference_steps: int | None = None,
+    scheduler: str | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    device: str | None = None,
+    image_column: str = "file_name",
+    caption_column: str = "text",
+) -> dict[str, Any]:
+    """Score a pipeline folder against image-caption data; writes ``fidelity.json`` and ``grid_fidelity.png`` (the
+    first real images in the top row of each pair of rows, what the model drew for their captions below).
+
+    Args:
+        model: a pipeline folder (an sdtrain export or any Stable Diffusion folder / hub id), or a loaded
+            :class:`~sdtrain.api.StableDiffusion` (after ``fit``, say).
+        data: image-caption pairs: a folder, manifest, Hugging Face dataset or webdataset shards.
+        metrics: any of ``fid``, ``kid``, ``clip``.
+        num_images: pairs to read and images to generate (fewer if the data runs out).
+        inception: FID's Inception weight file; default torch.hub's cache (downloaded there once when online).
+        clip_model: the CLIP model of the CLIP score, a hub id or a folder.
+        guidance_scale, num_inference_steps, scheduler: sampling; default the model's exported ones.
+        batch_size: images generated (and scored) at a time.
+        seed: chooses the pairs and seeds the images.
+        device: where everything runs; default CUDA if available.
+
+    Returns:
+        ``fid``, ``kid_mean`` / ``kid_std``, ``clip_score`` / ``clip_score_real`` (those asked for), ``num_images``,
+        the skipped inputs by reason, and the sampling settings.
+    """
+    from sdtrain.api import StableDiffusion
+    from sdtrain.models.vae import downsample_factor
+    from sdtrain.sample.pipeline import SCHEDULERS, make_grid
+
+    # 1. check the request and load every scoring network before any image is drawn
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown or not metrics:
+        raise EvaluationError(f"unknown metrics {unknown}: choose among {', '.join(METRICS)} (or shapes)")
+    if num_images < 2:
+        raise EvaluationError("FID / KID / CLIP score need at least 2 images")
+    _require_torchmetrics()
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if device is None:
+        device = model.device if isinstance(model, StableDiffusion) else "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    scores: dict[str, Any] = {}
+    network = None
+    if {"fid", "kid"} & set(metrics):
+        try:
+            network = load_inception(inception).to(device)
+        except FileNotFoundError as e:
+            raise EvaluationError(str(e)) from None
+        if "fid" in metrics:
+            scores["fid"] = FrechetInceptionDistance(feature=_Features()).to(device)
+        if "kid" in metrics:
+            with warnings.catch_warnings():  # that it keeps every feature (2048 floats an image): we know
+                warnings.filterwarnings("ignore", message=".*will save all extracted features")
+                scores["kid"] = KernelInceptionDistance(feature=_Features(), subsets=100).to(device)
+    if "clip" in metrics:
+        clip = load_clip(clip_model, device)
+        scores["clip"], scores["clip_real"] = ClipScore(*clip), ClipScore(*clip)
+    if isinstance(model, StableDiffusion):
+        pipe = model  # sampled where it is, with ``scheduler`` (if given) for this evaluation only
+    else:
+        pipe = StableDiffusion.from_pretrained(model, device=device, scheduler=scheduler)
+        scheduler = None  # the loaded pipeline's own now
+    guidance_scale = pipe.sampling["guidance_scale"] if guidance_scale is None else guidance_scale
+    num_inference_steps = int(num_inference_steps or pipe.sampling["num_inference_steps"])
+    resolution = pipe.unet.config.sample_size * downsample_factor(pipe.vae)
+    skipped = SkipCounter()
+    try:
+        pairs = reference_pairs(data, num_images, resolution, seed, image_column, caption_column, skipped)
+    except (FileNotFoundError, ValueError) as e:  # no such path, no images, a manifest without the image column
+        raise EvaluationError(str(e)) from None
+
+    # 2. read the pairs and draw their images a batch at a time, updating every metric (nothing kept but the grid's)
+    count, shown = 0, []
+    batches = math.ceil(num_images / batch_size)
+    for number in range(batches):
+        batch = [pair for _, pair in zip(range(batch_size), pairs)]
+        if not batch:
+            break
+        real = torch.stack([image for image, _ in batch]).to(device)
+        captions = [caption for _, caption in batch]
+        drawn = pipe.generate(
+            captions,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed + count,
+            scheduler=scheduler,
+        ).images
+        fake = _to_uint8(drawn).to(device)
+        if network is not None:
+            real_features, fake_features = network(real), network(fake)
+            for name in ("fid", "kid"):
+                if name in scores:
+                    scores[name].update(real_features, real=True)
+                    scores[name].update(fake_features, real=False)
+        if "clip" in scores:
+            scores["clip"].update(fake, captions)
+            scores["clip_real"].update(real, captions)
+        if len(shown) < GRID_PAIRS:
+            shown += list(zip([Image.fromarray(im.permute(1, 2, 0).cpu().numpy()) for im in real], drawn))
+        count += len(batch)
+        logger.info("fidelity: %d / %d images (batch %d of %d)", count, num_images, number + 1, batches)
+    if count < 2:
+        raise EvaluationError(f"{data}: fewer than 2 usable image-caption pairs (skipped: {skipped.summary()})")
+    if count < num_images:
+        logger.warning("fidelity: the data held %d usable pairs of the %d asked for", count, num_images)
+
+    # 3. the numbers, the grid, the file
+    result: dict[str, Any] = {}
+    if "fid" in scores:
+        result["fid"] = float(scores["fid"].compute())
+    if "kid" in scores:
+        kid = scores["kid"]
+        kid.subset_size = min(kid.subset_size, count)
+        with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global generator
+            torch.manual_seed(seed)
+            mean, std = kid.compute()
+        result.update(kid_mean=float(mean), kid_std=float(std), kid_subset_size=kid.subset_size)
+    if "clip" in scores:
+        result.update(clip_score=scores["clip"].compute(), clip_score_real=scores["clip_real"].compute())
+        result["clip_model"] = clip_model
+    result.update(
+        num_images=count,
+        resolution=resolution,
+        skipped=dict(skipped),
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        scheduler=(SCHEDULERS[scheduler] if scheduler else type(pipe.scheduler)).__name__,
+        seed=seed,
+        model=str(model) if isinstance(model, (str, Path)) else type(model).__name__,
+        data=str(data),
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = min(4, len(shown))
+    shown = shown[: min(GRID_PAIRS, len(shown) // columns * columns)]
+    chunks = [shown[start : start + columns] for start in range(0, len(shown), columns)]
+    rows = [image for chunk in chunks for row in zip(*chunk) for image in row]  # reals above, drawn below
+    make_grid(rows, columns=columns).save(out_dir / "grid_fidelity.png")
+    (out_dir / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result

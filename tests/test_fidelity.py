@@ -1,0 +1,193 @@
+"""FID / KID / CLIP score: our Inception network against torch-fidelity's own code, the scores of a tiny model on
+a folder (CLI), the CLIP score against its formula, errors raised before any image is drawn, shards as a source."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTokenizer
+
+from sdtrain.cli import main
+from sdtrain.evaluate.fidelity import EvaluationError, evaluate_fidelity, load_clip, reference_pairs
+from sdtrain.evaluate.inception import InceptionFeatures, load_inception
+from tests.conftest import _byte_vocab, save_pipeline, write_image_folder
+
+REFERENCE = Path(__file__).resolve().parents[1] / ".venv" / "reference"
+
+
+def random_inception_weights(path: Path, seed: int = 0) -> Path:
+    """Random weights in every tensor of the network, scaled so that activations stay O(1) through all its layers
+    (batch-norm statistics included), saved as the weight file would be."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for key, value in sorted(InceptionFeatures().state_dict().items()):
+        if key.endswith("num_batches_tracked"):
+            weights[key] = value
+        elif key.endswith(("running_var", "bn.weight")):
+            weights[key] = torch.rand(value.shape, generator=generator) + 0.5
+        elif value.dim() > 1:
+            weights[key] = torch.randn(value.shape, generator=generator) * (2 / value[0].numel()) ** 0.5
+        else:
+            weights[key] = torch.randn(value.shape, generator=generator) * 0.1
+    torch.save(weights, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory) -> Path:
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "weights.pth")
+
+
+def _torch_fidelity_inception(tmp_path: Path, monkeypatch):
+    """torch-fidelity's FeatureExtractorInceptionV3, loaded from its wheel (``make test`` downloads it) without its
+    package __init__, which imports torchvision."""
+    wheels = sorted(REFERENCE.glob("torch_fidelity-*.whl"))
+    assert wheels, f"torch-fidelity's wheel is not in {REFERENCE}: run `make test` (it downloads it there)"
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        wheel.extractall(tmp_path, [n for n in wheel.namelist() if n.startswith("torch_fidelity/")])
+    package = types.ModuleType("torch_fidelity")
+    package.__path__ = [str(tmp_path / "torch_fidelity")]
+    monkeypatch.setitem(sys.modules, "torch_fidelity", package)
+    for name in [n for n in sys.modules if n.startswith("torch_fidelity.")]:
+        monkeypatch.delitem(sys.modules, name)
+    return importlib.import_module("torch_fidelity.feature_extractor_inceptionv3").FeatureExtractorInceptionV3
+
+
+def test_inception_features_equal_torch_fidelitys(inception_file, tmp_path, monkeypatch):
+    reference_class = _torch_fidelity_inception(tmp_path, monkeypatch)
+    reference = reference_class("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(inception_file))
+    ours = load_inception(inception_file)
+    generator = torch.Generator().manual_seed(1)
+    for size in ((64, 80), (331, 300)):  # upsampled and downsampled to 299 by TensorFlow 1.x's bilinear rule
+        images = torch.randint(0, 256, (2, 3, *size), generator=generator, dtype=torch.uint8)
+        expected = reference(images)[0]
+        got = ours(images)
+        assert got.shape == (2, 2048) and expected.abs().mean() > 0.1  # activations survived every layer
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_pipeline(root: Path, clip_dir: Path, vae_dir: Path) -> Path:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    return save_pipeline(root, unet, clip_dir, vae_dir)
+
+
+def _tiny_clip(root: Path) -> Path:
+    """A random CLIPModel (32 px images) and its processor, saved as a hub folder is."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    vocab = _byte_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(root)
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2)
+    text.update(num_attention_heads=4, max_position_embeddings=32, eos_token_id=vocab["<|endoftext|>"])
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2)
+    vision["num_attention_heads"] = 4
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, clip_dir, vae_dir, inception_file):
+    """The CLI's scores of a tiny model on a folder holding 7 usable pairs, a corrupt image and an uncaptioned one."""
+    root = tmp_path_factory.mktemp("fidelity")
+    model = _tiny_pipeline(root / "model", clip_dir, vae_dir)
+    clip = _tiny_clip(root / "clip")
+    data = write_image_folder(root / "data", count=9)
+    (data / "007.png").write_bytes(b"not a png")
+    (data / "008.txt").unlink()
+    args = ["evaluate", "--model", str(model), "--data", str(data), "--out", str(root / "out"), "--num", "20"]
+    args += ["--batch-size", "4", "--inception", str(inception_file), "--clip-model", str(clip), "--device", "cpu"]
+    assert main(args + ["--steps", "2", "--guidance", "3"]) == 0
+    return root, json.loads((root / "out" / "fidelity.json").read_text())
+
+
+def test_cli_scores_a_model_against_a_folder(scored):
+    from PIL import Image
+
+    root, scores = scored
+    assert scores["num_images"] == 7 and scores["skipped"] == {"not_an_image": 1, "no_caption": 1}
+    assert scores["resolution"] == 32 and scores["num_inference_steps"] == 2 and scores["guidance_scale"] == 3
+    assert scores["fid"] > 0 and math.isfinite(scores["fid"])
+    assert math.isfinite(scores["kid_mean"]) and scores["kid_std"] >= 0 and scores["kid_subset_size"] == 7
+    assert 0 <= scores["clip_score"] <= 100 and 0 <= scores["clip_score_real"] <= 100
+    grid = Image.open(root / "out" / "grid_fidelity.png")  # 7 pairs: 4 real over 4 drawn (the odd 3 left out)
+    assert grid.size[0] >= 4 * 32 and 2 * 32 <= grid.size[1] < 3 * 32
+
+
+def test_scores_are_deterministic_and_clip_score_is_its_formula(scored, inception_file):
+    from sdtrain.api import StableDiffusion
+
+    root, scores = scored
+    again = evaluate_fidelity(
+        StableDiffusion.from_pretrained(root / "model", device="cpu"),  # a loaded model (after fit, say) as well
+        root / "data",
+        root / "again",
+        metrics=["fid", "clip"],
+        num_images=20,
+        inception=inception_file,
+        clip_model=str(root / "clip"),
+        num_inference_steps=2,
+        guidance_scale=3,
+        batch_size=3,  # other batches, the same images: image i is seeded seed + i
+    )
+    assert "kid_mean" not in again and again["model"] == "StableDiffusion"
+    for key in ("fid", "clip_score", "clip_score_real"):
+        assert again[key] == pytest.approx(scores[key], rel=1e-3), key
+    # CLIP score of the real images from CLIP's own forward: its logits are exp(logit_scale) * cosine
+    model, processor = load_clip(str(root / "clip"), torch.device("cpu"))
+    pairs = list(reference_pairs(root / "data", 20, 32))
+    inputs = processor(text=[c for _, c in pairs], images=[im for im, _ in pairs], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        cosine = model(**inputs).logits_per_image.diagonal() / model.logit_scale.exp()
+    expected = (100 * cosine).clamp(min=0).mean().item()
+    assert expected > 0 and scores["clip_score_real"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_bad_requests_fail_before_any_image_is_drawn(scored, tmp_path, monkeypatch, capsys):
+    from sdtrain.api import StableDiffusion
+
+    root, _ = scored
+    monkeypatch.setattr(StableDiffusion, "generate", lambda *a, **k: pytest.fail("an image was drawn"))
+    base = ["evaluate", "--model", str(root / "model"), "--out", str(tmp_path), "--device", "cpu"]
+    data, clip = ["--data", str(root / "data")], ["--metrics", "clip", "--clip-model", str(root / "clip")]
+    cases = {
+        "unknown metrics ['fld']": data + ["--metrics", "fid,fld"],
+        "weights-inception-2015-12-05": data + ["--inception", str(tmp_path / "none.pth")],
+        "CLIP score needs a CLIP model": data + ["--metrics", "clip", "--clip-model", str(tmp_path)],
+        "does not exist": ["--data", str(tmp_path / "nothing")] + clip,
+    }
+    for message, args in cases.items():
+        assert main(base + args) == 2, message
+        assert message in capsys.readouterr().err
+    with pytest.raises(EvaluationError, match="at least 2"):
+        evaluate_fidelity(root / "model", root / "data", tmp_path, num_images=1)
+
+
+def test_reference_pairs_read_shards_in_order(tmp_path):
+    from tests.test_shards import write_shards
+
+    spec = write_shards(tmp_path / "shards", shards=2, per_shard=3)
+    pairs = list(reference_pairs(spec, 4, 48))
+    assert [caption for _, caption in pairs] == [f"image {i}" for i in range(4)]
+    assert all(image.dtype == torch.uint8 and image.shape == (3, 48, 48) for image, _ in pairs)
