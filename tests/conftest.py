@@ -74,14 +74,15 @@ def vae_dir(tmp_path_factory) -> Path:
     return root
 
 
-def save_pipeline(folder: Path, unet, clip_dir: Path, vae_dir: Path) -> Path:
-    """``unet`` with the tiny VAE and CLIP text encoder, saved as a StableDiffusionPipeline folder (Euler)."""
+def save_pipeline(folder: Path, unet, clip_dir: Path, vae_dir: Path, text_encoder=None) -> Path:
+    """``unet`` with the tiny VAE and CLIP text encoder (or ``text_encoder``, with the tiny CLIP's tokenizer), saved
+    as a StableDiffusionPipeline folder (Euler)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(vae_dir),
-        text_encoder=CLIPTextModel.from_pretrained(clip_dir / "text_encoder"),
+        text_encoder=text_encoder or CLIPTextModel.from_pretrained(clip_dir / "text_encoder"),
         tokenizer=CLIPTokenizer.from_pretrained(clip_dir / "tokenizer"),
         unet=unet,
         scheduler=EulerDiscreteScheduler(),

@@ -18,6 +18,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
 )
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
@@ -55,6 +56,22 @@ def sd_folder(tmp_path_factory, clip_dir, vae_dir):
     return save_pipeline(tmp_path_factory.mktemp("sd") / "pipe", unet, clip_dir, vae_dir)
 
 
+@pytest.fixture(scope="module")
+def sd2_folder(tmp_path_factory, clip_dir, vae_dir):
+    """SD 2.x's shape in miniature: linear projections in the transformers, an OpenCLIP-style (gelu) text encoder."""
+    from transformers import CLIPTextConfig
+
+    unet = _unet(use_linear_projection=True, attention_head_dim=(2, 4, 4))
+    config = CLIPTextConfig.from_pretrained(clip_dir / "text_encoder")
+    config.hidden_act = "gelu"
+    torch.manual_seed(1)
+    text = CLIPTextModel(config)
+    with torch.no_grad():
+        for p in list(unet.parameters()) + list(text.parameters()):
+            p.add_(torch.randn_like(p) * 0.02)
+    return save_pipeline(tmp_path_factory.mktemp("sd2") / "pipe", unet, clip_dir, vae_dir, text_encoder=text)
+
+
 def test_diffusers_importer_maps_every_exported_tensor_back(sd_folder, tmp_path):
     file = save_single_file(sd_folder, tmp_path / "model.safetensors")
     ldm = load_file(file)
@@ -81,7 +98,27 @@ def test_diffusers_importer_maps_every_exported_tensor_back(sd_folder, tmp_path)
     assert "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight" in ldm
 
 
-def test_single_file_loads_offline_and_draws_the_same_images(sd_folder, tmp_path):
+def test_sd2_text_encoder_is_written_in_open_clip_layout(sd2_folder, tmp_path):
+    """SD 2.x files hold OpenCLIP's names (q, k, v fused into in_proj): what A1111 and ComfyUI look for to load an
+    SD 2.x text encoder. diffusers' OpenCLIP importer gives back every tensor."""
+    ldm = load_file(save_single_file(sd2_folder, tmp_path / "model.safetensors"))
+    text = CLIPTextModel.from_pretrained(sd2_folder / "text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(sd2_folder / "unet")
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in ldm)
+    assert ldm["cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"].shape == (3 * 32, 32)
+    assert "cond_stage_model.model.positional_embedding" in ldm and "cond_stage_model.model.ln_final.bias" in ldm
+    ours = {k.removeprefix("text_model."): v for k, v in text.state_dict().items() if not k.endswith("position_ids")}
+    theirs = {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(text, ldm).items()}
+    assert sorted(theirs) == sorted(ours)
+    assert all(torch.equal(theirs[k], ours[k]) for k in ours)
+    unet_back = convert_ldm_unet_checkpoint(ldm, unet.config)
+    assert all(torch.equal(unet_back[k], v) for k, v in unet.state_dict().items())
+    assert ldm["model.diffusion_model.input_blocks.1.1.proj_in.weight"].ndim == 2  # linear, as in SD 2.x files
+
+
+@pytest.mark.parametrize("folder", ["sd_folder", "sd2_folder"])
+def test_single_file_loads_offline_and_draws_the_same_images(folder, tmp_path, request):
+    sd_folder = request.getfixturevalue(folder)
     file = save_single_file(sd_folder, tmp_path / "model.safetensors")
     loaded = load_single_file(file, sd_folder)
     original = StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
@@ -152,11 +189,12 @@ def test_training_from_a_single_file_says_how(tmp_path, sd_folder):
 
 def test_sd15_sized_model_gets_sd15s_key_set():
     """At SD 1.5's size (built on the meta device: no memory, no download) the export has the tensor counts of SD
-    1.5's own single file: 686 UNet, 248 VAE, 196 text-encoder tensors (its 197th is the position_ids buffer)."""
+    1.5's own single file: 686 UNet, 248 VAE, 196 text-encoder tensors (its 197th is the position_ids buffer); and
+    SD 2.x's text encoder those of SD 2.1's file less what diffusers' encoder does not hold."""
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig
 
-    from sdtrain.models.single_file import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+    from sdtrain.models.single_file import open_clip_text_to_ldm, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 
     with init_empty_weights():
         unet = _unet(
@@ -174,9 +212,26 @@ def test_sd15_sized_model_gets_sd15s_key_set():
             layers_per_block=2,
         )
         text = CLIPTextModel(CLIPTextConfig(num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu"))
+        # SD 2.x's OpenCLIP ViT-H as diffusers holds it: 23 of its 24 layers (SD reads the penultimate one)
+        open_clip = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_attention_heads=16,
+                num_hidden_layers=23,
+                max_position_embeddings=77,
+                hidden_act="gelu",
+            )
+        )
     unet_keys = unet_to_ldm(unet.state_dict(), dict(unet.config))
     vae_keys = vae_to_ldm(vae.state_dict(), dict(vae.config))
     assert (len(unet_keys), len(vae_keys), len(text_encoder_to_ldm(text.state_dict()))) == (686, 248, 196)
     for name in ("input_blocks.9.0.op", "output_blocks.2.1.conv", "output_blocks.8.2.conv", "middle_block.1.proj_in"):
         assert f"model.diffusion_model.{name}.weight" in unet_keys
     assert "first_stage_model.decoder.up.3.upsample.conv.weight" in vae_keys  # LDM numbers decoder levels upwards
+    # SD 2.1's file holds 294 text tensors: 24 layers of 12, the embeddings, ln_final, text_projection, logit_scale;
+    # the penultimate-layer encoder has no place for the last layer, the projection or the scale (diffusers' importer
+    # skips them too), which leaves 280
+    open_clip_keys = open_clip_text_to_ldm(open_clip.state_dict())
+    assert len(open_clip_keys) == 294 - 12 - 2
+    assert open_clip_keys["cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight"].shape == (3072, 1024)

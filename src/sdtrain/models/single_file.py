@@ -1,11 +1,12 @@
 """Single-file Stable Diffusion checkpoints: the original LDM layout that A1111, ComfyUI and most model sites use.
 
 ``save_single_file`` writes a diffusers pipeline folder (our exports) as one ``.safetensors`` file with the LDM key
-names: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.*`` (CLIP
-text encoder, SD 1.x layout). ``load_single_file`` reads such a file back into a diffusers pipeline through diffusers'
-own ``from_single_file``, with the component configs taken from a diffusers folder or hub id (the file holds weights
-only). Our direction is the inverse of diffusers' ``convert_ldm_*_checkpoint``; the tests check that diffusers maps
-every exported tensor back to the one it came from.
+names: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE), and the text encoder as SD 1.x files hold
+it (``cond_stage_model.transformer.*``, OpenAI's CLIP) or as SD 2.x files do (``cond_stage_model.model.*``,
+OpenCLIP). ``load_single_file`` reads such a file back into a diffusers pipeline through diffusers' own
+``from_single_file``, with the component configs taken from a diffusers folder or hub id (the file holds weights
+only). Our direction is the inverse of diffusers' ``convert_ldm_*_checkpoint`` / ``convert_open_clip_checkpoint``;
+the tests check that diffusers maps every exported tensor back to the one it came from.
 
 What the LDM layout cannot hold is refused rather than dropped: UNet blocks other than SD's (cross-attention / plain
 down and up blocks, a cross-attention mid block), extra embeddings (sdtrain's ``text_time_embedding``, class
@@ -25,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer."
+TEXT_PREFIX = "cond_stage_model.transformer."  # SD 1.x: OpenAI's CLIP ViT-L/14, in transformers' names
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14, in open_clip's names
 SD_SCALING_FACTOR = 0.18215  # what SD 1.x single-file loaders assume when no config says otherwise
 
 _UNET_FIXED = {
@@ -56,6 +58,19 @@ _VAE_FIXED = {
 }
 _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_OPEN_CLIP_FIXED = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
 
 
 class SingleFileError(ValueError):
@@ -167,6 +182,33 @@ def text_encoder_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
+def is_open_clip(config: Any) -> bool:
+    """SD 2.x's text encoder: OpenCLIP's ViT-H/14 converted to a CLIPTextModel, whose activation is gelu where
+    OpenAI's CLIP (SD 1.x) uses quick_gelu."""
+    return getattr(config, "hidden_act", None) == "gelu"
+
+
+def open_clip_text_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel converted from OpenCLIP (SD 2.x) under open_clip's names (``cond_stage_model.model.*``), the
+    attention's q, k, v fused into ``in_proj``; the inverse of diffusers' ``convert_open_clip_checkpoint``.
+
+    SD 2.x reads the penultimate layer, so diffusers' text encoder holds one layer fewer than the original file (23
+    of 24) and no ``text_projection``: A1111 and ComfyUI load such files (the missing last layer is never used)."""
+    weights = {k.removeprefix("text_model."): v for k, v in state_dict.items() if not k.endswith("position_ids")}
+    out = {theirs: weights.pop(ours) for ours, theirs in _OPEN_CLIP_FIXED.items()}
+    layers = sorted({int(k.split(".")[2]) for k in weights if k.startswith("encoder.layers.")})
+    for i in layers:
+        ours, theirs = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [weights.pop(f"{ours}self_attn.{p}_proj.{kind}") for p in "qkv"]
+            out[f"{theirs}attn.in_proj_{kind}"] = torch.cat(qkv)
+            for name, ldm in _OPEN_CLIP_LAYER.items():
+                out[f"{theirs}{ldm}.{kind}"] = weights.pop(f"{ours}{name}.{kind}")
+    if weights:
+        raise SingleFileError(f"no OpenCLIP name for the text encoder's weights {sorted(weights)[:3]}")
+    return {OPEN_CLIP_PREFIX + k: v for k, v in out.items()}
+
+
 def save_single_file(model: str | Path, out_file: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write the pipeline folder ``model`` as one single-file checkpoint (``.safetensors``).
 
@@ -189,12 +231,13 @@ def save_single_file(model: str | Path, out_file: str | Path, dtype: torch.dtype
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
     kind = _text_encoder_class(model)
     if kind != "CLIPTextModel":
-        raise SingleFileError(f"the SD 1.x single-file layout holds a CLIPTextModel, this model's encoder is a {kind}")
+        raise SingleFileError(f"the single-file layout holds a CLIPTextModel, this model's encoder is a {kind}")
     text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    text_to_ldm = open_clip_text_to_ldm if is_open_clip(text_encoder.config) else text_encoder_to_ldm
     tensors = {
         **unet_to_ldm(unet.state_dict(), dict(unet.config)),
         **vae_to_ldm(vae.state_dict(), dict(vae.config)),
-        **text_encoder_to_ldm(text_encoder.state_dict()),
+        **text_to_ldm(text_encoder.state_dict()),
     }
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
