@@ -47,12 +47,13 @@ def test_pages_list_and_show_runs(served):
     root, base = served
     with open(root / "runs" / "tiny" / "log.jsonl", "a") as f:
         f.write('{"step": 3, "lo')  # a run still writing its log
+    (root / "runs" / "tiny" / "fidelity.json").write_text('{"fid": 12.5}')  # what sdtrain evaluate --out writes
     assert find_runs(root / "runs") == [Path("tiny")]
     status, body = _get(base + "/")
     assert status == 200 and b'href="/run/tiny"' in body and b"<td>2</td>" in body  # the last whole record
     status, body = _get(base + "/run/tiny")
     assert status == 200
-    for part in (b"loss.png", b"config.yaml", b'name="model" value="tiny/final"', b"last log record"):
+    for part in (b"loss.png", b"config.yaml", b'name="model" value="tiny/final"', b"last log record", b"12.5"):
         assert part in body
     status, png = _get(base + "/file/tiny/loss.png")
     assert status == 200 and Image.open(io.BytesIO(png)).size[0] > 100

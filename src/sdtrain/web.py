@@ -1,10 +1,11 @@
 """``sdtrain serve``: a small local web page to browse runs and generate from their models (standard library only).
 
-Pages: ``/`` lists every run under the root (a folder holding ``config.yaml``, ``log.jsonl`` or ``metrics.json``) with
-its last logged step and loss; ``/run/<path>`` shows one run: its PNGs (loss curve, sample grids, evaluation grids),
-``metrics.json``, the newest log record and ``config.yaml``, and a form to generate from each exported model in it
-(a folder with ``model_index.json``); ``/file/<path>`` serves a file under the root, nothing outside it. Models are
-loaded once and kept. It binds to 127.0.0.1 by default: it runs models on request, so it is not for the open internet.
+Pages: ``/`` lists every run under the root (a folder holding ``config.yaml``, ``log.jsonl``, ``metrics.json`` or
+``fidelity.json``) with its last logged step and loss; ``/run/<path>`` shows one run: its PNGs (loss curve, sample
+grids, evaluation grids), its scores (``metrics.json``, ``fidelity.json``), the newest log record and ``config.yaml``,
+and a form to generate from each exported model in it (a folder with ``model_index.json``); ``/file/<path>`` serves a
+file under the root, nothing outside it. Models are loaded once and kept. It binds to 127.0.0.1 by default: it runs
+models on request, so it is not for the open internet.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-RUN_MARKERS = ("config.yaml", "log.jsonl", "metrics.json")
+RUN_MARKERS = ("config.yaml", "log.jsonl", "metrics.json", "fidelity.json")
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
 body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em}} img{{image-rendering:pixelated;max-width:100%;
 border:1px solid #ccc;margin:.3em 0}} pre{{background:#f4f4f4;padding:.8em;overflow:auto}} td,th{{padding:.2em .8em;
@@ -96,8 +97,9 @@ class RunBrowser:
         for png in pngs:
             src = "/file/" + urllib.parse.quote(str(png.relative_to(self.root)))
             parts.append(f"<h3>{html.escape(png.relative_to(run).as_posix())}</h3><img src='{src}'>")
-        if (run / "metrics.json").is_file():
-            parts.append(f"<h3>metrics.json</h3><pre>{html.escape((run / 'metrics.json').read_text())}</pre>")
+        for scores in ("metrics.json", "fidelity.json"):  # shapes scores; FID / KID / CLIP score
+            if (run / scores).is_file():
+                parts.append(f"<h3>{scores}</h3><pre>{html.escape((run / scores).read_text())}</pre>")
         if record := _last_record(run):
             parts.append(f"<h3>last log record</h3><pre>{html.escape(json.dumps(record, indent=1))}</pre>")
         if (run / "config.yaml").is_file():
