@@ -191,3 +191,57 @@ def test_reference_pairs_read_shards_in_order(tmp_path):
     pairs = list(reference_pairs(spec, 4, 48))
     assert [caption for _, caption in pairs] == [f"image {i}" for i in range(4)]
     assert all(image.dtype == torch.uint8 and image.shape == (3, 48, 48) for image, _ in pairs)
+
+
+def test_training_scores_its_ema_model_every_n_steps(scored, tmp_path, clip_dir, vae_dir, inception_file):
+    """Steps 2 and 3 (the end) are scored; the last scores are those of the exported model (EMA weights, the sample
+    settings) scored afresh by evaluate_fidelity against the same reference set."""
+    from sdtrain.config import Config, load_config
+    from sdtrain.data.folder import validation_records
+    from sdtrain.train.loop import train
+    from sdtrain.train.tracking import read_log
+    from tests.conftest import tiny_overrides
+
+    root, _ = scored
+    run = tmp_path / "run"
+    data = write_image_folder(tmp_path / "data", count=10)
+    overrides = tiny_overrides(run, data, vae_dir, str(clip_dir), "text_encoder")
+    fidelity = ["every=2", "metrics=[fid,kid,clip]", "num_images=4", "batch_size=3", f"inception={inception_file}"]
+    overrides += [f"train.fidelity.{o}" for o in fidelity + [f"clip_model={root / 'clip'}"]]
+    config = load_config(Config, None, overrides + ["train.num_steps=3", "data.validation_split=4"])
+    train(config)
+    records = [r for r in read_log(run / "log.jsonl") if "fid" in r]
+    assert [r["step"] for r in records] == [2, 3]
+    assert all(math.isfinite(r["fid"]) and math.isfinite(r["kid_mean"]) and r["clip_score"] >= 0 for r in records)
+    assert (run / "fidelity" / "step-000002" / "grid_fidelity.png").is_file()
+    again = evaluate_fidelity(
+        run / "final",
+        validation_records(config.data, config.train.seed),
+        tmp_path / "again",
+        metrics=["fid", "kid", "clip"],
+        num_images=4,
+        inception=inception_file,
+        clip_model=str(root / "clip"),
+        batch_size=3,
+        seed=config.train.seed,
+        device="cpu",
+    )
+    for key in ("fid", "kid_mean", "clip_score"):
+        assert again[key] == pytest.approx(records[-1][key], rel=1e-4, abs=1e-6), key
+
+
+def test_training_refuses_fidelity_it_cannot_score(tmp_path, clip_dir, vae_dir, image_folder):
+    from sdtrain.config import Config, ConfigError, load_config
+    from sdtrain.train.loop import train
+    from tests.conftest import tiny_overrides
+
+    overrides = tiny_overrides(tmp_path / "run", image_folder, vae_dir, str(clip_dir), "text_encoder")
+    with pytest.raises(ConfigError, match="needs reference images"):
+        load_config(Config, None, overrides + ["train.fidelity.every=2"])
+    with pytest.raises(ConfigError, match="fld"):
+        load_config(Config, None, overrides + ["train.fidelity.metrics=[fid,fld]"])
+    missing = [f"inception={tmp_path / 'none.pth'}", "every=2", "metrics=[fid]"]
+    overrides += [f"train.fidelity.{o}" for o in missing] + ["data.validation_split=2"]
+    with pytest.raises(EvaluationError, match="Inception weights"):
+        train(load_config(Config, None, overrides))
+    assert not (tmp_path / "run" / "log.jsonl").exists()  # stopped before the first step

@@ -312,6 +312,38 @@ class LoRAConfig:
 
 
 @dataclass
+class FidelityConfig:
+    """FID / KID / CLIP score during training (`pip install 'sdtrain[metrics]'`): the EMA weights draw one image per
+    reference caption with the `sample` settings, against a reference set read once at the start."""
+
+    every: int | None = None
+    """Score every N steps and at the end, into log.jsonl, the trackers and fidelity/step-XXXXXX/ (None: off)."""
+    metrics: list[str] = field(default_factory=lambda: ["fid", "clip"])
+    """Any of fid, kid, clip."""
+    num_images: int = 1000
+    """Reference pairs read, and images drawn at each evaluation."""
+    data: str | None = None
+    """Reference image-caption data, as data.path (None: the validation set, data.validation_path or
+    data.validation_split)."""
+    inception: str | None = None
+    """FID's Inception weight file (None: torch.hub's cache, downloaded there once when online)."""
+    clip_model: str = "openai/clip-vit-large-patch14"
+    """The CLIP score's model, a hub id or a folder."""
+    batch_size: int = 16
+    """Images drawn at a time."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.metrics) - {"fid", "kid", "clip"})
+        if unknown or not self.metrics:
+            raise ConfigError(f"train.fidelity.metrics: unknown {unknown}; choose some of fid, kid, clip")
+        if self.every is not None and self.every <= 0:
+            raise ConfigError(f"train.fidelity.every must be positive, got {self.every}")
+        for key in ("num_images", "batch_size"):
+            if getattr(self, key) < 2:
+                raise ConfigError(f"train.fidelity.{key} must be at least 2, got {getattr(self, key)}")
+
+
+@dataclass
 class TrainConfig:
     """The UNet training run."""
 
@@ -371,6 +403,7 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
     def __post_init__(self) -> None:
         unknown = set(self.trackers) - {"tensorboard", "wandb"}
@@ -423,6 +456,12 @@ class Config:
                     f"{key}={path} is a single-file checkpoint; make it a pipeline folder first, with the configs it "
                     f"matches: sdtrain convert {path} FOLDER --config stable-diffusion-v1-5/stable-diffusion-v1-5"
                 )
+        fidelity = self.train.fidelity
+        if fidelity.every and not (fidelity.data or self.data.validation_path or self.data.validation_split):
+            raise ConfigError(
+                "train.fidelity.every needs reference images: set train.fidelity.data, data.validation_path or "
+                "data.validation_split"
+            )
         if self.model.unet.from_scratch or (self.model.unet.pretrained is None and self.model.pretrained is None):
             levels = len(self.model.unet.block_out_channels)
             if (self.data.resolution // 8) % 2 ** (levels - 1) and self.data.resolution % 2 ** (levels + 1):

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +67,7 @@ class _Features(torch.nn.Module):
 
 
 def reference_pairs(
-    data: str | Path,
+    data: str | Path | Sequence[dict],
     count: int,
     resolution: int,
     seed: int = 0,
@@ -76,9 +76,11 @@ def reference_pairs(
     skipped: SkipCounter | None = None,
 ) -> Iterator[tuple[torch.Tensor, str]]:
     """Up to ``count`` (uint8 3 x H x W image center-cropped to ``resolution``, caption) pairs of a folder, manifest,
-    Hugging Face dataset or webdataset shards; undecodable images and unusable captions are skipped and counted in
-    ``skipped``. A caption list gives its first option. The source is opened (and a missing one reported) now."""
-    raw = _raw_pairs(str(data), seed, image_column, caption_column)
+    Hugging Face dataset or webdataset shards, or of a list of records (``{"image", "caption"}``, as
+    :func:`sdtrain.data.sources.list_records` gives); undecodable images and unusable captions are skipped and
+    counted in ``skipped``. A caption list gives its first option. The source is opened (and a missing one reported)
+    now."""
+    raw = _raw_pairs(data, seed, image_column, caption_column)
     return _decoded(raw, count, resolution, SkipCounter() if skipped is None else skipped)
 
 
@@ -98,15 +100,20 @@ def _decoded(raw: Iterator[tuple[Any, Any]], count: int, resolution: int, skippe
         taken += 1
 
 
-def _raw_pairs(data: str, seed: int, image_column: str, caption_column: str) -> Iterator[tuple[Any, Any]]:
+def _raw_pairs(
+    data: str | Path | Sequence[dict], seed: int, image_column: str, caption_column: str
+) -> Iterator[tuple[Any, Any]]:
     """(image, caption) of a source in the order scored: shards as stored, indexable sources shuffled by ``seed``."""
-    if is_shards(data):
+    if not isinstance(data, (str, Path)):
+        records: Sequence[dict] = data
+    elif is_shards(str(data)):
         from sdtrain.data.shards import expand_urls, iterate_shard, sample_caption, sample_image
 
-        urls = expand_urls(data)
+        urls = expand_urls(str(data))
         samples = (sample for url in urls for sample in iterate_shard(url))
         return ((sample_image(s) or b"", sample_caption(s, caption_column)) for s in samples)
-    records: Sequence[dict] = list_records(data, image_column, caption_column)
+    else:
+        records = list_records(data, image_column, caption_column)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
     return ((records[i]["image"], records[i]["caption"]) for i in order)
 
@@ -171,10 +178,209 @@ def _to_uint8(images: list[Image.Image]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])
 
 
-@torch.no_grad()
+@dataclass
+class Reference:
+    """What the scores compare against, read once: the captions (the prompts), the first real images (for the
+    grid), the real images' CLIP score, the resolution and the inputs skipped."""
+
+    captions: list[str]
+    shown: list[Image.Image]
+    resolution: int
+    clip_score_real: float | None
+    skipped: dict[str, int]
+
+
+class FidelityScorer:
+    """FID / KID / CLIP score of models against one reference set; the scoring networks are loaded (and their
+    weights checked) when it is built, the reference set's features computed once by :meth:`set_reference`, so a
+    training run can score its model every N steps for the price of the generated images alone.
+
+    Args:
+        metrics: any of ``fid``, ``kid``, ``clip``.
+        inception: FID's Inception weight file; default torch.hub's cache (downloaded there once when online).
+        clip_model: the CLIP model of the CLIP score, a hub id or a folder.
+        device: where the scoring networks run; default CUDA if available.
+    """
+
+    def __init__(
+        self,
+        metrics: Sequence[str] = METRICS,
+        inception: str | Path | None = None,
+        clip_model: str = DEFAULT_CLIP,
+        device: str | torch.device | None = None,
+    ):
+        unknown = sorted(set(metrics) - set(METRICS))
+        if unknown or not metrics:
+            raise EvaluationError(f"unknown metrics {unknown}: choose among {', '.join(METRICS)} (or shapes)")
+        _require_torchmetrics()
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        self.metrics, self.clip_model = list(metrics), clip_model
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.inception = self.clip = None
+        self.distances: dict[str, Any] = {}  # the real features stay across reset(): only the drawn ones go
+        if {"fid", "kid"} & set(metrics):
+            try:
+                self.inception = load_inception(inception)
+            except FileNotFoundError as e:
+                raise EvaluationError(str(e)) from None
+            if "fid" in metrics:
+                self.distances["fid"] = FrechetInceptionDistance(feature=_Features(), reset_real_features=False)
+            if "kid" in metrics:
+                with warnings.catch_warnings():  # that it keeps every feature (2048 floats an image): we know
+                    warnings.filterwarnings("ignore", message=".*will save all extracted features")
+                    self.distances["kid"] = KernelInceptionDistance(
+                        feature=_Features(), subsets=100, reset_real_features=False
+                    )
+        if "clip" in metrics:
+            self.clip = load_clip(clip_model, torch.device("cpu"))
+        self.reference: Reference | None = None
+        self.to(self.device)
+
+    def to(self, device: str | torch.device) -> FidelityScorer:
+        """Move the scoring networks and states (a training run parks them on the CPU between evaluations)."""
+        self.device = torch.device(device)
+        if self.inception is not None:
+            self.inception.to(self.device)
+        if self.clip is not None:
+            self.clip[0].to(self.device)
+        for metric in self.distances.values():
+            metric.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def set_reference(
+        self,
+        data: str | Path | Sequence[dict],
+        num_images: int,
+        resolution: int,
+        seed: int = 0,
+        batch_size: int = 16,
+        image_column: str = "file_name",
+        caption_column: str = "text",
+    ) -> Reference:
+        """Read up to ``num_images`` pairs of ``data`` (see :func:`reference_pairs`; a list of records as well) and
+        take in the real images' features; the captions are kept as the prompts."""
+        if num_images < 2:
+            raise EvaluationError("FID / KID / CLIP score need at least 2 images")
+        skipped = SkipCounter()
+        try:
+            pairs = reference_pairs(data, num_images, resolution, seed, image_column, caption_column, skipped)
+        except (FileNotFoundError, ValueError) as e:  # no such path, no images, a manifest without the image column
+            raise EvaluationError(str(e)) from None
+        for metric in self.distances.values():
+            metric.reset_real_features = True
+            metric.reset()
+            metric.reset_real_features = False
+        real_clip = ClipScore(*self.clip) if self.clip is not None else None
+        captions: list[str] = []
+        shown: list[Image.Image] = []
+        while batch := [pair for _, pair in zip(range(batch_size), pairs)]:
+            real = torch.stack([image for image, _ in batch]).to(self.device)
+            captions += [caption for _, caption in batch]
+            if self.inception is not None:
+                features = self.inception(real)
+                for metric in self.distances.values():
+                    metric.update(features, real=True)
+            if real_clip is not None:
+                real_clip.update(real, [caption for _, caption in batch])
+            shown += [Image.fromarray(image.permute(1, 2, 0).numpy()) for image, _ in batch[: GRID_PAIRS - len(shown)]]
+        if len(captions) < 2:
+            raise EvaluationError(f"{data}: fewer than 2 usable image-caption pairs (skipped: {skipped.summary()})")
+        if len(captions) < num_images:
+            logger.warning("fidelity: the data held %d usable pairs of the %d asked for", len(captions), num_images)
+        clip_real = real_clip.compute() if real_clip is not None else None
+        self.reference = Reference(captions, shown, resolution, clip_real, dict(skipped))
+        return self.reference
+
+    @torch.no_grad()
+    def score(
+        self,
+        pipe: StableDiffusion,
+        out_dir: str | Path | None = None,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        scheduler: str | None = None,
+        seed: int = 0,
+        batch_size: int = 16,
+    ) -> dict[str, Any]:
+        """Draw one image per reference caption with ``pipe`` (image *i* seeded ``seed + i``, at the reference
+        resolution; steps and guidance default to the model's) and score them; with ``out_dir``, write
+        ``fidelity.json`` and ``grid_fidelity.png`` there (real images above what the model drew for their captions).
+
+        Returns:
+            ``fid``, ``kid_mean`` / ``kid_std``, ``clip_score`` / ``clip_score_real`` (those asked for),
+            ``num_images``, the skipped inputs by reason, and the sampling settings.
+        """
+        from sdtrain.sample.pipeline import SCHEDULERS, make_grid
+
+        if self.reference is None:
+            raise EvaluationError("set_reference first: the scores compare against a reference set")
+        ref = self.reference
+        guidance_scale = pipe.sampling["guidance_scale"] if guidance_scale is None else guidance_scale
+        num_inference_steps = int(num_inference_steps or pipe.sampling["num_inference_steps"])
+        for metric in self.distances.values():
+            metric.reset()  # the drawn images' states; the reference's stay
+        clip = ClipScore(*self.clip) if self.clip is not None else None
+        drawn_shown: list[Image.Image] = []
+        for start in range(0, len(ref.captions), batch_size):
+            captions = ref.captions[start : start + batch_size]
+            drawn = pipe.generate(
+                captions,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=ref.resolution,
+                width=ref.resolution,
+                seed=seed + start,
+                scheduler=scheduler,
+            ).images
+            fake = _to_uint8(drawn).to(self.device)
+            if self.inception is not None:
+                features = self.inception(fake)
+                for metric in self.distances.values():
+                    metric.update(features, real=False)
+            if clip is not None:
+                clip.update(fake, captions)
+            drawn_shown += drawn[: GRID_PAIRS - len(drawn_shown)]
+            logger.info("fidelity: %d / %d images", start + len(captions), len(ref.captions))
+        result: dict[str, Any] = {}
+        if "fid" in self.distances:
+            result["fid"] = float(self.distances["fid"].compute())
+        if "kid" in self.distances:
+            kid = self.distances["kid"]
+            kid.subset_size = min(1000, len(ref.captions))
+            with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global generator
+                torch.manual_seed(seed)
+                mean, std = kid.compute()
+            result.update(kid_mean=float(mean), kid_std=float(std), kid_subset_size=kid.subset_size)
+        if clip is not None:
+            result.update(clip_score=clip.compute(), clip_score_real=ref.clip_score_real, clip_model=self.clip_model)
+        result.update(
+            num_images=len(ref.captions),
+            resolution=ref.resolution,
+            skipped=ref.skipped,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            scheduler=(SCHEDULERS[scheduler] if scheduler else type(pipe.scheduler)).__name__,
+            seed=seed,
+        )
+        if out_dir is not None:
+            out_dir = Path(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            pairs = list(zip(ref.shown, drawn_shown))
+            columns = min(4, len(pairs))
+            pairs = pairs[: len(pairs) // columns * columns]
+            chunks = [pairs[start : start + columns] for start in range(0, len(pairs), columns)]
+            rows = [image for chunk in chunks for row in zip(*chunk) for image in row]  # reals above, drawn below
+            make_grid(rows, columns=columns).save(out_dir / "grid_fidelity.png")
+            (out_dir / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
+        return result
+
+
 def evaluate_fidelity(
     model: str | Path | StableDiffusion,
-    data: str | Path,
+    data: str | Path | Sequence[dict],
     out_dir: str | Path,
     metrics: Sequence[str] = METRICS,
     num_images: int = 1000,
@@ -189,139 +395,45 @@ def evaluate_fidelity(
     image_column: str = "file_name",
     caption_column: str = "text",
 ) -> dict[str, Any]:
-    """Score a pipeline folder against image-caption data; writes ``fidelity.json`` and ``grid_fidelity.png`` (the
-    first real images in the top row of each pair of rows, what the model drew for their captions below).
+    """Score a model against image-caption data; writes ``fidelity.json`` and ``grid_fidelity.png`` into ``out_dir``.
 
     Args:
         model: a pipeline folder (an sdtrain export or any Stable Diffusion folder / hub id), or a loaded
             :class:`~sdtrain.api.StableDiffusion` (after ``fit``, say).
         data: image-caption pairs: a folder, manifest, Hugging Face dataset or webdataset shards.
         metrics: any of ``fid``, ``kid``, ``clip``.
-        num_images: pairs to read and images to generate (fewer if the data runs out).
+        num_images: pairs to read and images to draw (fewer if the data runs out).
         inception: FID's Inception weight file; default torch.hub's cache (downloaded there once when online).
         clip_model: the CLIP model of the CLIP score, a hub id or a folder.
         guidance_scale, num_inference_steps, scheduler: sampling; default the model's exported ones.
-        batch_size: images generated (and scored) at a time.
+        batch_size: images drawn (and scored) at a time.
         seed: chooses the pairs and seeds the images.
-        device: where everything runs; default CUDA if available.
+        device: where everything runs; default the model's device, else CUDA if available.
 
     Returns:
-        ``fid``, ``kid_mean`` / ``kid_std``, ``clip_score`` / ``clip_score_real`` (those asked for), ``num_images``,
-        the skipped inputs by reason, and the sampling settings.
+        What :meth:`FidelityScorer.score` returns, with the model and data named.
     """
     from sdtrain.api import StableDiffusion
     from sdtrain.models.vae import downsample_factor
-    from sdtrain.sample.pipeline import SCHEDULERS, make_grid
 
-    # 1. check the request and load every scoring network before any image is drawn
-    unknown = sorted(set(metrics) - set(METRICS))
-    if unknown or not metrics:
-        raise EvaluationError(f"unknown metrics {unknown}: choose among {', '.join(METRICS)} (or shapes)")
+    # 1. the scoring networks, the model and the reference set, before any image is drawn
     if num_images < 2:
         raise EvaluationError("FID / KID / CLIP score need at least 2 images")
-    _require_torchmetrics()
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
     if device is None:
         device = model.device if isinstance(model, StableDiffusion) else "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    scores: dict[str, Any] = {}
-    network = None
-    if {"fid", "kid"} & set(metrics):
-        try:
-            network = load_inception(inception).to(device)
-        except FileNotFoundError as e:
-            raise EvaluationError(str(e)) from None
-        if "fid" in metrics:
-            scores["fid"] = FrechetInceptionDistance(feature=_Features()).to(device)
-        if "kid" in metrics:
-            with warnings.catch_warnings():  # that it keeps every feature (2048 floats an image): we know
-                warnings.filterwarnings("ignore", message=".*will save all extracted features")
-                scores["kid"] = KernelInceptionDistance(feature=_Features(), subsets=100).to(device)
-    if "clip" in metrics:
-        clip = load_clip(clip_model, device)
-        scores["clip"], scores["clip_real"] = ClipScore(*clip), ClipScore(*clip)
+    scorer = FidelityScorer(metrics, inception, clip_model, device)
     if isinstance(model, StableDiffusion):
         pipe = model  # sampled where it is, with ``scheduler`` (if given) for this evaluation only
     else:
         pipe = StableDiffusion.from_pretrained(model, device=device, scheduler=scheduler)
         scheduler = None  # the loaded pipeline's own now
-    guidance_scale = pipe.sampling["guidance_scale"] if guidance_scale is None else guidance_scale
-    num_inference_steps = int(num_inference_steps or pipe.sampling["num_inference_steps"])
     resolution = pipe.unet.config.sample_size * downsample_factor(pipe.vae)
-    skipped = SkipCounter()
-    try:
-        pairs = reference_pairs(data, num_images, resolution, seed, image_column, caption_column, skipped)
-    except (FileNotFoundError, ValueError) as e:  # no such path, no images, a manifest without the image column
-        raise EvaluationError(str(e)) from None
-
-    # 2. read the pairs and draw their images a batch at a time, updating every metric (nothing kept but the grid's)
-    count, shown = 0, []
-    batches = math.ceil(num_images / batch_size)
-    for number in range(batches):
-        batch = [pair for _, pair in zip(range(batch_size), pairs)]
-        if not batch:
-            break
-        real = torch.stack([image for image, _ in batch]).to(device)
-        captions = [caption for _, caption in batch]
-        drawn = pipe.generate(
-            captions,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            seed=seed + count,
-            scheduler=scheduler,
-        ).images
-        fake = _to_uint8(drawn).to(device)
-        if network is not None:
-            real_features, fake_features = network(real), network(fake)
-            for name in ("fid", "kid"):
-                if name in scores:
-                    scores[name].update(real_features, real=True)
-                    scores[name].update(fake_features, real=False)
-        if "clip" in scores:
-            scores["clip"].update(fake, captions)
-            scores["clip_real"].update(real, captions)
-        if len(shown) < GRID_PAIRS:
-            shown += list(zip([Image.fromarray(im.permute(1, 2, 0).cpu().numpy()) for im in real], drawn))
-        count += len(batch)
-        logger.info("fidelity: %d / %d images (batch %d of %d)", count, num_images, number + 1, batches)
-    if count < 2:
-        raise EvaluationError(f"{data}: fewer than 2 usable image-caption pairs (skipped: {skipped.summary()})")
-    if count < num_images:
-        logger.warning("fidelity: the data held %d usable pairs of the %d asked for", count, num_images)
-
-    # 3. the numbers, the grid, the file
-    result: dict[str, Any] = {}
-    if "fid" in scores:
-        result["fid"] = float(scores["fid"].compute())
-    if "kid" in scores:
-        kid = scores["kid"]
-        kid.subset_size = min(kid.subset_size, count)
-        with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global generator
-            torch.manual_seed(seed)
-            mean, std = kid.compute()
-        result.update(kid_mean=float(mean), kid_std=float(std), kid_subset_size=kid.subset_size)
-    if "clip" in scores:
-        result.update(clip_score=scores["clip"].compute(), clip_score_real=scores["clip_real"].compute())
-        result["clip_model"] = clip_model
+    scorer.set_reference(data, num_images, resolution, seed, batch_size, image_column, caption_column)
+    # 2. draw and score
+    result = scorer.score(pipe, out_dir, guidance_scale, num_inference_steps, scheduler, seed, batch_size)
     result.update(
-        num_images=count,
-        resolution=resolution,
-        skipped=dict(skipped),
-        guidance_scale=guidance_scale,
-        num_inference_steps=num_inference_steps,
-        scheduler=(SCHEDULERS[scheduler] if scheduler else type(pipe.scheduler)).__name__,
-        seed=seed,
         model=str(model) if isinstance(model, (str, Path)) else type(model).__name__,
-        data=str(data),
+        data=str(data) if isinstance(data, (str, Path)) else f"{len(data)} records",
     )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    columns = min(4, len(shown))
-    shown = shown[: min(GRID_PAIRS, len(shown) // columns * columns)]
-    chunks = [shown[start : start + columns] for start in range(0, len(shown), columns)]
-    rows = [image for chunk in chunks for row in zip(*chunk) for image in row]  # reals above, drawn below
-    make_grid(rows, columns=columns).save(out_dir / "grid_fidelity.png")
-    (out_dir / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
+    (Path(out_dir) / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -330,6 +330,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     validation = None
     if batches is None and accelerator.is_main_process:
         validation = build_validation_set(config.data, tc.objective, vae, text_encoder, components.tokenizer, tc.seed)
+    scorer = _fidelity_scorer(config, device) if tc.fidelity.every and accelerator.is_main_process else None
 
     # 4. Objective, optimizer, EMA of the trainable weights (on the CPU with ema_offload)
     noise_scheduler = objective.make_noise_scheduler(tc.objective)
@@ -449,6 +450,8 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         if tc.sample_every and counters.step % tc.sample_every == 0 and tc.sample_prompts:
             if accelerator.is_main_process:
                 _sample(components, unet, ema, accelerator, config, counters.step)
+        if scorer is not None and counters.step % tc.fidelity.every == 0:
+            _fidelity(scorer, components, unet, ema, accelerator, config, counters.step, log_path)
         # 6g. preemption: all ranks saw the flag in 6d, so they checkpoint together and stop
         if stop:
             bar.close()
@@ -469,7 +472,9 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         if validation is not None:
             val_loss = _validation(unet, ema, validation, noise_scheduler, accelerator, tc, micro_batch)
             accelerator.log({"val_loss": val_loss}, step=counters.step)
-            _append_val_loss(log_path, counters.step, val_loss)
+            _append_to_log(log_path, counters.step, {"val_loss": val_loss})
+        if scorer is not None and counters.step % tc.fidelity.every:  # at the end, unless this step just did
+            _fidelity(scorer, components, unet, ema, accelerator, config, counters.step, log_path)
         if tc.export:
             exported = _with_ema(components, unet, ema, accelerator)
             export_pipeline(exported, tc.objective, final, config.sample)
@@ -563,14 +568,61 @@ def _report(accelerator, bar: Progress, counters: Counters, record: dict, log_pa
     accelerator.log(scalars, step=record["step"])
 
 
-def _append_val_loss(log_path: Path, step: int, val_loss: float) -> None:
-    """Put the final validation loss on the last log record (or a record of its own)."""
+def _append_to_log(log_path: Path, step: int, values: dict[str, float]) -> None:
+    """Put ``values`` (a validation loss, fidelity scores) on the log record of ``step`` if it is the last one, else
+    on a record of their own."""
     records = read_log(log_path)
     if records and records[-1]["step"] == step:
-        records[-1]["val_loss"] = val_loss
+        records[-1].update(values)
     else:
-        records.append({"step": step, "val_loss": val_loss})
+        records.append({"step": step, **values})
     log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _fidelity_scorer(config: Config, device: torch.device):
+    """The FID / KID / CLIP scorer with its reference set read, before the first step (a missing weight file or an
+    empty reference set stops the run now, not hours in); parked on the CPU between evaluations."""
+    from sdtrain.data.folder import validation_records
+    from sdtrain.evaluate.fidelity import FidelityScorer
+
+    fc, data = config.train.fidelity, config.data
+    scorer = FidelityScorer(fc.metrics, fc.inception, fc.clip_model, device)
+    reference = fc.data or validation_records(data, config.train.seed)
+    columns = (data.image_column, data.caption_column)
+    scorer.set_reference(reference, fc.num_images, data.resolution, config.train.seed, fc.batch_size, *columns)
+    logger.info("fidelity: %d reference pairs (skipped: %s)", len(scorer.reference.captions), scorer.reference.skipped)
+    return scorer.to("cpu")
+
+
+def _fidelity(scorer, components, unet, ema, accelerator, config: Config, step: int, log_path: Path) -> None:
+    """FID / KID / CLIP score of the EMA weights sampled with the ``sample`` settings: ``fidelity/step-XXXXXX/``, the
+    log record of the step and the trackers."""
+    from sdtrain.api import StableDiffusion
+
+    exported = _with_ema(components, unet, ema, accelerator)
+    sample = config.sample
+    sampling = {"num_inference_steps": sample.num_inference_steps, "guidance_scale": sample.guidance_scale}
+    pipe = StableDiffusion(
+        exported.vae,
+        exported.text_encoder,
+        exported.tokenizer,
+        exported.unet,
+        scheduler=sample.scheduler,
+        device=accelerator.device,
+        objective=config.train.objective,
+        sampling=sampling,
+    )
+    out_dir = Path(config.train.output_dir) / "fidelity" / f"step-{step:06d}"
+    scorer.to(accelerator.device)
+    try:
+        result = scorer.score(pipe, out_dir, seed=config.train.seed, batch_size=config.train.fidelity.batch_size)
+    finally:
+        scorer.to("cpu")
+        unet.train()
+    values = {k: result[k] for k in ("fid", "kid_mean", "clip_score") if k in result}
+    logger.info("fidelity at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    _append_to_log(log_path, step, values)
+    accelerator.log(values, step=step)
 
 
 def _flat_config(value: Any, prefix: str = "") -> dict[str, Any]:
