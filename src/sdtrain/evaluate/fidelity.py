@@ -10,6 +10,10 @@ exported sampling defaults unless given). Then:
 - **CLIP score** (Hessel et al. 2021): ``100 * max(cos(image, caption), 0)`` averaged over the generated images, and
   the same over the real images: the ceiling the data itself sets under that CLIP model.
 
+A :class:`FidelityScorer` loads the scoring networks and reads the reference set once; :func:`evaluate_fidelity`
+(``sdtrain evaluate``) scores one model with it, the training loop its EMA weights every ``train.fidelity.every``
+steps.
+
 FID is biased upward at small sample sizes and both depend on the resolution and the captions: compare numbers only
 at the same ``num_images`` and data (papers report 10k or 30k COCO captions). Use held-out pairs: a training set
 rewards memorising.
