@@ -94,6 +94,51 @@ def save_pipeline(folder: Path, unet, clip_dir: Path, vae_dir: Path, text_encode
     return folder
 
 
+def random_inception_weights(path: Path, seed: int = 0) -> Path:
+    """Random weights in every tensor of the network, scaled so that activations stay O(1) through all its layers
+    (batch-norm statistics included), saved as the weight file would be."""
+    from sdtrain.evaluate.inception import InceptionFeatures
+
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for key, value in sorted(InceptionFeatures().state_dict().items()):
+        if key.endswith("num_batches_tracked"):
+            weights[key] = value
+        elif key.endswith(("running_var", "bn.weight")):
+            weights[key] = torch.rand(value.shape, generator=generator) + 0.5
+        elif value.dim() > 1:
+            weights[key] = torch.randn(value.shape, generator=generator) * (2 / value[0].numel()) ** 0.5
+        else:
+            weights[key] = torch.randn(value.shape, generator=generator) * 0.1
+    torch.save(weights, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory) -> Path:
+    """FID's Inception network with random weights, as a weight file."""
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "weights.pth")
+
+
+@pytest.fixture(scope="session")
+def clip_model_dir(tmp_path_factory) -> Path:
+    """A random CLIPModel (32 px images) and its processor, saved as a hub folder is (for the CLIP score)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    root = tmp_path_factory.mktemp("clip_model")
+    vocab = _byte_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(root)
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2)
+    text.update(num_attention_heads=4, max_position_embeddings=32, eos_token_id=vocab["<|endoftext|>"])
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2)
+    vision["num_attention_heads"] = 4
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(root)
+    return root
+
+
 def write_image_folder(root: Path, count: int = 8, size: int = 32, manifest: bool = False, seed: int = 0) -> Path:
     """Random coloured-rectangle images with captions, as .txt sidecars or a metadata.jsonl."""
     rng = random.Random(seed)

@@ -1,5 +1,6 @@
 """Scale-out through accelerate: `accelerate launch` with 2 CPU processes (gloo DDP) trains the weights one process
-trains with the same global batch, and only the main process writes."""
+trains with the same global batch, scores them as one process does (each drawing its share), and only the main
+process writes."""
 
 from __future__ import annotations
 
@@ -11,13 +12,21 @@ import sys
 import pytest
 import torch
 
+from sdtrain.train.tracking import read_log
 from tests.conftest import tiny_overrides
 from tests.test_faults import ADAM_EPS, _env, _free_port, _losses, _train, _weights
 
 
-def test_accelerate_launch_two_processes_equals_one(tmp_path, clip_dir, vae_dir, image_folder):
+def test_accelerate_launch_two_processes_equals_one(
+    tmp_path, clip_dir, vae_dir, image_folder, inception_file, clip_model_dir
+):
     # caption dropout, posterior sampling, noise and timesteps all random: the draws must not depend on the ranks
     overrides = ["train.num_steps=4", "train.save_every=2", "data.caption_dropout=0.3", ADAM_EPS]
+    # FID / KID / CLIP score every 2 steps, each process scoring its share of 2 held-out images (6 images train: a
+    # number both processes divide, so that their epochs stay aligned with the one process's)
+    fidelity = ["every=2", "metrics=[fid,kid,clip]", "num_images=2", "batch_size=2", f"inception={inception_file}"]
+    overrides += [f"train.fidelity.{o}" for o in fidelity + [f"clip_model={clip_model_dir}"]]
+    overrides += ["data.validation_split=2"]
     one = tiny_overrides(tmp_path / "one", image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
     assert _train(one).returncode == 0
     run = tmp_path / "two"
@@ -29,6 +38,11 @@ def test_accelerate_launch_two_processes_equals_one(tmp_path, clip_dir, vae_dir,
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world size 2" in result.stderr  # really two processes
 
+    scores = [[r for r in read_log(root / "log.jsonl") if "fid" in r] for root in (tmp_path / "one", run)]
+    assert [r["step"] for r in scores[1]] == [r["step"] for r in scores[0]] == [2, 4]
+    for one_process, two_processes in zip(*scores):
+        for key in ("fid", "kid_mean", "clip_score"):
+            assert two_processes[key] == pytest.approx(one_process[key], rel=1e-3), key
     (steps_a, losses_a), (steps_b, losses_b) = zip(*_losses(tmp_path / "one")), zip(*_losses(run))
     assert steps_b == steps_a == (1, 2, 3, 4)  # one log line per step: only the main process writes
     assert losses_b == pytest.approx(losses_a, rel=1e-5)

@@ -14,37 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from transformers import CLIPTokenizer
 
 from sdtrain.cli import main
 from sdtrain.evaluate.fidelity import EvaluationError, evaluate_fidelity, load_clip, reference_pairs
-from sdtrain.evaluate.inception import InceptionFeatures, load_inception
-from tests.conftest import _byte_vocab, save_pipeline, write_image_folder
+from sdtrain.evaluate.inception import load_inception
+from tests.conftest import save_pipeline, write_image_folder
 
 REFERENCE = Path(__file__).resolve().parents[1] / ".venv" / "reference"
-
-
-def random_inception_weights(path: Path, seed: int = 0) -> Path:
-    """Random weights in every tensor of the network, scaled so that activations stay O(1) through all its layers
-    (batch-norm statistics included), saved as the weight file would be."""
-    generator = torch.Generator().manual_seed(seed)
-    weights = {}
-    for key, value in sorted(InceptionFeatures().state_dict().items()):
-        if key.endswith("num_batches_tracked"):
-            weights[key] = value
-        elif key.endswith(("running_var", "bn.weight")):
-            weights[key] = torch.rand(value.shape, generator=generator) + 0.5
-        elif value.dim() > 1:
-            weights[key] = torch.randn(value.shape, generator=generator) * (2 / value[0].numel()) ** 0.5
-        else:
-            weights[key] = torch.randn(value.shape, generator=generator) * 0.1
-    torch.save(weights, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory) -> Path:
-    return random_inception_weights(tmp_path_factory.mktemp("inception") / "weights.pth")
 
 
 def _torch_fidelity_inception(tmp_path: Path, monkeypatch):
@@ -90,29 +66,12 @@ def _tiny_pipeline(root: Path, clip_dir: Path, vae_dir: Path) -> Path:
     return save_pipeline(root, unet, clip_dir, vae_dir)
 
 
-def _tiny_clip(root: Path) -> Path:
-    """A random CLIPModel (32 px images) and its processor, saved as a hub folder is."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    vocab = _byte_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(root)
-    torch.manual_seed(0)
-    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2)
-    text.update(num_attention_heads=4, max_position_embeddings=32, eos_token_id=vocab["<|endoftext|>"])
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2)
-    vision["num_attention_heads"] = 4
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(root)
-    return root
-
-
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, clip_dir, vae_dir, inception_file):
+def scored(tmp_path_factory, clip_dir, vae_dir, inception_file, clip_model_dir):
     """The CLI's scores of a tiny model on a folder holding 7 usable pairs, a corrupt image and an uncaptioned one."""
     root = tmp_path_factory.mktemp("fidelity")
     model = _tiny_pipeline(root / "model", clip_dir, vae_dir)
-    clip = _tiny_clip(root / "clip")
+    clip = clip_model_dir
     data = write_image_folder(root / "data", count=9)
     (data / "007.png").write_bytes(b"not a png")
     (data / "008.txt").unlink()
@@ -135,7 +94,7 @@ def test_cli_scores_a_model_against_a_folder(scored):
     assert grid.size[0] >= 4 * 32 and 2 * 32 <= grid.size[1] < 3 * 32
 
 
-def test_scores_are_deterministic_and_clip_score_is_its_formula(scored, inception_file):
+def test_scores_are_deterministic_and_clip_score_is_its_formula(scored, inception_file, clip_model_dir):
     from sdtrain.api import StableDiffusion
 
     root, scores = scored
@@ -146,7 +105,7 @@ def test_scores_are_deterministic_and_clip_score_is_its_formula(scored, inceptio
         metrics=["fid", "clip"],
         num_images=20,
         inception=inception_file,
-        clip_model=str(root / "clip"),
+        clip_model=str(clip_model_dir),
         num_inference_steps=2,
         guidance_scale=3,
         batch_size=3,  # other batches, the same images: image i is seeded seed + i
@@ -155,7 +114,7 @@ def test_scores_are_deterministic_and_clip_score_is_its_formula(scored, inceptio
     for key in ("fid", "clip_score", "clip_score_real"):
         assert again[key] == pytest.approx(scores[key], rel=1e-3), key
     # CLIP score of the real images from CLIP's own forward: its logits are exp(logit_scale) * cosine
-    model, processor = load_clip(str(root / "clip"), torch.device("cpu"))
+    model, processor = load_clip(str(clip_model_dir), torch.device("cpu"))
     pairs = list(reference_pairs(root / "data", 20, 32))
     inputs = processor(text=[c for _, c in pairs], images=[im for im, _ in pairs], return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -164,13 +123,13 @@ def test_scores_are_deterministic_and_clip_score_is_its_formula(scored, inceptio
     assert expected > 0 and scores["clip_score_real"] == pytest.approx(expected, rel=1e-4)
 
 
-def test_bad_requests_fail_before_any_image_is_drawn(scored, tmp_path, monkeypatch, capsys):
+def test_bad_requests_fail_before_any_image_is_drawn(scored, clip_model_dir, tmp_path, monkeypatch, capsys):
     from sdtrain.api import StableDiffusion
 
     root, _ = scored
     monkeypatch.setattr(StableDiffusion, "generate", lambda *a, **k: pytest.fail("an image was drawn"))
     base = ["evaluate", "--model", str(root / "model"), "--out", str(tmp_path), "--device", "cpu"]
-    data, clip = ["--data", str(root / "data")], ["--metrics", "clip", "--clip-model", str(root / "clip")]
+    data, clip = ["--data", str(root / "data")], ["--metrics", "clip", "--clip-model", str(clip_model_dir)]
     cases = {
         "unknown metrics ['fld']": data + ["--metrics", "fid,fld"],
         "weights-inception-2015-12-05": data + ["--inception", str(tmp_path / "none.pth")],
@@ -193,7 +152,7 @@ def test_reference_pairs_read_shards_in_order(tmp_path):
     assert all(image.dtype == torch.uint8 and image.shape == (3, 48, 48) for image, _ in pairs)
 
 
-def test_training_scores_its_ema_model_every_n_steps(scored, tmp_path, clip_dir, vae_dir, inception_file):
+def test_training_scores_its_ema_model_every_n_steps(tmp_path, clip_dir, vae_dir, inception_file, clip_model_dir):
     """Steps 2 and 3 (the end) are scored; the last scores are those of the exported model (EMA weights, the sample
     settings) scored afresh by evaluate_fidelity against the same reference set."""
     from sdtrain.config import Config, load_config
@@ -202,12 +161,11 @@ def test_training_scores_its_ema_model_every_n_steps(scored, tmp_path, clip_dir,
     from sdtrain.train.tracking import read_log
     from tests.conftest import tiny_overrides
 
-    root, _ = scored
     run = tmp_path / "run"
     data = write_image_folder(tmp_path / "data", count=10)
     overrides = tiny_overrides(run, data, vae_dir, str(clip_dir), "text_encoder")
     fidelity = ["every=2", "metrics=[fid,kid,clip]", "num_images=4", "batch_size=3", f"inception={inception_file}"]
-    overrides += [f"train.fidelity.{o}" for o in fidelity + [f"clip_model={root / 'clip'}"]]
+    overrides += [f"train.fidelity.{o}" for o in fidelity + [f"clip_model={clip_model_dir}"]]
     config = load_config(Config, None, overrides + ["train.num_steps=3", "data.validation_split=4"])
     train(config)
     records = [r for r in read_log(run / "log.jsonl") if "fid" in r]
@@ -221,7 +179,7 @@ def test_training_scores_its_ema_model_every_n_steps(scored, tmp_path, clip_dir,
         metrics=["fid", "kid", "clip"],
         num_images=4,
         inception=inception_file,
-        clip_model=str(root / "clip"),
+        clip_model=str(clip_model_dir),
         batch_size=3,
         seed=config.train.seed,
         device="cpu",

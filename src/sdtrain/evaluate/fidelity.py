@@ -204,6 +204,10 @@ class FidelityScorer:
         inception: FID's Inception weight file; default torch.hub's cache (downloaded there once when online).
         clip_model: the CLIP model of the CLIP score, a hub id or a folder.
         device: where the scoring networks run; default CUDA if available.
+
+    Under torch.distributed (a training run launched on several processes) every process builds one and calls
+    each method: the reference images and the drawn ones are shared out (image *i* is still seeded ``seed + i``),
+    and the scores, gathered by torchmetrics and an all-reduce, are those of one process.
     """
 
     def __init__(
@@ -222,6 +226,10 @@ class FidelityScorer:
 
         self.metrics, self.clip_model = list(metrics), clip_model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank, self.world = (
+            (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        )
         self.inception = self.clip = None
         self.distances: dict[str, Any] = {}  # the real features stay across reset(): only the drawn ones go
         if {"fid", "kid"} & set(metrics):
@@ -280,21 +288,24 @@ class FidelityScorer:
         real_clip = ClipScore(*self.clip) if self.clip is not None else None
         captions: list[str] = []
         shown: list[Image.Image] = []
-        while batch := [pair for _, pair in zip(range(batch_size), pairs)]:
-            real = torch.stack([image for image, _ in batch]).to(self.device)
+        while batch := [pair for _, pair in zip(range(batch_size * self.world), pairs)]:
+            mine = batch[self.rank :: self.world]  # every process reads all the pairs and scores its share
             captions += [caption for _, caption in batch]
+            shown += [Image.fromarray(image.permute(1, 2, 0).numpy()) for image, _ in batch[: GRID_PAIRS - len(shown)]]
+            if not mine:
+                continue
+            real = torch.stack([image for image, _ in mine]).to(self.device)
             if self.inception is not None:
                 features = self.inception(real)
                 for metric in self.distances.values():
                     metric.update(features, real=True)
             if real_clip is not None:
-                real_clip.update(real, [caption for _, caption in batch])
-            shown += [Image.fromarray(image.permute(1, 2, 0).numpy()) for image, _ in batch[: GRID_PAIRS - len(shown)]]
+                real_clip.update(real, [caption for _, caption in mine])
         if len(captions) < 2:
             raise EvaluationError(f"{data}: fewer than 2 usable image-caption pairs (skipped: {skipped.summary()})")
         if len(captions) < num_images:
             logger.warning("fidelity: the data held %d usable pairs of the %d asked for", len(captions), num_images)
-        clip_real = real_clip.compute() if real_clip is not None else None
+        clip_real = self._mean(real_clip) if real_clip is not None else None
         self.reference = Reference(captions, shown, resolution, clip_real, dict(skipped))
         return self.reference
 
@@ -328,8 +339,10 @@ class FidelityScorer:
             metric.reset()  # the drawn images' states; the reference's stay
         clip = ClipScore(*self.clip) if self.clip is not None else None
         drawn_shown: list[Image.Image] = []
-        for start in range(0, len(ref.captions), batch_size):
-            captions = ref.captions[start : start + batch_size]
+        count = len(ref.captions)
+        first, last = count * self.rank // self.world, count * (self.rank + 1) // self.world  # this process's share
+        for start in range(first, last, batch_size):
+            captions = ref.captions[start : min(start + batch_size, last)]
             drawn = pipe.generate(
                 captions,
                 num_inference_steps=num_inference_steps,
@@ -347,7 +360,7 @@ class FidelityScorer:
             if clip is not None:
                 clip.update(fake, captions)
             drawn_shown += drawn[: GRID_PAIRS - len(drawn_shown)]
-            logger.info("fidelity: %d / %d images", start + len(captions), len(ref.captions))
+            logger.info("fidelity: %d / %d images", start + len(captions) - first, last - first)
         result: dict[str, Any] = {}
         if "fid" in self.distances:
             result["fid"] = float(self.distances["fid"].compute())
@@ -359,7 +372,7 @@ class FidelityScorer:
                 mean, std = kid.compute()
             result.update(kid_mean=float(mean), kid_std=float(std), kid_subset_size=kid.subset_size)
         if clip is not None:
-            result.update(clip_score=clip.compute(), clip_score_real=ref.clip_score_real, clip_model=self.clip_model)
+            result.update(clip_score=self._mean(clip), clip_score_real=ref.clip_score_real, clip_model=self.clip_model)
         result.update(
             num_images=len(ref.captions),
             resolution=ref.resolution,
@@ -369,7 +382,7 @@ class FidelityScorer:
             scheduler=(SCHEDULERS[scheduler] if scheduler else type(pipe.scheduler)).__name__,
             seed=seed,
         )
-        if out_dir is not None:
+        if out_dir is not None and self.rank == 0:
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             pairs = list(zip(ref.shown, drawn_shown))
@@ -380,6 +393,14 @@ class FidelityScorer:
             make_grid(rows, columns=columns).save(out_dir / "grid_fidelity.png")
             (out_dir / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
         return result
+
+    def _mean(self, clip: ClipScore) -> float:
+        """A CLIP score's mean over every process's images."""
+        if self.world == 1:
+            return clip.compute()
+        sums = torch.tensor([clip.total, clip.count], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(sums)
+        return float(sums[0] / sums[1].clamp(min=1))
 
 
 def evaluate_fidelity(

@@ -330,7 +330,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     validation = None
     if batches is None and accelerator.is_main_process:
         validation = build_validation_set(config.data, tc.objective, vae, text_encoder, components.tokenizer, tc.seed)
-    scorer = _fidelity_scorer(config, device) if tc.fidelity.every and accelerator.is_main_process else None
+    scorer = _fidelity_scorer(config, device) if tc.fidelity.every and batches is None else None  # every process
 
     # 4. Objective, optimizer, EMA of the trainable weights (on the CPU with ema_offload)
     noise_scheduler = objective.make_noise_scheduler(tc.objective)
@@ -463,18 +463,18 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     stop_signal.__exit__()
     bar.close()
 
-    # 7. Final checkpoint, validation loss, export with EMA weights (+ LoRA weights), samples, loss.png
+    # 7. Final checkpoint, fidelity, validation loss, export with EMA weights (+ LoRA weights), samples, loss.png
     if saved_at != counters.step and tc.final_checkpoint:
         save_training_state(*ckpt_args)
     accelerator.wait_for_everyone()
+    if scorer is not None and counters.step % tc.fidelity.every:  # unless the last step was scored
+        _fidelity(scorer, components, unet, ema, accelerator, config, counters.step, log_path)
     final = out / "final"
     if accelerator.is_main_process:
         if validation is not None:
             val_loss = _validation(unet, ema, validation, noise_scheduler, accelerator, tc, micro_batch)
             accelerator.log({"val_loss": val_loss}, step=counters.step)
             _append_to_log(log_path, counters.step, {"val_loss": val_loss})
-        if scorer is not None and counters.step % tc.fidelity.every:  # at the end, unless this step just did
-            _fidelity(scorer, components, unet, ema, accelerator, config, counters.step, log_path)
         if tc.export:
             exported = _with_ema(components, unet, ema, accelerator)
             export_pipeline(exported, tc.objective, final, config.sample)
@@ -581,7 +581,8 @@ def _append_to_log(log_path: Path, step: int, values: dict[str, float]) -> None:
 
 def _fidelity_scorer(config: Config, device: torch.device):
     """The FID / KID / CLIP scorer with its reference set read, before the first step (a missing weight file or an
-    empty reference set stops the run now, not hours in); parked on the CPU between evaluations."""
+    empty reference set stops the run now, not hours in); parked on the CPU between evaluations. Every process
+    builds one and scores its share of the reference images."""
     from sdtrain.data.folder import validation_records
     from sdtrain.evaluate.fidelity import FidelityScorer
 
@@ -590,13 +591,16 @@ def _fidelity_scorer(config: Config, device: torch.device):
     reference = fc.data or validation_records(data, config.train.seed)
     columns = (data.image_column, data.caption_column)
     scorer.set_reference(reference, fc.num_images, data.resolution, config.train.seed, fc.batch_size, *columns)
-    logger.info("fidelity: %d reference pairs (skipped: %s)", len(scorer.reference.captions), scorer.reference.skipped)
+    if scorer.rank == 0:
+        logger.info(
+            "fidelity: %d reference pairs (skipped: %s)", len(scorer.reference.captions), scorer.reference.skipped
+        )
     return scorer.to("cpu")
 
 
 def _fidelity(scorer, components, unet, ema, accelerator, config: Config, step: int, log_path: Path) -> None:
     """FID / KID / CLIP score of the EMA weights sampled with the ``sample`` settings: ``fidelity/step-XXXXXX/``, the
-    log record of the step and the trackers."""
+    log record of the step and the trackers. Every process draws its share of the images."""
     from sdtrain.api import StableDiffusion
 
     exported = _with_ema(components, unet, ema, accelerator)
@@ -620,9 +624,10 @@ def _fidelity(scorer, components, unet, ema, accelerator, config: Config, step: 
         scorer.to("cpu")
         unet.train()
     values = {k: result[k] for k in ("fid", "kid_mean", "clip_score") if k in result}
-    logger.info("fidelity at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
-    _append_to_log(log_path, step, values)
-    accelerator.log(values, step=step)
+    if accelerator.is_main_process:
+        logger.info("fidelity at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        _append_to_log(log_path, step, values)
+        accelerator.log(values, step=step)
 
 
 def _flat_config(value: Any, prefix: str = "") -> dict[str, Any]:
