@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import subprocess
 import sys
 import types
 import zipfile
@@ -121,6 +122,26 @@ def test_scores_are_deterministic_and_clip_score_is_its_formula(scored, inceptio
         cosine = model(**inputs).logits_per_image.diagonal() / model.logit_scale.exp()
     expected = (100 * cosine).clamp(min=0).mean().item()
     assert expected > 0 and scores["clip_score_real"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_accelerate_launch_shares_the_images_out_and_scores_as_one_process(
+    scored, inception_file, clip_model_dir, tmp_path
+):
+    from tests.test_faults import _env, _free_port
+
+    root, scores = scored
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(_free_port()), "-m", "sdtrain", "evaluate", "--model", str(root / "model")]
+    launch += ["--data", str(root / "data"), "--out", str(tmp_path), "--num", "20", "--batch-size", "4"]
+    launch += ["--inception", str(inception_file), "--clip-model", str(clip_model_dir)]
+    launch += ["--steps", "2", "--guidance", "3"]  # as the one-process run
+    result = subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((tmp_path / "fidelity.json").read_text())
+    assert two["processes"] == 2 and scores["processes"] == 1 and two["num_images"] == 7
+    for key in ("fid", "kid_mean", "clip_score", "clip_score_real"):
+        assert two[key] == pytest.approx(scores[key], rel=1e-3), key
 
 
 def test_bad_requests_fail_before_any_image_is_drawn(scored, clip_model_dir, tmp_path, monkeypatch, capsys):

@@ -33,7 +33,8 @@ EXAMPLES = {
     "evaluate": """examples:
   sdtrain evaluate --model runs/demo/final --data data/shapes --out runs/demo      # the shapes dataset's own scores
   sdtrain evaluate --model runs/mine/final --data data/pets-heldout --num 2000 \\
-      --metrics fid,kid,clip --clip-model openai/clip-vit-large-patch14          # FID / KID / CLIP score""",
+      --metrics fid,kid,clip --clip-model openai/clip-vit-large-patch14          # FID / KID / CLIP score
+  accelerate launch -m sdtrain evaluate --model runs/mine/final --data data/heldout --num 10000   # N GPUs""",
     "demo": """example:
   sdtrain demo --out runs/demo            # what `make demo` runs; finished stages are reused""",
 }

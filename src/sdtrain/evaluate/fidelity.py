@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -433,7 +434,8 @@ def evaluate_fidelity(
         guidance_scale, num_inference_steps, scheduler: sampling; default the model's exported ones.
         batch_size: images drawn (and scored) at a time.
         seed: chooses the pairs and seeds the images.
-        device: where everything runs; default the model's device, else CUDA if available.
+        device: where everything runs; default the model's device, else CUDA if available (under ``accelerate
+            launch``, each process's own device: the processes share the images out).
 
     Returns:
         What :meth:`FidelityScorer.score` returns, with the model and data named.
@@ -444,6 +446,12 @@ def evaluate_fidelity(
     # 1. the scoring networks, the model and the reference set, before any image is drawn
     if num_images < 2:
         raise EvaluationError("FID / KID / CLIP score need at least 2 images")
+    main_process = True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `accelerate launch` / torchrun: each process its share
+        from accelerate import PartialState
+
+        state = PartialState()  # joins the process group
+        device, main_process = device or state.device, state.is_main_process
     if device is None:
         device = model.device if isinstance(model, StableDiffusion) else "cuda" if torch.cuda.is_available() else "cpu"
     scorer = FidelityScorer(metrics, inception, clip_model, device)
@@ -459,6 +467,8 @@ def evaluate_fidelity(
     result.update(
         model=str(model) if isinstance(model, (str, Path)) else type(model).__name__,
         data=str(data) if isinstance(data, (str, Path)) else f"{len(data)} records",
+        processes=scorer.world,
     )
-    (Path(out_dir) / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
+    if main_process:
+        (Path(out_dir) / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
