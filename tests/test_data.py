@@ -104,6 +104,36 @@ def test_epoch_sampler_resumes_and_shards():
     assert sorted(ranks[0] + ranks[1]) == list(range(10))
 
 
+@pytest.mark.parametrize("n", [5, 6, 7])
+def test_processes_together_take_what_one_process_takes(n):
+    """Whatever the dataset size, the world's micro-batches are one process's, row for row, across epochs: the
+    two processes' rows interleave to the one process's sequence; so do the DataLoader iterators."""
+    one = EpochSampler(n, seed=1)
+    ranks = [EpochSampler(n, seed=1, rank=r, world_size=2) for r in range(2)]
+    for _ in range(4):  # micro-batches of 2 per process, 4 for the world: epochs end mid-batch
+        expected = one.take(4)
+        rows = [ranks[0].take(2), ranks[1].take(2)]
+        assert [x for pair in zip(*rows) for x in pair] == expected
+    assert ranks[0].epoch * n + ranks[0].offset == 16  # positions agree: 8 samples each, 2 processes
+    iterators = [iter(EpochSampler(n, seed=1, rank=r, world_size=2, epoch=0, offset=4)) for r in range(2)]
+    resumed = [next(iterators[r % 2]) for r in range(6)]
+    assert resumed == EpochSampler(n, seed=1, epoch=0, offset=4).take(6)
+
+
+def test_positions_written_by_the_per_process_order_resume_where_they_were():
+    """Checkpoints of older sdtrain held each process's position in its own share of every epoch
+    (permutation[rank::world_size]); the conversion continues with the samples that order would have given."""
+    n, world = 10, 2
+    for rank in range(world):
+        sampler = EpochSampler(n, seed=3, rank=rank, world_size=world)
+        share = [e * n + i for e in range(3) for i in sampler.permutation(e)[rank::world]]  # the old order
+        for taken in (0, 3, 5, 7, 12):
+            epoch, offset = divmod(taken, n // world)
+            resumed = EpochSampler(n, seed=3, rank=rank, world_size=world)
+            resumed.epoch, resumed.offset = resumed.legacy_position(epoch, offset)
+            assert resumed.take(3) == share[taken : taken + 3]
+
+
 def test_caption_dropout_rate():
     from sdtrain.train.randomness import SharedDraws
 

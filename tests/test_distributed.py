@@ -22,11 +22,11 @@ def test_accelerate_launch_two_processes_equals_one(
 ):
     # caption dropout, posterior sampling, noise and timesteps all random: the draws must not depend on the ranks
     overrides = ["train.num_steps=4", "train.save_every=2", "data.caption_dropout=0.3", ADAM_EPS]
-    # FID / KID / CLIP score every 2 steps, each process scoring its share of 2 held-out images (6 images train: a
-    # number both processes divide, so that their epochs stay aligned with the one process's)
-    fidelity = ["every=2", "metrics=[fid,kid,clip]", "num_images=2", "batch_size=2", f"inception={inception_file}"]
+    # FID / KID / CLIP score every 2 steps, each process scoring its share of 3 held-out images; 5 images train, a
+    # number the processes do not divide (epochs end mid-batch)
+    fidelity = ["every=2", "metrics=[fid,kid,clip]", "num_images=3", "batch_size=2", f"inception={inception_file}"]
     overrides += [f"train.fidelity.{o}" for o in fidelity + [f"clip_model={clip_model_dir}"]]
-    overrides += ["data.validation_split=2"]
+    overrides += ["data.validation_split=3"]
     one = tiny_overrides(tmp_path / "one", image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
     assert _train(one).returncode == 0
     run = tmp_path / "two"

@@ -22,7 +22,14 @@ from tqdm.auto import tqdm
 
 from sdtrain.config import DataConfig
 from sdtrain.data.decode import Skip, SkipCounter, caption_options, decode_image
-from sdtrain.data.folder import EpochSampler, make_dataloader, resize_crop, training_records
+from sdtrain.data.folder import (
+    SHARED_ORDER,
+    EpochSampler,
+    make_dataloader,
+    resize_crop,
+    sampler_position,
+    training_records,
+)
 from sdtrain.data.shards import ShardDataset, ShardPosition, make_shard_loader
 from sdtrain.models.text import encode_prompts
 from sdtrain.models.vae import encode_moments, scale_latents
@@ -127,10 +134,10 @@ class CachedStream:
         self.skipped = cache.skipped  # counted once, while caching
 
     def state(self) -> dict[str, Any]:
-        return {"epoch": self.sampler.epoch, "offset": self.sampler.offset}
+        return {"epoch": self.sampler.epoch, "offset": self.sampler.offset, "order": SHARED_ORDER}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.sampler.epoch, self.sampler.offset = state["epoch"], state["offset"]
+        self.sampler.epoch, self.sampler.offset = sampler_position(self.sampler, state)
 
     def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self.cache)
@@ -206,6 +213,7 @@ class OnlineStream(_EncodingStream):
         return {
             "epoch": self.position[0],
             "offset": self.position[1],
+            "order": SHARED_ORDER,
             "skipped": dict(self.skipped),
             "read": self.read,
         }
@@ -213,6 +221,8 @@ class OnlineStream(_EncodingStream):
     def load_state(self, state: dict[str, Any]) -> None:
         self.skipped, self.read = SkipCounter(state.get("skipped", {})), state.get("read", 0)
         self._start((state["epoch"], state["offset"]))
+        if state.get("order") != SHARED_ORDER:  # written by an older sdtrain
+            self._start(sampler_position(self.loader.sampler, state))
 
     def _consumed(self, batch: dict[str, Any]) -> None:
         self.position = self.loader.sampler.advance(self.position, self.batch_size)

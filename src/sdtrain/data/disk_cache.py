@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from sdtrain.config import DataConfig
 from sdtrain.data.buckets import config_buckets, nearest_bucket
 from sdtrain.data.decode import Skip, SkipCounter, caption_options, decode_image
-from sdtrain.data.folder import EpochSampler, resize_crop, training_records
+from sdtrain.data.folder import SHARED_ORDER, EpochSampler, resize_crop, sampler_position, training_records
 from sdtrain.data.sources import is_shards
 from sdtrain.models.text import encode_prompts
 from sdtrain.models.vae import encode_moments, scale_latents
@@ -217,10 +217,15 @@ class DiskCacheStream:
         self.empty = cache.empty.float().to(device)
 
     def state(self) -> dict[str, Any]:
-        return {"epoch": self.sampler.epoch, "offset": self.sampler.offset, "buffers": self.buffers}
+        return {
+            "epoch": self.sampler.epoch,
+            "offset": self.sampler.offset,
+            "order": SHARED_ORDER,
+            "buffers": self.buffers,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.sampler.epoch, self.sampler.offset = state["epoch"], state["offset"]
+        self.sampler.epoch, self.sampler.offset = sampler_position(self.sampler, state)
         self.buffers = {k: list(v) for k, v in state.get("buffers", {}).items()}
 
     def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:

@@ -123,49 +123,70 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class EpochSampler(Sampler[int]):
-    """Endless, resumable sample order: epoch ``e`` is a permutation seeded by ``(seed, e)``, and this process takes
-    every ``world_size``-th index of it starting at ``rank``.
+    """Endless, resumable sample order that does not depend on the number of processes.
 
-    Yields ``e * n + i`` so that the dataset can seed its per-sample randomness from it. The position is fully
-    described by ``(epoch, offset)``: a resumed sampler continues with exactly the indices the uninterrupted one
-    would have produced.
+    Epoch ``e`` is a permutation of the ``n`` samples seeded by ``(seed, e)``; the epochs laid end to end make one
+    sequence, and of every ``world_size`` consecutive elements process ``rank`` takes the ``rank``-th. Together the
+    processes take, micro-batch by micro-batch, exactly the samples one process takes, whatever ``n`` (and row ``j``
+    of the world's micro-batch is the same sample as row ``j`` of one process's, as ``SharedDraws`` assumes).
+
+    Yields ``e * n + i`` so that the dataset can seed its per-sample randomness from it. The position ``(epoch,
+    offset)`` is where this process's next ``world_size`` elements start: ``k * world_size`` into the sequence after
+    it took ``k``, so the same on every process that took as many. A resumed sampler continues with exactly the
+    indices the uninterrupted one would have produced.
     """
 
     def __init__(self, n: int, seed: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0, offset: int = 0):
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
         self.epoch, self.offset = epoch, offset
-
-    @property
-    def per_epoch(self) -> int:
-        """Samples this rank sees per epoch."""
-        return len(range(self.rank, self.n, self.world_size))
+        self._orders: dict[int, list[int]] = {}
 
     def permutation(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.n, generator=generator).tolist()
-        return order[self.rank :: self.world_size]
+        """Epoch ``epoch``'s order of the ``n`` samples (the last two epochs' are kept)."""
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = torch.randperm(self.n, generator=generator).tolist()
+        return self._orders[epoch]
+
+    def _element(self, position: int) -> int:
+        epoch, i = divmod(position, self.n)
+        return epoch * self.n + self.permutation(epoch)[i]
 
     def advance(self, position: tuple[int, int], count: int) -> tuple[int, int]:
-        """The position ``count`` samples after ``position``."""
-        epoch, offset = position[0], position[1] + count
-        return epoch + offset // self.per_epoch, offset % self.per_epoch
+        """The position after this process takes ``count`` more samples from ``position``."""
+        return divmod(position[0] * self.n + position[1] + count * self.world_size, self.n)
 
     def take(self, count: int) -> list[int]:
         """The next ``count`` indices, advancing this sampler's own position (used without a DataLoader)."""
-        out: list[int] = []
-        while len(out) < count:
-            order = self.permutation(self.epoch)
-            chunk = order[self.offset : self.offset + count - len(out)]
-            out += [self.epoch * self.n + i for i in chunk]
-            self.epoch, self.offset = self.advance((self.epoch, self.offset), len(chunk))
+        start = self.epoch * self.n + self.offset + self.rank
+        out = [self._element(start + k * self.world_size) for k in range(count)]
+        self.epoch, self.offset = self.advance((self.epoch, self.offset), count)
         return out
 
+    def legacy_position(self, epoch: int, offset: int) -> tuple[int, int]:
+        """The position of a checkpoint written before the order was shared out this way (each process then walked
+        every ``world_size``-th element of each epoch, ``offset`` into its share): the same number of samples
+        taken. One process's positions mean the same in both."""
+        taken = epoch * len(range(self.rank, self.n, self.world_size)) + offset
+        return divmod(taken * self.world_size, self.n)
+
     def __iter__(self):
-        epoch, offset = self.epoch, self.offset
+        position = self.epoch * self.n + self.offset + self.rank
         while True:
-            for i in self.permutation(epoch)[offset:]:
-                yield epoch * self.n + i
-            epoch, offset = epoch + 1, 0
+            yield self._element(position)
+            position += self.world_size
+
+
+# how a stream state's (epoch, offset) is to be read: EpochSampler's order shared out element by element over the
+# processes (states without the key were written when each process walked its own share of every epoch)
+SHARED_ORDER = "shared"
+
+
+def sampler_position(sampler: EpochSampler, state: dict[str, Any]) -> tuple[int, int]:
+    """The sampler position a stream state holds, converting one written by an older sdtrain."""
+    position = (state["epoch"], state["offset"])
+    return position if state.get("order") == SHARED_ORDER else sampler.legacy_position(*position)
 
 
 def make_dataloader(

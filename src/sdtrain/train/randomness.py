@@ -2,9 +2,10 @@
 
 Every rank holds the same generator (seeded by ``train.seed`` alone) and draws each random tensor for the whole
 *global* micro-batch, then keeps its own rows. Rank ``r`` of ``W`` takes rows ``r, r + W, r + 2W, ...``, which are
-exactly the samples its data sampler hands it (``EpochSampler`` deals the epoch's order out the same way). So sample
+exactly the samples its data sampler hands it (``EpochSampler`` deals its sequence out the same way). So sample
 ``j`` of a global micro-batch gets the same noise, timestep, posterior sample and caption dropout on one GPU or on
-64, and a run's weights do not depend on how many processes trained it (tested with 1 and 2 gloo processes). The
+64, and a run's weights do not depend on how many processes trained it, whatever the dataset size (tested with 1
+and 2 gloo processes on 5 images). The
 draws for the other ranks' rows cost a few random numbers per latent element, nothing next to a UNet step.
 """
 
