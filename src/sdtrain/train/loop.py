@@ -301,32 +301,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
             *(world, kind, device, tc.batch_size, micro_batch, accumulation, world),
         )
     profile = _preflight(accelerator, components, config, micro_batch)
-    if batches is not None:
-        stream = IterableStream(batches, vae, text_encoder, components.tokenizer, config.data.caption_dropout, device)
-    elif config.data.cache_dir:
-        disk = DiskCache(config.data, vae, text_encoder, components.tokenizer)
-        stream = DiskCacheStream(disk, vae, micro_batch, config.data.caption_dropout, device, tc.seed, rank, world)
-    elif config.data.cache_latents:
-        cache = build_memory_cache(config.data, vae, text_encoder, components.tokenizer, seed=tc.seed)
-        if cache.skipped:
-            logger.warning("skipped while caching: %s", cache.skipped.summary())
-        stream = CachedStream(cache, vae, micro_batch, config.data.caption_dropout, device, tc.seed, rank, world)
-    else:
-        sources = [config.data] + [
-            dataclasses.replace(
-                config.data, path=m.path, image_column=m.image_column, caption_column=m.caption_column, mix=[]
-            )
-            for m in config.data.mix
-        ]
-        streams = [
-            (ShardStream if is_shards(d.path) else OnlineStream)(
-                d, vae, text_encoder, components.tokenizer, micro_batch, device, tc.seed, rank, world
-            )
-            for d in sources
-        ]
-        weights = [config.data.weight] + [m.weight for m in config.data.mix]
-        stream = streams[0] if len(streams) == 1 else MixedStream(streams, weights, tc.seed)
-
+    stream = _make_stream(config, components, batches, micro_batch, device, rank, world)
     validation = None
     if batches is None and accelerator.is_main_process:
         validation = build_validation_set(config.data, tc.objective, vae, text_encoder, components.tokenizer, tc.seed)
@@ -484,6 +459,35 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def _make_stream(config: Config, components: Components, batches, micro_batch: int, device, rank: int, world: int):
+    """The resumable micro-batch stream of this process: ``batches`` given to ``fit``, the disk cache, the in-memory
+    latent cache, or images decoded and encoded every step (folders / manifests / datasets, shards, a mix)."""
+    data, seed, tokenizer = config.data, config.train.seed, components.tokenizer
+    vae, text_encoder = components.vae, components.text_encoder
+    if batches is not None:
+        return IterableStream(batches, vae, text_encoder, tokenizer, data.caption_dropout, device)
+    if data.cache_dir:
+        disk = DiskCache(data, vae, text_encoder, tokenizer)
+        return DiskCacheStream(disk, vae, micro_batch, data.caption_dropout, device, seed, rank, world)
+    if data.cache_latents:
+        cache = build_memory_cache(data, vae, text_encoder, tokenizer, seed=seed)
+        if cache.skipped:
+            logger.warning("skipped while caching: %s", cache.skipped.summary())
+        return CachedStream(cache, vae, micro_batch, data.caption_dropout, device, seed, rank, world)
+    sources = [data] + [
+        dataclasses.replace(data, path=m.path, image_column=m.image_column, caption_column=m.caption_column, mix=[])
+        for m in data.mix
+    ]
+    streams = [
+        (ShardStream if is_shards(d.path) else OnlineStream)(
+            d, vae, text_encoder, tokenizer, micro_batch, device, seed, rank, world
+        )
+        for d in sources
+    ]
+    weights = [data.weight] + [m.weight for m in data.mix]
+    return streams[0] if len(streams) == 1 else MixedStream(streams, weights, seed)
 
 
 def check_distributed_type(kind: DistributedType) -> None:
