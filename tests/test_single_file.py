@@ -69,7 +69,10 @@ def sd2_folder(tmp_path_factory, clip_dir, vae_dir):
     with torch.no_grad():
         for p in list(unet.parameters()) + list(text.parameters()):
             p.add_(torch.randn_like(p) * 0.02)
-    return save_pipeline(tmp_path_factory.mktemp("sd2") / "pipe", unet, clip_dir, vae_dir, text_encoder=text)
+    folder = save_pipeline(tmp_path_factory.mktemp("sd2") / "pipe", unet, clip_dir, vae_dir, text_encoder=text)
+    scheduler = folder / "scheduler" / "scheduler_config.json"  # SD 2.x 768's v-prediction
+    scheduler.write_text(json.dumps(json.loads(scheduler.read_text()) | {"prediction_type": "v_prediction"}))
+    return folder
 
 
 def test_diffusers_importer_maps_every_exported_tensor_back(sd_folder, tmp_path):
@@ -137,6 +140,42 @@ def test_single_file_loads_offline_and_draws_the_same_images(folder, tmp_path, r
         images.append(out.images)
     assert np.array_equal(images[0], images[1])
     assert images[0].std() > 0
+
+
+@pytest.mark.parametrize("folder", ["sd_folder", "sd2_folder"])
+def test_the_yaml_beside_the_file_describes_the_model(folder, tmp_path, request):
+    """diffusers' readers of the original LDM config rebuild our UNet and VAE configs from the .yaml (scaling factor
+    included: the tiny VAE's is 3.0, not SD's); betas, parameterization and text encoder are those of the model."""
+    import yaml
+    from diffusers.loaders.single_file_utils import (
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
+
+    sd_folder = request.getfixturevalue(folder)
+    file = save_single_file(sd_folder, tmp_path / "model.safetensors")
+    config = yaml.safe_load((tmp_path / "model.yaml").read_text())
+    ldm = load_file(file)
+    unet = UNet2DConditionModel.load_config(sd_folder / "unet")
+    unet_back = create_unet_diffusers_config_from_ldm(config, ldm)
+    keys = ["block_out_channels", "down_block_types", "up_block_types", "layers_per_block", "cross_attention_dim"]
+    keys += ["attention_head_dim", "use_linear_projection", "in_channels", "out_channels"]
+    assert {k: _plain(unet_back[k]) for k in keys} == {k: _plain(unet[k]) for k in keys}
+    assert unet_back["transformer_layers_per_block"] == unet.get("transformer_layers_per_block", 1)
+    vae = AutoencoderKL.load_config(sd_folder / "vae")
+    vae_back = create_vae_diffusers_config_from_ldm(config, ldm)
+    keys = ["block_out_channels", "latent_channels", "layers_per_block", "scaling_factor", "in_channels"]
+    assert {k: _plain(vae_back[k]) for k in keys} == {k: _plain(vae[k]) for k in keys}
+    params = config["model"]["params"]
+    scheduler = json.loads((sd_folder / "scheduler" / "scheduler_config.json").read_text())
+    assert (params["linear_start"], params["linear_end"]) == (scheduler["beta_start"], scheduler["beta_end"])
+    assert params.get("parameterization", "eps") == ("v" if folder == "sd2_folder" else "eps")
+    encoder = params["cond_stage_config"]["target"].rsplit(".", 1)[1]
+    assert encoder == ("FrozenOpenCLIPEmbedder" if folder == "sd2_folder" else "FrozenCLIPEmbedder")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def test_half_precision_file(sd_folder, tmp_path):

@@ -6,7 +6,8 @@ it (``cond_stage_model.transformer.*``, OpenAI's CLIP) or as SD 2.x files do (``
 OpenCLIP). ``load_single_file`` reads such a file back into a diffusers pipeline through diffusers' own
 ``from_single_file``, with the component configs taken from a diffusers folder or hub id (the file holds weights
 only). Our direction is the inverse of diffusers' ``convert_ldm_*_checkpoint`` / ``convert_open_clip_checkpoint``;
-the tests check that diffusers maps every exported tensor back to the one it came from.
+the tests check that diffusers maps every exported tensor back to the one it came from. Beside the file goes the
+original LDM config (``MODEL.yaml``: architecture, scaling factor, betas, parameterization), which A1111 reads.
 
 What the LDM layout cannot hold is refused rather than dropped: UNet blocks other than SD's (cross-attention / plain
 down and up blocks, a cross-attention mid block), extra embeddings (sdtrain's ``text_time_embedding``, class
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +211,102 @@ def open_clip_text_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
     return {OPEN_CLIP_PREFIX + k: v for k, v in out.items()}
 
 
+_LDM_BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear", "squaredcos_cap_v2": "cosine"}
+
+
+def ldm_config(unet: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any], open_clip: bool) -> dict:
+    """The original LDM config (``v1-inference.yaml``'s form) describing a pipeline: A1111 reads it from
+    ``MODEL.yaml`` beside ``MODEL.safetensors`` and builds that architecture, scaling factor and parameterization
+    instead of SD 1.5's; diffusers' ``from_single_file(original_config=...)`` reads it too.
+
+    Raises:
+        SingleFileError: what the LDM config cannot say (per-level head widths that are neither one head count nor
+            one head width, a beta schedule LDM does not have).
+    """
+    channels = list(unet["block_out_channels"])
+    heads = unet["attention_head_dim"]  # diffusers' name for the number of heads per level
+    unet_params: dict[str, Any] = {
+        "image_size": unet["sample_size"],
+        "in_channels": unet["in_channels"],
+        "out_channels": unet["out_channels"],
+        "model_channels": channels[0],
+        # LDM lists the downsampling factors at which the levels attend
+        "attention_resolutions": [2**i for i, k in enumerate(unet["down_block_types"]) if k.startswith("CrossAttn")],
+        "num_res_blocks": unet["layers_per_block"],
+        "channel_mult": [c // channels[0] for c in channels],
+        "use_spatial_transformer": True,
+        "transformer_depth": unet.get("transformer_layers_per_block") or 1,
+        "context_dim": unet["cross_attention_dim"],
+        "use_linear_in_transformer": bool(unet.get("use_linear_projection")),
+        "use_checkpoint": False,
+        "legacy": False,
+    }
+    if isinstance(heads, int):
+        unet_params["num_heads"] = heads
+    elif len({c // h for c, h in zip(channels, heads)}) == 1:
+        unet_params["num_head_channels"] = channels[0] // heads[0]
+    else:
+        raise SingleFileError(f"attention_head_dim={heads} is neither one head count nor one head width")
+    vae_channels = list(vae["block_out_channels"])
+    ddconfig = {
+        "double_z": True,
+        "z_channels": vae["latent_channels"],
+        "resolution": vae.get("sample_size", 256),
+        "in_channels": vae["in_channels"],
+        "out_ch": vae["out_channels"],
+        "ch": vae_channels[0],
+        "ch_mult": [c // vae_channels[0] for c in vae_channels],
+        "num_res_blocks": vae["layers_per_block"],
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+    schedule = scheduler.get("beta_schedule", "scaled_linear")
+    if schedule not in _LDM_BETA_SCHEDULES:
+        raise SingleFileError(f"beta_schedule={schedule!r} has no LDM name")
+    params: dict[str, Any] = {
+        "linear_start": scheduler.get("beta_start", 0.00085),
+        "linear_end": scheduler.get("beta_end", 0.012),
+        "beta_schedule": _LDM_BETA_SCHEDULES[schedule],
+        "num_timesteps_cond": 1,
+        "log_every_t": 200,
+        "timesteps": scheduler.get("num_train_timesteps", 1000),
+        "first_stage_key": "jpg",
+        "cond_stage_key": "txt",
+        "image_size": unet["sample_size"],
+        "channels": unet["in_channels"],
+        "cond_stage_trainable": False,
+        "conditioning_key": "crossattn",
+        "monitor": "val/loss_simple_ema",
+        "scale_factor": vae.get("scaling_factor", SD_SCALING_FACTOR),
+        "use_ema": False,
+        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_params},
+        "first_stage_config": {
+            "target": "ldm.models.autoencoder.AutoencoderKL",
+            "params": {
+                "embed_dim": vae["latent_channels"],
+                "monitor": "val/rec_loss",
+                "ddconfig": ddconfig,
+                "lossconfig": {"target": "torch.nn.Identity"},
+            },
+        },
+        "cond_stage_config": (
+            {
+                "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                "params": {"freeze": True, "layer": "penultimate"},
+            }
+            if open_clip
+            else {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+        ),
+    }
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        params["parameterization"] = {"v_prediction": "v", "sample": "x0"}[prediction]
+    return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
+
+
 def save_single_file(model: str | Path, out_file: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write the pipeline folder ``model`` as one single-file checkpoint (``.safetensors``).
+    """Write the pipeline folder ``model`` as one single-file checkpoint (``.safetensors``), and beside it the LDM
+    config (``.yaml``, see :func:`ldm_config`).
 
     Args:
         model: a diffusers StableDiffusionPipeline folder (an sdtrain export).
@@ -241,22 +337,29 @@ def save_single_file(model: str | Path, out_file: str | Path, dtype: torch.dtype
     }
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    try:
+        config = ldm_config(dict(unet.config), dict(vae.config), scheduler, is_open_clip(text_encoder.config))
+    except SingleFileError as e:  # the weights still go into the file; A1111 then assumes SD's config
+        logger.warning("no .yaml beside the file: %s", e)
+        config = None
     if abs(vae.config.scaling_factor - SD_SCALING_FACTOR) > 1e-6:
         logger.warning(
-            "the VAE's scaling factor is %.5f, SD's is %.5f: loaders that assume SD's (ComfyUI, A1111 without a "
-            "config) will decode wrongly; diffusers' from_single_file(config=...) with the exported folder is right",
+            "the VAE's scaling factor is %.5f, SD's is %.5f: A1111 reads it from the .yaml beside the file; loaders "
+            "that ignore it (ComfyUI's default checkpoint loader) will decode wrongly",
             vae.config.scaling_factor,
             SD_SCALING_FACTOR,
         )
-    scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
-    if scheduler.get("prediction_type", "epsilon") != "epsilon" or scheduler.get("rescale_betas_zero_snr"):
+    if scheduler.get("rescale_betas_zero_snr"):
         logger.warning(
-            "the model predicts %s%s: a single file does not say so, and loaders without a config assume epsilon",
-            scheduler.get("prediction_type"),
-            " with zero-terminal-SNR betas" if scheduler.get("rescale_betas_zero_snr") else "",
+            "the model was trained with zero-terminal-SNR betas: no config field says so (A1111 has a setting for "
+            "it, ComfyUI a ModelSamplingDiscrete node); sample it with that on"
         )
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, out_file, metadata={"format": "pt"})
+    if config is not None:
+        with open(out_file.with_suffix(".yaml"), "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
     return out_file
 
 
