@@ -146,6 +146,11 @@ class StableDiffusion:
         return self
 
     # ----------------------------------------------------------------------------------------------------- sampling
+    def sampling_settings(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+        """The step count and guidance to sample with: the ones given, else this model's ``sampling``."""
+        steps = int(num_inference_steps or self.sampling["num_inference_steps"])
+        return steps, self.sampling["guidance_scale"] if guidance_scale is None else guidance_scale
+
     def _pipeline(self, cls, scheduler: str | None):
         sched = with_scheduler(self.scheduler, scheduler) if scheduler else self.scheduler
         pipe = cls(
@@ -183,8 +188,7 @@ class StableDiffusion:
             prompt,
             negative_prompt,
             num_images_per_prompt,
-            int(num_inference_steps or self.sampling["num_inference_steps"]),
-            self.sampling["guidance_scale"] if guidance_scale is None else guidance_scale,
+            *self.sampling_settings(num_inference_steps, guidance_scale),
             height,
             width,
             seed,
@@ -212,8 +216,7 @@ class StableDiffusion:
             image,
             strength,
             negative_prompt,
-            int(num_inference_steps or self.sampling["num_inference_steps"]),
-            self.sampling["guidance_scale"] if guidance_scale is None else guidance_scale,
+            *self.sampling_settings(num_inference_steps, guidance_scale),
             seed,
             progress=progress,
         )

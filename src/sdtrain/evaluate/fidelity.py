@@ -225,7 +225,7 @@ class FidelityScorer:
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
 
-        self.metrics, self.clip_model = list(metrics), clip_model
+        self.clip_model = clip_model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank, self.world = (
@@ -320,10 +320,12 @@ class FidelityScorer:
         scheduler: str | None = None,
         seed: int = 0,
         batch_size: int = 16,
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Draw one image per reference caption with ``pipe`` (image *i* seeded ``seed + i``, at the reference
         resolution; steps and guidance default to the model's) and score them; with ``out_dir``, write
-        ``fidelity.json`` and ``grid_fidelity.png`` there (real images above what the model drew for their captions).
+        ``fidelity.json`` (with ``extra`` added) and ``grid_fidelity.png`` there (real images above what the model drew
+        for their captions).
 
         Returns:
             ``fid``, ``kid_mean`` / ``kid_std``, ``clip_score`` / ``clip_score_real`` (those asked for),
@@ -334,8 +336,7 @@ class FidelityScorer:
         if self.reference is None:
             raise EvaluationError("set_reference first: the scores compare against a reference set")
         ref = self.reference
-        guidance_scale = pipe.sampling["guidance_scale"] if guidance_scale is None else guidance_scale
-        num_inference_steps = int(num_inference_steps or pipe.sampling["num_inference_steps"])
+        num_inference_steps, guidance_scale = pipe.sampling_settings(num_inference_steps, guidance_scale)
         for metric in self.distances.values():
             metric.reset()  # the drawn images' states; the reference's stay
         clip = ClipScore(*self.clip) if self.clip is not None else None
@@ -382,6 +383,7 @@ class FidelityScorer:
             num_inference_steps=num_inference_steps,
             scheduler=(SCHEDULERS[scheduler] if scheduler else type(pipe.scheduler)).__name__,
             seed=seed,
+            **(extra or {}),
         )
         if out_dir is not None and self.rank == 0:
             out_dir = Path(out_dir)
@@ -446,12 +448,10 @@ def evaluate_fidelity(
     # 1. the scoring networks, the model and the reference set, before any image is drawn
     if num_images < 2:
         raise EvaluationError("FID / KID / CLIP score need at least 2 images")
-    main_process = True
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `accelerate launch` / torchrun: each process its share
         from accelerate import PartialState
 
-        state = PartialState()  # joins the process group
-        device, main_process = device or state.device, state.is_main_process
+        device = device or PartialState().device  # joins the process group
     if device is None:
         device = model.device if isinstance(model, StableDiffusion) else "cuda" if torch.cuda.is_available() else "cpu"
     scorer = FidelityScorer(metrics, inception, clip_model, device)
@@ -463,12 +463,9 @@ def evaluate_fidelity(
     resolution = pipe.unet.config.sample_size * downsample_factor(pipe.vae)
     scorer.set_reference(data, num_images, resolution, seed, batch_size, image_column, caption_column)
     # 2. draw and score
-    result = scorer.score(pipe, out_dir, guidance_scale, num_inference_steps, scheduler, seed, batch_size)
-    result.update(
-        model=str(model) if isinstance(model, (str, Path)) else type(model).__name__,
-        data=str(data) if isinstance(data, (str, Path)) else f"{len(data)} records",
-        processes=scorer.world,
-    )
-    if main_process:
-        (Path(out_dir) / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    named = {
+        "model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
+        "data": str(data) if isinstance(data, (str, Path)) else f"{len(data)} records",
+        "processes": scorer.world,
+    }
+    return scorer.score(pipe, out_dir, guidance_scale, num_inference_steps, scheduler, seed, batch_size, named)

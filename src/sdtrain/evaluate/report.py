@@ -121,9 +121,8 @@ def evaluate_shapes_model(
     data_root, out_dir = Path(data_root), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = StableDiffusion.from_pretrained(model, scheduler=scheduler)  # None: the one exported with the model
-    # None: the guidance and step count exported with the model
-    guidance_scale = pipe.sampling["guidance_scale"] if guidance_scale is None else guidance_scale
-    num_inference_steps = int(num_inference_steps or pipe.sampling["num_inference_steps"])
+    # None: the step count and guidance exported with the model
+    num_inference_steps, guidance_scale = pipe.sampling_settings(num_inference_steps, guidance_scale)
     seen, held_out = load_combos(data_root)
     settings = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, seed=seed)
     seen_scores, seen_images = adherence(pipe, seen, images_per_combo, **settings)
