@@ -12,6 +12,10 @@
 - ``enospc=K``: the K-th checkpoint save fails with "No space left on device" after writing its first file.
 
 The kill is a real SIGKILL: no handler, no ``finally``, no flush, exactly what a preempted VM or the OOM killer does.
+
+Launched with ``accelerate launch --use_fsdp --fsdp_version 2`` on a machine without GPUs, it also shards with FSDP2
+over gloo (:func:`fsdp_on_cpu`): accelerate itself builds FSDP only on accelerators, although torch's
+``fully_shard`` runs on CPU processes as well.
 """
 
 from __future__ import annotations
@@ -114,7 +118,30 @@ def _inject(spec: str) -> None:
         raise ValueError(f"unknown SDTRAIN_FAULT {spec!r}")
 
 
+def fsdp_on_cpu() -> None:
+    """Let accelerate build FSDP on CPU processes when it was asked for (``accelerate launch --use_fsdp``): after
+    accelerate's own set-up chose DDP over gloo, switch the state to FSDP with the plugin it built from the launch
+    options. Everything after that (``prepare``'s ``fully_shard``, gradient sync, clipping) is accelerate's and torch's
+    own code, as on GPUs."""
+    import torch
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or torch.cuda.is_available():
+        return
+    init = AcceleratorState.__init__
+
+    def init_then_shard(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()
+
+    AcceleratorState.__init__ = init_then_shard
+
+
 if __name__ == "__main__":
+    fsdp_on_cpu()
     _inject(os.environ.get("SDTRAIN_FAULT", ""))
     from sdtrain.cli import main
 

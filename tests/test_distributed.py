@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sdtrain.train.tracking import read_log
 from tests.conftest import tiny_overrides
-from tests.test_faults import ADAM_EPS, _env, _free_port, _losses, _train, _weights
+from tests.test_faults import ADAM_EPS, FAULTS, _env, _free_port, _losses, _train, _weights
 
 
 def test_accelerate_launch_two_processes_equals_one(
@@ -54,13 +57,79 @@ def test_accelerate_launch_two_processes_equals_one(
     assert torch.load(run / "checkpoints" / "step-00000004" / "rng-1.pt", weights_only=True)
 
 
-def test_sharded_strategies_are_refused_before_any_work():
+def _launch_fsdp(overrides: list[str]) -> subprocess.CompletedProcess:
+    """2 gloo processes sharding the UNet with FSDP2, each UNet block its own unit (``tests/faults.py`` lets
+    accelerate build FSDP on CPUs)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2"]
+    launch += ["--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    launch += [str(FAULTS), "train", *overrides]
+    return subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_fsdp2_trains_what_one_process_trains_and_resumes(tmp_path, clip_dir, vae_dir, image_folder):
+    """FSDP2 over 2 processes: each holds half of the UNet; the losses, validation losses and exported EMA weights are
+    one process's with the same global batch; its checkpoints are the files one process writes (whole tensors, same
+    keys), and a run resumed from one under FSDP2 ends with the same weights."""
+    overrides = ["train.num_steps=4", "train.save_every=2", "data.caption_dropout=0.3", ADAM_EPS]
+    overrides += ["data.validation_split=3", "train.validation_every=2", "train.sample_every=4"]
+    overrides += ["train.sample_prompts=[a red circle]"]
+    one = tiny_overrides(tmp_path / "one", image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
+    assert _train(one).returncode == 0
+    run = tmp_path / "fsdp"
+    result = _launch_fsdp(tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world size 2 (FSDP" in result.stderr
+    held, total = map(int, re.search(r"holds (\d+) of the UNet's (\d+) parameters", result.stderr).groups())
+    assert held < 0.6 * total  # sharded: about half of every tensor
+
+    logs = [read_log(root / "log.jsonl") for root in (tmp_path / "one", run)]
+    assert [r["step"] for r in logs[1]] == [r["step"] for r in logs[0]] == [1, 2, 3, 4]
+    for a, b in zip(*logs):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert ("val_loss" in b) == ("val_loss" in a) and b.get("val_loss") == pytest.approx(a.get("val_loss"))
+    a, b = _weights(tmp_path / "one"), _weights(run)  # the export holds the EMA weights
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert (run / "samples" / "step-000004.png").exists()
+
+    saved = [load_file(root / "checkpoints" / "step-00000004" / f) for root in (tmp_path / "one", run)
+             for f in ("unet.safetensors", "ema.safetensors")]  # fmt: skip
+    for whole, gathered in ((saved[0], saved[2]), (saved[1], saved[3])):
+        assert {k: v.shape for k, v in gathered.items()} == {k: v.shape for k, v in whole.items()}
+        assert max((whole[k] - gathered[k]).abs().max().item() for k in whole) < 1e-6
+    moments = [torch.load(r / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=True)["state"]
+               for r in (tmp_path / "one", run)]  # fmt: skip
+    assert moments[1].keys() == moments[0].keys()
+    assert all(torch.allclose(moments[1][i]["exp_avg"], moments[0][i]["exp_avg"], atol=1e-7) for i in moments[0])
+
+    # resume the FSDP run from its step-2 checkpoint, under FSDP
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    (resumed / "checkpoints" / "latest").write_text("step-00000002")
+    result = _launch_fsdp(tiny_overrides(resumed, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    c = _weights(resumed)
+    assert max((a[k] - c[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_unsupported_strategies_are_refused_before_any_work(monkeypatch, caplog):
+    from types import SimpleNamespace
+
     from accelerate.utils import DistributedType
 
-    from sdtrain.train.loop import check_distributed_type
+    from sdtrain.train.sharding import check_strategy
 
-    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(RuntimeError, match="use DDP"):
-            check_distributed_type(kind)
-    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
-        check_distributed_type(kind)
+    def accelerator(kind, fsdp_version=2):
+        state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version))
+        return SimpleNamespace(distributed_type=kind, state=state, is_main_process=True)
+
+    with pytest.raises(RuntimeError, match="DeepSpeed is not supported.*fsdp_version 2"):
+        check_strategy(accelerator(DistributedType.DEEPSPEED))
+    with pytest.raises(RuntimeError, match="FSDP version 1 is not supported"):
+        check_strategy(accelerator(DistributedType.FSDP, fsdp_version=1))
+    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.FSDP):
+        check_strategy(accelerator(kind))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # asked for, but accelerate fell back to DDP
+    check_strategy(accelerator(DistributedType.MULTI_CPU))
+    assert "FSDP was asked for" in caplog.text

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, TorchDynamoPlugin
+from accelerate.utils import TorchDynamoPlugin, broadcast_object_list
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
@@ -45,11 +45,12 @@ from sdtrain.models.text import hidden_size, load_text_encoder
 from sdtrain.models.unet import build_unet, load_unet
 from sdtrain.models.vae import downsample_factor, load_vae
 from sdtrain.sample.pipeline import sampling_scheduler, save_images, txt2img, write_sampling_defaults
-from sdtrain.train import checkpoint, objective
+from sdtrain.train import checkpoint, objective, sharding
 from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
 from sdtrain.train.perf import GiB, StepProfile, advice, estimate_memory, peak_tflops, profile_unet
 from sdtrain.train.progress import Progress
 from sdtrain.train.randomness import SharedDraws
+from sdtrain.train.sharding import check_strategy, is_sharded, meta_template
 from sdtrain.train.state import (
     Counters,
     check_disk,
@@ -251,7 +252,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         project_dir=out,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
     )
-    check_distributed_type(accelerator.distributed_type)
+    check_strategy(accelerator)  # DeepSpeed and FSDP1 refused; FSDP2 shards (sdtrain.train.sharding)
     ckpt_root = out / "checkpoints"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -283,7 +284,10 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     unet.to(device).train()
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if tc.channels_last:
+    sharded = is_sharded(accelerator)
+    if tc.channels_last and sharded:
+        logger.warning("train.channels_last is ignored under FSDP2 (it shards contiguous parameters only)")
+    elif tc.channels_last:
         unet.to(memory_format=torch.channels_last)
 
     # 3. Data: a resumable stream of micro-batches, each process its own share
@@ -305,16 +309,22 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     validation = None
     if batches is None and accelerator.is_main_process:
         validation = build_validation_set(config.data, tc.objective, vae, text_encoder, components.tokenizer, tc.seed)
+    has_validation = broadcast_object_list([validation is not None])[0]  # every rank gathers weights for it (FSDP)
     scorer = _fidelity_scorer(config, device) if tc.fidelity.every and batches is None else None  # every process
 
     # 4. Objective, optimizer, EMA of the trainable weights (on the CPU with ema_offload)
     noise_scheduler = objective.make_noise_scheduler(tc.objective)
     optimizer = make_optimizer(unet, tc.optim)
+    template = meta_template(unet) if sharded else None  # FSDP2: the shape of the unsharded copies that sample
     unet, optimizer = accelerator.prepare(unet, optimizer)
     ema, ema_device = None, torch.device("cpu") if tc.ema_offload else device
-    if tc.ema_decay is not None:
-        parameters = [p for _, p in trainable(accelerator.unwrap_model(unet))]
-        ema = make_ema(parameters, tc.ema_decay)
+    if tc.ema_decay is not None:  # of this process's parts of the weights under FSDP2
+        ema = make_ema(_ema_parameters(accelerator.unwrap_model(unet)), tc.ema_decay)
+    eval_unet = _EvalUNet(accelerator, unet, ema, template)
+    if sharded and accelerator.is_main_process:
+        held = sum(sharding.local(p).numel() for p in unet.parameters())
+        total = sum(p.numel() for p in unet.parameters())
+        logger.info("FSDP2: this process holds %d of the UNet's %d parameters", held, total)
 
     # 5. Resume from the newest valid checkpoint
     counters = Counters()
@@ -363,7 +373,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
                 step_loss += loss.detach() / tc.gradient_accumulation
                 if accelerator.sync_gradients:
                     max_norm = tc.clip_norm if tc.clip_norm is not None else float("inf")
-                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), max_norm)
+                    grad_norm = sharding.local(accelerator.clip_grad_norm_(unet.parameters(), max_norm))
                     # 6d. one all-reduce (max) makes every rank agree on: a non-finite loss or gradient on any
                     # rank, a stop signal received by any rank, and the elapsed time (so a time budget ends the
                     # run on the same step everywhere)
@@ -413,8 +423,10 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
                 record["tflops"] = images_per_s * profile.train_flops / 1e12  # all processes together
                 if peak:
                     record["mfu"] = record["tflops"] / (peak * world)
-            if validation is not None and tc.validation_every and counters.step % tc.validation_every == 0:
-                record["val_loss"] = _validation(unet, ema, validation, noise_scheduler, accelerator, tc, micro_batch)
+            if has_validation and tc.validation_every and counters.step % tc.validation_every == 0:
+                val_loss = _validation(eval_unet, validation, noise_scheduler, tc, micro_batch)
+                if val_loss is not None:
+                    record["val_loss"] = val_loss
             if accelerator.is_main_process:
                 _report(accelerator, bar, counters, record, log_path)
             window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
@@ -423,10 +435,12 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
             save_training_state(*ckpt_args)
             saved_at = counters.step
         if tc.sample_every and counters.step % tc.sample_every == 0 and tc.sample_prompts:
-            if accelerator.is_main_process:
-                _sample(components, unet, ema, accelerator, config, counters.step)
+            _sample(components, eval_unet.copy(), accelerator, config, counters.step)
+            unet.train()
         if scorer is not None and counters.step % tc.fidelity.every == 0:
-            _fidelity(scorer, components, unet, ema, accelerator, config, counters.step, log_path)
+            scored = eval_unet.copy(everywhere=True)
+            _fidelity(scorer, components, scored, accelerator, config, counters.step, log_path)
+            unet.train()
         # 6g. preemption: all ranks saw the flag in 6d, so they checkpoint together and stop
         if stop:
             bar.close()
@@ -443,18 +457,20 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         save_training_state(*ckpt_args)
     accelerator.wait_for_everyone()
     if scorer is not None and counters.step % tc.fidelity.every:  # unless the last step was scored
-        _fidelity(scorer, components, unet, ema, accelerator, config, counters.step, log_path)
+        _fidelity(scorer, components, eval_unet.copy(everywhere=True), accelerator, config, counters.step, log_path)
     final = out / "final"
+    exported = eval_unet.copy()  # the EMA weights, unsharded, on the main process (None on the others)
     if accelerator.is_main_process:
         if validation is not None:
-            val_loss = _validation(unet, ema, validation, noise_scheduler, accelerator, tc, micro_batch)
+            val_loss = validation_loss(
+                exported, noise_scheduler, validation, tc.objective.snr_gamma, micro_batch, accelerator.autocast
+            )
             accelerator.log({"val_loss": val_loss}, step=counters.step)
             _append_to_log(log_path, counters.step, {"val_loss": val_loss})
         if tc.export:
-            exported = _with_ema(components, unet, ema, accelerator)
-            export_pipeline(exported, tc.objective, final, config.sample)
+            export_pipeline(dataclasses.replace(components, unet=exported), tc.objective, final, config.sample)
         if tc.sample_prompts:
-            _sample(components, unet, ema, accelerator, config, counters.step)
+            _sample(components, exported, accelerator, config, counters.step)
         plot_losses(log_path, out / "loss.png")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -490,19 +506,6 @@ def _make_stream(config: Config, components: Components, batches, micro_batch: i
     return streams[0] if len(streams) == 1 else MixedStream(streams, weights, seed)
 
 
-def check_distributed_type(kind: DistributedType) -> None:
-    """Refuse the sharded strategies the checkpoint and EMA code does not handle yet, before any work.
-
-    sdtrain's checkpoints (bit-exact resume) and EMA read full parameters and optimizer states on the main process.
-    Under FSDP or DeepSpeed ZeRO those are sharded across ranks, and saving rank 0's shard would lose the others.
-    """
-    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise RuntimeError(
-            f"{kind.value} is not supported yet (checkpoints and EMA assume full parameters on every rank); use DDP "
-            "(`accelerate launch --multi_gpu`): an SD-1.5-size UNet trains in DDP on GPUs of 24 GB and more"
-        )
-
-
 def _preflight(accelerator, components: Components, config: Config, micro_batch: int) -> StepProfile | None:
     """Print parameters, FLOPs and the memory estimate (main process); warn with advice when it will not fit."""
     if not accelerator.is_main_process:
@@ -513,7 +516,8 @@ def _preflight(accelerator, components: Components, config: Config, micro_batch:
     latent_shape = (unet.config.in_channels, size, size)
     text_shape = (components.tokenizer.model_max_length, unet.config.cross_attention_dim)
     profile = profile_unet(unet, latent_shape, text_shape, accelerator.device)
-    estimate = estimate_memory(unet, [components.vae, components.text_encoder], profile, micro_batch, tc)
+    shards = accelerator.num_processes if is_sharded(accelerator) else 1
+    estimate = estimate_memory(unet, [components.vae, components.text_encoder], profile, micro_batch, tc, shards)
     params = sum(p.numel() for p in unet.parameters())
     logger.info(
         "UNet %.1fM parameters (%.1fM trainable), %.2f GFLOPs per image per training step at %d px",
@@ -526,7 +530,7 @@ def _preflight(accelerator, components: Components, config: Config, micro_batch:
     if accelerator.device.type == "cuda":
         available = torch.cuda.get_device_properties(accelerator.device).total_memory
         if estimate.total > 0.9 * available:
-            tips = "\n  ".join(advice(estimate, available, tc, micro_batch))
+            tips = "\n  ".join(advice(estimate, available, tc, micro_batch, accelerator.num_processes, shards))
             logger.warning(
                 "the estimate (%.1f GiB) exceeds 90 %% of %s's %.1f GiB; to fit:\n  %s",
                 estimate.total / GiB,
@@ -537,8 +541,49 @@ def _preflight(accelerator, components: Components, config: Config, micro_batch:
     return profile
 
 
+def _ema_parameters(model) -> list[torch.Tensor]:
+    """What the EMA tracks: the trainable weights (under FSDP2, this process's parts of them)."""
+    return [sharding.local(p) for _, p in trainable(model)]
+
+
+@dataclass
+class _EvalUNet:
+    """The UNet as sampling, validation and export see it: the EMA weights (the training ones without EMA), in an
+    ordinary, unsharded module."""
+
+    accelerator: Accelerator
+    unet: Any  # as prepared: DDP-wrapped, or sharded by FSDP2
+    ema: EMAModel | None
+    template: torch.nn.Module | None  # FSDP2: the UNet's structure on the meta device
+
+    def copy(self, everywhere: bool = False) -> UNet2DConditionModel | None:
+        """A UNet holding the EMA weights (the training UNet is left untouched), on the main process or on
+        ``everywhere``; None on the other processes. Without EMA and sharding, the training UNet itself.
+
+        Collective under FSDP2: every process calls it, the weights are gathered whole from the shards.
+        """
+        accelerator, ema = self.accelerator, self.ema
+        keep = everywhere or accelerator.is_main_process
+        model = accelerator.unwrap_model(self.unet)
+        if self.template is None:  # DDP or one process: every process holds the whole model
+            if not keep:
+                return None
+            if ema is None:
+                return model
+            copy = deepcopy(model)
+            ema.copy_to([p for _, p in trainable(copy)])
+            return copy.eval()
+        whole = sharding.gather(model.state_dict(), keep)
+        if ema is not None:
+            names, parameters = zip(*trainable(model))
+            shadow = sharding.gather_ema(ema.shadow_params, list(parameters), keep)
+            if keep:
+                whole.update(zip(names, shadow))
+        return sharding.unsharded_copy(self.template, whole, accelerator.device).eval() if keep else None
+
+
 def _ema_step(ema: EMAModel, model, device: torch.device, offload: bool) -> None:
-    parameters = [p for _, p in trainable(model)]
+    parameters = _ema_parameters(model)
     if offload:
         ema.to(device, non_blocking=True)
         ema.step(parameters)
@@ -547,9 +592,18 @@ def _ema_step(ema: EMAModel, model, device: torch.device, offload: bool) -> None
         ema.step(parameters)
 
 
-def _validation(unet, ema, validation: ValidationSet, scheduler, accelerator, tc, batch_size: int) -> float:
-    """Validation loss with the EMA weights (the ones exported), swapped in and back out."""
-    model = accelerator.unwrap_model(unet)
+def _validation(eval_unet, validation: ValidationSet | None, scheduler, tc, batch_size: int) -> float | None:
+    """Validation loss with the EMA weights (the ones exported) on the main process (None on the others): swapped into
+    the training UNet and back out, or under FSDP2 in an unsharded copy (collective)."""
+    accelerator, ema = eval_unet.accelerator, eval_unet.ema
+    if eval_unet.template is not None:
+        copy = eval_unet.copy()
+        if copy is None:
+            return None
+        return validation_loss(copy, scheduler, validation, tc.objective.snr_gamma, batch_size, accelerator.autocast)
+    if not accelerator.is_main_process:
+        return None
+    model = accelerator.unwrap_model(eval_unet.unet)
     parameters = [p for _, p in trainable(model)]
     if ema is not None:
         ema.store(parameters)
@@ -602,19 +656,18 @@ def _fidelity_scorer(config: Config, device: torch.device):
     return scorer.to("cpu")
 
 
-def _fidelity(scorer, components, unet, ema, accelerator, config: Config, step: int, log_path: Path) -> None:
+def _fidelity(scorer, components, unet, accelerator, config: Config, step: int, log_path: Path) -> None:
     """FID / KID / CLIP score of the EMA weights sampled with the ``sample`` settings: ``fidelity/step-XXXXXX/``, the
     log record of the step and the trackers. Every process draws its share of the images."""
     from sdtrain.api import StableDiffusion
 
-    exported = _with_ema(components, unet, ema, accelerator)
     sample = config.sample
     sampling = {"num_inference_steps": sample.num_inference_steps, "guidance_scale": sample.guidance_scale}
     pipe = StableDiffusion(
-        exported.vae,
-        exported.text_encoder,
-        exported.tokenizer,
-        exported.unet,
+        components.vae,
+        components.text_encoder,
+        components.tokenizer,
+        unet,
         scheduler=sample.scheduler,
         device=accelerator.device,
         objective=config.train.objective,
@@ -626,7 +679,6 @@ def _fidelity(scorer, components, unet, ema, accelerator, config: Config, step: 
         result = scorer.score(pipe, out_dir, seed=config.train.seed, batch_size=config.train.fidelity.batch_size)
     finally:
         scorer.to("cpu")
-        unet.train()
     values = {k: result[k] for k in ("fid", "kid_mean", "clip_score") if k in result}
     if accelerator.is_main_process:
         logger.info("fidelity at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
@@ -646,21 +698,14 @@ def _flat_config(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value if isinstance(value, (int, float, str, bool)) else str(value)}
 
 
-def _with_ema(components: Components, unet, ema, accelerator) -> Components:
-    """Components whose UNet is a copy holding the EMA weights (the training UNet is left untouched)."""
-    model = accelerator.unwrap_model(unet)
-    if ema is None:
-        return Components(components.vae, components.text_encoder, components.tokenizer, model)
-    copy = deepcopy(model)
-    ema.copy_to([p for _, p in trainable(copy)])
-    return Components(components.vae, components.text_encoder, components.tokenizer, copy.eval())
-
-
-def _sample(components, unet, ema, accelerator, config: Config, step: int) -> Path:
-    """Validation prompts with fixed seeds, EMA weights: ``samples/step-XXXXXX.png`` and the trackers."""
+def _sample(components, unet, accelerator, config: Config, step: int) -> Path | None:
+    """Validation prompts with fixed seeds drawn by ``unet`` (the EMA weights, from ``_EvalUNet.copy``) on the main
+    process: ``samples/step-XXXXXX.png`` and the trackers."""
+    if unet is None:  # not the main process
+        return None
     out_dir = Path(config.train.output_dir) / "samples" / f"step-{step:06d}"
     pipe = assemble_pipeline(
-        _with_ema(components, unet, ema, accelerator), config.train.objective, config.sample.scheduler
+        dataclasses.replace(components, unet=unet), config.train.objective, config.sample.scheduler
     )
     result = txt2img(
         pipe,
@@ -669,7 +714,6 @@ def _sample(components, unet, ema, accelerator, config: Config, step: int) -> Pa
         guidance_scale=config.sample.guidance_scale,
         seed=config.train.seed,
     )
-    unet.train()
     grid = save_images(result.images, out_dir)
     grid.replace(out_dir.with_suffix(".png"))
     log_images(accelerator, result.images, step)

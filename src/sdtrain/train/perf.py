@@ -94,29 +94,38 @@ OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "adafactor": 0.1}  # per trai
 
 
 def estimate_memory(
-    unet, frozen: list[torch.nn.Module], profile: StepProfile, micro_batch: int, train_config
+    unet, frozen: list[torch.nn.Module], profile: StepProfile, micro_batch: int, train_config, shards: int = 1
 ) -> MemoryEstimate:
     """Memory of a training step on the device: fp32 master weights, gradients and optimizer state of the trainable
     parameters, EMA (unless offloaded), the frozen encoders, and activations of a micro-batch (half size under
-    autocast, block outputs only with gradient checkpointing)."""
+    autocast, block outputs only with gradient checkpointing). Under FSDP2 over ``shards`` processes each holds
+    1/shards of the weights, gradients, optimizer and EMA (the one block gathered at a time is left out)."""
     params = sum(p.numel() for p in unet.parameters())
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     per_sample = profile.checkpointed_bytes if train_config.gradient_checkpointing else profile.activation_bytes
     if train_config.mixed_precision in ("bf16", "fp16"):
         per_sample /= 2  # measured in fp32, stored in 16 bits under autocast
     return MemoryEstimate(
-        weights=4.0 * params,
-        gradients=4.0 * trainable,
-        optimizer=OPTIMIZER_BYTES[train_config.optim.name] * trainable,
-        ema=0.0 if train_config.ema_decay is None or train_config.ema_offload else 4.0 * trainable,
+        weights=4.0 * params / shards,
+        gradients=4.0 * trainable / shards,
+        optimizer=OPTIMIZER_BYTES[train_config.optim.name] * trainable / shards,
+        ema=0.0 if train_config.ema_decay is None or train_config.ema_offload else 4.0 * trainable / shards,
         frozen=sum(p.numel() * p.element_size() for m in frozen for p in m.parameters()),
         activations=per_sample * micro_batch,
     )
 
 
-def advice(estimate: MemoryEstimate, available: float, train_config, micro_batch: int) -> list[str]:
+def advice(
+    estimate: MemoryEstimate, available: float, train_config, micro_batch: int, processes: int = 1, shards: int = 1
+) -> list[str]:
     """Concrete changes that bring the estimate under ``available`` bytes, largest saving first."""
     tips = []
+    if processes > 1 and shards == 1:
+        state = estimate.weights + estimate.gradients + estimate.optimizer + estimate.ema
+        tips.append(
+            f"FSDP2, `accelerate launch --use_fsdp --fsdp_version 2` (weights, gradients, optimizer and EMA "
+            f"{state / GiB:.2f} -> {state / processes / GiB:.2f} GiB a device over {processes} processes)"
+        )
     if not train_config.gradient_checkpointing and estimate.activations > 0.25 * available:
         tips.append("train.gradient_checkpointing=true (activations drop to the blocks' outputs, ~30 % slower)")
     if train_config.mixed_precision == "no":

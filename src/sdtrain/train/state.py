@@ -2,7 +2,9 @@
 
 A checkpoint of a run holds the UNet (fp32 master weights), the EMA of its trainable weights, the optimizer and fp16
 loss-scaler states, the counters, every rank's RNG states and data position. ``save_training_state`` is collective
-(every rank calls it, the main process writes); ``load_training_state`` restores all of it on every rank.
+(every rank calls it, the main process writes); ``load_training_state`` restores all of it on every rank. Under FSDP2
+the tensors are gathered whole to write and cut back into shards to load (``sdtrain.train.sharding``), so the files
+are the same whatever the strategy.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from sdtrain.train import checkpoint
+from sdtrain.train import checkpoint, sharding
 from sdtrain.train.randomness import rng_state, set_rng_state
 
 
@@ -113,18 +115,24 @@ def save_training_state(
     Collective: every rank calls it; only the main process writes.
     """
     model = accelerator.unwrap_model(unet)
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+    if not sharding.all_finite(accelerator, model):
         raise RuntimeError(f"non-finite weights at step {counters.step}: checkpoint not written")
+    # whole tensors on the main process (under FSDP2 each is gathered from the shards: every rank takes part)
+    main = accelerator.is_main_process
+    weights = sharding.gather(model.state_dict(), main)
+    names, parameters = zip(*trainable(model)) if ema is not None else ((), ())
+    shadow = sharding.gather_ema(ema.shadow_params, list(parameters), main) if ema is not None else None
+    optimizer_state = sharding.gather_optimizer(optimizer, main)
     data_states = accelerator.gather_for_metrics([stream.state()], use_gather_object=True)
     rng_states = accelerator.gather_for_metrics([rng_state(generator)], use_gather_object=True)
-    if not accelerator.is_main_process:
+    if not main:
         return
-    tensors = {"unet": model.state_dict()}
+    tensors = {"unet": weights}
     ema_meta = {}
     if ema is not None:
-        tensors["ema"] = dict(zip([n for n, _ in trainable(model)], ema.shadow_params))
+        tensors["ema"] = dict(zip(names, shadow))
         ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-    objects = {"optimizer": optimizer.state_dict()} | {f"rng-{i}": s for i, s in enumerate(rng_states)}
+    objects = {"optimizer": optimizer_state} | {f"rng-{i}": s for i, s in enumerate(rng_states)}
     if accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker
         objects["scaler"] = accelerator.scaler.state_dict()
     state = {**dataclasses.asdict(counters), "ema": ema_meta, "data": data_states, "frozen": frozen}
@@ -146,10 +154,11 @@ def load_training_state(
     if frozen is not None:
         check_frozen(state.get("frozen"), frozen, path)
     model = accelerator.unwrap_model(unet)
-    model.load_state_dict(tensors["unet"])
-    optimizer.load_state_dict(objects["optimizer"])
+    model.load_state_dict(sharding.shard_state(tensors["unet"], model))  # FSDP2: each rank its part
+    optimizer.load_state_dict(sharding.shard_optimizer(objects["optimizer"], optimizer))
     if ema is not None:
-        shadow = [tensors["ema"][n] for n, _ in trainable(model)]
+        names, parameters = zip(*trainable(model))
+        shadow = sharding.shard_ema([tensors["ema"][n] for n in names], list(parameters))
         ema.load_state_dict({**state["ema"], "shadow_params": shadow})  # on the CPU: the caller places it
     if accelerator.scaler is not None and "scaler" in objects:
         accelerator.scaler.load_state_dict(objects["scaler"])

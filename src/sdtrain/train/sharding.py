@@ -1,0 +1,160 @@
+"""FSDP2: the UNet's weights, gradients, optimizer and EMA states as shards, one per process, whole only where needed.
+
+``accelerate launch --use_fsdp --fsdp_version 2`` (or ``distributed_type: FSDP`` with ``fsdp_version: 2`` in
+accelerate's config file) makes ``accelerator.prepare`` shard the UNet with torch's ``fully_shard``: every parameter
+becomes a DTensor of which each process holds 1/world (its *local* part), and the optimizer's moments follow. What
+that changes for the rest of sdtrain lives here:
+
+- the EMA tracks the local parts (:func:`local`), so it shards too and steps with no communication;
+- checkpoints hold whole tensors, gathered (:func:`gather`, :func:`gather_optimizer`, :func:`gather_ema`) into the
+  format a DDP or one-process run writes (the same file names, keys and optimizer layout): a checkpoint resumes
+  under either strategy with the same number of processes, and ``sdtrain export`` reads it as any other. Loading
+  cuts each process's part back out (:func:`shard_state`, :func:`shard_optimizer`, :func:`shard_ema`);
+- sampling, validation and export run on an ordinary copy of the UNet assembled from gathered weights
+  (:func:`unsharded_copy`), because a sharded forward pass is collective and would wait for processes that do not
+  sample.
+
+Without FSDP every function here is the identity, or returns the plain state dict, so callers never branch on it.
+Gathering is collective: every process calls it in the same order; ``keep`` says which processes hold the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from copy import deepcopy
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+logger = logging.getLogger(__name__)
+
+
+def check_strategy(accelerator) -> None:
+    """Refuse, before any work, the distributed strategies sdtrain does not drive, with the one to use instead; warn
+    when FSDP was asked for and accelerate fell back to DDP (it builds FSDP only on accelerators)."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise RuntimeError(
+            "DeepSpeed is not supported (its engine owns the optimizer, the gradient scaler and the checkpoints that "
+            "sdtrain's bit-exact resume and EMA manage); shard with FSDP2 instead: `accelerate launch --use_fsdp "
+            "--fsdp_version 2 ...`, or use DDP (`accelerate launch --multi_gpu ...`)"
+        )
+    if kind == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise RuntimeError(
+            "FSDP version 1 is not supported (it flattens parameters, so the EMA and checkpoints cannot address them "
+            "by name); use FSDP2: `accelerate launch --use_fsdp --fsdp_version 2 ...` or `fsdp_version: 2` in "
+            "accelerate's config"
+        )
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if asked and kind != DistributedType.FSDP and accelerator.is_main_process:
+        logger.warning("FSDP was asked for, but accelerate builds it only on accelerators: training as %s", kind.value)
+
+
+def is_sharded(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a sharded tensor (a view of its storage: writing it writes the parameter)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+
+
+def gather(state: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor] | None:
+    """Whole tensors of a state dict, on the CPU of the processes that ``keep`` them (None on the others); each
+    tensor is gathered and moved in turn, so a process never holds two whole copies on the device."""
+    out = {}
+    for key, tensor in state.items():
+        whole = _whole(tensor)
+        if keep:
+            out[key] = whole.cpu()
+    return out if keep else None
+
+
+def gather_optimizer(optimizer, keep: bool) -> dict[str, Any] | None:
+    """The optimizer's ``state_dict()`` with whole moments (its own layout: parameter ids in param-group order)."""
+    state = optimizer.state_dict()
+    gathered = {}
+    for index in sorted(state["state"]):
+        values = {k: _whole(v) if isinstance(v, torch.Tensor) else v for k, v in state["state"][index].items()}
+        gathered[index] = values
+    return {"state": gathered, "param_groups": state["param_groups"]} if keep else None
+
+
+def _cut(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``whole`` (the same on every process) laid out as ``like``: this process's part of it if ``like`` is
+    sharded (no communication), else ``whole`` itself."""
+    if not isinstance(like, DTensor):
+        return whole
+    whole = whole.detach().to(device=like.device, dtype=like.dtype)
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def shard_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A whole state dict (from a checkpoint) laid out as ``model``'s own: ready for ``model.load_state_dict``."""
+    current = model.state_dict()
+    return {k: _cut(v, current[k]) if k in current else v for k, v in state.items()}
+
+
+def shard_optimizer(state: dict[str, Any], optimizer) -> dict[str, Any]:
+    """A whole optimizer state dict laid out as the optimizer's parameters: ready for ``optimizer.load_state_dict``
+    (moments shaped like their parameter are cut; step counters and scalars stay)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    cut = {}
+    for index, values in state["state"].items():
+        param = params[int(index)]
+        cut[index] = {
+            k: _cut(v, param) if isinstance(v, torch.Tensor) and v.shape == param.shape else v
+            for k, v in values.items()
+        }
+    return {"state": cut, "param_groups": state["param_groups"]}
+
+
+def gather_ema(shadow: list[torch.Tensor], parameters: list[torch.Tensor], keep: bool) -> list[torch.Tensor] | None:
+    """Whole EMA tensors, on the CPU of the processes that ``keep`` them: ``shadow`` holds the local parts of
+    ``parameters`` (the trainable ones, in order), possibly on the CPU (``ema_offload``)."""
+    out = []
+    for s, p in zip(shadow, parameters, strict=True):
+        if isinstance(p, DTensor):
+            part = s.detach().to(p.device)
+            whole = DTensor.from_local(part, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            s = whole.full_tensor()
+        if keep:
+            out.append(s.detach().cpu())
+    return out if keep else None
+
+
+def shard_ema(shadow: list[torch.Tensor], parameters: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Whole EMA tensors cut to this process's parts of ``parameters``."""
+    pairs = zip(shadow, parameters, strict=True)
+    return [local(_cut(s, p)).clone() if isinstance(p, DTensor) else s for s, p in pairs]
+
+
+def all_finite(accelerator, model: torch.nn.Module) -> bool:
+    """Whether every weight is finite, the same answer on every process (sharded: each checks its part, then one
+    all-reduce)."""
+    bad = sum(int((~torch.isfinite(local(p.detach()))).sum()) for p in model.parameters())
+    if is_sharded(accelerator):
+        count = torch.tensor(float(bad), device=accelerator.device)
+        bad = int(accelerator.reduce(count, reduction="sum").item())
+    return bad == 0
+
+
+def meta_template(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s structure with no storage (meta tensors), made before sharding: what
+    :func:`unsharded_copy` fills with gathered weights."""
+    return deepcopy(model).to("meta")
+
+
+def unsharded_copy(template: torch.nn.Module, weights: dict[str, torch.Tensor], device) -> torch.nn.Module:
+    """An ordinary UNet on ``device`` with ``weights`` (whole tensors of every parameter and persistent buffer;
+    ``load_state_dict`` is strict, so a missing one fails)."""
+    copy = deepcopy(template).to_empty(device=device)
+    copy.load_state_dict(weights)
+    return copy
