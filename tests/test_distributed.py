@@ -67,13 +67,18 @@ def _launch_fsdp(overrides: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=300)
 
 
-def test_fsdp2_trains_what_one_process_trains_and_resumes(tmp_path, clip_dir, vae_dir, image_folder):
-    """FSDP2 over 2 processes: each holds half of the UNet; the losses, validation losses and exported EMA weights are
-    one process's with the same global batch; its checkpoints are the files one process writes (whole tensors, same
-    keys), and a run resumed from one under FSDP2 ends with the same weights."""
+def test_fsdp2_trains_what_one_process_trains_and_resumes(
+    tmp_path, clip_dir, vae_dir, image_folder, inception_file, clip_model_dir
+):
+    """FSDP2 over 2 processes: each holds half of the UNet; the losses, validation losses, fidelity scores and exported
+    EMA weights are one process's with the same global batch; its checkpoints are the files one process writes (whole
+    tensors, same keys), and a run resumed from one under FSDP2 ends with the same weights."""
     overrides = ["train.num_steps=4", "train.save_every=2", "data.caption_dropout=0.3", ADAM_EPS]
+    overrides += ["train.gradient_accumulation=2"]  # micro-batches without gradient sync in between
     overrides += ["data.validation_split=3", "train.validation_every=2", "train.sample_every=4"]
     overrides += ["train.sample_prompts=[a red circle]"]
+    fidelity = ["every=4", "metrics=[fid,clip]", "num_images=3", "batch_size=2", f"inception={inception_file}"]
+    overrides += [f"train.fidelity.{o}" for o in fidelity + [f"clip_model={clip_model_dir}"]]
     one = tiny_overrides(tmp_path / "one", image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
     assert _train(one).returncode == 0
     run = tmp_path / "fsdp"
@@ -87,7 +92,10 @@ def test_fsdp2_trains_what_one_process_trains_and_resumes(tmp_path, clip_dir, va
     assert [r["step"] for r in logs[1]] == [r["step"] for r in logs[0]] == [1, 2, 3, 4]
     for a, b in zip(*logs):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-        assert ("val_loss" in b) == ("val_loss" in a) and b.get("val_loss") == pytest.approx(a.get("val_loss"))
+        for key in ("val_loss", "fid", "clip_score"):  # every process draws its share from an unsharded copy
+            assert (key in b) == (key in a), key
+            assert key not in a or b[key] == pytest.approx(a[key], rel=1e-4), key
+    assert "fid" in logs[1][-1] and "val_loss" in logs[1][1]
     a, b = _weights(tmp_path / "one"), _weights(run)  # the export holds the EMA weights
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert (run / "samples" / "step-000004.png").exists()

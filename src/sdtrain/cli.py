@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -159,7 +160,8 @@ def _run(args: argparse.Namespace) -> int:
         config = load_config(Config, args.config, args.overrides)
         try:
             final = train(config)
-            print(f"exported {final}" if config.train.export else f"finished: {config.train.output_dir}")
+            if int(os.environ.get("RANK", "0")) == 0:  # once, not once per process
+                print(f"exported {final}" if config.train.export else f"finished: {config.train.output_dir}")
         except Preempted as e:
             print(f"sdtrain: {e}", file=sys.stderr)
             return EXIT_PREEMPTED
