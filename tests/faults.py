@@ -132,10 +132,11 @@ def fsdp_on_cpu() -> None:
     init = AcceleratorState.__init__
 
     def init_then_shard(self, *args, **kwargs):
-        init(self, *args, **kwargs)
+        built = AcceleratorState._shared_state.get("fsdp_plugin")  # by the Accelerator, before this call
+        init(self, *args, **kwargs)  # every AcceleratorState() call copies the DDP type back in from PartialState
         if self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()
+            self.fsdp_plugin = kwargs.get("fsdp_plugin") or built or FullyShardedDataParallelPlugin()
 
     AcceleratorState.__init__ = init_then_shard
 

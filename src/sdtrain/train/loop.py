@@ -315,16 +315,17 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     # 4. Objective, optimizer, EMA of the trainable weights (on the CPU with ema_offload)
     noise_scheduler = objective.make_noise_scheduler(tc.objective)
     optimizer = make_optimizer(unet, tc.optim)
-    template = meta_template(unet) if sharded else None  # FSDP2: the shape of the unsharded copies that sample
+    template = None
+    if sharded:
+        template = meta_template(unet)  # the structure of the unsharded copies that sample, validate and export
+        sharding.wrap_blocks_by_default(accelerator)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     ema, ema_device = None, torch.device("cpu") if tc.ema_offload else device
     if tc.ema_decay is not None:  # of this process's parts of the weights under FSDP2
         ema = make_ema(_ema_parameters(accelerator.unwrap_model(unet)), tc.ema_decay)
     eval_unet = _EvalUNet(accelerator, unet, ema, template)
     if sharded and accelerator.is_main_process:
-        held = sum(sharding.local(p).numel() for p in unet.parameters())
-        total = sum(p.numel() for p in unet.parameters())
-        logger.info("FSDP2: this process holds %d of the UNet's %d parameters", held, total)
+        logger.info("FSDP2: %s", sharding.describe(unet))
 
     # 5. Resume from the newest valid checkpoint
     counters = Counters()

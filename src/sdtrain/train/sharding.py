@@ -57,6 +57,27 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def wrap_blocks_by_default(accelerator) -> None:
+    """Without a wrap policy chosen (``--fsdp_auto_wrap_policy`` / ``fsdp_auto_wrap_policy``), make each of the
+    UNet's ResNet and transformer blocks (its ``_no_split_modules``) an FSDP unit, gathered whole only while it runs.
+    accelerate's own default, one unit for the whole UNet, gathers every weight at once in each forward pass."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = accelerator.state.fsdp_plugin
+    if is_sharded(accelerator) and plugin.auto_wrap_policy is None and "FSDP_AUTO_WRAP_POLICY" not in os.environ:
+        plugin.auto_wrap_policy = transformer_auto_wrap_policy
+
+
+def describe(model: torch.nn.Module) -> str:
+    """How a sharded model is laid out over the processes, for the log."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = sum(isinstance(m, FSDPModule) for m in model.modules())
+    held = sum(local(p).numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return f"{units} units; this process holds {held} of the UNet's {total} parameters"
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of a sharded tensor (a view of its storage: writing it writes the parameter)."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
