@@ -141,6 +141,26 @@ class _Boom:
         return (exec, ("open('PWNED', 'w').write('x')",))
 
 
+def test_non_finite_weights_are_found_and_not_checkpointed():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from sdtrain.train.sharding import all_finite
+    from sdtrain.train.state import Counters, save_training_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.NO, device=torch.device("cpu"), unwrap_model=lambda m: m
+    )
+    assert all_finite(accelerator, model)
+    with torch.no_grad():
+        model[1].bias[1] = float("inf")
+    assert not all_finite(accelerator, model)
+    with pytest.raises(RuntimeError, match="non-finite weights at step 7"):
+        save_training_state(accelerator, Path("unused"), 2, model, None, None, None, None, Counters(step=7))
+
+
 def test_pickle_payload_is_never_executed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = _save(tmp_path / "ckpt", 1)

@@ -160,11 +160,11 @@ def shard_ema(shadow: list[torch.Tensor], parameters: list[torch.Tensor]) -> lis
 def all_finite(accelerator, model: torch.nn.Module) -> bool:
     """Whether every weight is finite, the same answer on every process (sharded: each checks its part, then one
     all-reduce)."""
-    bad = sum(int((~torch.isfinite(local(p.detach()))).sum()) for p in model.parameters())
+    counts = [(~torch.isfinite(local(p.detach()))).sum() for p in model.parameters()]
+    bad = torch.stack(counts).sum().float() if counts else torch.zeros((), device=accelerator.device)
     if is_sharded(accelerator):
-        count = torch.tensor(float(bad), device=accelerator.device)
-        bad = int(accelerator.reduce(count, reduction="sum").item())
-    return bad == 0
+        bad = accelerator.reduce(bad, reduction="sum")
+    return int(bad.item()) == 0  # one host synchronisation
 
 
 def meta_template(model: torch.nn.Module) -> torch.nn.Module:
