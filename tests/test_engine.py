@@ -187,6 +187,24 @@ def test_ema_offload_keeps_the_same_result(tmp_path, clip_dir, vae_dir, image_fo
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_compiled_run_writes_the_plain_unets_checkpoints_and_export(tmp_path, clip_dir, vae_dir, image_folder):
+    """torch.compile wraps the UNet in a module whose state-dict keys carry an ``_orig_mod.`` prefix: checkpoints and
+    the export must hold the UNet's own keys, so that an uncompiled run resumes them and diffusers loads the export."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from sdtrain.train.loop import export_checkpoint
+
+    extra = ["train.compile=true", "train.num_steps=2", "train.save_every=2", "train.sample_prompts=[a red circle]"]
+    final = _run(tmp_path, clip_dir, vae_dir, image_folder, extra)
+    for name in ("unet", "ema"):
+        keys = load_file(tmp_path / "run" / "checkpoints" / "step-00000002" / f"{name}.safetensors").keys()
+        assert not [k for k in keys if "_orig_mod" in k] and "conv_in.weight" in keys
+    UNet2DConditionModel.from_pretrained(final / "unet")  # strict: every key the UNet's own
+    export_checkpoint(tmp_path / "run")  # a plain UNet loads the checkpoint
+    assert (tmp_path / "run" / "samples" / "step-000002.png").exists()
+
+
 def test_flop_count_scales_with_resolution_and_memory_estimate_reacts_to_settings():
     unet = _tiny_unet(attention=(False, False))  # no attention: FLOPs exactly proportional to the pixel count
     small = profile_unet(unet, (4, 16, 16), (8, 32), torch.device("cpu"))

@@ -60,6 +60,7 @@ from sdtrain.train.state import (
     save_training_state,
     trainable,
     truncate_log,
+    unwrap,
 )
 from sdtrain.train.tracking import check_trackers, log_images, plot_losses, read_log
 from sdtrain.train.validation import ValidationSet, build_validation_set, validation_loss
@@ -322,7 +323,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     unet, optimizer = accelerator.prepare(unet, optimizer)
     ema, ema_device = None, torch.device("cpu") if tc.ema_offload else device
     if tc.ema_decay is not None:  # of this process's parts of the weights under FSDP2
-        ema = make_ema(_ema_parameters(accelerator.unwrap_model(unet)), tc.ema_decay)
+        ema = make_ema(_ema_parameters(unwrap(accelerator, unet)), tc.ema_decay)
     eval_unet = _EvalUNet(accelerator, unet, ema, template)
     if sharded and accelerator.is_main_process:
         logger.info("FSDP2: %s", sharding.describe(unet))
@@ -404,7 +405,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         else:
             consecutive_skips = 0
             if ema is not None:
-                _ema_step(ema, accelerator.unwrap_model(unet), device, tc.ema_offload)
+                _ema_step(ema, unwrap(accelerator, unet), device, tc.ema_offload)
         counters.step += 1
         counters.samples_seen += tc.batch_size
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
@@ -565,7 +566,7 @@ class _EvalUNet:
         """
         accelerator, ema = self.accelerator, self.ema
         keep = everywhere or accelerator.is_main_process
-        model = accelerator.unwrap_model(self.unet)
+        model = unwrap(accelerator, self.unet)
         if self.template is None:  # DDP or one process: every process holds the whole model
             if not keep:
                 return None
@@ -604,7 +605,7 @@ def _validation(eval_unet, validation: ValidationSet | None, scheduler, tc, batc
         return validation_loss(copy, scheduler, validation, tc.objective.snr_gamma, batch_size, accelerator.autocast)
     if not accelerator.is_main_process:
         return None
-    model = accelerator.unwrap_model(eval_unet.unet)
+    model = unwrap(accelerator, eval_unet.unet)
     parameters = [p for _, p in trainable(model)]
     if ema is not None:
         ema.store(parameters)

@@ -24,6 +24,13 @@ from sdtrain.train import checkpoint, sharding
 from sdtrain.train.randomness import rng_state, set_rng_state
 
 
+def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The UNet itself, out of DDP and out of torch.compile's wrapper (whose state-dict keys carry an ``_orig_mod.``
+    prefix that would end up in checkpoints and exports). Under FSDP2 the module is sharded in place: it is the
+    UNet, its parameters DTensors."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters that train (all of the UNet, or only its LoRA adapters), in a fixed order: what EMA tracks."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -114,7 +121,7 @@ def save_training_state(
 
     Collective: every rank calls it; only the main process writes.
     """
-    model = accelerator.unwrap_model(unet)
+    model = unwrap(accelerator, unet)
     if not sharding.all_finite(accelerator, model):
         raise RuntimeError(f"non-finite weights at step {counters.step}: checkpoint not written")
     # whole tensors on the main process (under FSDP2 each is gathered from the shards: every rank takes part)
@@ -153,7 +160,7 @@ def load_training_state(
     tensors, objects, state = checkpoint.load_checkpoint(path)
     if frozen is not None:
         check_frozen(state.get("frozen"), frozen, path)
-    model = accelerator.unwrap_model(unet)
+    model = unwrap(accelerator, unet)
     model.load_state_dict(sharding.shard_state(tensors["unet"], model))  # FSDP2: each rank its part
     optimizer.load_state_dict(sharding.shard_optimizer(objects["optimizer"], optimizer))
     if ema is not None:
