@@ -34,10 +34,7 @@ def test_accelerate_launch_two_processes_equals_one(
     assert _train(one).returncode == 0
     run = tmp_path / "two"
     two = tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(_free_port()), "-m", "sdtrain", "train", *two]
-    result = subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=300)
+    result = _launch_ddp(two)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world size 2" in result.stderr  # really two processes
 
@@ -57,6 +54,13 @@ def test_accelerate_launch_two_processes_equals_one(
     assert torch.load(run / "checkpoints" / "step-00000004" / "rng-1.pt", weights_only=True)
 
 
+def _launch_ddp(overrides: list[str]) -> subprocess.CompletedProcess:
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(_free_port()), "-m", "sdtrain", "train", *overrides]
+    return subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=300)
+
+
 def _launch_fsdp(overrides: list[str]) -> subprocess.CompletedProcess:
     """2 gloo processes sharding the UNet with FSDP2, no wrap policy given (``tests/faults.py`` lets accelerate build
     FSDP on CPUs)."""
@@ -72,7 +76,7 @@ def test_fsdp2_trains_what_one_process_trains_and_resumes(
 ):
     """FSDP2 over 2 processes: each holds half of the UNet; the losses, validation losses, fidelity scores and exported
     EMA weights are one process's with the same global batch; its checkpoints are the files one process writes (whole
-    tensors, same keys), and a run resumed from one under FSDP2 ends with the same weights."""
+    tensors, same keys), and a run resumed from one, under FSDP2 or under DDP, ends with the same weights."""
     overrides = ["train.num_steps=4", "train.save_every=2", "data.caption_dropout=0.3", ADAM_EPS]
     overrides += ["train.gradient_accumulation=2"]  # micro-batches without gradient sync in between
     overrides += ["data.validation_split=3", "train.validation_every=2", "train.sample_every=4"]
@@ -113,15 +117,16 @@ def test_fsdp2_trains_what_one_process_trains_and_resumes(
     assert moments[1].keys() == moments[0].keys()
     assert all(torch.allclose(moments[1][i]["exp_avg"], moments[0][i]["exp_avg"], atol=1e-7) for i in moments[0])
 
-    # resume the FSDP run from its step-2 checkpoint, under FSDP
-    resumed = tmp_path / "resumed"
-    shutil.copytree(run / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
-    (resumed / "checkpoints" / "latest").write_text("step-00000002")
-    result = _launch_fsdp(tiny_overrides(resumed, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stderr
-    c = _weights(resumed)
-    assert max((a[k] - c[k]).abs().max().item() for k in a) < 1e-6
+    # resume the FSDP run's step-2 checkpoint under FSDP, and under DDP
+    for name, launch in (("fsdp-resumed", _launch_fsdp), ("ddp-resumed", _launch_ddp)):
+        resumed = tmp_path / name
+        shutil.copytree(run / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+        (resumed / "checkpoints" / "latest").write_text("step-00000002")
+        result = launch(tiny_overrides(resumed, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resumed from" in result.stderr
+        c = _weights(resumed)
+        assert max((a[k] - c[k]).abs().max().item() for k in a) < 1e-6, name
 
 
 def test_unsupported_strategies_are_refused_before_any_work(monkeypatch, caplog):
