@@ -38,9 +38,11 @@ def check_strategy(accelerator) -> None:
     kind = accelerator.distributed_type
     if kind == DistributedType.DEEPSPEED:
         raise RuntimeError(
-            "DeepSpeed is not supported (its engine owns the optimizer, the gradient scaler and the checkpoints that "
-            "sdtrain's bit-exact resume and EMA manage); shard with FSDP2 instead: `accelerate launch --use_fsdp "
-            "--fsdp_version 2 ...`, or use DDP (`accelerate launch --multi_gpu ...`)"
+            "DeepSpeed is not supported (its engine steps inside backward and keeps the fp32 weights, optimizer state "
+            "and loss scale that sdtrain's EMA, skipped steps and bit-exact checkpoints manage); FSDP2 gives the same "
+            "savings: `accelerate launch --use_fsdp --fsdp_version 2 ...` shards weights, gradients and optimizer "
+            "state like ZeRO-3, add `--fsdp_reshard_after_forward false` for ZeRO-2's trade (whole weights between "
+            "forward and backward) and `--fsdp_offload_params true` for ZeRO-Offload"
         )
     if kind == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise RuntimeError(
@@ -83,8 +85,16 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def _full(part: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """The whole tensor of which ``part`` is this process's part, laid out as ``like`` (collective)."""
+    mesh = like.device_mesh
+    if part.device.type != mesh.device_type:  # FSDP2 CPU offload: shards on the CPU, collectives on the accelerator
+        part = part.to(mesh.device_type)
+    return DTensor.from_local(part, mesh, like.placements, shape=like.shape, stride=like.stride()).full_tensor()
+
+
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+    return _full(tensor.detach().to_local(), tensor) if isinstance(tensor, DTensor) else tensor.detach()
 
 
 def gather(state: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor] | None:
@@ -143,9 +153,7 @@ def gather_ema(shadow: list[torch.Tensor], parameters: list[torch.Tensor], keep:
     out = []
     for s, p in zip(shadow, parameters, strict=True):
         if isinstance(p, DTensor):
-            part = s.detach().to(p.device)
-            whole = DTensor.from_local(part, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-            s = whole.full_tensor()
+            s = _full(s.detach(), p)
         if keep:
             out.append(s.detach().cpu())
     return out if keep else None
