@@ -151,7 +151,7 @@ def test_non_finite_weights_are_found_and_not_checkpointed():
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
     accelerator = SimpleNamespace(
-        distributed_type=DistributedType.NO, device=torch.device("cpu"), unwrap_model=lambda m: m
+        distributed_type=DistributedType.NO, device=torch.device("cpu"), unwrap_model=lambda m, **_: m
     )
     assert all_finite(accelerator, model)
     with torch.no_grad():
