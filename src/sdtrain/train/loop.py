@@ -50,7 +50,7 @@ from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
 from sdtrain.train.perf import GiB, StepProfile, advice, estimate_memory, peak_tflops, profile_unet
 from sdtrain.train.progress import Progress
 from sdtrain.train.randomness import SharedDraws
-from sdtrain.train.sharding import check_strategy, is_sharded, meta_template
+from sdtrain.train.sharding import check_strategy, is_sharded
 from sdtrain.train.state import (
     Counters,
     check_disk,
@@ -285,8 +285,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     unet.to(device).train()
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    sharded = is_sharded(accelerator)
-    if tc.channels_last and sharded:
+    if tc.channels_last and is_sharded(accelerator):
         logger.warning("train.channels_last is ignored under FSDP2 (it shards contiguous parameters only)")
     elif tc.channels_last:
         unet.to(memory_format=torch.channels_last)
@@ -316,17 +315,11 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     # 4. Objective, optimizer, EMA of the trainable weights (on the CPU with ema_offload)
     noise_scheduler = objective.make_noise_scheduler(tc.objective)
     optimizer = make_optimizer(unet, tc.optim)
-    template = None
-    if sharded:
-        template = meta_template(unet)  # the structure of the unsharded copies that sample, validate and export
-        sharding.wrap_blocks_by_default(accelerator)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    unet, optimizer, template = sharding.prepare(accelerator, unet, optimizer)  # DDP-wrapped, or sharded by FSDP2
     ema, ema_device = None, torch.device("cpu") if tc.ema_offload else device
     if tc.ema_decay is not None:  # of this process's parts of the weights under FSDP2
         ema = make_ema(_ema_parameters(unwrap(accelerator, unet)), tc.ema_decay)
-    eval_unet = _EvalUNet(accelerator, unet, ema, template)
-    if sharded and accelerator.is_main_process:
-        logger.info("FSDP2: %s", sharding.describe(unet))
+    eval_unet = _EvalUNet(accelerator, unet, ema, template)  # what samples, validates and exports
 
     # 5. Resume from the newest valid checkpoint
     counters = Counters()

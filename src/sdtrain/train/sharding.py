@@ -70,6 +70,19 @@ def wrap_blocks_by_default(accelerator) -> None:
         plugin.auto_wrap_policy = transformer_auto_wrap_policy
 
 
+def prepare(accelerator, model: torch.nn.Module, optimizer) -> tuple[Any, Any, torch.nn.Module | None]:
+    """``accelerator.prepare(model, optimizer)``; under FSDP2 first the template of :func:`unsharded_copy` (returned
+    third, None otherwise) and the block-wise wrap policy by default, then the layout in the log."""
+    template = None
+    if is_sharded(accelerator):
+        template = meta_template(model)
+        wrap_blocks_by_default(accelerator)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if template is not None and accelerator.is_main_process:
+        logger.info("FSDP2: %s", describe(model))
+    return model, optimizer, template
+
+
 def describe(model: torch.nn.Module) -> str:
     """How a sharded model is laid out over the processes, for the log."""
     from torch.distributed.fsdp import FSDPModule
