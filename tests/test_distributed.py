@@ -76,7 +76,8 @@ def test_fsdp2_trains_what_one_process_trains_and_resumes(
 ):
     """FSDP2 over 2 processes: each holds half of the UNet; the losses, validation losses, fidelity scores and exported
     EMA weights are one process's with the same global batch; its checkpoints are the files one process writes (whole
-    tensors, same keys), and a run resumed from one, under FSDP2 or under DDP, ends with the same weights."""
+    tensors, same keys), and a run resumed from one, under FSDP2, DDP or in one process, ends with the same weights,
+    as does one process's checkpoint resumed under FSDP2."""
     overrides = ["train.num_steps=4", "train.save_every=2", "data.caption_dropout=0.3", ADAM_EPS]
     overrides += ["train.gradient_accumulation=2"]  # micro-batches without gradient sync in between
     overrides += ["data.validation_split=3", "train.validation_every=2", "train.sample_every=4"]
@@ -117,16 +118,20 @@ def test_fsdp2_trains_what_one_process_trains_and_resumes(
     assert moments[1].keys() == moments[0].keys()
     assert all(torch.allclose(moments[1][i]["exp_avg"], moments[0][i]["exp_avg"], atol=1e-7) for i in moments[0])
 
-    # resume the FSDP run's step-2 checkpoint under FSDP, and under DDP
-    for name, launch in (("fsdp-resumed", _launch_fsdp), ("ddp-resumed", _launch_ddp)):
-        resumed = tmp_path / name
-        shutil.copytree(run / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    # resume a step-2 checkpoint: the FSDP run's under FSDP, under DDP and in one process; one process's under FSDP
+    # (the data position, the shared draws and the whole tensors do not depend on the number of processes)
+    legs = [("fsdp", run, _launch_fsdp), ("ddp", run, _launch_ddp), ("one", run, _train)]
+    legs += [("one-to-fsdp", tmp_path / "one", _launch_fsdp)]
+    for name, source, launch in legs:
+        resumed = tmp_path / f"resumed-{name}"
+        shutil.copytree(source / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
         (resumed / "checkpoints" / "latest").write_text("step-00000002")
         result = launch(tiny_overrides(resumed, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "resumed from" in result.stderr
         c = _weights(resumed)
         assert max((a[k] - c[k]).abs().max().item() for k in a) < 1e-6, name
+        assert [r["loss"] for r in read_log(resumed / "log.jsonl")] == pytest.approx([r["loss"] for r in logs[0][2:]])
 
 
 def test_unsupported_strategies_are_refused_before_any_work(monkeypatch, caplog):
@@ -149,3 +154,31 @@ def test_unsupported_strategies_are_refused_before_any_work(monkeypatch, caplog)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # asked for, but accelerate fell back to DDP
     check_strategy(accelerator(DistributedType.MULTI_CPU))
     assert "FSDP was asked for" in caplog.text
+
+
+def test_stream_states_regroup_for_another_number_of_processes():
+    from sdtrain.data.cache import regroup_states
+
+    def online(skipped, read):
+        return {"epoch": 3, "offset": 4, "order": "shared", "skipped": skipped, "read": read}
+
+    two = [online({"corrupt": 1}, 10), online({"corrupt": 2, "empty_caption": 1}, 10)]
+    three = regroup_states(two, 3)
+    assert [(s["epoch"], s["offset"]) for s in three] == [(3, 4)] * 3  # the world's next micro-batch starts there
+    assert three[0]["skipped"] == {"corrupt": 3, "empty_caption": 1} and three[0]["read"] == 20
+    assert three[1]["skipped"] == {} and three[2]["read"] == 0
+    mix = [{"count": 7, "streams": [s, {"epoch": 0, "offset": 2, "order": "shared", "buffers": {}}]} for s in two]
+    assert [m["count"] for m in regroup_states(mix, 1)] == [7]
+    assert regroup_states(two, 2) is two
+
+    refused = {
+        "shards": [{"workers": {"0": {}}, "next_worker": 0}] * 2,
+        "positions": [online({}, 0), {**online({}, 0), "offset": 5}],
+        "size buckets": [{"epoch": 0, "offset": 2, "order": "shared", "buffers": {"32x32": [5]}}] * 2,
+        "before the shared order": [{"epoch": 0, "offset": 2}] * 2,
+        "iterable": [{"consumed": 3}] * 2,
+    }
+    for name, states in refused.items():
+        with pytest.raises(ValueError):
+            regroup_states(states, 1)
+            pytest.fail(name)

@@ -286,6 +286,46 @@ class MixedStream:
         return self.streams[choice].next(draws)
 
 
+def regroup_states(states: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
+    """The stream states a checkpoint holds, one per process that wrote it, for ``world`` processes.
+
+    A position in EpochSampler's shared order is where the world's next micro-batch starts: the same on every process
+    and meaning the same whatever their number, so every new process starts from it and the run continues with the
+    samples (and, with ``SharedDraws``, the noise and timesteps) of an uninterrupted run; the mix's draw count is
+    shared likewise. The skip counts go to the new main process. Raises ValueError for what has no such position:
+    webdataset shards (each process reads its own), the Python API's iterable, a disk cache's partly filled buckets,
+    states of an sdtrain from before the shared order.
+    """
+    if len(states) == world:
+        return states
+    first = states[0]
+    if "streams" in first:  # a mix: regroup each source
+        if len({s["count"] for s in states}) != 1:
+            raise ValueError("the processes' mixes drew different numbers of micro-batches")
+        sources = [regroup_states([s["streams"][i] for s in states], world) for i in range(len(first["streams"]))]
+        return [{"count": first["count"], "streams": [source[r] for source in sources]} for r in range(world)]
+    if first.get("order") != SHARED_ORDER or "epoch" not in first:
+        kind = "webdataset shards" if "workers" in first else "this data source"
+        raise ValueError(f"{kind} cannot continue on another number of processes")
+    if len({(s["epoch"], s["offset"]) for s in states}) != 1:
+        raise ValueError("the processes stopped at different positions")
+    if any(queue for s in states for queue in s.get("buffers", {}).values()):
+        raise ValueError("the disk cache's size buckets hold samples taken but not yet trained on")
+    skipped, read = SkipCounter(), 0
+    for s in states:
+        skipped.update(s.get("skipped", {}))
+        read += s.get("read", 0)
+    regrouped = []
+    for rank in range(world):
+        state = dict(first)
+        if "skipped" in first:
+            state["skipped"] = dict(skipped) if rank == 0 else {}
+        if "read" in first:
+            state["read"] = read if rank == 0 else 0
+        regrouped.append(state)
+    return regrouped
+
+
 def check_bad_share(skipped: SkipCounter, read: int, max_share: float, minimum: int = 100) -> None:
     """Stop with a clear message when too much of the data is unusable (after ``minimum`` samples)."""
     bad = sum(skipped.values())

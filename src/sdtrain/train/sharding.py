@@ -8,7 +8,7 @@ that changes for the rest of sdtrain lives here:
 - the EMA tracks the local parts (:func:`local`), so it shards too and steps with no communication;
 - checkpoints hold whole tensors, gathered (:func:`gather`, :func:`gather_optimizer`, :func:`gather_ema`) into the
   format a DDP or one-process run writes (the same file names, keys and optimizer layout): a checkpoint resumes
-  under either strategy with the same number of processes, and ``sdtrain export`` reads it as any other. Loading
+  under either strategy, and ``sdtrain export`` reads it as any other. Loading
   cuts each process's part back out (:func:`shard_state`, :func:`shard_optimizer`, :func:`shard_ema`);
 - sampling, validation and export run on an ordinary copy of the UNet assembled from gathered weights
   (:func:`unsharded_copy`), because a sharded forward pass is collective and would wait for processes that do not

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from sdtrain.data.cache import regroup_states
 from sdtrain.train import checkpoint, sharding
 from sdtrain.train.randomness import rng_state, set_rng_state
 
@@ -156,7 +157,9 @@ def save_training_state(
 def load_training_state(
     path: Path, accelerator: Accelerator, unet, optimizer, ema, stream, generator, frozen: dict[str, Any] | None = None
 ) -> Counters:
-    """Restore what :func:`save_training_state` wrote, with the same frozen components; returns the counters."""
+    """Restore what :func:`save_training_state` wrote, with the same frozen components; returns the counters. The
+    number of processes may differ from the one that wrote it where the data position allows
+    (:func:`sdtrain.data.cache.regroup_states`)."""
     tensors, objects, state = checkpoint.load_checkpoint(path)
     if frozen is not None:
         check_frozen(state.get("frozen"), frozen, path)
@@ -170,12 +173,18 @@ def load_training_state(
     if accelerator.scaler is not None and "scaler" in objects:
         accelerator.scaler.load_state_dict(objects["scaler"])
     rank, world = accelerator.process_index, accelerator.num_processes
-    if len(state["data"]) != world:
+    written_by = len(state["data"])
+    try:
+        data_states = regroup_states(state["data"], world)
+    except ValueError as e:
         raise checkpoint.CheckpointError(
-            f"{path} was written by {len(state['data'])} processes; resume it with the same number, not {world}"
-        )
-    set_rng_state(objects[f"rng-{rank}"], generator)
-    stream.load_state(state["data"][rank])
+            f"{path} was written by {written_by} processes and {e}: resume it with {written_by}, not {world}"
+        ) from None
+    if f"rng-{rank}" in objects:
+        set_rng_state(objects[f"rng-{rank}"], generator)
+    else:  # a process the checkpoint's run did not have: the shared draws go on (global RNGs as seeded at start)
+        generator.set_state(objects["rng-0"]["generator"])
+    stream.load_state(data_states[rank])
     return Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
 
 
