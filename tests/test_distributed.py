@@ -134,6 +134,22 @@ def test_fsdp2_trains_what_one_process_trains_and_resumes(
         assert [r["loss"] for r in read_log(resumed / "log.jsonl")] == pytest.approx([r["loss"] for r in logs[0][2:]])
 
 
+def test_fsdp2_lora_adapters_match_one_process(tmp_path, clip_dir, vae_dir, image_folder):
+    """LoRA under FSDP2 (frozen base weights and trainable adapters sharded in the same units): the exported adapters
+    are one process's."""
+    overrides = ["train.num_steps=3", "train.save_every=100", "train.lora.rank=4", ADAM_EPS]
+    one = tiny_overrides(tmp_path / "one", image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
+    assert _train(one).returncode == 0
+    run = tmp_path / "fsdp"
+    result = _launch_fsdp(tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world size 2 (FSDP" in result.stderr
+    a, b = (load_file(r / "final" / "lora" / "pytorch_lora_weights.safetensors") for r in (tmp_path / "one", run))
+    assert a.keys() == b.keys() and len(a) > 0
+    assert max(b[k].abs().max().item() for k in b if "lora.up" in k) > 1e-4  # trained: up (B) starts at zero
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
 def test_unsupported_strategies_are_refused_before_any_work(monkeypatch, caplog):
     from types import SimpleNamespace
 

@@ -190,8 +190,14 @@ def all_finite(accelerator, model: torch.nn.Module) -> bool:
 
 def meta_template(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model``'s structure with no storage (meta tensors), made before sharding: what
-    :func:`unsharded_copy` fills with gathered weights."""
-    return deepcopy(model).to("meta")
+    :func:`unsharded_copy` fills with gathered weights. No tensor is copied on the way (a plain ``deepcopy`` would
+    hold a second UNet on the device for a moment, just when FSDP is there because one barely fits)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return deepcopy(model, memo)
 
 
 def unsharded_copy(template: torch.nn.Module, weights: dict[str, torch.Tensor], device) -> torch.nn.Module:
