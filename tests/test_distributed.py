@@ -61,11 +61,11 @@ def _launch_ddp(overrides: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=300)
 
 
-def _launch_fsdp(overrides: list[str]) -> subprocess.CompletedProcess:
+def _launch_fsdp(overrides: list[str], *options: str) -> subprocess.CompletedProcess:
     """2 gloo processes sharding the UNet with FSDP2, no wrap policy given (``tests/faults.py`` lets accelerate build
     FSDP on CPUs)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2"]
-    launch += ["--num_processes", "2", "--num_machines", "1"]
+    launch += ["--num_processes", "2", "--num_machines", "1", *options]
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
     launch += [str(FAULTS), "train", *overrides]
     return subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=300)
@@ -148,6 +148,22 @@ def test_fsdp2_lora_adapters_match_one_process(tmp_path, clip_dir, vae_dir, imag
     assert a.keys() == b.keys() and len(a) > 0
     assert max(b[k].abs().max().item() for k in b if "lora.up" in k) > 1e-4  # trained: up (B) starts at zero
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_fsdp2_activation_checkpointing_trains_one_processs_weights(tmp_path, clip_dir, vae_dir, image_folder):
+    """accelerate's FSDP2 activation checkpointing wraps the blocks, which puts ``_checkpoint_wrapped_module`` into
+    the parameter names: the EMA, checkpoints and export still use the UNet's own names and weights."""
+    overrides = ["train.num_steps=2", "train.save_every=2", ADAM_EPS]
+    one = tiny_overrides(tmp_path / "one", image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
+    assert _train(one).returncode == 0
+    run = tmp_path / "fsdp"
+    overrides = tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
+    result = _launch_fsdp(overrides, "--fsdp_activation_checkpointing", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _weights(tmp_path / "one"), _weights(run)  # EMA weights, loaded by diffusers' names
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    ema = load_file(run / "checkpoints" / "step-00000002" / "ema.safetensors")
+    assert ema.keys() == a.keys()
 
 
 def test_unsupported_strategies_are_refused_before_any_work(monkeypatch, caplog):

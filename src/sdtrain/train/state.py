@@ -32,9 +32,15 @@ def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
+# inserted into parameter names by activation checkpointing's wrapper (FSDP2's ``fsdp_activation_checkpointing``);
+# state dicts leave it out, and so do the names the EMA is saved under
+CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
+
+
 def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """The parameters that train (all of the UNet, or only its LoRA adapters), in a fixed order: what EMA tracks."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    """The parameters that train (all of the UNet, or only its LoRA adapters), in a fixed order, under their state-dict
+    names: what EMA tracks."""
+    return [(n.replace(CHECKPOINT_WRAPPER, ""), p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def check_disk(out: Path, model: torch.nn.Module, with_ema: bool) -> None:
