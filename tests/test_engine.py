@@ -226,6 +226,13 @@ def test_flop_count_scales_with_resolution_and_memory_estimate_reacts_to_setting
     assert any("gradient_accumulation=2" in t for t in tips)
     lora = TrainConfig(lora=LoRAConfig(rank=4))
     assert not any("lora" in t for t in advice(base, base.total / 2, lora, 8))
+    # FSDP2 over 4 processes: each holds a quarter of the weights, gradients, optimizer and EMA; DDP over 4 is told so
+    sharded = estimate_memory(unet, [], large, 8, TrainConfig(), shards=4)
+    assert (sharded.weights, sharded.optimizer, sharded.ema) == (base.weights / 4, base.optimizer / 4, base.ema / 4)
+    assert sharded.activations == base.activations
+    assert "--use_fsdp" in advice(base, base.total / 2, TrainConfig(), 8, processes=4)[0]
+    assert not any("fsdp" in t for t in advice(sharded, sharded.total / 2, TrainConfig(), 8, processes=4, shards=4))
+    assert not any("fsdp" in t for t in tips)  # one process: nothing to shard over
 
 
 def test_preflight_is_logged(tmp_path, clip_dir, vae_dir, image_folder, caplog):
