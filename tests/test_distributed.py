@@ -214,3 +214,57 @@ def test_stream_states_regroup_for_another_number_of_processes():
         with pytest.raises(ValueError):
             regroup_states(states, 1)
             pytest.fail(name)
+
+
+FIT_SCRIPT = """
+import logging
+import sys
+import torch
+from diffusers import AutoencoderKL
+from sdtrain import StableDiffusion
+from sdtrain.config import UNetConfig
+from sdtrain.models.text import load_text_encoder
+from sdtrain.models.unet import build_unet
+
+logging.basicConfig(level=logging.INFO)
+clip, vae, out, interleave = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "interleave"
+text_encoder, tokenizer = load_text_encoder(clip, subfolder="text_encoder")
+torch.manual_seed(0)
+unet = build_unet(UNetConfig(block_out_channels=[16, 32], attention=[False, True], norm_num_groups=8), 4, 16, 32)
+pipe = StableDiffusion(AutoencoderKL.from_pretrained(vae), text_encoder, tokenizer, unet, device="cpu")
+generator = torch.Generator().manual_seed(1)
+batches = [  # 6 distinct batches of 2
+    {"image": torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1, "text": [f"image {2 * i}", f"image {2 * i + 1}"]}
+    for i in range(6)
+]
+if interleave:  # one process: the world's micro-batch, rows as the processes' draws are dealt (row r to process r % 2)
+    batches = [
+        {key: [x for pair in zip(a[key], b[key]) for x in pair] for key in ("image", "text")}
+        for a, b in zip(batches[0::2], batches[1::2])
+    ]
+    batches = [{"image": torch.stack(b["image"]), "text": b["text"]} for b in batches]
+size = 4 if interleave else 2  # Adam's eps as in the other parity tests
+pipe.fit(batches, num_steps=4, batch_size=size, save_dir=out, log_interval=1, save_interval=100, eps=1e-4)
+"""
+
+
+def test_fit_under_two_processes_deals_the_batches_out(tmp_path, clip_dir, vae_dir):
+    """``fit`` under ``accelerate launch``: every process passes the same iterable and takes every other batch of it
+    (the iterable runs out after 3 steps and is re-iterated): one process on the same batches, rows interleaved as
+    the draws are dealt, trains the same weights."""
+    script = tmp_path / "fit.py"
+    script.write_text(FIT_SCRIPT)
+    command = [str(script), str(clip_dir), str(vae_dir)]
+    one = [sys.executable, *command, str(tmp_path / "one"), "interleave"]
+    one = subprocess.run(one, env=_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(_free_port()), *command, str(tmp_path / "two"), "deal"]
+    two = subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "global batch 4 = micro-batch 2 x accumulation 1 x processes 2" in two.stderr
+    (_, losses_a), (_, losses_b) = zip(*_losses(tmp_path / "one")), zip(*_losses(tmp_path / "two"))
+    assert losses_b == pytest.approx(losses_a, rel=1e-5)
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6

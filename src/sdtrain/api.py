@@ -8,6 +8,7 @@ diffusers' ``StableDiffusionPipeline.save_pretrained`` (so the folder loads in p
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -114,9 +115,13 @@ class StableDiffusion:
         """Train the UNet on batches from ``dataloader`` (re-iterated as needed) for ``num_steps`` optimizer steps.
 
         Batches are dicts with ``image`` (B x 3 x H x W in [-1, 1], or a list of PIL images) and ``text`` (list of
-        str), or ``(images, texts)`` tuples. Checkpoints go to ``save_dir/checkpoints`` every ``save_interval``
-        steps and the trained pipeline to ``save_dir/final``; a second call with the same ``save_dir`` resumes.
-        After training this object holds the trained (EMA, if enabled) weights.
+        str), or ``(images, texts)`` tuples; ``batch_size`` is B (``dataloader.batch_size`` by default). Checkpoints
+        go to ``save_dir/checkpoints`` every ``save_interval`` steps and the trained pipeline to ``save_dir/final``;
+        a second call with the same ``save_dir`` resumes. After training this object holds the trained (EMA, if
+        enabled) weights.
+
+        Under ``accelerate launch`` with W processes, every process passes the same ``dataloader`` (same order: seed
+        its shuffling) and process r trains on its batches r, r + W, ...: a step takes W batches.
         """
         objective = self.objective
         config = Config(
@@ -125,7 +130,7 @@ class StableDiffusion:
             train=TrainConfig(
                 output_dir=str(save_dir),
                 seed=seed,
-                batch_size=batch_size or _peek_batch_size(dataloader),
+                batch_size=(batch_size or _peek_batch_size(dataloader)) * int(os.environ.get("WORLD_SIZE", "1")),
                 num_steps=num_steps,
                 mixed_precision=mixed_precision,  # type: ignore[arg-type]
                 clip_norm=clip_norm,

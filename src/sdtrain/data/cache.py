@@ -347,23 +347,29 @@ def encode_batch(images, texts, vae, text_encoder, tokenizer, caption_dropout, d
 class IterableStream:
     """Micro-batches from any iterable of batches (the Python API's ``fit(dataloader=...)``), re-iterated when
     exhausted. A batch is a dict with ``image`` (B x 3 x H x W in [-1, 1], or a list of PIL images) and ``text``,
-    an ``(images, texts)`` tuple, or already-encoded ``{"latents": ..., "prompt_embeds": ...}``."""
+    an ``(images, texts)`` tuple, or already-encoded ``{"latents": ..., "prompt_embeds": ...}``.
 
-    def __init__(self, batches, vae, text_encoder, tokenizer, caption_dropout: float, device: torch.device):
+    With several processes each iterates the same iterable (as each would a plain DataLoader) and process ``rank``
+    takes batches ``rank, rank + world_size, ...`` of it: the world trains on ``world_size`` batches a micro-batch.
+    """
+
+    def __init__(
+        self, batches, vae, text_encoder, tokenizer, caption_dropout: float, device: torch.device, rank=0, world_size=1
+    ):
         self.batches, self.vae, self.text_encoder, self.tokenizer = batches, vae, text_encoder, tokenizer
-        self.caption_dropout, self.device = caption_dropout, device
+        self.caption_dropout, self.device, self.rank, self.world_size = caption_dropout, device, rank, world_size
         self.skipped = SkipCounter()  # the caller's iterable does its own decoding
         self._iter = iter(batches)
-        self.consumed = 0
+        self.consumed = 0  # batches of the iterable gone by, this process's and the others'
 
     def state(self) -> dict[str, Any]:
         return {"consumed": self.consumed}
 
     def load_state(self, state: dict[str, Any]) -> None:
         for _ in range(state.get("consumed", 0)):  # replay: an arbitrary iterable cannot seek
-            self._next_raw()
+            self._pull()
 
-    def _next_raw(self):
+    def _pull(self):
         try:
             batch = next(self._iter)
         except StopIteration:
@@ -371,6 +377,15 @@ class IterableStream:
             batch = next(self._iter)
         self.consumed += 1
         return batch
+
+    def _next_raw(self):
+        """Of the iterable's next ``world_size`` batches, the ``rank``-th."""
+        mine = None
+        for k in range(self.world_size):
+            batch = self._pull()
+            if k == self.rank:
+                mine = batch
+        return mine
 
     def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self._next_raw()

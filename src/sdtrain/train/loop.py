@@ -478,7 +478,7 @@ def _make_stream(config: Config, components: Components, batches, micro_batch: i
     data, seed, tokenizer = config.data, config.train.seed, components.tokenizer
     vae, text_encoder = components.vae, components.text_encoder
     if batches is not None:
-        return IterableStream(batches, vae, text_encoder, tokenizer, data.caption_dropout, device)
+        return IterableStream(batches, vae, text_encoder, tokenizer, data.caption_dropout, device, rank, world)
     if data.cache_dir:
         disk = DiskCache(data, vae, text_encoder, tokenizer)
         return DiskCacheStream(disk, vae, micro_batch, data.caption_dropout, device, seed, rank, world)
