@@ -587,7 +587,9 @@ def _ema_step(ema: EMAModel, model, device: torch.device, offload: bool) -> None
         ema.step(parameters)
 
 
-def _validation(eval_unet, validation: ValidationSet | None, scheduler, tc, batch_size: int) -> float | None:
+def _validation(
+    eval_unet: _EvalUNet, validation: ValidationSet | None, scheduler, tc, batch_size: int
+) -> float | None:
     """Validation loss with the EMA weights (the ones exported) on the main process (None on the others): swapped into
     the training UNet and back out, or under FSDP2 in an unsharded copy (collective)."""
     accelerator, ema = eval_unet.accelerator, eval_unet.ema

@@ -8,8 +8,8 @@ that changes for the rest of sdtrain lives here:
 - the EMA tracks the local parts (:func:`local`), so it shards too and steps with no communication;
 - checkpoints hold whole tensors, gathered (:func:`gather`, :func:`gather_optimizer`, :func:`gather_ema`) into the
   format a DDP or one-process run writes (the same file names, keys and optimizer layout): a checkpoint resumes
-  under either strategy, and ``sdtrain export`` reads it as any other. Loading
-  cuts each process's part back out (:func:`shard_state`, :func:`shard_optimizer`, :func:`shard_ema`);
+  under either strategy, and ``sdtrain export`` reads it as any other. Loading cuts each process's part back out
+  (:func:`shard_state`, :func:`shard_optimizer`, :func:`shard_ema`);
 - sampling, validation and export run on an ordinary copy of the UNet assembled from gathered weights
   (:func:`unsharded_copy`), because a sharded forward pass is collective and would wait for processes that do not
   sample.
@@ -122,11 +122,17 @@ def gather(state: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor
 
 
 def gather_optimizer(optimizer, keep: bool) -> dict[str, Any] | None:
-    """The optimizer's ``state_dict()`` with whole moments (its own layout: parameter ids in param-group order)."""
+    """The optimizer's ``state_dict()`` with whole moments (its own layout: parameter ids in param-group order), on
+    the CPU of the processes that ``keep`` it, tensor by tensor as :func:`gather`."""
     state = optimizer.state_dict()
     gathered = {}
     for index in sorted(state["state"]):
-        values = {k: _whole(v) if isinstance(v, torch.Tensor) else v for k, v in state["state"][index].items()}
+        values = {}
+        for key, value in state["state"][index].items():
+            if isinstance(value, torch.Tensor):
+                value = _whole(value)
+                value = value.cpu() if keep else None
+            values[key] = value
         gathered[index] = values
     return {"state": gathered, "param_groups": state["param_groups"]} if keep else None
 
