@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +72,22 @@ def _launch_fsdp(overrides: list[str], *options: str) -> subprocess.CompletedPro
     return subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=300)
 
 
+def _one_then_fsdp(tmp_path, fixtures, overrides: list[str], *options: str) -> tuple[Path, Path, str]:
+    """The same tiny run in one process (``tmp_path/one``) and sharded by FSDP2 over 2 (``tmp_path/fsdp``, with
+    accelerate launch ``options``); returns both run folders and the FSDP run's log output."""
+    image_folder, vae_dir, clip_dir = fixtures
+    one, run = tmp_path / "one", tmp_path / "fsdp"
+    assert (
+        _train(tiny_overrides(one, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides).returncode == 0
+    )
+    result = _launch_fsdp(
+        tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides, *options
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world size 2 (FSDP" in result.stderr
+    return one, run, result.stderr
+
+
 def test_fsdp2_trains_what_one_process_trains_and_resumes(
     tmp_path, clip_dir, vae_dir, image_folder, inception_file, clip_model_dir
 ):
@@ -84,14 +101,9 @@ def test_fsdp2_trains_what_one_process_trains_and_resumes(
     overrides += ["train.sample_prompts=[a red circle]"]
     fidelity = ["every=4", "metrics=[fid,clip]", "num_images=3", "batch_size=2", f"inception={inception_file}"]
     overrides += [f"train.fidelity.{o}" for o in fidelity + [f"clip_model={clip_model_dir}"]]
-    one = tiny_overrides(tmp_path / "one", image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
-    assert _train(one).returncode == 0
-    run = tmp_path / "fsdp"
-    result = _launch_fsdp(tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "world size 2 (FSDP" in result.stderr
+    _, run, stderr = _one_then_fsdp(tmp_path, (image_folder, vae_dir, clip_dir), overrides)
     units, held, total = map(
-        int, re.search(r"(\d+) units; this process holds (\d+) of the UNet's (\d+)", result.stderr).groups()
+        int, re.search(r"(\d+) units; this process holds (\d+) of the UNet's (\d+)", stderr).groups()
     )
     assert units > 5  # by default each ResNet / transformer block is a unit of its own, gathered while it runs
     assert held < 0.6 * total  # sharded: about half of every tensor
@@ -138,13 +150,8 @@ def test_fsdp2_lora_adapters_match_one_process(tmp_path, clip_dir, vae_dir, imag
     """LoRA under FSDP2 (frozen base weights and trainable adapters sharded in the same units): the exported adapters
     are one process's."""
     overrides = ["train.num_steps=3", "train.save_every=100", "train.lora.rank=4", ADAM_EPS]
-    one = tiny_overrides(tmp_path / "one", image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
-    assert _train(one).returncode == 0
-    run = tmp_path / "fsdp"
-    result = _launch_fsdp(tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "world size 2 (FSDP" in result.stderr
-    a, b = (load_file(r / "final" / "lora" / "pytorch_lora_weights.safetensors") for r in (tmp_path / "one", run))
+    runs = _one_then_fsdp(tmp_path, (image_folder, vae_dir, clip_dir), overrides)[:2]
+    a, b = (load_file(r / "final" / "lora" / "pytorch_lora_weights.safetensors") for r in runs)
     assert a.keys() == b.keys() and len(a) > 0
     assert max(b[k].abs().max().item() for k in b if "lora.up" in k) > 1e-4  # trained: up (B) starts at zero
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
@@ -154,13 +161,9 @@ def test_fsdp2_activation_checkpointing_trains_one_processs_weights(tmp_path, cl
     """accelerate's FSDP2 activation checkpointing wraps the blocks, which puts ``_checkpoint_wrapped_module`` into
     the parameter names: the EMA, checkpoints and export still use the UNet's own names and weights."""
     overrides = ["train.num_steps=2", "train.save_every=2", ADAM_EPS]
-    one = tiny_overrides(tmp_path / "one", image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
-    assert _train(one).returncode == 0
-    run = tmp_path / "fsdp"
-    overrides = tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
-    result = _launch_fsdp(overrides, "--fsdp_activation_checkpointing", "true")
-    assert result.returncode == 0, result.stderr[-3000:]
-    a, b = _weights(tmp_path / "one"), _weights(run)  # EMA weights, loaded by diffusers' names
+    fixtures = (image_folder, vae_dir, clip_dir)
+    one, run, _ = _one_then_fsdp(tmp_path, fixtures, overrides, "--fsdp_activation_checkpointing", "true")
+    a, b = _weights(one), _weights(run)  # EMA weights, loaded by diffusers' names
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     ema = load_file(run / "checkpoints" / "step-00000002" / "ema.safetensors")
     assert ema.keys() == a.keys()

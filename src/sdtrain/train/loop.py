@@ -61,6 +61,7 @@ from sdtrain.train.state import (
     trainable,
     truncate_log,
     unwrap,
+    whole_ema,
 )
 from sdtrain.train.tracking import check_trackers, log_images, plot_losses, read_log
 from sdtrain.train.validation import ValidationSet, build_validation_set, validation_loss
@@ -569,12 +570,10 @@ class _EvalUNet:
             ema.copy_to([p for _, p in trainable(copy)])
             return copy.eval()
         whole = sharding.gather(model.state_dict(), keep)
-        if ema is not None:
-            names, parameters = zip(*trainable(model))
-            shadow = sharding.gather_ema(ema.shadow_params, list(parameters), keep)
-            if keep:
-                whole.update(zip(names, shadow))
-        return sharding.unsharded_copy(self.template, whole, accelerator.device).eval() if keep else None
+        ema_weights = whole_ema(ema, model, keep) if ema is not None else None
+        if not keep:
+            return None
+        return sharding.unsharded_copy(self.template, whole | (ema_weights or {}), accelerator.device).eval()
 
 
 def _ema_step(ema: EMAModel, model, device: torch.device, offload: bool) -> None:

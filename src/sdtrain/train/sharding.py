@@ -26,7 +26,7 @@ from copy import deepcopy
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, parse_flag_from_env
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 logger = logging.getLogger(__name__)
@@ -50,8 +50,7 @@ def check_strategy(accelerator) -> None:
             "by name); use FSDP2: `accelerate launch --use_fsdp --fsdp_version 2 ...` or `fsdp_version: 2` in "
             "accelerate's config"
         )
-    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
-    if asked and kind != DistributedType.FSDP and accelerator.is_main_process:
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and kind != DistributedType.FSDP and accelerator.is_main_process:
         logger.warning("FSDP was asked for, but accelerate builds it only on accelerators: training as %s", kind.value)
 
 

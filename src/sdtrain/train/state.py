@@ -43,6 +43,14 @@ def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n.replace(CHECKPOINT_WRAPPER, ""), p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def whole_ema(ema, model: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor] | None:
+    """The EMA's whole tensors by parameter name, on the CPU of the processes that ``keep`` them (collective under
+    FSDP2, where each process holds its parts)."""
+    names, parameters = zip(*trainable(model))
+    shadow = sharding.gather_ema(ema.shadow_params, list(parameters), keep)
+    return dict(zip(names, shadow)) if keep else None
+
+
 def check_disk(out: Path, model: torch.nn.Module, with_ema: bool) -> None:
     """Fail before training when the run directory is not writable or cannot hold two checkpoints."""
     probe = out / ".write-test"
@@ -134,8 +142,7 @@ def save_training_state(
     # whole tensors on the main process (under FSDP2 each is gathered from the shards: every rank takes part)
     main = accelerator.is_main_process
     weights = sharding.gather(model.state_dict(), main)
-    names, parameters = zip(*trainable(model)) if ema is not None else ((), ())
-    shadow = sharding.gather_ema(ema.shadow_params, list(parameters), main) if ema is not None else None
+    ema_weights = whole_ema(ema, model, main) if ema is not None else None
     optimizer_state = sharding.gather_optimizer(optimizer, main)
     data_states = accelerator.gather_for_metrics([stream.state()], use_gather_object=True)
     rng_states = accelerator.gather_for_metrics([rng_state(generator)], use_gather_object=True)
@@ -144,7 +151,7 @@ def save_training_state(
     tensors = {"unet": weights}
     ema_meta = {}
     if ema is not None:
-        tensors["ema"] = dict(zip(names, shadow))
+        tensors["ema"] = ema_weights
         ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
     objects = {"optimizer": optimizer_state} | {f"rng-{i}": s for i, s in enumerate(rng_states)}
     if accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker
