@@ -15,7 +15,8 @@ The kill is a real SIGKILL: no handler, no ``finally``, no flush, exactly what a
 
 Launched with ``accelerate launch --use_fsdp --fsdp_version 2`` on a machine without GPUs, it also shards with FSDP2
 over gloo (:func:`fsdp_on_cpu`): accelerate itself builds FSDP only on accelerators, although torch's
-``fully_shard`` runs on CPU processes as well.
+``fully_shard`` runs on CPU processes as well. Likewise with ``--use_deepspeed`` (:func:`deepspeed_on_cpu`): DeepSpeed
+has a CPU accelerator and runs its engine over gloo.
 """
 
 from __future__ import annotations
@@ -141,8 +142,35 @@ def fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = init_then_shard
 
 
+def deepspeed_on_cpu() -> None:
+    """Let accelerate build DeepSpeed on CPU processes when it was asked for (``accelerate launch --use_deepspeed``):
+    after accelerate's own set-up chose DDP over gloo, switch the state to DeepSpeed with the plugin it built from
+    the launch options, as its set-up does on accelerators. Everything after that (``prepare``'s
+    ``deepspeed.initialize``, the engine's backward and step) is accelerate's and DeepSpeed's own code."""
+    import torch
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available():
+        return
+    init = AcceleratorState.__init__
+
+    def init_then_deepspeed(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU:
+            plugin = kwargs.get("deepspeed_plugin") or DeepSpeedPlugin()
+            self.distributed_type = DistributedType.DEEPSPEED
+            plugin.set_mixed_precision(self._mixed_precision)
+            plugin.select(_from_accelerator_state=True)
+            self.deepspeed_plugins = plugin
+            self._mixed_precision = "no"  # DeepSpeed's config says the precision, as accelerate sets it up there
+
+    AcceleratorState.__init__ = init_then_deepspeed
+
+
 if __name__ == "__main__":
     fsdp_on_cpu()
+    deepspeed_on_cpu()
     _inject(os.environ.get("SDTRAIN_FAULT", ""))
     from sdtrain.cli import main
 

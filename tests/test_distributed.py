@@ -1,6 +1,6 @@
-"""Scale-out through accelerate: `accelerate launch` with 2 CPU processes (gloo DDP) trains the weights one process
-trains with the same global batch, scores them as one process does (each drawing its share), and only the main
-process writes."""
+"""Scale-out through accelerate: `accelerate launch` with 2 CPU processes (gloo DDP, FSDP2 or DeepSpeed ZeRO) trains
+the weights one process trains with the same global batch, scores them as one process does (each drawing its
+share), and only the main process writes."""
 
 from __future__ import annotations
 
@@ -169,6 +169,102 @@ def test_fsdp2_activation_checkpointing_trains_one_processs_weights(tmp_path, cl
     assert ema.keys() == a.keys()
 
 
+def _launch_deepspeed(overrides: list[str], *options: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    """2 gloo processes under DeepSpeed ZeRO-2 (``options`` may say another stage; ``tests/faults.py`` lets accelerate
+    build DeepSpeed on CPUs, where DeepSpeed runs its CPU accelerator)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2", *options]
+    launch += ["--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(_free_port()), str(FAULTS), "train", *overrides]
+    env = _env(fault, DS_ACCELERATOR="cpu")
+    return subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_deepspeed_zero2_trains_what_one_process_trains_and_resumes(tmp_path, clip_dir, vae_dir, image_folder):
+    """DeepSpeed ZeRO-2 over 2 processes (its engine clips and steps inside backward, each process holding half of
+    Adam's moments): the losses, validation losses and exported EMA weights are one process's with the same global
+    batch and clipping; its checkpoints hold one process's optimizer state (moments gathered by parameter), and a
+    step-2 checkpoint resumed under ZeRO-2 or in one process, or one process's resumed under ZeRO-2, ends with the
+    uninterrupted weights."""
+    overrides = ["train.num_steps=4", "train.save_every=2", "data.caption_dropout=0.3", ADAM_EPS]
+    overrides += ["train.gradient_accumulation=2", "train.clip_norm=0.05"]  # clipping at every step
+    overrides += ["data.validation_split=3", "train.validation_every=2", "train.sample_every=4"]
+    overrides += ["train.sample_prompts=[a red circle]", "train.mixed_precision=no"]
+    one, run = tmp_path / "one", tmp_path / "zero"
+
+    def tiny(root: Path) -> list[str]:
+        return tiny_overrides(root, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
+
+    assert _train(tiny(one)).returncode == 0
+    result = _launch_deepspeed(tiny(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world size 2 (DEEPSPEED ZeRO-2" in result.stderr
+
+    logs = [read_log(root / "log.jsonl") for root in (one, run)]
+    assert [r["step"] for r in logs[1]] == [r["step"] for r in logs[0]] == [1, 2, 3, 4]
+    for a, b in zip(*logs):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert ("val_loss" in b) == ("val_loss" in a) and b.get("val_loss") == pytest.approx(a.get("val_loss"))
+    a, b = _weights(one), _weights(run)  # the export holds the EMA weights
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert (run / "samples" / "step-000004.png").exists()
+    weights = [load_file(r / "checkpoints" / "step-00000004" / "unet.safetensors") for r in (one, run)]
+    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-6
+    saved = [torch.load(r / "checkpoints" / "step-00000004" / "optimizer.pt", weights_only=True) for r in (one, run)]
+    assert saved[1]["param_groups"] == saved[0]["param_groups"]
+    assert saved[1]["state"].keys() == saved[0]["state"].keys()
+    for i, values in saved[0]["state"].items():
+        assert saved[1]["state"][i].keys() == values.keys()
+        assert saved[1]["state"][i]["step"] == values["step"] == 4
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(saved[1]["state"][i][key], values[key], rtol=1e-4, atol=1e-9), (i, key)
+
+    legs = [("zero", run, _launch_deepspeed), ("one", run, _train), ("one-to-zero", one, _launch_deepspeed)]
+    for name, source, launch in legs:
+        resumed = tmp_path / f"resumed-{name}"
+        shutil.copytree(source / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+        (resumed / "checkpoints" / "latest").write_text("step-00000002")
+        result = launch(tiny(resumed))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resumed from" in result.stderr
+        c = _weights(resumed)
+        assert max((a[k] - c[k]).abs().max().item() for k in a) < 1e-6, name
+        assert [r["loss"] for r in read_log(resumed / "log.jsonl")] == pytest.approx([r["loss"] for r in logs[0][2:]])
+
+
+def test_deepspeed_skips_a_step_with_a_nan_on_one_rank_as_one_process_does(tmp_path, clip_dir, vae_dir, image_folder):
+    """A NaN loss in rank 1's second micro-batch: DeepSpeed's engine, which steps inside backward, skips that step
+    (its gradient norm is not finite) and sdtrain counts it and leaves the EMA alone, as one process does with the
+    NaN in the same micro-batch of the global batch."""
+    overrides = ["train.num_steps=3", "train.save_every=100", ADAM_EPS]
+    fixtures = (image_folder, vae_dir, str(clip_dir), "text_encoder")
+    assert _train(tiny_overrides(tmp_path / "one", *fixtures) + overrides, "nan=0:2").returncode == 0
+    result = _launch_deepspeed(tiny_overrides(tmp_path / "zero", *fixtures) + overrides, fault="nan=1:2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("one", "zero"):
+        assert [r["skipped_steps"] for r in read_log(tmp_path / name / "log.jsonl")] == [0, 1, 1]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "zero")  # EMA weights
+    assert all(torch.isfinite(b[k]).all() for k in b)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_deepspeed_zero1_lora_in_bf16_trains_ddps_adapters(tmp_path, clip_dir, vae_dir, image_folder):
+    """ZeRO-1 with LoRA (frozen base weights outside DeepSpeed's partitions) and bf16 autocast over fp32 weights: the
+    exported adapters are the ones DDP trains in bf16 over 2 processes, and they trained. (bf16 rounds differently
+    for micro-batches of 2 than of 4, so one process is ~1e-4 away from both, and fp32 ~3e-4.)"""
+    overrides = ["train.num_steps=3", "train.save_every=100", "train.lora.rank=4", "train.mixed_precision=bf16"]
+    overrides += [ADAM_EPS]
+    ddp, run = tmp_path / "ddp", tmp_path / "zero"
+    fixtures = (image_folder, vae_dir, str(clip_dir), "text_encoder")
+    assert _launch_ddp(tiny_overrides(ddp, *fixtures) + overrides).returncode == 0
+    result = _launch_deepspeed(tiny_overrides(run, *fixtures) + overrides, "--zero_stage", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world size 2 (DEEPSPEED ZeRO-1" in result.stderr
+    a, b = (load_file(r / "final" / "lora" / "pytorch_lora_weights.safetensors") for r in (ddp, run))
+    assert a.keys() == b.keys() and len(a) > 0
+    assert max(b[k].abs().max().item() for k in b if "lora.up" in k) > 1e-4  # trained: up (B) starts at zero
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
 def test_unsupported_strategies_are_refused_before_any_work(monkeypatch, caplog):
     from types import SimpleNamespace
 
@@ -180,15 +276,72 @@ def test_unsupported_strategies_are_refused_before_any_work(monkeypatch, caplog)
         state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version))
         return SimpleNamespace(distributed_type=kind, state=state, is_main_process=True)
 
-    with pytest.raises(RuntimeError, match="DeepSpeed is not supported.*fsdp_version 2"):
-        check_strategy(accelerator(DistributedType.DEEPSPEED))
     with pytest.raises(RuntimeError, match="FSDP version 1 is not supported"):
         check_strategy(accelerator(DistributedType.FSDP, fsdp_version=1))
-    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.FSDP):
+    kinds = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.FSDP)
+    for kind in kinds + (DistributedType.DEEPSPEED,):
         check_strategy(accelerator(kind))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # asked for, but accelerate fell back to DDP
     check_strategy(accelerator(DistributedType.MULTI_CPU))
     assert "FSDP was asked for" in caplog.text
+
+
+def test_deepspeed_settings_sdtrain_does_not_drive_are_refused_and_its_config_is_written(caplog):
+    """What ZeRO would change behind sdtrain's back is refused before any work, each with what to use instead; the
+    rest of DeepSpeed's config is written from sdtrain's (replaced numbers are warned about)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from sdtrain.config import TrainConfig
+    from sdtrain.train import zero
+    from sdtrain.train.perf import StepProfile, estimate_memory
+
+    def accelerator(**config):
+        plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}, **config})
+        state = SimpleNamespace(deepspeed_plugin=plugin)
+        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=state, is_main_process=True,
+                               num_processes=4)  # fmt: skip
+
+    def train(**changes):
+        tc = TrainConfig()
+        for key, value in changes.items():
+            setattr(tc, key, value) if key != "optim" else setattr(tc.optim, "name", value)
+        return tc
+
+    refused = {
+        "ZeRO stage 3 is not supported.*fsdp_version 2": (accelerator(zero_optimization={"stage": 3}), train()),
+        "ZeRO stage 0 is not supported": (accelerator(zero_optimization={"stage": 0}), train()),
+        "fp16 is not supported.*use bf16": (accelerator(), train(mixed_precision="fp16")),
+        "adafactor is not supported": (accelerator(), train(optim="adafactor")),
+        "offload_optimizer is not supported": (
+            accelerator(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}),
+            train(),
+        ),
+        "a `scheduler` section": (accelerator(scheduler={"type": "WarmupLR"}), train()),
+    }
+    for message, (acc, tc) in refused.items():
+        with pytest.raises(RuntimeError, match=message):
+            zero.check(acc, tc)
+    acc, tc = accelerator(gradient_clipping=1.0, train_batch_size="auto", bf16={"enabled": True}), train()
+    tc.batch_size, tc.gradient_accumulation, tc.clip_norm, tc.mixed_precision = 16, 2, 0.5, "bf16"
+    zero.check(acc, tc)
+    zero.configure(acc, tc, micro_batch=2)
+    config = acc.state.deepspeed_plugin.deepspeed_config
+    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 2
+    assert config["train_batch_size"] == 16 and config["gradient_clipping"] == 0.5
+    assert config["bf16"] == {"enabled": False}  # fp32 weights, torch's autocast in the forward pass
+    assert "gradient_clipping=1.0 is replaced by sdtrain's 0.5" in caplog.text
+    tc.clip_norm = None
+    zero.configure(acc, tc, micro_batch=2)
+    assert config["gradient_clipping"] == 0.0  # DeepSpeed's "no clipping"
+
+    # the memory estimate: ZeRO-2 over 4 processes splits gradients and optimizer (with DeepSpeed's fp32 master copy)
+    unet = torch.nn.Linear(1000, 1000, bias=False)
+    profile = StepProfile(1.0, 0.0, 0.0)
+    plain, split = (estimate_memory(unet, [], profile, 1, tc, zero_stage=s, processes=4) for s in (0, 2))
+    assert split.weights == plain.weights and split.gradients == plain.gradients / 4
+    assert split.optimizer == pytest.approx((plain.optimizer + 4e6) / 4)
 
 
 def test_stream_states_regroup_for_another_number_of_processes():

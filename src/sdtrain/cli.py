@@ -13,7 +13,8 @@ EXAMPLES = {
   sdtrain train --config configs/demo.yaml train.output_dir=runs/mine train.optim.lr=1e-3 data.path=data/pets
   (resumes from runs/mine/checkpoints if it exists; the model is exported to runs/mine/final)
   accelerate launch --multi_gpu --num_processes 8 -m sdtrain train ...                   (DDP)
-  accelerate launch --use_fsdp --fsdp_version 2 --num_processes 8 -m sdtrain train ...   (FSDP2: sharded)""",
+  accelerate launch --use_fsdp --fsdp_version 2 --num_processes 8 -m sdtrain train ...   (FSDP2: sharded)
+  accelerate launch --use_deepspeed --zero_stage 2 --num_processes 8 -m sdtrain train ... (DeepSpeed ZeRO-2)""",
     "generate": """example:
   sdtrain generate --model runs/demo/final --out out/ --seed 0 --steps 30 --guidance 7.5 \\
       "a red circle on a blue background" "a green square on a yellow background\"""",

@@ -45,7 +45,7 @@ from sdtrain.models.text import hidden_size, load_text_encoder
 from sdtrain.models.unet import build_unet, load_unet
 from sdtrain.models.vae import downsample_factor, load_vae
 from sdtrain.sample.pipeline import sampling_scheduler, save_images, txt2img, write_sampling_defaults
-from sdtrain.train import checkpoint, objective, sharding
+from sdtrain.train import checkpoint, objective, sharding, zero
 from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
 from sdtrain.train.perf import GiB, StepProfile, advice, estimate_memory, peak_tflops, profile_unet
 from sdtrain.train.progress import Progress
@@ -254,7 +254,8 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         project_dir=out,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
     )
-    check_strategy(accelerator)  # DeepSpeed and FSDP1 refused; FSDP2 shards (sdtrain.train.sharding)
+    check_strategy(accelerator)  # FSDP1 refused; FSDP2 shards (sdtrain.train.sharding)
+    zero.check(accelerator, tc)  # DeepSpeed ZeRO 1 / 2 partitions the optimizer (sdtrain.train.zero)
     ckpt_root = out / "checkpoints"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -286,21 +287,23 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     unet.to(device).train()
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if tc.channels_last and is_sharded(accelerator):
-        logger.warning("train.channels_last is ignored under FSDP2 (it shards contiguous parameters only)")
+    if tc.channels_last and (is_sharded(accelerator) or zero.is_zero(accelerator)):
+        logger.warning("train.channels_last is ignored under FSDP2 and DeepSpeed (they flatten or shard contiguous "
+                       "parameters only)")  # fmt: skip
     elif tc.channels_last:
         unet.to(memory_format=torch.channels_last)
 
     # 3. Data: a resumable stream of micro-batches, each process its own share
-    micro_batch = tc.batch_size // (tc.gradient_accumulation * accelerator.num_processes)
-    if micro_batch < 1:
+    micro_batch, parts = divmod(tc.batch_size, tc.gradient_accumulation * accelerator.num_processes)
+    if micro_batch < 1 or parts:
         raise ValueError(
-            f"train.batch_size={tc.batch_size} is smaller than gradient_accumulation x processes "
-            f"({tc.gradient_accumulation} x {accelerator.num_processes})"
+            f"train.batch_size={tc.batch_size} is not a multiple of gradient_accumulation x processes "
+            f"({tc.gradient_accumulation} x {accelerator.num_processes}): it is the global batch every step trains on"
         )
     draws = SharedDraws(generator, rank, world, micro_batch)
     if accelerator.is_main_process:
         kind, accumulation = accelerator.distributed_type.value, tc.gradient_accumulation
+        kind += f" ZeRO-{zero.stage(accelerator)}" if zero.is_zero(accelerator) else ""
         logger.info(
             "world size %d (%s on %s): global batch %d = micro-batch %d x accumulation %d x processes %d",
             *(world, kind, device, tc.batch_size, micro_batch, accumulation, world),
@@ -316,7 +319,9 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     # 4. Objective, optimizer, EMA of the trainable weights (on the CPU with ema_offload)
     noise_scheduler = objective.make_noise_scheduler(tc.objective)
     optimizer = make_optimizer(unet, tc.optim)
-    unet, optimizer, template = sharding.prepare(accelerator, unet, optimizer)  # DDP-wrapped, or sharded by FSDP2
+    zero.configure(accelerator, tc, micro_batch)  # DeepSpeed: sdtrain's batch, accumulation, clipping, precision
+    unet, optimizer, template = sharding.prepare(accelerator, unet, optimizer)  # DDP, FSDP2 or DeepSpeed's engine
+    autocast = zero.autocast(accelerator, tc.mixed_precision)  # accelerator.autocast, torch's under DeepSpeed
     ema, ema_device = None, torch.device("cpu") if tc.ema_offload else device
     if tc.ema_decay is not None:  # of this process's parts of the weights under FSDP2
         ema = make_ema(_ema_parameters(unwrap(accelerator, unet)), tc.ema_decay)
@@ -363,13 +368,16 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
             weights = objective.loss_weights(noise_scheduler, t, o.snr_gamma)
             # 6c. predict and backpropagate (accelerate skips the all-reduce until the last micro-batch)
             with accelerator.accumulate(unet):
-                with accelerator.autocast():
+                with autocast():
                     loss, _ = objective.diffusion_loss(unet(noisy, t, cond).sample, target, weights)
                 accelerator.backward(loss)
                 step_loss += loss.detach() / tc.gradient_accumulation
                 if accelerator.sync_gradients:
                     max_norm = tc.clip_norm if tc.clip_norm is not None else float("inf")
+                    # (DeepSpeed clips and steps inside backward, skipping a step whose gradient norm is not
+                    # finite: the norm it reports is the one it clipped)
                     grad_norm = sharding.local(accelerator.clip_grad_norm_(unet.parameters(), max_norm))
+                    grad_norm = 0.0 if grad_norm is None else grad_norm  # DeepSpeed with compute_grad_norm off
                     # 6d. one all-reduce (max) makes every rank agree on: a non-finite loss or gradient on any
                     # rank, a stop signal received by any rank, and the elapsed time (so a time budget ends the
                     # run on the same step everywhere)
@@ -420,7 +428,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
                 if peak:
                     record["mfu"] = record["tflops"] / (peak * world)
             if has_validation and tc.validation_every and counters.step % tc.validation_every == 0:
-                val_loss = _validation(eval_unet, validation, noise_scheduler, tc, micro_batch)
+                val_loss = _validation(eval_unet, validation, noise_scheduler, tc, micro_batch, autocast)
                 if val_loss is not None:
                     record["val_loss"] = val_loss
             if accelerator.is_main_process:
@@ -459,7 +467,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     if accelerator.is_main_process:
         if validation is not None:
             val_loss = validation_loss(
-                exported, noise_scheduler, validation, tc.objective.snr_gamma, micro_batch, accelerator.autocast
+                exported, noise_scheduler, validation, tc.objective.snr_gamma, micro_batch, autocast
             )
             accelerator.log({"val_loss": val_loss}, step=counters.step)
             _append_to_log(log_path, counters.step, {"val_loss": val_loss})
@@ -512,8 +520,10 @@ def _preflight(accelerator, components: Components, config: Config, micro_batch:
     latent_shape = (unet.config.in_channels, size, size)
     text_shape = (components.tokenizer.model_max_length, unet.config.cross_attention_dim)
     profile = profile_unet(unet, latent_shape, text_shape, accelerator.device)
-    shards = accelerator.num_processes if is_sharded(accelerator) else 1
-    estimate = estimate_memory(unet, [components.vae, components.text_encoder], profile, micro_batch, tc, shards)
+    processes, stage = accelerator.num_processes, zero.stage(accelerator)
+    shards = processes if is_sharded(accelerator) else 1
+    frozen = [components.vae, components.text_encoder]
+    estimate = estimate_memory(unet, frozen, profile, micro_batch, tc, shards, stage, processes)
     params = sum(p.numel() for p in unet.parameters())
     logger.info(
         "UNet %.1fM parameters (%.1fM trainable), %.2f GFLOPs per image per training step at %d px",
@@ -526,7 +536,7 @@ def _preflight(accelerator, components: Components, config: Config, micro_batch:
     if accelerator.device.type == "cuda":
         available = torch.cuda.get_device_properties(accelerator.device).total_memory
         if estimate.total > 0.9 * available:
-            tips = "\n  ".join(advice(estimate, available, tc, micro_batch, accelerator.num_processes, shards))
+            tips = "\n  ".join(advice(estimate, available, tc, micro_batch, processes, shards, stage))
             logger.warning(
                 "the estimate (%.1f GiB) exceeds 90 %% of %s's %.1f GiB; to fit:\n  %s",
                 estimate.total / GiB,
@@ -587,7 +597,7 @@ def _ema_step(ema: EMAModel, model, device: torch.device, offload: bool) -> None
 
 
 def _validation(
-    eval_unet: _EvalUNet, validation: ValidationSet | None, scheduler, tc, batch_size: int
+    eval_unet: _EvalUNet, validation: ValidationSet | None, scheduler, tc, batch_size: int, autocast
 ) -> float | None:
     """Validation loss with the EMA weights (the ones exported) on the main process (None on the others): swapped into
     the training UNet and back out, or under FSDP2 in an unsharded copy (collective)."""
@@ -596,7 +606,7 @@ def _validation(
         copy = eval_unet.copy()
         if copy is None:
             return None
-        return validation_loss(copy, scheduler, validation, tc.objective.snr_gamma, batch_size, accelerator.autocast)
+        return validation_loss(copy, scheduler, validation, tc.objective.snr_gamma, batch_size, autocast)
     if not accelerator.is_main_process:
         return None
     model = unwrap(accelerator, eval_unet.unet)
@@ -605,7 +615,7 @@ def _validation(
         ema.store(parameters)
         ema.copy_to(parameters)
     try:
-        return validation_loss(model, scheduler, validation, tc.objective.snr_gamma, batch_size, accelerator.autocast)
+        return validation_loss(model, scheduler, validation, tc.objective.snr_gamma, batch_size, autocast)
     finally:
         if ema is not None:
             ema.restore(parameters)

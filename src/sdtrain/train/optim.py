@@ -10,13 +10,16 @@ from sdtrain.config import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices and convolution kernels decay; norms, biases and embeddings' 1-d params do not."""
+    """Two groups: matrices and convolution kernels decay; norms, biases and embeddings' 1-d params do not. A group
+    with no parameters (LoRA trains matrices only) is left out, as DeepSpeed leaves it out: the optimizer state has
+    the same layout under every strategy."""
     decay, no_decay = [], []
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
         (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def make_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:

@@ -94,21 +94,33 @@ OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "adafactor": 0.1}  # per trai
 
 
 def estimate_memory(
-    unet, frozen: list[torch.nn.Module], profile: StepProfile, micro_batch: int, train_config, shards: int = 1
+    unet,
+    frozen: list[torch.nn.Module],
+    profile: StepProfile,
+    micro_batch: int,
+    train_config,
+    shards: int = 1,
+    zero_stage: int = 0,
+    processes: int = 1,
 ) -> MemoryEstimate:
     """Memory of a training step on the device: fp32 master weights, gradients and optimizer state of the trainable
     parameters, EMA (unless offloaded), the frozen encoders, and activations of a micro-batch (half size under
     autocast, block outputs only with gradient checkpointing). Under FSDP2 over ``shards`` processes each holds
-    1/shards of the weights, gradients, optimizer and EMA (the one block gathered at a time is left out)."""
+    1/shards of the weights, gradients, optimizer and EMA (the one block gathered at a time is left out). Under
+    DeepSpeed ZeRO over ``processes``, each holds its partition of the optimizer state plus DeepSpeed's fp32 master
+    copy of the trainable weights, and from ``zero_stage`` 2 its partition of the gradients."""
     params = sum(p.numel() for p in unet.parameters())
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     per_sample = profile.checkpointed_bytes if train_config.gradient_checkpointing else profile.activation_bytes
     if train_config.mixed_precision in ("bf16", "fp16"):
         per_sample /= 2  # measured in fp32, stored in 16 bits under autocast
+    optimizer = OPTIMIZER_BYTES[train_config.optim.name] * trainable / shards
+    if zero_stage:
+        optimizer = (OPTIMIZER_BYTES[train_config.optim.name] + 4.0) * trainable / processes
     return MemoryEstimate(
         weights=4.0 * params / shards,
-        gradients=4.0 * trainable / shards,
-        optimizer=OPTIMIZER_BYTES[train_config.optim.name] * trainable / shards,
+        gradients=4.0 * trainable / (processes if zero_stage >= 2 else shards),
+        optimizer=optimizer,
         ema=0.0 if train_config.ema_decay is None or train_config.ema_offload else 4.0 * trainable / shards,
         frozen=sum(p.numel() * p.element_size() for m in frozen for p in m.parameters()),
         activations=per_sample * micro_batch,
@@ -116,11 +128,17 @@ def estimate_memory(
 
 
 def advice(
-    estimate: MemoryEstimate, available: float, train_config, micro_batch: int, processes: int = 1, shards: int = 1
+    estimate: MemoryEstimate,
+    available: float,
+    train_config,
+    micro_batch: int,
+    processes: int = 1,
+    shards: int = 1,
+    zero_stage: int = 0,
 ) -> list[str]:
     """Concrete changes that bring the estimate under ``available`` bytes, largest saving first."""
     tips = []
-    if processes > 1 and shards == 1:
+    if processes > 1 and shards == 1 and not zero_stage:
         state = estimate.weights + estimate.gradients + estimate.optimizer + estimate.ema
         tips.append(
             f"FSDP2, `accelerate launch --use_fsdp --fsdp_version 2` (weights, gradients, optimizer and EMA "

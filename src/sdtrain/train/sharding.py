@@ -33,17 +33,10 @@ logger = logging.getLogger(__name__)
 
 
 def check_strategy(accelerator) -> None:
-    """Refuse, before any work, the distributed strategies sdtrain does not drive, with the one to use instead; warn
-    when FSDP was asked for and accelerate fell back to DDP (it builds FSDP only on accelerators)."""
+    """Refuse FSDP version 1 before any work, with the version to use instead; warn when FSDP was asked for and
+    accelerate fell back to DDP (it builds FSDP only on accelerators). DeepSpeed is checked by
+    :func:`sdtrain.train.zero.check`."""
     kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED:
-        raise RuntimeError(
-            "DeepSpeed is not supported (its engine steps inside backward and keeps the fp32 weights, optimizer state "
-            "and loss scale that sdtrain's EMA, skipped steps and bit-exact checkpoints manage); FSDP2 gives the same "
-            "savings: `accelerate launch --use_fsdp --fsdp_version 2 ...` shards weights, gradients and optimizer "
-            "state like ZeRO-3, add `--fsdp_reshard_after_forward false` for ZeRO-2's trade (whole weights between "
-            "forward and backward) and `--fsdp_offload_params true` for ZeRO-Offload"
-        )
     if kind == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise RuntimeError(
             "FSDP version 1 is not supported (it flattens parameters, so the EMA and checkpoints cannot address them "

@@ -3,8 +3,9 @@
 A checkpoint of a run holds the UNet (fp32 master weights), the EMA of its trainable weights, the optimizer and fp16
 loss-scaler states, the counters, every rank's RNG states and data position. ``save_training_state`` is collective
 (every rank calls it, the main process writes); ``load_training_state`` restores all of it on every rank. Under FSDP2
-the tensors are gathered whole to write and cut back into shards to load (``sdtrain.train.sharding``), so the files
-are the same whatever the strategy.
+the tensors are gathered whole to write and cut back into shards to load (``sdtrain.train.sharding``), under
+DeepSpeed ZeRO the optimizer's partitions likewise (``sdtrain.train.zero``), so the files are the same whatever the
+strategy.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from sdtrain.data.cache import regroup_states
-from sdtrain.train import checkpoint, sharding
+from sdtrain.train import checkpoint, sharding, zero
 from sdtrain.train.randomness import rng_state, set_rng_state
 
 
@@ -143,7 +144,10 @@ def save_training_state(
     main = accelerator.is_main_process
     weights = sharding.gather(model.state_dict(), main)
     ema_weights = whole_ema(ema, model, main) if ema is not None else None
-    optimizer_state = sharding.gather_optimizer(optimizer, main)
+    if zero.is_zero(accelerator):  # DeepSpeed ZeRO: moments assembled from the partitions, by parameter
+        optimizer_state = zero.gather_optimizer(optimizer, main)
+    else:
+        optimizer_state = sharding.gather_optimizer(optimizer, main)
     data_states = accelerator.gather_for_metrics([stream.state()], use_gather_object=True)
     rng_states = accelerator.gather_for_metrics([rng_state(generator)], use_gather_object=True)
     if not main:
@@ -178,7 +182,13 @@ def load_training_state(
         check_frozen(state.get("frozen"), frozen, path)
     model = unwrap(accelerator, unet)
     model.load_state_dict(sharding.shard_state(tensors["unet"], model))  # FSDP2: each rank its part
-    optimizer.load_state_dict(sharding.shard_optimizer(objects["optimizer"], optimizer))
+    saved = objects["optimizer"]
+    saved = {**saved, "param_groups": [g for g in saved["param_groups"] if g["params"]]}  # as optim.param_groups
+    if zero.is_zero(accelerator):  # the master copy and the moments DeepSpeed steps, each rank its partition
+        zero.load_masters(optimizer, trainable(model), tensors["unet"])
+        zero.load_optimizer(optimizer, saved)
+    else:
+        optimizer.load_state_dict(sharding.shard_optimizer(saved, optimizer))
     if ema is not None:
         names, parameters = zip(*trainable(model))
         shadow = sharding.shard_ema([tensors["ema"][n] for n in names], list(parameters))
