@@ -248,11 +248,12 @@ def test_deepspeed_skips_a_step_with_a_nan_on_one_rank_as_one_process_does(tmp_p
 
 
 def test_deepspeed_zero1_lora_in_bf16_trains_ddps_adapters(tmp_path, clip_dir, vae_dir, image_folder):
-    """ZeRO-1 with LoRA (frozen base weights outside DeepSpeed's partitions) and bf16 autocast over fp32 weights: the
-    exported adapters are the ones DDP trains in bf16 over 2 processes, and they trained. (bf16 rounds differently
-    for micro-batches of 2 than of 4, so one process is ~1e-4 away from both, and fp32 ~3e-4.)"""
+    """ZeRO-1 with LoRA (frozen base weights outside DeepSpeed's partitions), bf16 autocast over fp32 weights and
+    gradient checkpointing: the exported adapters are the ones DDP trains in bf16 over 2 processes, and they trained.
+    (bf16 rounds differently for micro-batches of 2 than of 4, so one process is ~1e-4 away from both, and fp32
+    ~3e-4.)"""
     overrides = ["train.num_steps=3", "train.save_every=100", "train.lora.rank=4", "train.mixed_precision=bf16"]
-    overrides += [ADAM_EPS]
+    overrides += ["train.gradient_checkpointing=true", ADAM_EPS]
     ddp, run = tmp_path / "ddp", tmp_path / "zero"
     fixtures = (image_folder, vae_dir, str(clip_dir), "text_encoder")
     assert _launch_ddp(tiny_overrides(ddp, *fixtures) + overrides).returncode == 0
