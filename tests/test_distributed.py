@@ -324,7 +324,10 @@ def test_deepspeed_settings_sdtrain_does_not_drive_are_refused_and_its_config_is
     for message, (acc, tc) in refused.items():
         with pytest.raises(RuntimeError, match=message):
             zero.check(acc, tc)
-    acc, tc = accelerator(gradient_clipping=1.0, train_batch_size="auto", bf16={"enabled": True}), train()
+    buckets = {"stage": 2, "reduce_bucket_size": "auto"}  # accelerate fills it from a hidden_size UNets have not
+    given = {"gradient_clipping": 1.0, "train_batch_size": "auto", "bf16": {"enabled": True}}
+    acc = accelerator(**given, zero_optimization=buckets)
+    tc = train()
     tc.batch_size, tc.gradient_accumulation, tc.clip_norm, tc.mixed_precision = 16, 2, 0.5, "bf16"
     zero.check(acc, tc)
     zero.configure(acc, tc, micro_batch=2)
@@ -332,6 +335,7 @@ def test_deepspeed_settings_sdtrain_does_not_drive_are_refused_and_its_config_is
     assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 2
     assert config["train_batch_size"] == 16 and config["gradient_clipping"] == 0.5
     assert config["bf16"] == {"enabled": False}  # fp32 weights, torch's autocast in the forward pass
+    assert config["zero_optimization"]["reduce_bucket_size"] == zero.DEFAULT_BUCKET
     assert "gradient_clipping=1.0 is replaced by sdtrain's 0.5" in caplog.text
     tc.clip_norm = None
     zero.configure(acc, tc, micro_batch=2)

@@ -34,6 +34,7 @@ from accelerate.utils import DistributedType
 logger = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_BUCKET = 500_000_000  # elements: DeepSpeed's default reduce / all-gather bucket
 
 
 def is_zero(accelerator) -> bool:
@@ -107,6 +108,12 @@ def configure(accelerator, train_config, micro_batch: int) -> None:
         if given not in ("auto", value) and accelerator.is_main_process:
             logger.warning("DeepSpeed's %s=%s is replaced by sdtrain's %s", key, given, value)
         config[key] = value
+    # accelerate derives an "auto" bucket size from a transformer's hidden_size, which a UNet has not: DeepSpeed's
+    # own default instead
+    zero = config.setdefault("zero_optimization", {})
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if zero.get(key) == "auto":
+            zero[key] = DEFAULT_BUCKET
     # fp32 weights in the module, 16-bit compute under torch's autocast (:func:`autocast`), as under DDP
     config["bf16"] = {"enabled": False}
     config["fp16"] = {"enabled": False}
