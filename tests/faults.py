@@ -156,14 +156,15 @@ def deepspeed_on_cpu() -> None:
     init = AcceleratorState.__init__
 
     def init_then_deepspeed(self, *args, **kwargs):
-        init(self, *args, **kwargs)
+        init(self, *args, **kwargs)  # every AcceleratorState() call copies the DDP type back in from PartialState
         if self.distributed_type == DistributedType.MULTI_CPU:
-            plugin = kwargs.get("deepspeed_plugin") or DeepSpeedPlugin()
             self.distributed_type = DistributedType.DEEPSPEED
-            plugin.set_mixed_precision(self._mixed_precision)
-            plugin.select(_from_accelerator_state=True)
-            self.deepspeed_plugins = plugin
-            self._mixed_precision = "no"  # DeepSpeed's config says the precision, as accelerate sets it up there
+            if getattr(self, "deepspeed_plugins", None) is None:  # the first call: set the plugin up, once
+                plugin = kwargs.get("deepspeed_plugin") or DeepSpeedPlugin()
+                plugin.set_mixed_precision(self._mixed_precision)
+                plugin.select(_from_accelerator_state=True)
+                self.deepspeed_plugins = plugin
+                self._mixed_precision = "no"  # DeepSpeed's config says the precision, as accelerate sets it up
 
     AcceleratorState.__init__ = init_then_deepspeed
 

@@ -255,7 +255,8 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
     )
     check_strategy(accelerator)  # FSDP1 refused; FSDP2 shards (sdtrain.train.sharding)
-    zero.check(accelerator, tc)  # DeepSpeed ZeRO 1 / 2 partitions the optimizer (sdtrain.train.zero)
+    zero.check(accelerator, tc)  # DeepSpeed ZeRO partitions the optimizer, and at stage 3 the UNet (train.zero)
+    zero.load_whole(accelerator)  # not partitioned by ZeRO-3's zero3_init as transformers loads them
     ckpt_root = out / "checkpoints"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -548,8 +549,11 @@ def _preflight(accelerator, components: Components, config: Config, micro_batch:
 
 
 def _ema_parameters(model) -> list[torch.Tensor]:
-    """What the EMA tracks: the trainable weights (under FSDP2, this process's parts of them)."""
-    return [sharding.local(p) for _, p in trainable(model)]
+    """What the EMA tracks: the trainable weights (under FSDP2 and ZeRO-3, this process's parts of them). diffusers'
+    EMAModel averages only tensors that require gradients, which ZeRO-3's partitions do not: they are passed as views
+    that do."""
+    parts = [sharding.local(p) for _, p in trainable(model)]
+    return [t if t.requires_grad else t.detach().requires_grad_() for t in parts]
 
 
 @dataclass
@@ -579,7 +583,7 @@ class _EvalUNet:
             copy = deepcopy(model)
             ema.copy_to([p for _, p in trainable(copy)])
             return copy.eval()
-        whole = sharding.gather(model.state_dict(), keep)
+        whole = sharding.gather_model(model, keep)
         ema_weights = whole_ema(ema, model, keep) if ema is not None else None
         if not keep:
             return None

@@ -1,4 +1,5 @@
-"""FSDP2: the UNet's weights, gradients, optimizer and EMA states as shards, one per process, whole only where needed.
+"""FSDP2 (and ZeRO-3): the UNet's weights, gradients, optimizer and EMA states as shards, one per process, whole only
+where needed.
 
 ``accelerate launch --use_fsdp --fsdp_version 2`` (or ``distributed_type: FSDP`` with ``fsdp_version: 2`` in
 accelerate's config file) makes ``accelerator.prepare`` shard the UNet with torch's ``fully_shard``: every parameter
@@ -14,7 +15,11 @@ that changes for the rest of sdtrain lives here:
   (:func:`unsharded_copy`), because a sharded forward pass is collective and would wait for processes that do not
   sample.
 
-Without FSDP every function here is the identity, or returns the plain state dict, so callers never branch on it.
+DeepSpeed ZeRO-3 partitions the weights too (each parameter's ``ds_tensor`` is this process's flat slice of it):
+the same functions handle its partitions as they handle shards (``sdtrain.train.zero`` holds the arithmetic).
+
+Without FSDP or ZeRO-3 every function here is the identity, or returns the plain state dict, so callers never
+branch on it.
 Gathering is collective: every process calls it in the same order; ``keep`` says which processes hold the result.
 """
 
@@ -28,6 +33,8 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType, parse_flag_from_env
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from sdtrain.train import zero
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +55,8 @@ def check_strategy(accelerator) -> None:
 
 
 def is_sharded(accelerator) -> bool:
-    return accelerator.distributed_type == DistributedType.FSDP
+    """Whether each process holds only its part of the UNet's weights: FSDP2, or DeepSpeed ZeRO-3."""
+    return accelerator.distributed_type == DistributedType.FSDP or zero.stage(accelerator) == 3
 
 
 def wrap_blocks_by_default(accelerator) -> None:
@@ -68,10 +76,11 @@ def prepare(accelerator, model: torch.nn.Module, optimizer) -> tuple[Any, Any, t
     template = None
     if is_sharded(accelerator):
         template = meta_template(model)
+    if accelerator.distributed_type == DistributedType.FSDP:
         wrap_blocks_by_default(accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     if template is not None and accelerator.is_main_process:
-        logger.info("FSDP2: %s", describe(model))
+        logger.info("%s: %s", "ZeRO-3" if zero.is_zero(accelerator) else "FSDP2", describe(model))
     return model, optimizer, template
 
 
@@ -79,19 +88,29 @@ def describe(model: torch.nn.Module) -> str:
     """How a sharded model is laid out over the processes, for the log."""
     from torch.distributed.fsdp import FSDPModule
 
-    units = sum(isinstance(m, FSDPModule) for m in model.modules())
     held = sum(local(p).numel() for p in model.parameters())
-    total = sum(p.numel() for p in model.parameters())
-    return f"{units} units; this process holds {held} of the UNet's {total} parameters"
+    total = sum(p.ds_numel if zero.is_partitioned(p) else p.numel() for p in model.parameters())
+    units = sum(isinstance(m, FSDPModule) for m in model.modules())
+    layout = f"{units} units; " if units else ""
+    return f"{layout}this process holds {held} of the UNet's {total} parameters"
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's part of a sharded tensor (a view of its storage: writing it writes the parameter)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    """This process's part of a sharded tensor (a view of its storage: writing it writes the parameter): a DTensor's
+    local tensor, a ZeRO-3 parameter's flat partition."""
+    if isinstance(tensor, DTensor):
+        return tensor.to_local()
+    return tensor.ds_tensor if zero.is_partitioned(tensor) else tensor
 
 
-def _full(part: torch.Tensor, like: DTensor) -> torch.Tensor:
+def _is_split(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, DTensor) or zero.is_partitioned(tensor)
+
+
+def _full(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The whole tensor of which ``part`` is this process's part, laid out as ``like`` (collective)."""
+    if zero.is_partitioned(like):
+        return zero.assemble(part, like)
     mesh = like.device_mesh
     if part.device.type != mesh.device_type:  # FSDP2 CPU offload: shards on the CPU, collectives on the accelerator
         part = part.to(mesh.device_type)
@@ -99,7 +118,17 @@ def _full(part: torch.Tensor, like: DTensor) -> torch.Tensor:
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    return _full(tensor.detach().to_local(), tensor) if isinstance(tensor, DTensor) else tensor.detach()
+    return _full(local(tensor).detach(), tensor) if _is_split(tensor) else tensor.detach()
+
+
+def gather_model(model: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor] | None:
+    """:func:`gather` of the model's state dict (its parameters themselves where ZeRO-3 partitions them: its
+    ``state_dict()`` holds empty stand-ins)."""
+    state = model.state_dict()
+    if any(zero.is_partitioned(p) for p in model.parameters()):
+        found = dict(model.named_parameters()) | dict(model.named_buffers())
+        state = {k: found[k] for k in state}
+    return gather(state, keep)
 
 
 def gather(state: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor] | None:
@@ -132,6 +161,8 @@ def gather_optimizer(optimizer, keep: bool) -> dict[str, Any] | None:
 def _cut(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``whole`` (the same on every process) laid out as ``like``: this process's part of it if ``like`` is
     sharded (no communication), else ``whole`` itself."""
+    if zero.is_partitioned(like):
+        return zero.partition(whole, like)
     if not isinstance(like, DTensor):
         return whole
     whole = whole.detach().to(device=like.device, dtype=like.dtype)
@@ -163,7 +194,7 @@ def gather_ema(shadow: list[torch.Tensor], parameters: list[torch.Tensor], keep:
     ``parameters`` (the trainable ones, in order), possibly on the CPU (``ema_offload``)."""
     out = []
     for s, p in zip(shadow, parameters, strict=True):
-        if isinstance(p, DTensor):
+        if _is_split(p):
             s = _full(s.detach(), p)
         if keep:
             out.append(s.detach().cpu())
@@ -173,13 +204,13 @@ def gather_ema(shadow: list[torch.Tensor], parameters: list[torch.Tensor], keep:
 def shard_ema(shadow: list[torch.Tensor], parameters: list[torch.Tensor]) -> list[torch.Tensor]:
     """Whole EMA tensors cut to this process's parts of ``parameters``."""
     pairs = zip(shadow, parameters, strict=True)
-    return [local(_cut(s, p)).clone() if isinstance(p, DTensor) else s for s, p in pairs]
+    return [local(_cut(s, p)).clone() if _is_split(p) else s for s, p in pairs]
 
 
 def all_finite(accelerator, model: torch.nn.Module) -> bool:
     """Whether every weight is finite, the same answer on every process (sharded: each checks its part, then one
     all-reduce)."""
-    counts = [(~torch.isfinite(local(p.detach()))).sum() for p in model.parameters()]
+    counts = [(~torch.isfinite(local(p).detach())).sum() for p in model.parameters()]
     bad = torch.stack(counts).sum().float() if counts else torch.zeros((), device=accelerator.device)
     if is_sharded(accelerator):
         bad = accelerator.reduce(bad, reduction="sum")

@@ -142,7 +142,7 @@ def save_training_state(
         raise RuntimeError(f"non-finite weights at step {counters.step}: checkpoint not written")
     # whole tensors on the main process (under FSDP2 each is gathered from the shards: every rank takes part)
     main = accelerator.is_main_process
-    weights = sharding.gather(model.state_dict(), main)
+    weights = sharding.gather_model(model, main)
     ema_weights = whole_ema(ema, model, main) if ema is not None else None
     if zero.is_zero(accelerator):  # DeepSpeed ZeRO: moments assembled from the partitions, by parameter
         optimizer_state = zero.gather_optimizer(optimizer, main)
@@ -181,7 +181,10 @@ def load_training_state(
     if frozen is not None:
         check_frozen(state.get("frozen"), frozen, path)
     model = unwrap(accelerator, unet)
-    model.load_state_dict(sharding.shard_state(tensors["unet"], model))  # FSDP2: each rank its part
+    if zero.stage(accelerator) == 3:  # each rank writes its partitions
+        zero.load_partitioned(model, tensors["unet"])
+    else:
+        model.load_state_dict(sharding.shard_state(tensors["unet"], model))  # FSDP2: each rank its part
     saved = objects["optimizer"]
     saved = {**saved, "param_groups": [g for g in saved["param_groups"] if g["params"]]}  # as optim.param_groups
     if zero.is_zero(accelerator):  # the master copy and the moments DeepSpeed steps, each rank its partition
