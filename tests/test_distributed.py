@@ -294,6 +294,10 @@ def test_unsupported_strategies_are_refused_before_any_work(monkeypatch, caplog)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # asked for, but accelerate fell back to DDP
     check_strategy(accelerator(DistributedType.MULTI_CPU))
     assert "FSDP was asked for" in caplog.text
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    check_strategy(accelerator(DistributedType.MULTI_CPU))
+    assert "DeepSpeed was asked for, but accelerate builds it only on accelerators: training as MULTI" in caplog.text
 
 
 def test_deepspeed_settings_sdtrain_does_not_drive_are_refused_and_its_config_is_written(caplog):

@@ -324,7 +324,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     unet, optimizer, template = sharding.prepare(accelerator, unet, optimizer)  # DDP, FSDP2 or DeepSpeed's engine
     autocast = zero.autocast(accelerator, tc.mixed_precision)  # accelerator.autocast, torch's under DeepSpeed
     ema, ema_device = None, torch.device("cpu") if tc.ema_offload else device
-    if tc.ema_decay is not None:  # of this process's parts of the weights under FSDP2
+    if tc.ema_decay is not None:  # of this process's parts of the weights under FSDP2 and ZeRO-3
         ema = make_ema(_ema_parameters(unwrap(accelerator, unet)), tc.ema_decay)
     eval_unet = _EvalUNet(accelerator, unet, ema, template)  # what samples, validates and exports
 

@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 
 
 def check_strategy(accelerator) -> None:
-    """Refuse FSDP version 1 before any work, with the version to use instead; warn when FSDP was asked for and
-    accelerate fell back to DDP (it builds FSDP only on accelerators). DeepSpeed is checked by
+    """Refuse FSDP version 1 before any work, with the version to use instead; warn when FSDP or DeepSpeed was asked
+    for and accelerate fell back to DDP (it builds them only on accelerators). DeepSpeed's settings are checked by
     :func:`sdtrain.train.zero.check`."""
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
@@ -50,8 +50,11 @@ def check_strategy(accelerator) -> None:
             "by name); use FSDP2: `accelerate launch --use_fsdp --fsdp_version 2 ...` or `fsdp_version: 2` in "
             "accelerate's config"
         )
-    if parse_flag_from_env("ACCELERATE_USE_FSDP") and kind != DistributedType.FSDP and accelerator.is_main_process:
-        logger.warning("FSDP was asked for, but accelerate builds it only on accelerators: training as %s", kind.value)
+    for name, flag, built in (("FSDP", "ACCELERATE_USE_FSDP", DistributedType.FSDP),
+                              ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):  # fmt: skip
+        if parse_flag_from_env(flag) and kind != built and accelerator.is_main_process:
+            logger.warning("%s was asked for, but accelerate builds it only on accelerators: training as %s", name,
+                           kind.value)  # fmt: skip
 
 
 def is_sharded(accelerator) -> bool:
