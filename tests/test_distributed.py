@@ -136,14 +136,21 @@ def test_fsdp2_trains_what_one_process_trains_and_resumes(
     legs += [("one-to-fsdp", tmp_path / "one", _launch_fsdp)]
     for name, source, launch in legs:
         resumed = tmp_path / f"resumed-{name}"
-        shutil.copytree(source / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
-        (resumed / "checkpoints" / "latest").write_text("step-00000002")
-        result = launch(tiny_overrides(resumed, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "resumed from" in result.stderr
-        c = _weights(resumed)
-        assert max((a[k] - c[k]).abs().max().item() for k in a) < 1e-6, name
-        assert [r["loss"] for r in read_log(resumed / "log.jsonl")] == pytest.approx([r["loss"] for r in logs[0][2:]])
+        tiny = tiny_overrides(resumed, image_folder, vae_dir, str(clip_dir), "text_encoder") + overrides
+        _resume_step_2(source, resumed, launch, tiny, a, logs[0][2:])
+
+
+def _resume_step_2(source: Path, resumed: Path, launch, overrides: list[str], weights, records: list[dict]) -> None:
+    """Copy ``source``'s step-2 checkpoint into ``resumed`` and ``launch(overrides)``, the run of that folder: it
+    resumes, ends with ``weights`` (< 1e-6) and logs the losses of ``records``."""
+    shutil.copytree(source / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    (resumed / "checkpoints" / "latest").write_text("step-00000002")
+    result = launch(overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    c = _weights(resumed)
+    assert max((weights[k] - c[k]).abs().max().item() for k in weights) < 1e-6, resumed.name
+    assert [r["loss"] for r in read_log(resumed / "log.jsonl")] == pytest.approx([r["loss"] for r in records])
 
 
 def test_fsdp2_lora_adapters_match_one_process(tmp_path, clip_dir, vae_dir, image_folder):
@@ -225,17 +232,13 @@ def test_deepspeed_zero_trains_what_one_process_trains_and_resumes(stage, tmp_pa
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.allclose(saved[1]["state"][i][key], values[key], rtol=1e-4, atol=1e-9), (i, key)
 
-    legs = [("zero", run, zero), ("one", run, None), ("one-to-zero", one, zero)]
-    for name, source, options in legs:
+    def launch_zero(overrides: list[str]) -> subprocess.CompletedProcess:
+        return _launch_deepspeed(overrides, *zero)
+
+    legs = [("zero", run, launch_zero), ("one", run, _train), ("one-to-zero", one, launch_zero)]
+    for name, source, launch in legs:
         resumed = tmp_path / f"resumed-{name}"
-        shutil.copytree(source / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
-        (resumed / "checkpoints" / "latest").write_text("step-00000002")
-        result = _train(tiny(resumed)) if options is None else _launch_deepspeed(tiny(resumed), *options)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "resumed from" in result.stderr
-        c = _weights(resumed)
-        assert max((a[k] - c[k]).abs().max().item() for k in a) < 1e-6, name
-        assert [r["loss"] for r in read_log(resumed / "log.jsonl")] == pytest.approx([r["loss"] for r in logs[0][2:]])
+        _resume_step_2(source, resumed, launch, tiny(resumed), a, logs[0][2:])
 
 
 def test_deepspeed_skips_a_step_with_a_nan_on_one_rank_as_one_process_does(tmp_path, clip_dir, vae_dir, image_folder):

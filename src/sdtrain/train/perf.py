@@ -114,9 +114,8 @@ def estimate_memory(
     per_sample = profile.checkpointed_bytes if train_config.gradient_checkpointing else profile.activation_bytes
     if train_config.mixed_precision in ("bf16", "fp16"):
         per_sample /= 2  # measured in fp32, stored in 16 bits under autocast
-    optimizer = OPTIMIZER_BYTES[train_config.optim.name] * trainable / shards
-    if zero_stage:
-        optimizer = (OPTIMIZER_BYTES[train_config.optim.name] + 4.0) * trainable / processes
+    per_param = OPTIMIZER_BYTES[train_config.optim.name]
+    optimizer = (per_param + 4.0) * trainable / processes if zero_stage else per_param * trainable / shards
     return MemoryEstimate(
         weights=4.0 * params / shards,
         gradients=4.0 * trainable / (processes if zero_stage >= 2 else shards),

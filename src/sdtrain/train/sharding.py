@@ -134,6 +134,15 @@ def gather_model(model: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor] 
     return gather(state, keep)
 
 
+def load_model(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load whole ``weights`` (a checkpoint's) into ``model``, each process its part: the counterpart of
+    :func:`gather_model`. No communication."""
+    if any(zero.is_partitioned(p) for p in model.parameters()):
+        zero.load_partitioned(model, weights)
+    else:
+        model.load_state_dict(shard_state(weights, model))
+
+
 def gather(state: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor] | None:
     """Whole tensors of a state dict, on the CPU of the processes that ``keep`` them (None on the others); each
     tensor is gathered and moved in turn, so a process never holds two whole copies on the device."""

@@ -181,10 +181,7 @@ def load_training_state(
     if frozen is not None:
         check_frozen(state.get("frozen"), frozen, path)
     model = unwrap(accelerator, unet)
-    if zero.stage(accelerator) == 3:  # each rank writes its partitions
-        zero.load_partitioned(model, tensors["unet"])
-    else:
-        model.load_state_dict(sharding.shard_state(tensors["unet"], model))  # FSDP2: each rank its part
+    sharding.load_model(model, tensors["unet"])  # FSDP2 and ZeRO-3: each rank its part
     saved = objects["optimizer"]
     saved = {**saved, "param_groups": [g for g in saved["param_groups"] if g["params"]]}  # as optim.param_groups
     if zero.is_zero(accelerator):  # the master copy and the moments DeepSpeed steps, each rank its partition

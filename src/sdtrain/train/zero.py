@@ -191,8 +191,8 @@ def gather_optimizer(optimizer, keep: bool) -> dict[str, Any] | None:
             if stepped:  # no state before the first step
                 values = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in scalars.items()}
                 for key in moments:
-                    whole = safe_get_full_optimizer_state(param, key)
-                    values[key] = whole.reshape(param.ds_shape if is_partitioned(param) else param.shape).cpu()
+                    whole = safe_get_full_optimizer_state(param, key)  # collective; shaped as the parameter
+                    values[key] = whole.cpu() if keep else None
                 state[index] = values
             index += 1
         hyper = {k: v for k, v in group.items() if k != "params"}
@@ -201,14 +201,15 @@ def gather_optimizer(optimizer, keep: bool) -> dict[str, Any] | None:
 
 
 def load_optimizer(optimizer, saved: dict[str, Any]) -> None:
-    """Restore a one-process optimizer state (from :func:`gather_optimizer`, DDP, FSDP2 or one process): each
-    process takes its partition of every moment; step counts and hyperparameters as saved. No communication."""
+    """Restore a one-process optimizer state (from :func:`gather_optimizer`, DDP, FSDP2 or one process, its empty
+    param groups left out as ``optim.param_groups`` and DeepSpeed leave them out): each process takes its partition
+    of every moment; step counts and hyperparameters as saved. No communication."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
     zero = _zero_optimizer(optimizer)
     inner = zero.optimizer
     groups, flats = _layout(zero)
-    saved_groups = [g for g in saved["param_groups"] if g["params"]]  # DeepSpeed drops empty groups
+    saved_groups = saved["param_groups"]
     counts = [len(g["params"]) for g in saved_groups], [len(params) for params in groups]
     if counts[0] != counts[1]:
         raise ValueError(f"the checkpoint's optimizer groups have {counts[0]} parameters, this one's {counts[1]}")
