@@ -162,12 +162,15 @@ def test_gradient_checkpointing_and_channels_last_give_the_same_gradients():
     assert torch.allclose(grads(channels_last), plain, atol=1e-5)
 
 
-def test_ema_follows_diffusers_warmup_formula():
-    """decay_k = min(ema_decay, 1 - (1 + k) ** (-2/3)), as the training loop configures its EMA."""
-    from sdtrain.train.loop import make_ema
+def test_ema_follows_diffusers_warmup_formula_and_diffusers_ema():
+    """decay_k = min(ema_decay, 1 - (1 + k) ** (-2/3)), as the training loop configures its EMA; our one-pass update
+    gives what diffusers' EMAModel gives."""
+    from diffusers.training_utils import EMAModel
+
+    from sdtrain.train.ema import EMA
 
     p = torch.nn.Parameter(torch.zeros(1))
-    ema = make_ema([p], 0.99)
+    ema = EMA([p], 0.99)
     shadow = 0.0
     for k in range(1, 6):
         p.data.fill_(float(k))
@@ -175,6 +178,84 @@ def test_ema_follows_diffusers_warmup_formula():
         decay = min(0.99, 1 - (1 + k - 1) ** (-2 / 3)) if k > 1 else 0.0
         shadow = decay * shadow + (1 - decay) * k
         assert ema.shadow_params[0].item() == pytest.approx(shadow, rel=1e-5)
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]
+    ours = EMA(weights, 0.9)
+    theirs = EMAModel(weights, decay=0.9, use_ema_warmup=True, power=2 / 3, foreach=True)
+    for _ in range(6):
+        for w in weights:
+            w.data.add_(torch.randn_like(w))
+        ours.step(weights)
+        theirs.step(weights)
+    for a, b in zip(ours.shadow_params, theirs.shadow_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert not torch.equal(a, weights[0] if a.ndim == 2 else weights[1])
+
+
+class _Weights(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
+
+
+def test_ema_every_n_steps_multiplies_the_decays_and_its_pending_steps_survive_a_checkpoint():
+    """Averaged every 3 steps, the EMA equals the per-step one when the weights change only every 3 steps; its steps
+    not averaged yet are saved and loaded with its state; with every > the steps taken, catching up copies the
+    weights (the first step's decay is 0)."""
+    from sdtrain.train.ema import EMA
+
+    model, reference = _Weights(), _Weights()
+    every3, every1 = EMA([model.w], 0.95, every=3), EMA([reference.w], 0.95)
+    for k in range(1, 10):
+        for m in (model, reference):
+            m.w.data.fill_(float((k - 1) // 3 * 3 + 3))  # 3, 3, 3, 6, 6, 6, 9, 9, 9
+        every3.tick(model)
+        every1.tick(reference)
+        if k % 3 == 0:
+            torch.testing.assert_close(every3.shadow_params[0], every1.shadow_params[0], rtol=1e-6, atol=0)
+            assert every3.optimization_step == every1.optimization_step == k and every3.pending == 0
+        else:
+            assert every3.pending == k % 3
+    # a checkpoint taken with steps pending: the resumed EMA averages as the uninterrupted one does
+    model.w.data.fill_(10.0)
+    every3.tick(model)
+    state = {k: v for k, v in every3.state_dict().items() if k != "shadow_params"}
+    assert state["pending"] == 1
+    resumed = EMA([torch.zeros(3)], 0.95, every=3)
+    resumed.load_state_dict({**state, "shadow_params": [every3.shadow_params[0].clone()]})
+    for ema in (every3, resumed):
+        ema.tick(model)
+        ema.catch_up(model)  # what samples, validation and export do before reading it
+    assert torch.equal(every3.shadow_params[0], resumed.shadow_params[0]) and every3.optimization_step == 11
+    assert every3.shadow_params[0][0].item() != 10.0  # it moved towards the weights, not onto them
+    fresh = EMA([torch.full((3,), -1.0)], 0.95, every=100)
+    for _ in range(4):
+        fresh.tick(model)
+    assert fresh.pending == 4 and fresh.shadow_params[0][0].item() == -1.0
+    fresh.catch_up(model)
+    assert torch.equal(fresh.shadow_params[0], model.w.data)
+
+
+def test_ema_every_resumes_exactly_and_a_checkpoints_export_catches_up(tmp_path, clip_dir, vae_dir, image_folder):
+    """train.ema_every=3 with checkpoints at steps 2 and 4 (2 and 1 steps pending): stopped at 2 and resumed, the run
+    exports the uninterrupted run's weights; ``sdtrain export`` of the step-2 checkpoint gives what the run exported
+    when it ended at step 2."""
+    from safetensors.torch import load_file
+
+    from sdtrain.train.loop import export_checkpoint
+
+    unet = lambda run: load_file(run / "unet" / "diffusion_pytorch_model.safetensors")  # noqa: E731
+    extra = ["train.ema_every=3", "train.num_steps=5", "train.ema_decay=0.9", "train.keep_checkpoints=3"]
+    straight = unet(_run(tmp_path, clip_dir, vae_dir, image_folder, extra, "a"))
+    ended_at_2 = unet(_run(tmp_path, clip_dir, vae_dir, image_folder, extra + ["train.num_steps=2"], "b"))
+    resumed = unet(_run(tmp_path, clip_dir, vae_dir, image_folder, extra, "b"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    step_2 = tmp_path / "b" / "checkpoints" / "step-00000002"
+    assert json.loads((step_2 / "state.json").read_text())["ema"]["pending"] == 2
+    exported = unet(export_checkpoint(tmp_path / "b", 2, tmp_path / "e"))
+    raw = load_file(step_2 / "ema.safetensors")
+    assert all(torch.equal(exported[k], ended_at_2[k]) for k in exported)
+    assert not torch.equal(exported["conv_in.weight"], raw["conv_in.weight"])  # the pending steps were averaged in
 
 
 def test_ema_offload_keeps_the_same_result(tmp_path, clip_dir, vae_dir, image_folder):

@@ -365,6 +365,10 @@ class TrainConfig:
     """Gradient-norm clipping (None: off)."""
     ema_decay: float | None = 0.9999
     """EMA decay of the UNet weights, with diffusers' warm-up (None: no EMA). Export uses the EMA weights."""
+    ema_every: int = 1
+    """Average the EMA every N optimizer steps, with the N steps' decays multiplied: N times less EMA work (and with
+    ema_offload N times fewer copies of the UNet to and from the device); samples, validation and export see it
+    caught up."""
     log_every: int = 100
     """Log loss, lr and images/s every N steps."""
     save_every: int = 1000
@@ -411,7 +415,7 @@ class TrainConfig:
             raise ConfigError(f"train.trackers: unknown {sorted(unknown)}; choose from tensorboard, wandb")
         if self.validation_every is not None and self.validation_every <= 0:
             raise ConfigError(f"train.validation_every must be positive, got {self.validation_every}")
-        for key in ("batch_size", "gradient_accumulation", "num_steps", "log_every", "save_every"):
+        for key in ("batch_size", "gradient_accumulation", "num_steps", "log_every", "save_every", "ema_every"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
         if self.batch_size % self.gradient_accumulation:

@@ -27,7 +27,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import TorchDynamoPlugin, broadcast_object_list
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.training_utils import EMAModel
 
 from sdtrain.config import Config, SampleConfig, save_config
 from sdtrain.data.cache import (
@@ -46,6 +45,7 @@ from sdtrain.models.unet import build_unet, load_unet
 from sdtrain.models.vae import downsample_factor, load_vae
 from sdtrain.sample.pipeline import sampling_scheduler, save_images, txt2img, write_sampling_defaults
 from sdtrain.train import checkpoint, objective, sharding, zero
+from sdtrain.train.ema import EMA, caught_up, ema_parameters
 from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
 from sdtrain.train.perf import GiB, StepProfile, advice, estimate_memory, peak_tflops, profile_unet
 from sdtrain.train.progress import Progress
@@ -110,11 +110,6 @@ def _processes_on_cpu() -> bool:
     """Several processes on a machine without CUDA (`accelerate launch --multi_gpu` on CPUs): accelerate needs
     ``cpu=True`` to run them as DDP over gloo, else each process would train alone."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
-def make_ema(parameters: list[torch.nn.Parameter], decay: float) -> EMAModel:
-    """diffusers' EMA with warm-up: the step-k decay is ``min(decay, 1 - (1 + k) ** (-2/3))``."""
-    return EMAModel(parameters, decay=decay, use_ema_warmup=True, power=2 / 3, foreach=True)
 
 
 def load_encoders(config: Config) -> tuple[Any, Any, Any]:
@@ -205,7 +200,8 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, out_dir: str
     if config.train.lora.rank:
         add_lora(components.unet, config.train.lora)
     weights = dict(tensors["unet"])
-    weights.update(tensors.get("ema", {}))
+    if "ema" in tensors:
+        weights.update(caught_up(tensors["ema"], tensors["unet"], state["ema"]))  # train.ema_every's pending steps
     components.unet.load_state_dict(weights)
     out = out_dir or run_dir / "export" / path.name
     return export_pipeline(components, config.train.objective, out, config.sample)
@@ -323,9 +319,9 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     zero.configure(accelerator, tc, micro_batch)  # DeepSpeed: sdtrain's batch, accumulation, clipping, precision
     unet, optimizer, template = sharding.prepare(accelerator, unet, optimizer)  # DDP, FSDP2 or DeepSpeed's engine
     autocast = zero.autocast(accelerator, tc.mixed_precision)  # accelerator.autocast, torch's under DeepSpeed
-    ema, ema_device = None, torch.device("cpu") if tc.ema_offload else device
+    ema = None
     if tc.ema_decay is not None:  # of this process's parts of the weights under FSDP2 and ZeRO-3
-        ema = make_ema(_ema_parameters(unwrap(accelerator, unet)), tc.ema_decay)
+        ema = EMA(ema_parameters(unwrap(accelerator, unet)), tc.ema_decay, tc.ema_every, tc.ema_offload)
     eval_unet = _EvalUNet(accelerator, unet, ema, template)  # what samples, validates and exports
 
     # 5. Resume from the newest valid checkpoint
@@ -335,9 +331,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         counters = load_training_state(latest, accelerator, unet, optimizer, ema, stream, generator, frozen)
         logger.info("resumed from %s at step %d", latest, counters.step)
     if ema is not None:
-        ema.to(ema_device)
-        if tc.ema_offload and device.type == "cuda":
-            ema.pin_memory()  # asynchronous copies to and from the GPU
+        ema.place(device)
     ckpt_args = (accelerator, ckpt_root, tc.keep_checkpoints, unet, optimizer, ema, stream, generator)
     ckpt_args += (counters, frozen)
 
@@ -408,7 +402,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         else:
             consecutive_skips = 0
             if ema is not None:
-                _ema_step(ema, unwrap(accelerator, unet), device, tc.ema_offload)
+                ema.tick(unwrap(accelerator, unet))  # averages every train.ema_every steps
         counters.step += 1
         counters.samples_seen += tc.batch_size
         window_loss, window_steps = window_loss + step_loss, window_steps + 1
@@ -548,14 +542,6 @@ def _preflight(accelerator, components: Components, config: Config, micro_batch:
     return profile
 
 
-def _ema_parameters(model) -> list[torch.Tensor]:
-    """What the EMA tracks: the trainable weights (under FSDP2 and ZeRO-3, this process's parts of them). diffusers'
-    EMAModel averages only tensors that require gradients, which ZeRO-3's partitions do not: they are passed as views
-    that do."""
-    parts = [sharding.local(p) for _, p in trainable(model)]
-    return [t if t.requires_grad else t.detach().requires_grad_() for t in parts]
-
-
 @dataclass
 class _EvalUNet:
     """The UNet as sampling, validation and export see it: the EMA weights (the training ones without EMA), in an
@@ -563,7 +549,7 @@ class _EvalUNet:
 
     accelerator: Accelerator
     unet: Any  # as prepared: DDP-wrapped, or sharded by FSDP2
-    ema: EMAModel | None
+    ema: EMA | None
     template: torch.nn.Module | None  # FSDP2: the UNet's structure on the meta device
 
     def copy(self, everywhere: bool = False) -> UNet2DConditionModel | None:
@@ -575,6 +561,8 @@ class _EvalUNet:
         accelerator, ema = self.accelerator, self.ema
         keep = everywhere or accelerator.is_main_process
         model = unwrap(accelerator, self.unet)
+        if ema is not None:
+            ema.catch_up(model)  # every process: the steps not averaged yet (train.ema_every)
         if self.template is None:  # DDP or one process: every process holds the whole model
             if not keep:
                 return None
@@ -590,22 +578,14 @@ class _EvalUNet:
         return sharding.unsharded_copy(self.template, whole | (ema_weights or {}), accelerator.device).eval()
 
 
-def _ema_step(ema: EMAModel, model, device: torch.device, offload: bool) -> None:
-    parameters = _ema_parameters(model)
-    if offload:
-        ema.to(device, non_blocking=True)
-        ema.step(parameters)
-        ema.to("cpu", non_blocking=True)
-    else:
-        ema.step(parameters)
-
-
 def _validation(
     eval_unet: _EvalUNet, validation: ValidationSet | None, scheduler, tc, batch_size: int, autocast
 ) -> float | None:
     """Validation loss with the EMA weights (the ones exported) on the main process (None on the others): swapped into
     the training UNet and back out, or under FSDP2 in an unsharded copy (collective)."""
     accelerator, ema = eval_unet.accelerator, eval_unet.ema
+    if ema is not None:
+        ema.catch_up(unwrap(accelerator, eval_unet.unet))  # every process: the steps not averaged yet
     if eval_unet.template is not None:
         copy = eval_unet.copy()
         if copy is None:
