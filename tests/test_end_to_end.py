@@ -239,11 +239,24 @@ def test_t5_encoder_from_a_folder_trains(tmp_path, clip_dir, vae_dir, image_fold
     assert plain.unet.config.cross_attention_dim == 32
 
 
-def test_bf16_autocast_run(tmp_path, clip_dir, vae_dir, image_folder):
-    overrides = tiny_overrides(tmp_path / "run", image_folder, vae_dir, str(clip_dir), "text_encoder")
-    final = train(load_config(Config, None, overrides + ["train.mixed_precision=bf16", "train.num_steps=2"]))
-    weights = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
+def test_bf16_autocasts_over_fp32_weights_and_fp16_on_a_cpu_says_it_trains_fp32(
+    tmp_path, clip_dir, vae_dir, image_folder, caplog
+):
+    def run(precision):
+        overrides = tiny_overrides(tmp_path / precision, image_folder, vae_dir, str(clip_dir), "text_encoder")
+        final = train(
+            load_config(Config, None, overrides + [f"train.mixed_precision={precision}", "train.num_steps=2"])
+        )
+        losses = [json.loads(x)["loss"] for x in (tmp_path / precision / "log.jsonl").read_text().splitlines()]
+        return load_file(final / "unet" / "diffusion_pytorch_model.safetensors"), losses
+
+    _, fp32 = run("no")
+    weights, bf16 = run("bf16")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())  # fp32 master weights
+    assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=2e-2)  # the same step, in bf16
+    with caplog.at_level("WARNING", logger="sdtrain.train.loop"):
+        _, fp16 = run("fp16")
+    assert "trains in fp32" in caplog.text and fp16 == fp32
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, clip_dir, vae_dir, image_folder):

@@ -251,6 +251,9 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
     )
     check_strategy(accelerator)  # FSDP1 refused; FSDP2 shards (sdtrain.train.sharding)
+    if tc.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        logger.warning("train.mixed_precision=fp16 on a CPU: accelerate autocasts to fp16 on accelerators only, so "
+                       "this run trains in fp32 (bf16 autocast runs on CPUs)")  # fmt: skip
     zero.check(accelerator, tc)  # DeepSpeed ZeRO partitions the optimizer, and at stage 3 the UNet (train.zero)
     zero.load_whole(accelerator)  # not partitioned by ZeRO-3's zero3_init as transformers loads them
     ckpt_root = out / "checkpoints"
