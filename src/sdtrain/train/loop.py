@@ -28,7 +28,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import TorchDynamoPlugin, broadcast_object_list
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from sdtrain.config import Config, SampleConfig, save_config
+from sdtrain.config import Config, SampleConfig, TrainConfig, save_config
 from sdtrain.data.cache import (
     CachedStream,
     IterableStream,
@@ -222,6 +222,80 @@ def assemble_pipeline(components: Components, objective_config, scheduler: str =
     return pipe
 
 
+def _make_accelerator(tc: TrainConfig) -> Accelerator:
+    """accelerate's Accelerator as launched (one process, DDP, FSDP2 or DeepSpeed), the strategies sdtrain cannot run
+    refused, and the GPU's math settings (TF32, cuDNN autotuning)."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", tc.mixed_precision) != tc.mixed_precision:
+        AcceleratorState._reset_state()  # a second run in this process (the Python API) with another precision
+    check_trackers(tc.trackers)
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=tc.gradient_accumulation,
+        cpu=_processes_on_cpu(),
+        log_with=tc.trackers or None,
+        project_dir=Path(tc.output_dir),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
+    )
+    check_strategy(accelerator)  # FSDP1 refused; FSDP2 shards (sdtrain.train.sharding)
+    if tc.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        logger.warning("train.mixed_precision=fp16 on a CPU: accelerate autocasts to fp16 on accelerators only, so "
+                       "this run trains in fp32 (bf16 autocast runs on CPUs)")  # fmt: skip
+    zero.check(accelerator, tc)  # DeepSpeed ZeRO partitions the optimizer, and at stage 3 the UNet (train.zero)
+    zero.load_whole(accelerator)  # not partitioned by ZeRO-3's zero3_init as transformers loads them
+    if torch.cuda.is_available():
+        if tc.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = tc.cudnn_benchmark
+    return accelerator
+
+
+def _prepare_unet(unet: UNet2DConditionModel, tc: TrainConfig, accelerator: Accelerator) -> None:
+    """LoRA adapters (the base weights freeze), gradient checkpointing, the memory format; on the device, in training
+    mode."""
+    if tc.lora.rank:
+        add_lora(unet, tc.lora)
+    unet.to(accelerator.device).train()
+    if tc.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if tc.channels_last and (is_sharded(accelerator) or zero.is_zero(accelerator)):
+        logger.warning("train.channels_last is ignored under FSDP2 and DeepSpeed (they flatten or shard contiguous "
+                       "parameters only)")  # fmt: skip
+    elif tc.channels_last:
+        unet.to(memory_format=torch.channels_last)
+
+
+def _micro_batch(tc: TrainConfig, accelerator: Accelerator) -> int:
+    """Each process's micro-batch: ``train.batch_size`` is the global batch of every step, whatever the launch."""
+    world, accumulation = accelerator.num_processes, tc.gradient_accumulation
+    micro_batch, parts = divmod(tc.batch_size, accumulation * world)
+    if micro_batch < 1 or parts:
+        raise ValueError(
+            f"train.batch_size={tc.batch_size} is not a multiple of gradient_accumulation x processes "
+            f"({accumulation} x {world}): it is the global batch every step trains on"
+        )
+    if accelerator.is_main_process:
+        kind = accelerator.distributed_type.value
+        kind += f" ZeRO-{zero.stage(accelerator)}" if zero.is_zero(accelerator) else ""
+        logger.info(
+            "world size %d (%s on %s): global batch %d = micro-batch %d x accumulation %d x processes %d",
+            *(world, kind, accelerator.device, tc.batch_size, micro_batch, accumulation, world),
+        )
+    return micro_batch
+
+
+def _agree(accelerator: Accelerator, loss, grad_norm, stopping: bool, seconds: float) -> tuple[bool, bool, float]:
+    """One all-reduce (max) of the step's flags: ``(non-finite loss or gradient on any rank, a stop signal on any
+    rank, the largest elapsed time)``, the same on every rank."""
+    device = accelerator.device
+    finite = torch.isfinite(loss) & torch.isfinite(torch.as_tensor(grad_norm, device=device))
+    flags = torch.tensor([0.0, float(stopping), seconds], device=device, dtype=torch.float64)
+    flags[0] = (~finite).double()
+    flags = accelerator.reduce(flags, reduction="max")
+    return bool(flags[0]), bool(flags[1]), float(flags[2])
+
+
 def train(config: Config, components: Components | None = None, batches: Iterable | None = None) -> Path:
     """Train the UNet and export ``output_dir/final`` as a diffusers pipeline folder.
 
@@ -236,35 +310,13 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         The export folder.
     """
     tc = config.train
-    # 1. Accelerator, seeds, run directory
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", tc.mixed_precision) != tc.mixed_precision:
-        AcceleratorState._reset_state()  # a second run in this process (the Python API) with another precision
-    check_trackers(tc.trackers)
+    # 1. Accelerator (DDP, FSDP2 or DeepSpeed, as launched), run directory, seeds
+    accelerator = _make_accelerator(tc)
     out = Path(tc.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision,
-        gradient_accumulation_steps=tc.gradient_accumulation,
-        cpu=_processes_on_cpu(),
-        log_with=tc.trackers or None,
-        project_dir=out,
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
-    )
-    check_strategy(accelerator)  # FSDP1 refused; FSDP2 shards (sdtrain.train.sharding)
-    if tc.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        logger.warning("train.mixed_precision=fp16 on a CPU: accelerate autocasts to fp16 on accelerators only, so "
-                       "this run trains in fp32 (bf16 autocast runs on CPUs)")  # fmt: skip
-    zero.check(accelerator, tc)  # DeepSpeed ZeRO partitions the optimizer, and at stage 3 the UNet (train.zero)
-    zero.load_whole(accelerator)  # not partitioned by ZeRO-3's zero3_init as transformers loads them
     ckpt_root = out / "checkpoints"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-    if torch.cuda.is_available():
-        if tc.allow_tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = tc.cudnn_benchmark
     rank, world = accelerator.process_index, accelerator.num_processes
     random.seed(tc.seed + rank)  # global RNGs (UNet dropout) differ per rank
     np.random.seed(tc.seed + rank)
@@ -282,32 +334,11 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
         check_disk(out, unet, tc.ema_decay is not None)
     vae.to(device).requires_grad_(False).eval()
     text_encoder.to(device).requires_grad_(False).eval()
-    if tc.lora.rank:
-        add_lora(unet, tc.lora)  # the base weights freeze, only the adapters train
-    unet.to(device).train()
-    if tc.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if tc.channels_last and (is_sharded(accelerator) or zero.is_zero(accelerator)):
-        logger.warning("train.channels_last is ignored under FSDP2 and DeepSpeed (they flatten or shard contiguous "
-                       "parameters only)")  # fmt: skip
-    elif tc.channels_last:
-        unet.to(memory_format=torch.channels_last)
+    _prepare_unet(unet, tc, accelerator)  # LoRA adapters, gradient checkpointing, memory format, on the device
 
     # 3. Data: a resumable stream of micro-batches, each process its own share
-    micro_batch, parts = divmod(tc.batch_size, tc.gradient_accumulation * accelerator.num_processes)
-    if micro_batch < 1 or parts:
-        raise ValueError(
-            f"train.batch_size={tc.batch_size} is not a multiple of gradient_accumulation x processes "
-            f"({tc.gradient_accumulation} x {accelerator.num_processes}): it is the global batch every step trains on"
-        )
+    micro_batch = _micro_batch(tc, accelerator)
     draws = SharedDraws(generator, rank, world, micro_batch)
-    if accelerator.is_main_process:
-        kind, accumulation = accelerator.distributed_type.value, tc.gradient_accumulation
-        kind += f" ZeRO-{zero.stage(accelerator)}" if zero.is_zero(accelerator) else ""
-        logger.info(
-            "world size %d (%s on %s): global batch %d = micro-batch %d x accumulation %d x processes %d",
-            *(world, kind, device, tc.batch_size, micro_batch, accumulation, world),
-        )
     profile = _preflight(accelerator, components, config, micro_batch)
     stream = _make_stream(config, components, batches, micro_batch, device, rank, world)
     validation = None
@@ -376,18 +407,12 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
                     # finite: the norm it reports is the one it clipped)
                     grad_norm = sharding.local(accelerator.clip_grad_norm_(unet.parameters(), max_norm))
                     grad_norm = 0.0 if grad_norm is None else grad_norm  # DeepSpeed with compute_grad_norm off
-                    # 6d. one all-reduce (max) makes every rank agree on: a non-finite loss or gradient on any
-                    # rank, a stop signal received by any rank, and the elapsed time (so a time budget ends the
-                    # run on the same step everywhere)
-                    finite = torch.isfinite(step_loss) & torch.isfinite(torch.as_tensor(grad_norm, device=device))
-                    flags = torch.tensor(
-                        [0.0, float(stop_signal.received is not None), time.perf_counter() - started],
-                        device=device,
-                        dtype=torch.float64,
+                    # 6d. every rank agrees on: a non-finite loss or gradient on any rank, a stop signal received
+                    # by any rank, and the elapsed time (so a time budget ends the run on the same step everywhere)
+                    stopping = stop_signal.received is not None
+                    nonfinite, stop, counters.train_seconds = _agree(
+                        accelerator, step_loss, grad_norm, stopping, time.perf_counter() - started
                     )
-                    flags[0] = (~finite).double()
-                    flags = accelerator.reduce(flags, reduction="max")
-                    nonfinite, stop, counters.train_seconds = bool(flags[0]), bool(flags[1]), float(flags[2])
                     if not nonfinite:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
