@@ -328,3 +328,39 @@ def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, clip_dir, vae_d
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     # 6 steps x 4 = 24 draws = 3 epochs of 8 files: each bad file is met (and counted) 3 times
     assert log[-1]["skipped_samples"] == {"not_an_image": 3, "empty": 3}
+
+
+def test_fp16_loss_scaler_backs_off_on_an_overflow_and_training_goes_on(
+    tmp_path, clip_dir, vae_dir, image_folder, monkeypatch
+):
+    """fp16 with a loss scaler: a step whose scaled gradients overflow is skipped by the scaler, which must still see
+    it to lower its scale (its update() runs in the optimizer's step); the next steps train. accelerate builds the
+    scaler on GPUs only: here its set-up is done by hand on the CPU (fp16 autocast and torch's CPU GradScaler), as
+    accelerate does it on CUDA; everything after that is accelerate's code. The overflow is a NaN loss on step 2."""
+    from sdtrain.train import loop, objective
+
+    make = loop._make_accelerator
+
+    def with_a_scaler(tc):
+        accelerator = make(tc)
+        accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu")  # accelerate's CUDA fp16
+        return accelerator
+
+    calls, loss = [0], objective.diffusion_loss
+
+    def nan_on_step_2(*args, **kwargs):
+        calls[0] += 1
+        value, per_sample = loss(*args, **kwargs)
+        return (value * float("nan"), per_sample) if calls[0] == 2 else (value, per_sample)
+
+    monkeypatch.setattr(loop, "_make_accelerator", with_a_scaler)
+    monkeypatch.setattr(objective, "diffusion_loss", nan_on_step_2)
+    overrides = tiny_overrides(tmp_path / "run", image_folder, vae_dir, str(clip_dir), "text_encoder")
+    final = train(load_config(Config, None, overrides + ["train.mixed_precision=fp16", "train.num_steps=4"]))
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in log] == [0, 1, 1, 1]
+    assert all(np.isfinite(r["loss"]) for i, r in enumerate(log) if i != 1)
+    scaler = torch.load(tmp_path / "run" / "checkpoints" / "step-00000004" / "scaler.pt", weights_only=True)
+    assert scaler["scale"] == 65536.0 / 2  # backed off once, not grown (growth every 2000 good steps)
+    weights = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())

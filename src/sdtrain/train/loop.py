@@ -413,14 +413,16 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
                     nonfinite, stop, counters.train_seconds = _agree(
                         accelerator, step_loss, grad_norm, stopping, time.perf_counter() - started
                     )
-                    if not nonfinite:
+                    if not nonfinite or accelerator.scaler is not None:
+                        # (fp16: the loss scaler skips a non-finite step itself, and must see it to lower its scale)
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
         # 6e. EMA, counters, logs; a skipped step leaves weights and EMA unchanged
         if nonfinite:
             counters.skipped_steps += 1
             consecutive_skips += 1
-            logger.warning("non-finite loss or gradient at step %d: step skipped", counters.step)
+            scale = f" (fp16 loss scale now {accelerator.scaler.get_scale():g})" if accelerator.scaler else ""
+            logger.warning("non-finite loss or gradient at step %d: step skipped%s", counters.step, scale)
             if consecutive_skips >= tc.max_consecutive_skips:
                 raise RuntimeError(
                     f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (last: step "
