@@ -330,37 +330,51 @@ def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, clip_dir, vae_d
     assert log[-1]["skipped_samples"] == {"not_an_image": 3, "empty": 3}
 
 
-def test_fp16_loss_scaler_backs_off_on_an_overflow_and_training_goes_on(
+def test_fp16_loss_scaler_backs_off_on_an_overflow_trains_on_and_resumes(
     tmp_path, clip_dir, vae_dir, image_folder, monkeypatch
 ):
     """fp16 with a loss scaler: a step whose scaled gradients overflow is skipped by the scaler, which must still see
-    it to lower its scale (its update() runs in the optimizer's step); the next steps train. accelerate builds the
+    it to lower its scale (its update() runs in the optimizer's step); the next steps train, and a run stopped after
+    the overflow resumes with the lowered scale, ending with the uninterrupted run's weights. accelerate builds the
     scaler on GPUs only: here its set-up is done by hand on the CPU (fp16 autocast and torch's CPU GradScaler), as
     accelerate does it on CUDA; everything after that is accelerate's code. The overflow is a NaN loss on step 2."""
     from sdtrain.train import loop, objective
 
-    make = loop._make_accelerator
+    make, loss = loop._make_accelerator, objective.diffusion_loss
 
     def with_a_scaler(tc):
         accelerator = make(tc)
         accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu")  # accelerate's CUDA fp16
         return accelerator
 
-    calls, loss = [0], objective.diffusion_loss
+    def nan_on_step_2(calls):
+        def diffusion_loss(*args, **kwargs):
+            calls.append(1)
+            value, per_sample = loss(*args, **kwargs)
+            return (value * float("nan"), per_sample) if len(calls) == 2 else (value, per_sample)
 
-    def nan_on_step_2(*args, **kwargs):
-        calls[0] += 1
-        value, per_sample = loss(*args, **kwargs)
-        return (value * float("nan"), per_sample) if calls[0] == 2 else (value, per_sample)
+        return diffusion_loss
 
     monkeypatch.setattr(loop, "_make_accelerator", with_a_scaler)
-    monkeypatch.setattr(objective, "diffusion_loss", nan_on_step_2)
-    overrides = tiny_overrides(tmp_path / "run", image_folder, vae_dir, str(clip_dir), "text_encoder")
-    final = train(load_config(Config, None, overrides + ["train.mixed_precision=fp16", "train.num_steps=4"]))
-    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+
+    def run(name, steps, calls):
+        monkeypatch.setattr(objective, "diffusion_loss", nan_on_step_2(calls))
+        overrides = tiny_overrides(tmp_path / name, image_folder, vae_dir, str(clip_dir), "text_encoder")
+        return train(load_config(Config, None, overrides + ["train.mixed_precision=fp16", f"train.num_steps={steps}"]))
+
+    straight = run("a", 4, [])
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in log] == [0, 1, 1, 1]
     assert all(np.isfinite(r["loss"]) for i, r in enumerate(log) if i != 1)
-    scaler = torch.load(tmp_path / "run" / "checkpoints" / "step-00000004" / "scaler.pt", weights_only=True)
-    assert scaler["scale"] == 65536.0 / 2  # backed off once, not grown (growth every 2000 good steps)
-    weights = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.isfinite(v).all() for v in weights.values())
+    scales = {}
+    for step in (2, 4):
+        path = tmp_path / "a" / "checkpoints" / f"step-{step:08d}" / "scaler.pt"
+        scales[step] = torch.load(path, weights_only=True)["scale"]
+    assert scales == {2: 65536.0 / 2, 4: 65536.0 / 2}  # backed off once, not grown (that takes 2000 good steps)
+    calls = []
+    run("b", 2, calls)
+    resumed = run("b", 4, calls)  # the NaN stays on step 2: the calls go on counting
+    a = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in a.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
