@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from sdtrain.config import Config, load_config
 from sdtrain.train.loop import train
+from sdtrain.train.perf import peak_tflops
 from tests.conftest import tiny_overrides
 from tests.test_faults import _env, _free_port
 
@@ -54,8 +55,10 @@ def test_bf16_autocasts_on_cuda_and_logs_tflops_and_mfu(tmp_path, fixtures):
     _run(tmp_path, fixtures, "bf16", ["train.num_steps=2", "train.mixed_precision=bf16"])
     fp32, bf16 = _log(tmp_path / "fp32"), _log(tmp_path / "bf16")
     assert bf16[0]["loss"] != fp32[0]["loss"] and bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=2e-2)
+    known = peak_tflops(torch.device("cuda"), "bf16") is not None  # MFU needs the card's peak (H100, A100, ...)
     for record in bf16:
-        assert record["tflops"] > 0 and 0 < record["mfu"] < 1, record
+        assert record["tflops"] > 0, record
+        assert 0 < record["mfu"] < 1 if known else "mfu" not in record, record
 
 
 def test_fp16_trains_with_a_loss_scaler_saved_in_checkpoints_and_resumes(tmp_path, fixtures):
