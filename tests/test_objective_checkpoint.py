@@ -268,3 +268,33 @@ def test_start_up_refuses_an_unwritable_or_full_output_folder(tmp_path, monkeypa
     monkeypatch.setattr(Path, "write_bytes", denied)
     with pytest.raises(RuntimeError, match="cannot write"):
         check_disk(tmp_path, model, with_ema=False)
+
+
+def test_rng_states_restore_on_another_gpu_count_or_device_kind(monkeypatch, caplog):
+    """A checkpoint saves this process's CUDA RNG state (older ones: every visible GPU's); resumed on a machine with
+    fewer GPUs it restores the current device's state where it has one and never indexes past the machine's GPUs. A
+    training generator saved on another kind of device seeds a new stream, the same for the same checkpoint."""
+    from sdtrain.train import randomness
+
+    generator = torch.Generator().manual_seed(0)
+    state = randomness.rng_state(generator)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: restored.append(int(s[0])))
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]  # an 8-GPU run's file
+    randomness.set_rng_state({**state, "cuda": states}, generator)
+    randomness.set_rng_state({**state, "cuda": states[:4]}, generator)  # this process is on GPU 5 of 4 saved
+    randomness.set_rng_state({**state, "cuda": states[3]}, generator)  # a new file: one device's state
+    assert restored == [5, 3]
+    monkeypatch.undo()
+
+    draws = []
+    cuda_generator_state = torch.arange(16, dtype=torch.uint8)  # a CUDA (Philox) generator's state: seed and offset
+    for _ in range(2):
+        with caplog.at_level("WARNING", logger="sdtrain.train.randomness"):
+            randomness.set_rng_state({**state, "generator": cuda_generator_state}, generator)
+        draws.append(torch.randn(4, generator=generator))
+    assert "another kind of device" in caplog.text and torch.equal(draws[0], draws[1])
+    randomness.set_rng_state(state, generator)  # the same kind: restored exactly
+    assert torch.equal(torch.randn(4, generator=generator), torch.randn(4, generator=torch.Generator().manual_seed(0)))

@@ -11,11 +11,15 @@ draws for the other ranks' rows cost a few random numbers per latent element, no
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import random
 from typing import Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class SharedDraws:
@@ -57,7 +61,8 @@ class SharedDraws:
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Every RNG a step may touch: python, numpy, torch CPU (and CUDA), and the training generator."""
+    """Every RNG a step may touch: python, numpy, torch CPU (and this process's CUDA device), and the training
+    generator."""
     state = {
         "python": random.getstate(),
         # numpy's key array as a tensor: the file is read back with torch.load(weights_only=True)
@@ -68,15 +73,36 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
         "generator": generator.get_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # the device this process draws on, not every one it can see
     return state
 
 
 def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    """Restore what :func:`rng_state` returned."""
+    """Restore what :func:`rng_state` returned, on a machine with as many GPUs or with others (another count, none)."""
     random.setstate(state["python"])  # torch.save keeps the tuples
     np.random.set_state(tuple(v.numpy().astype(np.uint32) if torch.is_tensor(v) else v for v in state["numpy"]))
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    set_generator_state(generator, state["generator"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # checkpoints written before: every visible device's state
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
+
+def set_generator_state(generator: torch.Generator, saved: torch.Tensor) -> None:
+    """The training generator's saved state; one saved on another kind of device (a CUDA checkpoint resumed on a CPU,
+    or the other way round: their generators' states differ in kind) seeds a new stream from it instead, with a
+    warning: the run goes on, its draws no longer those of an uninterrupted run."""
+    if saved.numel() == generator.get_state().numel():
+        generator.set_state(saved)
+        return
+    seed = int.from_bytes(hashlib.sha256(saved.numpy().tobytes()).digest()[:8], "little") >> 1
+    logger.warning(
+        "the checkpoint's random draws were made on another kind of device than %s: the run goes on with a new "
+        "stream of draws (seeded from the saved one), not the uninterrupted run's",
+        generator.device.type,
+    )
+    generator.manual_seed(seed)

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 
 from sdtrain.data.cache import regroup_states
 from sdtrain.train import checkpoint, sharding, zero
-from sdtrain.train.randomness import rng_state, set_rng_state
+from sdtrain.train.randomness import rng_state, set_generator_state, set_rng_state
 
 
 def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
@@ -206,7 +206,7 @@ def load_training_state(
     if f"rng-{rank}" in objects:
         set_rng_state(objects[f"rng-{rank}"], generator)
     else:  # a process the checkpoint's run did not have: the shared draws go on (global RNGs as seeded at start)
-        generator.set_state(objects["rng-0"]["generator"])
+        set_generator_state(generator, objects["rng-0"]["generator"])
     stream.load_state(data_states[rank])
     return Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
 
