@@ -22,14 +22,6 @@ from diffusers.training_utils import EMAModel
 from sdtrain.train.ema import EMA
 
 
-class _Weights(torch.nn.Module):
-    """The trainable tensors of a UNet, as parameters of one module (what ``EMA.tick`` reads)."""
-
-    def __init__(self, tensors: list[torch.Tensor]):
-        super().__init__()
-        self.tensors = torch.nn.ParameterList(tensors)
-
-
 def unet_weights(sd15: bool, device: torch.device) -> list[torch.nn.Parameter]:
     widths = (320, 640, 1280, 1280) if sd15 else (160, 320, 640, 640)
     with torch.device("meta"):
@@ -63,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     weights = unet_weights(args.sd15, device)
-    model = _Weights(weights)
+    model = torch.nn.ParameterList(weights)  # what EMA.tick reads the trainable weights from
     count = sum(w.numel() for w in weights)
     print(f"torch {torch.__version__}, {device}, {count / 1e6:.0f}M parameters, {args.steps} timed steps per side")
     theirs = EMAModel(weights, decay=0.9999, use_ema_warmup=True, power=2 / 3, foreach=True)

@@ -187,9 +187,9 @@ def test_ema_follows_diffusers_warmup_formula_and_diffusers_ema():
             w.data.add_(torch.randn_like(w))
         ours.step(weights)
         theirs.step(weights)
-    for a, b in zip(ours.shadow_params, theirs.shadow_params):
+    for a, b, w in zip(ours.shadow_params, theirs.shadow_params, weights, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-        assert not torch.equal(a, weights[0] if a.ndim == 2 else weights[1])
+        assert not torch.equal(a, w)
 
 
 class _Weights(torch.nn.Module):

@@ -38,11 +38,10 @@ def _log(run) -> list[dict]:
     return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
 
 
-def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> float:
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     gap = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert gap < atol, gap
-    return gap
 
 
 @pytest.fixture
