@@ -4,6 +4,7 @@
 
 - ``kill_micro=N``: SIGKILL this process when it starts its N-th micro-batch (counted from its own start, so
   N not a multiple of the accumulation steps kills in the middle of an optimizer step);
+- ``kill_vae_step=N``: the same in ``train-vae``, at its N-th step;
 - ``kill_save=K:POINT``: SIGKILL inside the K-th checkpoint save, at POINT: ``file`` (a weights file written in the
   temporary folder), ``manifest`` (manifest written, folder not yet renamed), ``committed`` (renamed, ``latest``
   not yet updated), ``pointer`` (new ``latest`` written but not yet swapped in), ``prune`` (an old checkpoint half
@@ -54,6 +55,19 @@ def _inject(spec: str) -> None:
             return loss(*args, **kwargs)
 
         objective.diffusion_loss = counted_loss
+    elif kind == "kill_vae_step":  # `train-vae`: SIGKILL in the middle of its N-th step (after the forward pass)
+        from sdtrain.train import autoencoder
+
+        limit, calls = int(arg), [0]
+        vae_loss = autoencoder.reconstruction_loss
+
+        def counted_vae_loss(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == limit:
+                _die()
+            return vae_loss(*args, **kwargs)
+
+        autoencoder.reconstruction_loss = counted_vae_loss
     elif kind == "kill_save":
         nth, point = arg.split(":")
         saves = [0]

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +17,7 @@ from diffusers import AutoencoderKL, VQModel
 from sdtrain.config import AutoencoderConfig, Config, ConfigError, load_config
 from sdtrain.evaluate.metrics import psnr, ssim
 from sdtrain.models.vae import decode_latents, encode_moments, load_vae, scale_latents
+from sdtrain.train import checkpoint
 from sdtrain.train.autoencoder import train_autoencoder
 from sdtrain.train.loop import train
 from tests.conftest import tiny_overrides, write_image_folder
@@ -89,3 +96,160 @@ def test_psnr_ssim_identity_and_noise():
         float(10 * torch.log10(1 / (0.15**2 * noise.pow(2).mean()))), rel=0.05
     )
     assert torch.all(ssim(-x, x) < 0)
+
+
+# --- stage 1 as a real run: adversarial loss, non-finite steps, checkpoints, resume -------------------------------
+
+
+def _adversarial(tmp_path, steps: int, *extra: str) -> list[str]:
+    """A KL run whose critic starts mid-run, checkpointing every 3 steps."""
+    return _overrides(tmp_path, "kl") + [
+        f"train.num_steps={steps}",
+        "train.save_every=3",
+        "train.disc_weight=0.5",
+        "train.disc_start=4",
+        "train.disc_channels=8",
+        "train.log_every=1",
+        *extra,
+    ]
+
+
+def _vae_weights(run) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "final" / "diffusion_pytorch_model.safetensors")
+
+
+def _log(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_patch_discriminator_hinge_loss_and_adaptive_weight():
+    from sdtrain.models.discriminator import PatchDiscriminator, hinge_loss, smallest_input
+    from sdtrain.train.autoencoder import adaptive_weight
+
+    # pix2pix's layout: 3 layers -> widths 64, 128, 256, 512, one logit per 70 x 70 patch; 256 px -> 30 x 30 patches
+    critic = PatchDiscriminator(3, 64)
+    convs = [m for m in critic if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 128, 256, 512, 1]
+    assert [c.stride[0] for c in convs] == [2, 2, 2, 1, 1]
+    with torch.no_grad():
+        assert critic(torch.zeros(1, 3, 256, 256)).shape == (1, 1, 30, 30)
+        assert critic(torch.zeros(2, 3, smallest_input(3), smallest_input(3))).shape == (2, 1, 1, 1)
+    # hinge: (mean relu(1 - real) + mean relu(1 + fake)) / 2
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-3.0, 0.0, 1.0])
+    assert hinge_loss(real, fake).item() == pytest.approx(0.5 * ((0 + 0.5 + 2) / 3 + (0 + 1 + 2) / 3))
+    # the adaptive weight is the ratio of the two losses' gradient norms at the last layer
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    rec_loss, gan_loss = (a * w).sum(), (b * w).sum()  # gradients a and b
+    expected = a.norm() / (b.norm() + 1e-4)
+    assert adaptive_weight(rec_loss, gan_loss, w).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_discriminator_is_refused_on_images_too_small_for_it(tmp_path):
+    overrides = _overrides(tmp_path, "kl") + ["train.disc_weight=1", "train.disc_layers=4"]
+    with pytest.raises(ConfigError, match="at least 48 px"):
+        load_config(AutoencoderConfig, None, overrides)
+
+
+def test_adversarial_run_logs_both_players_and_trains_the_critic_from_disc_start(tmp_path):
+    result = train_autoencoder(load_config(AutoencoderConfig, None, _adversarial(tmp_path, 6)))
+    log = _log(tmp_path / "vae")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert all("gan" not in r and "critic" not in r for r in log[:4])  # steps 0-3: reconstruction only
+    assert all(r["gan_weight"] > 0 and r["critic"] > 0 for r in log[4:])
+    state = checkpoint.load_checkpoint(tmp_path / "vae" / "checkpoints" / "step-00000006")
+    tensors, objects, _ = state
+    # the critic was stepped twice (steps 4 and 5), the autoencoder six times
+    assert objects["critic_optimizer"]["state"][0]["step"].item() == 2
+    assert objects["optimizer"]["state"][0]["step"].item() == 6
+    assert result["steps"] == 6 and math.isfinite(result["psnr"])
+
+
+def test_non_finite_vae_step_is_skipped_and_counted(tmp_path, monkeypatch):
+    from sdtrain.train import autoencoder
+
+    calls, loss = [0], autoencoder.reconstruction_loss
+
+    def nan_at_third(*args, **kwargs):
+        calls[0] += 1
+        rec_loss, reg, rec, parts = loss(*args, **kwargs)
+        return (rec_loss * float("nan") if calls[0] == 3 else rec_loss), reg, rec, parts
+
+    monkeypatch.setattr(autoencoder, "reconstruction_loss", nan_at_third)
+    overrides = _overrides(tmp_path, "kl") + ["train.num_steps=5", "train.log_every=1"]
+    result = train_autoencoder(load_config(AutoencoderConfig, None, overrides))
+    assert result["skipped_steps"] == 1 and [r["skipped_steps"] for r in _log(tmp_path / "vae")] == [0, 0, 1, 1, 1]
+    _, objects, state = checkpoint.load_checkpoint(checkpoint.find_latest(tmp_path / "vae" / "checkpoints"))
+    assert state["step"] == 5 and objects["optimizer"]["state"][0]["step"].item() == 4  # 5 steps, 4 taken
+    assert all(torch.isfinite(t).all() for t in _vae_weights(tmp_path / "vae").values())
+
+
+def test_sigterm_stops_train_vae_with_a_checkpoint_and_the_rerun_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    from sdtrain.train import autoencoder
+    from sdtrain.train.preemption import Preempted
+
+    reference = train_autoencoder(load_config(AutoencoderConfig, None, _adversarial(tmp_path / "a", 8)))
+    calls, loss = [0], autoencoder.reconstruction_loss
+
+    def sigterm_at_fifth(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's preemption notice: mid-step
+        return loss(*args, **kwargs)
+
+    config = load_config(AutoencoderConfig, None, _adversarial(tmp_path / "b", 8))
+    monkeypatch.setattr(autoencoder, "reconstruction_loss", sigterm_at_fifth)
+    with pytest.raises(Preempted, match="step 5"):
+        train_autoencoder(config)
+    assert checkpoint.find_latest(tmp_path / "b" / "vae" / "checkpoints").name == "step-00000005"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    monkeypatch.setattr(autoencoder, "reconstruction_loss", loss)
+    resumed = train_autoencoder(config)
+    a, b = _vae_weights(tmp_path / "a" / "vae"), _vae_weights(tmp_path / "b" / "vae")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _log(tmp_path / "a" / "vae") == _log(tmp_path / "b" / "vae")
+    assert (resumed["psnr"], resumed["steps"]) == (reference["psnr"], 8)
+
+
+def test_sigkill_mid_step_then_rerun_is_bit_exact(tmp_path):
+    """A real SIGKILL (no handler runs) in step 8, after the checkpoint of step 6: the rerun resumes from it and ends
+    where an uninterrupted run ends, bit for bit. Both run as subprocesses with the same thread count."""
+    faults = Path(__file__).parent / "faults.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env.pop("SDTRAIN_FAULT", None)
+
+    def run(out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+        overrides = [o for o in _adversarial(tmp_path, 10) if not o.startswith("train.output_dir=")]
+        command = [sys.executable, str(faults), "train-vae", f"train.output_dir={out}", *overrides]
+        return subprocess.run(
+            command, env=dict(env, SDTRAIN_FAULT=fault or ""), capture_output=True, text=True, timeout=300
+        )
+
+    assert run(tmp_path / "a").returncode == 0
+    killed = run(tmp_path / "b", "kill_vae_step=8")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert checkpoint.find_latest(tmp_path / "b" / "checkpoints").name == "step-00000006"
+    resumed = run(tmp_path / "b")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
+    a, b = _vae_weights(tmp_path / "a"), _vae_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _log(tmp_path / "a") == _log(tmp_path / "b")  # the killed run's step-7 record was written again once
+
+
+def test_resume_refuses_another_autoencoder_and_adds_a_critic_midway(tmp_path, caplog):
+    overrides = _overrides(tmp_path, "kl") + ["train.num_steps=3"]
+    train_autoencoder(load_config(AutoencoderConfig, None, overrides))
+    wider = overrides + ["model.block_out_channels=[8, 32]", "train.num_steps=4"]
+    with pytest.raises(checkpoint.CheckpointError, match=r"model.block_out_channels=\[8, 16\]"):
+        train_autoencoder(load_config(AutoencoderConfig, None, wider))
+    # the same autoencoder with a discriminator from here on: resumes at step 3, the critic starts fresh
+    with caplog.at_level("INFO"):
+        result = train_autoencoder(
+            load_config(AutoencoderConfig, None, overrides + ["train.num_steps=5", "train.disc_weight=0.1"])
+        )
+    assert "resumed from" in caplog.text and "discriminator starts at step 3" in caplog.text
+    assert result["steps"] == 5
+    tensors, objects, _ = checkpoint.load_checkpoint(checkpoint.find_latest(tmp_path / "vae" / "checkpoints"))
+    assert "critic" in tensors and objects["critic_optimizer"]["state"][0]["step"].item() == 2

@@ -288,7 +288,7 @@ def test_sigterm_checkpoints_and_exits_with_documented_code(tmp_path, clip_dir, 
     import sys
     import time
 
-    from sdtrain.train.loop import EXIT_PREEMPTED
+    from sdtrain.train.preemption import EXIT_PREEMPTED
 
     run = tmp_path / "run"
     overrides = tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder")

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdtrain.train import checkpoint
-from sdtrain.train.loop import EXIT_PREEMPTED
+from sdtrain.train.preemption import EXIT_PREEMPTED
 from tests.conftest import tiny_overrides
 
 FAULTS = Path(__file__).parent / "faults.py"

@@ -144,13 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     from sdtrain.config import ConfigError
     from sdtrain.evaluate.fidelity import EvaluationError
     from sdtrain.models.single_file import SingleFileError
+    from sdtrain.train.checkpoint import CheckpointError
 
     try:
         return _run(args)
     except ConfigError as e:
         print(f"sdtrain: config error: {e}", file=sys.stderr)
         return 2
-    except (SingleFileError, EvaluationError) as e:
+    except (SingleFileError, EvaluationError, CheckpointError) as e:
         print(f"sdtrain: {e}", file=sys.stderr)
         return 2
 
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from sdtrain.config import Config, load_config
-        from sdtrain.train.loop import EXIT_PREEMPTED, Preempted, train
+        from sdtrain.train.loop import train
+        from sdtrain.train.preemption import EXIT_PREEMPTED, Preempted
 
         config = load_config(Config, args.config, args.overrides)
         try:
@@ -180,9 +182,14 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "train-vae":
         from sdtrain.config import AutoencoderConfig, load_config
         from sdtrain.train.autoencoder import train_autoencoder
+        from sdtrain.train.preemption import EXIT_PREEMPTED, Preempted
 
         config = load_config(AutoencoderConfig, args.config, args.overrides)
-        result = train_autoencoder(config)
+        try:
+            result = train_autoencoder(config)
+        except Preempted as e:
+            print(f"sdtrain: {e}", file=sys.stderr)
+            return EXIT_PREEMPTED
         print(f"exported {result['path']}  psnr {result['psnr']:.2f} dB  ssim {result['ssim']:.3f}")
     elif args.command in ("generate", "reconstruct"):
         from PIL import Image

@@ -530,14 +530,40 @@ class AutoencoderTrainConfig:
     """Weight of the VQ commitment loss (vq only)."""
     crop_size: int | None = None
     """Train on random square crops of this size (cheaper; evaluation uses whole images). None: whole images."""
+    disc_weight: float = 0.0
+    """Weight of the PatchGAN adversarial loss (the LDM recipe: hinge loss, scaled by the ratio of the reconstruction
+    loss's gradient norm to its own at the decoder's last layer). 0: no discriminator."""
+    disc_start: int = 0
+    """Step at which the discriminator starts (before it: reconstruction only; LDM's f8 models started at 50k)."""
+    disc_layers: int = 3
+    """Downsampling layers of the discriminator (3: 70 x 70 pixel patches)."""
+    disc_channels: int = 64
+    """Width of the discriminator's first layer (doubled per layer up to 8x)."""
+    disc_lr: float | None = None
+    """Adam learning rate of the discriminator (betas 0.5, 0.9). None: train.lr, on the same schedule."""
     log_every: int = 100
     """Log every N steps."""
+    save_every: int = 1000
+    """Write a resumable checkpoint every N steps (and when the run ends or is stopped by SIGTERM / SIGUSR1)."""
+    keep_checkpoints: int = 2
+    """Keep the newest N checkpoints."""
+    max_consecutive_skips: int = 20
+    """Stop when this many steps in a row had a non-finite loss or gradient (each is skipped, weights unchanged)."""
     eval_images: int = 256
     """Held-out images for PSNR / SSIM."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.num_steps <= 0:
             raise ConfigError("train.batch_size and train.num_steps must be positive")
+        for key in ("log_every", "save_every", "max_consecutive_skips", "disc_layers", "disc_channels"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
+        if self.keep_checkpoints < 2:
+            raise ConfigError(f"train.keep_checkpoints must be at least 2, got {self.keep_checkpoints}")
+        if self.disc_weight < 0 or self.disc_start < 0:
+            raise ConfigError("train.disc_weight and train.disc_start must not be negative")
+        if self.disc_lr is not None and self.disc_lr <= 0:
+            raise ConfigError(f"train.disc_lr must be positive, got {self.disc_lr}")
 
 
 @dataclass
@@ -566,6 +592,12 @@ class AutoencoderConfig:
                 )
         if self.data.resolution % factor:
             raise ConfigError(f"data.resolution={self.data.resolution} is not a multiple of the factor {factor}")
+        side, smallest = crop or self.data.resolution, 3 * 2**self.train.disc_layers  # one patch left
+        if self.train.disc_weight > 0 and side < smallest:
+            raise ConfigError(
+                f"the discriminator's {self.train.disc_layers} layers need images of at least {smallest} px, but it "
+                f"would see {side} px ones: lower train.disc_layers or raise train.crop_size / data.resolution"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------

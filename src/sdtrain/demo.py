@@ -2,7 +2,7 @@
 
 shapes dataset -> autoencoder (stage 1) -> text-conditioned UNet with the frozen MiniLM encoder -> generate ->
 reconstruct -> evaluate, on 2 CPU cores in about a quarter of an hour. Each stage's output is reused by the next run
-(a finished autoencoder or UNet is not retrained; an interrupted UNet run resumes from its checkpoint).
+(a finished autoencoder or UNet is not retrained; an interrupted one resumes from its checkpoint).
 """
 
 from __future__ import annotations

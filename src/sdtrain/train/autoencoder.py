@@ -1,19 +1,22 @@
 """Stage 1: train the autoencoder the UNet will work in (``sdtrain train-vae``).
 
-AutoencoderKL: L1 + L2 reconstruction of a posterior sample plus a small KL term (the LDM recipe without its
-perceptual loss and PatchGAN discriminator, which need pretrained perceptual weights that are not available offline).
-VQModel: the same reconstruction loss plus diffusers' codebook / commitment loss; codebook usage is reported.
+AutoencoderKL: L1 + L2 reconstruction of a posterior sample plus a small KL term. VQModel: the same reconstruction loss
+plus diffusers' codebook / commitment loss; codebook usage is reported. ``train.disc_weight > 0`` adds LDM's
+adversarial term (a PatchGAN critic, hinge loss, adaptively weighted); LDM's perceptual loss is left out, as it needs
+pretrained VGG weights. Checkpoints every ``train.save_every`` steps; a rerun resumes bit for bit.
 At the end: PSNR and SSIM on held-out images, the latent scaling factor (1 / std of the latents, as Stable Diffusion
 computed 0.18215), and a diffusers folder in ``output_dir/final`` with ``scaling_factor`` set in its config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,12 @@ from sdtrain.data.decode import Skip, SkipCounter, decode_image
 from sdtrain.data.folder import resize_crop
 from sdtrain.data.sources import list_records
 from sdtrain.evaluate.metrics import psnr, ssim
+from sdtrain.models.discriminator import PatchDiscriminator, hinge_loss
+from sdtrain.train import checkpoint
+from sdtrain.train.preemption import Preempted, StopSignal
 from sdtrain.train.progress import Progress
+from sdtrain.train.randomness import rng_state, set_rng_state
+from sdtrain.train.state import truncate_log
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +86,9 @@ def _to_float(batch: torch.Tensor) -> torch.Tensor:
     return batch.float() / 127.5 - 1
 
 
-def reconstruction_loss(vae, x: torch.Tensor, config) -> tuple[torch.Tensor, dict[str, float]]:
-    """The training loss of one batch and its parts."""
+def reconstruction_loss(vae, x: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """One batch's reconstruction loss (weighted L1 + L2), its weighted regulariser (KL, or VQ's codebook and
+    commitment terms), the reconstruction, and the parts for the log (detached)."""
     tc = config.train
     if isinstance(vae, VQModel):
         out = vae(x)
@@ -91,8 +100,17 @@ def reconstruction_loss(vae, x: torch.Tensor, config) -> tuple[torch.Tensor, dic
         reg, reg_weight = posterior.kl().mean() / x[0].numel(), tc.kl_weight
     l1 = (rec - x).abs().mean()
     l2 = (rec - x).pow(2).mean()
-    loss = tc.l1_weight * l1 + tc.l2_weight * l2 + reg_weight * reg
-    return loss, {"l1": l1.item(), "l2": l2.item(), "reg": reg.item()}
+    parts = {"l1": l1.detach(), "l2": l2.detach(), "reg": reg.detach()}
+    return tc.l1_weight * l1 + tc.l2_weight * l2, reg_weight * reg, rec, parts
+
+
+def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """LDM's balance of the adversarial term: ``|grad rec_loss| / (|grad gan_loss| + 1e-4)`` at the decoder's last
+    layer, clamped to [0, 1e4] and detached, so the adversarial gradient there is as large as the reconstruction's
+    (times ``train.disc_weight``) whatever the two losses' scales."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
 @torch.no_grad()
@@ -132,11 +150,14 @@ def reconstruction_metrics(vae, images: torch.Tensor, batch_size: int = 128) -> 
 
 
 def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
-    """Train, evaluate and export an autoencoder.
+    """Train, evaluate and export an autoencoder; a rerun of the same config resumes from its newest checkpoint.
 
     Returns:
         Metrics: ``path`` (the export), ``psnr``, ``ssim``, ``scaling_factor``, ``steps``, ``seconds`` and, for VQ,
         ``codebook_usage``. Also written to ``output_dir/final/metrics.json``.
+
+    Raises:
+        Preempted: SIGTERM or SIGUSR1 arrived; the step in progress was finished and checkpointed.
     """
     tc = config.train
     # 1. Seeds, run directory, device
@@ -160,55 +181,187 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
     if skipped:
         logger.warning("skipped images: %s", skipped.summary())
 
-    # 3. Model and optimizer
+    # 3. Model, discriminator (train.disc_weight > 0) and their optimizers
     vae = build_autoencoder(config.model).to(device).train()
     if isinstance(vae, VQModel):
         vae.quantize.beta = tc.commitment_weight  # diffusers' VectorQuantizer: beta * ||sg(z_q) - z||^2
     optimizer = torch.optim.AdamW(vae.parameters(), lr=tc.lr, weight_decay=0.0)
+    critic = critic_optimizer = None
+    if tc.disc_weight > 0:
+        critic = PatchDiscriminator(tc.disc_layers, tc.disc_channels).to(device).train()
+        critic_optimizer = torch.optim.Adam(critic.parameters(), lr=tc.disc_lr or tc.lr, betas=(0.5, 0.9))
     generator = torch.Generator().manual_seed(tc.seed)
     crop, res = tc.crop_size, config.data.resolution
     factor = 2 ** (len(config.model.block_out_channels) - 1)
+    models = _Models(vae, optimizer, critic, critic_optimizer, generator)
 
-    # 4. The loop: random batches (and crops), warm-up then cosine decay to 10 %, by steps or by time budget
+    # 4. Resume from the newest valid checkpoint
+    root, log_path = out / "checkpoints", out / "log.jsonl"
+    counters = {"step": 0, "train_seconds": 0.0, "skipped_steps": 0}
+    latest = checkpoint.find_latest(root)
+    if latest is not None:
+        counters = _load_state(latest, config, len(images), models)
+        logger.info("resumed from %s at step %d", latest, counters["step"])
+    truncate_log(log_path, counters["step"])
+
+    # 5. The loop: random batches (and crops), warm-up then cosine decay to 10 %, by steps or by time budget
     budget = tc.max_minutes * 60 if tc.max_minutes is not None else None
-    log_path = out / "log.jsonl"
-    started = time.perf_counter()
-    step = 0
-    bar = Progress("train-vae", tc.num_steps, budget)
-    while step < tc.num_steps and (budget is None or time.perf_counter() - started < budget):
-        progress = max(step / tc.num_steps, (time.perf_counter() - started) / budget if budget else 0.0)
-        lr = tc.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        index = torch.randint(0, len(images), (tc.batch_size,), generator=generator)
-        x = _to_float(images[index]).to(device)
-        if crop is not None and crop < res:
-            top, left = (
-                int(v) * factor for v in torch.randint(0, (res - crop) // factor + 1, (2,), generator=generator)
-            )
-            x = x[:, :, top : top + crop, left : left + crop]
-        loss, parts = reconstruction_loss(vae, x, config)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(step, time.perf_counter() - started)
-        if step % tc.log_every == 0:
-            bar.update(step, time.perf_counter() - started, loss=f"{loss.item():.4f}")
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr, **parts}) + "\n")
-    bar.close()
-    seconds = time.perf_counter() - started
+    step, saved_at, consecutive_skips = counters["step"], counters["step"], 0
+    started = time.perf_counter() - counters["train_seconds"]
+    bar = Progress("train-vae", tc.num_steps, budget, step)
+    stop_signal = StopSignal().__enter__()
+    try:
+        while step < tc.num_steps and (budget is None or time.perf_counter() - started < budget):
+            progress = max(step / tc.num_steps, (time.perf_counter() - started) / budget if budget else 0.0)
+            lr = tc.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if critic_optimizer is not None:
+                for group in critic_optimizer.param_groups:
+                    group["lr"] = lr * (tc.disc_lr or tc.lr) / tc.lr
+            index = torch.randint(0, len(images), (tc.batch_size,), generator=generator)
+            x = _to_float(images[index]).to(device)
+            if crop is not None and crop < res:
+                top, left = (
+                    int(v) * factor for v in torch.randint(0, (res - crop) // factor + 1, (2,), generator=generator)
+                )
+                x = x[:, :, top : top + crop, left : left + crop]
+            # 5a. the autoencoder's step: reconstruction + regulariser (+ the adversarial term once the critic is on)
+            adversarial = critic is not None and step >= tc.disc_start
+            rec_loss, reg_loss, rec, parts = reconstruction_loss(vae, x, config)
+            loss = rec_loss + reg_loss
+            if adversarial:
+                critic.requires_grad_(False)
+                gan_loss = -critic(rec).mean()
+                weight = tc.disc_weight * adaptive_weight(rec_loss, gan_loss, vae.decoder.conv_out.weight)
+                loss = loss + weight * gan_loss
+                parts.update(gan=gan_loss.detach(), gan_weight=weight)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            # 5b. the critic's step: real crops against this step's reconstructions
+            if adversarial:
+                critic.requires_grad_(True)
+                critic_loss = hinge_loss(critic(x), critic(rec.detach()))
+                critic_loss.backward()
+                norm = norm + torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
+                parts["critic"] = critic_loss.detach()
+            # 5c. a non-finite loss or gradient skips the step for both: weights, moments and critic unchanged
+            finite = bool(torch.isfinite(loss.detach() + norm))
+            if finite:
+                optimizer.step()
+                if adversarial:
+                    critic_optimizer.step()
+                consecutive_skips = 0
+            else:
+                counters["skipped_steps"] += 1
+                consecutive_skips += 1
+                logger.warning("non-finite loss or gradient at step %d: step skipped", step)
+                if consecutive_skips >= tc.max_consecutive_skips:
+                    raise RuntimeError(
+                        f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (last: step "
+                        f"{step}); the newest checkpoint in {root} holds finite weights. Lower train.lr or "
+                        "train.disc_weight."
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            if critic_optimizer is not None:
+                critic_optimizer.zero_grad(set_to_none=True)
+            step += 1
+            counters.update(step=step, train_seconds=time.perf_counter() - started)
+            bar.update(step, counters["train_seconds"])
+            # 5d. log, checkpoint, and stop cleanly on SIGTERM / SIGUSR1
+            if step % tc.log_every == 0:
+                bar.update(step, counters["train_seconds"], loss=f"{loss.item():.4f}")
+                record = {"step": step, "loss": loss.item(), "lr": lr, **{k: float(v) for k, v in parts.items()}}
+                record["skipped_steps"] = counters["skipped_steps"]
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if step % tc.save_every == 0:
+                _save_state(root, tc.keep_checkpoints, counters, config, len(images), models)
+                saved_at = step
+            if stop_signal.received is not None:
+                if saved_at != step:
+                    _save_state(root, tc.keep_checkpoints, counters, config, len(images), models)
+                raise Preempted(f"stopped by signal at step {step}; checkpoint written to {root}")
+    finally:
+        stop_signal.__exit__()
+        bar.close()
+    if saved_at != step:  # the end of the run: a checkpoint a larger train.num_steps continues from
+        _save_state(root, tc.keep_checkpoints, counters, config, len(images), models)
 
-    # 5. Evaluate, set the scaling factor, export
+    # 6. Evaluate, set the scaling factor, export
     vae.eval()
     metrics: dict[str, Any] = reconstruction_metrics(vae, eval_images)
     metrics.update(latent_statistics(vae, images[: min(len(images), 2048)]))
-    metrics.update(steps=step, seconds=seconds, skipped=dict(skipped))
+    metrics.update(steps=step, seconds=counters["train_seconds"], skipped=dict(skipped))
+    metrics["skipped_steps"] = counters["skipped_steps"]
     vae.register_to_config(scaling_factor=metrics["scaling_factor"])
     final = out / "final"
     vae.save_pretrained(final, safe_serialization=True)
     (final / "metrics.json").write_text(json.dumps(metrics, indent=1))
     metrics["path"] = str(final)
     return metrics
+
+
+@dataclass
+class _Models:
+    """What a stage-1 checkpoint holds besides its counters."""
+
+    vae: AutoencoderKL | VQModel
+    optimizer: torch.optim.Optimizer
+    critic: PatchDiscriminator | None
+    critic_optimizer: torch.optim.Optimizer | None
+    generator: torch.Generator
+
+
+def _save_state(root: Path, keep: int, counters: dict, config: AutoencoderConfig, train_images: int, m: _Models):
+    """A checkpoint of everything a bit-exact resume needs: weights, optimizer moments, critic, RNGs, counters."""
+    tensors = {"vae": m.vae.state_dict()}
+    objects = {"optimizer": m.optimizer.state_dict(), "rng": rng_state(m.generator)}
+    if m.critic is not None:
+        tensors["critic"] = m.critic.state_dict()
+        objects["critic_optimizer"] = m.critic_optimizer.state_dict()
+    if not all(torch.isfinite(t).all() for t in tensors["vae"].values() if t.is_floating_point()):
+        raise RuntimeError(f"non-finite weights at step {counters['step']}: checkpoint not written")
+    state = {
+        **counters,
+        "model": dataclasses.asdict(config.model),
+        "critic": {"layers": config.train.disc_layers, "channels": config.train.disc_channels},
+        "train_images": train_images,
+    }
+    checkpoint.save_or_keep_previous(root, counters["step"], tensors, objects, state, keep)
+
+
+def _load_state(path: Path, config: AutoencoderConfig, train_images: int, m: _Models) -> dict:
+    """Restore what :func:`_save_state` wrote into ``m``; returns the counters. The model must be the one the
+    checkpoint was written for; a critic may be added (it starts fresh) or dropped on resume."""
+    tensors, objects, state = checkpoint.load_checkpoint(path)
+    wanted = dataclasses.asdict(config.model)
+    if state["model"] != wanted:
+        saved = ", ".join(f"model.{k}={state['model'].get(k)}" for k in wanted if state["model"].get(k) != wanted[k])
+        raise checkpoint.CheckpointError(
+            f"{path} holds an autoencoder built with {saved}: resume with those settings, or start a new run in "
+            "another train.output_dir"
+        )
+    m.vae.load_state_dict(tensors["vae"])
+    m.optimizer.load_state_dict(objects["optimizer"])
+    if m.critic is not None and "critic" in tensors:
+        critic = {"layers": config.train.disc_layers, "channels": config.train.disc_channels}
+        if state["critic"] != critic:
+            raise checkpoint.CheckpointError(
+                f"{path} holds a discriminator with disc_layers={state['critic']['layers']}, "
+                f"disc_channels={state['critic']['channels']}: resume with those (or train.disc_weight=0)"
+            )
+        m.critic.load_state_dict(tensors["critic"])
+        m.critic_optimizer.load_state_dict(objects["critic_optimizer"])
+    elif m.critic is not None:
+        logger.info("the discriminator starts at step %d (the checkpoint has none)", state["step"])
+    elif "critic" in tensors:
+        logger.warning("train.disc_weight=0: the checkpoint's discriminator is left out from step %d", state["step"])
+    set_rng_state(objects["rng"], m.generator)
+    if state["train_images"] != train_images:
+        logger.warning(
+            "the checkpoint was trained on %d images, data.path now has %d: the run goes on with the new set",
+            state["train_images"],
+            train_images,
+        )
+    return {k: state[k] for k in ("step", "train_seconds", "skipped_steps")}

@@ -109,6 +109,21 @@ def save_checkpoint(
     return final
 
 
+def save_or_keep_previous(
+    root: Path, step: int, tensors: dict, objects: dict[str, Any], state: dict[str, Any], keep: int
+) -> Path:
+    """:func:`save_checkpoint`, a failed save (full disk, permissions) raised as a RuntimeError that names the
+    checkpoint still intact (the failed one's temporary folder is gone)."""
+    try:
+        return save_checkpoint(root, step, tensors, objects, state, keep=keep)
+    except OSError as e:
+        previous = find_latest(root)
+        raise RuntimeError(
+            f"could not write the checkpoint of step {step} ({e}); {previous or 'no earlier checkpoint'} is "
+            "intact: free some space and run the same command to resume"
+        ) from e
+
+
 def _prune(root: Path, keep: int) -> None:
     committed = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
     for old in committed[:-keep]:

@@ -12,8 +12,6 @@ import json
 import logging
 import os
 import random
-import signal
-import threading
 import time
 from collections.abc import Iterable
 from copy import deepcopy
@@ -48,6 +46,7 @@ from sdtrain.train import checkpoint, objective, sharding, zero
 from sdtrain.train.ema import EMA, caught_up, ema_parameters
 from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
 from sdtrain.train.perf import GiB, StepProfile, advice, estimate_memory, peak_tflops, profile_unet
+from sdtrain.train.preemption import Preempted, StopSignal
 from sdtrain.train.progress import Progress
 from sdtrain.train.randomness import SharedDraws
 from sdtrain.train.sharding import check_strategy, is_sharded
@@ -67,33 +66,6 @@ from sdtrain.train.tracking import check_trackers, log_images, plot_losses, read
 from sdtrain.train.validation import ValidationSet, build_validation_set, validation_loss
 
 logger = logging.getLogger(__name__)
-
-EXIT_PREEMPTED = 75  # exit code of `sdtrain train` after SIGTERM / SIGUSR1: checkpoint written, rerun to resume
-
-
-class Preempted(RuntimeError):
-    """Training stopped on SIGTERM / SIGUSR1 after writing a checkpoint; running the same command resumes."""
-
-
-class _StopSignal:
-    """Records SIGTERM / SIGUSR1 so the loop can finish its step, checkpoint and stop."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass
@@ -380,7 +352,7 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
     consecutive_skips, stop, saved_at = 0, False, counters.step  # the decisions every rank takes alike
     started = time.perf_counter() - counters.train_seconds
-    stop_signal = _StopSignal().__enter__()
+    stop_signal = StopSignal().__enter__()
     o = tc.objective
     while counters.step < tc.num_steps and (budget is None or counters.train_seconds < budget):
         progress = max(counters.step / tc.num_steps, counters.train_seconds / budget if budget else 0.0)

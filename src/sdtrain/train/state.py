@@ -161,14 +161,7 @@ def save_training_state(
     if accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker
         objects["scaler"] = accelerator.scaler.state_dict()
     state = {**dataclasses.asdict(counters), "ema": ema_meta, "data": data_states, "frozen": frozen}
-    try:
-        checkpoint.save_checkpoint(root, counters.step, tensors, objects, state, keep=keep)
-    except OSError as e:  # full disk, permissions: the temporary folder is gone, the previous checkpoint intact
-        previous = checkpoint.find_latest(root)
-        raise RuntimeError(
-            f"could not write the checkpoint of step {counters.step} ({e}); {previous or 'no earlier checkpoint'} is "
-            "intact: free some space and run the same command to resume"
-        ) from e
+    checkpoint.save_or_keep_previous(root, counters.step, tensors, objects, state, keep)
 
 
 def load_training_state(
