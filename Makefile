@@ -36,6 +36,8 @@ $(DEV_STAMP): $(STAMP)
 	@# torch-fidelity's wheel, not installed (it requires torchvision, which pins torch): the reference that
 	@# tests/test_fidelity.py checks our FID Inception network against
 	$(PIP) download -q --no-deps --dest $(REFERENCE) torch-fidelity==0.4.0
+	@# and lpips' (it imports torchvision too): the reference for src/sdtrain/evaluate/lpips.py, and its weights
+	$(PIP) download -q --no-deps --dest $(REFERENCE) lpips==0.1.4
 	@touch $(DEV_STAMP)
 
 test: setup $(DEV_STAMP)

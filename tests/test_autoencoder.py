@@ -51,6 +51,10 @@ def test_train_autoencoder_exports_with_metrics(tmp_path, kind):
     assert vae.config.scaling_factor == pytest.approx(saved["scaling_factor"])
     if kind == "vq":
         assert 0 < saved["codebook_usage"] <= 1
+    from PIL import Image
+
+    with Image.open(tmp_path / "vae" / "reconstructions.png") as grid:  # 8 held-out images over their reconstructions
+        assert grid.size == (8 * 32, 2 * 32)
     # the scaling factor gives the latents unit variance
     x = torch.rand(8, 3, 32, 32) * 2 - 1
     mean, std = encode_moments(vae, x)
@@ -253,3 +257,115 @@ def test_resume_refuses_another_autoencoder_and_adds_a_critic_midway(tmp_path, c
     assert result["steps"] == 5
     tensors, objects, _ = checkpoint.load_checkpoint(checkpoint.find_latest(tmp_path / "vae" / "checkpoints"))
     assert "critic" in tensors and objects["critic_optimizer"]["state"][0]["step"].item() == 2
+
+
+# --- LPIPS: the perceptual term, against the lpips package's own code ---------------------------------------------
+
+REFERENCE = Path(__file__).resolve().parents[1] / ".venv" / "reference"
+# torchvision's VGG-16 ("D") up to relu5_3, as torchvision builds it (in-place ReLUs)
+TORCHVISION_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+def _lpips_wheel() -> Path:
+    wheels = sorted(REFERENCE.glob("lpips-*.whl"))
+    assert wheels, f"lpips' wheel is not in {REFERENCE}: run `make test` (it downloads it there)"
+    return wheels[-1]
+
+
+def _torchvision_vgg16_features() -> torch.nn.Sequential:
+    layers, channels = [], 3
+    for width in TORCHVISION_VGG16:
+        if width == "M":
+            layers.append(torch.nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            conv = torch.nn.Conv2d(channels, width, kernel_size=3, padding=1)
+            # torchvision's VGG init: with torch's default one the deep layers' features of any two images nearly
+            # coincide, and relu4_3 / relu5_3 would add ~1e-8 to the distance (a test blind to them)
+            torch.nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            torch.nn.init.normal_(conv.bias, 0.0, 0.01)
+            layers += [conv, torch.nn.ReLU(inplace=True)]
+            channels = width
+    return torch.nn.Sequential(*layers)
+
+
+def _reference_lpips(tmp_path: Path, monkeypatch, features: torch.nn.Sequential):
+    """The lpips package's LPIPS(net="vgg") from its wheel (``make test`` downloads it), its VGG trunk ``features``
+    handed over by a stand-in for torchvision (which the package imports, and which would pin torch)."""
+    import ast
+    import importlib
+    import types
+    import zipfile
+
+    with zipfile.ZipFile(_lpips_wheel()) as wheel:
+        wheel.extractall(tmp_path, [n for n in wheel.namelist() if n.startswith("lpips/")])
+    package = types.ModuleType("lpips")
+    package.__path__ = [str(tmp_path / "lpips")]
+    # the package's __init__ imports its trainer (scipy, scikit-image); of it, lpips.py needs normalize_tensor only
+    tree = ast.parse((tmp_path / "lpips" / "__init__.py").read_text())
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "normalize_tensor")
+    namespace = {"torch": torch}
+    exec(compile(ast.Module([function], []), "lpips/__init__.py", "exec"), namespace)
+    package.normalize_tensor = namespace["normalize_tensor"]
+    torchvision = types.ModuleType("torchvision")
+    torchvision.models = types.SimpleNamespace(vgg16=lambda pretrained=False: types.SimpleNamespace(features=features))
+    monkeypatch.setitem(sys.modules, "torchvision", torchvision)
+    monkeypatch.setitem(sys.modules, "lpips", package)
+    for name in [n for n in sys.modules if n.startswith("lpips.")]:
+        monkeypatch.delitem(sys.modules, name)
+    return importlib.import_module("lpips.lpips").LPIPS(net="vgg", pnet_rand=True, verbose=False)
+
+
+def _vgg_file(path: Path, features: torch.nn.Sequential) -> Path:
+    """A weight file laid out as torchvision's vgg16-397923af.pth (with a classifier tensor LPIPS does not use)."""
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}
+    torch.save({**state, "classifier.0.weight": torch.zeros(2, 2)}, path)
+    return path
+
+
+def test_lpips_equals_the_lpips_packages(tmp_path, monkeypatch):
+    from sdtrain.evaluate.lpips import load_lpips
+
+    torch.manual_seed(0)
+    features = _torchvision_vgg16_features()
+    reference = _reference_lpips(tmp_path / "ref", monkeypatch, features)
+    ours = load_lpips(_vgg_file(tmp_path / "vgg16.pth", features), _lpips_wheel())  # lin weights read from the wheel
+    a, b = torch.rand(3, 3, 64, 48) * 2 - 1, torch.rand(3, 3, 64, 48) * 2 - 1
+    with torch.no_grad():
+        expected = reference(a, b).flatten()
+        got = ours(a, b)
+    assert got.shape == (3,) and torch.allclose(got, expected, rtol=1e-5, atol=1e-7), (got, expected)
+    assert torch.equal(ours(a, a), torch.zeros(3))
+    assert not any(p.requires_grad for p in ours.parameters())
+    # a gradient reaches the images (the loss), not the network
+    x = a.clone().requires_grad_(True)
+    ours(x, b).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_lpips_missing_weights_name_the_files(tmp_path):
+    from sdtrain.evaluate.lpips import VGG_URL, load_lpips
+
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        load_lpips(tmp_path / "nothing.pth", tmp_path / "nothing.pth")
+    overrides = _overrides(tmp_path, "kl") + ["train.perceptual_weight=1", f"train.lpips_vgg={tmp_path / 'no.pth'}"]
+    with pytest.raises(ConfigError, match=VGG_URL):
+        train_autoencoder(load_config(AutoencoderConfig, None, overrides))
+    assert not (tmp_path / "vae" / "log.jsonl").exists()  # refused before any step
+
+
+def test_perceptual_loss_trains_and_reports_lpips(tmp_path):
+    torch.manual_seed(0)
+    vgg = _vgg_file(tmp_path / "vgg16.pth", _torchvision_vgg16_features())
+    overrides = _overrides(tmp_path, "kl") + [
+        "train.num_steps=4",
+        "train.log_every=1",
+        "train.perceptual_weight=1.0",
+        f"train.lpips_vgg={vgg}",
+        f"train.lpips_lin={_lpips_wheel()}",
+    ]
+    result = train_autoencoder(load_config(AutoencoderConfig, None, overrides))
+    log = _log(tmp_path / "vae")
+    assert all(r["lpips"] > 0 for r in log)
+    # the logged loss is the weighted sum of its parts (kl weight 1e-6, perceptual weight 1)
+    assert log[0]["loss"] == pytest.approx(log[0]["l1"] + log[0]["l2"] + log[0]["lpips"] + 1e-6 * log[0]["reg"])
+    assert result["lpips"] > 0 and json.loads((tmp_path / "vae" / "final" / "metrics.json").read_text())["lpips"]

@@ -530,6 +530,15 @@ class AutoencoderTrainConfig:
     """Weight of the VQ commitment loss (vq only)."""
     crop_size: int | None = None
     """Train on random square crops of this size (cheaper; evaluation uses whole images). None: whole images."""
+    perceptual_weight: float = 0.0
+    """Weight of the LPIPS perceptual loss (LDM: 1.0), part of the reconstruction loss. 0: off. Needs two weight
+    files: train.lpips_vgg and train.lpips_lin."""
+    lpips_vgg: str | None = None
+    """torchvision's vgg16-397923af.pth. None: torch.hub's cache (~/.cache/torch/hub/checkpoints; downloaded there
+    where the machine is online)."""
+    lpips_lin: str | None = None
+    """LPIPS v0.1's VGG channel weights: the lpips package's weights/v0.1/vgg.pth, or its wheel (`pip download
+    lpips==0.1.4 --no-deps`). None: torch.hub's cache, as lpips-v0.1-vgg.pth."""
     disc_weight: float = 0.0
     """Weight of the PatchGAN adversarial loss (the LDM recipe: hinge loss, scaled by the ratio of the reconstruction
     loss's gradient norm to its own at the decoder's last layer). 0: no discriminator."""
@@ -560,8 +569,8 @@ class AutoencoderTrainConfig:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
         if self.keep_checkpoints < 2:
             raise ConfigError(f"train.keep_checkpoints must be at least 2, got {self.keep_checkpoints}")
-        if self.disc_weight < 0 or self.disc_start < 0:
-            raise ConfigError("train.disc_weight and train.disc_start must not be negative")
+        if self.disc_weight < 0 or self.disc_start < 0 or self.perceptual_weight < 0:
+            raise ConfigError("train.disc_weight, train.disc_start and train.perceptual_weight must not be negative")
         if self.disc_lr is not None and self.disc_lr <= 0:
             raise ConfigError(f"train.disc_lr must be positive, got {self.disc_lr}")
 

@@ -5,7 +5,8 @@ plus diffusers' codebook / commitment loss; codebook usage is reported. ``train.
 adversarial term (a PatchGAN critic, hinge loss, adaptively weighted); LDM's perceptual loss is left out, as it needs
 pretrained VGG weights. Checkpoints every ``train.save_every`` steps; a rerun resumes bit for bit.
 At the end: PSNR and SSIM on held-out images, the latent scaling factor (1 / std of the latents, as Stable Diffusion
-computed 0.18215), and a diffusers folder in ``output_dir/final`` with ``scaling_factor`` set in its config.
+computed 0.18215), a diffusers folder in ``output_dir/final`` with ``scaling_factor`` set in its config, and
+``output_dir/reconstructions.png`` (held-out images above their reconstructions).
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, VQModel
+from PIL import Image
 from tqdm.auto import tqdm
 
-from sdtrain.config import AutoencoderConfig, AutoencoderModelConfig, DataConfig, save_config
+from sdtrain.config import AutoencoderConfig, AutoencoderModelConfig, ConfigError, DataConfig, save_config
 from sdtrain.data.decode import Skip, SkipCounter, decode_image
 from sdtrain.data.folder import resize_crop
 from sdtrain.data.sources import list_records
+from sdtrain.evaluate.lpips import LPIPS, load_lpips
 from sdtrain.evaluate.metrics import psnr, ssim
 from sdtrain.models.discriminator import PatchDiscriminator, hinge_loss
+from sdtrain.sample.pipeline import make_grid
 from sdtrain.train import checkpoint
 from sdtrain.train.preemption import Preempted, StopSignal
 from sdtrain.train.progress import Progress
@@ -86,9 +90,12 @@ def _to_float(batch: torch.Tensor) -> torch.Tensor:
     return batch.float() / 127.5 - 1
 
 
-def reconstruction_loss(vae, x: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    """One batch's reconstruction loss (weighted L1 + L2), its weighted regulariser (KL, or VQ's codebook and
-    commitment terms), the reconstruction, and the parts for the log (detached)."""
+def reconstruction_loss(
+    vae, x: torch.Tensor, config, perceptual: LPIPS | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """One batch's reconstruction loss (weighted L1 + L2, + LPIPS with a ``perceptual`` network), its weighted
+    regulariser (KL, or VQ's codebook and commitment terms), the reconstruction, and the parts for the log
+    (detached)."""
     tc = config.train
     if isinstance(vae, VQModel):
         out = vae(x)
@@ -101,7 +108,12 @@ def reconstruction_loss(vae, x: torch.Tensor, config) -> tuple[torch.Tensor, tor
     l1 = (rec - x).abs().mean()
     l2 = (rec - x).pow(2).mean()
     parts = {"l1": l1.detach(), "l2": l2.detach(), "reg": reg.detach()}
-    return tc.l1_weight * l1 + tc.l2_weight * l2, reg_weight * reg, rec, parts
+    rec_loss = tc.l1_weight * l1 + tc.l2_weight * l2
+    if perceptual is not None:
+        distance = perceptual(rec, x).mean()
+        rec_loss = rec_loss + tc.perceptual_weight * distance
+        parts["lpips"] = distance.detach()
+    return rec_loss, reg_weight * reg, rec, parts
 
 
 def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
@@ -134,9 +146,12 @@ def latent_statistics(vae, images: torch.Tensor, batch_size: int = 128) -> dict[
 
 
 @torch.no_grad()
-def reconstruction_metrics(vae, images: torch.Tensor, batch_size: int = 128) -> dict[str, float]:
-    """Mean PSNR (dB) and SSIM of deterministic reconstructions (posterior mean / nearest codes)."""
-    values_p, values_s = [], []
+def reconstruction_metrics(
+    vae, images: torch.Tensor, batch_size: int = 128, perceptual: LPIPS | None = None
+) -> dict[str, float]:
+    """Mean PSNR (dB), SSIM and, with a ``perceptual`` network, LPIPS of deterministic reconstructions (posterior
+    mean / nearest codes)."""
+    values_p, values_s, values_l = [], [], []
     for start in range(0, len(images), batch_size):
         x = _to_float(images[start : start + batch_size]).to(vae.device)
         if isinstance(vae, VQModel):
@@ -146,7 +161,24 @@ def reconstruction_metrics(vae, images: torch.Tensor, batch_size: int = 128) -> 
         rec = rec.clamp(-1, 1)
         values_p.append(psnr(rec, x).cpu())
         values_s.append(ssim(rec, x).cpu())
-    return {"psnr": float(torch.cat(values_p).mean()), "ssim": float(torch.cat(values_s).mean())}
+        if perceptual is not None:
+            values_l.append(perceptual(rec, x).cpu())
+    metrics = {"psnr": float(torch.cat(values_p).mean()), "ssim": float(torch.cat(values_s).mean())}
+    if perceptual is not None:
+        metrics["lpips"] = float(torch.cat(values_l).mean())
+    return metrics
+
+
+@torch.no_grad()
+def reconstruction_grid(vae, images: torch.Tensor) -> Image.Image:
+    """Held-out images (top row) above their deterministic reconstructions (bottom row)."""
+    x = _to_float(images).to(vae.device)
+    if isinstance(vae, VQModel):
+        rec = vae.decode(vae.encode(x).latents).sample
+    else:
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    pixels = ((torch.cat([x, rec]).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return make_grid([Image.fromarray(p.numpy()) for p in pixels], columns=len(images))
 
 
 def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
@@ -168,6 +200,12 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    perceptual = None
+    if tc.perceptual_weight > 0:  # its weight files, before any image is read
+        try:
+            perceptual = load_lpips(tc.lpips_vgg, tc.lpips_lin).to(device)
+        except FileNotFoundError as e:
+            raise ConfigError(f"train.perceptual_weight={tc.perceptual_weight}: {e}") from None
 
     # 2. Data in memory (stage-1 datasets here are small; large ones go through the latent cache of the data issue)
     images, skipped = load_images(config.data)
@@ -228,7 +266,7 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
                 x = x[:, :, top : top + crop, left : left + crop]
             # 5a. the autoencoder's step: reconstruction + regulariser (+ the adversarial term once the critic is on)
             adversarial = critic is not None and step >= tc.disc_start
-            rec_loss, reg_loss, rec, parts = reconstruction_loss(vae, x, config)
+            rec_loss, reg_loss, rec, parts = reconstruction_loss(vae, x, config, perceptual)
             loss = rec_loss + reg_loss
             if adversarial:
                 critic.requires_grad_(False)
@@ -290,7 +328,7 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
 
     # 6. Evaluate, set the scaling factor, export
     vae.eval()
-    metrics: dict[str, Any] = reconstruction_metrics(vae, eval_images)
+    metrics: dict[str, Any] = reconstruction_metrics(vae, eval_images, perceptual=perceptual)
     metrics.update(latent_statistics(vae, images[: min(len(images), 2048)]))
     metrics.update(steps=step, seconds=counters["train_seconds"], skipped=dict(skipped))
     metrics["skipped_steps"] = counters["skipped_steps"]
@@ -298,6 +336,7 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
     final = out / "final"
     vae.save_pretrained(final, safe_serialization=True)
     (final / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    reconstruction_grid(vae, eval_images[:8]).save(out / "reconstructions.png")
     metrics["path"] = str(final)
     return metrics
 
