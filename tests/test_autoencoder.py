@@ -369,3 +369,23 @@ def test_perceptual_loss_trains_and_reports_lpips(tmp_path):
     # the logged loss is the weighted sum of its parts (kl weight 1e-6, perceptual weight 1)
     assert log[0]["loss"] == pytest.approx(log[0]["l1"] + log[0]["l2"] + log[0]["lpips"] + 1e-6 * log[0]["reg"])
     assert result["lpips"] > 0 and json.loads((tmp_path / "vae" / "final" / "metrics.json").read_text())["lpips"]
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_bf16_autoencoder_steps_run_under_autocast_with_fp32_weights(tmp_path, kind):
+    """bf16 (autocast on the CPU here, as on a GPU): the same run's losses move by bf16's rounding, not more, and
+    what is exported is fp32."""
+    overrides = _overrides(tmp_path, kind) + ["train.num_steps=3", "train.log_every=1", "train.disc_weight=0.5"]
+    overrides += ["train.disc_channels=8"]
+    runs = {}
+    for precision in ("no", "bf16"):
+        out = tmp_path / precision
+        config = load_config(
+            AutoencoderConfig, None, overrides + [f"train.output_dir={out}", f"train.mixed_precision={precision}"]
+        )
+        train_autoencoder(config)
+        runs[precision] = _log(out)
+        assert all(v.dtype == torch.float32 for v in _vae_weights(out).values())
+    for fp32, bf16 in zip(runs["no"], runs["bf16"]):
+        assert bf16["loss"] != fp32["loss"] and bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05)
+        assert math.isfinite(bf16["gan"]) and math.isfinite(bf16["critic"])

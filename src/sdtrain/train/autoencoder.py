@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, VQModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -99,11 +100,13 @@ def reconstruction_loss(
     tc = config.train
     if isinstance(vae, VQModel):
         out = vae(x)
-        rec, reg = out.sample, out.commit_loss.mean()
+        rec, reg = out.sample.float(), out.commit_loss.float().mean()
         reg_weight = 1.0  # diffusers' VQ loss already weighs commitment (beta) against the codebook term
     else:
         posterior = vae.encode(x).latent_dist
-        rec = vae.decode(posterior.sample()).sample
+        if posterior.parameters.dtype != torch.float32:  # under bf16 autocast: sample and sum the KL in fp32
+            posterior = DiagonalGaussianDistribution(posterior.parameters.float())
+        rec = vae.decode(posterior.sample()).sample.float()
         reg, reg_weight = posterior.kl().mean() / x[0].numel(), tc.kl_weight
     l1 = (rec - x).abs().mean()
     l2 = (rec - x).pow(2).mean()
@@ -200,6 +203,9 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if tc.mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"train.mixed_precision=bf16: {torch.cuda.get_device_name()} has no bf16; use 'no'")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.mixed_precision == "bf16")
     perceptual = None
     if tc.perceptual_weight > 0:  # its weight files, before any image is read
         try:
@@ -266,11 +272,13 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
                 x = x[:, :, top : top + crop, left : left + crop]
             # 5a. the autoencoder's step: reconstruction + regulariser (+ the adversarial term once the critic is on)
             adversarial = critic is not None and step >= tc.disc_start
-            rec_loss, reg_loss, rec, parts = reconstruction_loss(vae, x, config, perceptual)
+            with autocast:
+                rec_loss, reg_loss, rec, parts = reconstruction_loss(vae, x, config, perceptual)
+                if adversarial:
+                    critic.requires_grad_(False)
+                    gan_loss = -critic(rec).float().mean()
             loss = rec_loss + reg_loss
             if adversarial:
-                critic.requires_grad_(False)
-                gan_loss = -critic(rec).mean()
                 weight = tc.disc_weight * adaptive_weight(rec_loss, gan_loss, vae.decoder.conv_out.weight)
                 loss = loss + weight * gan_loss
                 parts.update(gan=gan_loss.detach(), gan_weight=weight)
@@ -279,7 +287,8 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
             # 5b. the critic's step: real crops against this step's reconstructions
             if adversarial:
                 critic.requires_grad_(True)
-                critic_loss = hinge_loss(critic(x), critic(rec.detach()))
+                with autocast:
+                    critic_loss = hinge_loss(critic(x).float(), critic(rec.detach()).float())
                 critic_loss.backward()
                 norm = norm + torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
                 parts["critic"] = critic_loss.detach()
