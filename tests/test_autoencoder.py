@@ -389,3 +389,38 @@ def test_bf16_autoencoder_steps_run_under_autocast_with_fp32_weights(tmp_path, k
     for fp32, bf16 in zip(runs["no"], runs["bf16"]):
         assert bf16["loss"] != fp32["loss"] and bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05)
         assert math.isfinite(bf16["gan"]) and math.isfinite(bf16["critic"])
+
+
+def test_decoder_only_fine_tune_of_a_pipelines_vae_keeps_its_latents(tmp_path):
+    """sd-vae-ft-mse's recipe: a pretrained VAE (here in a pipeline's vae/ subfolder) fine-tuned with its encoder
+    frozen: encoder bit for bit unchanged, decoder trained, the export keeps the pretrained scaling factor."""
+    from diffusers import AutoencoderKL
+
+    pretrained = AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4, scaling_factor=0.5,
+    )  # fmt: skip
+    pretrained.save_pretrained(tmp_path / "pipe" / "vae")
+    with pytest.raises(ConfigError, match="needs model.pretrained"):
+        load_config(AutoencoderConfig, None, _overrides(tmp_path, "kl") + ["train.decoder_only=true"])
+    overrides = _overrides(tmp_path, "kl") + [
+        f"model.pretrained={tmp_path / 'pipe'}",
+        "model.subfolder=vae",
+        "model.block_out_channels=[4, 4, 4, 4]",  # ignored: the pretrained model's architecture is used
+        "train.decoder_only=true",
+        "train.num_steps=3",
+    ]
+    result = train_autoencoder(load_config(AutoencoderConfig, None, overrides))
+    before, after = pretrained.state_dict(), _vae_weights(tmp_path / "vae")
+    assert set(before) == set(after)
+    kept = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    assert result["scaling_factor"] == 0.5 and result["measured_scaling_factor"] != 0.5
+    assert AutoencoderKL.from_pretrained(tmp_path / "vae" / "final").config.scaling_factor == 0.5
+    # crops the pretrained model's factor (2) does not divide are refused before any step
+    odd = overrides + ["train.crop_size=15", f"train.output_dir={tmp_path / 'odd'}"]
+    with pytest.raises(ConfigError, match="crop_size=15 is not a multiple of .* downsampling factor 2"):
+        train_autoencoder(load_config(AutoencoderConfig, None, odd))
+    assert not (tmp_path / "odd" / "checkpoints").exists()

@@ -32,8 +32,9 @@ EXAMPLES = {
   sdtrain convert model.safetensors sd15/ --config stable-diffusion-v1-5/stable-diffusion-v1-5""",
     "serve": """example:
   sdtrain serve --runs runs --port 8000     # then open http://127.0.0.1:8000/""",
-    "train-vae": """example:
-  sdtrain train-vae --config configs/demo-vae.yaml data.path=data/shapes/train train.max_minutes=3""",
+    "train-vae": """examples:
+  sdtrain train-vae --config configs/demo-vae.yaml data.path=data/shapes/train train.max_minutes=3
+  sdtrain train-vae --config configs/sd15-vae-ft.yaml data.path=data/my-images    # SD 1.5's decoder, fine-tuned""",
     "evaluate": """examples:
   sdtrain evaluate --model runs/demo/final --data data/shapes --out runs/demo      # the shapes dataset's own scores
   sdtrain evaluate --model runs/mine/final --data data/pets-heldout --num 2000 \\

@@ -483,6 +483,11 @@ class Config:
 class AutoencoderModelConfig:
     """The autoencoder built by `sdtrain train-vae`."""
 
+    pretrained: str | None = None
+    """Fine-tune this diffusers AutoencoderKL / VQModel (a folder or hub id) instead of building one; the
+    architecture settings below are then ignored, and the export keeps its scaling_factor (its latents' scale)."""
+    subfolder: str | None = None
+    """Subfolder of model.pretrained holding it ("vae" in a Stable Diffusion pipeline)."""
     kind: Literal["kl", "vq"] = "kl"
     """AutoencoderKL (continuous, KL-regularised) or VQModel (discrete codebook)."""
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
@@ -530,6 +535,9 @@ class AutoencoderTrainConfig:
     """Weight of the VQ commitment loss (vq only)."""
     crop_size: int | None = None
     """Train on random square crops of this size (cheaper; evaluation uses whole images). None: whole images."""
+    decoder_only: bool = False
+    """Train the decoder only (model.pretrained's encoder frozen): the latents stay the pretrained model's, so UNets
+    trained in its latent space keep working with the new decoder (how Stability's sd-vae-ft-mse was made)."""
     mixed_precision: Literal["no", "bf16"] = "no"
     """bf16: the forward passes (autoencoder, discriminator, LPIPS) under bf16 autocast, weights and optimizer states
     in fp32 (GPUs with bf16: Ampere and newer; about twice as fast there)."""
@@ -591,6 +599,12 @@ class AutoencoderConfig:
     def __post_init__(self) -> None:
         factor = 2 ** (len(self.model.block_out_channels) - 1)
         crop = self.train.crop_size
+        if self.train.decoder_only and self.model.pretrained is None:
+            raise ConfigError(
+                "train.decoder_only needs model.pretrained: the encoder it keeps must come from somewhere"
+            )
+        if self.model.pretrained is not None:  # its architecture is checked once loaded (train_autoencoder)
+            factor, crop = 1, None
         if crop is not None:
             if crop % factor or crop > self.data.resolution:
                 raise ConfigError(
@@ -604,7 +618,7 @@ class AutoencoderConfig:
                 )
         if self.data.resolution % factor:
             raise ConfigError(f"data.resolution={self.data.resolution} is not a multiple of the factor {factor}")
-        side, smallest = crop or self.data.resolution, 3 * 2**self.train.disc_layers  # one patch left
+        side, smallest = self.train.crop_size or self.data.resolution, 3 * 2**self.train.disc_layers  # one patch
         if self.train.disc_weight > 0 and side < smallest:
             raise ConfigError(
                 f"the discriminator's {self.train.disc_layers} layers need images of at least {smallest} px, but it "

@@ -35,6 +35,7 @@ from sdtrain.data.sources import list_records
 from sdtrain.evaluate.lpips import LPIPS, load_lpips
 from sdtrain.evaluate.metrics import psnr, ssim
 from sdtrain.models.discriminator import PatchDiscriminator, hinge_loss
+from sdtrain.models.vae import downsample_factor, load_vae
 from sdtrain.sample.pipeline import make_grid
 from sdtrain.train import checkpoint
 from sdtrain.train.preemption import Preempted, StopSignal
@@ -67,6 +68,24 @@ def build_autoencoder(config: AutoencoderModelConfig) -> AutoencoderKL | VQModel
             vae.quant_conv.bias[config.latent_channels :] = -6.0
         return vae
     return VQModel(**common, num_vq_embeddings=config.num_vq_embeddings, vq_embed_dim=config.latent_channels)
+
+
+def load_trainable(config: AutoencoderConfig) -> AutoencoderKL | VQModel:
+    """``model.pretrained`` to fine-tune, in fp32: whole, or its decoder only (``train.decoder_only``: the encoder,
+    its quant_conv and a VQ codebook frozen, so its latents do not change). Its downsampling factor must divide the
+    resolution and the crops."""
+    vae = load_vae(config.model.pretrained, config.model.subfolder).requires_grad_(True)
+    if config.train.decoder_only:
+        frozen = [vae.encoder, vae.quant_conv] + ([vae.quantize] if isinstance(vae, VQModel) else [])
+        for module in frozen:
+            module.requires_grad_(False)
+    factor = downsample_factor(vae)
+    for key, side in (("data.resolution", config.data.resolution), ("train.crop_size", config.train.crop_size)):
+        if side is not None and side % factor:
+            raise ConfigError(
+                f"{key}={side} is not a multiple of {config.model.pretrained}'s downsampling factor {factor}"
+            )
+    return vae
 
 
 def load_images(config: DataConfig, limit: int | None = None) -> tuple[torch.Tensor, SkipCounter]:
@@ -213,7 +232,17 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
         except FileNotFoundError as e:
             raise ConfigError(f"train.perceptual_weight={tc.perceptual_weight}: {e}") from None
 
-    # 2. Data in memory (stage-1 datasets here are small; large ones go through the latent cache of the data issue)
+    # 2. Model, discriminator (train.disc_weight > 0) and their optimizers
+    vae = (load_trainable(config) if config.model.pretrained else build_autoencoder(config.model)).to(device).train()
+    if isinstance(vae, VQModel):
+        vae.quantize.beta = tc.commitment_weight  # diffusers' VectorQuantizer: beta * ||sg(z_q) - z||^2
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=tc.lr, weight_decay=0.0)
+    critic = critic_optimizer = None
+    if tc.disc_weight > 0:
+        critic = PatchDiscriminator(tc.disc_layers, tc.disc_channels).to(device).train()
+        critic_optimizer = torch.optim.Adam(critic.parameters(), lr=tc.disc_lr or tc.lr, betas=(0.5, 0.9))
+
+    # 3. Data in memory (stage-1 datasets here are small; large ones go through the latent cache of the data issue)
     images, skipped = load_images(config.data)
     if config.eval_data:
         eval_images, _ = load_images(DataConfig(path=config.eval_data, resolution=config.data.resolution))
@@ -224,19 +253,9 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
     eval_images = eval_images[: tc.eval_images]
     if skipped:
         logger.warning("skipped images: %s", skipped.summary())
-
-    # 3. Model, discriminator (train.disc_weight > 0) and their optimizers
-    vae = build_autoencoder(config.model).to(device).train()
-    if isinstance(vae, VQModel):
-        vae.quantize.beta = tc.commitment_weight  # diffusers' VectorQuantizer: beta * ||sg(z_q) - z||^2
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=tc.lr, weight_decay=0.0)
-    critic = critic_optimizer = None
-    if tc.disc_weight > 0:
-        critic = PatchDiscriminator(tc.disc_layers, tc.disc_channels).to(device).train()
-        critic_optimizer = torch.optim.Adam(critic.parameters(), lr=tc.disc_lr or tc.lr, betas=(0.5, 0.9))
     generator = torch.Generator().manual_seed(tc.seed)
     crop, res = tc.crop_size, config.data.resolution
-    factor = 2 ** (len(config.model.block_out_channels) - 1)
+    factor = downsample_factor(vae)
     models = _Models(vae, optimizer, critic, critic_optimizer, generator)
 
     # 4. Resume from the newest valid checkpoint
@@ -283,7 +302,7 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
                 loss = loss + weight * gan_loss
                 parts.update(gan=gan_loss.detach(), gan_weight=weight)
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
             # 5b. the critic's step: real crops against this step's reconstructions
             if adversarial:
                 critic.requires_grad_(True)
@@ -341,6 +360,9 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
     metrics.update(latent_statistics(vae, images[: min(len(images), 2048)]))
     metrics.update(steps=step, seconds=counters["train_seconds"], skipped=dict(skipped))
     metrics["skipped_steps"] = counters["skipped_steps"]
+    if config.model.pretrained:  # its latents' scale is what UNets trained on it expect: kept, the measured one told
+        metrics["measured_scaling_factor"] = metrics["scaling_factor"]
+        metrics["scaling_factor"] = vae.config.scaling_factor
     vae.register_to_config(scaling_factor=metrics["scaling_factor"])
     final = out / "final"
     vae.save_pretrained(final, safe_serialization=True)
