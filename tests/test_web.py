@@ -57,6 +57,15 @@ def test_pages_list_and_show_runs(served):
         assert part in body
     status, png = _get(base + "/file/tiny/loss.png")
     assert status == 200 and Image.open(io.BytesIO(png)).size[0] > 100
+    # an autoencoder's run (sdtrain train-vae): its reconstructions and its final/metrics.json
+    vae_run = root / "runs" / "vae"
+    (vae_run / "final").mkdir(parents=True)
+    (vae_run / "log.jsonl").write_text('{"step": 5, "loss": 0.1}\n')
+    (vae_run / "final" / "metrics.json").write_text('{"psnr": 27.25}')
+    Image.new("RGB", (64, 16)).save(vae_run / "reconstructions.png")
+    status, body = _get(base + "/run/vae")
+    assert status == 200 and b"27.25" in body and b"/file/vae/reconstructions.png" in body
+    assert b'name="model"' not in body  # nothing to generate with
 
 
 @pytest.mark.parametrize("path", ["/file/../secret.txt", "/file/%2e%2e/secret.txt", "/run/../..", "/file//etc/passwd"])

@@ -97,7 +97,7 @@ class RunBrowser:
         for png in pngs:
             src = "/file/" + urllib.parse.quote(str(png.relative_to(self.root)))
             parts.append(f"<h3>{html.escape(png.relative_to(run).as_posix())}</h3><img src='{src}'>")
-        for scores in ("metrics.json", "fidelity.json"):  # shapes scores; FID / KID / CLIP score
+        for scores in ("metrics.json", "fidelity.json", "final/metrics.json"):  # shapes; FID...; an autoencoder's
             if (run / scores).is_file():
                 parts.append(f"<h3>{scores}</h3><pre>{html.escape((run / scores).read_text())}</pre>")
         if record := _last_record(run):
