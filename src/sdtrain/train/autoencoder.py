@@ -1,12 +1,14 @@
-"""Stage 1: train the autoencoder the UNet will work in (``sdtrain train-vae``).
+"""Stage 1: train the autoencoder the UNet will work in (``sdtrain train-vae``), or fine-tune one.
 
 AutoencoderKL: L1 + L2 reconstruction of a posterior sample plus a small KL term. VQModel: the same reconstruction loss
-plus diffusers' codebook / commitment loss; codebook usage is reported. ``train.disc_weight > 0`` adds LDM's
-adversarial term (a PatchGAN critic, hinge loss, adaptively weighted); LDM's perceptual loss is left out, as it needs
-pretrained VGG weights. Checkpoints every ``train.save_every`` steps; a rerun resumes bit for bit.
-At the end: PSNR and SSIM on held-out images, the latent scaling factor (1 / std of the latents, as Stable Diffusion
-computed 0.18215), a diffusers folder in ``output_dir/final`` with ``scaling_factor`` set in its config, and
-``output_dir/reconstructions.png`` (held-out images above their reconstructions).
+plus diffusers' codebook / commitment loss; codebook usage is reported. LDM's two other terms are options:
+``train.perceptual_weight`` (LPIPS, ``sdtrain.evaluate.lpips``) and ``train.disc_weight`` (a PatchGAN critic, hinge
+loss, adaptively weighted). ``model.pretrained`` fine-tunes an existing autoencoder, with ``train.decoder_only`` its
+decoder alone (its latents unchanged). Checkpoints every ``train.save_every`` steps; a rerun resumes bit for bit.
+At the end: PSNR, SSIM (and LPIPS) on held-out images, the latent scaling factor (1 / std of the latents, as Stable
+Diffusion computed 0.18215; a pretrained model keeps its own), a diffusers folder in ``output_dir/final`` with
+``scaling_factor`` set in its config, and ``output_dir/reconstructions.png`` (held-out images above their
+reconstructions).
 """
 
 from __future__ import annotations
@@ -176,11 +178,7 @@ def reconstruction_metrics(
     values_p, values_s, values_l = [], [], []
     for start in range(0, len(images), batch_size):
         x = _to_float(images[start : start + batch_size]).to(vae.device)
-        if isinstance(vae, VQModel):
-            rec = vae.decode(vae.encode(x).latents).sample
-        else:
-            rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
-        rec = rec.clamp(-1, 1)
+        rec = _reconstruct(vae, x)
         values_p.append(psnr(rec, x).cpu())
         values_s.append(ssim(rec, x).cpu())
         if perceptual is not None:
@@ -195,20 +193,24 @@ def reconstruction_metrics(
 def reconstruction_grid(vae, images: torch.Tensor) -> Image.Image:
     """Held-out images (top row) above their deterministic reconstructions (bottom row)."""
     x = _to_float(images).to(vae.device)
-    if isinstance(vae, VQModel):
-        rec = vae.decode(vae.encode(x).latents).sample
-    else:
-        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
-    pixels = ((torch.cat([x, rec]).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    pixels = ((torch.cat([x, _reconstruct(vae, x)]) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
     return make_grid([Image.fromarray(p.numpy()) for p in pixels], columns=len(images))
+
+
+def _reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
+    """The deterministic reconstruction (posterior mean / nearest codes), clamped to [-1, 1]."""
+    if isinstance(vae, VQModel):
+        return vae.decode(vae.encode(x).latents).sample.clamp(-1, 1)
+    return vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
 
 
 def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
     """Train, evaluate and export an autoencoder; a rerun of the same config resumes from its newest checkpoint.
 
     Returns:
-        Metrics: ``path`` (the export), ``psnr``, ``ssim``, ``scaling_factor``, ``steps``, ``seconds`` and, for VQ,
-        ``codebook_usage``. Also written to ``output_dir/final/metrics.json``.
+        Metrics: ``path`` (the export), ``psnr``, ``ssim``, ``scaling_factor``, ``steps``, ``seconds``,
+        ``skipped_steps``; for VQ ``codebook_usage``, with LPIPS ``lpips``, for a pretrained model
+        ``measured_scaling_factor``. Also written to ``output_dir/final/metrics.json``.
 
     Raises:
         Preempted: SIGTERM or SIGUSR1 arrived; the step in progress was finished and checkpointed.
