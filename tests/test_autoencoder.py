@@ -106,10 +106,11 @@ def test_psnr_ssim_identity_and_noise():
 
 
 def _adversarial(tmp_path, steps: int, *extra: str) -> list[str]:
-    """A KL run whose critic starts mid-run, checkpointing every 3 steps."""
+    """A KL run whose critic starts mid-run, with an EMA, checkpointing every 3 steps."""
     return _overrides(tmp_path, "kl") + [
         f"train.num_steps={steps}",
         "train.save_every=3",
+        "train.ema_decay=0.9",
         "train.disc_weight=0.5",
         "train.disc_start=4",
         "train.disc_channels=8",
@@ -168,6 +169,10 @@ def test_adversarial_run_logs_both_players_and_trains_the_critic_from_disc_start
     # the critic was stepped twice (steps 4 and 5), the autoencoder six times
     assert objects["critic_optimizer"]["state"][0]["step"].item() == 2
     assert objects["optimizer"]["state"][0]["step"].item() == 6
+    # the export holds the EMA of the weights (the checkpoint's "ema"), not the last trained ones
+    exported = _vae_weights(tmp_path / "vae")
+    assert all(torch.equal(exported[k], v) for k, v in tensors["ema"].items())
+    assert any(not torch.equal(exported[k], tensors["vae"][k]) for k in tensors["ema"])
     assert result["steps"] == 6 and math.isfinite(result["psnr"])
 
 

@@ -538,6 +538,8 @@ class AutoencoderTrainConfig:
     decoder_only: bool = False
     """Train the decoder only (model.pretrained's encoder frozen): the latents stay the pretrained model's, so UNets
     trained in its latent space keep working with the new decoder (how Stability's sd-vae-ft-mse was made)."""
+    ema_decay: float | None = None
+    """EMA of the trained weights with this decay (diffusers' warm-up); metrics and the export use it. None: off."""
     mixed_precision: Literal["no", "bf16"] = "no"
     """bf16: the forward passes (autoencoder, discriminator, LPIPS) under bf16 autocast, weights and optimizer states
     in fp32 (GPUs with bf16: Ampere and newer; about twice as fast there)."""
@@ -582,6 +584,8 @@ class AutoencoderTrainConfig:
             raise ConfigError(f"train.keep_checkpoints must be at least 2, got {self.keep_checkpoints}")
         if self.disc_weight < 0 or self.disc_start < 0 or self.perceptual_weight < 0:
             raise ConfigError("train.disc_weight, train.disc_start and train.perceptual_weight must not be negative")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.disc_lr is not None and self.disc_lr <= 0:
             raise ConfigError(f"train.disc_lr must be positive, got {self.disc_lr}")
 

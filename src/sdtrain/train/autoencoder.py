@@ -4,7 +4,8 @@ AutoencoderKL: L1 + L2 reconstruction of a posterior sample plus a small KL term
 plus diffusers' codebook / commitment loss; codebook usage is reported. LDM's two other terms are options:
 ``train.perceptual_weight`` (LPIPS, ``sdtrain.evaluate.lpips``) and ``train.disc_weight`` (a PatchGAN critic, hinge
 loss, adaptively weighted). ``model.pretrained`` fine-tunes an existing autoencoder, with ``train.decoder_only`` its
-decoder alone (its latents unchanged). Checkpoints every ``train.save_every`` steps; a rerun resumes bit for bit.
+decoder alone (its latents unchanged). ``train.ema_decay`` keeps an EMA, which the metrics and the export use.
+Checkpoints every ``train.save_every`` steps; a rerun resumes bit for bit.
 At the end: PSNR, SSIM (and LPIPS) on held-out images, the latent scaling factor (1 / std of the latents, as Stable
 Diffusion computed 0.18215; a pretrained model keeps its own), a diffusers folder in ``output_dir/final`` with
 ``scaling_factor`` set in its config, and ``output_dir/reconstructions.png`` (held-out images above their
@@ -40,10 +41,11 @@ from sdtrain.models.discriminator import PatchDiscriminator, hinge_loss
 from sdtrain.models.vae import downsample_factor, load_vae
 from sdtrain.sample.pipeline import make_grid
 from sdtrain.train import checkpoint
+from sdtrain.train.ema import EMA, ema_parameters
 from sdtrain.train.preemption import Preempted, StopSignal
 from sdtrain.train.progress import Progress
 from sdtrain.train.randomness import rng_state, set_rng_state
-from sdtrain.train.state import truncate_log
+from sdtrain.train.state import trainable, truncate_log
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +241,7 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
     if isinstance(vae, VQModel):
         vae.quantize.beta = tc.commitment_weight  # diffusers' VectorQuantizer: beta * ||sg(z_q) - z||^2
     optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=tc.lr, weight_decay=0.0)
+    ema = EMA(ema_parameters(vae), tc.ema_decay) if tc.ema_decay is not None else None
     critic = critic_optimizer = None
     if tc.disc_weight > 0:
         critic = PatchDiscriminator(tc.disc_layers, tc.disc_channels).to(device).train()
@@ -258,7 +261,7 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(tc.seed)
     crop, res = tc.crop_size, config.data.resolution
     factor = downsample_factor(vae)
-    models = _Models(vae, optimizer, critic, critic_optimizer, generator)
+    models = _Models(vae, optimizer, ema, critic, critic_optimizer, generator)
 
     # 4. Resume from the newest valid checkpoint
     root, log_path = out / "checkpoints", out / "log.jsonl"
@@ -319,6 +322,8 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
                 optimizer.step()
                 if adversarial:
                     critic_optimizer.step()
+                if ema is not None:
+                    ema.tick(vae)
                 consecutive_skips = 0
             else:
                 counters["skipped_steps"] += 1
@@ -356,7 +361,9 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
     if saved_at != step:  # the end of the run: a checkpoint a larger train.num_steps continues from
         _save_state(root, tc.keep_checkpoints, counters, config, len(images), models)
 
-    # 6. Evaluate, set the scaling factor, export
+    # 6. Evaluate, set the scaling factor, export (with the EMA weights where there is an EMA)
+    if ema is not None:
+        ema.copy_to(ema_parameters(vae))
     vae.eval()
     metrics: dict[str, Any] = reconstruction_metrics(vae, eval_images, perceptual=perceptual)
     metrics.update(latent_statistics(vae, images[: min(len(images), 2048)]))
@@ -380,6 +387,7 @@ class _Models:
 
     vae: AutoencoderKL | VQModel
     optimizer: torch.optim.Optimizer
+    ema: EMA | None
     critic: PatchDiscriminator | None
     critic_optimizer: torch.optim.Optimizer | None
     generator: torch.Generator
@@ -389,6 +397,11 @@ def _save_state(root: Path, keep: int, counters: dict, config: AutoencoderConfig
     """A checkpoint of everything a bit-exact resume needs: weights, optimizer moments, critic, RNGs, counters."""
     tensors = {"vae": m.vae.state_dict()}
     objects = {"optimizer": m.optimizer.state_dict(), "rng": rng_state(m.generator)}
+    ema_meta = {}
+    if m.ema is not None:
+        names = [n for n, _ in trainable(m.vae)]
+        tensors["ema"] = dict(zip(names, m.ema.shadow_params))
+        ema_meta = {k: v for k, v in m.ema.state_dict().items() if k != "shadow_params"}
     if m.critic is not None:
         tensors["critic"] = m.critic.state_dict()
         objects["critic_optimizer"] = m.critic_optimizer.state_dict()
@@ -399,6 +412,7 @@ def _save_state(root: Path, keep: int, counters: dict, config: AutoencoderConfig
         "model": dataclasses.asdict(config.model),
         "critic": {"layers": config.train.disc_layers, "channels": config.train.disc_channels},
         "train_images": train_images,
+        "ema": ema_meta,
     }
     checkpoint.save_or_keep_previous(root, counters["step"], tensors, objects, state, keep)
 
@@ -429,6 +443,12 @@ def _load_state(path: Path, config: AutoencoderConfig, train_images: int, m: _Mo
         logger.info("the discriminator starts at step %d (the checkpoint has none)", state["step"])
     elif "critic" in tensors:
         logger.warning("train.disc_weight=0: the checkpoint's discriminator is left out from step %d", state["step"])
+    if m.ema is not None and "ema" in tensors:
+        shadow = [tensors["ema"][n] for n, _ in trainable(m.vae)]
+        m.ema.load_state_dict({**state["ema"], "shadow_params": shadow})
+        m.ema.to(next(m.vae.parameters()).device)
+    elif m.ema is not None:
+        logger.info("the EMA starts at step %d (the checkpoint has none)", state["step"])
     set_rng_state(objects["rng"], m.generator)
     if state["train_images"] != train_images:
         logger.warning(
