@@ -429,3 +429,53 @@ def test_decoder_only_fine_tune_of_a_pipelines_vae_keeps_its_latents(tmp_path):
     with pytest.raises(ConfigError, match="crop_size=15 is not a multiple of .* downsampling factor 2"):
         train_autoencoder(load_config(AutoencoderConfig, None, odd))
     assert not (tmp_path / "odd" / "checkpoints").exists()
+
+
+def test_streamed_training_images_skip_bad_files_and_resume_exactly(tmp_path, monkeypatch):
+    """train.in_memory=false: the training images are read epoch by epoch by 2 workers; a corrupt file is skipped and
+    counted; SIGTERM mid-run, then the rerun continues from the checkpoint's position and ends as an uninterrupted
+    run, bit for bit."""
+    from sdtrain.train import autoencoder
+    from sdtrain.train.preemption import Preempted
+
+    data = write_image_folder(tmp_path / "stream", count=14)
+    (data / "007.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # corrupt, among the training images
+    held_out = write_image_folder(tmp_path / "held_out", count=4, seed=1)
+
+    def config(out):
+        overrides = _overrides(tmp_path, "kl") + [
+            f"data.path={data}",
+            f"eval_data={held_out}",
+            "data.num_workers=2",
+            "train.in_memory=false",
+            "train.batch_size=4",  # 14 images: an epoch ends mid-batch, so batches straddle epochs
+            "train.num_steps=9",
+            "train.save_every=3",
+            "train.log_every=1",
+            f"train.output_dir={out}",
+        ]
+        return load_config(AutoencoderConfig, None, overrides)
+
+    reference = train_autoencoder(config(tmp_path / "a"))
+    # 9 steps x 4 images: the first 36 places of the epochs' order (the seed's), each visit of 007.png a skip
+    from sdtrain.data.folder import EpochSampler
+
+    visits = sum(index % 14 == 7 for index in EpochSampler(14, seed=0).take(36))
+    assert visits >= 2 and reference["skipped"] == {"not_an_image": visits}
+    calls, loss = [0], autoencoder.reconstruction_loss
+
+    def sigterm_at_fifth(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(autoencoder, "reconstruction_loss", sigterm_at_fifth)
+    with pytest.raises(Preempted):
+        train_autoencoder(config(tmp_path / "b"))
+    monkeypatch.setattr(autoencoder, "reconstruction_loss", loss)
+    resumed = train_autoencoder(config(tmp_path / "b"))
+    a, b = _vae_weights(tmp_path / "a"), _vae_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _log(tmp_path / "a") == _log(tmp_path / "b")
+    assert resumed["skipped"] == reference["skipped"]

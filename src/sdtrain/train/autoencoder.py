@@ -5,6 +5,7 @@ plus diffusers' codebook / commitment loss; codebook usage is reported. LDM's tw
 ``train.perceptual_weight`` (LPIPS, ``sdtrain.evaluate.lpips``) and ``train.disc_weight`` (a PatchGAN critic, hinge
 loss, adaptively weighted). ``model.pretrained`` fine-tunes an existing autoencoder, with ``train.decoder_only`` its
 decoder alone (its latents unchanged). ``train.ema_decay`` keeps an EMA, which the metrics and the export use.
+Training images are decoded once into memory, or streamed (``train.in_memory=false``, ``sdtrain.data.images``).
 Checkpoints every ``train.save_every`` steps; a rerun resumes bit for bit.
 At the end: PSNR, SSIM (and LPIPS) on held-out images, the latent scaling factor (1 / std of the latents, as Stable
 Diffusion computed 0.18215; a pretrained model keeps its own), a diffusers folder in ``output_dir/final`` with
@@ -29,11 +30,9 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
-from tqdm.auto import tqdm
 
-from sdtrain.config import AutoencoderConfig, AutoencoderModelConfig, ConfigError, DataConfig, save_config
-from sdtrain.data.decode import Skip, SkipCounter, decode_image
-from sdtrain.data.folder import resize_crop
+from sdtrain.config import AutoencoderConfig, AutoencoderModelConfig, ConfigError, save_config
+from sdtrain.data.images import MemoryBatches, StreamedBatches, decode_all
 from sdtrain.data.sources import list_records
 from sdtrain.evaluate.lpips import LPIPS, load_lpips
 from sdtrain.evaluate.metrics import psnr, ssim
@@ -90,24 +89,6 @@ def load_trainable(config: AutoencoderConfig) -> AutoencoderKL | VQModel:
                 f"{key}={side} is not a multiple of {config.model.pretrained}'s downsampling factor {factor}"
             )
     return vae
-
-
-def load_images(config: DataConfig, limit: int | None = None) -> tuple[torch.Tensor, SkipCounter]:
-    """Decode a folder's images (captions are not needed) into a uint8 N x 3 x R x R tensor, counting skips."""
-    records = list_records(config.path, config.image_column, config.caption_column)[:limit]
-    skipped = SkipCounter()
-    images = []
-    for record in tqdm(records, desc=f"reading {Path(config.path).name}", unit="img", leave=False):
-        try:
-            image = decode_image(record["image"])
-        except Skip as skip:
-            skipped[skip.reason] += 1
-            continue
-        pixels, _ = resize_crop(image, config.resolution, center_crop=True)
-        images.append(((pixels + 1) * 127.5).round().to(torch.uint8))
-    if not images:
-        raise ValueError(f"no usable images in {config.path} (skipped: {skipped.summary()})")
-    return torch.stack(images), skipped
 
 
 def _to_float(batch: torch.Tensor) -> torch.Tensor:
@@ -247,28 +228,35 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
         critic = PatchDiscriminator(tc.disc_layers, tc.disc_channels).to(device).train()
         critic_optimizer = torch.optim.Adam(critic.parameters(), lr=tc.disc_lr or tc.lr, betas=(0.5, 0.9))
 
-    # 3. Data in memory (stage-1 datasets here are small; large ones go through the latent cache of the data issue)
-    images, skipped = load_images(config.data)
+    # 3. Data: held-out images in memory; training images in memory or streamed from disk (train.in_memory)
+    data = config.data
+    records = list_records(data.path, data.image_column, data.caption_column)
     if config.eval_data:
-        eval_images, _ = load_images(DataConfig(path=config.eval_data, resolution=config.data.resolution))
+        eval_records = list_records(config.eval_data, data.image_column, data.caption_column)
     else:
-        if len(images) <= tc.eval_images:
-            raise ValueError(f"{len(images)} images leave none for training after {tc.eval_images} held out")
-        images, eval_images = images[: -tc.eval_images], images[-tc.eval_images :]
-    eval_images = eval_images[: tc.eval_images]
-    if skipped:
-        logger.warning("skipped images: %s", skipped.summary())
+        if len(records) <= tc.eval_images:
+            raise ValueError(f"{len(records)} images leave none for training after {tc.eval_images} held out")
+        records, eval_records = records[: -tc.eval_images], records[-tc.eval_images :]
+    eval_images, _ = decode_all(eval_records[: tc.eval_images], data.resolution, "held-out images")
     generator = torch.Generator().manual_seed(tc.seed)
-    crop, res = tc.crop_size, config.data.resolution
+    if tc.in_memory:
+        batches = MemoryBatches(records, data.resolution, tc.batch_size, generator)
+        if batches.skipped:
+            logger.warning("skipped images: %s", batches.skipped.summary())
+    else:
+        batches = StreamedBatches(
+            records, data.resolution, tc.batch_size, tc.seed, data.num_workers, data.max_bad_share
+        )
+    crop, res = tc.crop_size, data.resolution
     factor = downsample_factor(vae)
-    models = _Models(vae, optimizer, ema, critic, critic_optimizer, generator)
+    models = _Models(vae, optimizer, ema, critic, critic_optimizer, generator, batches)
 
     # 4. Resume from the newest valid checkpoint
     root, log_path = out / "checkpoints", out / "log.jsonl"
     counters = {"step": 0, "train_seconds": 0.0, "skipped_steps": 0}
     latest = checkpoint.find_latest(root)
     if latest is not None:
-        counters = _load_state(latest, config, len(images), models)
+        counters = _load_state(latest, config, models)
         logger.info("resumed from %s at step %d", latest, counters["step"])
     truncate_log(log_path, counters["step"])
 
@@ -287,8 +275,7 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
             if critic_optimizer is not None:
                 for group in critic_optimizer.param_groups:
                     group["lr"] = lr * (tc.disc_lr or tc.lr) / tc.lr
-            index = torch.randint(0, len(images), (tc.batch_size,), generator=generator)
-            x = _to_float(images[index]).to(device)
+            x = _to_float(batches.next()).to(device)
             if crop is not None and crop < res:
                 top, left = (
                     int(v) * factor for v in torch.randint(0, (res - crop) // factor + 1, (2,), generator=generator)
@@ -349,25 +336,26 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             if step % tc.save_every == 0:
-                _save_state(root, tc.keep_checkpoints, counters, config, len(images), models)
+                _save_state(root, tc.keep_checkpoints, counters, config, models)
                 saved_at = step
             if stop_signal.received is not None:
                 if saved_at != step:
-                    _save_state(root, tc.keep_checkpoints, counters, config, len(images), models)
+                    _save_state(root, tc.keep_checkpoints, counters, config, models)
                 raise Preempted(f"stopped by signal at step {step}; checkpoint written to {root}")
     finally:
         stop_signal.__exit__()
         bar.close()
     if saved_at != step:  # the end of the run: a checkpoint a larger train.num_steps continues from
-        _save_state(root, tc.keep_checkpoints, counters, config, len(images), models)
+        _save_state(root, tc.keep_checkpoints, counters, config, models)
 
     # 6. Evaluate, set the scaling factor, export (with the EMA weights where there is an EMA)
     if ema is not None:
         ema.copy_to(ema_parameters(vae))
     vae.eval()
     metrics: dict[str, Any] = reconstruction_metrics(vae, eval_images, perceptual=perceptual)
-    metrics.update(latent_statistics(vae, images[: min(len(images), 2048)]))
-    metrics.update(steps=step, seconds=counters["train_seconds"], skipped=dict(skipped))
+    sample = batches.images[:2048] if tc.in_memory else decode_all(records[:2048], res, "training images")[0]
+    metrics.update(latent_statistics(vae, sample))
+    metrics.update(steps=step, seconds=counters["train_seconds"], skipped=dict(batches.skipped))
     metrics["skipped_steps"] = counters["skipped_steps"]
     if config.model.pretrained:  # its latents' scale is what UNets trained on it expect: kept, the measured one told
         metrics["measured_scaling_factor"] = metrics["scaling_factor"]
@@ -391,9 +379,10 @@ class _Models:
     critic: PatchDiscriminator | None
     critic_optimizer: torch.optim.Optimizer | None
     generator: torch.Generator
+    batches: MemoryBatches | StreamedBatches
 
 
-def _save_state(root: Path, keep: int, counters: dict, config: AutoencoderConfig, train_images: int, m: _Models):
+def _save_state(root: Path, keep: int, counters: dict, config: AutoencoderConfig, m: _Models):
     """A checkpoint of everything a bit-exact resume needs: weights, optimizer moments, critic, RNGs, counters."""
     tensors = {"vae": m.vae.state_dict()}
     objects = {"optimizer": m.optimizer.state_dict(), "rng": rng_state(m.generator)}
@@ -411,13 +400,14 @@ def _save_state(root: Path, keep: int, counters: dict, config: AutoencoderConfig
         **counters,
         "model": dataclasses.asdict(config.model),
         "critic": {"layers": config.train.disc_layers, "channels": config.train.disc_channels},
-        "train_images": train_images,
+        "train_images": len(m.batches),
+        "data": m.batches.state(),
         "ema": ema_meta,
     }
     checkpoint.save_or_keep_previous(root, counters["step"], tensors, objects, state, keep)
 
 
-def _load_state(path: Path, config: AutoencoderConfig, train_images: int, m: _Models) -> dict:
+def _load_state(path: Path, config: AutoencoderConfig, m: _Models) -> dict:
     """Restore what :func:`_save_state` wrote into ``m``; returns the counters. The model must be the one the
     checkpoint was written for; a critic may be added (it starts fresh) or dropped on resume."""
     tensors, objects, state = checkpoint.load_checkpoint(path)
@@ -450,10 +440,12 @@ def _load_state(path: Path, config: AutoencoderConfig, train_images: int, m: _Mo
     elif m.ema is not None:
         logger.info("the EMA starts at step %d (the checkpoint has none)", state["step"])
     set_rng_state(objects["rng"], m.generator)
-    if state["train_images"] != train_images:
+    if state["train_images"] != len(m.batches):
         logger.warning(
             "the checkpoint was trained on %d images, data.path now has %d: the run goes on with the new set",
             state["train_images"],
-            train_images,
+            len(m.batches),
         )
+    elif state.get("data"):  # a streamed run's position (a set of another size starts its epochs afresh)
+        m.batches.load_state(state["data"])
     return {k: state[k] for k in ("step", "train_seconds", "skipped_steps")}
