@@ -40,34 +40,29 @@ def _newest(root: Path) -> str:
     return max(p.name for p in root.iterdir() if p.name.startswith("step-"))
 
 
+def _die_at_call(module, name: str, nth: int) -> None:
+    """SIGKILL this process at the ``nth`` call of ``module.name``."""
+    original, calls = getattr(module, name), [0]
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == nth:
+            _die()
+        return original(*args, **kwargs)
+
+    setattr(module, name, counted)
+
+
 def _inject(spec: str) -> None:
     from sdtrain.train import checkpoint, objective
 
     kind, _, arg = spec.partition("=")
     if kind == "kill_micro":
-        limit, calls = int(arg), [0]
-        loss = objective.diffusion_loss
-
-        def counted_loss(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == limit:
-                _die()
-            return loss(*args, **kwargs)
-
-        objective.diffusion_loss = counted_loss
+        _die_at_call(objective, "diffusion_loss", int(arg))
     elif kind == "kill_vae_step":  # `train-vae`: SIGKILL in the middle of its N-th step (after the forward pass)
         from sdtrain.train import autoencoder
 
-        limit, calls = int(arg), [0]
-        vae_loss = autoencoder.reconstruction_loss
-
-        def counted_vae_loss(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == limit:
-                _die()
-            return vae_loss(*args, **kwargs)
-
-        autoencoder.reconstruction_loss = counted_vae_loss
+        _die_at_call(autoencoder, "reconstruction_loss", int(arg))
     elif kind == "kill_save":
         nth, point = arg.split(":")
         saves = [0]

@@ -129,6 +129,24 @@ def _log(run) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+def _sigterm_in_step(nth: int, config, monkeypatch):
+    """Run ``config`` with SIGTERM arriving in the middle of its ``nth`` step (after the forward pass), as a
+    scheduler's preemption notice does; the loss is the real one again afterwards."""
+    from sdtrain.train import autoencoder
+
+    calls, loss = [0], autoencoder.reconstruction_loss
+
+    def signalled(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == nth:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(autoencoder, "reconstruction_loss", signalled)
+        return train_autoencoder(config)
+
+
 def test_patch_discriminator_hinge_loss_and_adaptive_weight():
     from sdtrain.models.discriminator import PatchDiscriminator, hinge_loss, smallest_input
     from sdtrain.train.autoencoder import adaptive_weight
@@ -196,25 +214,14 @@ def test_non_finite_vae_step_is_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_sigterm_stops_train_vae_with_a_checkpoint_and_the_rerun_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    from sdtrain.train import autoencoder
     from sdtrain.train.preemption import Preempted
 
     reference = train_autoencoder(load_config(AutoencoderConfig, None, _adversarial(tmp_path / "a", 8)))
-    calls, loss = [0], autoencoder.reconstruction_loss
-
-    def sigterm_at_fifth(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 5:
-            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's preemption notice: mid-step
-        return loss(*args, **kwargs)
-
     config = load_config(AutoencoderConfig, None, _adversarial(tmp_path / "b", 8))
-    monkeypatch.setattr(autoencoder, "reconstruction_loss", sigterm_at_fifth)
     with pytest.raises(Preempted, match="step 5"):
-        train_autoencoder(config)
+        _sigterm_in_step(5, config, monkeypatch)
     assert checkpoint.find_latest(tmp_path / "b" / "vae" / "checkpoints").name == "step-00000005"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
-    monkeypatch.setattr(autoencoder, "reconstruction_loss", loss)
     resumed = train_autoencoder(config)
     a, b = _vae_weights(tmp_path / "a" / "vae"), _vae_weights(tmp_path / "b" / "vae")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -435,7 +442,6 @@ def test_streamed_training_images_skip_bad_files_and_resume_exactly(tmp_path, mo
     """train.in_memory=false: the training images are read epoch by epoch by 2 workers; a corrupt file is skipped and
     counted; SIGTERM mid-run, then the rerun continues from the checkpoint's position and ends as an uninterrupted
     run, bit for bit."""
-    from sdtrain.train import autoencoder
     from sdtrain.train.preemption import Preempted
 
     data = write_image_folder(tmp_path / "stream", count=14)
@@ -462,18 +468,8 @@ def test_streamed_training_images_skip_bad_files_and_resume_exactly(tmp_path, mo
 
     visits = sum(index % 14 == 7 for index in EpochSampler(14, seed=0).take(36))
     assert visits >= 2 and reference["skipped"] == {"not_an_image": visits}
-    calls, loss = [0], autoencoder.reconstruction_loss
-
-    def sigterm_at_fifth(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss(*args, **kwargs)
-
-    monkeypatch.setattr(autoencoder, "reconstruction_loss", sigterm_at_fifth)
     with pytest.raises(Preempted):
-        train_autoencoder(config(tmp_path / "b"))
-    monkeypatch.setattr(autoencoder, "reconstruction_loss", loss)
+        _sigterm_in_step(5, config(tmp_path / "b"), monkeypatch)
     resumed = train_autoencoder(config(tmp_path / "b"))
     a, b = _vae_weights(tmp_path / "a"), _vae_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)

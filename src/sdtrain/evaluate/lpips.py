@@ -52,17 +52,12 @@ class LPIPS(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         x = (torch.cat([a, b]) - self.shift) / self.scale  # one pass over both halves
         distance = torch.zeros(a.shape[0], device=a.device, dtype=torch.float32)
-        taps = iter(zip(_TAPS, self.lins))
-        tap, lin = next(taps)
+        lins = dict(zip(_TAPS, self.lins))  # the features end at the last tap, relu5_3
         for index, layer in enumerate(self.features):
             x = layer(x)
-            if index != tap:
-                continue
-            fa, fb = (f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for f in x.chunk(2))
-            distance = distance + lin((fa - fb).pow(2)).mean((1, 2, 3)).float()
-            tap, lin = next(taps, (None, None))
-            if tap is None:
-                break
+            if index in lins:
+                fa, fb = (f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for f in x.chunk(2))
+                distance = distance + lins[index]((fa - fb).pow(2)).mean((1, 2, 3)).float()
         return distance
 
 
