@@ -69,6 +69,44 @@ def test_fit_accepts_tuples_of_pil_images(tmp_path, clip_dir, vae_dir):
     assert (tmp_path / "r" / "final" / "model_index.json").exists()
 
 
+def test_fit_takes_a_generator_of_dict_batches(tmp_path, clip_dir, vae_dir):
+    """Any iterable: a one-shot generator's batch size is read from its first batch, which still trains; a generator
+    that runs out before the run ends gets a message saying so."""
+    text_encoder, tokenizer = load_text_encoder(str(clip_dir), subfolder="text_encoder")
+    unet = build_unet(UNetConfig(block_out_channels=[16, 32], attention=[False, True], norm_num_groups=8), 4, 16, 32)
+    pipe = StableDiffusion(AutoencoderKL.from_pretrained(vae_dir), text_encoder, tokenizer, unet, device="cpu")
+
+    def batches(n):
+        for i in range(n):
+            yield {"image": torch.full((3, 3, 32, 32), i / 4 - 0.5), "text": ["a", "b", "c"]}
+
+    pipe.fit(dataloader=batches(3), num_steps=3, save_dir=tmp_path / "g", log_interval=1, save_interval=10)
+    log = (tmp_path / "g" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 3
+    assert '"images_per_s"' in log[0]
+    with pytest.raises(ValueError, match="ran out after 2"):
+        pipe.fit(dataloader=batches(2), num_steps=3, save_dir=tmp_path / "h", log_interval=1, save_interval=10)
+
+
+def test_a_failing_run_gives_the_signal_handlers_back(tmp_path, clip_dir, vae_dir):
+    """The loop installs SIGTERM / SIGUSR1 handlers; when it raises (here: the data runs out), the caller's come back
+    (a notebook that called fit() keeps its own)."""
+    import signal
+
+    text_encoder, tokenizer = load_text_encoder(str(clip_dir), subfolder="text_encoder")
+    unet = build_unet(UNetConfig(block_out_channels=[16, 32], attention=[False, True], norm_num_groups=8), 4, 16, 32)
+    pipe = StableDiffusion(AutoencoderKL.from_pretrained(vae_dir), text_encoder, tokenizer, unet, device="cpu")
+    mine = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        batches = iter([{"image": torch.zeros(2, 3, 32, 32), "text": ["a", "b"]}])
+        with pytest.raises(ValueError, match="ran out"):
+            pipe.fit(dataloader=batches, num_steps=3, save_dir=tmp_path / "f", log_interval=1, save_interval=10)
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_constructor_rejects_two_unets(clip_dir, vae_dir):
     text_encoder, tokenizer = load_text_encoder(str(clip_dir), subfolder="text_encoder")
     vae = AutoencoderKL.from_pretrained(vae_dir)

@@ -101,3 +101,18 @@ def test_bare_no_is_the_string_no():
     assert config.train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config(Config, None, ["model.vae.path=x", "train.mixed_precision=yes"])
+
+
+def test_the_package_and_its_config_are_light():
+    """``import sdtrain.config`` and ``sdtrain --help`` load neither torch, diffusers nor accelerate (they are imported
+    by the commands that use them)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sdtrain, sdtrain.config, sdtrain.cli\n"
+        "try:\n    sdtrain.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'accelerate', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -1,8 +1,12 @@
-"""sdtrain: train your own text-to-image latent diffusion models (the Stable Diffusion family) with diffusers."""
+"""sdtrain: train your own text-to-image latent diffusion models (the Stable Diffusion family) with diffusers.
 
-import torch as _torch
+The package itself is light: ``import sdtrain.config`` or ``sdtrain --help`` load neither torch nor diffusers.
+``sdtrain.StableDiffusion`` (the Python facade, :mod:`sdtrain.api`) is imported on first use.
+"""
 
 MIN_TORCH = (2, 6)
+__version__ = "0.1.0"
+__all__ = ["StableDiffusion", "__version__", "check_torch"]
 
 
 def check_torch(version: str) -> None:
@@ -21,9 +25,6 @@ def check_torch(version: str) -> None:
         )
 
 
-check_torch(_torch.__version__)
-
-
 def _import_quietly():
     """Import the API with transformers' import-time notices (torchvision-less image processors, which text-to-image
     training never uses) silenced; the user's transformers verbosity is restored afterwards."""
@@ -38,7 +39,7 @@ def _import_quietly():
     return StableDiffusion
 
 
-StableDiffusion = _import_quietly()
-
-__version__ = "0.1.0"
-__all__ = ["StableDiffusion", "__version__", "check_torch"]
+def __getattr__(name: str):
+    if name == "StableDiffusion":  # loads torch, diffusers and transformers: only when asked for
+        return _import_quietly()
+    raise AttributeError(f"module 'sdtrain' has no attribute {name!r}")

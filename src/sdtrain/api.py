@@ -8,6 +8,7 @@ diffusers' ``StableDiffusionPipeline.save_pretrained`` (so the folder loads in p
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +18,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
 from sdtrain.config import Config, DataConfig, ModelConfig, ObjectiveConfig, OptimConfig, TrainConfig
+from sdtrain.data.cache import batch_size_of
 from sdtrain.models.text import freeze
 from sdtrain.sample.pipeline import (
     FALLBACK_SAMPLING,
@@ -115,7 +117,8 @@ class StableDiffusion:
         """Train the UNet on batches from ``dataloader`` (re-iterated as needed) for ``num_steps`` optimizer steps.
 
         Batches are dicts with ``image`` (B x 3 x H x W in [-1, 1], or a list of PIL images) and ``text`` (list of
-        str), or ``(images, texts)`` tuples; ``batch_size`` is B (``dataloader.batch_size`` by default). Checkpoints
+        str), or ``(images, texts)`` tuples; ``batch_size`` is B (by default ``dataloader.batch_size``, else the
+        size of its first batch). A generator is read once: it must yield the ``num_steps`` batches the run needs. Checkpoints
         go to ``save_dir/checkpoints`` every ``save_interval`` steps and the trained pipeline to ``save_dir/final``;
         a second call with the same ``save_dir`` resumes. After training this object holds the trained (EMA, if
         enabled) weights.
@@ -124,13 +127,15 @@ class StableDiffusion:
         its shuffling) and process r trains on its batches r, r + W, ...: a step takes W batches.
         """
         objective = self.objective
+        if batch_size is None:
+            batch_size, dataloader = _peek_batch_size(dataloader)
         config = Config(
             model=ModelConfig(pretrained="<in memory>"),  # components are passed in; this only satisfies validation
             data=DataConfig(caption_dropout=caption_dropout),
             train=TrainConfig(
                 output_dir=str(save_dir),
                 seed=seed,
-                batch_size=(batch_size or _peek_batch_size(dataloader)) * int(os.environ.get("WORLD_SIZE", "1")),
+                batch_size=batch_size * int(os.environ.get("WORLD_SIZE", "1")),
                 num_steps=num_steps,
                 mixed_precision=mixed_precision,  # type: ignore[arg-type]
                 clip_norm=clip_norm,
@@ -244,11 +249,21 @@ class StableDiffusion:
         )
 
 
-def _peek_batch_size(dataloader) -> int:
+def _peek_batch_size(dataloader: Iterable) -> tuple[int, Iterable]:
+    """The per-process batch size of ``dataloader`` (its ``batch_size`` attribute, as a DataLoader has, else the size
+    of its first batch) and the batches to train on: a one-shot iterator (a generator) gets its first batch put back
+    in front."""
     size = getattr(dataloader, "batch_size", None)
     if isinstance(size, int):
-        return size
-    raise ValueError("cannot tell the batch size of this iterable: pass batch_size= to fit()")
+        return size, dataloader
+    if iter(dataloader) is dataloader:  # a generator: what is read from it is gone
+        first = next(dataloader, None)
+        dataloader = itertools.chain([first], dataloader)
+    else:
+        first = next(iter(dataloader), None)
+    if first is None:
+        raise ValueError("the dataloader given to fit() yields no batch")
+    return batch_size_of(first), dataloader
 
 
 __all__ = ["StableDiffusion", "SCHEDULERS"]

@@ -374,7 +374,12 @@ class IterableStream:
             batch = next(self._iter)
         except StopIteration:
             self._iter = iter(self.batches)
-            batch = next(self._iter)
+            batch = next(self._iter, None)
+            if batch is None:  # a one-shot iterator (a generator) has run out
+                raise ValueError(
+                    f"the batches given to fit() ran out after {self.consumed}: a generator is read once, so give one "
+                    "that yields every batch of the run, or a re-iterable (a list, a DataLoader)"
+                ) from None
         self.consumed += 1
         return batch
 
@@ -400,6 +405,14 @@ class IterableStream:
         return encode_batch(
             images, texts, self.vae, self.text_encoder, self.tokenizer, self.caption_dropout, draws, self.device
         )
+
+
+def batch_size_of(batch) -> int:
+    """The number of samples in a batch of any form :class:`IterableStream` accepts."""
+    if isinstance(batch, dict) and "latents" in batch:
+        return len(batch["latents"])
+    images, _ = normalize_batch(batch)
+    return images.shape[0]
 
 
 def normalize_batch(batch) -> tuple[torch.Tensor, list[str]]:

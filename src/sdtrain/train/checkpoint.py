@@ -21,6 +21,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdtrain import check_torch
+
+check_torch(torch.__version__)  # resuming relies on torch.load(weights_only=True) being safe
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"

@@ -352,105 +352,104 @@ def train(config: Config, components: Components | None = None, batches: Iterabl
     window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
     consecutive_skips, stop, saved_at = 0, False, counters.step  # the decisions every rank takes alike
     started = time.perf_counter() - counters.train_seconds
-    stop_signal = StopSignal().__enter__()
-    o = tc.objective
-    while counters.step < tc.num_steps and (budget is None or counters.train_seconds < budget):
-        progress = max(counters.step / tc.num_steps, counters.train_seconds / budget if budget else 0.0)
-        set_lr(optimizer, tc.optim.lr * lr_factor(counters.step, progress, tc.optim))
-        step_loss, nonfinite = torch.zeros((), device=device), False
-        for _ in range(tc.gradient_accumulation):
-            # 6a. a micro-batch: latents sampled from the posterior, text embeddings with caption dropout
-            latents, cond = stream.next(draws)
-            # 6b. noise it at random timesteps
-            noise = objective.sample_noise(tuple(latents.shape), o.noise_offset, draws).to(latents)
-            t = objective.sample_timesteps(latents.shape[0], o, draws)
-            noisy = noise_scheduler.add_noise(latents, objective.perturb(noise, o.input_perturbation, draws), t)
-            target = objective.target(noise_scheduler, latents, noise, t)
-            weights = objective.loss_weights(noise_scheduler, t, o.snr_gamma)
-            # 6c. predict and backpropagate (accelerate skips the all-reduce until the last micro-batch)
-            with accelerator.accumulate(unet):
-                with autocast():
-                    loss, _ = objective.diffusion_loss(unet(noisy, t, cond).sample, target, weights)
-                accelerator.backward(loss)
-                step_loss += loss.detach() / tc.gradient_accumulation
-                if accelerator.sync_gradients:
-                    max_norm = tc.clip_norm if tc.clip_norm is not None else float("inf")
-                    # (DeepSpeed clips and steps inside backward, skipping a step whose gradient norm is not
-                    # finite: the norm it reports is the one it clipped)
-                    grad_norm = sharding.local(accelerator.clip_grad_norm_(unet.parameters(), max_norm))
-                    grad_norm = 0.0 if grad_norm is None else grad_norm  # DeepSpeed with compute_grad_norm off
-                    # 6d. every rank agrees on: a non-finite loss or gradient on any rank, a stop signal received
-                    # by any rank, and the elapsed time (so a time budget ends the run on the same step everywhere)
-                    stopping = stop_signal.received is not None
-                    nonfinite, stop, counters.train_seconds = _agree(
-                        accelerator, step_loss, grad_norm, stopping, time.perf_counter() - started
+    # the SIGTERM / SIGUSR1 handlers are the caller's again when the loop ends, raises or is preempted
+    with StopSignal() as stop_signal:
+        o = tc.objective
+        while counters.step < tc.num_steps and (budget is None or counters.train_seconds < budget):
+            progress = max(counters.step / tc.num_steps, counters.train_seconds / budget if budget else 0.0)
+            set_lr(optimizer, tc.optim.lr * lr_factor(counters.step, progress, tc.optim))
+            step_loss, nonfinite = torch.zeros((), device=device), False
+            for _ in range(tc.gradient_accumulation):
+                # 6a. a micro-batch: latents sampled from the posterior, text embeddings with caption dropout
+                latents, cond = stream.next(draws)
+                # 6b. noise it at random timesteps
+                noise = objective.sample_noise(tuple(latents.shape), o.noise_offset, draws).to(latents)
+                t = objective.sample_timesteps(latents.shape[0], o, draws)
+                noisy = noise_scheduler.add_noise(latents, objective.perturb(noise, o.input_perturbation, draws), t)
+                target = objective.target(noise_scheduler, latents, noise, t)
+                weights = objective.loss_weights(noise_scheduler, t, o.snr_gamma)
+                # 6c. predict and backpropagate (accelerate skips the all-reduce until the last micro-batch)
+                with accelerator.accumulate(unet):
+                    with autocast():
+                        loss, _ = objective.diffusion_loss(unet(noisy, t, cond).sample, target, weights)
+                    accelerator.backward(loss)
+                    step_loss += loss.detach() / tc.gradient_accumulation
+                    if accelerator.sync_gradients:
+                        max_norm = tc.clip_norm if tc.clip_norm is not None else float("inf")
+                        # (DeepSpeed clips and steps inside backward, skipping a step whose gradient norm is not
+                        # finite: the norm it reports is the one it clipped)
+                        grad_norm = sharding.local(accelerator.clip_grad_norm_(unet.parameters(), max_norm))
+                        grad_norm = 0.0 if grad_norm is None else grad_norm  # DeepSpeed with compute_grad_norm off
+                        # 6d. every rank agrees on: a non-finite loss or gradient on any rank, a stop signal received
+                        # by any rank, and the elapsed time (so a time budget ends the run on the same step everywhere)
+                        stopping = stop_signal.received is not None
+                        nonfinite, stop, counters.train_seconds = _agree(
+                            accelerator, step_loss, grad_norm, stopping, time.perf_counter() - started
+                        )
+                        if not nonfinite or accelerator.scaler is not None:
+                            # (fp16: the loss scaler skips a non-finite step itself, and must see it to lower its scale)
+                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+            # 6e. EMA, counters, logs; a skipped step leaves weights and EMA unchanged
+            if nonfinite:
+                counters.skipped_steps += 1
+                consecutive_skips += 1
+                scale = f" (fp16 loss scale now {accelerator.scaler.get_scale():g})" if accelerator.scaler else ""
+                logger.warning("non-finite loss or gradient at step %d: step skipped%s", counters.step, scale)
+                if consecutive_skips >= tc.max_consecutive_skips:
+                    raise RuntimeError(
+                        f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (last: step "
+                        f"{counters.step}); the newest checkpoint in {ckpt_root} holds finite weights. Lower the "
+                        "learning rate, or use bf16 instead of fp16."
                     )
-                    if not nonfinite or accelerator.scaler is not None:
-                        # (fp16: the loss scaler skips a non-finite step itself, and must see it to lower its scale)
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-        # 6e. EMA, counters, logs; a skipped step leaves weights and EMA unchanged
-        if nonfinite:
-            counters.skipped_steps += 1
-            consecutive_skips += 1
-            scale = f" (fp16 loss scale now {accelerator.scaler.get_scale():g})" if accelerator.scaler else ""
-            logger.warning("non-finite loss or gradient at step %d: step skipped%s", counters.step, scale)
-            if consecutive_skips >= tc.max_consecutive_skips:
-                raise RuntimeError(
-                    f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (last: step "
-                    f"{counters.step}); the newest checkpoint in {ckpt_root} holds finite weights. Lower the "
-                    "learning rate, or use bf16 instead of fp16."
-                )
-        else:
-            consecutive_skips = 0
-            if ema is not None:
-                ema.tick(unwrap(accelerator, unet))  # averages every train.ema_every steps
-        counters.step += 1
-        counters.samples_seen += tc.batch_size
-        window_loss, window_steps = window_loss + step_loss, window_steps + 1
-        bar.update(counters.step, counters.train_seconds)
-        if counters.step % tc.log_every == 0 or counters.step == tc.num_steps:
-            mean_loss = accelerator.reduce(window_loss / window_steps, reduction="mean").item()  # over ranks
-            images_per_s = window_steps * tc.batch_size / (time.perf_counter() - window_start)
-            record = {
-                "step": counters.step,
-                "loss": mean_loss,
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": images_per_s,
-                "skipped_steps": counters.skipped_steps,
-                "skipped_samples": dict(stream.skipped),  # bad inputs by reason (corrupt, empty caption, ...)
-            }
-            if device.type == "cuda" and profile is not None:
-                record["tflops"] = images_per_s * profile.train_flops / 1e12  # all processes together
-                if peak:
-                    record["mfu"] = record["tflops"] / (peak * world)
-            if has_validation and tc.validation_every and counters.step % tc.validation_every == 0:
-                val_loss = _validation(eval_unet, validation, noise_scheduler, tc, micro_batch, autocast)
-                if val_loss is not None:
-                    record["val_loss"] = val_loss
-            if accelerator.is_main_process:
-                _report(accelerator, bar, counters, record, log_path)
-            window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
-        # 6f. checkpoints and validation samples
-        if counters.step % tc.save_every == 0:
-            save_training_state(*ckpt_args)
-            saved_at = counters.step
-        if tc.sample_every and counters.step % tc.sample_every == 0 and tc.sample_prompts:
-            _sample(components, eval_unet.copy(), accelerator, config, counters.step)
-            unet.train()
-        if scorer is not None and counters.step % tc.fidelity.every == 0:
-            scored = eval_unet.copy(everywhere=True)
-            _fidelity(scorer, components, scored, accelerator, config, counters.step, log_path)
-            unet.train()
-        # 6g. preemption: all ranks saw the flag in 6d, so they checkpoint together and stop
-        if stop:
-            bar.close()
-            stop_signal.__exit__()
-            if saved_at != counters.step:
+            else:
+                consecutive_skips = 0
+                if ema is not None:
+                    ema.tick(unwrap(accelerator, unet))  # averages every train.ema_every steps
+            counters.step += 1
+            counters.samples_seen += tc.batch_size
+            window_loss, window_steps = window_loss + step_loss, window_steps + 1
+            bar.update(counters.step, counters.train_seconds)
+            if counters.step % tc.log_every == 0 or counters.step == tc.num_steps:
+                mean_loss = accelerator.reduce(window_loss / window_steps, reduction="mean").item()  # over ranks
+                images_per_s = window_steps * tc.batch_size / (time.perf_counter() - window_start)
+                record = {
+                    "step": counters.step,
+                    "loss": mean_loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_s": images_per_s,
+                    "skipped_steps": counters.skipped_steps,
+                    "skipped_samples": dict(stream.skipped),  # bad inputs by reason (corrupt, empty caption, ...)
+                }
+                if device.type == "cuda" and profile is not None:
+                    record["tflops"] = images_per_s * profile.train_flops / 1e12  # all processes together
+                    if peak:
+                        record["mfu"] = record["tflops"] / (peak * world)
+                if has_validation and tc.validation_every and counters.step % tc.validation_every == 0:
+                    val_loss = _validation(eval_unet, validation, noise_scheduler, tc, micro_batch, autocast)
+                    if val_loss is not None:
+                        record["val_loss"] = val_loss
+                if accelerator.is_main_process:
+                    _report(accelerator, bar, counters, record, log_path)
+                window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+            # 6f. checkpoints and validation samples
+            if counters.step % tc.save_every == 0:
                 save_training_state(*ckpt_args)
-            accelerator.wait_for_everyone()
-            raise Preempted(f"stopped by signal at step {counters.step}; checkpoint written to {ckpt_root}")
-    stop_signal.__exit__()
+                saved_at = counters.step
+            if tc.sample_every and counters.step % tc.sample_every == 0 and tc.sample_prompts:
+                _sample(components, eval_unet.copy(), accelerator, config, counters.step)
+                unet.train()
+            if scorer is not None and counters.step % tc.fidelity.every == 0:
+                scored = eval_unet.copy(everywhere=True)
+                _fidelity(scorer, components, scored, accelerator, config, counters.step, log_path)
+                unet.train()
+            # 6g. preemption: all ranks saw the flag in 6d, so they checkpoint together and stop
+            if stop:
+                bar.close()
+                if saved_at != counters.step:
+                    save_training_state(*ckpt_args)
+                accelerator.wait_for_everyone()
+                raise Preempted(f"stopped by signal at step {counters.step}; checkpoint written to {ckpt_root}")
     bar.close()
 
     # 7. Final checkpoint, fidelity, validation loss, export with EMA weights (+ LoRA weights), samples, loss.png
