@@ -10,7 +10,7 @@ STAMP := $(VENV)/.sdtrain-setup
 DEV_STAMP := $(VENV)/.sdtrain-dev
 REFERENCE := $(VENV)/reference
 
-.PHONY: setup test test-all demo lint format clean
+.PHONY: setup test test-all demo lint format layout clean
 
 setup: $(STAMP)
 
@@ -40,22 +40,28 @@ $(DEV_STAMP): $(STAMP)
 	$(PIP) download -q --no-deps --dest $(REFERENCE) lpips==0.1.4
 	@touch $(DEV_STAMP)
 
+# the fast tier: every module's unit tests and one end-to-end run per path (a few minutes on 2 cores)
 test: setup $(DEV_STAMP)
 	$(PY) -m pytest -q
 
+# everything but the GPU tests: multi-process launches, SIGKILL chains, long scoring runs, the short demo (CI)
 test-all: setup $(DEV_STAMP)
 	$(PY) -m pytest -q -m "not gpu"
+
+# the package's shape: no import cycles, no front-end imports in the library, no function over 120 lines
+layout:
+	$(PYTHON) tools/check_layout.py
 
 demo: setup
 	$(VENV)/bin/sdtrain demo --out runs/demo --data data/shapes
 
 lint: setup $(DEV_STAMP)
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
+	$(VENV)/bin/ruff format --check src tests bench tools
 
 format: setup $(DEV_STAMP)
-	$(VENV)/bin/ruff check --fix src tests bench
-	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix src tests bench tools
+	$(VENV)/bin/ruff format src tests bench tools
 
 clean:
 	rm -rf $(VENV) runs data/shapes .pytest_cache

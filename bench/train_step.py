@@ -37,8 +37,9 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdtrain.config import Config, load_config
-from sdtrain.train.loop import Components, train
-from sdtrain.train.perf import profile_unet
+from sdtrain.models.families.sd import FAMILY, Components
+from sdtrain.train.loop import train
+from sdtrain.train.perf import profile_denoiser
 
 
 def tiny_unet(cross: int) -> UNet2DConditionModel:
@@ -216,8 +217,10 @@ class Case:
             unet = self.make_unet()
         unet.load_state_dict(self.state)
         if self.flops is None:
-            shapes = (4, self.latent, self.latent), (self.tokens, self.hidden)
-            self.flops = profile_unet(unet, *shapes, device).train_flops
+            cond = {"encoder_hidden_states": torch.randn(1, self.tokens, self.hidden)}
+            self.flops = profile_denoiser(
+                unet, FAMILY.predict, (4, self.latent, self.latent), cond, device
+            ).train_flops
         return unet
 
     def side(self, label: str, run) -> dict:

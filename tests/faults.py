@@ -54,7 +54,8 @@ def _die_at_call(module, name: str, nth: int) -> None:
 
 
 def _inject(spec: str) -> None:
-    from sdtrain.train import checkpoint, objective
+    from sdtrain import objective
+    from sdtrain.train import checkpoint
 
     kind, _, arg = spec.partition("=")
     if kind == "kill_micro":

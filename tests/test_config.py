@@ -9,6 +9,7 @@ import pytest
 
 from sdtrain.cli import main
 from sdtrain.config import (
+    PRESETS,
     AutoencoderConfig,
     Config,
     ConfigError,
@@ -73,7 +74,7 @@ def test_resolved_config_round_trips(tmp_path):
     assert to_dict(again) == to_dict(config)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     cls = AutoencoderConfig if "vae" in path.name else Config
     config = load_config(cls, path)
@@ -90,9 +91,9 @@ def _flatten(d, prefix=""):
             yield f"{prefix}{k}", v
 
 
-def test_readme_config_reference_is_in_sync():
-    readme = (ROOT / "README.md").read_text()
-    assert reference_markdown().strip() in readme, "regenerate with: python -m sdtrain.config"
+def test_config_reference_is_in_sync():
+    written = (ROOT / "docs" / "config.md").read_text()
+    assert written == reference_markdown(), "regenerate with: python -m sdtrain.config docs/config.md"
 
 
 def test_bare_no_is_the_string_no():
@@ -116,3 +117,11 @@ def test_the_package_and_its_config_are_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_a_preset_is_found_by_name_and_a_missing_file_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # anywhere, as after a non-editable install
+    assert to_dict(load_config(Config, "demo")) == to_dict(load_config(Config, PRESETS / "demo.yaml"))
+    assert to_dict(load_config(Config, "configs/demo.yaml")) == to_dict(load_config(Config, "demo.yaml"))
+    with pytest.raises(ConfigError, match="no such config file.*presets: demo, demo-vae"):
+        load_config(Config, "nowhere/demo.yaml")

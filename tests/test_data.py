@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from sdtrain.config import DataConfig
-from sdtrain.data.cache import drop_captions, normalize_batch
 from sdtrain.data.decode import Skip, decode_image
-from sdtrain.data.folder import EpochSampler, ImageCaptionFolder, collate, make_dataloader, resize_crop
+from sdtrain.data.folder import EpochSampler, ImageCaptionFolder, collate, make_dataloader
+from sdtrain.data.streams import drop_captions, normalize_batch
+from sdtrain.data.transforms import resize_crop
 from tests.conftest import write_image_folder
 
 
@@ -118,20 +119,6 @@ def test_processes_together_take_what_one_process_takes(n):
     iterators = [iter(EpochSampler(n, seed=1, rank=r, world_size=2, epoch=0, offset=4)) for r in range(2)]
     resumed = [next(iterators[r % 2]) for r in range(6)]
     assert resumed == EpochSampler(n, seed=1, epoch=0, offset=4).take(6)
-
-
-def test_positions_written_by_the_per_process_order_resume_where_they_were():
-    """Checkpoints of older sdtrain held each process's position in its own share of every epoch
-    (permutation[rank::world_size]); the conversion continues with the samples that order would have given."""
-    n, world = 10, 2
-    for rank in range(world):
-        sampler = EpochSampler(n, seed=3, rank=rank, world_size=world)
-        share = [e * n + i for e in range(3) for i in sampler.permutation(e)[rank::world]]  # the old order
-        for taken in (0, 3, 5, 7, 12):
-            epoch, offset = divmod(taken, n // world)
-            resumed = EpochSampler(n, seed=3, rank=rank, world_size=world)
-            resumed.epoch, resumed.offset = resumed.legacy_position(epoch, offset)
-            assert resumed.take(3) == share[taken : taken + 3]
 
 
 def test_caption_dropout_rate():

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from sdtrain.demo import run_demo
+
+pytestmark = pytest.mark.slow  # the short demo: make test-all
 
 
 def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):

@@ -88,6 +88,7 @@ def _one_then_fsdp(tmp_path, fixtures, overrides: list[str], *options: str) -> t
     return one, run, result.stderr
 
 
+@pytest.mark.slow  # multi-process launches (make test-all)
 def test_fsdp2_trains_what_one_process_trains_and_resumes(
     tmp_path, clip_dir, vae_dir, image_folder, inception_file, clip_model_dir
 ):
@@ -153,6 +154,7 @@ def _resume_step_2(source: Path, resumed: Path, launch, overrides: list[str], we
     assert [r["loss"] for r in read_log(resumed / "log.jsonl")] == pytest.approx([r["loss"] for r in records])
 
 
+@pytest.mark.slow  # multi-process launches (make test-all)
 def test_fsdp2_lora_adapters_match_one_process(tmp_path, clip_dir, vae_dir, image_folder):
     """LoRA under FSDP2 (frozen base weights and trainable adapters sharded in the same units): the exported adapters
     are one process's."""
@@ -164,6 +166,7 @@ def test_fsdp2_lora_adapters_match_one_process(tmp_path, clip_dir, vae_dir, imag
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
+@pytest.mark.slow  # multi-process launches (make test-all)
 def test_fsdp2_activation_checkpointing_trains_one_processs_weights(tmp_path, clip_dir, vae_dir, image_folder):
     """accelerate's FSDP2 activation checkpointing wraps the blocks, which puts ``_checkpoint_wrapped_module`` into
     the parameter names: the EMA, checkpoints and export still use the UNet's own names and weights."""
@@ -186,6 +189,7 @@ def _launch_deepspeed(overrides: list[str], *options: str, fault: str | None = N
     return subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # multi-process launches (make test-all)
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_trains_what_one_process_trains_and_resumes(stage, tmp_path, clip_dir, vae_dir, image_folder):
     """DeepSpeed ZeRO-2 / 3 over 2 processes (its engine clips and steps inside backward, each process holding half of
@@ -241,6 +245,7 @@ def test_deepspeed_zero_trains_what_one_process_trains_and_resumes(stage, tmp_pa
         _resume_step_2(source, resumed, launch, tiny(resumed), a, logs[0][2:])
 
 
+@pytest.mark.slow  # multi-process launches (make test-all)
 def test_deepspeed_skips_a_step_with_a_nan_on_one_rank_as_one_process_does(tmp_path, clip_dir, vae_dir, image_folder):
     """A NaN loss in rank 1's second micro-batch: DeepSpeed's engine, which steps inside backward, skips that step
     (its gradient norm is not finite) and sdtrain counts it and leaves the EMA alone, as one process does with the
@@ -257,6 +262,7 @@ def test_deepspeed_skips_a_step_with_a_nan_on_one_rank_as_one_process_does(tmp_p
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
+@pytest.mark.slow  # multi-process launches (make test-all)
 @pytest.mark.parametrize("stage, precision", [(1, "bf16"), (3, "no")])
 def test_deepspeed_lora_trains_ddps_adapters(stage, precision, tmp_path, clip_dir, vae_dir, image_folder):
     """LoRA under ZeRO-1 (frozen base weights outside the optimizer's partitions) in bf16 autocast over fp32 weights,
@@ -367,25 +373,24 @@ def test_deepspeed_settings_sdtrain_does_not_drive_are_refused_and_its_config_is
 
 
 def test_stream_states_regroup_for_another_number_of_processes():
-    from sdtrain.data.cache import regroup_states
+    from sdtrain.data.streams import regroup_states
 
     def online(skipped, read):
-        return {"epoch": 3, "offset": 4, "order": "shared", "skipped": skipped, "read": read}
+        return {"epoch": 3, "offset": 4, "skipped": skipped, "read": read}
 
     two = [online({"corrupt": 1}, 10), online({"corrupt": 2, "empty_caption": 1}, 10)]
     three = regroup_states(two, 3)
     assert [(s["epoch"], s["offset"]) for s in three] == [(3, 4)] * 3  # the world's next micro-batch starts there
     assert three[0]["skipped"] == {"corrupt": 3, "empty_caption": 1} and three[0]["read"] == 20
     assert three[1]["skipped"] == {} and three[2]["read"] == 0
-    mix = [{"count": 7, "streams": [s, {"epoch": 0, "offset": 2, "order": "shared", "buffers": {}}]} for s in two]
+    mix = [{"count": 7, "streams": [s, {"epoch": 0, "offset": 2, "buffers": {}}]} for s in two]
     assert [m["count"] for m in regroup_states(mix, 1)] == [7]
     assert regroup_states(two, 2) is two
 
     refused = {
         "shards": [{"workers": {"0": {}}, "next_worker": 0}] * 2,
         "positions": [online({}, 0), {**online({}, 0), "offset": 5}],
-        "size buckets": [{"epoch": 0, "offset": 2, "order": "shared", "buffers": {"32x32": [5]}}] * 2,
-        "before the shared order": [{"epoch": 0, "offset": 2}] * 2,
+        "size buckets": [{"epoch": 0, "offset": 2, "buffers": {"32x32": [5]}}] * 2,
         "iterable": [{"consumed": 3}] * 2,
     }
     for name, states in refused.items():
@@ -426,6 +431,7 @@ pipe.fit(batches, num_steps=4, batch_size=size, save_dir=out, log_interval=1, sa
 """
 
 
+@pytest.mark.slow  # multi-process launches (make test-all)
 def test_fit_under_two_processes_deals_the_batches_out(tmp_path, clip_dir, vae_dir):
     """``fit`` under ``accelerate launch``: every process passes the same iterable and takes every other batch of it
     (the iterable runs out after 3 steps and is re-iterated): one process on the same batches, rows interleaved as

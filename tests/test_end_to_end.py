@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdtrain.api import StableDiffusion
-from sdtrain.config import Config, load_config
+from sdtrain.config import SCHEDULER_NAMES, Config, load_config
 from sdtrain.train import checkpoint
 from sdtrain.train.loop import train
 from tests.conftest import tiny_overrides
@@ -85,7 +85,7 @@ def test_image_i_does_not_depend_on_batch(trained_clip):
     assert not np.array_equal(_pixels(both[0]), _pixels(both[1]))
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m", "heun", "lms", "pndm", "unipc"])
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
 def test_every_scheduler_samples(trained_clip, scheduler):
     _, final = trained_clip
     image = (
@@ -96,6 +96,7 @@ def test_every_scheduler_samples(trained_clip, scheduler):
     assert image.size == (32, 32) and np.asarray(image).std() > 0
 
 
+@pytest.mark.slow  # long (make test-all)
 def test_reconstruct_distance_grows_with_strength(trained_clip, image_folder):
     _, final = trained_clip
     pipe = StableDiffusion.from_pretrained(final, device="cpu")
@@ -152,7 +153,7 @@ def test_minilm_trains_and_exports_to_plain_diffusers(tmp_path, vae_dir, image_f
 
 
 def test_export_of_last_checkpoint_equals_final(trained_clip, tmp_path):
-    from sdtrain.train.loop import export_checkpoint
+    from sdtrain.train.export import export_checkpoint
 
     run, final = trained_clip
     exported = export_checkpoint(run, 4, tmp_path / "e")
@@ -162,6 +163,7 @@ def test_export_of_last_checkpoint_equals_final(trained_clip, tmp_path):
     assert (exported / "model_index.json").read_text() == (final / "model_index.json").read_text()
 
 
+@pytest.mark.slow  # long (make test-all)
 def test_export_carries_the_configured_sampling(tmp_path, clip_dir, vae_dir, image_folder):
     """sample.scheduler is the exported pipeline's scheduler, with the run's noise schedule, in plain diffusers too;
     sample's steps and guidance are generate's defaults for the model, and survive save_pretrained."""
@@ -204,7 +206,7 @@ def test_export_and_resume_refuse_another_frozen_model(trained_clip, tmp_path, v
     read from another directory, a retrained VAE) is refused instead of silently decoding wrong latents."""
     import shutil
 
-    from sdtrain.train.loop import export_checkpoint
+    from sdtrain.train.export import export_checkpoint
 
     run, _ = trained_clip
     for i, other in enumerate((_other_vae(vae_dir, tmp_path / "v1"), _other_vae(vae_dir, tmp_path / "v2", 2.5))):
@@ -239,6 +241,7 @@ def test_t5_encoder_from_a_folder_trains(tmp_path, clip_dir, vae_dir, image_fold
     assert plain.unet.config.cross_attention_dim == 32
 
 
+@pytest.mark.slow  # long (make test-all)
 def test_bf16_autocasts_over_fp32_weights_and_fp16_on_a_cpu_says_it_trains_fp32(
     tmp_path, clip_dir, vae_dir, image_folder, caplog
 ):
@@ -254,13 +257,13 @@ def test_bf16_autocasts_over_fp32_weights_and_fp16_on_a_cpu_says_it_trains_fp32(
     weights, bf16 = run("bf16")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())  # fp32 master weights
     assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=2e-2)  # the same step, in bf16
-    with caplog.at_level("WARNING", logger="sdtrain.train.loop"):
+    with caplog.at_level("WARNING", logger="sdtrain.train.run"):
         _, fp16 = run("fp16")
     assert "trains in fp32" in caplog.text and fp16 == fp32
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, clip_dir, vae_dir, image_folder):
-    from sdtrain.train.loop import load_components
+    from sdtrain.models.families.sd import load_components
 
     overrides = tiny_overrides(tmp_path / "run", image_folder, vae_dir, str(clip_dir), "text_encoder")
     config = load_config(
@@ -338,9 +341,10 @@ def test_fp16_loss_scaler_backs_off_on_an_overflow_trains_on_and_resumes(
     the overflow resumes with the lowered scale, ending with the uninterrupted run's weights. accelerate builds the
     scaler on GPUs only: here its set-up is done by hand on the CPU (fp16 autocast and torch's CPU GradScaler), as
     accelerate does it on CUDA; everything after that is accelerate's code. The overflow is a NaN loss on step 2."""
-    from sdtrain.train import loop, objective
+    from sdtrain import objective
+    from sdtrain.train import loop
 
-    make, loss = loop._make_accelerator, objective.diffusion_loss
+    make, loss = loop.make_accelerator, objective.diffusion_loss
 
     def with_a_scaler(tc):
         accelerator = make(tc)
@@ -355,7 +359,7 @@ def test_fp16_loss_scaler_backs_off_on_an_overflow_trains_on_and_resumes(
 
         return diffusion_loss
 
-    monkeypatch.setattr(loop, "_make_accelerator", with_a_scaler)
+    monkeypatch.setattr(loop, "make_accelerator", with_a_scaler)
 
     def run(name, steps, calls):
         monkeypatch.setattr(objective, "diffusion_loss", nan_on_step_2(calls))

@@ -12,10 +12,11 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from sdtrain.config import Config, LoRAConfig, OptimConfig, TrainConfig, UNetConfig, load_config
+from sdtrain.models.families.sd import FAMILY
 from sdtrain.models.unet import build_unet
 from sdtrain.train.loop import train
 from sdtrain.train.optim import make_optimizer
-from sdtrain.train.perf import advice, estimate_memory, profile_unet
+from sdtrain.train.perf import advice, estimate_memory, profile_denoiser
 from tests.conftest import tiny_overrides, write_image_folder
 
 
@@ -52,8 +53,8 @@ def test_tensorboard_loss_png_and_validation_loss(tmp_path, clip_dir, vae_dir):
 
 
 def test_validation_loss_is_fixed_for_fixed_weights(tmp_path, clip_dir, vae_dir):
-    from sdtrain.train import objective
-    from sdtrain.train.loop import load_components
+    from sdtrain import objective
+    from sdtrain.models.families.sd import FAMILY, load_components
     from sdtrain.train.validation import build_validation_set, validation_loss
 
     data = write_image_folder(tmp_path / "data", count=12)
@@ -63,14 +64,14 @@ def test_validation_loss_is_fixed_for_fixed_weights(tmp_path, clip_dir, vae_dir)
         tiny_overrides(tmp_path / "run", data, vae_dir, str(clip_dir), "text_encoder") + ["data.validation_split=4"],
     )
     c = load_components(config)
-    held = build_validation_set(config.data, config.train.objective, c.vae, c.text_encoder, c.tokenizer, 0)
+    held = build_validation_set(config.data, config.train.objective, FAMILY.encoders(c), 0)
     assert len(held) == 4 * 4  # 4 images x 4 timesteps
     assert held.timesteps.min() < 250 and held.timesteps.max() > 750  # spread over the whole range
     scheduler = objective.make_noise_scheduler(config.train.objective)
     import contextlib
 
-    a = validation_loss(c.unet, scheduler, held, None, 3, contextlib.nullcontext)
-    b = validation_loss(c.unet, scheduler, held, None, 16, contextlib.nullcontext)
+    a = validation_loss(c.unet, FAMILY.predict, scheduler, held, None, 3, contextlib.nullcontext)
+    b = validation_loss(c.unet, FAMILY.predict, scheduler, held, None, 16, contextlib.nullcontext)
     assert a == pytest.approx(b, rel=1e-5)  # does not depend on the batch size or on when it runs
     # the held-out images are not trained on
     from sdtrain.data.folder import training_records, validation_records
@@ -242,7 +243,7 @@ def test_ema_every_resumes_exactly_and_a_checkpoints_export_catches_up(tmp_path,
     when it ended at step 2."""
     from safetensors.torch import load_file
 
-    from sdtrain.train.loop import export_checkpoint
+    from sdtrain.train.export import export_checkpoint
 
     unet = lambda run: load_file(run / "unet" / "diffusion_pytorch_model.safetensors")  # noqa: E731
     extra = ["train.ema_every=3", "train.num_steps=5", "train.ema_decay=0.9", "train.keep_checkpoints=3"]
@@ -274,7 +275,7 @@ def test_compiled_run_writes_the_plain_unets_checkpoints_and_export(tmp_path, cl
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    from sdtrain.train.loop import export_checkpoint
+    from sdtrain.train.export import export_checkpoint
 
     extra = ["train.compile=true", "train.num_steps=2", "train.save_every=2", "train.sample_prompts=[a red circle]"]
     final = _run(tmp_path, clip_dir, vae_dir, image_folder, extra)
@@ -288,8 +289,9 @@ def test_compiled_run_writes_the_plain_unets_checkpoints_and_export(tmp_path, cl
 
 def test_flop_count_scales_with_resolution_and_memory_estimate_reacts_to_settings():
     unet = _tiny_unet(attention=(False, False))  # no attention: FLOPs exactly proportional to the pixel count
-    small = profile_unet(unet, (4, 16, 16), (8, 32), torch.device("cpu"))
-    large = profile_unet(unet, (4, 32, 32), (8, 32), torch.device("cpu"))
+    cond = {"encoder_hidden_states": torch.randn(1, 8, 32)}
+    small = profile_denoiser(unet, FAMILY.predict, (4, 16, 16), cond, torch.device("cpu"))
+    large = profile_denoiser(unet, FAMILY.predict, (4, 32, 32), cond, torch.device("cpu"))
     assert small.forward_flops > 0 and large.forward_flops == pytest.approx(4 * small.forward_flops, rel=0.02)
     assert small.train_flops == 3 * small.forward_flops
     assert 0 < small.checkpointed_bytes < small.activation_bytes

@@ -31,6 +31,8 @@ KILLED = -9  # Popen's return code for a process that died of SIGKILL
 # keeps the comparison about the gradients (max difference 1e-7 after 3 steps, 2e-4 with eps 1e-8).
 ADAM_EPS = "train.optim.eps=1e-4"
 
+pytestmark = pytest.mark.slow  # SIGKILL chains and multi-process faults: make test-all
+
 
 def _env(fault: str | None = None, **extra: str) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)

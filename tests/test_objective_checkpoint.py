@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdtrain import objective
 from sdtrain.config import ConfigError, ObjectiveConfig, OptimConfig
-from sdtrain.train import checkpoint, objective
+from sdtrain.train import checkpoint
 from sdtrain.train.optim import lr_factor, param_groups
 from sdtrain.train.randomness import SharedDraws
 
@@ -252,7 +253,7 @@ def test_start_up_refuses_an_unwritable_or_full_output_folder(tmp_path, monkeypa
     import shutil
     from collections import namedtuple
 
-    from sdtrain.train.loop import check_disk
+    from sdtrain.train.state import check_disk
 
     model = torch.nn.Linear(1000, 1000)  # 4 MB of weights: a checkpoint with Adam and EMA is ~16 MB
     check_disk(tmp_path, model, with_ema=True)

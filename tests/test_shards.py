@@ -375,7 +375,7 @@ def test_mixed_sources_follow_their_weights_and_resume(tmp_path, clip_dir, vae_d
     from safetensors.torch import load_file
 
     from sdtrain.config import Config, load_config
-    from sdtrain.data.cache import MixedStream
+    from sdtrain.data.streams import MixedStream
     from sdtrain.train.loop import train
     from tests.conftest import tiny_overrides, write_image_folder
 

@@ -8,9 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+from sdtrain.config import SCHEDULER_NAMES
+
 EXAMPLES = {
     "train": """example:
-  sdtrain train --config configs/demo.yaml train.output_dir=runs/mine train.optim.lr=1e-3 data.path=data/pets
+  sdtrain train --config demo train.output_dir=runs/mine train.optim.lr=1e-3 data.path=data/pets
   (resumes from runs/mine/checkpoints if it exists; the model is exported to runs/mine/final)
   accelerate launch --multi_gpu --num_processes 8 -m sdtrain train ...                   (DDP)
   accelerate launch --use_fsdp --fsdp_version 2 --num_processes 8 -m sdtrain train ...   (FSDP2: sharded)
@@ -22,9 +24,9 @@ EXAMPLES = {
   sdtrain reconstruct --model runs/demo/final --image dog.png --strength 0.6 --out out/ \\
       "a dog with blue fur and yellow eyes\"""",
     "cache": """example:
-  sdtrain cache --config configs/scratch-256.yaml data.cache_dir=cache/laion-256
-  accelerate launch -m sdtrain cache --config configs/scratch-256.yaml data.cache_dir=cache/laion-256  # N GPUs
-  sdtrain train --config configs/scratch-256.yaml data.cache_dir=cache/laion-256         # trains from the cache""",
+  sdtrain cache --config scratch-256 data.cache_dir=cache/laion-256
+  accelerate launch -m sdtrain cache --config scratch-256 data.cache_dir=cache/laion-256  # N GPUs
+  sdtrain train --config scratch-256 data.cache_dir=cache/laion-256         # trains from the cache""",
     "export": """example:
   sdtrain export --run runs/demo/unet --step 500 --out runs/demo/step-500   # EMA weights of that checkpoint""",
     "convert": """examples:
@@ -33,8 +35,8 @@ EXAMPLES = {
     "serve": """example:
   sdtrain serve --runs runs --port 8000     # then open http://127.0.0.1:8000/""",
     "train-vae": """examples:
-  sdtrain train-vae --config configs/demo-vae.yaml data.path=data/shapes/train train.max_minutes=3
-  sdtrain train-vae --config configs/sd15-vae-ft.yaml data.path=data/my-images    # SD 1.5's decoder, fine-tuned""",
+  sdtrain train-vae --config demo-vae data.path=data/shapes/train train.max_minutes=3
+  sdtrain train-vae --config sd15-vae-ft data.path=data/my-images    # SD 1.5's decoder, fine-tuned""",
     "evaluate": """examples:
   sdtrain evaluate --model runs/demo/final --data data/shapes --out runs/demo      # the shapes dataset's own scores
   sdtrain evaluate --model runs/mine/final --data data/pets-heldout --num 2000 \\
@@ -83,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, else 30)")
         p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's, else 7.5)")
         p.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
-        p.add_argument("--scheduler", default=None, help="euler, euler_a, ddim, dpmpp_2m, heun, lms, pndm, unipc")
+        p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES, help="the sampler")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
         if name == "generate":
             p.add_argument("--num", type=int, default=1, help="images per prompt")
@@ -106,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default=None, help="shapes, or some of fid,kid,clip (default: shapes on its dataset)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's, else 7.5)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, else 30)")
-    p.add_argument("--scheduler", default=None, help="sampler, as in generate (default: the model's own)")
+    p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES, help="sampler (default: the model's own)")
     p.add_argument("--seed", type=int, default=0, help="seeds the images (and, for FID / KID, picks the pairs)")
     p.add_argument("--strength", type=float, default=0.8, help="shapes edits: 0 keeps the image, 1 ignores it")
     p.add_argument("--images-per-combo", type=int, default=2, help="shapes: images per combination")
@@ -173,11 +175,11 @@ def _run(args: argparse.Namespace) -> int:
             return EXIT_PREEMPTED
     elif args.command == "cache":
         from sdtrain.config import Config, load_config
-        from sdtrain.train.loop import cache_dataset
+        from sdtrain.train.encode import cache_dataset
 
         print(f"cached into {cache_dataset(load_config(Config, args.config, args.overrides))}")
     elif args.command == "export":
-        from sdtrain.train.loop import export_checkpoint
+        from sdtrain.train.export import export_checkpoint
 
         print(f"exported {export_checkpoint(args.run, args.step, args.out)}")
     elif args.command == "train-vae":
@@ -195,10 +197,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command in ("generate", "reconstruct"):
         from PIL import Image
 
-        from sdtrain.api import StableDiffusion
-        from sdtrain.sample.pipeline import save_images
+        from sdtrain.sample.pipeline import Pipeline, save_images
 
-        pipe = StableDiffusion.from_pretrained(args.model, device=args.device, scheduler=args.scheduler)
+        pipe = Pipeline.from_pretrained(args.model, device=args.device, scheduler=args.scheduler)
         common = dict(
             negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed
         )

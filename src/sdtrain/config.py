@@ -25,6 +25,17 @@ class ConfigError(ValueError):
 # Model components
 
 
+def is_shards(path: str) -> bool:
+    """Whether a data path is webdataset shards (``.tar`` paths or URLs, possibly brace-expanded:
+    ``data/{00000..00099}.tar``) rather than an indexable source: the one place this is decided."""
+    return ".tar" in str(path)
+
+
+# the samplers by name: the one list (sdtrain.sample.pipeline.SCHEDULERS maps each to its diffusers class)
+SamplerName = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "heun", "lms", "pndm", "unipc"]
+SCHEDULER_NAMES: tuple[str, ...] = typing.get_args(SamplerName)
+
+
 @dataclass
 class TextEncoderConfig:
     """Frozen text encoder and its tokenizer."""
@@ -94,10 +105,13 @@ class UNetConfig:
 
 @dataclass
 class ModelConfig:
-    """The three components."""
+    """The model: its family and components."""
 
+    family: Literal["sd"] | None = None
+    """The model family (sd: Stable Diffusion 1.x / 2.x); unset: read from model.pretrained's model_index.json,
+    else sd."""
     pretrained: str | None = None
-    """A Stable Diffusion pipeline folder or hub id; components without a path of their own come from it."""
+    """A pipeline folder or hub id (its family is detected); components without a path of their own come from it."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -191,7 +205,7 @@ class DataConfig:
             raise ConfigError("data.mix mixes sources read online; it does not combine with a latent cache")
         if self.weight <= 0:
             raise ConfigError(f"data.weight must be positive, got {self.weight}")
-        if self.cache_latents and (".tar" in self.path):
+        if self.cache_latents and is_shards(self.path):
             raise ConfigError(
                 "data.cache_latents holds a dataset in memory: it reads folders, manifests and datasets, not shards"
             )
@@ -211,7 +225,7 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Noise schedule, target and loss weighting (one place for the math: sdtrain.train.objective)."""
+    """Noise schedule, target and loss weighting (one place for the math: sdtrain.objective)."""
 
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     """What the UNet predicts."""
@@ -299,16 +313,17 @@ class LoRAConfig:
     """Adapter rank; 0: full fine-tuning of every UNet weight."""
     alpha: float | None = None
     """Scale numerator (the update is alpha / rank x B A); None: equal to rank."""
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """UNet module names that get adapters (the attention projections, as diffusers' LoRA example)."""
+    target_modules: list[str] | None = None
+    """Denoiser module names that get adapters; None: the model family's (for Stable Diffusion the attention
+    projections to_q, to_k, to_v, to_out.0, as diffusers' LoRA example)."""
     dropout: float = 0.0
     """Dropout on the adapter input."""
 
     def __post_init__(self) -> None:
         if self.rank < 0:
             raise ConfigError(f"train.lora.rank must be >= 0, got {self.rank}")
-        if self.rank and not self.target_modules:
-            raise ConfigError("train.lora.target_modules is empty")
+        if self.rank and self.target_modules is not None and not self.target_modules:
+            raise ConfigError("train.lora.target_modules is empty (leave it unset for the model family's targets)")
 
 
 @dataclass
@@ -433,7 +448,7 @@ class TrainConfig:
 class SampleConfig:
     """Validation samples, and the sampling defaults the export carries for generate / reconstruct."""
 
-    scheduler: Literal["euler", "euler_a", "ddim", "dpmpp_2m", "heun", "lms", "pndm", "unipc"] = "euler"
+    scheduler: SamplerName = "euler"
     """Sampler (the exported pipeline's scheduler)."""
     num_inference_steps: int = 30
     """Sampling steps (saved in the export's sampling.json)."""
@@ -638,6 +653,14 @@ class AutoencoderConfig:
 
 
 def _type_name(tp: Any) -> str:
+    """``int``, ``'a' / 'b'`` for a Literal, ``str or None`` for a union."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " / ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -749,20 +772,38 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+PRESETS = Path(__file__).parent / "configs"  # the presets shipped in the package (the demo's among them)
+
+
+def config_file(path: str | Path) -> Path:
+    """``path`` itself where it is a file, else the preset of that name (``demo`` or ``demo.yaml``)."""
+    if Path(path).is_file():
+        return Path(path)
+    preset = PRESETS / Path(path).name
+    preset = preset if preset.suffix == ".yaml" else preset.with_name(preset.name + ".yaml")
+    if preset.is_file() and Path(path).parent in (Path("."), Path("configs")):
+        return preset
+    names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+    raise ConfigError(f"{path}: no such config file, and no preset of that name (presets: {names})")
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
     """Load ``cls`` from a YAML file (optional) with dotted overrides applied on top.
 
     Args:
         cls: the top-level dataclass (``Config`` or ``AutoencoderConfig``).
-        path: YAML file; None starts from the defaults.
+        path: YAML file, or the name of a preset shipped in ``sdtrain/configs`` (``demo``, ``sd15-finetune``, ...);
+            None starts from the defaults.
         overrides: ``key=value`` strings with dotted keys.
 
     Raises:
-        ConfigError: on unknown keys, wrong types and contradictions, naming the key.
+        ConfigError: on unknown keys, wrong types and contradictions, naming the key; a config file that is neither
+            a file nor a preset.
     """
     data: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
+        path = config_file(path)
+        loaded = yaml.safe_load(path.read_text())
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded or {}
@@ -808,19 +849,22 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def reference_markdown() -> str:
-    """The config reference as README shows it."""
+    """The config reference, ``docs/config.md``: every key of both commands, generated from the dataclasses."""
     head = "| key | type | default | meaning |\n|---|---|---|---|\n"
-    parts = ["### `sdtrain train`\n\n" + head + "\n".join(reference(Config))]
-    parts.append("### `sdtrain train-vae`\n\n" + head + "\n".join(reference(AutoencoderConfig)))
+    parts = [
+        "# Config reference\n\nGenerated from `src/sdtrain/config.py` by `python -m sdtrain.config docs/config.md`; "
+        "a test checks that it is in sync. Any key can be given on the command line as `key=value` after "
+        "`--config FILE`; unknown keys and contradictions are refused before any work starts."
+    ]
+    parts.append("## `sdtrain train`\n\n" + head + "\n".join(reference(Config)))
+    parts.append("## `sdtrain train-vae`\n\n" + head + "\n".join(reference(AutoencoderConfig)))
     return "\n\n".join(parts) + "\n"
 
 
-if __name__ == "__main__":  # `python -m sdtrain.config [README.md]`: print, or rewrite README's reference section
+if __name__ == "__main__":  # `python -m sdtrain.config [docs/config.md]`: print, or write the reference there
     import sys
 
     if len(sys.argv) > 1:
-        readme = Path(sys.argv[1])
-        text = readme.read_text()
-        readme.write_text(text[: text.index("### `sdtrain train`")] + reference_markdown())
+        Path(sys.argv[1]).write_text(reference_markdown())
     else:
         print(reference_markdown())

@@ -13,13 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sdtrain.config import AutoencoderConfig, Config, load_config
+from sdtrain.config import PRESETS, AutoencoderConfig, Config, load_config
 from sdtrain.data.shapes import write_shapes_dataset
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
 # Sampler, classifier-free guidance and edit strength of the evaluation. Seen prompts, all three correct, on the
-# 8.5-minute model of configs/demo.yaml ([96, 96, 128]), Euler ancestral, 30 steps: guidance 7 / 5 / 3 52.6 / 60.9 /
+# 8.5-minute model of the demo preset ([96, 96, 128]), Euler ancestral, 30 steps: guidance 7 / 5 / 3 52.6 / 60.9 /
 # 79.5 % (seed 0); chosen on seed 1, guidance 2 / 1.5 / 1.25 / 1 (no guidance): 88.5 / 92.3 / 92.9 / 92.9 %, held out
 # 91.7 / 87.5 / 91.7 / 83.3 %. Strong guidance pushes the briefly trained UNet past the data: squares lose their
 # corners (read as circles), colours saturate. At 1.5 the deterministic Euler gives 85.9 %: the noise Euler ancestral
@@ -78,7 +76,7 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/shapes", qu
                 f"train.output_dir={out / 'vae'}",
             ]
             overrides += QUICK["vae"] if quick else []
-            train_autoencoder(load_config(AutoencoderConfig, CONFIGS / "demo-vae.yaml", overrides))
+            train_autoencoder(load_config(AutoencoderConfig, PRESETS / "demo-vae.yaml", overrides))
         vae_metrics = json.loads((vae_dir / "metrics.json").read_text())
         print(
             f"autoencoder: PSNR {vae_metrics['psnr']:.2f} dB, SSIM {vae_metrics['ssim']:.3f}, "
@@ -99,7 +97,7 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/shapes", qu
                 f"train.output_dir={out / 'unet'}",
             ]
             overrides += QUICK["unet"] if quick else []
-            train(load_config(Config, CONFIGS / "demo.yaml", overrides))
+            train(load_config(Config, PRESETS / "demo.yaml", overrides))
 
     with _stage("evaluate", seconds):
         from sdtrain.evaluate.report import evaluate_shapes_model

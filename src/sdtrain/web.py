@@ -109,15 +109,14 @@ class RunBrowser:
     def generate(self, model_rel: str, prompt: str, seed: int, num: int) -> bytes | None:
         """A PNG grid of ``num`` images of ``prompt`` (seeds ``seed``, ``seed + 1``, ...), with the model's own
         sampling defaults; None if ``model_rel`` is not a model under the root."""
-        from sdtrain.api import StableDiffusion
-        from sdtrain.sample.pipeline import make_grid
+        from sdtrain.sample.pipeline import Pipeline, make_grid
 
         model = self.resolve(model_rel)
         if model is None or not (model / "model_index.json").is_file():
             return None
         with self._lock:  # one generation at a time: models are large and the CPU or GPU is shared
             if model not in self._models:
-                self._models[model] = StableDiffusion.from_pretrained(model, device=self.device)
+                self._models[model] = Pipeline.from_pretrained(model, device=self.device)
             images = self._models[model].generate(prompt, num_images_per_prompt=num, seed=seed).images
         buffer = io.BytesIO()
         make_grid(images, columns=min(num, 8)).save(buffer, format="PNG")

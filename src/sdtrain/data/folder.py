@@ -1,5 +1,5 @@
-"""Map-style datasets over indexable sources (folders, manifests, Hugging Face datasets: sdtrain.data.sources), the
-transforms (resize by the shorter side, crop, flip, crop info for micro-conditioning) and the resumable sampler.
+"""Map-style datasets over indexable sources (folders, manifests, Hugging Face datasets: sdtrain.data.sources) and
+the resumable sampler; the transforms are :mod:`sdtrain.data.transforms`.
 
 A caption may be a list of strings, one of which is chosen (seeded by the sample's epoch and index) each time the
 sample is read.
@@ -10,47 +10,13 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sdtrain.config import DataConfig
-from sdtrain.data.decode import Skip, SkipCounter, choose_caption, decode_image
+from sdtrain.data.decode import Skip, SkipCounter, choose_caption
 from sdtrain.data.sources import list_records
-
-
-def resize_crop(
-    image: Image.Image,
-    size: int | tuple[int, int],
-    center_crop: bool = True,
-    flip: bool = False,
-    rng: random.Random | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Resize so the image covers ``size`` (a square side, or a ``(width, height)`` bucket), crop to it, optionally
-    flip; returns C x H x W in [-1, 1] and the crop info.
-
-    The info (original size, crop offsets) is kept for SDXL-style micro-conditioning.
-    """
-    rng = rng or random.Random()
-    target_w, target_h = (size, size) if isinstance(size, int) else size
-    original = image.info.get("original_size", image.size)  # before a JPEG draft decode shrank it
-    width, height = image.size
-    scale = max(target_w / width, target_h / height)
-    new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)  # antialiased when shrinking
-    if center_crop:
-        left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
-    else:
-        left, top = rng.randint(0, new_w - target_w), rng.randint(0, new_h - target_h)
-    image = image.crop((left, top, left + target_w, top + target_h))
-    flipped = flip and rng.random() < 0.5
-    if flipped:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-    return tensor, {"original_size": (original[1], original[0]), "crop_top_left": (top, left), "flipped": flipped}
+from sdtrain.data.transforms import load_pixels
 
 
 def split_records(records: list[dict], holdout: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -96,14 +62,12 @@ class ImageCaptionFolder(Dataset):
         are then seeded by (seed, epoch, i), identical whatever the number of workers and after a resume."""
         record = self.records[index % len(self.records)]
         rng = random.Random(self.seed * 1_000_003 + index)
+        c = self.config
         try:
             caption = choose_caption(record["caption"], rng)
-            image = decode_image(record["image"], cover=(self.config.resolution,) * 2)
+            pixels, info = load_pixels(record["image"], c.resolution, c.center_crop, c.random_flip, rng)
         except Skip as skip:
             return {"skip": skip.reason}
-        pixels, info = resize_crop(
-            image, self.config.resolution, self.config.center_crop, self.config.random_flip, rng
-        )
         return {"image": pixels, "text": caption, **info}
 
 
@@ -164,29 +128,11 @@ class EpochSampler(Sampler[int]):
         self.epoch, self.offset = self.advance((self.epoch, self.offset), count)
         return out
 
-    def legacy_position(self, epoch: int, offset: int) -> tuple[int, int]:
-        """The position of a checkpoint written before the order was shared out this way (each process then walked
-        every ``world_size``-th element of each epoch, ``offset`` into its share): the same number of samples
-        taken. One process's positions mean the same in both."""
-        taken = epoch * len(range(self.rank, self.n, self.world_size)) + offset
-        return divmod(taken * self.world_size, self.n)
-
     def __iter__(self):
         position = self.epoch * self.n + self.offset + self.rank
         while True:
             yield self._element(position)
             position += self.world_size
-
-
-# how a stream state's (epoch, offset) is to be read: EpochSampler's order shared out element by element over the
-# processes (states without the key were written when each process walked its own share of every epoch)
-SHARED_ORDER = "shared"
-
-
-def sampler_position(sampler: EpochSampler, state: dict[str, Any]) -> tuple[int, int]:
-    """The sampler position a stream state holds, converting one written by an older sdtrain."""
-    position = (state["epoch"], state["offset"])
-    return position if state.get("order") == SHARED_ORDER else sampler.legacy_position(*position)
 
 
 def make_dataloader(

@@ -20,9 +20,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from sdtrain.data.cache import check_bad_share
-from sdtrain.data.decode import Skip, SkipCounter, decode_image
-from sdtrain.data.folder import EpochSampler, resize_crop
+from sdtrain.data.decode import Skip, SkipCounter
+from sdtrain.data.folder import EpochSampler
+from sdtrain.data.streams import check_bad_share
+from sdtrain.data.transforms import load_pixels
 
 
 class ImageRecords(Dataset):
@@ -38,10 +39,9 @@ class ImageRecords(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index % len(self.records)]
         try:
-            image = decode_image(record["image"], cover=(self.resolution,) * 2)
+            pixels, _ = load_pixels(record["image"], self.resolution)
         except Skip as skip:
             return {"skip": skip.reason}
-        pixels, _ = resize_crop(image, self.resolution, center_crop=True)
         return {"image": ((pixels + 1) * 127.5).round().to(torch.uint8)}
 
 

@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sdtrain.config import DataConfig
 from sdtrain.data.buckets import config_buckets, nearest_bucket
-from sdtrain.data.decode import Skip, SkipCounter, choose_caption, decode_image, probe_size
-from sdtrain.data.folder import resize_crop
+from sdtrain.data.decode import Skip, SkipCounter, choose_caption, probe_size
+from sdtrain.data.transforms import load_pixels
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif")
 
@@ -296,11 +296,11 @@ class ShardDataset(IterableDataset):
             try:
                 # json may hold a list
                 caption = choose_caption(sample_caption(sample, self.config.caption_column), rng)
-                image = decode_image(sample_image(sample) or b"", cover=bucket)
+                image = sample_image(sample) or b""
+                pixels, info = load_pixels(image, bucket, self.config.center_crop, self.config.random_flip, rng)
             except Skip as skip:
                 skipped[skip.reason] += 1
                 continue
-            pixels, info = resize_crop(image, bucket, self.config.center_crop, self.config.random_flip, rng)
             images.append(pixels)
             texts.append(caption)
             sizes.append(info["original_size"])

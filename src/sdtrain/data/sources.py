@@ -11,25 +11,38 @@ with its skip policy, is :mod:`sdtrain.data.decode`). ``data.path`` may be:
 - a Hugging Face dataset: a folder written by ``Dataset.save_to_disk``, or ``hf:NAME`` / ``hf:/local/path`` for
   ``datasets.load_dataset`` (split ``train``), with an image column (the ``Image`` feature or bytes) and a text column.
 
-Webdataset shards are streamed instead (:mod:`sdtrain.data.shards`).
+Webdataset shards are streamed instead (:mod:`sdtrain.data.shards`); :func:`shard_records` reads them as records where
+they are read once (the disk cache, evaluation). :func:`is_shards` decides which a path is.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from sdtrain.config import is_shards
+
+__all__ = ["is_shards", "list_records", "shard_records"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_SUFFIXES = (".txt", ".caption")
 MANIFESTS = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
 
-def is_shards(path: str) -> bool:
-    """Webdataset shards: ``.tar`` paths or URLs, possibly brace-expanded (``data/{00000..00099}.tar``)."""
-    return ".tar" in str(path)
+def shard_records(
+    path: str, caption_column: str = "text", allow_pipe: bool = False, rank: int = 0, world: int = 1
+) -> Iterator[dict[str, Any]]:
+    """The samples of webdataset shards as records (``{"key", "image", "caption"}``), shards as stored, process
+    ``rank`` of ``world`` taking shards ``rank::world``; decoded by the caller, as indexable records are."""
+    from sdtrain.data.shards import expand_urls, iterate_shard, sample_caption, sample_image
+
+    for url in expand_urls(path)[rank::world]:
+        for sample in iterate_shard(url, allow_pipe):
+            image = sample_image(sample) or b""
+            yield {"key": sample.get("__key__", ""), "image": image, "caption": sample_caption(sample, caption_column)}
 
 
 def list_records(path: str | Path, image_column: str = "file_name", caption_column: str = "text") -> Sequence[dict]:

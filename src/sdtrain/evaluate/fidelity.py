@@ -28,19 +28,17 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sdtrain.data.decode import Skip, SkipCounter, clean_caption, decode_image
-from sdtrain.data.folder import resize_crop
-from sdtrain.data.sources import is_shards, list_records
+from sdtrain.data.decode import Skip, SkipCounter, clean_caption
+from sdtrain.data.sources import is_shards, list_records, shard_records
+from sdtrain.data.transforms import load_pixels
 from sdtrain.evaluate.inception import load_inception
-
-if TYPE_CHECKING:
-    from sdtrain.api import StableDiffusion
+from sdtrain.sample.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +94,10 @@ def _decoded(raw: Iterator[tuple[Any, Any]], count: int, resolution: int, skippe
             return
         try:
             caption = clean_caption(caption[0] if isinstance(caption, list) and caption else caption)
-            decoded = decode_image(image, cover=(resolution, resolution))
+            pixels = load_pixels(image, resolution)[0]
         except Skip as e:
             skipped[e.reason] += 1
             continue
-        pixels = resize_crop(decoded, resolution, center_crop=True)[0]
         yield ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), caption
         taken += 1
 
@@ -112,11 +109,7 @@ def _raw_pairs(
     if not isinstance(data, (str, Path)):
         records: Sequence[dict] = data
     elif is_shards(str(data)):
-        from sdtrain.data.shards import expand_urls, iterate_shard, sample_caption, sample_image
-
-        urls = expand_urls(str(data))
-        samples = (sample for url in urls for sample in iterate_shard(url))
-        return ((sample_image(s) or b"", sample_caption(s, caption_column)) for s in samples)
+        return ((r["image"], r["caption"]) for r in shard_records(str(data), caption_column))
     else:
         records = list_records(data, image_column, caption_column)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -313,7 +306,7 @@ class FidelityScorer:
     @torch.no_grad()
     def score(
         self,
-        pipe: StableDiffusion,
+        pipe: Pipeline,
         out_dir: str | Path | None = None,
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
@@ -407,7 +400,7 @@ class FidelityScorer:
 
 
 def evaluate_fidelity(
-    model: str | Path | StableDiffusion,
+    model: str | Path | Pipeline,
     data: str | Path | Sequence[dict],
     out_dir: str | Path,
     metrics: Sequence[str] = METRICS,
@@ -427,7 +420,7 @@ def evaluate_fidelity(
 
     Args:
         model: a pipeline folder (an sdtrain export or any Stable Diffusion folder / hub id), or a loaded
-            :class:`~sdtrain.api.StableDiffusion` (after ``fit``, say).
+            :class:`~sdtrain.sample.pipeline.Pipeline` (a ``StableDiffusion`` after ``fit``, say).
         data: image-caption pairs: a folder, manifest, Hugging Face dataset or webdataset shards.
         metrics: any of ``fid``, ``kid``, ``clip``.
         num_images: pairs to read and images to draw (fewer if the data runs out).
@@ -442,7 +435,6 @@ def evaluate_fidelity(
     Returns:
         What :meth:`FidelityScorer.score` returns, with the model and data named.
     """
-    from sdtrain.api import StableDiffusion
     from sdtrain.models.vae import downsample_factor
 
     # 1. the scoring networks, the model and the reference set, before any image is drawn
@@ -453,12 +445,12 @@ def evaluate_fidelity(
 
         device = device or PartialState().device  # joins the process group
     if device is None:
-        device = model.device if isinstance(model, StableDiffusion) else "cuda" if torch.cuda.is_available() else "cpu"
+        device = model.device if isinstance(model, Pipeline) else "cuda" if torch.cuda.is_available() else "cpu"
     scorer = FidelityScorer(metrics, inception, clip_model, device)
-    if isinstance(model, StableDiffusion):
+    if isinstance(model, Pipeline):
         pipe = model  # sampled where it is, with ``scheduler`` (if given) for this evaluation only
     else:
-        pipe = StableDiffusion.from_pretrained(model, device=device, scheduler=scheduler)
+        pipe = Pipeline.from_pretrained(model, device=device, scheduler=scheduler)
         scheduler = None  # the loaded pipeline's own now
     resolution = pipe.unet.config.sample_size * downsample_factor(pipe.vae)
     scorer.set_reference(data, num_images, resolution, seed, batch_size, image_column, caption_column)

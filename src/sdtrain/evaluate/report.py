@@ -16,14 +16,13 @@ from typing import Any
 
 from PIL import Image
 
-from sdtrain.api import StableDiffusion
 from sdtrain.data.shapes import COLORS, Combo, load_combos
 from sdtrain.evaluate.shapes import read_image, score
-from sdtrain.sample.pipeline import make_grid
+from sdtrain.sample.pipeline import Pipeline, make_grid
 
 
 def adherence(
-    pipe: StableDiffusion,
+    pipe: Pipeline,
     combos: list[Combo],
     images_per_combo: int,
     guidance_scale: float,
@@ -58,7 +57,7 @@ def edit_targets(combos: list[Combo], seed: int = 0) -> list[tuple[str, Combo]]:
 
 
 def reconstruct_edits(
-    pipe: StableDiffusion,
+    pipe: Pipeline,
     data_root: Path,
     count: int,
     strength: float,
@@ -120,7 +119,7 @@ def evaluate_shapes_model(
     """
     data_root, out_dir = Path(data_root), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = StableDiffusion.from_pretrained(model, scheduler=scheduler)  # None: the one exported with the model
+    pipe = Pipeline.from_pretrained(model, scheduler=scheduler)  # None: the one exported with the model
     # None: the step count and guidance exported with the model
     num_inference_steps, guidance_scale = pipe.sampling_settings(num_inference_steps, guidance_scale)
     seen, held_out = load_combos(data_root)

@@ -19,8 +19,9 @@ def _peft():
     return peft
 
 
-def add_lora(unet, config: LoRAConfig) -> None:
-    """Freeze the UNet and add trainable adapters (fp32, Gaussian A, zero B: the model starts unchanged)."""
+def add_lora(unet, config: LoRAConfig, default_targets: tuple[str, ...] = ()) -> None:
+    """Freeze the denoiser and add trainable adapters (fp32, Gaussian A, zero B: the model starts unchanged) on
+    ``config.target_modules``, or where unset on ``default_targets`` (the model family's)."""
     peft = _peft()
     unet.requires_grad_(False)
     unet.add_adapter(
@@ -29,7 +30,7 @@ def add_lora(unet, config: LoRAConfig) -> None:
             lora_alpha=config.alpha if config.alpha is not None else config.rank,
             lora_dropout=config.dropout,
             init_lora_weights="gaussian",
-            target_modules=list(config.target_modules),
+            target_modules=list(config.target_modules if config.target_modules is not None else default_targets),
         )
     )
 
@@ -38,13 +39,15 @@ def has_lora(unet) -> bool:
     return bool(getattr(unet, "peft_config", None))
 
 
-def save_lora(unet, out_dir: str | Path) -> Path:
+def save_lora(unet, out_dir: str | Path, pipeline_class=None) -> Path:
     """Write the adapters twice: ``out_dir/pytorch_lora_weights.safetensors`` in diffusers' format (keys
     ``unet.…lora_A/B``) and ``out_dir/lora_kohya.safetensors`` in kohya-ss' layout, which A1111, ComfyUI and model
     sites load (``lora_unet_….lora_down / lora_up / alpha``).
 
-    Neither file carries our alpha (diffusers' holds none, its kohya converter writes alpha = rank), so loaders scale
-    the update by 1: the alpha / rank scale is folded into every up (B) matrix and both apply the update that trained.
+    ``pipeline_class`` is the family's diffusers pipeline, whose ``save_lora_weights`` writes the first file (default
+    ``StableDiffusionPipeline``). Neither file carries our alpha (diffusers' holds none, its kohya converter writes
+    alpha = rank), so loaders scale the update by 1: the alpha / rank scale is folded into every up (B) matrix and both
+    apply the update that trained.
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
@@ -55,7 +58,9 @@ def save_lora(unet, out_dir: str | Path) -> Path:
     scale = config.lora_alpha / config.r
     state = {k: v * scale if "lora_B" in k else v for k, v in peft.get_peft_model_state_dict(unet).items()}
     layers = convert_state_dict_to_diffusers(state)
-    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+    (pipeline_class or StableDiffusionPipeline).save_lora_weights(
+        out_dir, unet_lora_layers=layers, safe_serialization=True
+    )
     kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
     save_file({k: v.contiguous() for k, v in kohya.items()}, Path(out_dir) / KOHYA_FILE)
     return Path(out_dir)

@@ -1,9 +1,10 @@
-"""Sampling: scheduler map, pipeline assembly, text-to-image and image-to-image (SDEdit), grids.
+"""Sampling: the :class:`Pipeline` (a model's components, sampler and sampling defaults), the scheduler map,
+text-to-image and image-to-image (SDEdit), grids.
 
-diffusers owns the samplers and the denoising loop: we assemble a ``StableDiffusionPipeline`` (or its img2img
-sibling) from our components, ask it for latents, and decode them ourselves so that VQ autoencoders and VAEs with a
-``shift_factor`` decode correctly (for a plain AutoencoderKL the pixels are identical to the pipeline's own output).
-Each image has its own generator seeded ``seed + i``, so image *i* does not depend on the batch size.
+diffusers owns the samplers and the denoising loop: we assemble the family's diffusers pipeline (``txt2img`` or its
+``img2img`` sibling) from our components, ask it for latents, and decode them ourselves so that VQ autoencoders and
+VAEs with a ``shift_factor`` decode correctly (for a plain AutoencoderKL the pixels are identical to the pipeline's own
+output). Each image has its own generator seeded ``seed + i``, so image *i* does not depend on the batch size.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     DDIMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -23,16 +25,16 @@ from diffusers import (
     LMSDiscreteScheduler,
     PNDMScheduler,
     SchedulerMixin,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdtrain.config import ObjectiveConfig
+from sdtrain.config import SCHEDULER_NAMES, ObjectiveConfig
+from sdtrain.models.families import Family, detect
 from sdtrain.models.vae import decode_latents, encode_moments, scale_latents
+from sdtrain.objective import from_scheduler, schedule
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler": EulerDiscreteScheduler,
@@ -44,6 +46,8 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "pndm": PNDMScheduler,
     "unipc": UniPCMultistepScheduler,
 }
+if tuple(SCHEDULERS) != SCHEDULER_NAMES:  # config.SamplerName is the one list of names
+    raise ImportError(f"SCHEDULERS {tuple(SCHEDULERS)} differ from config.SCHEDULER_NAMES {SCHEDULER_NAMES}")
 
 
 # sampling defaults saved beside a pipeline's components (plain diffusers ignores the file; the sampler itself is the
@@ -72,17 +76,12 @@ class Output:
     images: list[Image.Image]
 
 
-def sampling_scheduler(objective: ObjectiveConfig, name: str = "euler") -> SchedulerMixin:
+def sampling_scheduler(config: ObjectiveConfig, name: str = "euler") -> SchedulerMixin:
     """A sampler that matches the training schedule (betas, prediction type, zero terminal SNR)."""
     base = EulerDiscreteScheduler(
-        num_train_timesteps=objective.num_train_timesteps,
-        beta_schedule=objective.beta_schedule,
-        beta_start=objective.beta_start,
-        beta_end=objective.beta_end,
-        prediction_type=objective.prediction_type,
-        rescale_betas_zero_snr=objective.rescale_zero_terminal_snr,
+        **schedule(config),
         timestep_spacing="trailing",
-        steps_offset=1,  # unused with trailing spacing; set because StableDiffusionPipeline rewrites any other value
+        steps_offset=1,  # unused with trailing spacing; set because DiffusionPipeline rewrites any other value
     )
     return with_scheduler(base, name)
 
@@ -107,14 +106,14 @@ def _as_list(prompt: str | list[str]) -> list[str]:
     return [prompt] if isinstance(prompt, str) else list(prompt)
 
 
-def _postprocess(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
+def _postprocess(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
     images = decode_latents(pipe.vae, latents)
     processor: VaeImageProcessor = pipe.image_processor
     return processor.postprocess(images.float(), output_type="pil")
 
 
 def txt2img(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     prompt: str | list[str],
     negative_prompt: str | list[str] | None = None,
     num_images_per_prompt: int = 1,
@@ -152,7 +151,7 @@ def txt2img(
 
 
 def img2img(
-    pipe: StableDiffusionImg2ImgPipeline,
+    pipe: DiffusionPipeline,
     prompt: str | list[str],
     image: Image.Image | list[Image.Image],
     strength: float = 0.6,
@@ -224,3 +223,128 @@ def save_images(images: list[Image.Image], out_dir: str | Path, prefix: str = "i
     grid_path = out_dir / "grid.png"
     make_grid(images, columns).save(grid_path)
     return grid_path
+
+
+class Pipeline:
+    """A text-to-image model ready to sample: its family, components, sampler and sampling defaults.
+
+    ``generate`` and ``reconstruct`` run the family's diffusers pipelines; ``save_pretrained`` writes a plain diffusers
+    folder and ``from_pretrained`` reads one (its family detected from ``model_index.json``). Training sees it as
+    components; :class:`sdtrain.api.StableDiffusion` adds ``fit``.
+
+    Args:
+        components: the family's components (for Stable Diffusion: vae, text_encoder, tokenizer, unet).
+        family: the model family; default the family of ``components``' kind, Stable Diffusion.
+        scheduler: a diffusers scheduler, or a name from ``SCHEDULERS``; default Euler on the training schedule.
+        objective: the training objective (prediction type, schedule); default read from ``scheduler``.
+        sampling: default ``num_inference_steps`` and ``guidance_scale`` (default 30 and 7.5).
+        device: where to sample; default CUDA if available.
+    """
+
+    def __init__(
+        self,
+        components,
+        family: Family | None = None,
+        scheduler: SchedulerMixin | str | None = None,
+        objective: ObjectiveConfig | None = None,
+        sampling: dict[str, float] | None = None,
+        device: str | torch.device | None = None,
+    ):
+        self.components = components
+        self.family = family or detect(None)
+        if objective is None:
+            given = scheduler is not None and not isinstance(scheduler, str)
+            objective = from_scheduler(scheduler) if given else ObjectiveConfig()
+        self.objective = objective
+        if scheduler is None or isinstance(scheduler, str):
+            scheduler = sampling_scheduler(objective, scheduler or "euler")
+        self.scheduler = scheduler
+        self.sampling = FALLBACK_SAMPLING | (sampling or {})
+        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def __getattr__(self, name: str):
+        """The components by name (``pipe.vae``, ``pipe.unet``, ...)."""
+        components = self.__dict__.get("components")
+        if components is not None and hasattr(components, name):
+            return getattr(components, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def sampling_settings(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+        """The step count and guidance to sample with: the ones given, else this model's ``sampling``."""
+        steps = int(num_inference_steps or self.sampling["num_inference_steps"])
+        return steps, self.sampling["guidance_scale"] if guidance_scale is None else guidance_scale
+
+    def diffusers_pipeline(self, img2img: bool = False, scheduler: str | None = None, device: bool = True):
+        """The family's diffusers pipeline over these components (``img2img``: its image-to-image sibling), with the
+        sampler ``scheduler`` for this call only; on this model's device unless ``device`` is False."""
+        sched = with_scheduler(self.scheduler, scheduler) if scheduler else self.scheduler
+        cls = self.family.img2img if img2img else self.family.txt2img
+        pipe = cls(**self.family.pipeline_components(self.components), scheduler=sched)
+        pipe.set_progress_bar_config(disable=True)
+        getattr(self.components, self.family.denoiser).eval()
+        return pipe.to(self.device) if device else pipe
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int = 0,
+        scheduler: str | None = None,
+        progress: bool = False,
+    ) -> Output:
+        """Text to image. Image *i* (prompt-major) is sampled with its own generator seeded ``seed + i``; steps and
+        guidance default to the model's ``sampling``."""
+        steps, guidance = self.sampling_settings(num_inference_steps, guidance_scale)
+        pipe = self.diffusers_pipeline(scheduler=scheduler)
+        return txt2img(
+            pipe, prompt, negative_prompt, num_images_per_prompt, steps, guidance, height, width, seed,
+            progress=progress,
+        )  # fmt: skip
+
+    def reconstruct(
+        self,
+        prompt: str | list[str],
+        image: Image.Image | list[Image.Image],
+        strength: float = 0.6,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        scheduler: str | None = None,
+        progress: bool = False,
+    ) -> Output:
+        """Image to image under a prompt (SDEdit): ``strength`` 0 keeps the image, 1 ignores it; steps and guidance
+        default to the model's ``sampling``."""
+        steps, guidance = self.sampling_settings(num_inference_steps, guidance_scale)
+        pipe = self.diffusers_pipeline(img2img=True, scheduler=scheduler)
+        return img2img(pipe, prompt, image, strength, negative_prompt, steps, guidance, seed, progress=progress)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """A plain diffusers pipeline folder of the family's class, with this model's sampling defaults beside it."""
+        self.diffusers_pipeline(device=False).save_pretrained(path, safe_serialization=True)
+        write_sampling_defaults(path, **self.sampling)
+        return Path(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, scheduler: str | None = None):
+        """Load a pipeline folder or hub id (ours or any of a family sdtrain trains), its sampling defaults, and, with
+        ``scheduler``, another sampler on the same schedule."""
+        family = detect(path)
+        pipe = family.txt2img.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+        sched = with_scheduler(pipe.scheduler, scheduler) if scheduler else pipe.scheduler
+        sampling = read_sampling_defaults(path) if Path(path).is_dir() else None
+        components = family.components_of(pipe)
+        return cls.from_components(components, family, sched, sampling=sampling, device=device)
+
+    @classmethod
+    def from_components(cls, components, family: Family, scheduler=None, **kwargs):
+        """An instance of ``cls`` over ``components`` (subclasses with another constructor, like the article's
+        ``StableDiffusion``, are built through here)."""
+        pipe = cls.__new__(cls)
+        Pipeline.__init__(pipe, components, family, scheduler, **kwargs)
+        return pipe

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -41,10 +40,12 @@ from sdtrain.models.vae import downsample_factor, load_vae
 from sdtrain.sample.pipeline import make_grid
 from sdtrain.train import checkpoint
 from sdtrain.train.ema import EMA, ema_parameters
+from sdtrain.train.optim import set_lr, warmup_times_cosine
 from sdtrain.train.preemption import Preempted, StopSignal
 from sdtrain.train.progress import Progress
 from sdtrain.train.randomness import rng_state, set_rng_state
-from sdtrain.train.state import trainable, truncate_log
+from sdtrain.train.run import append_record, count_skip
+from sdtrain.train.state import Counters, trainable, truncate_log
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
         Preempted: SIGTERM or SIGUSR1 arrived; the step in progress was finished and checkpointed.
     """
     tc = config.train
-    # 1. Seeds, run directory, device
+    # 1. Seeds, run directory, device, precision, the perceptual network (its weight files before any image is read)
     out = Path(tc.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
@@ -210,12 +211,7 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
     if tc.mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"train.mixed_precision=bf16: {torch.cuda.get_device_name()} has no bf16; use 'no'")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.mixed_precision == "bf16")
-    perceptual = None
-    if tc.perceptual_weight > 0:  # its weight files, before any image is read
-        try:
-            perceptual = load_lpips(tc.lpips_vgg, tc.lpips_lin).to(device)
-        except FileNotFoundError as e:
-            raise ConfigError(f"train.perceptual_weight={tc.perceptual_weight}: {e}") from None
+    perceptual = _perceptual_network(tc, device)
 
     # 2. Model, discriminator (train.disc_weight > 0) and their optimizers
     vae = (load_trainable(config) if config.model.pretrained else build_autoencoder(config.model)).to(device).train()
@@ -229,7 +225,79 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
         critic_optimizer = torch.optim.Adam(critic.parameters(), lr=tc.disc_lr or tc.lr, betas=(0.5, 0.9))
 
     # 3. Data: held-out images in memory; training images in memory or streamed from disk (train.in_memory)
-    data = config.data
+    generator = torch.Generator().manual_seed(tc.seed)
+    records, eval_images, batches = _data(config, generator)
+    m = _Models(vae, optimizer, ema, critic, critic_optimizer, generator, batches)
+
+    # 4. Resume from the newest valid checkpoint
+    root, log_path = out / "checkpoints", out / "log.jsonl"
+    counters = Counters()
+    latest = checkpoint.find_latest(root)
+    if latest is not None:
+        counters = _load_state(latest, config, m)
+        logger.info("resumed from %s at step %d", latest, counters.step)
+    truncate_log(log_path, counters.step)
+
+    # 5. The loop: random batches (and crops), warm-up then cosine decay to 10 %, by steps or by time budget
+    budget = tc.max_minutes * 60 if tc.max_minutes is not None else None
+    saved_at, consecutive_skips = counters.step, 0
+    started = time.perf_counter() - counters.train_seconds
+    bar = Progress("train-vae", tc.num_steps, budget, counters.step)
+    # the SIGTERM / SIGUSR1 handlers are the caller's again when the loop ends, raises or is preempted
+    with StopSignal() as stop_signal:
+        while counters.step < tc.num_steps and (budget is None or time.perf_counter() - started < budget):
+            progress = max(counters.step / tc.num_steps, (time.perf_counter() - started) / budget if budget else 0)
+            lr = tc.lr * warmup_times_cosine(counters.step, progress)
+            set_lr(optimizer, lr)
+            if critic_optimizer is not None:
+                set_lr(critic_optimizer, lr * (tc.disc_lr or tc.lr) / tc.lr)
+            # 5a-5c. the autoencoder's step and the critic's; a non-finite loss or gradient skips both
+            loss, parts, finite = _step(config, m, batches.next(), autocast, perceptual, counters.step)
+            if finite:
+                consecutive_skips = 0
+            else:
+                consecutive_skips += 1
+                count_skip(counters, consecutive_skips, tc.max_consecutive_skips, root, "Lower train.lr or "
+                           "train.disc_weight.")  # fmt: skip
+            counters.step += 1
+            counters.train_seconds = time.perf_counter() - started
+            bar.update(counters.step, counters.train_seconds)
+            # 5d. log, checkpoint, and stop cleanly on SIGTERM / SIGUSR1
+            if counters.step % tc.log_every == 0:
+                bar.update(counters.step, counters.train_seconds, loss=f"{loss.item():.4f}")
+                record = {"step": counters.step, "loss": loss.item(), "lr": lr}
+                record |= {k: float(v) for k, v in parts.items()} | {"skipped_steps": counters.skipped_steps}
+                append_record(log_path, record)
+            if counters.step % tc.save_every == 0:
+                _save_state(root, tc.keep_checkpoints, counters, config, m)
+                saved_at = counters.step
+            if stop_signal.received is not None:
+                bar.close()
+                if saved_at != counters.step:
+                    _save_state(root, tc.keep_checkpoints, counters, config, m)
+                raise Preempted(f"stopped by signal at step {counters.step}; checkpoint written to {root}")
+    bar.close()
+    if saved_at != counters.step:  # the end of the run: a checkpoint a larger train.num_steps continues from
+        _save_state(root, tc.keep_checkpoints, counters, config, m)
+
+    # 6. Evaluate, set the scaling factor, export (with the EMA weights where there is an EMA)
+    return _finish(config, m, records, eval_images, perceptual, counters)
+
+
+def _perceptual_network(tc, device: torch.device) -> LPIPS | None:
+    """LPIPS for ``train.perceptual_weight`` > 0 (a missing weight file is a config error, raised now)."""
+    if tc.perceptual_weight <= 0:
+        return None
+    try:
+        return load_lpips(tc.lpips_vgg, tc.lpips_lin).to(device)
+    except FileNotFoundError as e:
+        raise ConfigError(f"train.perceptual_weight={tc.perceptual_weight}: {e}") from None
+
+
+def _data(config: AutoencoderConfig, generator: torch.Generator):
+    """``(training records, held-out images, training batches)``: the held-out images (``eval_data``, or the last
+    ``train.eval_images`` records) decoded into memory, the training ones decoded once or streamed."""
+    data, tc = config.data, config.train
     records = list_records(data.path, data.image_column, data.caption_column)
     if config.eval_data:
         eval_records = list_records(config.eval_data, data.image_column, data.caption_column)
@@ -238,7 +306,6 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
             raise ValueError(f"{len(records)} images leave none for training after {tc.eval_images} held out")
         records, eval_records = records[: -tc.eval_images], records[-tc.eval_images :]
     eval_images, _ = decode_all(eval_records[: tc.eval_images], data.resolution, "held-out images")
-    generator = torch.Generator().manual_seed(tc.seed)
     if tc.in_memory:
         batches = MemoryBatches(records, data.resolution, tc.batch_size, generator)
         if batches.skipped:
@@ -247,116 +314,68 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
         batches = StreamedBatches(
             records, data.resolution, tc.batch_size, tc.seed, data.num_workers, data.max_bad_share
         )
-    crop, res = tc.crop_size, data.resolution
-    factor = downsample_factor(vae)
-    models = _Models(vae, optimizer, ema, critic, critic_optimizer, generator, batches)
+    return records, eval_images, batches
 
-    # 4. Resume from the newest valid checkpoint
-    root, log_path = out / "checkpoints", out / "log.jsonl"
-    counters = {"step": 0, "train_seconds": 0.0, "skipped_steps": 0}
-    latest = checkpoint.find_latest(root)
-    if latest is not None:
-        counters = _load_state(latest, config, models)
-        logger.info("resumed from %s at step %d", latest, counters["step"])
-    truncate_log(log_path, counters["step"])
 
-    # 5. The loop: random batches (and crops), warm-up then cosine decay to 10 %, by steps or by time budget
-    budget = tc.max_minutes * 60 if tc.max_minutes is not None else None
-    step, saved_at, consecutive_skips = counters["step"], counters["step"], 0
-    started = time.perf_counter() - counters["train_seconds"]
-    bar = Progress("train-vae", tc.num_steps, budget, step)
-    stop_signal = StopSignal().__enter__()
-    try:
-        while step < tc.num_steps and (budget is None or time.perf_counter() - started < budget):
-            progress = max(step / tc.num_steps, (time.perf_counter() - started) / budget if budget else 0.0)
-            lr = tc.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if critic_optimizer is not None:
-                for group in critic_optimizer.param_groups:
-                    group["lr"] = lr * (tc.disc_lr or tc.lr) / tc.lr
-            x = _to_float(batches.next()).to(device)
-            if crop is not None and crop < res:
-                top, left = (
-                    int(v) * factor for v in torch.randint(0, (res - crop) // factor + 1, (2,), generator=generator)
-                )
-                x = x[:, :, top : top + crop, left : left + crop]
-            # 5a. the autoencoder's step: reconstruction + regulariser (+ the adversarial term once the critic is on)
-            adversarial = critic is not None and step >= tc.disc_start
-            with autocast:
-                rec_loss, reg_loss, rec, parts = reconstruction_loss(vae, x, config, perceptual)
-                if adversarial:
-                    critic.requires_grad_(False)
-                    gan_loss = -critic(rec).float().mean()
-            loss = rec_loss + reg_loss
-            if adversarial:
-                weight = tc.disc_weight * adaptive_weight(rec_loss, gan_loss, vae.decoder.conv_out.weight)
-                loss = loss + weight * gan_loss
-                parts.update(gan=gan_loss.detach(), gan_weight=weight)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
-            # 5b. the critic's step: real crops against this step's reconstructions
-            if adversarial:
-                critic.requires_grad_(True)
-                with autocast:
-                    critic_loss = hinge_loss(critic(x).float(), critic(rec.detach()).float())
-                critic_loss.backward()
-                norm = norm + torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
-                parts["critic"] = critic_loss.detach()
-            # 5c. a non-finite loss or gradient skips the step for both: weights, moments and critic unchanged
-            finite = bool(torch.isfinite(loss.detach() + norm))
-            if finite:
-                optimizer.step()
-                if adversarial:
-                    critic_optimizer.step()
-                if ema is not None:
-                    ema.tick(vae)
-                consecutive_skips = 0
-            else:
-                counters["skipped_steps"] += 1
-                consecutive_skips += 1
-                logger.warning("non-finite loss or gradient at step %d: step skipped", step)
-                if consecutive_skips >= tc.max_consecutive_skips:
-                    raise RuntimeError(
-                        f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (last: step "
-                        f"{step}); the newest checkpoint in {root} holds finite weights. Lower train.lr or "
-                        "train.disc_weight."
-                    )
-            optimizer.zero_grad(set_to_none=True)
-            if critic_optimizer is not None:
-                critic_optimizer.zero_grad(set_to_none=True)
-            step += 1
-            counters.update(step=step, train_seconds=time.perf_counter() - started)
-            bar.update(step, counters["train_seconds"])
-            # 5d. log, checkpoint, and stop cleanly on SIGTERM / SIGUSR1
-            if step % tc.log_every == 0:
-                bar.update(step, counters["train_seconds"], loss=f"{loss.item():.4f}")
-                record = {"step": step, "loss": loss.item(), "lr": lr, **{k: float(v) for k, v in parts.items()}}
-                record["skipped_steps"] = counters["skipped_steps"]
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if step % tc.save_every == 0:
-                _save_state(root, tc.keep_checkpoints, counters, config, models)
-                saved_at = step
-            if stop_signal.received is not None:
-                if saved_at != step:
-                    _save_state(root, tc.keep_checkpoints, counters, config, models)
-                raise Preempted(f"stopped by signal at step {step}; checkpoint written to {root}")
-    finally:
-        stop_signal.__exit__()
-        bar.close()
-    if saved_at != step:  # the end of the run: a checkpoint a larger train.num_steps continues from
-        _save_state(root, tc.keep_checkpoints, counters, config, models)
+def _step(config: AutoencoderConfig, m: _Models, batch: torch.Tensor, autocast, perceptual, step: int):
+    """One training step on ``batch`` (randomly cropped to ``train.crop_size``): the autoencoder's (reconstruction +
+    regulariser + the adversarial term once the critic is on), then the critic's; returns ``(loss, parts for the
+    log, finite)``. A non-finite loss or gradient leaves weights, moments, critic and EMA unchanged."""
+    tc, vae, critic, res = config.train, m.vae, m.critic, config.data.resolution
+    x = _to_float(batch).to(vae.device)
+    if tc.crop_size is not None and tc.crop_size < res:
+        factor = downsample_factor(vae)
+        top, left = (int(v) * factor for v in torch.randint(0, (res - tc.crop_size) // factor + 1, (2,),
+                                                            generator=m.generator))  # fmt: skip
+        x = x[:, :, top : top + tc.crop_size, left : left + tc.crop_size]
+    # 5a. the autoencoder's step: reconstruction + regulariser (+ the adversarial term once the critic is on)
+    adversarial = critic is not None and step >= tc.disc_start
+    with autocast:
+        rec_loss, reg_loss, rec, parts = reconstruction_loss(vae, x, config, perceptual)
+        if adversarial:
+            critic.requires_grad_(False)
+            gan_loss = -critic(rec).float().mean()
+    loss = rec_loss + reg_loss
+    if adversarial:
+        weight = tc.disc_weight * adaptive_weight(rec_loss, gan_loss, vae.decoder.conv_out.weight)
+        loss = loss + weight * gan_loss
+        parts.update(gan=gan_loss.detach(), gan_weight=weight)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(m.optimizer.param_groups[0]["params"], 1.0)
+    # 5b. the critic's step: real crops against this step's reconstructions
+    if adversarial:
+        critic.requires_grad_(True)
+        with autocast:
+            critic_loss = hinge_loss(critic(x).float(), critic(rec.detach()).float())
+        critic_loss.backward()
+        norm = norm + torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
+        parts["critic"] = critic_loss.detach()
+    # 5c. a non-finite loss or gradient skips the step for both: weights, moments and critic unchanged
+    finite = bool(torch.isfinite(loss.detach() + norm))
+    if finite:
+        m.optimizer.step()
+        if adversarial:
+            m.critic_optimizer.step()
+        if m.ema is not None:
+            m.ema.tick(vae)
+    m.optimizer.zero_grad(set_to_none=True)
+    if m.critic_optimizer is not None:
+        m.critic_optimizer.zero_grad(set_to_none=True)
+    return loss, parts, finite
 
-    # 6. Evaluate, set the scaling factor, export (with the EMA weights where there is an EMA)
-    if ema is not None:
-        ema.copy_to(ema_parameters(vae))
+
+def _finish(config: AutoencoderConfig, m: _Models, records, eval_images, perceptual, counters: Counters) -> dict:
+    """Evaluate, set the scaling factor, export (with the EMA weights where there is an EMA)."""
+    tc, vae, out = config.train, m.vae, Path(config.train.output_dir)
+    if m.ema is not None:
+        m.ema.copy_to(ema_parameters(vae))
     vae.eval()
     metrics: dict[str, Any] = reconstruction_metrics(vae, eval_images, perceptual=perceptual)
-    sample = batches.images[:2048] if tc.in_memory else decode_all(records[:2048], res, "training images")[0]
+    res = config.data.resolution
+    sample = m.batches.images[:2048] if tc.in_memory else decode_all(records[:2048], res, "training images")[0]
     metrics.update(latent_statistics(vae, sample))
-    metrics.update(steps=step, seconds=counters["train_seconds"], skipped=dict(batches.skipped))
-    metrics["skipped_steps"] = counters["skipped_steps"]
+    metrics.update(steps=counters.step, seconds=counters.train_seconds, skipped=dict(m.batches.skipped))
+    metrics["skipped_steps"] = counters.skipped_steps
     if config.model.pretrained:  # its latents' scale is what UNets trained on it expect: kept, the measured one told
         metrics["measured_scaling_factor"] = metrics["scaling_factor"]
         metrics["scaling_factor"] = vae.config.scaling_factor
@@ -382,7 +401,7 @@ class _Models:
     batches: MemoryBatches | StreamedBatches
 
 
-def _save_state(root: Path, keep: int, counters: dict, config: AutoencoderConfig, m: _Models):
+def _save_state(root: Path, keep: int, counters: Counters, config: AutoencoderConfig, m: _Models):
     """A checkpoint of everything a bit-exact resume needs: weights, optimizer moments, critic, RNGs, counters."""
     tensors = {"vae": m.vae.state_dict()}
     objects = {"optimizer": m.optimizer.state_dict(), "rng": rng_state(m.generator)}
@@ -395,19 +414,19 @@ def _save_state(root: Path, keep: int, counters: dict, config: AutoencoderConfig
         tensors["critic"] = m.critic.state_dict()
         objects["critic_optimizer"] = m.critic_optimizer.state_dict()
     if not all(torch.isfinite(t).all() for t in tensors["vae"].values() if t.is_floating_point()):
-        raise RuntimeError(f"non-finite weights at step {counters['step']}: checkpoint not written")
+        raise RuntimeError(f"non-finite weights at step {counters.step}: checkpoint not written")
     state = {
-        **counters,
+        **dataclasses.asdict(counters),
         "model": dataclasses.asdict(config.model),
         "critic": {"layers": config.train.disc_layers, "channels": config.train.disc_channels},
         "train_images": len(m.batches),
         "data": m.batches.state(),
         "ema": ema_meta,
     }
-    checkpoint.save_or_keep_previous(root, counters["step"], tensors, objects, state, keep)
+    checkpoint.save_or_keep_previous(root, counters.step, tensors, objects, state, keep)
 
 
-def _load_state(path: Path, config: AutoencoderConfig, m: _Models) -> dict:
+def _load_state(path: Path, config: AutoencoderConfig, m: _Models) -> Counters:
     """Restore what :func:`_save_state` wrote into ``m``; returns the counters. The model must be the one the
     checkpoint was written for; a critic may be added (it starts fresh) or dropped on resume."""
     tensors, objects, state = checkpoint.load_checkpoint(path)
@@ -448,4 +467,4 @@ def _load_state(path: Path, config: AutoencoderConfig, m: _Models) -> dict:
         )
     elif state.get("data"):  # a streamed run's position (a set of another size starts its epochs afresh)
         m.batches.load_state(state["data"])
-    return {k: state[k] for k in ("step", "train_seconds", "skipped_steps")}
+    return Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters) if f.name in state})

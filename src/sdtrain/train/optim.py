@@ -59,6 +59,14 @@ def lr_factor(step: int, progress: float, config: OptimConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * shape
 
 
+def warmup_times_cosine(step: int, progress: float, warmup_steps: int = 100, min_ratio: float = 0.1) -> float:
+    """Stage 1's multiplier of the peak lr: a linear warm-up over ``warmup_steps`` times a cosine decay to
+    ``min_ratio`` as ``progress`` goes from 0 to 1 (both at once, where :func:`lr_factor` decays after warming up)."""
+    warmup = min(1.0, (step + 1) / warmup_steps)
+    return warmup * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group's learning rate."""
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -44,10 +44,13 @@ class StepProfile:
 
 
 @torch.no_grad()
-def profile_unet(unet, latent_shape: tuple[int, int, int], text_shape: tuple[int, int], device) -> StepProfile:
-    """Run one batch-1 forward pass of ``unet`` and measure FLOPs and activation sizes."""
+def profile_denoiser(model, predict, latent_shape: tuple[int, ...], cond: dict, device) -> StepProfile:
+    """Run one batch-1 forward pass of ``model`` (through the family's ``predict`` with the conditioning ``cond``,
+    whose first row is used) and measure FLOPs and activation sizes."""
     leaf_bytes, block_bytes = [0.0], [0.0]
-    blocks = {id(b) for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if b is not None}
+    stages = [*getattr(model, "down_blocks", []), getattr(model, "mid_block", None), *getattr(model, "up_blocks", [])]
+    stages += list(getattr(model, "transformer_blocks", []))
+    blocks = {id(b) for b in stages if b is not None}
 
     def count(module, inputs, output):
         tensors = output if isinstance(output, (tuple, list)) else (output,)
@@ -57,13 +60,13 @@ def profile_unet(unet, latent_shape: tuple[int, int, int], text_shape: tuple[int
         elif not any(True for _ in module.children()):
             leaf_bytes[0] += size
 
-    hooks = [m.register_forward_hook(count) for m in unet.modules()]
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
     try:
-        dtype = next(unet.parameters()).dtype
+        dtype = next(model.parameters()).dtype
         x = torch.randn(1, *latent_shape, device=device, dtype=dtype)
-        cond = torch.randn(1, *text_shape, device=device, dtype=dtype)
+        first = {k: v[:1].to(device=device, dtype=dtype) for k, v in cond.items()}
         with FlopCounterMode(display=False) as counter:
-            unet(x, torch.tensor([500], device=device), cond)
+            predict(model, x, torch.tensor([500], device=device), first)
     finally:
         for hook in hooks:
             hook.remove()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from sdtrain.data.cache import regroup_states
+from sdtrain.data.streams import regroup_states
 from sdtrain.train import checkpoint, sharding, zero
 from sdtrain.train.randomness import rng_state, set_generator_state, set_rng_state
 
@@ -69,13 +69,13 @@ def check_disk(out: Path, model: torch.nn.Module, with_ema: bool) -> None:
         )
 
 
-def describe_frozen(vae: torch.nn.Module, text_encoder: torch.nn.Module, probes: int = 256) -> dict[str, Any]:
+def describe_frozen(frozen: dict[str, torch.nn.Module], probes: int = 256) -> dict[str, Any]:
     """What identifies the frozen components a run trains with, saved in every checkpoint: their classes, the
     latent scaling, and ``probes`` weights of each at evenly spaced positions of its flattened state. Two loads of
     the same model agree to rounding whatever dtype they were loaded in; two different models do not. (The latent
     cache's exact ``model_hash`` would refuse a resume that switches the VAE to fp32 after fp16 NaNs.)"""
     described = {}
-    for name, module in (("vae", vae), ("text_encoder", text_encoder)):
+    for name, module in frozen.items():
         tensors = [t.detach().reshape(-1) for t in module.state_dict().values() if t.is_floating_point()]
         total = sum(t.numel() for t in tensors)
         targets = [round(i * (total - 1) / max(1, probes - 1)) for i in range(probes)]
@@ -86,8 +86,9 @@ def describe_frozen(vae: torch.nn.Module, text_encoder: torch.nn.Module, probes:
                 k += 1
             offset += flat.numel()
         described[name] = {"class": type(module).__name__, "parameters": total, "probe": values}
-    config = getattr(vae, "config", {})
-    described["vae"] |= {k: config.get(k) for k in ("scaling_factor", "shift_factor")}
+    if "vae" in frozen:
+        config = getattr(frozen["vae"], "config", {})
+        described["vae"] |= {k: config.get(k) for k in ("scaling_factor", "shift_factor")}
     return described
 
 
@@ -96,7 +97,11 @@ def check_frozen(saved: dict[str, Any] | None, current: dict[str, Any], where: P
     checkpoint that did not record them)."""
     if not saved:
         return
-    for name in ("vae", "text_encoder"):
+    for name in sorted(saved.keys() | current.keys()):
+        if name not in saved or name not in current:
+            raise checkpoint.CheckpointError(
+                f"{where} was trained with the frozen components {sorted(saved)}, this run has {sorted(current)}"
+            )
         a, b = saved[name], current[name]
         same = (
             a["class"] == b["class"]
@@ -132,8 +137,10 @@ def save_training_state(
     generator,
     counters: Counters,
     frozen: dict[str, Any] | None = None,
+    name: str = "unet",
 ) -> None:
-    """Checkpoint everything a bit-exact resume needs: weights, EMA, optimizer, every rank's RNGs and data position.
+    """Checkpoint everything a bit-exact resume needs: weights (under ``name``, the family's name of its denoiser),
+    EMA, optimizer, every rank's RNGs and data position.
 
     Collective: every rank calls it; only the main process writes.
     """
@@ -152,7 +159,7 @@ def save_training_state(
     rng_states = accelerator.gather_for_metrics([rng_state(generator)], use_gather_object=True)
     if not main:
         return
-    tensors = {"unet": weights}
+    tensors = {name: weights}
     ema_meta = {}
     if ema is not None:
         tensors["ema"] = ema_weights
@@ -165,20 +172,28 @@ def save_training_state(
 
 
 def load_training_state(
-    path: Path, accelerator: Accelerator, unet, optimizer, ema, stream, generator, frozen: dict[str, Any] | None = None
+    path: Path,
+    accelerator: Accelerator,
+    unet,
+    optimizer,
+    ema,
+    stream,
+    generator,
+    frozen: dict[str, Any] | None = None,
+    name: str = "unet",
 ) -> Counters:
     """Restore what :func:`save_training_state` wrote, with the same frozen components; returns the counters. The
     number of processes may differ from the one that wrote it where the data position allows
-    (:func:`sdtrain.data.cache.regroup_states`)."""
+    (:func:`sdtrain.data.streams.regroup_states`)."""
     tensors, objects, state = checkpoint.load_checkpoint(path)
     if frozen is not None:
         check_frozen(state.get("frozen"), frozen, path)
     model = unwrap(accelerator, unet)
-    sharding.load_model(model, tensors["unet"])  # FSDP2 and ZeRO-3: each rank its part
+    sharding.load_model(model, tensors[name])  # FSDP2 and ZeRO-3: each rank its part
     saved = objects["optimizer"]
     saved = {**saved, "param_groups": [g for g in saved["param_groups"] if g["params"]]}  # as optim.param_groups
     if zero.is_zero(accelerator):  # the master copy and the moments DeepSpeed steps, each rank its partition
-        zero.load_masters(optimizer, trainable(model), tensors["unet"])
+        zero.load_masters(optimizer, trainable(model), tensors[name])
         zero.load_optimizer(optimizer, saved)
     else:
         optimizer.load_state_dict(sharding.shard_optimizer(saved, optimizer))

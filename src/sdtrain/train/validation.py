@@ -8,16 +8,18 @@ give the same loss, and curves of different runs with the same data are comparab
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from sdtrain import objective
 from sdtrain.config import DataConfig, ObjectiveConfig
-from sdtrain.data.decode import Skip, clean_caption, decode_image
-from sdtrain.data.folder import resize_crop, validation_records
-from sdtrain.models.text import encode_prompts
+from sdtrain.data.decode import Skip, clean_caption
+from sdtrain.data.folder import validation_records
+from sdtrain.data.transforms import load_pixels
+from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.vae import encode_moments, scale_latents
-from sdtrain.train import objective
 
 TIMESTEPS_PER_IMAGE = 4
 
@@ -27,7 +29,7 @@ class ValidationSet:
     """Fixed inputs of the validation loss, one row per (image, timestep)."""
 
     latents: torch.Tensor
-    embeddings: torch.Tensor
+    embeddings: Conditioning
     timesteps: torch.Tensor
     noise: torch.Tensor
 
@@ -37,7 +39,7 @@ class ValidationSet:
 
 @torch.no_grad()
 def build_validation_set(
-    data: DataConfig, config: ObjectiveConfig, vae, text_encoder, tokenizer, seed: int
+    data: DataConfig, config: ObjectiveConfig, encoders: Encoders, seed: int
 ) -> ValidationSet | None:
     """Encode the held-out images; None when the config holds none out."""
     records = validation_records(data, seed)
@@ -46,43 +48,47 @@ def build_validation_set(
         try:
             caption = record["caption"][0] if isinstance(record["caption"], list) else record["caption"]
             caption = clean_caption(caption)
-            image = decode_image(record["image"], cover=(data.resolution, data.resolution))
+            pixels.append(load_pixels(record["image"], data.resolution)[0])
         except Skip:
             continue
-        pixels.append(resize_crop(image, data.resolution, center_crop=True, flip=False)[0])
         captions.append(caption)
     if not pixels:
         return None
-    device = text_encoder.device
-    means = [encode_moments(vae, torch.stack(pixels[i : i + 32]).to(device))[0] for i in range(0, len(pixels), 32)]
+    vae = encoders.vae
+    means = [encode_moments(vae, torch.stack(pixels[i : i + 32]))[0] for i in range(0, len(pixels), 32)]
     latents = scale_latents(vae, torch.cat(means).float())
-    embeddings = encode_prompts(text_encoder, tokenizer, captions, device).float()
-    low = config.min_timestep
-    high = config.max_timestep if config.max_timestep is not None else config.num_train_timesteps - 1
+    embeddings = encoders.encode_text(captions)
+    low, high = objective.timestep_range(config)
     # stratified: image i at timesteps spread over the range, offset per image so the images cover it between them
     n, k = latents.shape[0], TIMESTEPS_PER_IMAGE
     grid = (torch.arange(n * k, dtype=torch.float64) + 0.5) / (n * k)
     timesteps = (low + grid * (high - low + 1)).long().clamp(low, high).view(k, n).t().reshape(-1)
     generator = torch.Generator().manual_seed(seed)
-    latents, embeddings = latents.repeat_interleave(k, 0), embeddings.repeat_interleave(k, 0)
+    latents = latents.repeat_interleave(k, 0)
+    embeddings = {key: value.repeat_interleave(k, 0) for key, value in embeddings.items()}
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     return ValidationSet(latents, embeddings, timesteps.to(latents.device), noise)
 
 
 @torch.no_grad()
-def validation_loss(unet, scheduler, data: ValidationSet, snr_gamma: float | None, batch_size: int, autocast) -> float:
-    """Mean (weighted, as in training) loss of ``unet`` over the fixed triples."""
-    was_training = unet.training
-    unet.eval()
+def validation_loss(
+    model: torch.nn.Module,
+    predict: Callable[..., torch.Tensor],
+    scheduler,
+    data: ValidationSet,
+    snr_gamma: float | None,
+    batch_size: int,
+    autocast,
+) -> float:
+    """Mean (weighted, as in training) loss of ``model`` over the fixed triples; ``predict`` is the family's
+    ``(model, noisy, timesteps, conditioning) -> output``."""
+    was_training = model.training
+    model.eval()
     total = 0.0
     for i in range(0, len(data), batch_size):
-        x0, cond = data.latents[i : i + batch_size], data.embeddings[i : i + batch_size]
-        t, noise = data.timesteps[i : i + batch_size], data.noise[i : i + batch_size]
-        noisy = scheduler.add_noise(x0, noise, t)
-        target = objective.target(scheduler, x0, noise, t)
-        weights = objective.loss_weights(scheduler, t, snr_gamma)
-        with autocast():
-            loss, _ = objective.diffusion_loss(unet(noisy, t, cond).sample, target, weights)
+        x0, t, noise = (v[i : i + batch_size] for v in (data.latents, data.timesteps, data.noise))
+        cond = {k: v[i : i + batch_size] for k, v in data.embeddings.items()}
+        loss, _ = objective.loss(predict, model, cond, scheduler, x0, noise, t, snr_gamma, autocast=autocast)
         total += loss.item() * x0.shape[0]
-    unet.train(was_training)
+    model.train(was_training)
     return total / len(data)

@@ -9,24 +9,53 @@ Min-SNR-gamma weighting (Hang et al. 2023) scales each sample's MSE so that the 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import torch
 from diffusers import DDPMScheduler
 
 from sdtrain.config import ObjectiveConfig
-from sdtrain.train.randomness import SharedDraws
+
+if TYPE_CHECKING:
+    from sdtrain.train.randomness import SharedDraws
+
+
+def schedule(config: ObjectiveConfig) -> dict[str, Any]:
+    """The noise schedule as diffusers schedulers' config keys: the training scheduler and every sampler share it."""
+    return {
+        "num_train_timesteps": config.num_train_timesteps,
+        "beta_schedule": config.beta_schedule,
+        "beta_start": config.beta_start,
+        "beta_end": config.beta_end,
+        "prediction_type": config.prediction_type,
+        "rescale_betas_zero_snr": config.rescale_zero_terminal_snr,
+    }
+
+
+def from_scheduler(scheduler) -> ObjectiveConfig:
+    """The objective a scheduler's config describes (a saved pipeline's): :func:`schedule` read back."""
+    c, default = scheduler.config, ObjectiveConfig()
+    return ObjectiveConfig(
+        prediction_type=c.get("prediction_type", default.prediction_type),
+        num_train_timesteps=c.get("num_train_timesteps", default.num_train_timesteps),
+        beta_schedule=c.get("beta_schedule", default.beta_schedule),
+        beta_start=c.get("beta_start", default.beta_start),
+        beta_end=c.get("beta_end", default.beta_end),
+        rescale_zero_terminal_snr=bool(c.get("rescale_betas_zero_snr", default.rescale_zero_terminal_snr)),
+    )
 
 
 def make_noise_scheduler(config: ObjectiveConfig) -> DDPMScheduler:
-    """The training-time DDPM schedule; sampling schedulers are built from the same config keys."""
-    return DDPMScheduler(
-        num_train_timesteps=config.num_train_timesteps,
-        beta_schedule=config.beta_schedule,
-        beta_start=config.beta_start,
-        beta_end=config.beta_end,
-        prediction_type=config.prediction_type,
-        rescale_betas_zero_snr=config.rescale_zero_terminal_snr,
-        clip_sample=False,
-    )
+    """The training-time DDPM schedule; sampling schedulers are built from the same :func:`schedule`."""
+    return DDPMScheduler(**schedule(config), clip_sample=False)
+
+
+def timestep_range(config: ObjectiveConfig) -> tuple[int, int]:
+    """The trained timesteps ``[t_min, t_max]``, both included."""
+    high = config.max_timestep if config.max_timestep is not None else config.num_train_timesteps - 1
+    return config.min_timestep, high
 
 
 def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -46,8 +75,7 @@ def sample_noise(shape: tuple[int, ...], noise_offset: float, draws: SharedDraws
 def sample_timesteps(n: int, config: ObjectiveConfig, draws: SharedDraws) -> torch.Tensor:
     """Integer timesteps in ``[t_min, t_max]``: uniform, or logit-normal (``sigmoid(N(mean, std))`` over the range,
     as Stable Diffusion 3 trains)."""
-    low = config.min_timestep
-    high = config.max_timestep if config.max_timestep is not None else config.num_train_timesteps - 1
+    low, high = timestep_range(config)
     if config.timestep_sampling == "uniform":
         return draws.randint(high - low + 1, n).long() + low
     u = torch.sigmoid(draws.randn((n,)) * config.logit_std + config.logit_mean)
@@ -97,3 +125,39 @@ def diffusion_loss(
     """Weighted MSE in fp32: returns ``(mean loss, per-sample loss)``."""
     per_sample = (model_output.float() - target_.float()).pow(2).mean(dim=tuple(range(1, target_.ndim)))
     return (per_sample * weights).mean(), per_sample.detach()
+
+
+def loss(
+    predict: Callable[..., torch.Tensor],
+    model: torch.nn.Module,
+    cond: dict[str, torch.Tensor],
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    snr_gamma: float | None,
+    input_noise: torch.Tensor | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of one batch, for the loop and validation alike: noise the latents, predict, weigh the MSE.
+
+    Args:
+        predict: the family's denoiser call, ``(model, noisy latents, timesteps, cond) -> model output``.
+        model: the denoiser.
+        cond: the conditioning of the batch (the family's encoding of its prompts).
+        scheduler: the training schedule (:func:`make_noise_scheduler`).
+        latents: clean latents ``x_0``.
+        noise: the noise the target is built from.
+        timesteps: one integer timestep per sample.
+        snr_gamma: min-SNR-gamma, or None for plain MSE.
+        input_noise: the noise put into ``x_t`` where it differs from ``noise`` (input perturbation).
+        autocast: entered around the model call and the loss (mixed precision).
+
+    Returns:
+        ``(mean loss, per-sample loss)``, as :func:`diffusion_loss`.
+    """
+    noisy = scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
+    target_ = target(scheduler, latents, noise, timesteps)
+    weights = loss_weights(scheduler, timesteps, snr_gamma)
+    with autocast():
+        return diffusion_loss(predict(model, noisy, timesteps, cond), target_, weights)

@@ -1,38 +1,43 @@
-"""Batch streams for the training loop: from an in-memory latent cache, online from an indexable source or from
-webdataset shards (decode and encode every step), a weighted mix of sources, or any iterable (the Python API).
+"""Batch streams for the training loop: the :class:`Stream` protocol, and the streams that decode and encode every step
+(online from an indexable source, from webdataset shards), a weighted mix of streams, and any iterable (the Python
+API). The latent caches' streams are :class:`sdtrain.data.memory_cache.MemoryCacheStream` and
+:class:`sdtrain.data.disk_cache.DiskCacheStream`, built on :func:`cached_batch`.
 
-Every stream yields ``(latents, encoder_hidden_states)`` per micro-batch, with latents already in the UNet's scaled
-space and sampled from the autoencoder's posterior, and caption dropout applied. Every stream is resumable:
-``state()`` returns the data position, and ``load_state`` continues with the same samples.
-
-The in-memory cache (``data.cache_latents``) encodes each image once (posterior mean and std) and each distinct
-caption once, which is what makes small-data training on a CPU fast. The sharded on-disk cache for large datasets is
-``sdtrain.data.disk_cache``.
+Every stream yields ``(latents, conditioning)`` per micro-batch, with latents already in the denoiser's scaled space
+and sampled from the autoencoder's posterior, the conditioning a dict of tensors as the model family encodes prompts
+(:class:`sdtrain.models.families.Encoders`), and caption dropout applied. Every stream is resumable: ``state()``
+returns the data position, and ``load_state`` continues with the same samples.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from sdtrain.config import DataConfig
-from sdtrain.data.decode import Skip, SkipCounter, caption_options, decode_image
-from sdtrain.data.folder import (
-    SHARED_ORDER,
-    EpochSampler,
-    make_dataloader,
-    resize_crop,
-    sampler_position,
-    training_records,
-)
+from sdtrain.data.decode import SkipCounter
+from sdtrain.data.folder import make_dataloader
 from sdtrain.data.shards import ShardDataset, ShardPosition, make_shard_loader
-from sdtrain.models.text import encode_prompts
+from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.vae import encode_moments, scale_latents
+
+
+class Stream(Protocol):
+    """A resumable source of micro-batches; what the training loop and checkpoints see of the data."""
+
+    skipped: SkipCounter  # bad inputs by reason, for the log
+
+    def next(self, draws) -> tuple[torch.Tensor, Conditioning]:
+        """The next micro-batch: scaled latents and the conditioning, drawing randomness from ``draws``."""
+
+    def state(self) -> dict[str, Any]:
+        """The data position, for a checkpoint."""
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from a position :meth:`state` returned."""
 
 
 def drop_captions(texts: list[str], probability: float, draws) -> list[str]:
@@ -48,107 +53,31 @@ def sample_posterior(mean: torch.Tensor, std: torch.Tensor, draws) -> torch.Tens
     return mean + std * draws.randn(tuple(mean.shape)).to(mean)
 
 
-@dataclass
-class MemoryCache:
-    """Posterior moments of every usable image and the embedding of every distinct caption (+ the empty prompt)."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-    captions: list[list[int]]  # per image, indices into `embeddings` of its caption options
-    embeddings: torch.Tensor  # distinct captions x tokens x hidden; the last row is the empty prompt
-    skipped: SkipCounter = field(default_factory=SkipCounter)
-
-    @property
-    def empty(self) -> int:
-        return self.embeddings.shape[0] - 1
-
-    def __len__(self) -> int:
-        return self.mean.shape[0]
-
-
-@torch.no_grad()
-def build_memory_cache(
-    config: DataConfig, vae, text_encoder, tokenizer, batch_size: int = 64, seed: int = 0
-) -> MemoryCache:
-    """Encode a folder dataset's training records once (center crop, no flip), skipping and counting bad samples."""
-    records = training_records(config, seed)
-    skipped = SkipCounter()
-    texts: dict[str, int] = {}
-    captions: list[list[int]] = []
-    means, stds, pending = [], [], []
-
-    def flush() -> None:
-        if pending:
-            mean, std = encode_moments(vae, torch.stack(pending))
-            means.append(mean.float().cpu())
-            stds.append(std.float().cpu())
-            pending.clear()
-
-    for record in tqdm(records, desc="caching latents", unit="img", leave=False):
-        try:
-            options = caption_options(record["caption"])
-            image = decode_image(record["image"], cover=(config.resolution, config.resolution))
-        except Skip as skip:
-            skipped[skip.reason] += 1
-            continue
-        pixels, _ = resize_crop(image, config.resolution, center_crop=True, flip=False)
-        pending.append(pixels)
-        captions.append([texts.setdefault(c, len(texts)) for c in options])
-        if len(pending) == batch_size:
-            flush()
-    flush()
-    if not captions:
-        raise ValueError(f"no usable samples in {config.path} (skipped: {skipped.summary()})")
-    distinct = list(texts) + [""]
-    device = text_encoder.device
-    embeddings = torch.cat(
-        [
-            encode_prompts(text_encoder, tokenizer, distinct[i : i + 256], device).float().cpu()
-            for i in range(0, len(distinct), 256)
-        ]
-    )
-    return MemoryCache(torch.cat(means), torch.cat(stds), captions, embeddings, skipped)
+def cached_batch(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    cond: Conditioning,
+    empty: Conditioning,
+    vae,
+    caption_dropout: float,
+    draws,
+) -> tuple[torch.Tensor, Conditioning]:
+    """A micro-batch from cached encodings, as both latent caches serve it: latents sampled from each image's
+    posterior (``mean``, ``std``) and scaled, and the chosen captions' conditioning (``cond``) with caption dropout
+    (each sample's replaced by the empty prompt's, ``empty``, with probability ``caption_dropout``)."""
+    latents = scale_latents(vae, sample_posterior(mean, std, draws))
+    keep = draws.rand(latents.shape[0]).to(latents.device) >= caption_dropout
+    dropped = {}
+    for k, value in cond.items():
+        mask = keep.view(-1, *[1] * (value.ndim - 1))
+        dropped[k] = torch.where(mask, value, empty[k].to(value))
+    return latents, dropped
 
 
-class CachedStream:
-    """Micro-batches drawn from a MemoryCache in EpochSampler order (disjoint per rank)."""
-
-    def __init__(
-        self,
-        cache: MemoryCache,
-        vae,
-        batch_size: int,
-        caption_dropout: float,
-        device: torch.device,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        position: tuple[int, int] = (0, 0),
-    ):
-        self.cache, self.vae, self.batch_size, self.caption_dropout = cache, vae, batch_size, caption_dropout
-        self.device = device
-        self.sampler = EpochSampler(len(cache), seed, rank, world_size, *position)
-        self.embeddings = cache.embeddings.to(device)
-        self.mean, self.std = cache.mean.to(device), cache.std.to(device)
-        self.seed = seed
-        self.skipped = cache.skipped  # counted once, while caching
-
-    def state(self) -> dict[str, Any]:
-        return {"epoch": self.sampler.epoch, "offset": self.sampler.offset, "order": SHARED_ORDER}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.sampler.epoch, self.sampler.offset = sampler_position(self.sampler, state)
-
-    def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(self.cache)
-        encoded = self.sampler.take(self.batch_size)
-        index = torch.tensor([e % n for e in encoded], device=self.device)
-        latents = scale_latents(self.vae, sample_posterior(self.mean[index], self.std[index], draws))
-        # the caption option is seeded by the sample's (epoch, index), as the folder dataset seeds its augmentation
-        text = [random.Random(self.seed * 1_000_003 + e).choice(self.cache.captions[e % n]) for e in encoded]
-        keep = draws.rand(len(text)).to(self.device) >= self.caption_dropout
-        text_index = torch.where(keep, torch.tensor(text, device=self.device), self.cache.empty)
-        return latents, self.embeddings[text_index]
+def caption_choice(seed: int, encoded: int, options: list):
+    """The caption option of the sample drawn as ``encoded`` (EpochSampler's ``epoch * n + index``): seeded by it, as
+    the folder dataset seeds its augmentation, so a resumed run and any number of processes choose alike."""
+    return random.Random(seed * 1_000_003 + encoded).choice(options)
 
 
 class _EncodingStream:
@@ -157,16 +86,14 @@ class _EncodingStream:
     def __init__(
         self,
         config: DataConfig,
-        vae,
-        text_encoder,
-        tokenizer,
+        encoders: Encoders,
         batch_size: int,
         device: torch.device,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
     ):
-        self.config, self.vae, self.text_encoder, self.tokenizer = config, vae, text_encoder, tokenizer
+        self.config, self.encoders = config, encoders
         self.batch_size, self.device, self.seed, self.rank, self.world_size = (
             batch_size,
             device,
@@ -182,7 +109,7 @@ class _EncodingStream:
         """Advance the position past ``batch`` (the loader prefetches: only consumed batches count)."""
         raise NotImplementedError
 
-    def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self, draws) -> tuple[torch.Tensor, Conditioning]:
         while True:  # a batch whose samples were all skipped is drawn again
             batch = next(self._batches)
             self._consumed(batch)
@@ -192,9 +119,8 @@ class _EncodingStream:
             if len(batch["text"]):
                 break
         return encode_batch(
-            batch["image"], batch["text"], self.vae, self.text_encoder, self.tokenizer, self.config.caption_dropout,
-            draws, self.device,
-        )  # fmt: skip
+            batch["image"], batch["text"], self.encoders, self.config.caption_dropout, draws, self.device
+        )
 
 
 class OnlineStream(_EncodingStream):
@@ -210,19 +136,12 @@ class OnlineStream(_EncodingStream):
         self._batches = iter(self.loader)
 
     def state(self) -> dict[str, Any]:
-        return {
-            "epoch": self.position[0],
-            "offset": self.position[1],
-            "order": SHARED_ORDER,
-            "skipped": dict(self.skipped),
-            "read": self.read,
-        }
+        epoch, offset = self.position
+        return {"epoch": epoch, "offset": offset, "skipped": dict(self.skipped), "read": self.read}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.skipped, self.read = SkipCounter(state.get("skipped", {})), state.get("read", 0)
         self._start((state["epoch"], state["offset"]))
-        if state.get("order") != SHARED_ORDER:  # written by an older sdtrain
-            self._start(sampler_position(self.loader.sampler, state))
 
     def _consumed(self, batch: dict[str, Any]) -> None:
         self.position = self.loader.sampler.advance(self.position, self.batch_size)
@@ -280,7 +199,7 @@ class MixedStream:
         for stream, sub in zip(self.streams, state["streams"]):
             stream.load_state(sub)
 
-    def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self, draws) -> tuple[torch.Tensor, Conditioning]:
         choice = random.Random(f"{self.seed}-mix-{self.count}").choices(range(len(self.streams)), self.weights)[0]
         self.count += 1
         return self.streams[choice].next(draws)
@@ -293,8 +212,7 @@ def regroup_states(states: list[dict[str, Any]], world: int) -> list[dict[str, A
     and meaning the same whatever their number, so every new process starts from it and the run continues with the
     samples (and, with ``SharedDraws``, the noise and timesteps) of an uninterrupted run; the mix's draw count is
     shared likewise. The skip counts go to the new main process. Raises ValueError for what has no such position:
-    webdataset shards (each process reads its own), the Python API's iterable, a disk cache's partly filled buckets,
-    states of an sdtrain from before the shared order.
+    webdataset shards (each process reads its own), the Python API's iterable, a disk cache's partly filled buckets.
     """
     if len(states) == world:
         return states
@@ -304,7 +222,7 @@ def regroup_states(states: list[dict[str, Any]], world: int) -> list[dict[str, A
             raise ValueError("the processes' mixes drew different numbers of micro-batches")
         sources = [regroup_states([s["streams"][i] for s in states], world) for i in range(len(first["streams"]))]
         return [{"count": first["count"], "streams": [source[r] for source in sources]} for r in range(world)]
-    if first.get("order") != SHARED_ORDER or "epoch" not in first:
+    if "epoch" not in first:
         kind = "webdataset shards" if "workers" in first else "this data source"
         raise ValueError(f"{kind} cannot continue on another number of processes")
     if len({(s["epoch"], s["offset"]) for s in states}) != 1:
@@ -336,27 +254,29 @@ def check_bad_share(skipped: SkipCounter, read: int, max_share: float, minimum: 
         )
 
 
-def encode_batch(images, texts, vae, text_encoder, tokenizer, caption_dropout, draws, device):
-    """Pixels in [-1, 1] and captions -> scaled posterior-sampled latents and text embeddings."""
-    mean, std = encode_moments(vae, images.to(device))
-    latents = scale_latents(vae, sample_posterior(mean.float(), std.float(), draws))
-    texts = drop_captions(texts, caption_dropout, draws)
-    return latents, encode_prompts(text_encoder, tokenizer, texts, device).float()
+def encode_batch(
+    images: torch.Tensor, texts: list[str], encoders: Encoders, caption_dropout: float, draws, device: torch.device
+) -> tuple[torch.Tensor, Conditioning]:
+    """Pixels in [-1, 1] and captions -> scaled posterior-sampled latents and the prompts' conditioning."""
+    mean, std = encode_moments(encoders.vae, images.to(device))
+    latents = scale_latents(encoders.vae, sample_posterior(mean.float(), std.float(), draws))
+    return latents, encoders.encode_text(drop_captions(texts, caption_dropout, draws))
 
 
 class IterableStream:
     """Micro-batches from any iterable of batches (the Python API's ``fit(dataloader=...)``), re-iterated when
     exhausted. A batch is a dict with ``image`` (B x 3 x H x W in [-1, 1], or a list of PIL images) and ``text``,
-    an ``(images, texts)`` tuple, or already-encoded ``{"latents": ..., "prompt_embeds": ...}``.
+    an ``(images, texts)`` tuple, or already encoded: ``{"latents": ..., "cond": {...}}`` with the family's
+    conditioning, or for Stable Diffusion ``{"latents": ..., "prompt_embeds": ...}``.
 
     With several processes each iterates the same iterable (as each would a plain DataLoader) and process ``rank``
     takes batches ``rank, rank + world_size, ...`` of it: the world trains on ``world_size`` batches a micro-batch.
     """
 
     def __init__(
-        self, batches, vae, text_encoder, tokenizer, caption_dropout: float, device: torch.device, rank=0, world_size=1
+        self, batches, encoders: Encoders, caption_dropout: float, device: torch.device, rank=0, world_size=1
     ):
-        self.batches, self.vae, self.text_encoder, self.tokenizer = batches, vae, text_encoder, tokenizer
+        self.batches, self.encoders = batches, encoders
         self.caption_dropout, self.device, self.rank, self.world_size = caption_dropout, device, rank, world_size
         self.skipped = SkipCounter()  # the caller's iterable does its own decoding
         self._iter = iter(batches)
@@ -392,19 +312,19 @@ class IterableStream:
                 mine = batch
         return mine
 
-    def next(self, draws) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self, draws) -> tuple[torch.Tensor, Conditioning]:
         batch = self._next_raw()
         if isinstance(batch, dict) and "latents" in batch:
-            # already encoded: latents in the UNet's scaled space and the text encoder's output (no caption dropout:
-            # put the empty prompt's embedding in the batch where you want it)
-            if "prompt_embeds" not in batch:
-                raise ValueError("a batch with 'latents' needs 'prompt_embeds' (the text encoder's output) too")
-            latents, embeds = batch["latents"], batch["prompt_embeds"]
-            return latents.to(self.device, non_blocking=True), embeds.to(self.device, non_blocking=True)
+            # already encoded: latents in the denoiser's scaled space and the prompts' conditioning (no caption
+            # dropout: put the empty prompt's encoding in the batch where you want it)
+            if "cond" not in batch and "prompt_embeds" not in batch:
+                raise ValueError("a batch with 'latents' needs 'cond' (or 'prompt_embeds', the text encoder's output)")
+            # prompt_embeds: the name diffusers' pipelines give Stable Diffusion's encoder_hidden_states
+            cond = batch["cond"] if "cond" in batch else {"encoder_hidden_states": batch["prompt_embeds"]}
+            to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+            return to(batch["latents"]), {k: to(v) for k, v in cond.items()}
         images, texts = normalize_batch(batch)
-        return encode_batch(
-            images, texts, self.vae, self.text_encoder, self.tokenizer, self.caption_dropout, draws, self.device
-        )
+        return encode_batch(images, texts, self.encoders, self.caption_dropout, draws, self.device)
 
 
 def batch_size_of(batch) -> int:

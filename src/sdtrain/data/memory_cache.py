@@ -1,0 +1,113 @@
+"""The in-memory latent cache (``data.cache_latents``): each image of a small dataset encoded once (posterior mean and
+std) and each distinct caption once, which is what makes small-data training on a CPU fast; and its stream. The
+sharded on-disk cache for large datasets is :mod:`sdtrain.data.disk_cache`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sdtrain.config import DataConfig
+from sdtrain.data.decode import Skip, SkipCounter, caption_options
+from sdtrain.data.folder import EpochSampler, training_records
+from sdtrain.data.streams import cached_batch, caption_choice
+from sdtrain.data.transforms import load_pixels
+from sdtrain.models.families import Conditioning, Encoders
+from sdtrain.models.vae import encode_moments
+
+
+@dataclass
+class MemoryCache:
+    """Posterior moments of every usable image and the embedding of every distinct caption (+ the empty prompt)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    captions: list[list[int]]  # per image, indices into `embeddings` of its caption options
+    embeddings: Conditioning  # each: distinct captions first; the last row is the empty prompt's
+    skipped: SkipCounter = field(default_factory=SkipCounter)
+
+    @property
+    def empty(self) -> int:
+        return next(iter(self.embeddings.values())).shape[0] - 1
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+
+@torch.no_grad()
+def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int = 64, seed: int = 0) -> MemoryCache:
+    """Encode a folder dataset's training records once (center crop, no flip), skipping and counting bad samples."""
+    records = training_records(config, seed)
+    skipped = SkipCounter()
+    texts: dict[str, int] = {}
+    captions: list[list[int]] = []
+    means, stds, pending = [], [], []
+
+    def flush() -> None:
+        if pending:
+            mean, std = encode_moments(encoders.vae, torch.stack(pending))
+            means.append(mean.float().cpu())
+            stds.append(std.float().cpu())
+            pending.clear()
+
+    for record in tqdm(records, desc="caching latents", unit="img", leave=False):
+        try:
+            options = caption_options(record["caption"])
+            pixels, _ = load_pixels(record["image"], config.resolution)
+        except Skip as skip:
+            skipped[skip.reason] += 1
+            continue
+        pending.append(pixels)
+        captions.append([texts.setdefault(c, len(texts)) for c in options])
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    if not captions:
+        raise ValueError(f"no usable samples in {config.path} (skipped: {skipped.summary()})")
+    distinct = list(texts) + [""]
+    chunks = [encoders.encode_text(distinct[i : i + 256]) for i in range(0, len(distinct), 256)]
+    embeddings = {k: torch.cat([c[k].cpu() for c in chunks]) for k in chunks[0]}
+    return MemoryCache(torch.cat(means), torch.cat(stds), captions, embeddings, skipped)
+
+
+class MemoryCacheStream:
+    """Micro-batches drawn from a MemoryCache in EpochSampler order (disjoint per rank)."""
+
+    def __init__(
+        self,
+        cache: MemoryCache,
+        vae,
+        batch_size: int,
+        caption_dropout: float,
+        device: torch.device,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        position: tuple[int, int] = (0, 0),
+    ):
+        self.cache, self.vae, self.batch_size, self.caption_dropout = cache, vae, batch_size, caption_dropout
+        self.device = device
+        self.sampler = EpochSampler(len(cache), seed, rank, world_size, *position)
+        self.embeddings = {k: v.to(device) for k, v in cache.embeddings.items()}
+        self.mean, self.std = cache.mean.to(device), cache.std.to(device)
+        self.seed = seed
+        self.skipped = cache.skipped  # counted once, while caching
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.sampler.epoch, "offset": self.sampler.offset}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.sampler.epoch, self.sampler.offset = state["epoch"], state["offset"]
+
+    def next(self, draws) -> tuple[torch.Tensor, Conditioning]:
+        n = len(self.cache)
+        encoded = self.sampler.take(self.batch_size)
+        index = torch.tensor([e % n for e in encoded], device=self.device)
+        text = torch.tensor([caption_choice(self.seed, e, self.cache.captions[e % n]) for e in encoded])
+        cond = {k: v[text.to(self.device)] for k, v in self.embeddings.items()}
+        empty = {k: v[self.cache.empty] for k, v in self.embeddings.items()}
+        return cached_batch(self.mean[index], self.std[index], cond, empty, self.vae, self.caption_dropout, draws)

@@ -1,0 +1,73 @@
+"""The one path from a record's image to a training sample: decode (:mod:`sdtrain.data.decode`, which raises
+:class:`~sdtrain.data.decode.Skip` for bad input), resize to cover the target, crop, flip, with the crop info that
+SDXL-style micro-conditioning needs. Every loader, cache, validation and evaluation set calls :func:`load_pixels`."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdtrain.data.decode import decode_image
+
+Size = tuple[int, int]  # (width, height)
+
+
+def load_pixels(
+    image: str | Path | bytes,
+    size: int | Size,
+    center_crop: bool = True,
+    flip: bool = False,
+    rng: random.Random | None = None,
+    bucket_of: Callable[[Size], Size] | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Decode ``image`` and transform it to ``size`` (a square side, or a ``(width, height)`` bucket): C x H x W in
+    [-1, 1] and the crop info. ``bucket_of`` chooses the target from the decoded image's original size instead (the
+    image is decoded to cover ``size``).
+
+    Raises:
+        Skip: the image cannot be used (the reason is the skip counter's key).
+    """
+    cover = (size, size) if isinstance(size, int) else size
+    decoded = decode_image(image, cover=cover)
+    if bucket_of is not None:
+        size = bucket_of(decoded.info.get("original_size", decoded.size))
+    return resize_crop(decoded, size, center_crop, flip, rng)
+
+
+def resize_crop(
+    image: Image.Image,
+    size: int | tuple[int, int],
+    center_crop: bool = True,
+    flip: bool = False,
+    rng: random.Random | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Resize so the image covers ``size`` (a square side, or a ``(width, height)`` bucket), crop to it, optionally
+    flip; returns C x H x W in [-1, 1] and the crop info.
+
+    The info (original size, crop offsets) is kept for SDXL-style micro-conditioning.
+    """
+    rng = rng or random.Random()
+    target_w, target_h = (size, size) if isinstance(size, int) else size
+    original = image.info.get("original_size", image.size)  # before a JPEG draft decode shrank it
+    width, height = image.size
+    scale = max(target_w / width, target_h / height)
+    new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)  # antialiased when shrinking
+    if center_crop:
+        left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
+    else:
+        left, top = rng.randint(0, new_w - target_w), rng.randint(0, new_h - target_h)
+    image = image.crop((left, top, left + target_w, top + target_h))
+    flipped = flip and rng.random() < 0.5
+    if flipped:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return tensor, {"original_size": (original[1], original[0]), "crop_top_left": (top, left), "flipped": flipped}

@@ -1,0 +1,129 @@
+"""Model families: what differs between Stable Diffusion 1.x / 2.x, SDXL, SD3, Flux and PixArt, one module each.
+
+A :class:`Family` says, declaratively, which diffusers pipeline classes it samples and exports with, which component
+trains and which adapters LoRA adds, and, as functions, how its components load, how prompts become conditioning (a
+dict of tensors: SD's ``encoder_hidden_states``; SDXL adds pooled embeddings and time ids) and how the denoiser is
+called. Everything else (data, caches, checkpoints, EMA, precision, sharding, resume, logging) is shared and never asks
+which family it runs. ``docs/families.md`` says how to add one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IN_MEMORY = "<in memory>"  # model.pretrained of a run whose components the Python API hands over
+Conditioning = dict[str, torch.Tensor]  # keyword arguments of the denoiser beside the noisy latents and timesteps
+
+
+@dataclass(frozen=True)
+class Encoders:
+    """What the data layer needs of a model's frozen parts: the autoencoder, and prompts -> conditioning.
+
+    Attributes:
+        vae: the frozen autoencoder (pixels <-> latents).
+        encode_text: ``prompts -> Conditioning`` on the text encoders' device, in fp32, batch first.
+        text_identity: what that encoding depends on, exactly (the disk cache's fingerprint holds it).
+    """
+
+    vae: Any
+    encode_text: Callable[[list[str]], Conditioning]
+    text_identity: Callable[[], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family.
+
+    Attributes:
+        name: the family's name (``sd``).
+        pipeline_classes: ``model_index.json`` class names of the folders this family loads (the first exports).
+        txt2img: the diffusers pipeline class that samples and exports it.
+        img2img: its image-to-image sibling (``reconstruct``).
+        denoiser: the name of the trained component in a pipeline folder (``unet``, ``transformer``).
+        lora_targets: the denoiser's modules LoRA adapts by default.
+        objective: the training objective's kind (``ddpm``).
+        load: ``Config -> components`` (frozen encoders and autoencoder, a built or loaded denoiser).
+        encode_prompts: ``(components, prompts, device) -> Conditioning``.
+        predict: ``(denoiser, noisy latents, timesteps, Conditioning) -> model output``.
+        pipeline_components: ``components -> the keyword arguments of txt2img / img2img`` (without the scheduler).
+        components_of: ``a loaded txt2img pipeline -> components``.
+        frozen: ``components -> {name: frozen module}`` (the autoencoder and text encoders).
+        encoders: ``components -> Encoders`` for the data layer.
+    """
+
+    name: str
+    pipeline_classes: tuple[str, ...]
+    txt2img: type
+    img2img: type
+    denoiser: str
+    lora_targets: tuple[str, ...]
+    objective: str
+    load: Callable[[Any], Any]
+    encode_prompts: Callable[[Any, list[str], torch.device | str], Conditioning]
+    predict: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
+    pipeline_components: Callable[[Any], dict[str, Any]]
+    components_of: Callable[[Any], Any]
+    frozen: Callable[[Any], dict[str, torch.nn.Module]]
+    encoders: Callable[[Any], Encoders]
+
+    def denoiser_of(self, components) -> torch.nn.Module:
+        """The trained model among ``components``."""
+        return getattr(components, self.denoiser)
+
+    def with_denoiser(self, components, model: torch.nn.Module):
+        """``components`` with ``model`` as the trained model (the others shared, not copied)."""
+        return dataclasses.replace(components, **{self.denoiser: model})
+
+
+def families() -> dict[str, Family]:
+    """Every family sdtrain trains, by name (imported here, not at package import: they import diffusers)."""
+    from sdtrain.models.families import sd
+
+    return {f.name: f for f in (sd.FAMILY,)}
+
+
+def pipeline_class_name(path: str | Path) -> str | None:
+    """``_class_name`` of a pipeline folder's (or hub id's) ``model_index.json``; None where it has none."""
+    index = Path(path, "model_index.json")
+    if not index.is_file() and not Path(path).exists():  # a hub id: the index is one small file
+        try:
+            from huggingface_hub import hf_hub_download
+
+            index = Path(hf_hub_download(str(path), "model_index.json"))
+        except Exception:  # offline, private, or not a pipeline: the caller decides
+            return None
+    if not index.is_file():
+        return None
+    return json.loads(index.read_text()).get("_class_name")
+
+
+def detect(path: str | Path | None) -> Family:
+    """The family of a pipeline folder or hub id, from its ``model_index.json`` (Stable Diffusion where it has none).
+
+    Raises:
+        ValueError: the folder is a pipeline of a family sdtrain does not train, naming the ones it does.
+    """
+    known = families()
+    name = pipeline_class_name(path) if path else None
+    if name is None:
+        return known["sd"]
+    for family in known.values():
+        if name in family.pipeline_classes:
+            return family
+    trained = ", ".join(f"{f.name} ({' / '.join(f.pipeline_classes)})" for f in known.values())
+    raise ValueError(f"{path} is a {name} folder; sdtrain trains these families: {trained}")
+
+
+def for_config(model) -> Family:
+    """The family a ``ModelConfig`` trains: ``model.family`` where set, else the family of ``model.pretrained``'s
+    folder, else Stable Diffusion."""
+    if model.family:
+        return families()[model.family]
+    return detect(model.pretrained if model.pretrained and model.pretrained != IN_MEMORY else None)

@@ -1,0 +1,27 @@
+"""``sdtrain cache``: encode a dataset once, with the run's frozen autoencoder and text encoders, into the on-disk
+latent cache (:mod:`sdtrain.data.disk_cache`) that training then reads instead of the images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdtrain.config import Config
+from sdtrain.data.disk_cache import write_cache
+from sdtrain.models.families import for_config
+from sdtrain.train.run import processes_on_cpu
+
+
+def cache_dataset(config: Config) -> Path:
+    """Encode ``config.data`` into ``data.cache_dir`` (each process of an ``accelerate launch`` its own share, no
+    collective waits)."""
+    from accelerate import PartialState
+
+    if not config.data.cache_dir:
+        raise ValueError("set data.cache_dir: where the cache is written")
+    state = PartialState(cpu=processes_on_cpu())
+    family = for_config(config.model)
+    components = family.load(config, denoiser=False)
+    for module in family.frozen(components).values():
+        module.to(state.device)
+    encoders = family.encoders(components)
+    return write_cache(config.data, encoders, config.train.seed, state.process_index, state.num_processes)

@@ -1,0 +1,64 @@
+"""Inference artifacts: a trained model as a plain diffusers pipeline folder (``final/``, ``sdtrain export`` of any
+checkpoint), with LoRA adapters beside the merged weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdtrain.config import Config, SampleConfig, load_config
+from sdtrain.models.families import Family, for_config
+from sdtrain.models.lora import LORA_FOLDER, add_lora, has_lora, merged_copy, save_lora
+from sdtrain.sample.pipeline import Pipeline
+from sdtrain.train import checkpoint
+from sdtrain.train.ema import caught_up
+from sdtrain.train.state import check_frozen, describe_frozen
+
+
+def export_pipeline(
+    family: Family, components, objective_config, out_dir: str | Path, sample: SampleConfig | None = None
+) -> Path:
+    """Save a plain diffusers pipeline folder of the family's class (no safety checker) with ``sample``'s sampler as
+    its scheduler and its step count and guidance in ``sampling.json`` (generate's defaults for the model).
+
+    A denoiser with LoRA adapters is saved twice: merged into the pipeline's denoiser (a standalone model), and as the
+    adapters alone in ``out_dir/lora/`` (``pytorch_lora_weights.safetensors`` for ``load_lora_weights`` on the base
+    model, and kohya-ss' layout).
+    """
+    model = family.denoiser_of(components)
+    if has_lora(model):
+        save_lora(model, Path(out_dir) / LORA_FOLDER, family.txt2img)
+        components = family.with_denoiser(components, merged_copy(model))
+    sample = sample or SampleConfig()
+    sampling = {"num_inference_steps": sample.num_inference_steps, "guidance_scale": sample.guidance_scale}
+    pipe = Pipeline(components, family, sample.scheduler, objective_config, sampling, device="cpu")
+    return pipe.save_pretrained(out_dir)
+
+
+def export_checkpoint(run_dir: str | Path, step: int | None = None, out_dir: str | Path | None = None) -> Path:
+    """Export a training checkpoint of a run (EMA weights if it has them) as a diffusers pipeline folder.
+
+    Args:
+        run_dir: the run's ``output_dir`` (its ``config.yaml`` says how to build the components).
+        step: which checkpoint; None: the newest valid one.
+        out_dir: where to write; default ``run_dir/export/step-XXXXXXXX``.
+    """
+    run_dir = Path(run_dir)
+    config = load_config(Config, run_dir / "config.yaml")
+    root = run_dir / "checkpoints"
+    path = checkpoint.step_dir(root, step) if step is not None else checkpoint.find_latest(root)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint in {root}")
+    tensors, _, state = checkpoint.load_checkpoint(path)
+    family = for_config(config.model)
+    config.model.unet.from_scratch = True  # the weights come from the checkpoint, not from a pretrained UNet
+    components = family.load(config)
+    check_frozen(state.get("frozen"), describe_frozen(family.frozen(components)), path)
+    model = family.denoiser_of(components)
+    if config.train.lora.rank:
+        add_lora(model, config.train.lora, family.lora_targets)
+    weights = dict(tensors[family.denoiser])
+    if "ema" in tensors:  # train.ema_every's pending steps
+        weights.update(caught_up(tensors["ema"], tensors[family.denoiser], state["ema"]))
+    model.load_state_dict(weights)
+    out = out_dir or run_dir / "export" / path.name
+    return export_pipeline(family, components, config.train.objective, out, config.sample)

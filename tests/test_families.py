@@ -1,0 +1,109 @@
+"""The family interface: detection from a folder, what every family provides, and the package's shape (no import
+cycles, no front-end imports, short functions) checked by tools/check_layout.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from sdtrain.config import Config, load_config
+from sdtrain.models.families import Encoders, detect, families, for_config
+from sdtrain.models.families.sd import FAMILY as SD
+from sdtrain.models.unet import build_unet
+from sdtrain.sample.pipeline import Pipeline
+from tests.conftest import save_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_pipeline(folder: Path, clip_dir: Path, vae_dir: Path) -> Path:
+    from sdtrain.config import UNetConfig
+
+    torch.manual_seed(0)
+    unet = build_unet(UNetConfig(block_out_channels=[16, 32], attention=[False, True], norm_num_groups=8), 4, 16, 32)
+    return save_pipeline(folder, unet, clip_dir, vae_dir)
+
+
+def test_a_family_is_detected_from_model_index(tmp_path, clip_dir, vae_dir):
+    folder = _tiny_pipeline(tmp_path / "sd", clip_dir, vae_dir)
+    assert detect(folder) is SD
+    assert for_config(load_config(Config, None, [f"model.pretrained={folder}"]).model) is SD
+    assert detect(None) is SD and detect(tmp_path / "no-index") is SD  # no model_index.json: Stable Diffusion
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "FluxPipeline"}))
+    with pytest.raises(ValueError, match="FluxPipeline folder; sdtrain trains these families: sd"):
+        detect(folder)
+
+
+def test_every_family_provides_the_interface(tmp_path, clip_dir, vae_dir):
+    """Each family's functions agree with one another on tiny components: its encoders condition its denoiser, its
+    pipeline kwargs build its diffusers pipeline, and that pipeline's components come back as its components."""
+    folder = _tiny_pipeline(tmp_path / "sd", clip_dir, vae_dir)
+    for family in families().values():
+        config = load_config(Config, None, [f"model.pretrained={folder}", "data.resolution=32"])
+        components = family.load(config)
+        encoders = family.encoders(components)
+        assert isinstance(encoders, Encoders)
+        cond = encoders.encode_text(["a red circle", ""])
+        assert all(v.shape[0] == 2 and v.dtype == torch.float32 for v in cond.values())
+        assert encoders.text_identity() == family.encoders(family.load(config)).text_identity()  # exact, repeatable
+        model = family.denoiser_of(components)
+        latents = torch.randn(2, model.config.in_channels, 16, 16)
+        out = family.predict(model, latents, torch.tensor([10, 900]), cond)
+        assert out.shape == latents.shape
+        pipe = family.txt2img(
+            **family.pipeline_components(components), scheduler=Pipeline(components, family).scheduler
+        )
+        assert family.components_of(pipe) == components
+        assert set(family.frozen(components)) | {family.denoiser} <= set(pipe.components)
+        assert family.with_denoiser(components, None) != components and family.denoiser_of(components) is model
+
+
+def test_pipeline_from_pretrained_draws_what_diffusers_draws(tmp_path, clip_dir, vae_dir):
+    """Pipeline.from_pretrained on a plain diffusers folder samples the same pixels as the family's diffusers
+    pipeline for the same seeds (the parity every family's export must show)."""
+    folder = _tiny_pipeline(tmp_path / "sd", clip_dir, vae_dir)
+    ours = Pipeline.from_pretrained(folder, device="cpu")
+    assert ours.family is SD and type(ours.scheduler).__name__ == "EulerDiscreteScheduler"
+    a = ours.generate(["a red circle", "a blue square"], num_inference_steps=3, guidance_scale=2.0, seed=5).images
+    plain = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    plain.set_progress_bar_config(disable=True)
+    for i, prompt in enumerate(["a red circle", "a blue square"]):
+        b = plain(prompt, num_inference_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(5 + i))
+        assert np.array_equal(np.asarray(a[i]), np.asarray(b.images[0]))
+
+
+def test_the_package_keeps_its_shape():
+    """No library package imports a front end, no import cycle, no function over 120 lines: the script in tools/
+    that anyone can rerun."""
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "check_layout.py")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_layout_check_finds_a_cycle_and_a_front_end_import(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import check_layout
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    package = tmp_path / "sdtrain"
+    (package / "train").mkdir(parents=True)
+    (package / "sample").mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "api.py").write_text("from sdtrain.train import loop\n")
+    (package / "train" / "loop.py").write_text("def f():\n    from sdtrain.api import StableDiffusion\n")
+    (package / "sample" / "pipeline.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import sdtrain.api\n"
+    )
+    monkeypatch.setattr(check_layout, "SRC", tmp_path)
+    edges = check_layout.graph()
+    assert edges["train"] == {"api"} and edges["sample"] == set()  # lazy imports count, type-checking ones do not
+    assert check_layout.cycles(edges) == [["api", "train", "api"]]
+    assert check_layout.main([]) == 1
