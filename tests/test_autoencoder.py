@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -475,3 +477,36 @@ def test_streamed_training_images_skip_bad_files_and_resume_exactly(tmp_path, mo
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _log(tmp_path / "a") == _log(tmp_path / "b")
     assert resumed["skipped"] == reference["skipped"]
+
+
+def test_weight_downloads_are_checked_against_their_published_hashes(tmp_path, monkeypatch):
+    """Downloads go through torch.hub with the sha256 prefix in the cached name checked: the published LPIPS file is
+    accepted and cached; other bytes at the same URL (a tampered mirror, a truncated download) are refused and
+    nothing is cached. FID's Inception file carries its hash the same way."""
+    import email.message
+    import zipfile
+
+    from sdtrain.evaluate import inception, lpips
+    from sdtrain.evaluate.weights import WeightsNotFound, hub_weights
+
+    published = zipfile.ZipFile(_lpips_wheel()).read(lpips.LIN_IN_WHEEL)
+    served = {}
+
+    class Response(io.BytesIO):
+        def info(self):
+            message = email.message.Message()
+            message["Content-Length"] = str(len(self.getvalue()))
+            return message
+
+    monkeypatch.setattr(torch.hub, "urlopen", lambda request, **kw: Response(served["bytes"]))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    served["bytes"] = published[:-10] + b"0123456789"
+    with pytest.raises(WeightsNotFound, match="not the published file"):
+        hub_weights(lpips.LIN_URL, "LPIPS' channel weights", lpips.LIN_FILE)
+    assert not any(cache.glob("*"))
+    served["bytes"] = published
+    weights = hub_weights(lpips.LIN_URL, "LPIPS' channel weights", lpips.LIN_FILE)
+    assert (cache / lpips.LIN_FILE).is_file() and all(isinstance(v, torch.Tensor) for v in weights.values())
+    for url in (inception.WEIGHTS_URL, lpips.VGG_URL):
+        assert re.search(r"-[0-9a-f]{8}\.pth$", url), url  # the name torch.hub checks the download against

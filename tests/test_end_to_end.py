@@ -96,7 +96,6 @@ def test_every_scheduler_samples(trained_clip, scheduler):
     assert image.size == (32, 32) and np.asarray(image).std() > 0
 
 
-@pytest.mark.slow  # long (make test-all)
 def test_reconstruct_distance_grows_with_strength(trained_clip, image_folder):
     _, final = trained_clip
     pipe = StableDiffusion.from_pretrained(final, device="cpu")
@@ -163,7 +162,6 @@ def test_export_of_last_checkpoint_equals_final(trained_clip, tmp_path):
     assert (exported / "model_index.json").read_text() == (final / "model_index.json").read_text()
 
 
-@pytest.mark.slow  # long (make test-all)
 def test_export_carries_the_configured_sampling(tmp_path, clip_dir, vae_dir, image_folder):
     """sample.scheduler is the exported pipeline's scheduler, with the run's noise schedule, in plain diffusers too;
     sample's steps and guidance are generate's defaults for the model, and survive save_pretrained."""
@@ -241,7 +239,6 @@ def test_t5_encoder_from_a_folder_trains(tmp_path, clip_dir, vae_dir, image_fold
     assert plain.unet.config.cross_attention_dim == 32
 
 
-@pytest.mark.slow  # long (make test-all)
 def test_bf16_autocasts_over_fp32_weights_and_fp16_on_a_cpu_says_it_trains_fp32(
     tmp_path, clip_dir, vae_dir, image_folder, caplog
 ):
@@ -382,3 +379,23 @@ def test_fp16_loss_scaler_backs_off_on_an_overflow_trains_on_and_resumes(
     b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.isfinite(v).all() for v in a.values())
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_does_not_take_trust_remote_code_from_the_runs_config(trained_clip, tmp_path, monkeypatch):
+    """A run folder from elsewhere whose config.yaml says trust_remote_code: true does not get code run by `sdtrain
+    export`; only the command line's --trust-remote-code lets it."""
+    import shutil
+
+    from sdtrain.cli import main
+    from sdtrain.models.families import sd
+
+    run, _ = trained_clip
+    copy = tmp_path / "received"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("final", "export"))
+    config = (copy / "config.yaml").read_text()
+    (copy / "config.yaml").write_text(config.replace("trust_remote_code: false", "trust_remote_code: true"))
+    asked, real = [], sd.load_text_encoder
+    monkeypatch.setattr(sd, "load_text_encoder", lambda *a: asked.append(a[-1]) or real(*a))
+    assert main(["export", "--run", str(copy), "--out", str(tmp_path / "a")]) == 0
+    assert main(["export", "--run", str(copy), "--out", str(tmp_path / "b"), "--trust-remote-code"]) == 0
+    assert asked == [False, True]

@@ -26,7 +26,9 @@ def _run(tmp_path, clip_dir, vae_dir, data, extra, name="run"):
 
 
 def _log(run):
-    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    from sdtrain.train.tracking import read_log
+
+    return read_log(run / "log.jsonl")  # a step's validation loss merged into its training record
 
 
 def test_tensorboard_loss_png_and_validation_loss(tmp_path, clip_dir, vae_dir):

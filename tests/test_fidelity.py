@@ -95,7 +95,6 @@ def test_cli_scores_a_model_against_a_folder(scored):
     assert grid.size[0] >= 4 * 32 and 2 * 32 <= grid.size[1] < 3 * 32
 
 
-@pytest.mark.slow  # long scoring runs (make test-all)
 def test_scores_are_deterministic_and_clip_score_is_its_formula(scored, inception_file, clip_model_dir):
     from sdtrain.api import StableDiffusion
 
@@ -175,7 +174,6 @@ def test_reference_pairs_read_shards_in_order(tmp_path):
     assert all(image.dtype == torch.uint8 and image.shape == (3, 48, 48) for image, _ in pairs)
 
 
-@pytest.mark.slow  # long scoring runs (make test-all)
 def test_training_scores_its_ema_model_every_n_steps(tmp_path, clip_dir, vae_dir, inception_file, clip_model_dir):
     """Steps 2 and 3 (the end) are scored; the last scores are those of the exported model (EMA weights, the sample
     settings) scored afresh by evaluate_fidelity against the same reference set."""

@@ -299,3 +299,94 @@ def test_rng_states_restore_on_another_gpu_count_or_device_kind(monkeypatch, cap
     assert "another kind of device" in caplog.text and torch.equal(draws[0], draws[1])
     randomness.set_rng_state(state, generator)  # the same kind: restored exactly
     assert torch.equal(torch.randn(4, generator=generator), torch.randn(4, generator=torch.Generator().manual_seed(0)))
+
+
+def test_a_manifest_of_the_wrong_shape_or_unlisted_files_fall_back_to_the_previous_checkpoint(tmp_path, caplog):
+    """A manifest that is valid JSON but not a manifest is a CheckpointError (not a KeyError), and so is a file the
+    manifest does not list (load_checkpoint would load it): either way the previous checkpoint is used."""
+    for damage in ("list", "no_files", "bad_entry", "unlisted", "path"):
+        root = tmp_path / damage
+        _save(root, 1)
+        newest = _save(root, 2, 2.0)
+        manifest = json.loads((newest / checkpoint.MANIFEST).read_text())
+        if damage == "list":
+            (newest / checkpoint.MANIFEST).write_text("[1, 2]")
+        elif damage == "no_files":
+            (newest / checkpoint.MANIFEST).write_text(json.dumps({"step": 2}))
+        elif damage == "bad_entry":
+            manifest["files"]["state.json"] = "abc"
+            (newest / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+        elif damage == "unlisted":
+            _save(tmp_path / "other", 2, 3.0)  # a planted weight file: sorted after unet.safetensors, it would win
+            (newest / "zz.safetensors").write_bytes(
+                (tmp_path / "other" / "step-00000002" / "unet.safetensors").read_bytes()
+            )
+        else:
+            manifest["files"]["../state.json"] = manifest["files"]["state.json"]
+            (newest / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(checkpoint.CheckpointError):
+            checkpoint.load_checkpoint(newest)
+        assert checkpoint.find_latest(root).name == "step-00000001", damage
+
+
+def test_a_second_trainer_on_the_same_run_stops_and_only_dead_writers_temp_folders_go(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    from sdtrain.cli import main
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom sdtrain.train.run import run_lock\n"
+            f"with run_lock({str(tmp_path / 'run')!r}, main_process=True):\n    print('held', flush=True)\n"
+            "    time.sleep(60)",
+        ],  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["train", "--config", "demo", f"train.output_dir={tmp_path / 'run'}"]) == 2
+        err = capsys.readouterr().err
+        assert f"is being trained by pid {holder.pid} on" in err and "Traceback" not in err
+        # a checkpoint save removes the temporary folder of a dead writer, not a live one's
+        root = tmp_path / "ckpt"
+        live, dead = root / f".tmp-step-00000003-{holder.pid}", root / ".tmp-step-00000003-999999999"
+        live.mkdir(parents=True)
+        dead.mkdir()
+        _save(root, 1)
+        assert live.exists() and not dead.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    from sdtrain.train.run import run_lock
+
+    with run_lock(tmp_path / "run", main_process=True):  # the OS released the dead holder's lock
+        assert "pid" in (tmp_path / "run" / ".lock").read_text()
+
+
+def test_a_torn_last_log_line_is_dropped_and_records_are_appended(tmp_path, caplog):
+    from sdtrain.train.run import append_record, append_to_log
+    from sdtrain.train.state import truncate_log
+    from sdtrain.train.tracking import read_log
+
+    log = tmp_path / "log.jsonl"
+    for step in (1, 2, 3):
+        append_record(log, {"step": step, "loss": 0.5})
+    before = log.read_text()
+    append_to_log(log, 3, {"val_loss": 0.25})
+    assert log.read_text().startswith(before)  # appended, not rewritten
+    assert read_log(log)[-1] == {"step": 3, "loss": 0.5, "val_loss": 0.25}  # merged into the step's record
+    with open(log, "a") as f:
+        f.write('{"step": 4, "lo')  # a kill in the middle of a write
+    assert [r["step"] for r in read_log(log)] == [1, 2, 3] and "not a log record" not in caplog.text
+    truncate_log(log, 2)
+    assert log.read_text() == before.rsplit("\n", 2)[0] + "\n"
+    append_record(log, {"step": 3, "loss": 0.4})
+    log.write_text(log.read_text() + '{"step": 4, "lo')
+    truncate_log(log, 10)  # a resume past every record still drops the torn line
+    assert [r["step"] for r in read_log(log)] == [1, 2, 3] and log.read_text().endswith("\n")

@@ -20,7 +20,7 @@ from PIL import Image
 
 from sdtrain.config import DataConfig
 from sdtrain.data.buckets import make_buckets, nearest_bucket
-from sdtrain.data.decode import Skip, decode_image, probe_size
+from sdtrain.data.decode import DataError, Skip, SkipCounter, decode_image, probe_size
 from sdtrain.data.shards import ShardDataset, ShardPosition, expand_urls, make_shard_loader, open_shard
 from sdtrain.data.sources import list_records
 
@@ -189,6 +189,8 @@ def fuzz_corpus() -> dict[str, tuple[bytes, str, bytes]]:
         "bad_utf8__caption_not_utf8": (good, "jpg", b"\xff\xfe\xfa caption"),
         "empty_caption__empty_caption": (good, "jpg", b"   "),
         "../escape__ok": (good, "jpg", b"a caption"),
+        "strip__bad_aspect": (_png(Image.new("RGB", (1, 200_000))), "png", b"a caption"),  # 1 x 200,000 px
+        "wide__bad_aspect": (_jpeg((1700, 100)), "jpg", b"a caption"),
     }
 
 
@@ -234,6 +236,87 @@ def test_fuzz_corpus_through_a_folder(tmp_path):
     assert batch["image"].shape == (len(ok), 3, 32, 32)
     reasons = sorted(n.rsplit("__", 1)[1] for n in fuzz_corpus() if not n.endswith("__ok"))
     assert sorted(batch["skipped"].elements()) == reasons
+
+
+def _cut_shards(root: Path) -> tuple[str, list[str]]:
+    """Three shards of 6; the second cut in the middle of its fourth image (an interrupted download). Returns the
+    spec and the keys that can be read: all of the first and third, the second's first three."""
+    spec = write_shards(root, shards=3, per_shard=6)
+    second = root / "00001.tar"
+    with tarfile.open(second) as tar:
+        fourth = [m for m in tar.getmembers() if m.name.startswith("000010003")][0]
+    second.write_bytes(second.read_bytes()[: fourth.offset_data + 100])
+    keys = [f"{s:05d}{i:04d}" for s in (0, 2) for i in range(6)] + [f"00001{i:04d}" for i in range(3)]
+    return spec, sorted(keys)
+
+
+def test_a_truncated_shard_keeps_its_samples_counts_one_bad_shard_and_resumes_exactly(tmp_path):
+    spec, readable = _cut_shards(tmp_path / "s")
+    config = _config(spec, shuffle_buffer=4, num_workers=1)
+    first_epoch = []
+    for batch in ShardDataset(config, 2, seed=1):  # endless: to the batch whose state is epoch 1's start
+        first_epoch.append(batch)
+        if batch["state"]["epoch"] == 1:
+            break
+    assert sorted(_keys(first_epoch)) == readable  # nothing lost before the cut, nothing after it in other shards
+    assert sum((b["skipped"] for b in first_epoch), SkipCounter()) == {"bad_shard": 1}
+
+    def stream(state=None):
+        position = ShardPosition(1, state)
+        return position, iter(make_shard_loader(ShardDataset(config, 2, 1, 0, 1, 1, position.states, 0)))
+
+    _, straight = stream()
+    reference = [next(straight) for _ in range(20)]  # two epochs and more, each with its cut
+    for cut in (2, 5, 9):
+        position, loader = stream()
+        for _ in range(cut):
+            position.consumed(next(loader))
+        _, resumed = stream(json.loads(json.dumps(position.state())))
+        rest = [next(resumed) for _ in range(20 - cut)]
+        assert _keys(rest) == _keys(reference[cut:]), f"cut at {cut}"
+        assert [dict(b["skipped"]) for b in rest] == [dict(b["skipped"]) for b in reference[cut:]]  # once each
+
+
+def test_members_over_the_cap_are_skipped_unread_and_gzip_shards_stream_under_it(tmp_path):
+    """A 255 KB gzip file named .tar whose member declares 256 MiB: the member is passed over (counted), the
+    others are read, and memory stays far below the member's size."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    import gzip
+
+    with gzip.open(shards / "00000.tar", "wb") as raw, tarfile.open(fileobj=raw, mode="w|") as tar:
+        for key, data in (("a", _jpeg((40, 40))), ("b", None), ("c", _jpeg((40, 40)))):
+            for ext, payload in (("jpg", data), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                if payload is None:  # 256 MiB of zeros: a bomb when read into memory
+                    info.size = 256 * 2**20
+                    tar.addfile(info, io.BytesIO(bytes(info.size)))
+                else:
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    assert (shards / "00000.tar").stat().st_size < 400_000
+    code = (
+        "import resource\n"
+        "from sdtrain.data.shards import iterate_shard\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"samples = list(iterate_shard({str(shards / '00000.tar')!r}, max_member_mb=32))\n"
+        "print([(s['__key__'], s.get('__skip__')) for s in samples])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    listed, grown_kb = out.stdout.strip().splitlines()[-2:]
+    assert listed == "[('a', None), ('b', 'member_too_large'), ('c', None)]", out.stderr[-2000:]
+    assert int(grown_kb) < 20_000  # the 256 MiB member was decompressed as a stream, never held
+    dataset = ShardDataset(_config(str(shards / "00000.tar"), resolution=32, max_member_mb=1.0), 8)
+    batch = next(iter(dataset))
+    assert sorted(batch["key"]) == ["a", "c"] and batch["skipped"] == {"member_too_large": 1}
+
+
+def test_a_file_that_is_not_a_tar_is_a_bad_shard(tmp_path):
+    spec = write_shards(tmp_path / "s", shards=2, per_shard=3)
+    (tmp_path / "s" / "00000.tar").write_bytes(b"<html>not found</html>")
+    batch = next(iter(ShardDataset(_config(spec), 8)))
+    assert sorted(batch["key"]) == [f"00001{i:04d}" for i in range(3)] and batch["skipped"] == {"bad_shard": 1}
 
 
 def test_modes_become_rgb_with_the_right_content():
@@ -316,6 +399,46 @@ def test_csv_jsonl_and_parquet_manifests(tmp_path):
         assert image.size == (32, 32) and image.getpixel((0, 0)) == (120, 0, 0)
     with pytest.raises(ValueError, match="data.image_column"):
         list_records(tmp_path / "m.csv", "file_name", "caption")
+
+
+def test_broken_manifest_rows_are_named_or_skipped_and_counted(tmp_path, clip_dir, vae_dir, capsys):
+    """A metadata.jsonl line that is not JSON (or not an object) stops `sdtrain train` with one line naming the file
+    and line, before any work; with data.skip_bad_rows the rows are skipped and counted (bad_row). A caption that is
+    not text is counted as such; a CSV caption over Python's 131,072-character field limit is read."""
+    from sdtrain.cli import main
+    from sdtrain.data.folder import ImageCaptionFolder, collate
+    from tests.conftest import tiny_overrides
+
+    names = _images(tmp_path / "data", n=6)
+    rows = [json.dumps({"file_name": n, "text": f"caption {n}"}) for n in names[:4]]
+    rows += ['{"file_name": "4.png", "te', "[1, 2]", json.dumps({"file_name": names[5], "text": 5})]
+    (tmp_path / "data" / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    overrides = tiny_overrides(tmp_path / "run", tmp_path / "data", vae_dir, str(clip_dir), "text_encoder")
+    assert main(["train", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'data' / 'metadata.jsonl'}:5: not valid JSON" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    data = ImageCaptionFolder(DataConfig(path=str(tmp_path / "data"), resolution=32, skip_bad_rows=True))
+    batch = collate([data[i] for i in range(len(data))])
+    assert len(batch["text"]) == 4 and batch["skipped"] == {"bad_row": 2, "caption_not_text": 1}
+
+    import csv
+
+    long_caption = "a very long caption " * 10_000  # 200,000 characters
+    with open(tmp_path / "data" / "m.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["file_name", "text"], ["0.png", long_caption], ["1.png", "short"]])
+    records = list_records(tmp_path / "data" / "m.csv")
+    assert [len(r["caption"]) for r in records] == [len(long_caption), 5]
+    huge = "x" * (2 << 20)  # over the 1 MiB field cap: a file that is not a caption list
+    (tmp_path / "data" / "n.csv").write_text(f"file_name,text\n0.png,fine\n1.png,{huge}\n2.png,ok\n")
+    with pytest.raises(DataError, match=r"n.csv:3: not a readable CSV row \(field larger than field limit"):
+        list_records(tmp_path / "data" / "n.csv")
+    kept = list_records(tmp_path / "data" / "n.csv", skip_bad_rows=True)
+    assert [r["caption"] if isinstance(r["caption"], str) else r["caption"].reason for r in kept] == [
+        "fine",
+        "bad_row",
+        "ok",
+    ]
 
 
 def _hf_dataset(tmp_path: Path, prefix: str):

@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True, help="the run's output_dir")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest valid one)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/export/step-XXXXXXXX)")
+    p.add_argument("--trust-remote-code", action="store_true", help="let the text encoder's own code run (the "
+                   "run's config.yaml is not asked)")  # fmt: skip
 
     p = add("train-vae", "Train an autoencoder (stage 1): AutoencoderKL or VQModel.")
     p.add_argument("--config", type=Path, help="YAML config")
@@ -131,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (it runs models on request: keep it local)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=None, help="where models run (default: CUDA if available)")
+    p.add_argument("--max-models", type=int, default=1, help="models kept loaded (the least recently used goes)")
+    p.add_argument("--allow-host", action="append", default=[], help="a further host name the page is reached by")
 
     p = add("demo", "The built-in default: shapes data -> autoencoder -> UNet -> generate -> reconstruct -> evaluate.")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
@@ -145,16 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("diffusers", "transformers", "accelerate", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from sdtrain.config import ConfigError
+    from sdtrain.data.decode import DataError
     from sdtrain.evaluate.fidelity import EvaluationError
     from sdtrain.models.single_file import SingleFileError
     from sdtrain.train.checkpoint import CheckpointError
+    from sdtrain.train.run import RunLocked
 
     try:
         return _run(args)
     except ConfigError as e:
         print(f"sdtrain: config error: {e}", file=sys.stderr)
         return 2
-    except (SingleFileError, EvaluationError, CheckpointError) as e:
+    except (SingleFileError, EvaluationError, CheckpointError, DataError, RunLocked) as e:
         print(f"sdtrain: {e}", file=sys.stderr)
         return 2
 
@@ -181,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from sdtrain.train.export import export_checkpoint
 
-        print(f"exported {export_checkpoint(args.run, args.step, args.out)}")
+        print(f"exported {export_checkpoint(args.run, args.step, args.out, args.trust_remote_code)}")
     elif args.command == "train-vae":
         from sdtrain.config import AutoencoderConfig, load_config
         from sdtrain.train.autoencoder import train_autoencoder
@@ -260,7 +266,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "serve":
         from sdtrain.web import serve
 
-        serve(args.runs, args.host, args.port, args.device)
+        serve(args.runs, args.host, args.port, args.device, args.max_models, tuple(args.allow_host))
     elif args.command == "demo":
         from sdtrain.demo import run_demo
 

@@ -180,6 +180,13 @@ class DataConfig:
     """Samples per shuffled block when streaming shards (memory: one block of encoded images per worker)."""
     allow_pipe: bool = False
     """Allow `pipe:` shard URLs (they run a shell command)."""
+    max_member_mb: float = 32.0
+    """Largest shard member read, by the size its tar header declares (MiB): a larger one is skipped unread and its
+    sample counted (member_too_large), so a bad or hostile shard cannot fill memory. Compressed shards (.tar.gz,
+    .tar.xz) are read, decompressed as a stream, under the same cap."""
+    skip_bad_rows: bool = False
+    """Skip and count (bad_row) manifest rows that cannot be read (not JSON, not an object, a broken CSV line)
+    instead of stopping with the file and line named."""
     max_bad_share: float = 0.5
     """Stop the run when more than this share of the samples read so far (after the first 100) were skipped."""
     weight: float = 1.0
@@ -197,6 +204,8 @@ class DataConfig:
             raise ConfigError(f"data.max_bad_share must be in (0, 1], got {self.max_bad_share}")
         if self.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer must be positive, got {self.shuffle_buffer}")
+        if self.max_member_mb <= 0:
+            raise ConfigError(f"data.max_member_mb must be positive, got {self.max_member_mb}")
         if self.buckets and (self.bucket_step <= 0 or self.resolution % self.bucket_step):
             raise ConfigError(
                 f"data.resolution={self.resolution} must be a multiple of data.bucket_step={self.bucket_step}"

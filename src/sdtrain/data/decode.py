@@ -20,11 +20,20 @@ MAX_PIXELS = 64_000_000  # refuse larger images from their header
 
 
 class Skip(Exception):
-    """An input that is skipped; ``reason`` is the counter key."""
+    """An input that is skipped; ``reason`` is the counter key.
+
+    A record may hold a ``Skip`` in place of its image and caption (a manifest row that could not be read, a shard
+    cut short): decoding it raises it, so every loader counts it under its reason when it reads the record.
+    """
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+class DataError(ValueError):
+    """Data that cannot be read at all (a manifest row that is not JSON, ...), named with its file and line; with
+    ``data.skip_bad_rows`` such rows are skipped and counted instead."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -56,6 +65,8 @@ def decode_image(
     Raises:
         Skip: with a reason among ``missing``, ``empty``, ``too_large``, ``not_an_image``, ``corrupt``.
     """
+    if isinstance(source, Skip):  # a record that was unreadable (see Skip)
+        raise source
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -97,8 +108,11 @@ def clean_caption(caption: object) -> str:
     """A usable caption string.
 
     Raises:
-        Skip: ``no_caption`` (missing), ``empty_caption`` (blank) or ``caption_not_utf8``.
+        Skip: ``no_caption`` (missing), ``caption_not_text`` (a number, a mapping, ...), ``empty_caption`` (blank) or
+            ``caption_not_utf8``; the record's own reason where it holds a ``Skip``.
     """
+    if isinstance(caption, Skip):
+        raise caption
     if isinstance(caption, (bytes, bytearray)):
         try:
             caption = bytes(caption).decode("utf-8")
@@ -107,7 +121,7 @@ def clean_caption(caption: object) -> str:
     if caption is None:
         raise Skip("no_caption")
     if not isinstance(caption, str):
-        raise Skip("no_caption", f"a {type(caption).__name__}, not text")
+        raise Skip("caption_not_text", f"a {type(caption).__name__}")
     if not caption.strip():
         raise Skip("empty_caption")
     return caption.strip()
@@ -115,6 +129,8 @@ def clean_caption(caption: object) -> str:
 
 def choose_caption(caption: object, rng) -> str:
     """One usable caption: a list's option chosen with ``rng`` (seeded per sample by the caller), then cleaned."""
+    if isinstance(caption, Skip):
+        raise caption
     if isinstance(caption, list):
         caption = rng.choice(caption) if caption else None
     return clean_caption(caption)

@@ -66,7 +66,9 @@ def _write_atomic(path: Path, write) -> None:
 def _records(config: DataConfig, seed: int, rank: int, world: int):
     """This process's share of the raw samples: ``(key, image, caption)``."""
     if is_shards(config.path):
-        for r in shard_records(config.path, config.caption_column, config.allow_pipe, rank, world):
+        for r in shard_records(
+            config.path, config.caption_column, config.allow_pipe, rank, world, config.max_member_mb
+        ):
             yield r["key"], r["image"], r["caption"]
     else:
         records = training_records(config, seed)

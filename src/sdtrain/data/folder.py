@@ -31,16 +31,16 @@ def split_records(records: list[dict], holdout: int, seed: int) -> tuple[list[di
 
 def training_records(config: DataConfig, seed: int) -> list[dict]:
     """The records training reads: the folder less its validation split."""
-    records = list_records(config.path, config.image_column, config.caption_column)
+    records = list_records(config.path, config.image_column, config.caption_column, config.skip_bad_rows)
     return split_records(records, config.validation_split, seed)[0]
 
 
 def validation_records(config: DataConfig, seed: int) -> list[dict]:
     """The held-out records: ``data.validation_path``, or the split of ``data.path``; empty when neither is set."""
     if config.validation_path:
-        return list_records(config.validation_path, config.image_column, config.caption_column)
+        return list_records(config.validation_path, config.image_column, config.caption_column, config.skip_bad_rows)
     if config.validation_split:
-        records = list_records(config.path, config.image_column, config.caption_column)
+        records = list_records(config.path, config.image_column, config.caption_column, config.skip_bad_rows)
         return split_records(records, config.validation_split, seed)[1]
     return []
 

@@ -23,8 +23,12 @@ worker whose batch was due next.
 from __future__ import annotations
 
 import json
+import logging
+import lzma
 import random
 import re
+import tarfile
+import zlib
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -36,9 +40,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from sdtrain.config import DataConfig
 from sdtrain.data.buckets import config_buckets, nearest_bucket
 from sdtrain.data.decode import Skip, SkipCounter, choose_caption, probe_size
-from sdtrain.data.transforms import load_pixels
+from sdtrain.data.transforms import check_aspect, load_pixels
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif")
+
+logger = logging.getLogger(__name__)
 
 
 def _require_webdataset() -> None:
@@ -79,16 +85,55 @@ def open_shard(url: str, allow_pipe: bool = False):
     return fsspec.open(url, "rb").open()
 
 
-def iterate_shard(url: str, allow_pipe: bool = False) -> Iterator[dict[str, Any]]:
-    """Raw samples ``{"__key__": ..., ext: bytes}`` of one shard, grouped by key (webdataset's own iterators)."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+SKIP = "__skip__"  # a raw sample that stands for something skipped: {"__key__": ..., SKIP: reason}
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as its tar iterator skips them
+_TOO_LARGE = object()  # the value of a member left unread for its size
+_BAD_SHARD = "__bad_shard__"  # the key of the member that stands for the end of a shard cut short
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 
+
+def _members(stream, url: str, max_member_bytes: int | None) -> Iterator[dict[str, Any]]:
+    """The regular members of a tar stream (compressed or not: tarfile's ``r|*``) as webdataset's grouping wants
+    them; a member whose header declares more than ``max_member_bytes`` is passed over unread. A stream that breaks
+    off (cut in the middle of a member, not a tar file at all) ends with a ``_BAD_SHARD`` member, so that the sample
+    read before the break is still grouped and yielded."""
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        for info in tar:
+            if not info.isreg() or _META.match(info.name):
+                continue
+            if max_member_bytes is not None and info.size > max_member_bytes:
+                data = _TOO_LARGE
+            else:
+                data = tar.extractfile(info).read()
+            yield {"fname": info.name, "data": data, "__url__": url}
+            tar.members = []  # a stream has no index to keep
+    except _READ_ERRORS as e:
+        logger.warning("%s is cut short or not a tar file (%s): the samples before it were read", url, e)
+        yield {"fname": f"{_BAD_SHARD}.txt", "data": str(e).encode(), "__url__": url}
+
+
+def iterate_shard(url: str, allow_pipe: bool = False, max_member_mb: float | None = 32.0) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{"__key__": ..., ext: bytes}`` of one shard, grouped by key (webdataset's grouping).
+
+    What cannot be used is a sample too, ``{"__key__": ..., SKIP: reason}``, so that every reader counts it where it
+    counts its other skips (and a resumed reader, replaying, does not count it twice): a sample with a member over
+    ``max_member_mb`` (``member_too_large``), and a shard that ends in the middle of a member or is not a tar file
+    (``bad_shard``, after the samples read before the cut).
+    """
+    from webdataset.tariterators import group_by_keys
+
+    limit = int(max_member_mb * 2**20) if max_member_mb is not None else None
     stream = open_shard(url, allow_pipe)
     try:
-        members = ({**member, "__url__": url} for member in tar_file_iterator(stream))
-        for sample in group_by_keys(members):
+        for sample in group_by_keys(_members(stream, url, limit)):
             sample.pop("__url__", None)
-            yield sample
+            if sample["__key__"] == _BAD_SHARD:
+                yield {"__key__": f"{url}#{_BAD_SHARD}", SKIP: "bad_shard"}
+            elif any(value is _TOO_LARGE for value in sample.values()):
+                yield {"__key__": sample["__key__"], SKIP: "member_too_large"}
+            else:
+                yield sample
     finally:
         stream.close()
 
@@ -168,7 +213,7 @@ class ShardDataset(IterableDataset):
     def _raw(self, epoch: int, worker: int, shard: int = 0, offset: int = 0) -> Iterator[tuple[int, int, dict]]:
         """``(shard index, sample index in shard, sample)`` from ``(shard, offset)`` to the end of the epoch."""
         for s, url in enumerate(self.shards(epoch, worker)[shard:], start=shard):
-            for i, sample in enumerate(iterate_shard(url, self.config.allow_pipe)):
+            for i, sample in enumerate(iterate_shard(url, self.config.allow_pipe, self.config.max_member_mb)):
                 if s == shard and i < offset:
                     continue
                 yield s, i, sample
@@ -195,10 +240,14 @@ class ShardDataset(IterableDataset):
 
     def _bucket(self, sample: dict) -> tuple[int, int]:
         """The sample's bucket from its image header; raises Skip for unusable samples (counted by the caller)."""
+        if SKIP in sample:
+            raise Skip(sample[SKIP], sample["__key__"])
         data = sample_image(sample)
         if data is None:
             raise Skip("no_image", f"key {sample.get('__key__')!r} has no {'/'.join(IMAGE_EXTENSIONS)}")
-        return nearest_bucket(probe_size(data), self.buckets)
+        size = probe_size(data)
+        check_aspect(size)
+        return nearest_bucket(size, self.buckets)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtrain.config import is_shards
+from sdtrain.data.decode import DataError, Skip
 
 __all__ = ["is_shards", "list_records", "shard_records"]
 
@@ -33,33 +34,52 @@ MANIFESTS = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
 
 def shard_records(
-    path: str, caption_column: str = "text", allow_pipe: bool = False, rank: int = 0, world: int = 1
+    path: str,
+    caption_column: str = "text",
+    allow_pipe: bool = False,
+    rank: int = 0,
+    world: int = 1,
+    max_member_mb: float | None = 32.0,
 ) -> Iterator[dict[str, Any]]:
     """The samples of webdataset shards as records (``{"key", "image", "caption"}``), shards as stored, process
-    ``rank`` of ``world`` taking shards ``rank::world``; decoded by the caller, as indexable records are."""
-    from sdtrain.data.shards import expand_urls, iterate_shard, sample_caption, sample_image
+    ``rank`` of ``world`` taking shards ``rank::world``; decoded by the caller, as indexable records are (a sample
+    the shard reader skipped holds its ``Skip``)."""
+    from sdtrain.data.shards import SKIP, expand_urls, iterate_shard, sample_caption, sample_image
 
     for url in expand_urls(path)[rank::world]:
-        for sample in iterate_shard(url, allow_pipe):
-            image = sample_image(sample) or b""
-            yield {"key": sample.get("__key__", ""), "image": image, "caption": sample_caption(sample, caption_column)}
+        for sample in iterate_shard(url, allow_pipe, max_member_mb):
+            key = sample.get("__key__", "")
+            if SKIP in sample:
+                skip = Skip(sample[SKIP], key)
+                yield {"key": key, "image": skip, "caption": skip}
+            else:
+                image, caption = sample_image(sample) or b"", sample_caption(sample, caption_column)
+                yield {"key": key, "image": image, "caption": caption}
 
 
-def list_records(path: str | Path, image_column: str = "file_name", caption_column: str = "text") -> Sequence[dict]:
-    """The records of a folder, manifest or Hugging Face dataset (see the module docstring)."""
+def list_records(
+    path: str | Path, image_column: str = "file_name", caption_column: str = "text", skip_bad_rows: bool = False
+) -> Sequence[dict]:
+    """The records of a folder, manifest or Hugging Face dataset (see the module docstring).
+
+    Raises:
+        DataError: a manifest row that cannot be read (not JSON, not an object, a CSV line it cannot parse), naming
+            the file and line; with ``skip_bad_rows`` the row becomes a record that is skipped and counted
+            (``bad_row``) when read.
+    """
     text = str(path)
     if text.startswith("hf:"):
         return _hf_records(text[3:], image_column, caption_column, saved=False)
     root = Path(path)
     if root.is_file():
-        return _manifest(root, image_column, caption_column)
+        return _manifest(root, image_column, caption_column, skip_bad_rows)
     if not root.is_dir():
         raise FileNotFoundError(f"data path {root} does not exist")
     if any((root / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
         return _hf_records(str(root), image_column, caption_column, saved=True)
     for name in MANIFESTS:
         if (root / name).exists():
-            return _manifest(root / name, image_column, caption_column)
+            return _manifest(root / name, image_column, caption_column, skip_bad_rows)
     records = []
     for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         caption = None
@@ -74,20 +94,47 @@ def list_records(path: str | Path, image_column: str = "file_name", caption_colu
     return records
 
 
-def _rows(manifest: Path) -> list[dict[str, Any]]:
+MAX_CSV_FIELD = 1 << 20  # characters in one CSV field (Python's csv stops at 131,072: long captions are real)
+
+
+def _bad_row(manifest: Path, line: int, why: str, skip: bool) -> Skip:
+    """The marker of an unreadable row (skipped and counted as ``bad_row`` when read), or the error that names it."""
+    if not skip:
+        raise DataError(f"{manifest}:{line}: {why} (set data.skip_bad_rows=true to skip and count such rows)")
+    return Skip("bad_row", f"{manifest}:{line}: {why}")
+
+
+def _rows(manifest: Path, skip_bad_rows: bool = False) -> list[dict[str, Any] | Skip]:
+    """The rows of a manifest as dicts; an unreadable one as :func:`_bad_row` says."""
     suffix = manifest.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{manifest}:{number}: not valid JSON ({e})") from None
+        rows: list[dict[str, Any] | Skip] = []
+        for number, line in enumerate(manifest.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                rows.append(_bad_row(manifest, number, f"not valid JSON ({e})", skip_bad_rows))
+                continue
+            ok = isinstance(row, dict)
+            rows.append(row if ok else _bad_row(manifest, number, "not a JSON object", skip_bad_rows))
         return rows
     if suffix == ".csv":
-        with open(manifest, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+        csv.field_size_limit(max(csv.field_size_limit(), MAX_CSV_FIELD))
+        with open(manifest, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.DictReader(f)
+            rows = []
+            while True:
+                line = reader.line_num + 1  # where the next row starts
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return rows
+                except csv.Error as e:  # the reader goes on after the line it could not parse
+                    rows.append(_bad_row(manifest, line, f"not a readable CSV row ({e})", skip_bad_rows))
+                    continue
+                rows.append(row)
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -97,12 +144,15 @@ def _rows(manifest: Path) -> list[dict[str, Any]]:
     raise ValueError(f"{manifest}: manifests are .jsonl, .csv or .parquet")
 
 
-def _manifest(manifest: Path, image_column: str, caption_column: str) -> list[dict]:
-    rows = _rows(manifest)
+def _manifest(manifest: Path, image_column: str, caption_column: str, skip_bad_rows: bool = False) -> list[dict]:
+    rows = _rows(manifest, skip_bad_rows)
     if not rows:
         raise ValueError(f"{manifest} lists no samples")
     records = []
     for number, row in enumerate(rows, 1):
+        if isinstance(row, Skip):
+            records.append({"image": row, "caption": row})
+            continue
         if image_column not in row:
             raise ValueError(f"{manifest}: row {number} has no {image_column!r} column (set data.image_column)")
         records.append({"image": _image_value(row[image_column], manifest.parent), "caption": row.get(caption_column)})

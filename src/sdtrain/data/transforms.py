@@ -13,9 +13,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdtrain.data.decode import decode_image
+from sdtrain.data.decode import Skip, decode_image
 
 Size = tuple[int, int]  # (width, height)
+MAX_ASPECT = 16.0  # longer side over shorter side: beyond it an image is skipped (bad_aspect), never resized
+MAX_RESIZE_PIXELS = 64_000_000  # the most pixels a resize may allocate (as decoding's header limit)
+
+
+def check_aspect(size: Size, max_aspect: float = MAX_ASPECT) -> None:
+    """Refuse an image whose sides differ by more than ``max_aspect`` (from its header or decoded size): covering a
+    square target would scale the long side without bound (a 1 x 200,000 strip covering 256 px is 256 x 51,200,000).
+
+    Raises:
+        Skip: ``bad_aspect``.
+    """
+    width, height = size
+    if min(width, height) < 1 or max(width, height) > max_aspect * min(width, height):
+        raise Skip("bad_aspect", f"{width}x{height}")
 
 
 def load_pixels(
@@ -35,6 +49,7 @@ def load_pixels(
     """
     cover = (size, size) if isinstance(size, int) else size
     decoded = decode_image(image, cover=cover)
+    check_aspect(decoded.info.get("original_size", decoded.size))
     if bucket_of is not None:
         size = bucket_of(decoded.info.get("original_size", decoded.size))
     return resize_crop(decoded, size, center_crop, flip, rng)
@@ -51,6 +66,9 @@ def resize_crop(
     flip; returns C x H x W in [-1, 1] and the crop info.
 
     The info (original size, crop offsets) is kept for SDXL-style micro-conditioning.
+
+    Raises:
+        Skip: ``bad_aspect``, where covering the target would allocate more than ``MAX_RESIZE_PIXELS``.
     """
     rng = rng or random.Random()
     target_w, target_h = (size, size) if isinstance(size, int) else size
@@ -58,6 +76,8 @@ def resize_crop(
     width, height = image.size
     scale = max(target_w / width, target_h / height)
     new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
+    if new_w * new_h > MAX_RESIZE_PIXELS:
+        raise Skip("bad_aspect", f"{width}x{height} covering {target_w}x{target_h} needs {new_w}x{new_h}")
     if (new_w, new_h) != (width, height):
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)  # antialiased when shrinking
     if center_crop:

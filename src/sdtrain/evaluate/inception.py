@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sdtrain.evaluate.weights import hub_weights
+
 WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
@@ -245,11 +247,4 @@ def _state_dict(weights: str | Path | None) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise FileNotFoundError(f"Inception weights {path} not found (torch-fidelity's file: {WEIGHTS_URL})")
         return torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        return torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", progress=False, weights_only=True)
-    except OSError as e:  # URLError is an OSError: offline, or the host unreachable
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        raise FileNotFoundError(
-            f"FID / KID need the Inception weights and they could not be downloaded ({e}). Fetch {WEIGHTS_URL} "
-            f"where you have a network and pass the file (--inception FILE), or put it in {cache}"
-        ) from None
+    return hub_weights(WEIGHTS_URL, "FID's Inception weights", hint=" (--inception FILE, train.fidelity.inception)")

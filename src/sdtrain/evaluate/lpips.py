@@ -21,9 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from sdtrain.evaluate.weights import hub_weights
+
 VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/v0.1/lpips/weights/v0.1/vgg.pth"
-LIN_FILE = "lpips-v0.1-vgg.pth"  # the name it is cached under (the upstream "vgg.pth" says too little)
+# the name it is cached under: the upstream "vgg.pth" says too little, and carries no hash for torch.hub to check
+LIN_FILE = "lpips-v0.1-vgg-a78928a0.pth"  # sha256 a78928a0af1e5f0f... of the file in the lpips 0.1.4 wheel
 LIN_IN_WHEEL = "lpips/weights/v0.1/vgg.pth"
 # VGG-16 up to relu5_3 (torchvision's ``vgg16().features[:30]``): widths, "M" a 2 x 2 max pool
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -94,13 +97,4 @@ def _load(path: str | Path | None, url: str, file_name: str | None, what: str) -
             with zipfile.ZipFile(path) as wheel:
                 return torch.load(io.BytesIO(wheel.read(LIN_IN_WHEEL)), map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        return torch.hub.load_state_dict_from_url(
-            url, map_location="cpu", progress=False, weights_only=True, file_name=file_name
-        )
-    except OSError as e:  # URLError is an OSError: offline, or the host unreachable
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        raise FileNotFoundError(
-            f"LPIPS needs {what} and they could not be downloaded ({e}). Fetch {url} where you have a network and "
-            f"pass the file, or put it in {cache}" + (f" as {file_name}" if file_name else "")
-        ) from None
+    return hub_weights(url, f"LPIPS' {what}", file_name, " (train.lpips_vgg / train.lpips_lin)")

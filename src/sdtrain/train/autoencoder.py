@@ -44,7 +44,7 @@ from sdtrain.train.optim import set_lr, warmup_times_cosine
 from sdtrain.train.preemption import Preempted, StopSignal
 from sdtrain.train.progress import Progress
 from sdtrain.train.randomness import rng_state, set_rng_state
-from sdtrain.train.run import append_record, count_skip
+from sdtrain.train.run import append_record, count_skip, run_lock
 from sdtrain.train.state import Counters, trainable, truncate_log
 
 logger = logging.getLogger(__name__)
@@ -197,8 +197,15 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
         ``measured_scaling_factor``. Also written to ``output_dir/final/metrics.json``.
 
     Raises:
+        RunLocked: another process trains in ``output_dir``.
         Preempted: SIGTERM or SIGUSR1 arrived; the step in progress was finished and checkpointed.
     """
+    with run_lock(config.train.output_dir, main_process=True):
+        return _train_autoencoder(config)
+
+
+def _train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
+    """:func:`train_autoencoder`'s stages, top to bottom."""
     tc = config.train
     # 1. Seeds, run directory, device, precision, the perceptual network (its weight files before any image is read)
     out = Path(tc.output_dir)
@@ -298,9 +305,9 @@ def _data(config: AutoencoderConfig, generator: torch.Generator):
     """``(training records, held-out images, training batches)``: the held-out images (``eval_data``, or the last
     ``train.eval_images`` records) decoded into memory, the training ones decoded once or streamed."""
     data, tc = config.data, config.train
-    records = list_records(data.path, data.image_column, data.caption_column)
+    records = list_records(data.path, data.image_column, data.caption_column, data.skip_bad_rows)
     if config.eval_data:
-        eval_records = list_records(config.eval_data, data.image_column, data.caption_column)
+        eval_records = list_records(config.eval_data, data.image_column, data.caption_column, data.skip_bad_rows)
     else:
         if len(records) <= tc.eval_images:
             raise ValueError(f"{len(records)} images leave none for training after {tc.eval_images} held out")

@@ -80,8 +80,9 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
-    for stale in root.glob(".tmp-*"):  # left by a process killed while saving (only one process writes)
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by a process killed while saving
+        if not _writer_alive(stale):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
     try:
@@ -111,6 +112,21 @@ def save_checkpoint(
     _fsync(root)
     _prune(root, keep)
     return final
+
+
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process that named ``tmp`` (``.tmp-step-XXXXXXXX-PID``) still runs on this machine (not this one:
+    its own leftovers are stale)."""
+    pid = tmp.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def save_or_keep_previous(
@@ -146,9 +162,20 @@ def verify(path: str | Path) -> None:
         raise CheckpointError(f"{path}: no {MANIFEST} (incomplete checkpoint)")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable {MANIFEST} ({e})") from None
-    for name, meta in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(meta, dict) and isinstance(meta.get("size"), int) and isinstance(meta.get("sha256"), str)
+        for meta in files.values()
+    ):
+        raise CheckpointError(f"{path}: {MANIFEST} is not a manifest (a files map of sizes and sha256 sums)")
+    unlisted = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in files)
+    if unlisted:
+        raise CheckpointError(f"{path}: {', '.join(unlisted)} not in its {MANIFEST}; a checkpoint loads what it lists")
+    for name, meta in files.items():
+        if "/" in name or name.startswith("."):
+            raise CheckpointError(f"{path}: {MANIFEST} lists {name!r}, which is not a file of the checkpoint")
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path}: {name} is missing")

@@ -34,16 +34,21 @@ def export_pipeline(
     return pipe.save_pretrained(out_dir)
 
 
-def export_checkpoint(run_dir: str | Path, step: int | None = None, out_dir: str | Path | None = None) -> Path:
+def export_checkpoint(
+    run_dir: str | Path, step: int | None = None, out_dir: str | Path | None = None, trust_remote_code: bool = False
+) -> Path:
     """Export a training checkpoint of a run (EMA weights if it has them) as a diffusers pipeline folder.
 
     Args:
         run_dir: the run's ``output_dir`` (its ``config.yaml`` says how to build the components).
         step: which checkpoint; None: the newest valid one.
         out_dir: where to write; default ``run_dir/export/step-XXXXXXXX``.
+        trust_remote_code: let a text encoder's own code run. The run's ``config.yaml`` is not asked: a folder
+            received from elsewhere must not be able to run code by exporting it.
     """
     run_dir = Path(run_dir)
     config = load_config(Config, run_dir / "config.yaml")
+    config.model.text_encoder.trust_remote_code = trust_remote_code
     root = run_dir / "checkpoints"
     path = checkpoint.step_dir(root, step) if step is not None else checkpoint.find_latest(root)
     if path is None:

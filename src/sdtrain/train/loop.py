@@ -50,6 +50,7 @@ from sdtrain.train.run import (
     make_accelerator,
     micro_batch_size,
     report,
+    run_lock,
 )
 from sdtrain.train.sharding import is_sharded
 from sdtrain.train.state import (
@@ -121,7 +122,8 @@ class _Run:
 def train(config: Config, components: Any | None = None, batches: Iterable | None = None) -> Path:
     """Train the denoiser and export ``output_dir/final`` as a diffusers pipeline folder of the model's family.
 
-    Resumes from the newest valid checkpoint in ``output_dir/checkpoints`` if there is one.
+    Resumes from the newest valid checkpoint in ``output_dir/checkpoints`` if there is one. The run folder is locked
+    for the whole run (:func:`~sdtrain.train.run.run_lock`).
 
     Args:
         config: the resolved config (written to ``output_dir/config.yaml``).
@@ -130,7 +132,17 @@ def train(config: Config, components: Any | None = None, batches: Iterable | Non
 
     Returns:
         The export folder.
+
+    Raises:
+        RunLocked: another process trains in ``output_dir``.
+        Preempted: SIGTERM or SIGUSR1 arrived; the step in progress was finished and checkpointed.
     """
+    with run_lock(config.train.output_dir):
+        return _train(config, components, batches)
+
+
+def _train(config: Config, components: Any | None, batches: Iterable | None) -> Path:
+    """:func:`train`'s stages, top to bottom."""
     tc, family, out = config.train, for_config(config.model), Path(config.train.output_dir)
     # 1. Accelerator (DDP, FSDP2 or DeepSpeed, as launched), run directory, seeds
     accelerator, generator = _start(config)

@@ -7,9 +7,13 @@ does."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
+import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,7 @@ from sdtrain.train import zero
 from sdtrain.train.progress import Progress
 from sdtrain.train.sharding import check_strategy
 from sdtrain.train.state import Counters
-from sdtrain.train.tracking import check_trackers, read_log
+from sdtrain.train.tracking import check_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -129,14 +133,47 @@ def count_skip(
 
 
 def append_to_log(log_path: Path, step: int, values: dict[str, float]) -> None:
-    """Put ``values`` (a validation loss, fidelity scores) on the log record of ``step`` if it is the last one, else
-    on a record of their own."""
-    records = read_log(log_path)
-    if records and records[-1]["step"] == step:
-        records[-1].update(values)
-    else:
-        records.append({"step": step, **values})
-    log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    """Append ``values`` (a validation loss, fidelity scores) as a record of ``step``: the file is only ever appended
+    to, and :func:`~sdtrain.train.tracking.read_log` merges them into the step's training record."""
+    append_record(log_path, {"step": step, **values})
+
+
+class RunLocked(RuntimeError):
+    """Another process is training in the same run folder."""
+
+
+@contextmanager
+def run_lock(output_dir: str | Path, main_process: bool | None = None):
+    """Hold ``output_dir/.lock`` for a whole run, so that a second trainer started on the same folder stops at once
+    (naming the holder) instead of interleaving checkpoints with the first. The operating system releases the lock
+    when its holder dies, however it dies. Only the main process (``RANK`` 0, as ``accelerate launch`` sets it)
+    takes it.
+
+    Raises:
+        RunLocked: the folder is another live process's run.
+    """
+    main_process = int(os.environ.get("RANK", "0")) == 0 if main_process is None else main_process
+    if not main_process:
+        yield
+        return
+    path = Path(output_dir) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunLocked(f"{output_dir} is being trained by {holder}: wait for it, stop it, or choose another "
+                            "output_dir") from None  # fmt: skip
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def flat_config(value: Any, prefix: str = "") -> dict[str, Any]:

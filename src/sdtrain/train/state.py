@@ -11,7 +11,6 @@ strategy.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from accelerate import Accelerator
 from sdtrain.data.streams import regroup_states
 from sdtrain.train import checkpoint, sharding, zero
 from sdtrain.train.randomness import rng_state, set_generator_state, set_rng_state
+from sdtrain.train.tracking import log_lines
 
 
 def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
@@ -223,9 +223,9 @@ def truncate_log(path: Path, step: int) -> None:
     """Drop log records past ``step`` (written before a crash, and about to be written again by the resumed run)."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
+    original = path.read_text(errors="replace")
+    kept = "".join(line for line, record in log_lines(path) if record["step"] <= step)  # a torn last line goes too
+    if kept != original:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(kept))
+        tmp.write_text(kept)
         os.replace(tmp, path)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,30 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+logger = logging.getLogger(__name__)
+
+
+def log_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` of every complete line of ``log.jsonl``. A last line cut short (a kill mid-write) is
+    dropped; a damaged line elsewhere is dropped with a warning: a log never stops a run or its resume."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    parsed = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with an integer step")
+        except ValueError as e:
+            if number < len(lines):
+                logger.warning("%s:%d is not a log record (%s): dropped", path, number, e)
+            continue
+        parsed.append((line if line.endswith("\n") else line + "\n", record))
+    return parsed
 
 
 def check_trackers(names: list[str]) -> None:
@@ -37,7 +62,15 @@ def log_images(accelerator, images: list[Image.Image], step: int, tag: str = "sa
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The log's records, one per step: records of the same step written one after the other (a step's training
+    record, then its validation loss or fidelity scores, appended as they come) are merged, later values winning."""
+    records: list[dict[str, Any]] = []
+    for _, record in log_lines(path):
+        if records and records[-1]["step"] == record["step"]:
+            records[-1] = records[-1] | record
+        else:
+            records.append(record)
+    return records
 
 
 def plot_losses(log_path: str | Path, out: str | Path, size: tuple[int, int] = (800, 450)) -> Path:
