@@ -190,3 +190,57 @@ def tiny_overrides(out: Path, data: Path, vae: Path, text: str, subfolder: str |
     if subfolder:
         overrides.append(f"model.text_encoder.subfolder={subfolder}")
     return overrides
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
+    """A tiny StableDiffusionXLPipeline folder, as diffusers' own SDXL tests build one: two tiny CLIP text encoders
+    (the second with a projection), a UNet with the text_time addition embedding, the tiny VAE, Euler."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    root = tmp_path_factory.mktemp("sdxl")
+    vocab = _byte_vocab()
+    settings = dict(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=24, projection_dim=32, bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**settings))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**settings))
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=8,
+    )  # fmt: skip
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer")
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(root)
+    return root
+
+
+def sdxl_overrides(out: Path, data: Path, pretrained: Path) -> list[str]:
+    """A tiny SDXL fine-tune on the CPU: the pipeline folder is the only model key."""
+    return [
+        f"train.output_dir={out}",
+        f"data.path={data}",
+        "data.resolution=32",
+        "data.caption_dropout=0.2",
+        f"model.pretrained={pretrained}",
+        "train.batch_size=4",
+        "train.num_steps=4",
+        "train.save_every=2",
+        "train.log_every=1",
+        "train.ema_decay=0.99",
+        "train.optim.lr=1e-3",
+        "sample.num_inference_steps=4",
+    ]

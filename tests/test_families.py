@@ -42,28 +42,34 @@ def test_a_family_is_detected_from_model_index(tmp_path, clip_dir, vae_dir):
         detect(folder)
 
 
-def test_every_family_provides_the_interface(tmp_path, clip_dir, vae_dir):
-    """Each family's functions agree with one another on tiny components: its encoders condition its denoiser, its
-    pipeline kwargs build its diffusers pipeline, and that pipeline's components come back as its components."""
-    folder = _tiny_pipeline(tmp_path / "sd", clip_dir, vae_dir)
-    for family in families().values():
-        config = load_config(Config, None, [f"model.pretrained={folder}", "data.resolution=32"])
+def test_every_family_provides_the_interface(tmp_path, clip_dir, vae_dir, sdxl_dir):
+    """Each family's functions agree with one another on tiny components saved by diffusers: its encoders condition
+    its denoiser, its pipeline kwargs build its diffusers pipelines, whose components come back as its components."""
+    folders = {"sd": _tiny_pipeline(tmp_path / "sd", clip_dir, vae_dir), "sdxl": sdxl_dir}
+    assert set(folders) == set(families())  # a new family brings its tiny folder here
+    for name, family in families().items():
+        config = load_config(Config, None, [f"model.pretrained={folders[name]}", "data.resolution=32"])
+        assert for_config(config.model) is family
         components = family.load(config)
         encoders = family.encoders(components)
         assert isinstance(encoders, Encoders)
         cond = encoders.encode_text(["a red circle", ""])
+        if encoders.encode_sizes is not None:
+            cond |= encoders.encode_sizes([(40, 30), (32, 32)], [(4, 0), (0, 0)], (32, 32))
         assert all(v.shape[0] == 2 and v.dtype == torch.float32 for v in cond.values())
         assert encoders.text_identity() == family.encoders(family.load(config)).text_identity()  # exact, repeatable
         model = family.denoiser_of(components)
         latents = torch.randn(2, model.config.in_channels, 16, 16)
         out = family.predict(model, latents, torch.tensor([10, 900]), cond)
         assert out.shape == latents.shape
-        pipe = family.txt2img(
-            **family.pipeline_components(components), scheduler=Pipeline(components, family).scheduler
-        )
-        assert family.components_of(pipe) == components
+        scheduler = Pipeline(components, family).scheduler
+        for img2img, cls in ((False, family.txt2img), (True, family.img2img)):
+            pipe = cls(**family.pipeline_components(components, img2img), scheduler=scheduler)
+            assert family.components_of(pipe) == components
         assert set(family.frozen(components)) | {family.denoiser} <= set(pipe.components)
         assert family.with_denoiser(components, None) != components and family.denoiser_of(components) is model
+        family_key = [f"model.family={name}", f"model.pretrained={folders[name]}"]
+        assert load_config(Config, None, family_key).model.family == name  # the config knows the name
 
 
 def test_pipeline_from_pretrained_draws_what_diffusers_draws(tmp_path, clip_dir, vae_dir):

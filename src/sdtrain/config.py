@@ -91,6 +91,10 @@ class UNetConfig:
     text_time_embedding: bool = False
     """Also add an attention-pooled text embedding to the timestep embedding (diffusers' addition_embed_type "text"),
     so every residual block sees the prompt, not only the cross-attention layers."""
+    transformer_layers: list[int] | None = None
+    """Transformer blocks in each level's attention (SDXL: [1, 2, 10] over its three levels); None: one each."""
+    addition_time_embed_dim: int = 256
+    """SDXL: width of the embedding of each of the six size / crop ids (256 in SDXL)."""
 
     def __post_init__(self) -> None:
         if len(self.attention) != len(self.block_out_channels):
@@ -98,6 +102,8 @@ class UNetConfig:
                 f"model.unet.attention has {len(self.attention)} entries but model.unet.block_out_channels has "
                 f"{len(self.block_out_channels)}: give one per level"
             )
+        if self.transformer_layers is not None and len(self.transformer_layers) != len(self.block_out_channels):
+            raise ConfigError("model.unet.transformer_layers needs one entry per level, as block_out_channels")
         bad = [w for w in self.block_out_channels if w % self.norm_num_groups]
         if bad:
             raise ConfigError(f"model.unet.norm_num_groups={self.norm_num_groups} does not divide widths {bad}")
@@ -107,12 +113,15 @@ class UNetConfig:
 class ModelConfig:
     """The model: its family and components."""
 
-    family: Literal["sd"] | None = None
-    """The model family (sd: Stable Diffusion 1.x / 2.x); unset: read from model.pretrained's model_index.json,
-    else sd."""
+    family: Literal["sd", "sdxl"] | None = None
+    """The model family (sd: Stable Diffusion 1.x / 2.x; sdxl: Stable Diffusion XL); unset: read from
+    model.pretrained's model_index.json, else sd."""
     pretrained: str | None = None
     """A pipeline folder or hub id (its family is detected); components without a path of their own come from it."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    text_encoder_2: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(path=""))
+    """SDXL's second text encoder (a CLIPTextModelWithProjection: OpenCLIP ViT-bigG in SDXL); path "": the
+    pipeline's own (model.pretrained's text_encoder_2)."""
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
 

@@ -42,7 +42,7 @@ from sdtrain.models.hashing import model_hash
 from sdtrain.models.vae import encode_moments
 
 PART_SIZE = 256
-LAYOUT = 2  # 2: the conditioning as a dict of tensors (``cond.<key>``); 1 held one ``embeds`` tensor
+LAYOUT = 3  # 3: crops in the metadata; 2: the conditioning as a dict of tensors (cond.<key>); 1: one embeds tensor
 
 
 def fingerprint(config: DataConfig, encoders: Encoders) -> dict[str, Any]:
@@ -88,7 +88,8 @@ def _write_part(root: Path, name: str, bucket: tuple[int, int], rows: list[dict]
     tensors |= {f"cond.{k}": torch.cat([c[k] for c in chunks]).half() for k in chunks[0]}
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
     meta = {"keys": json.dumps([r["key"] for r in rows]), "bucket": json.dumps(list(bucket)),
-            "original_size": json.dumps([r["original_size"] for r in rows])}  # fmt: skip
+            "original_size": json.dumps([r["original_size"] for r in rows]),
+            "crop_top_left": json.dumps([r["crop_top_left"] for r in rows])}  # fmt: skip
     _write_atomic(root / f"{name}.safetensors", lambda p: save_file(tensors, p, metadata=meta))
     return {"file": f"{name}.safetensors", "count": len(rows), "bucket": list(bucket)}
 
@@ -121,7 +122,7 @@ def write_cache(config: DataConfig, encoders: Encoders, seed: int = 0, rank: int
             continue
         bucket = (pixels.shape[2], pixels.shape[1])  # (width, height), as the buckets are
         pending[bucket].append({"key": key, "pixels": pixels, "captions": options,
-                                "original_size": info["original_size"]})  # fmt: skip
+                                **info})  # fmt: skip
         if len(pending[bucket]) == PART_SIZE:
             parts.append(_write_part(root, f"part-r{rank:03d}-{len(parts):05d}", bucket, pending[bucket],
                                      encoders))  # fmt: skip
@@ -174,23 +175,29 @@ class DiskCache:
     def bucket(self, i: int) -> tuple[int, int]:
         return tuple(self.parts[self.index[i][0]]["bucket"])
 
-    def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[Conditioning]]:
-        """``(mean, std, the conditioning of each caption option)`` of sample ``i``."""
+    def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[Conditioning], tuple, tuple]:
+        """``(mean, std, the conditioning of each caption option, original (height, width), crop (top, left))`` of
+        sample ``i``."""
         part, row = self.index[i]
         if part not in self._open:
-            self._open[part] = safe_open(str(self.root / self.parts[part]["file"]), "pt")
-        f = self._open[part]
+            f = safe_open(str(self.root / self.parts[part]["file"]), "pt")
+            meta = f.metadata()
+            self._open[part] = (f, json.loads(meta["original_size"]), json.loads(meta["crop_top_left"]))
+        f, originals, crops = self._open[part]
         start, stop = f.get_slice("offsets")[row : row + 2].tolist()
         cond = {k.removeprefix("cond."): f.get_slice(k)[start:stop] for k in f.keys() if k.startswith("cond.")}
         options = [{k: v[j] for k, v in cond.items()} for j in range(stop - start)]
-        return f.get_slice("mean")[row : row + 1][0], f.get_slice("std")[row : row + 1][0], options
+        mean, std = f.get_slice("mean")[row : row + 1][0], f.get_slice("std")[row : row + 1][0]
+        return mean, std, options, tuple(originals[row]), tuple(crops[row])
 
 
 class DiskCacheStream:
     """Micro-batches from a DiskCache in EpochSampler order, one bucket per batch; resumable."""
 
-    def __init__(self, cache: DiskCache, vae, batch_size, caption_dropout, device, seed=0, rank=0, world_size=1):
-        self.cache, self.vae, self.batch_size, self.caption_dropout = cache, vae, batch_size, caption_dropout
+    def __init__(
+        self, cache: DiskCache, encoders: Encoders, batch_size, caption_dropout, device, seed=0, rank=0, world_size=1
+    ):
+        self.cache, self.encoders, self.batch_size, self.caption_dropout = cache, encoders, batch_size, caption_dropout
         self.device, self.seed = device, seed
         self.sampler = EpochSampler(len(cache), seed, rank, world_size)
         self.buffers: dict[str, list[int]] = {}
@@ -214,13 +221,17 @@ class DiskCacheStream:
             if len(queue) == self.batch_size:
                 chosen, self.buffers[bucket] = queue, []
                 break
-        means, stds, texts = [], [], []
+        means, stds, texts, originals, crops = [], [], [], [], []
         for e in chosen:
-            mean, std, options = self.cache.read(e % n)
+            mean, std, options, original, crop = self.cache.read(e % n)
             means.append(mean)
             stds.append(std)
             texts.append(caption_choice(self.seed, e, options))
+            originals.append(original)
+            crops.append(crop)
         mean = torch.stack(means).to(self.device).float()
         std = torch.stack(stds).to(self.device).float()
         cond = {k: torch.stack([t[k] for t in texts]).to(self.device).float() for k in self.empty}
-        return cached_batch(mean, std, cond, self.empty, self.vae, self.caption_dropout, draws)
+        width, height = self.cache.bucket(chosen[0] % n)
+        args = (self.empty, self.encoders, self.caption_dropout, draws, (originals, crops), (height, width))
+        return cached_batch(mean, std, cond, *args)

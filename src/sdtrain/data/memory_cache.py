@@ -28,6 +28,8 @@ class MemoryCache:
     std: torch.Tensor
     captions: list[list[int]]  # per image, indices into `embeddings` of its caption options
     embeddings: Conditioning  # each: distinct captions first; the last row is the empty prompt's
+    sizes: tuple[list, list]  # per image: original (height, width) and crop (top, left), for micro-conditioning
+    target: tuple[int, int]  # the (height, width) every image was cropped to
     skipped: SkipCounter = field(default_factory=SkipCounter)
 
     @property
@@ -44,6 +46,7 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
     records = training_records(config, seed)
     skipped = SkipCounter()
     texts: dict[str, int] = {}
+    originals, crops = [], []
     captions: list[list[int]] = []
     means, stds, pending = [], [], []
 
@@ -57,12 +60,14 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
     for record in tqdm(records, desc="caching latents", unit="img", leave=False):
         try:
             options = caption_options(record["caption"])
-            pixels, _ = load_pixels(record["image"], config.resolution)
+            pixels, info = load_pixels(record["image"], config.resolution)
         except Skip as skip:
             skipped[skip.reason] += 1
             continue
         pending.append(pixels)
         captions.append([texts.setdefault(c, len(texts)) for c in options])
+        originals.append(info["original_size"])
+        crops.append(info["crop_top_left"])
         if len(pending) == batch_size:
             flush()
     flush()
@@ -71,7 +76,8 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
     distinct = list(texts) + [""]
     chunks = [encoders.encode_text(distinct[i : i + 256]) for i in range(0, len(distinct), 256)]
     embeddings = {k: torch.cat([c[k].cpu() for c in chunks]) for k in chunks[0]}
-    return MemoryCache(torch.cat(means), torch.cat(stds), captions, embeddings, skipped)
+    target = (config.resolution, config.resolution)
+    return MemoryCache(torch.cat(means), torch.cat(stds), captions, embeddings, (originals, crops), target, skipped)
 
 
 class MemoryCacheStream:
@@ -80,7 +86,7 @@ class MemoryCacheStream:
     def __init__(
         self,
         cache: MemoryCache,
-        vae,
+        encoders: Encoders,
         batch_size: int,
         caption_dropout: float,
         device: torch.device,
@@ -89,7 +95,7 @@ class MemoryCacheStream:
         world_size: int = 1,
         position: tuple[int, int] = (0, 0),
     ):
-        self.cache, self.vae, self.batch_size, self.caption_dropout = cache, vae, batch_size, caption_dropout
+        self.cache, self.encoders, self.batch_size, self.caption_dropout = cache, encoders, batch_size, caption_dropout
         self.device = device
         self.sampler = EpochSampler(len(cache), seed, rank, world_size, *position)
         self.embeddings = {k: v.to(device) for k, v in cache.embeddings.items()}
@@ -110,4 +116,7 @@ class MemoryCacheStream:
         text = torch.tensor([caption_choice(self.seed, e, self.cache.captions[e % n]) for e in encoded])
         cond = {k: v[text.to(self.device)] for k, v in self.embeddings.items()}
         empty = {k: v[self.cache.empty] for k, v in self.embeddings.items()}
-        return cached_batch(self.mean[index], self.std[index], cond, empty, self.vae, self.caption_dropout, draws)
+        originals, crops = self.cache.sizes
+        sizes = ([originals[e % n] for e in encoded], [crops[e % n] for e in encoded])
+        args = (cond, empty, self.encoders, self.caption_dropout, draws, sizes, self.cache.target)
+        return cached_batch(self.mean[index], self.std[index], *args)

@@ -53,25 +53,42 @@ def sample_posterior(mean: torch.Tensor, std: torch.Tensor, draws) -> torch.Tens
     return mean + std * draws.randn(tuple(mean.shape)).to(mean)
 
 
+def size_condition(
+    encoders: Encoders, sizes: tuple[list, list] | None, target: tuple[int, int], device
+) -> Conditioning:
+    """Each sample's geometry as the family conditions on it (SDXL's time ids; nothing for most families).
+
+    Args:
+        sizes: ``(original sizes, crop top-lefts)`` of the samples, ``(height, width)`` and ``(top, left)``.
+        target: the ``(height, width)`` every sample of the batch was cropped to.
+    """
+    if encoders.encode_sizes is None or sizes is None:
+        return {}
+    return {k: v.to(device) for k, v in encoders.encode_sizes(*sizes, target).items()}
+
+
 def cached_batch(
     mean: torch.Tensor,
     std: torch.Tensor,
     cond: Conditioning,
     empty: Conditioning,
-    vae,
+    encoders: Encoders,
     caption_dropout: float,
     draws,
+    sizes: tuple[list, list] | None = None,
+    target: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, Conditioning]:
     """A micro-batch from cached encodings, as both latent caches serve it: latents sampled from each image's
     posterior (``mean``, ``std``) and scaled, and the chosen captions' conditioning (``cond``) with caption dropout
-    (each sample's replaced by the empty prompt's, ``empty``, with probability ``caption_dropout``)."""
-    latents = scale_latents(vae, sample_posterior(mean, std, draws))
+    (each sample's replaced by the empty prompt's, ``empty``, with probability ``caption_dropout``), and the
+    samples' ``sizes`` cropped to ``target`` as the family conditions on them."""
+    latents = scale_latents(encoders.vae, sample_posterior(mean, std, draws))
     keep = draws.rand(latents.shape[0]).to(latents.device) >= caption_dropout
     dropped = {}
     for k, value in cond.items():
         mask = keep.view(-1, *[1] * (value.ndim - 1))
         dropped[k] = torch.where(mask, value, empty[k].to(value))
-    return latents, dropped
+    return latents, dropped | size_condition(encoders, sizes, target or tuple(mean.shape[-2:]), latents.device)
 
 
 def caption_choice(seed: int, encoded: int, options: list):
@@ -118,8 +135,9 @@ class _EncodingStream:
             check_bad_share(self.skipped, self.read, self.config.max_bad_share)
             if len(batch["text"]):
                 break
+        sizes = (batch["original_size"], batch["crop_top_left"])
         return encode_batch(
-            batch["image"], batch["text"], self.encoders, self.config.caption_dropout, draws, self.device
+            batch["image"], batch["text"], self.encoders, self.config.caption_dropout, draws, self.device, sizes
         )
 
 
@@ -255,12 +273,22 @@ def check_bad_share(skipped: SkipCounter, read: int, max_share: float, minimum: 
 
 
 def encode_batch(
-    images: torch.Tensor, texts: list[str], encoders: Encoders, caption_dropout: float, draws, device: torch.device
+    images: torch.Tensor,
+    texts: list[str],
+    encoders: Encoders,
+    caption_dropout: float,
+    draws,
+    device: torch.device,
+    sizes: tuple[list, list] | None = None,
 ) -> tuple[torch.Tensor, Conditioning]:
-    """Pixels in [-1, 1] and captions -> scaled posterior-sampled latents and the prompts' conditioning."""
+    """Pixels in [-1, 1] and captions -> scaled posterior-sampled latents and the conditioning: the prompts' and,
+    from ``sizes`` (original sizes and crops; default: uncropped images of their own size), the samples' geometry."""
     mean, std = encode_moments(encoders.vae, images.to(device))
     latents = scale_latents(encoders.vae, sample_posterior(mean.float(), std.float(), draws))
-    return latents, encoders.encode_text(drop_captions(texts, caption_dropout, draws))
+    cond = encoders.encode_text(drop_captions(texts, caption_dropout, draws))
+    target = tuple(images.shape[-2:])
+    sizes = sizes or ([target] * len(texts), [(0, 0)] * len(texts))
+    return latents, cond | size_condition(encoders, sizes, target, latents.device)
 
 
 class IterableStream:

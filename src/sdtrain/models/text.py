@@ -30,9 +30,12 @@ def resolve_minilm() -> str:
 
 
 def _tokenizer_location(path: str, subfolder: str | None) -> tuple[str, str | None]:
-    """Where the tokenizer lives: a pipeline keeps it in a sibling "tokenizer" folder of "text_encoder"."""
-    if subfolder and Path(subfolder).name == "text_encoder":
-        return path, str(Path(subfolder).parent / "tokenizer") if Path(subfolder).parent != Path(".") else "tokenizer"
+    """Where the tokenizer lives: a pipeline keeps it in a sibling "tokenizer" folder of "text_encoder" (and
+    "tokenizer_2" of "text_encoder_2")."""
+    name = Path(subfolder).name if subfolder else ""
+    if name.startswith("text_encoder"):
+        tokenizer = "tokenizer" + name[len("text_encoder") :]
+        return path, str(Path(subfolder).parent / tokenizer) if Path(subfolder).parent != Path(".") else tokenizer
     return path, subfolder
 
 
@@ -42,6 +45,7 @@ def load_text_encoder(
     max_length: int | None = None,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    model_class: type | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a frozen text encoder and its tokenizer from a local folder or hub id.
 
@@ -52,6 +56,8 @@ def load_text_encoder(
         max_length: tokens per prompt; sets ``tokenizer.model_max_length`` so that the export encodes the same.
         dtype: precision of the encoder.
         trust_remote_code: allow code shipped with the model to run (off unless the user asks).
+        model_class: the transformers class to load (SDXL's second encoder is a CLIPTextModelWithProjection, which
+            AutoModel would load without its projection); default: AutoModel's choice.
 
     Returns:
         ``(text_encoder, tokenizer)``, the encoder in eval mode with gradients off.
@@ -59,9 +65,12 @@ def load_text_encoder(
     if path == MINILM:
         path = resolve_minilm()
     kwargs = {"subfolder": subfolder} if subfolder else {}
-    encoder = AutoModel.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs)
+    if model_class is not None:
+        encoder = model_class.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
+    else:
+        encoder = AutoModel.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs)
     # a CLIP or T5 checkpoint loaded through AutoModel gives the full model: keep only the text tower
-    if encoder.__class__.__name__ == "CLIPModel":
+    if encoder.__class__.__name__ == "CLIPModel" and model_class is None:
         encoder = CLIPTextModel.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
     elif encoder.__class__.__name__ == "T5Model":
         from transformers import T5EncoderModel

@@ -279,7 +279,7 @@ class Pipeline:
         sampler ``scheduler`` for this call only; on this model's device unless ``device`` is False."""
         sched = with_scheduler(self.scheduler, scheduler) if scheduler else self.scheduler
         cls = self.family.img2img if img2img else self.family.txt2img
-        pipe = cls(**self.family.pipeline_components(self.components), scheduler=sched)
+        pipe = cls(**self.family.pipeline_components(self.components, img2img), scheduler=sched)
         pipe.set_progress_bar_config(disable=True)
         getattr(self.components, self.family.denoiser).eval()
         return pipe.to(self.device) if device else pipe

@@ -29,7 +29,7 @@ from sdtrain.config import Config, TrainConfig, save_config
 from sdtrain.data.disk_cache import DiskCache, DiskCacheStream
 from sdtrain.data.memory_cache import MemoryCacheStream, build_memory_cache
 from sdtrain.data.sources import is_shards
-from sdtrain.data.streams import IterableStream, MixedStream, OnlineStream, ShardStream, Stream
+from sdtrain.data.streams import IterableStream, MixedStream, OnlineStream, ShardStream, Stream, size_condition
 from sdtrain.models.families import Encoders, Family, for_config
 from sdtrain.models.lora import add_lora
 from sdtrain.models.vae import downsample_factor
@@ -386,12 +386,12 @@ def _make_stream(
         return IterableStream(batches, encoders, data.caption_dropout, device, rank, world)
     if data.cache_dir:
         disk = DiskCache(data, encoders)
-        return DiskCacheStream(disk, encoders.vae, micro_batch, data.caption_dropout, device, seed, rank, world)
+        return DiskCacheStream(disk, encoders, micro_batch, data.caption_dropout, device, seed, rank, world)
     if data.cache_latents:
         cache = build_memory_cache(data, encoders, seed=seed)
         if cache.skipped:
             logger.warning("skipped while caching: %s", cache.skipped.summary())
-        return MemoryCacheStream(cache, encoders.vae, micro_batch, data.caption_dropout, device, seed, rank, world)
+        return MemoryCacheStream(cache, encoders, micro_batch, data.caption_dropout, device, seed, rank, world)
     sources = [data] + [
         dataclasses.replace(data, path=m.path, image_column=m.image_column, caption_column=m.caption_column, mix=[])
         for m in data.mix
@@ -413,7 +413,9 @@ def _preflight(
     tc, model = config.train, family.denoiser_of(components)
     size = config.data.resolution // downsample_factor(encoders.vae)
     latent_shape = (encoders.vae.config.latent_channels, size, size)
-    profile = profile_denoiser(model, family.predict, latent_shape, encoders.encode_text([""]), accelerator.device)
+    side = config.data.resolution
+    cond = encoders.encode_text([""]) | size_condition(encoders, ([(side, side)], [(0, 0)]), (side, side), "cpu")
+    profile = profile_denoiser(model, family.predict, latent_shape, cond, accelerator.device)
     processes, stage = accelerator.num_processes, zero.stage(accelerator)
     shards = processes if is_sharded(accelerator) else 1
     frozen = list(family.frozen(components).values())

@@ -17,6 +17,7 @@ from sdtrain import objective
 from sdtrain.config import DataConfig, ObjectiveConfig
 from sdtrain.data.decode import Skip, clean_caption
 from sdtrain.data.folder import validation_records
+from sdtrain.data.streams import size_condition
 from sdtrain.data.transforms import load_pixels
 from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.vae import encode_moments, scale_latents
@@ -43,21 +44,25 @@ def build_validation_set(
 ) -> ValidationSet | None:
     """Encode the held-out images; None when the config holds none out."""
     records = validation_records(data, seed)
-    pixels, captions = [], []
+    pixels, captions, originals, crops = [], [], [], []
     for record in records:
         try:
             caption = record["caption"][0] if isinstance(record["caption"], list) else record["caption"]
             caption = clean_caption(caption)
-            pixels.append(load_pixels(record["image"], data.resolution)[0])
+            image, info = load_pixels(record["image"], data.resolution)
         except Skip:
             continue
+        pixels.append(image)
         captions.append(caption)
+        originals.append(info["original_size"])
+        crops.append(info["crop_top_left"])
     if not pixels:
         return None
     vae = encoders.vae
     means = [encode_moments(vae, torch.stack(pixels[i : i + 32]))[0] for i in range(0, len(pixels), 32)]
     latents = scale_latents(vae, torch.cat(means).float())
-    embeddings = encoders.encode_text(captions)
+    target = (data.resolution, data.resolution)
+    embeddings = encoders.encode_text(captions) | size_condition(encoders, (originals, crops), target, latents.device)
     low, high = objective.timestep_range(config)
     # stratified: image i at timesteps spread over the range, offset per image so the images cover it between them
     n, k = latents.shape[0], TIMESTEPS_PER_IMAGE

@@ -30,11 +30,15 @@ class Encoders:
         vae: the frozen autoencoder (pixels <-> latents).
         encode_text: ``prompts -> Conditioning`` on the text encoders' device, in fp32, batch first.
         text_identity: what that encoding depends on, exactly (the disk cache's fingerprint holds it).
+        encode_sizes: where the family conditions on each sample's geometry (SDXL's time ids),
+            ``(original sizes, crop top-lefts, target size) -> Conditioning``, sizes ``(height, width)``,
+            crops ``(top, left)``, one per sample; None where it does not.
     """
 
     vae: Any
     encode_text: Callable[[list[str]], Conditioning]
     text_identity: Callable[[], dict[str, Any]]
+    encode_sizes: Callable[[list, list, tuple[int, int]], Conditioning] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,8 @@ class Family:
         load: ``Config -> components`` (frozen encoders and autoencoder, a built or loaded denoiser).
         encode_prompts: ``(components, prompts, device) -> Conditioning``.
         predict: ``(denoiser, noisy latents, timesteps, Conditioning) -> model output``.
-        pipeline_components: ``components -> the keyword arguments of txt2img / img2img`` (without the scheduler).
+        pipeline_components: ``(components, img2img) -> the keyword arguments of txt2img, or of img2img`` (without
+            the scheduler).
         components_of: ``a loaded txt2img pipeline -> components``.
         frozen: ``components -> {name: frozen module}`` (the autoencoder and text encoders).
         encoders: ``components -> Encoders`` for the data layer.
@@ -68,7 +73,7 @@ class Family:
     load: Callable[[Any], Any]
     encode_prompts: Callable[[Any, list[str], torch.device | str], Conditioning]
     predict: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
-    pipeline_components: Callable[[Any], dict[str, Any]]
+    pipeline_components: Callable[..., dict[str, Any]]
     components_of: Callable[[Any], Any]
     frozen: Callable[[Any], dict[str, torch.nn.Module]]
     encoders: Callable[[Any], Encoders]
@@ -84,9 +89,9 @@ class Family:
 
 def families() -> dict[str, Family]:
     """Every family sdtrain trains, by name (imported here, not at package import: they import diffusers)."""
-    from sdtrain.models.families import sd
+    from sdtrain.models.families import sd, sdxl
 
-    return {f.name: f for f in (sd.FAMILY,)}
+    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY)}
 
 
 def pipeline_class_name(path: str | Path) -> str | None:

@@ -72,9 +72,9 @@ def predict(unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
     return unet(noisy, timesteps, **cond).sample
 
 
-def pipeline_components(components: Components) -> dict[str, Any]:
-    """The keyword arguments of ``StableDiffusionPipeline`` (no safety checker: a trainer's samples are checked by
-    whoever trains)."""
+def pipeline_components(components: Components, img2img: bool = False) -> dict[str, Any]:
+    """The keyword arguments of ``StableDiffusionPipeline`` and its img2img sibling alike (no safety checker: a
+    trainer's samples are checked by whoever trains)."""
     return {
         "vae": components.vae,
         "text_encoder": components.text_encoder,
