@@ -195,7 +195,7 @@ def tiny_overrides(out: Path, data: Path, vae: Path, text: str, subfolder: str |
 @pytest.fixture(scope="session")
 def sdxl_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
     """A tiny StableDiffusionXLPipeline folder, as diffusers' own SDXL tests build one: two tiny CLIP text encoders
-    (the second with a projection), a UNet with the text_time addition embedding, the tiny VAE, Euler."""
+    (the second wider and with a projection), a UNet with the text_time addition embedding, the tiny VAE, Euler."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -208,13 +208,16 @@ def sdxl_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
     )  # fmt: skip
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(**settings))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**settings))
+    # the second is wider, with OpenCLIP's gelu, as ViT-bigG is beside ViT-L (single-file readers tell them apart so)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**(settings | {"hidden_size": 48, "hidden_act": "gelu"}))
+    )
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=8,
+        cross_attention_dim=80, norm_num_groups=8,
     )  # fmt: skip
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer")
     scheduler = EulerDiscreteScheduler(

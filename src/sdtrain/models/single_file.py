@@ -1,4 +1,5 @@
-"""Single-file Stable Diffusion checkpoints: the original LDM layout that A1111, ComfyUI and most model sites use.
+"""Single-file Stable Diffusion checkpoints: the original LDM layout that A1111, ComfyUI and most model sites use,
+for Stable Diffusion 1.x / 2.x and for SDXL (Stability's generative-models layout, ``sdxl_tensors``).
 
 ``save_single_file`` writes a diffusers pipeline folder (our exports) as one ``.safetensors`` file with the LDM key
 names: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE), and the text encoder as SD 1.x files hold
@@ -9,9 +10,15 @@ only). Our direction is the inverse of diffusers' ``convert_ldm_*_checkpoint`` /
 the tests check that diffusers maps every exported tensor back to the one it came from. Beside the file goes the
 original LDM config (``MODEL.yaml``: architecture, scaling factor, betas, parameterization), which A1111 reads.
 
+An SDXL file holds the UNet and the VAE under the same names (the UNet's ``text_time`` embedding as ``label_emb``),
+``conditioner.embedders.0.transformer.*`` (CLIP ViT-L in transformers' names) and ``conditioner.embedders.1.model.*``
+(OpenCLIP ViT-bigG in open_clip's names, q / k / v fused, ``text_projection`` as open_clip holds it); no config goes
+beside it (A1111 and ComfyUI recognise SDXL by its keys).
+
 What the LDM layout cannot hold is refused rather than dropped: UNet blocks other than SD's (cross-attention / plain
 down and up blocks, a cross-attention mid block), extra embeddings (sdtrain's ``text_time_embedding``, class
-embeddings), per-level ``layers_per_block``, VQ autoencoders, and text encoders other than CLIP.
+embeddings; SDXL's ``text_time`` has its place), per-level ``layers_per_block``, VQ autoencoders, and text encoders
+other than CLIP.
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."  # SD 1.x: OpenAI's CLIP ViT-L/14, in transformers' names
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14, in open_clip's names
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."  # SDXL: CLIP ViT-L/14, in transformers' names
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL: OpenCLIP ViT-bigG/14, in open_clip's names
 SD_SCALING_FACTOR = 0.18215  # what SD 1.x single-file loaders assume when no config says otherwise
+SDXL_SCALING_FACTOR = 0.13025  # and SDXL's
 
 _UNET_FIXED = {
     "time_embedding.linear_1": "time_embed.0",
@@ -103,13 +113,18 @@ def unet_ldm_names(config: dict[str, Any]) -> dict[str, str]:
     if unsupported:
         raise SingleFileError(f"UNet blocks {unsupported} have no single-file (LDM) layout")
     for key in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_embedding_type"):
-        if config.get(key) not in (None, "positional"):
+        if config.get(key) not in (None, "positional") and (key, config.get(key)) != (
+            "addition_embed_type",
+            "text_time",
+        ):
             raise SingleFileError(f"UNet {key}={config[key]!r} has no single-file (LDM) layout")
     per_level = config["layers_per_block"]
     if not isinstance(per_level, int):
         raise SingleFileError("per-level layers_per_block has no single-file (LDM) layout")
     levels = len(config["down_block_types"])
     names = dict(_UNET_FIXED)
+    if config.get("addition_embed_type") == "text_time":  # SDXL's pooled text + size ids
+        names |= {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     for level, kind in enumerate(config["down_block_types"]):
         for layer in range(per_level):
             slot = 1 + level * (per_level + 1) + layer
@@ -173,14 +188,14 @@ def vae_to_ldm(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> d
     return out
 
 
-def text_encoder_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A CLIPTextModel state dict under SD 1.x single-file names (``cond_stage_model.transformer.text_model.*``);
-    transformers >= 5.6 drops the ``text_model.`` level from its own names."""
+def text_encoder_to_ldm(state_dict: dict[str, torch.Tensor], prefix: str = TEXT_PREFIX) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel state dict under SD 1.x single-file names (``cond_stage_model.transformer.text_model.*``, or
+    SDXL's first encoder under ``prefix``); transformers >= 5.6 drops the ``text_model.`` level from its own names."""
     out = {}
     for key, value in state_dict.items():
         if key.endswith("position_ids"):
             continue
-        out[TEXT_PREFIX + (key if key.startswith("text_model.") else "text_model." + key)] = value
+        out[prefix + (key if key.startswith("text_model.") else "text_model." + key)] = value
     return out
 
 
@@ -190,14 +205,20 @@ def is_open_clip(config: Any) -> bool:
     return getattr(config, "hidden_act", None) == "gelu"
 
 
-def open_clip_text_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A CLIPTextModel converted from OpenCLIP (SD 2.x) under open_clip's names (``cond_stage_model.model.*``), the
-    attention's q, k, v fused into ``in_proj``; the inverse of diffusers' ``convert_open_clip_checkpoint``.
+def open_clip_text_to_ldm(
+    state_dict: dict[str, torch.Tensor], prefix: str = OPEN_CLIP_PREFIX
+) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel converted from OpenCLIP (SD 2.x; SDXL's second encoder under ``prefix``, a
+    CLIPTextModelWithProjection) under open_clip's names, the attention's q, k, v fused into ``in_proj``, the
+    projection as open_clip's ``text_projection`` matrix (the transpose of the linear layer's weight); the inverse
+    of diffusers' ``convert_open_clip_checkpoint``.
 
     SD 2.x reads the penultimate layer, so diffusers' text encoder holds one layer fewer than the original file (23
     of 24) and no ``text_projection``: A1111 and ComfyUI load such files (the missing last layer is never used)."""
     weights = {k.removeprefix("text_model."): v for k, v in state_dict.items() if not k.endswith("position_ids")}
     out = {theirs: weights.pop(ours) for ours, theirs in _OPEN_CLIP_FIXED.items()}
+    if "text_projection.weight" in weights:
+        out["text_projection"] = weights.pop("text_projection.weight").T.contiguous()
     layers = sorted({int(k.split(".")[2]) for k in weights if k.startswith("encoder.layers.")})
     for i in layers:
         ours, theirs = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
@@ -208,7 +229,7 @@ def open_clip_text_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
                 out[f"{theirs}{ldm}.{kind}"] = weights.pop(f"{ours}{name}.{kind}")
     if weights:
         raise SingleFileError(f"no OpenCLIP name for the text encoder's weights {sorted(weights)[:3]}")
-    return {OPEN_CLIP_PREFIX + k: v for k, v in out.items()}
+    return {prefix + k: v for k, v in out.items()}
 
 
 _LDM_BETA_SCHEDULES = {"scaled_linear": "linear", "linear": "sqrt_linear", "squaredcos_cap_v2": "cosine"}
@@ -304,27 +325,23 @@ def ldm_config(unet: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, A
     return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
 
 
-def save_single_file(model: str | Path, out_file: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write the pipeline folder ``model`` as one single-file checkpoint (``.safetensors``), and beside it the LDM
-    config (``.yaml``, see :func:`ldm_config`).
-
-    Args:
-        model: a diffusers StableDiffusionPipeline folder (an sdtrain export).
-        out_file: the ``.safetensors`` file to write.
-        dtype: cast floating-point weights (``torch.float16`` halves the file); None keeps them as saved.
-    """
+def _unet_and_vae(model: Path) -> tuple[Any, Any]:
+    """A pipeline folder's UNet and AutoencoderKL (a VQModel has no single-file layout)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import save_file
-    from transformers import CLIPTextModel
 
-    model, out_file = Path(model), Path(out_file)
-    if out_file.suffix != ".safetensors":
-        raise SingleFileError(f"{out_file}: single files are written as .safetensors")
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     vae_config = AutoencoderKL.load_config(model, subfolder="vae")
     if vae_config.get("_class_name") != "AutoencoderKL":
         raise SingleFileError(f"the single-file layout holds an AutoencoderKL, not a {vae_config.get('_class_name')}")
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    return unet, AutoencoderKL.from_pretrained(model, subfolder="vae")
+
+
+def sd_tensors(model: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """A Stable Diffusion 1.x / 2.x pipeline folder's weights under single-file names, and its LDM config (None
+    where the config cannot say what the model is; the weights still go into the file)."""
+    from transformers import CLIPTextModel
+
+    unet, vae = _unet_and_vae(model)
     kind = _text_encoder_class(model)
     if kind != "CLIPTextModel":
         raise SingleFileError(f"the single-file layout holds a CLIPTextModel, this model's encoder is a {kind}")
@@ -335,20 +352,63 @@ def save_single_file(model: str | Path, out_file: str | Path, dtype: torch.dtype
         **vae_to_ldm(vae.state_dict(), dict(vae.config)),
         **text_to_ldm(text_encoder.state_dict()),
     }
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
     try:
         config = ldm_config(dict(unet.config), dict(vae.config), scheduler, is_open_clip(text_encoder.config))
     except SingleFileError as e:  # the weights still go into the file; A1111 then assumes SD's config
         logger.warning("no .yaml beside the file: %s", e)
         config = None
-    if abs(vae.config.scaling_factor - SD_SCALING_FACTOR) > 1e-6:
+    return tensors, config
+
+
+def sdxl_tensors(model: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """An SDXL pipeline folder's weights under generative-models' single-file names (no config: SDXL is
+    recognised by its keys)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet, vae = _unet_and_vae(model)
+    first = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    second = CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2")
+    tensors = {
+        **unet_to_ldm(unet.state_dict(), dict(unet.config)),
+        **vae_to_ldm(vae.state_dict(), dict(vae.config)),
+        **text_encoder_to_ldm(first.state_dict(), SDXL_TEXT_PREFIX),
+        **open_clip_text_to_ldm(second.state_dict(), SDXL_OPEN_CLIP_PREFIX),
+    }
+    return tensors, None
+
+
+def save_single_file(model: str | Path, out_file: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the pipeline folder ``model`` as one single-file checkpoint (``.safetensors``) in its family's layout,
+    and beside it, for Stable Diffusion 1.x / 2.x, the LDM config (``.yaml``, see :func:`ldm_config`).
+
+    Args:
+        model: a diffusers pipeline folder (an sdtrain export) of a family that has a single-file layout.
+        out_file: the ``.safetensors`` file to write.
+        dtype: cast floating-point weights (``torch.float16`` halves the file); None keeps them as saved.
+    """
+    from safetensors.torch import save_file
+
+    from sdtrain.models.families import detect
+
+    model, out_file = Path(model), Path(out_file)
+    if out_file.suffix != ".safetensors":
+        raise SingleFileError(f"{out_file}: single files are written as .safetensors")
+    family = detect(model)
+    if family.single_file is None:
+        raise SingleFileError(f"{model} is a {family.name} model, which has no single-file layout here")
+    tensors, config = family.single_file(model)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    vae = json.loads((model / "vae" / "config.json").read_text())
+    expected = SD_SCALING_FACTOR if family.name == "sd" else SDXL_SCALING_FACTOR
+    if abs(vae.get("scaling_factor", expected) - expected) > 1e-6:
         logger.warning(
-            "the VAE's scaling factor is %.5f, SD's is %.5f: A1111 reads it from the .yaml beside the file; loaders "
-            "that ignore it (ComfyUI's default checkpoint loader) will decode wrongly",
-            vae.config.scaling_factor,
-            SD_SCALING_FACTOR,
+            "the VAE's scaling factor is %.5f, the family's is %.5f: A1111 reads it from a .yaml beside the file; "
+            "loaders that ignore it (ComfyUI's default checkpoint loader) will decode wrongly",
+            vae.get("scaling_factor"),
+            expected,
         )
     if scheduler.get("rescale_betas_zero_snr"):
         logger.warning(
@@ -370,7 +430,8 @@ def _text_encoder_class(model: Path) -> str:
 
 
 def load_single_file(file: str | Path, config: str | Path, local_files_only: bool | None = None):
-    """Load a single-file checkpoint as a diffusers StableDiffusionPipeline.
+    """Load a single-file checkpoint as a diffusers pipeline of the family ``config`` is (StableDiffusionPipeline,
+    StableDiffusionXLPipeline).
 
     Args:
         file: the ``.safetensors`` / ``.ckpt`` file.
@@ -378,13 +439,13 @@ def load_single_file(file: str | Path, config: str | Path, local_files_only: boo
             ``stable-diffusion-v1-5/stable-diffusion-v1-5``; for an sdtrain export, the exported folder).
         local_files_only: never reach the hub (default: True when ``config`` is a local folder).
     """
-    from diffusers import StableDiffusionPipeline
+    from sdtrain.models.families import detect
 
     if local_files_only is None:
         local_files_only = Path(config).is_dir()
-    return StableDiffusionPipeline.from_single_file(
-        str(file), config=str(config), local_files_only=local_files_only, safety_checker=None
-    )
+    family = detect(config)
+    extra = {"safety_checker": None} if family.name == "sd" else {}
+    return family.txt2img.from_single_file(str(file), config=str(config), local_files_only=local_files_only, **extra)
 
 
 def convert(source: str | Path, out: str | Path, config: str | Path | None = None, half: bool = False) -> Path:

@@ -61,6 +61,8 @@ class Family:
         components_of: ``a loaded txt2img pipeline -> components``.
         frozen: ``components -> {name: frozen module}`` (the autoencoder and text encoders).
         encoders: ``components -> Encoders`` for the data layer.
+        single_file: ``pipeline folder -> (tensors under the single-file names A1111 / ComfyUI load, a config to
+            write beside them or None)``; None for a family without a single-file layout.
     """
 
     name: str
@@ -77,6 +79,7 @@ class Family:
     components_of: Callable[[Any], Any]
     frozen: Callable[[Any], dict[str, torch.nn.Module]]
     encoders: Callable[[Any], Encoders]
+    single_file: Callable[[Path], tuple[dict[str, torch.Tensor], dict | None]] | None = None
 
     def denoiser_of(self, components) -> torch.nn.Module:
         """The trained model among ``components``."""

@@ -13,6 +13,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, U
 
 from sdtrain.models.families import Conditioning, Encoders, Family
 from sdtrain.models.hashing import model_hash
+from sdtrain.models.single_file import sd_tensors
 from sdtrain.models.text import encode_prompts as encode_text
 from sdtrain.models.text import hidden_size, load_text_encoder
 from sdtrain.models.unet import build_unet, load_unet
@@ -123,4 +124,5 @@ FAMILY = Family(
     components_of=components_of,
     frozen=frozen,
     encoders=encoders,
+    single_file=sd_tensors,
 )

@@ -24,6 +24,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from sdtrain.models.families import Conditioning, Encoders, Family
 from sdtrain.models.hashing import model_hash
+from sdtrain.models.single_file import sdxl_tensors
 from sdtrain.models.text import hidden_size, load_text_encoder
 from sdtrain.models.unet import build_unet, load_unet
 from sdtrain.models.vae import downsample_factor, load_vae
@@ -204,4 +205,5 @@ FAMILY = Family(
     components_of=components_of,
     frozen=frozen,
     encoders=encoders,
+    single_file=sdxl_tensors,
 )
