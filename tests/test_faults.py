@@ -48,7 +48,9 @@ def _train(overrides: list[str], fault: str | None = None) -> subprocess.Complet
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())]
+    from sdtrain.train.tracking import read_log
+
+    return [(r["step"], r["loss"]) for r in read_log(run / "log.jsonl")]  # a step's scores merged into its record
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

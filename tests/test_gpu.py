@@ -8,7 +8,6 @@ tests compare with ``torch.equal`` are compared here to a tolerance far below wh
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -35,7 +34,9 @@ def _run(tmp_path, fixtures, name: str, extra: list[str]):
 
 
 def _log(run) -> list[dict]:
-    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    from sdtrain.train.tracking import read_log
+
+    return read_log(run / "log.jsonl")
 
 
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> None:

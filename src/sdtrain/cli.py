@@ -163,6 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     except (SingleFileError, EvaluationError, CheckpointError, DataError, RunLocked) as e:
         print(f"sdtrain: {e}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Under `accelerate launch`, leave the process group before the interpreter exits: gloo's threads still running
+    at exit abort the process ("terminate called without an active exception") when the machine is busy."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _run(args: argparse.Namespace) -> int:
