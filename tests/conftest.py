@@ -166,6 +166,18 @@ def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "data")
 
 
+# the training settings of every tiny test run: 4 steps of 4 images, checkpoints every 2, EMA, 4 sampling steps
+TINY_TRAINING = [
+    "train.batch_size=4",
+    "train.num_steps=4",
+    "train.save_every=2",
+    "train.log_every=1",
+    "train.ema_decay=0.99",
+    "train.optim.lr=1e-3",
+    "sample.num_inference_steps=4",
+]
+
+
 def tiny_overrides(out: Path, data: Path, vae: Path, text: str, subfolder: str | None = None) -> list[str]:
     """Config overrides for a tiny run on the CPU."""
     overrides = [
@@ -179,13 +191,7 @@ def tiny_overrides(out: Path, data: Path, vae: Path, text: str, subfolder: str |
         "model.unet.attention=[false, true]",
         "model.unet.norm_num_groups=8",
         "model.unet.attention_head_dim=8",
-        "train.batch_size=4",
-        "train.num_steps=4",
-        "train.save_every=2",
-        "train.log_every=1",
-        "train.ema_decay=0.99",
-        "train.optim.lr=1e-3",
-        "sample.num_inference_steps=4",
+        *TINY_TRAINING,
     ]
     if subfolder:
         overrides.append(f"model.text_encoder.subfolder={subfolder}")
@@ -239,11 +245,5 @@ def sdxl_overrides(out: Path, data: Path, pretrained: Path) -> list[str]:
         "data.resolution=32",
         "data.caption_dropout=0.2",
         f"model.pretrained={pretrained}",
-        "train.batch_size=4",
-        "train.num_steps=4",
-        "train.save_every=2",
-        "train.log_every=1",
-        "train.ema_decay=0.99",
-        "train.optim.lr=1e-3",
-        "sample.num_inference_steps=4",
+        *TINY_TRAINING,
     ]

@@ -66,14 +66,14 @@ def test_validation_loss_is_fixed_for_fixed_weights(tmp_path, clip_dir, vae_dir)
         tiny_overrides(tmp_path / "run", data, vae_dir, str(clip_dir), "text_encoder") + ["data.validation_split=4"],
     )
     c = load_components(config)
-    held = build_validation_set(config.data, config.train.objective, FAMILY.encoders(c), 0)
+    diffusion = objective.make("ddpm", config.train.objective)
+    held = build_validation_set(config.data, diffusion, FAMILY.encoders(c), 0)
     assert len(held) == 4 * 4  # 4 images x 4 timesteps
     assert held.timesteps.min() < 250 and held.timesteps.max() > 750  # spread over the whole range
-    scheduler = objective.make_noise_scheduler(config.train.objective)
     import contextlib
 
-    a = validation_loss(c.unet, FAMILY.predict, scheduler, held, None, 3, contextlib.nullcontext)
-    b = validation_loss(c.unet, FAMILY.predict, scheduler, held, None, 16, contextlib.nullcontext)
+    a = validation_loss(c.unet, FAMILY.predict, diffusion, held, 3, contextlib.nullcontext)
+    b = validation_loss(c.unet, FAMILY.predict, diffusion, held, 16, contextlib.nullcontext)
     assert a == pytest.approx(b, rel=1e-5)  # does not depend on the batch size or on when it runs
     # the held-out images are not trained on
     from sdtrain.data.folder import training_records, validation_records

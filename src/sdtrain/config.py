@@ -261,12 +261,30 @@ class ObjectiveConfig:
     """Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE."""
     noise_offset: float = 0.0
     """Per-channel constant added to the noise (helps very dark / bright images)."""
-    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
-    """How training timesteps are drawn: uniform, or t = T * sigmoid(N(mean, std)) (SD3), denser at mid noise."""
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
+    """How training timesteps are drawn: uniform, or t = T * sigmoid(N(mean, std)) (SD3), denser at mid noise, or
+    (flow matching) SD3's mode sampling."""
     logit_mean: float = 0.0
     """Mean of the logit-normal timestep distribution."""
     logit_std: float = 1.0
     """Standard deviation of the logit-normal timestep distribution."""
+    mode_scale: float = 1.29
+    """Flow matching, timestep_sampling=mode: SD3's mode scale."""
+    shift: float = 1.0
+    """Flow matching: sigmas shifted towards noise, shift u / (1 + (shift - 1) u) (SD3 trains with 3.0)."""
+    dynamic_shift: bool = False
+    """Flow matching: Flux's shift from the image's token count instead of `shift` (base_shift at base_seq_len
+    tokens, max_shift at max_seq_len, linear between)."""
+    base_shift: float = 0.5
+    """Flow matching, dynamic_shift: the shift's exponent at base_seq_len tokens."""
+    max_shift: float = 1.15
+    """Flow matching, dynamic_shift: the shift's exponent at max_seq_len tokens."""
+    base_seq_len: int = 256
+    """Flow matching, dynamic_shift: the token count of base_shift."""
+    max_seq_len: int = 4096
+    """Flow matching, dynamic_shift: the token count of max_shift."""
+    flow_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    """Flow matching: loss weighting by sigma as SD3's training script offers (none, sigma^-2, cosmap)."""
     min_timestep: int = 0
     """Smallest training timestep (train on a range, e.g. a refiner on 0..199)."""
     max_timestep: int | None = None

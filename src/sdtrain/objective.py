@@ -1,4 +1,7 @@
-"""One place for the diffusion math: noise schedule, noising, targets and loss weights.
+"""One place for the diffusion math: noise schedule, noising, targets and loss weights, for the two objectives the
+families train with: DDPM (:class:`DDPM`: Stable Diffusion 1.x / 2.x, SDXL) and rectified flow matching
+(:class:`FlowMatching`: SD3, Flux). The loop and validation call an objective's ``draw`` and ``loss``; :func:`make`
+builds the one a family names.
 
 Training, validation loss and tests all use these functions. With ``alpha_bar_t`` the cumulative product of the
 schedule, ``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps`` and the UNet predicts one of
@@ -10,7 +13,9 @@ Min-SNR-gamma weighting (Hang et al. 2023) scales each sample's MSE so that the 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -161,3 +166,119 @@ def loss(
     weights = loss_weights(scheduler, timesteps, snr_gamma)
     with autocast():
         return diffusion_loss(predict(model, noisy, timesteps, cond), target_, weights)
+
+
+@dataclass
+class Draw:
+    """The random part of one training batch: the noise the target is built from, the timesteps (DDPM: integers;
+    flow matching: ``1000 sigma``), and the noise put into ``x_t`` where it differs (input perturbation)."""
+
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    input_noise: torch.Tensor | None = None
+
+
+class DDPM:
+    """The DDPM objective (epsilon / v / x0 targets, min-SNR-gamma, noise offset, input perturbation) on the schedule
+    of ``config``; what :func:`loss` and the functions above compute, behind the interface the loop calls."""
+
+    def __init__(self, config: ObjectiveConfig):
+        self.config = config
+        self.scheduler = make_noise_scheduler(config)
+
+    def draw(self, shape: tuple[int, ...], draws: SharedDraws) -> Draw:
+        """Noise (with the noise offset), timesteps, input perturbation: drawn in this order."""
+        o = self.config
+        noise = sample_noise(shape, o.noise_offset, draws)
+        timesteps = sample_timesteps(shape[0], o, draws)
+        return Draw(noise, timesteps, perturb(noise, o.input_perturbation, draws) if o.input_perturbation else None)
+
+    def fixed_timesteps(self, count: int) -> torch.Tensor:
+        """``count`` timesteps spread evenly over the trained range (validation's fixed grid)."""
+        low, high = timestep_range(self.config)
+        grid = (torch.arange(count, dtype=torch.float64) + 0.5) / count
+        return (low + grid * (high - low + 1)).long().clamp(low, high)
+
+    def loss(self, predict, model, cond, latents: torch.Tensor, draw: Draw, autocast=contextlib.nullcontext):
+        """``(mean loss, per-sample loss)`` of ``model`` on ``latents`` noised as ``draw`` says."""
+        noise = draw.noise.to(latents)
+        input_noise = None if draw.input_noise is None else draw.input_noise.to(latents)
+        return loss(
+            predict, model, cond, self.scheduler, latents, noise, draw.timesteps, self.config.snr_gamma, input_noise,
+            autocast,
+        )  # fmt: skip
+
+
+def flow_sigmas(u: torch.Tensor, config: ObjectiveConfig, image_seq_len: int | None = None) -> torch.Tensor:
+    """Sigmas from uniform-ish ``u`` in (0, 1), shifted towards noise as SD3 and Flux train: a constant ``shift``
+    (SD3: ``shift u / (1 + (shift - 1) u)``), or with ``dynamic_shift`` Flux's shift from the image's sequence length
+    (``exp(mu) / (exp(mu) + 1 / u - 1)``, ``mu`` linear in the length between ``base_seq_len`` and
+    ``max_seq_len``), as ``FlowMatchEulerDiscreteScheduler`` shifts its sigmas."""
+    if config.dynamic_shift:
+        if image_seq_len is None:
+            raise ValueError("a dynamic shift needs the image's sequence length")
+        slope = (config.max_shift - config.base_shift) / (config.max_seq_len - config.base_seq_len)
+        mu = image_seq_len * slope + config.base_shift - slope * config.base_seq_len
+        return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    return config.shift * u / (1 + (config.shift - 1) * u)
+
+
+def flow_density(n: int, config: ObjectiveConfig, draws: SharedDraws) -> torch.Tensor:
+    """``u`` in (0, 1) as ``diffusers.training_utils.compute_density_for_timestep_sampling`` draws it: uniform,
+    logit-normal (``sigmoid(N(mean, std))``) or SD3's mode sampling (``mode_scale``)."""
+    if config.timestep_sampling == "logit_normal":
+        return torch.sigmoid(draws.randn((n,)) * config.logit_std + config.logit_mean)
+    u = draws.rand(n)
+    if config.timestep_sampling == "mode":
+        u = 1 - u - config.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def flow_loss_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Per-sample weights as ``diffusers.training_utils.compute_loss_weighting_for_sd3``: none, ``sigma_sqrt``
+    (``sigma^-2``) or ``cosmap`` (``2 / (pi (1 - 2 sigma + 2 sigma^2))``)."""
+    if scheme == "sigma_sqrt":
+        return (sigmas**-2.0).float()
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    return torch.ones_like(sigmas)
+
+
+class FlowMatching:
+    """Rectified flow matching: ``x_t = (1 - sigma) x_0 + sigma noise``, the model predicts the velocity
+    ``noise - x_0`` at timestep ``1000 sigma``; sigmas drawn by :func:`flow_density` and shifted by
+    :func:`flow_sigmas`, weighted by :func:`flow_loss_weights` (``config.flow_weighting``)."""
+
+    def __init__(self, config: ObjectiveConfig, image_seq_len: int | None = None):
+        self.config, self.image_seq_len = config, image_seq_len
+        self.num_train_timesteps = config.num_train_timesteps
+
+    def draw(self, shape: tuple[int, ...], draws: SharedDraws) -> Draw:
+        """Noise (with the noise offset), then sigmas: drawn in this order."""
+        noise = sample_noise(shape, self.config.noise_offset, draws)
+        sigmas = flow_sigmas(flow_density(shape[0], self.config, draws), self.config, self.image_seq_len)
+        return Draw(noise, sigmas * self.num_train_timesteps)
+
+    def fixed_timesteps(self, count: int) -> torch.Tensor:
+        """``count`` timesteps at evenly spread ``u``, shifted as training shifts them (validation's fixed grid)."""
+        u = (torch.arange(count, dtype=torch.float64) + 0.5) / count
+        return (flow_sigmas(u, self.config, self.image_seq_len) * self.num_train_timesteps).float()
+
+    def loss(self, predict, model, cond, latents: torch.Tensor, draw: Draw, autocast=contextlib.nullcontext):
+        """``(mean loss, per-sample loss)`` of the velocity ``model`` predicts against ``noise - x_0``."""
+        timesteps = draw.timesteps.to(device=latents.device, dtype=torch.float32)
+        sigmas = (timesteps / self.num_train_timesteps).view(-1, *[1] * (latents.ndim - 1)).to(latents)
+        noise = draw.noise.to(latents)
+        noisy = (1 - sigmas) * latents + sigmas * noise
+        weights = flow_loss_weights(sigmas.flatten().float(), self.config.flow_weighting)
+        with autocast():
+            return diffusion_loss(predict(model, noisy, timesteps, cond), noise - latents, weights)
+
+
+def make(kind: str, config: ObjectiveConfig, image_seq_len: int | None = None) -> DDPM | FlowMatching:
+    """The objective a family names (``Family.objective``): ``ddpm`` or ``flow``."""
+    if kind == "ddpm":
+        return DDPM(config)
+    if kind == "flow":
+        return FlowMatching(config, image_seq_len)
+    raise ValueError(f"unknown objective {kind!r}")

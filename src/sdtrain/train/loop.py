@@ -99,7 +99,7 @@ class _Run:
     stream: Stream
     generator: torch.Generator
     draws: SharedDraws
-    noise_scheduler: Any
+    diffusion: objective.DDPM | objective.FlowMatching  # the family's objective
     autocast: Any
     eval: _EvalDenoiser
     micro_batch: int
@@ -163,9 +163,10 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
     encoders = family.encoders(components)
     profile = _preflight(accelerator, family, components, encoders, config, micro_batch)
     stream = _make_stream(config, encoders, batches, micro_batch, device, rank, world)
+    diffusion = objective.make(family.objective, tc.objective)  # noise, timesteps, targets, weights
     validation = None
     if batches is None and accelerator.is_main_process:
-        validation = build_validation_set(config.data, tc.objective, encoders, tc.seed)
+        validation = build_validation_set(config.data, diffusion, encoders, tc.seed)
     has_validation = broadcast_object_list([validation is not None])[0]  # every rank gathers weights for it (FSDP)
     scorer = _fidelity_scorer(config, device) if tc.fidelity.every and batches is None else None  # every process
 
@@ -178,7 +179,7 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
         ema = EMA(ema_parameters(unwrap(accelerator, model)), tc.ema_decay, tc.ema_every, tc.ema_offload)
     run = _Run(
         config, family, components, accelerator, model, optimizer, ema, stream, generator,
-        SharedDraws(generator, rank, world, micro_batch), objective.make_noise_scheduler(tc.objective),
+        SharedDraws(generator, rank, world, micro_batch), diffusion,
         zero.autocast(accelerator, tc.mixed_precision),  # accelerate's autocast, torch's under DeepSpeed
         _EvalDenoiser(accelerator, model, ema, template),  # what samples, validates and exports
         micro_batch, Counters(), frozen,
@@ -296,21 +297,15 @@ def _optimizer_step(run: _Run, stop_signal: StopSignal, started: float) -> tuple
     """One optimizer step over ``gradient_accumulation`` micro-batches; returns ``(mean loss, non-finite on some rank
     (the step was skipped), a stop signal on some rank)``, the flags the same on every rank."""
     tc, accelerator, model, optimizer, draws = run.config.train, run.accelerator, run.model, run.optimizer, run.draws
-    o = tc.objective
     step_loss, nonfinite, stop = torch.zeros((), device=accelerator.device), False, False
     for _ in range(tc.gradient_accumulation):
         # 6a. a micro-batch: latents sampled from the posterior, the prompts' conditioning with caption dropout
         latents, cond = run.stream.next(draws)
-        # 6b. noise it at random timesteps
-        noise = objective.sample_noise(tuple(latents.shape), o.noise_offset, draws).to(latents)
-        t = objective.sample_timesteps(latents.shape[0], o, draws)
-        input_noise = objective.perturb(noise, o.input_perturbation, draws)
+        # 6b. noise and timesteps, as the family's objective draws them
+        drawn = run.diffusion.draw(tuple(latents.shape), draws)
         # 6c. predict and backpropagate (accelerate skips the all-reduce until the last micro-batch)
         with accelerator.accumulate(model):
-            loss, _ = objective.loss(
-                run.family.predict, model, cond, run.noise_scheduler, latents, noise, t, o.snr_gamma, input_noise,
-                run.autocast,
-            )  # fmt: skip
+            loss, _ = run.diffusion.loss(run.family.predict, model, cond, latents, drawn, run.autocast)
             accelerator.backward(loss)
             step_loss += loss.detach() / tc.gradient_accumulation
             if accelerator.sync_gradients:
@@ -359,10 +354,8 @@ def _finish(run: _Run, validation: ValidationSet | None, log_path: Path) -> Path
     exported = run.eval.copy()  # the EMA weights, unsharded, on the main process (None on the others)
     if accelerator.is_main_process:
         if validation is not None:
-            val_loss = validation_loss(
-                exported, run.family.predict, run.noise_scheduler, validation, tc.objective.snr_gamma,
-                run.micro_batch, run.autocast,
-            )  # fmt: skip
+            args = (run.family.predict, run.diffusion, validation, run.micro_batch, run.autocast)
+            val_loss = validation_loss(exported, *args)
             accelerator.log({"val_loss": val_loss}, step=step)
             append_to_log(log_path, step, {"val_loss": val_loss})
         if tc.export:
@@ -484,8 +477,7 @@ def _validation(run: _Run, validation: ValidationSet | None) -> float | None:
     """Validation loss with the EMA weights (the ones exported) on the main process (None on the others): swapped into
     the training denoiser and back out, or under FSDP2 in an unsharded copy (collective)."""
     accelerator, ema, evaluated = run.accelerator, run.ema, run.eval
-    args = (run.family.predict, run.noise_scheduler, validation, run.config.train.objective.snr_gamma)
-    args += (run.micro_batch, run.autocast)
+    args = (run.family.predict, run.diffusion, validation, run.micro_batch, run.autocast)
     if ema is not None:
         ema.catch_up(unwrap(accelerator, evaluated.model))  # every process: the steps not averaged yet
     if evaluated.template is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sdtrain import objective
-from sdtrain.config import DataConfig, ObjectiveConfig
+from sdtrain.config import DataConfig
 from sdtrain.data.decode import Skip, clean_caption
 from sdtrain.data.folder import validation_records
 from sdtrain.data.streams import size_condition
@@ -39,10 +39,9 @@ class ValidationSet:
 
 
 @torch.no_grad()
-def build_validation_set(
-    data: DataConfig, config: ObjectiveConfig, encoders: Encoders, seed: int
-) -> ValidationSet | None:
-    """Encode the held-out images; None when the config holds none out."""
+def build_validation_set(data: DataConfig, diffusion, encoders: Encoders, seed: int) -> ValidationSet | None:
+    """Encode the held-out images, with timesteps from ``diffusion`` (the run's objective) and fixed noise; None
+    when the config holds none out."""
     records = validation_records(data, seed)
     pixels, captions, originals, crops = [], [], [], []
     for record in records:
@@ -63,11 +62,9 @@ def build_validation_set(
     latents = scale_latents(vae, torch.cat(means).float())
     target = (data.resolution, data.resolution)
     embeddings = encoders.encode_text(captions) | size_condition(encoders, (originals, crops), target, latents.device)
-    low, high = objective.timestep_range(config)
     # stratified: image i at timesteps spread over the range, offset per image so the images cover it between them
     n, k = latents.shape[0], TIMESTEPS_PER_IMAGE
-    grid = (torch.arange(n * k, dtype=torch.float64) + 0.5) / (n * k)
-    timesteps = (low + grid * (high - low + 1)).long().clamp(low, high).view(k, n).t().reshape(-1)
+    timesteps = diffusion.fixed_timesteps(n * k).view(k, n).t().reshape(-1)
     generator = torch.Generator().manual_seed(seed)
     latents = latents.repeat_interleave(k, 0)
     embeddings = {key: value.repeat_interleave(k, 0) for key, value in embeddings.items()}
@@ -79,21 +76,20 @@ def build_validation_set(
 def validation_loss(
     model: torch.nn.Module,
     predict: Callable[..., torch.Tensor],
-    scheduler,
+    diffusion,
     data: ValidationSet,
-    snr_gamma: float | None,
     batch_size: int,
     autocast,
 ) -> float:
     """Mean (weighted, as in training) loss of ``model`` over the fixed triples; ``predict`` is the family's
-    ``(model, noisy, timesteps, conditioning) -> output``."""
+    ``(model, noisy, timesteps, conditioning) -> output``, ``diffusion`` its objective (:func:`objective.make`)."""
     was_training = model.training
     model.eval()
     total = 0.0
     for i in range(0, len(data), batch_size):
         x0, t, noise = (v[i : i + batch_size] for v in (data.latents, data.timesteps, data.noise))
         cond = {k: v[i : i + batch_size] for k, v in data.embeddings.items()}
-        loss, _ = objective.loss(predict, model, cond, scheduler, x0, noise, t, snr_gamma, autocast=autocast)
+        loss, _ = diffusion.loss(predict, model, cond, x0, objective.Draw(noise, t), autocast)
         total += loss.item() * x0.shape[0]
     model.train(was_training)
     return total / len(data)

@@ -1,0 +1,95 @@
+"""The flow-matching objective (SD3, Flux) against its closed forms and against diffusers' own training helpers
+(``compute_density_for_timestep_sampling``, ``compute_loss_weighting_for_sd3``), the scheduler's shifts, and the
+objective interface the loop calls for both objectives."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+from sdtrain import objective
+from sdtrain.config import ObjectiveConfig
+from sdtrain.train.randomness import SharedDraws
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "logit_normal", "mode"])
+def test_timestep_densities_are_diffusers(scheme):
+    config = ObjectiveConfig(timestep_sampling=scheme, logit_mean=0.3, logit_std=1.2, mode_scale=1.29)
+    ours = objective.flow_density(4096, config, SharedDraws(torch.Generator().manual_seed(5)))
+    theirs = compute_density_for_timestep_sampling(
+        "none" if scheme == "uniform" else scheme, 4096, logit_mean=0.3, logit_std=1.2, mode_scale=1.29,
+        generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert 0 < ours.min() and ours.max() < 1
+
+
+@pytest.mark.parametrize("scheme", ["none", "sigma_sqrt", "cosmap"])
+def test_loss_weights_are_sd3s(scheme):
+    sigmas = torch.linspace(0.01, 0.99, 99)
+    assert torch.allclose(objective.flow_loss_weights(sigmas, scheme), compute_loss_weighting_for_sd3(scheme, sigmas))
+
+
+def test_shifts_are_the_schedulers():
+    """SD3's constant shift is FlowMatchEulerDiscreteScheduler(shift=3)'s; Flux's dynamic shift is the scheduler's
+    exponential time shift at the mu the Flux pipeline computes from the image's sequence length."""
+    sd3 = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    u = torch.from_numpy(np.linspace(1, 1000, 1000)[::-1].copy() / 1000).float()
+    assert torch.allclose(objective.flow_sigmas(u, ObjectiveConfig(shift=3.0)), sd3.sigmas, atol=1e-6)
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    flux = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    mu = calculate_shift(1024, 256, 4096, 0.5, 1.15)
+    expected = flux.time_shift(mu, 1.0, u)
+    assert torch.allclose(objective.flow_sigmas(u, ObjectiveConfig(dynamic_shift=True), 1024), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="sequence length"):
+        objective.flow_sigmas(u, ObjectiveConfig(dynamic_shift=True))
+
+
+def test_flow_loss_is_the_closed_form():
+    """x_t = (1 - sigma) x_0 + sigma noise, the target noise - x_0, the model called at 1000 sigma, the MSE
+    weighted by the scheme."""
+    config = ObjectiveConfig(shift=3.0, timestep_sampling="logit_normal", flow_weighting="cosmap")
+    flow = objective.make("flow", config)
+    x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    drawn = flow.draw(tuple(x0.shape), SharedDraws(torch.Generator().manual_seed(2)))
+    assert drawn.timesteps.shape == (3,) and (0 < drawn.timesteps).all() and (drawn.timesteps < 1000).all()
+    seen = {}
+
+    def predict(model, noisy, timesteps, cond):
+        seen.update(noisy=noisy, timesteps=timesteps)
+        return model * torch.ones_like(noisy)
+
+    loss, per_sample = flow.loss(predict, 0.5, {}, x0, drawn)
+    sigma = drawn.timesteps / 1000
+    s = sigma.view(-1, 1, 1, 1)
+    assert torch.allclose(seen["noisy"], (1 - s) * x0 + s * drawn.noise)
+    assert torch.equal(seen["timesteps"], drawn.timesteps)
+    expected_per_sample = (0.5 - (drawn.noise - x0)).pow(2).mean(dim=(1, 2, 3))
+    weights = 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
+    assert torch.allclose(per_sample, expected_per_sample) and torch.allclose(
+        loss, (expected_per_sample * weights).mean()
+    )
+
+
+def test_ddpm_behind_the_interface_draws_as_the_loop_drew():
+    """The DDPM objective draws noise, then timesteps, then the input perturbation, from the same shared draws as
+    the functions the loop called before: the same numbers, so runs and their resumes are unchanged."""
+    config = ObjectiveConfig(noise_offset=0.1, input_perturbation=0.05, timestep_sampling="logit_normal")
+    shape = (4, 4, 8, 8)
+    drawn = objective.make("ddpm", config).draw(shape, SharedDraws(torch.Generator().manual_seed(3)))
+    draws = SharedDraws(torch.Generator().manual_seed(3))
+    noise = objective.sample_noise(shape, 0.1, draws)
+    timesteps = objective.sample_timesteps(4, config, draws)
+    perturbed = objective.perturb(noise, 0.05, draws)
+    assert torch.equal(drawn.noise, noise) and torch.equal(drawn.timesteps, timesteps)
+    assert torch.equal(drawn.input_noise, perturbed)
+    grid = objective.make("ddpm", ObjectiveConfig(min_timestep=100, max_timestep=899)).fixed_timesteps(8)
+    assert grid.min() >= 100 and grid.max() <= 899 and (grid.diff() > 0).all()
+    with pytest.raises(ValueError, match="unknown objective"):
+        objective.make("edm", config)
