@@ -237,8 +237,8 @@ def sdxl_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
     return root
 
 
-def sdxl_overrides(out: Path, data: Path, pretrained: Path) -> list[str]:
-    """A tiny SDXL fine-tune on the CPU: the pipeline folder is the only model key."""
+def pipeline_overrides(out: Path, data: Path, pretrained: Path) -> list[str]:
+    """A tiny fine-tune of a pipeline folder (SDXL, SD3) on the CPU: the folder is the only model key."""
     return [
         f"train.output_dir={out}",
         f"data.path={data}",
@@ -247,3 +247,47 @@ def sdxl_overrides(out: Path, data: Path, pretrained: Path) -> list[str]:
         f"model.pretrained={pretrained}",
         *TINY_TRAINING,
     ]
+
+
+@pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
+    """A tiny StableDiffusion3Pipeline folder, as diffusers' own SD3 tests build one: two tiny CLIPs with projection,
+    a tiny T5 encoder (the byte-level CLIP tokenizer stands in for T5's: no tokenizer model is downloaded), a
+    one-layer SD3Transformer2DModel, the tiny VAE, FlowMatchEulerDiscreteScheduler with SD3's shift."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    root = tmp_path_factory.mktemp("sd3")
+    vocab = _byte_vocab()
+    clip = dict(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=24, projection_dim=32, hidden_act="gelu", bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+    t5 = T5Config(
+        vocab_size=len(vocab), d_model=64, d_kv=16, d_ff=37, num_layers=2, num_heads=4, decoder_start_token_id=0
+    )
+    text_encoder_3 = T5EncoderModel(t5)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64,
+    )  # fmt: skip
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer")
+    t5_tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer", model_max_length=32)
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae.register_to_config(shift_factor=0.0609)  # SD3's VAE centres its latents before scaling them
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer,
+    )  # fmt: skip
+    pipe.save_pretrained(root)
+    return root

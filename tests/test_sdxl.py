@@ -19,7 +19,7 @@ from sdtrain.config import Config, load_config
 from sdtrain.models.families import detect
 from sdtrain.models.families.sdxl import FAMILY as SDXL
 from sdtrain.train.loop import train
-from tests.conftest import sdxl_overrides, write_image_folder
+from tests.conftest import pipeline_overrides, write_image_folder
 
 
 def _plain(folder) -> StableDiffusionXLPipeline:
@@ -33,7 +33,7 @@ def tuned(tmp_path_factory, sdxl_dir):
     """A 4-step SDXL fine-tune of the tiny folder (EMA on, caption dropout on)."""
     root = tmp_path_factory.mktemp("sdxl-run")
     data = write_image_folder(root / "data", count=8, size=40)
-    final = train(load_config(Config, None, sdxl_overrides(root / "run", data, sdxl_dir)))
+    final = train(load_config(Config, None, pipeline_overrides(root / "run", data, sdxl_dir)))
     return root, data, final
 
 
@@ -120,7 +120,7 @@ def test_prompts_encode_as_the_pipeline_encodes_them_and_empty_ones_are_zeros(sd
 def test_sdxl_lora_exports_for_diffusers_and_kohya(tmp_path, sdxl_dir):
     data = write_image_folder(tmp_path / "data", count=8, size=40)
     extra = ["train.lora.rank=4", "train.optim.lr=1e-2", "train.ema_decay=null", "train.num_steps=2"]
-    final = train(load_config(Config, None, sdxl_overrides(tmp_path / "run", data, sdxl_dir) + extra))
+    final = train(load_config(Config, None, pipeline_overrides(tmp_path / "run", data, sdxl_dir) + extra))
     adapters = load_file(final / "lora" / "pytorch_lora_weights.safetensors")
     kohya = load_file(final / "lora" / "lora_kohya.safetensors")
     modules = {k.rsplit(".lora", 1)[0] for k in adapters}  # unet.…to_q.lora.down.weight -> unet.…to_q
@@ -150,7 +150,10 @@ def test_sdxl_trains_from_both_latent_caches(tmp_path, sdxl_dir, cache):
     from sdtrain.train.encode import cache_dataset
 
     data = write_image_folder(tmp_path / "data", count=8, size=40)
-    overrides = sdxl_overrides(tmp_path / "run", data, sdxl_dir) + ["train.num_steps=2", "data.caption_dropout=0.5"]
+    overrides = pipeline_overrides(tmp_path / "run", data, sdxl_dir) + [
+        "train.num_steps=2",
+        "data.caption_dropout=0.5",
+    ]
     if cache == "memory":
         overrides.append("data.cache_latents=true")
     else:
@@ -173,9 +176,9 @@ def test_sdxl_sigkill_then_resume_is_bit_exact(tmp_path, sdxl_dir):
 
     data = write_image_folder(tmp_path / "data", count=8, size=40)
     extra = ["data.num_workers=2", "train.gradient_accumulation=2", "train.num_steps=8", "train.save_every=3"]
-    straight = _train(sdxl_overrides(tmp_path / "a", data, sdxl_dir) + extra)
+    straight = _train(pipeline_overrides(tmp_path / "a", data, sdxl_dir) + extra)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    overrides = sdxl_overrides(tmp_path / "b", data, sdxl_dir) + extra
+    overrides = pipeline_overrides(tmp_path / "b", data, sdxl_dir) + extra
     for fault in ("kill_micro=3", "kill_save=1:manifest", "kill_micro=5"):
         assert _train(overrides, fault).returncode == KILLED, fault
     assert _train(overrides).returncode == 0
@@ -191,8 +194,8 @@ def test_sdxl_two_processes_train_what_one_process_trains(tmp_path, sdxl_dir):
 
     data = write_image_folder(tmp_path / "data", count=5, size=40)  # epochs end mid-batch
     extra = ["train.num_steps=4", "data.caption_dropout=0.3", ADAM_EPS]
-    assert _train(sdxl_overrides(tmp_path / "one", data, sdxl_dir) + extra).returncode == 0
-    result = _launch_ddp(sdxl_overrides(tmp_path / "two", data, sdxl_dir) + extra)
+    assert _train(pipeline_overrides(tmp_path / "one", data, sdxl_dir) + extra).returncode == 0
+    result = _launch_ddp(pipeline_overrides(tmp_path / "two", data, sdxl_dir) + extra)
     assert result.returncode == 0 and "world size 2" in result.stderr, result.stderr[-3000:]
     (steps_a, losses_a), (steps_b, losses_b) = zip(*_losses(tmp_path / "one")), zip(*_losses(tmp_path / "two"))
     assert steps_a == steps_b == (1, 2, 3, 4) and losses_b == pytest.approx(losses_a, rel=1e-5)

@@ -113,15 +113,18 @@ class UNetConfig:
 class ModelConfig:
     """The model: its family and components."""
 
-    family: Literal["sd", "sdxl"] | None = None
-    """The model family (sd: Stable Diffusion 1.x / 2.x; sdxl: Stable Diffusion XL); unset: read from
-    model.pretrained's model_index.json, else sd."""
+    family: Literal["sd", "sdxl", "sd3"] | None = None
+    """The model family (sd: Stable Diffusion 1.x / 2.x; sdxl: Stable Diffusion XL; sd3: Stable Diffusion 3 /
+    3.5, flow matching); unset: read from model.pretrained's model_index.json, else sd."""
     pretrained: str | None = None
     """A pipeline folder or hub id (its family is detected); components without a path of their own come from it."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     text_encoder_2: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(path=""))
-    """SDXL's second text encoder (a CLIPTextModelWithProjection: OpenCLIP ViT-bigG in SDXL); path "": the
+    """SDXL's and SD3's second text encoder (a CLIPTextModelWithProjection: OpenCLIP ViT-bigG); path "": the
     pipeline's own (model.pretrained's text_encoder_2)."""
+    text_encoder_3: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(path=""))
+    """SD3's T5 encoder; path "": the pipeline's own (model.pretrained's text_encoder_3); max_length: T5's tokens
+    (the pipeline's max_sequence_length, 256)."""
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
 

@@ -39,9 +39,34 @@ def schedule(config: ObjectiveConfig) -> dict[str, Any]:
     }
 
 
+def flow_schedule(config: ObjectiveConfig) -> dict[str, Any]:
+    """Flow matching's shift as ``FlowMatchEulerDiscreteScheduler``'s config keys (how sampling shifts its sigmas
+    as training did)."""
+    return {
+        "num_train_timesteps": config.num_train_timesteps,
+        "shift": config.shift,
+        "use_dynamic_shifting": config.dynamic_shift,
+        "base_shift": config.base_shift,
+        "max_shift": config.max_shift,
+        "base_image_seq_len": config.base_seq_len,
+        "max_image_seq_len": config.max_seq_len,
+    }
+
+
 def from_scheduler(scheduler) -> ObjectiveConfig:
-    """The objective a scheduler's config describes (a saved pipeline's): :func:`schedule` read back."""
+    """The objective a scheduler's config describes (a saved pipeline's): :func:`schedule` (or, for a
+    flow-matching scheduler, :func:`flow_schedule`) read back."""
     c, default = scheduler.config, ObjectiveConfig()
+    if "shift" in c and "beta_start" not in c:  # FlowMatchEulerDiscreteScheduler and its kin
+        return ObjectiveConfig(
+            num_train_timesteps=c.get("num_train_timesteps", default.num_train_timesteps),
+            shift=c.get("shift", default.shift),
+            dynamic_shift=bool(c.get("use_dynamic_shifting", False)),
+            base_shift=c.get("base_shift", default.base_shift),
+            max_shift=c.get("max_shift", default.max_shift),
+            base_seq_len=c.get("base_image_seq_len", default.base_seq_len),
+            max_seq_len=c.get("max_image_seq_len", default.max_seq_len),
+        )
     return ObjectiveConfig(
         prediction_type=c.get("prediction_type", default.prediction_type),
         num_train_timesteps=c.get("num_train_timesteps", default.num_train_timesteps),

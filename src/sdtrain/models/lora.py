@@ -39,15 +39,16 @@ def has_lora(unet) -> bool:
     return bool(getattr(unet, "peft_config", None))
 
 
-def save_lora(unet, out_dir: str | Path, pipeline_class=None) -> Path:
+def save_lora(unet, out_dir: str | Path, pipeline_class=None, denoiser: str = "unet") -> Path:
     """Write the adapters twice: ``out_dir/pytorch_lora_weights.safetensors`` in diffusers' format (keys
     ``unet.…lora_A/B``) and ``out_dir/lora_kohya.safetensors`` in kohya-ss' layout, which A1111, ComfyUI and model
     sites load (``lora_unet_….lora_down / lora_up / alpha``).
 
-    ``pipeline_class`` is the family's diffusers pipeline, whose ``save_lora_weights`` writes the first file (default
-    ``StableDiffusionPipeline``). Neither file carries our alpha (diffusers' holds none, its kohya converter writes
-    alpha = rank), so loaders scale the update by 1: the alpha / rank scale is folded into every up (B) matrix and both
-    apply the update that trained.
+    ``denoiser`` is the family's name of the adapted model (``unet``, ``transformer``; only a UNet's adapters get
+    the kohya file). ``pipeline_class`` is the family's diffusers pipeline, whose ``save_lora_weights`` writes the
+    first file (default ``StableDiffusionPipeline``). Neither file carries our alpha (diffusers' holds none, its
+    kohya converter writes alpha = rank), so loaders scale the update by 1: the alpha / rank scale is folded into
+    every up (B) matrix and both apply the update that trained.
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
@@ -57,12 +58,13 @@ def save_lora(unet, out_dir: str | Path, pipeline_class=None) -> Path:
     config = unet.peft_config["default"]
     scale = config.lora_alpha / config.r
     state = {k: v * scale if "lora_B" in k else v for k, v in peft.get_peft_model_state_dict(unet).items()}
-    layers = convert_state_dict_to_diffusers(state)
-    (pipeline_class or StableDiffusionPipeline).save_lora_weights(
-        out_dir, unet_lora_layers=layers, safe_serialization=True
-    )
-    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
-    save_file({k: v.contiguous() for k, v in kohya.items()}, Path(out_dir) / KOHYA_FILE)
+    # a UNet's adapters in diffusers' own (lora.down / lora.up) names, as its examples save them; a transformer's in
+    # peft's, as diffusers' SD3 / Flux examples save them (its loaders read nothing else for every module)
+    layers = {f"{denoiser}_lora_layers": convert_state_dict_to_diffusers(state) if denoiser == "unet" else state}
+    (pipeline_class or StableDiffusionPipeline).save_lora_weights(out_dir, **layers, safe_serialization=True)
+    if denoiser == "unet":  # a transformer's LoRA goes in diffusers' layout, which ComfyUI reads for them
+        kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+        save_file({k: v.contiguous() for k, v in kohya.items()}, Path(out_dir) / KOHYA_FILE)
     return Path(out_dir)
 
 

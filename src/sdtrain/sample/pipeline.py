@@ -13,6 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -21,6 +22,8 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     HeunDiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
@@ -34,7 +37,7 @@ from tqdm.auto import tqdm
 from sdtrain.config import SCHEDULER_NAMES, ObjectiveConfig
 from sdtrain.models.families import Family, detect
 from sdtrain.models.vae import decode_latents, encode_moments, scale_latents
-from sdtrain.objective import from_scheduler, schedule
+from sdtrain.objective import flow_schedule, from_scheduler, schedule
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler": EulerDiscreteScheduler,
@@ -45,6 +48,11 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "lms": LMSDiscreteScheduler,
     "pndm": PNDMScheduler,
     "unipc": UniPCMultistepScheduler,
+}
+# the samplers of flow-matching models (SD3, Flux), by the same names
+FLOW_SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "euler": FlowMatchEulerDiscreteScheduler,
+    "heun": FlowMatchHeunDiscreteScheduler,
 }
 if tuple(SCHEDULERS) != SCHEDULER_NAMES:  # config.SamplerName is the one list of names
     raise ImportError(f"SCHEDULERS {tuple(SCHEDULERS)} differ from config.SCHEDULER_NAMES {SCHEDULER_NAMES}")
@@ -76,8 +84,11 @@ class Output:
     images: list[Image.Image]
 
 
-def sampling_scheduler(config: ObjectiveConfig, name: str = "euler") -> SchedulerMixin:
-    """A sampler that matches the training schedule (betas, prediction type, zero terminal SNR)."""
+def sampling_scheduler(config: ObjectiveConfig, name: str = "euler", objective: str = "ddpm") -> SchedulerMixin:
+    """A sampler that matches the training schedule: for DDPM its betas, prediction type and zero terminal SNR; for
+    flow matching its shift (``FlowMatchEulerDiscreteScheduler`` as SD3's and Flux's pipelines configure it)."""
+    if objective == "flow":
+        return with_scheduler(FlowMatchEulerDiscreteScheduler(**flow_schedule(config)), name)
     base = EulerDiscreteScheduler(
         **schedule(config),
         timestep_spacing="trailing",
@@ -87,7 +98,14 @@ def sampling_scheduler(config: ObjectiveConfig, name: str = "euler") -> Schedule
 
 
 def with_scheduler(scheduler: SchedulerMixin, name: str) -> SchedulerMixin:
-    """The sampler ``name`` built from another scheduler's config (same training schedule)."""
+    """The sampler ``name`` built from another scheduler's config (same training schedule); a flow-matching
+    scheduler takes the names of ``FLOW_SCHEDULERS``."""
+    if isinstance(scheduler, tuple(FLOW_SCHEDULERS.values())):
+        if name not in FLOW_SCHEDULERS:
+            raise ValueError(f"a flow-matching model samples with {', '.join(FLOW_SCHEDULERS)}, not {name!r}")
+        if isinstance(scheduler, FLOW_SCHEDULERS[name]):
+            return scheduler
+        return FLOW_SCHEDULERS[name].from_config(scheduler.config)
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     if isinstance(scheduler, SCHEDULERS[name]):
@@ -124,8 +142,10 @@ def txt2img(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = False,
+    **family: Any,
 ) -> Output:
-    """Text to image with the pipeline's sampler; image *i* (prompt-major) uses the generator seeded ``seed + i``."""
+    """Text to image with the pipeline's sampler; image *i* (prompt-major) uses the generator seeded ``seed + i``;
+    ``family``: further arguments of the family's pipeline."""
     prompts = _as_list(prompt)
     negatives = _as_list(negative_prompt) if negative_prompt is not None else None
     if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
@@ -145,6 +165,7 @@ def txt2img(
             width=width,
             generator=generators[start:stop],
             output_type="latent",
+            **family,
         ).images
         images += _postprocess(pipe, latents)
     return Output(images)
@@ -161,8 +182,10 @@ def img2img(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = False,
+    **family: Any,
 ) -> Output:
-    """SDEdit: noise each image's latents to ``strength`` and denoise under its prompt.
+    """SDEdit: noise each image's latents to ``strength`` and denoise under its prompt (``family``: further
+    arguments of the family's pipeline).
 
     One prompt for all images, or one per image. The image is resized to a multiple of the autoencoder's factor.
     """
@@ -196,6 +219,7 @@ def img2img(
             guidance_scale=guidance_scale,
             generator=generators[start:stop],
             output_type="latent",
+            **family,
         ).images
         out += _postprocess(pipe, latents)
     return Output(out)
@@ -257,7 +281,7 @@ class Pipeline:
             objective = from_scheduler(scheduler) if given else ObjectiveConfig()
         self.objective = objective
         if scheduler is None or isinstance(scheduler, str):
-            scheduler = sampling_scheduler(objective, scheduler or "euler")
+            scheduler = sampling_scheduler(objective, scheduler or "euler", self.family.objective)
         self.scheduler = scheduler
         self.sampling = FALLBACK_SAMPLING | (sampling or {})
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -303,7 +327,7 @@ class Pipeline:
         pipe = self.diffusers_pipeline(scheduler=scheduler)
         return txt2img(
             pipe, prompt, negative_prompt, num_images_per_prompt, steps, guidance, height, width, seed,
-            progress=progress,
+            progress=progress, **self._family_kwargs(),
         )  # fmt: skip
 
     def reconstruct(
@@ -322,7 +346,13 @@ class Pipeline:
         default to the model's ``sampling``."""
         steps, guidance = self.sampling_settings(num_inference_steps, guidance_scale)
         pipe = self.diffusers_pipeline(img2img=True, scheduler=scheduler)
-        return img2img(pipe, prompt, image, strength, negative_prompt, steps, guidance, seed, progress=progress)
+        args = (pipe, prompt, image, strength, negative_prompt, steps, guidance, seed)
+        return img2img(*args, progress=progress, **self._family_kwargs())
+
+    def _family_kwargs(self) -> dict[str, Any]:
+        """What the family's pipelines are called with beside the prompts (SD3: its T5 length)."""
+        kwargs = self.family.sampling_kwargs
+        return kwargs(self.components) if kwargs is not None else {}
 
     def save_pretrained(self, path: str | Path) -> Path:
         """A plain diffusers pipeline folder of the family's class, with this model's sampling defaults beside it."""

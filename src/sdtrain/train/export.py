@@ -26,7 +26,7 @@ def export_pipeline(
     """
     model = family.denoiser_of(components)
     if has_lora(model):
-        save_lora(model, Path(out_dir) / LORA_FOLDER, family.txt2img)
+        save_lora(model, Path(out_dir) / LORA_FOLDER, family.txt2img, family.denoiser)
         components = family.with_denoiser(components, merged_copy(model))
     sample = sample or SampleConfig()
     sampling = {"num_inference_steps": sample.num_inference_steps, "guidance_scale": sample.guidance_scale}

@@ -63,6 +63,8 @@ class Family:
         encoders: ``components -> Encoders`` for the data layer.
         single_file: ``pipeline folder -> (tensors under the single-file names A1111 / ComfyUI load, a config to
             write beside them or None)``; None for a family without a single-file layout.
+        sampling_kwargs: ``components -> what the family's pipelines are called with beside the prompts`` (SD3: the
+            T5 length it trained with); None: nothing.
     """
 
     name: str
@@ -80,6 +82,7 @@ class Family:
     frozen: Callable[[Any], dict[str, torch.nn.Module]]
     encoders: Callable[[Any], Encoders]
     single_file: Callable[[Path], tuple[dict[str, torch.Tensor], dict | None]] | None = None
+    sampling_kwargs: Callable[[Any], dict[str, Any]] | None = None
 
     def denoiser_of(self, components) -> torch.nn.Module:
         """The trained model among ``components``."""
@@ -92,9 +95,9 @@ class Family:
 
 def families() -> dict[str, Family]:
     """Every family sdtrain trains, by name (imported here, not at package import: they import diffusers)."""
-    from sdtrain.models.families import sd, sdxl
+    from sdtrain.models.families import sd, sd3, sdxl
 
-    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY)}
+    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY)}
 
 
 def pipeline_class_name(path: str | Path) -> str | None:
