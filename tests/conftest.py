@@ -291,3 +291,28 @@ def sd3_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
     )  # fmt: skip
     pipe.save_pretrained(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def pixart_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
+    """A tiny PixArtSigmaPipeline folder, as diffusers' own PixArt tests build one: a tiny T5 encoder (the byte-level
+    CLIP tokenizer standing in for T5's), a PixArtTransformer2DModel with a learned-variance half, the tiny VAE."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    root = tmp_path_factory.mktemp("pixart")
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(_byte_vocab()), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                           num_heads=4))  # fmt: skip
+    transformer = PixArtTransformer2DModel(
+        sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+    )  # fmt: skip
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer", model_max_length=24)
+    pipe = PixArtSigmaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=AutoencoderKL.from_pretrained(vae_dir),
+        transformer=transformer, scheduler=DDIMScheduler(),
+    )  # fmt: skip
+    pipe.save_pretrained(root)
+    return root

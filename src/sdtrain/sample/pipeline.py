@@ -158,7 +158,8 @@ def txt2img(
         stop = start + batch_size
         latents = pipe(
             prompt=flat[start:stop],
-            negative_prompt=flat_neg[start:stop] if flat_neg else None,
+            # no negative prompt: the pipeline's own default (None, or PixArt's "")
+            **({"negative_prompt": flat_neg[start:stop]} if flat_neg else {}),
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             height=height,
@@ -214,7 +215,7 @@ def img2img(
             prompt=prompts[start:stop],
             image=init,
             strength=strength,
-            negative_prompt=negatives[start:stop] if negatives else None,
+            **({"negative_prompt": negatives[start:stop]} if negatives else {}),
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generators[start:stop],
@@ -303,6 +304,8 @@ class Pipeline:
         sampler ``scheduler`` for this call only; on this model's device unless ``device`` is False."""
         sched = with_scheduler(self.scheduler, scheduler) if scheduler else self.scheduler
         cls = self.family.img2img if img2img else self.family.txt2img
+        if cls is None:
+            raise ValueError(f"diffusers has no image-to-image pipeline for {self.family.name} models: no reconstruct")
         pipe = cls(**self.family.pipeline_components(self.components, img2img), scheduler=sched)
         pipe.set_progress_bar_config(disable=True)
         getattr(self.components, self.family.denoiser).eval()

@@ -49,7 +49,7 @@ class Family:
         name: the family's name (``sd``).
         pipeline_classes: ``model_index.json`` class names of the folders this family loads (the first exports).
         txt2img: the diffusers pipeline class that samples and exports it.
-        img2img: its image-to-image sibling (``reconstruct``).
+        img2img: its image-to-image sibling (``reconstruct``); None where diffusers has none.
         denoiser: the name of the trained component in a pipeline folder (``unet``, ``transformer``).
         lora_targets: the denoiser's modules LoRA adapts by default.
         objective: the training objective's kind (``ddpm``).
@@ -70,7 +70,7 @@ class Family:
     name: str
     pipeline_classes: tuple[str, ...]
     txt2img: type
-    img2img: type
+    img2img: type | None
     denoiser: str
     lora_targets: tuple[str, ...]
     objective: str
@@ -95,9 +95,9 @@ class Family:
 
 def families() -> dict[str, Family]:
     """Every family sdtrain trains, by name (imported here, not at package import: they import diffusers)."""
-    from sdtrain.models.families import sd, sd3, sdxl
+    from sdtrain.models.families import pixart, sd, sd3, sdxl
 
-    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY)}
+    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, pixart.FAMILY)}
 
 
 def pipeline_class_name(path: str | Path) -> str | None:
