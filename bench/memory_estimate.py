@@ -5,7 +5,8 @@ printed for the settings given. What `sdtrain train` prints before its first ste
     python bench/memory_estimate.py --family sdxl --resolution 1024 --batch 1 --lora 16 --precision bf16 \
         --checkpointing --optimizer adamw8bit --frozen-dtype float16
 
-Sizes are the published configs (SDXL base 1.0: UNet 2.57 B, CLIP ViT-L and OpenCLIP ViT-bigG, the SDXL VAE; SD 1.5).
+Sizes are the published configs (SD 1.5; SDXL base 1.0: UNet 2.57 B, CLIP ViT-L and OpenCLIP ViT-bigG; SD 3 medium:
+MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from diffusers import AutoencoderKL, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from sdtrain.config import LoRAConfig, OptimConfig, TrainConfig
 from sdtrain.models.families import families
@@ -26,6 +27,16 @@ VIT_BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                  projection_dim=1280, hidden_act="gelu")  # fmt: skip
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
               up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)  # fmt: skip
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu")  # fmt: skip
+SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                  pooled_projection_dim=2048, pos_embed_max_size=192)  # fmt: skip
+PIXART_SIGMA = dict(sample_size=128, num_layers=28, attention_head_dim=72, num_attention_heads=16, in_channels=4,
+                    out_channels=8, patch_size=2, cross_attention_dim=1152, caption_channels=4096,
+                    norm_type="ada_norm_single", num_embeds_ada_norm=1000, norm_elementwise_affine=False,
+                    norm_eps=1e-6, activation_fn="gelu-approximate", attention_bias=True,
+                    use_additional_conditions=False)  # fmt: skip
 UNETS = {
     "sd": dict(cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280)),
     "sdxl": dict(
@@ -41,7 +52,7 @@ UNETS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted(UNETS), default="sdxl")
+    parser.add_argument("--family", choices=sorted([*UNETS, "sd3", "pixart"]), default="sdxl")
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1, help="micro-batch per device")
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tune)")
@@ -54,30 +65,53 @@ def main() -> None:
     args = parser.parse_args()
 
     dtype = getattr(torch, args.frozen_dtype)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**UNETS[args.family])
-        frozen = [AutoencoderKL(**SD_VAE).to(dtype), CLIPTextModel(CLIPTextConfig(**VIT_L)).to(dtype)]
-        if args.family == "sdxl":
-            frozen.append(CLIPTextModelWithProjection(CLIPTextConfig(**VIT_BIG_G)).to(dtype))
+    model, frozen, cond, channels = _models(args.family, dtype)
     tc = TrainConfig(
         mixed_precision=args.precision, gradient_checkpointing=args.checkpointing, lora=LoRAConfig(rank=args.lora),
         optim=OptimConfig(name=args.optimizer), ema_decay=0.9999 if args.ema else None,
     )  # fmt: skip
     family = families()[args.family]
     if args.lora:
-        add_lora(unet, tc.lora, family.lora_targets)
+        add_lora(model, tc.lora, family.lora_targets)
     side = args.resolution // 8
-    width = unet.config.cross_attention_dim
-    cond = {"encoder_hidden_states": torch.zeros(1, 77, width)}
-    if args.family == "sdxl":
-        cond |= {"text_embeds": torch.zeros(1, 1280), "time_ids": torch.zeros(1, 6)}
-    profile = profile_denoiser(unet, family.predict, (4, side, side), cond, torch.device("meta"))
-    estimate = estimate_memory(unet, frozen, profile, args.batch, tc, shards=args.shards)
-    params = sum(p.numel() for p in unet.parameters())
-    trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    print(f"{args.family} UNet {params / 1e9:.3f} B parameters ({trainable / 1e6:.1f} M trainable), "
+    profile = profile_denoiser(model, family.predict, (channels, side, side), cond, torch.device("meta"))
+    estimate = estimate_memory(model, frozen, profile, args.batch, tc, shards=args.shards)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{args.family} {family.denoiser} {params / 1e9:.3f} B parameters ({trainable / 1e6:.1f} M trainable), "
           f"{profile.train_flops / 1e12:.2f} TFLOPs per image per step at {args.resolution} px")  # fmt: skip
     print(f"memory estimate per device (GiB): {estimate.table()}  ->  {estimate.total / GiB:.1f} GiB")
+
+
+def _models(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, list, dict, int]:
+    """The family's denoiser and frozen encoders on the meta device, a batch-1 conditioning, its latent channels."""
+    with torch.device("meta"):
+        if name == "sd3":
+            model = SD3Transformer2DModel(**SD3_MEDIUM)
+            vae = AutoencoderKL(**(SD_VAE | {"latent_channels": 16}))
+            frozen = [
+                vae,
+                CLIPTextModelWithProjection(CLIPTextConfig(**VIT_L)),
+                CLIPTextModelWithProjection(CLIPTextConfig(**VIT_BIG_G)),
+                T5EncoderModel(T5Config(**T5_XXL)),
+            ]
+            cond = {
+                "encoder_hidden_states": torch.zeros(1, 77 + 256, 4096),
+                "pooled_projections": torch.zeros(1, 2048),
+            }
+            return model, [m.to(dtype) for m in frozen], cond, 16
+        if name == "pixart":
+            model = PixArtTransformer2DModel(**PIXART_SIGMA)
+            frozen = [AutoencoderKL(**SD_VAE), T5EncoderModel(T5Config(**T5_XXL))]
+            cond = {"encoder_hidden_states": torch.zeros(1, 300, 4096), "encoder_attention_mask": torch.ones(1, 300)}
+            return model, [m.to(dtype) for m in frozen], cond, 4
+        model = UNet2DConditionModel(**UNETS[name])
+        frozen = [AutoencoderKL(**SD_VAE), CLIPTextModel(CLIPTextConfig(**VIT_L))]
+        cond = {"encoder_hidden_states": torch.zeros(1, 77, model.config.cross_attention_dim)}
+        if name == "sdxl":
+            frozen.append(CLIPTextModelWithProjection(CLIPTextConfig(**VIT_BIG_G)))
+            cond |= {"text_embeds": torch.zeros(1, 1280), "time_ids": torch.zeros(1, 6)}
+        return model, [m.to(dtype) for m in frozen], cond, 4
 
 
 if __name__ == "__main__":

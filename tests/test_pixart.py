@@ -63,3 +63,10 @@ def test_pixart_trains_from_the_disk_cache(tmp_path, pixart_dir):
     part = load_file(next((tmp_path / "cache").glob("part-*.safetensors")))
     assert {"cond.encoder_hidden_states", "cond.encoder_attention_mask"} <= part.keys()
     assert (train(load_config(Config, None, overrides)) / "model_index.json").is_file()
+
+
+def test_lora_on_a_transformer_without_adapters_is_refused_with_the_way_out(tmp_path, pixart_dir):
+    data = write_image_folder(tmp_path / "data", count=8, size=40)
+    overrides = pipeline_overrides(tmp_path / "run", data, pixart_dir) + ["train.lora.rank=4"]
+    with pytest.raises(ValueError, match=r"takes no adapters .*train.lora.rank=0"):
+        train(load_config(Config, None, overrides))

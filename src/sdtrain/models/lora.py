@@ -23,6 +23,11 @@ def add_lora(unet, config: LoRAConfig, default_targets: tuple[str, ...] = ()) ->
     """Freeze the denoiser and add trainable adapters (fp32, Gaussian A, zero B: the model starts unchanged) on
     ``config.target_modules``, or where unset on ``default_targets`` (the model family's)."""
     peft = _peft()
+    if not hasattr(unet, "add_adapter"):
+        raise ValueError(
+            f"train.lora.rank: diffusers' {type(unet).__name__} takes no adapters (no PeftAdapterMixin); train it "
+            "fully (train.lora.rank=0)"
+        )
     unet.requires_grad_(False)
     unet.add_adapter(
         peft.LoraConfig(

@@ -93,6 +93,13 @@ class Family:
         return dataclasses.replace(components, **{self.denoiser: model})
 
 
+def fp32_encoding(
+    encode_prompts: Callable[[Any, list[str], Any], Conditioning], components, device
+) -> Callable[[list[str]], Conditioning]:
+    """A family's prompt encoding of ``components`` on ``device``, every tensor in fp32: ``Encoders.encode_text``."""
+    return lambda prompts: {k: v.float() for k, v in encode_prompts(components, prompts, device).items()}
+
+
 def families() -> dict[str, Family]:
     """Every family sdtrain trains, by name (imported here, not at package import: they import diffusers)."""
     from sdtrain.models.families import pixart, sd, sd3, sdxl

@@ -20,7 +20,7 @@ import torch
 from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
 from transformers import T5EncoderModel
 
-from sdtrain.models.families import Conditioning, Encoders, Family
+from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.text import load_text_encoder
 from sdtrain.models.vae import load_vae
@@ -107,9 +107,7 @@ def encoders(components: Components) -> Encoders:
     c = components
     return Encoders(
         vae=c.vae,
-        encode_text=lambda prompts: {
-            k: v.float() for k, v in encode_prompts(c, prompts, c.text_encoder.device).items()
-        },
+        encode_text=fp32_encoding(encode_prompts, c, c.text_encoder.device),
         text_identity=lambda: {"text_encoder": model_hash(c.text_encoder), "max_length": c.tokenizer.model_max_length},
     )
 

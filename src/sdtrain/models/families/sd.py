@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
-from sdtrain.models.families import Conditioning, Encoders, Family
+from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.single_file import sd_tensors
 from sdtrain.models.text import encode_prompts as encode_text
@@ -102,9 +102,7 @@ def encoders(components: Components) -> Encoders:
     text_encoder, tokenizer = components.text_encoder, components.tokenizer
     return Encoders(
         vae=components.vae,
-        encode_text=lambda prompts: {
-            k: v.float() for k, v in encode_prompts(components, prompts, text_encoder.device).items()
-        },
+        encode_text=fp32_encoding(encode_prompts, components, text_encoder.device),
         text_identity=lambda: {"text_encoder": model_hash(text_encoder), "max_length": tokenizer.model_max_length},
     )
 

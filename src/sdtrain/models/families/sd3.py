@@ -22,7 +22,7 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-from sdtrain.models.families import Conditioning, Encoders, Family
+from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.text import load_text_encoder
 from sdtrain.models.vae import load_vae
@@ -137,9 +137,7 @@ def encoders(components: Components) -> Encoders:
     c = components
     return Encoders(
         vae=c.vae,
-        encode_text=lambda prompts: {
-            k: v.float() for k, v in encode_prompts(c, prompts, c.text_encoder.device).items()
-        },
+        encode_text=fp32_encoding(encode_prompts, c, c.text_encoder.device),
         text_identity=lambda: {
             **{name: model_hash(getattr(c, name)) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")},
             "max_length": [t.model_max_length for t in (c.tokenizer, c.tokenizer_2, c.tokenizer_3)],

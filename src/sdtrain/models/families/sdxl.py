@@ -22,7 +22,7 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from sdtrain.models.families import Conditioning, Encoders, Family
+from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.single_file import sdxl_tensors
 from sdtrain.models.text import hidden_size, load_text_encoder
@@ -178,9 +178,7 @@ def encoders(components: Components) -> Encoders:
     c = components
     return Encoders(
         vae=c.vae,
-        encode_text=lambda prompts: {
-            k: v.float() for k, v in encode_prompts(c, prompts, c.text_encoder.device).items()
-        },
+        encode_text=fp32_encoding(encode_prompts, c, c.text_encoder.device),
         text_identity=lambda: {
             "text_encoder": model_hash(c.text_encoder),
             "text_encoder_2": model_hash(c.text_encoder_2),
