@@ -116,3 +116,42 @@ def test_sd3_reconstructs_through_its_img2img_pipeline(tuned):
     out = pipe.reconstruct("a green square", image, strength=0.6, num_inference_steps=4, seed=3).images[0]
     again = pipe.reconstruct("a green square", image, strength=0.6, num_inference_steps=4, seed=3).images[0]
     assert out.size == image.size and np.array_equal(np.asarray(out), np.asarray(again))
+
+
+def test_sd3_models_are_evaluated_and_served(tuned, tmp_path, inception_file, clip_model_dir):
+    """`sdtrain evaluate` (FID, KID, CLIP score) and the run browser's generation work on an SD3 export."""
+    import io
+
+    from PIL import Image
+
+    from sdtrain.cli import main
+    from sdtrain.web import RunBrowser
+
+    root, data, final = tuned
+    args = ["evaluate", "--model", str(final), "--data", str(data), "--out", str(tmp_path / "scores"), "--num", "4"]
+    args += ["--batch-size", "2", "--inception", str(inception_file), "--clip-model", str(clip_model_dir)]
+    assert main(args + ["--steps", "2", "--device", "cpu"]) == 0
+    scores = json.loads((tmp_path / "scores" / "fidelity.json").read_text())
+    assert scores["num_images"] == 4 and np.isfinite(scores["fid"]) and 0 <= scores["clip_score"] <= 100
+    png = RunBrowser(root, device="cpu").generate(str(final.relative_to(root)), "a red square", 0, 2)
+    assert Image.open(io.BytesIO(png)).size == (64, 32)
+
+
+@pytest.mark.slow  # a two-process launch: make test-all
+def test_sd3_two_processes_train_what_one_process_trains(tmp_path, sd3_dir):
+    from tests.test_distributed import ADAM_EPS, _launch_ddp
+    from tests.test_faults import _losses, _train
+
+    data = write_image_folder(tmp_path / "data", count=5, size=40)
+    extra = ["train.num_steps=4", "data.caption_dropout=0.3", "train.objective.timestep_sampling=logit_normal"]
+    extra += [ADAM_EPS, *T5_TOKENS]
+    assert _train(pipeline_overrides(tmp_path / "one", data, sd3_dir) + extra).returncode == 0
+    result = _launch_ddp(pipeline_overrides(tmp_path / "two", data, sd3_dir) + extra)
+    assert result.returncode == 0 and "world size 2" in result.stderr, result.stderr[-3000:]
+    (steps_a, losses_a), (steps_b, losses_b) = zip(*_losses(tmp_path / "one")), zip(*_losses(tmp_path / "two"))
+    assert steps_a == steps_b == (1, 2, 3, 4) and losses_b == pytest.approx(losses_a, rel=1e-5)
+    a, b = (
+        load_file(tmp_path / r / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+        for r in ("one", "two")
+    )
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6

@@ -435,7 +435,6 @@ def evaluate_fidelity(
     Returns:
         What :meth:`FidelityScorer.score` returns, with the model and data named.
     """
-    from sdtrain.models.vae import downsample_factor
 
     # 1. the scoring networks, the model and the reference set, before any image is drawn
     if num_images < 2:
@@ -452,7 +451,7 @@ def evaluate_fidelity(
     else:
         pipe = Pipeline.from_pretrained(model, device=device, scheduler=scheduler)
         scheduler = None  # the loaded pipeline's own now
-    resolution = pipe.unet.config.sample_size * downsample_factor(pipe.vae)
+    resolution = pipe.default_resolution()
     scorer.set_reference(data, num_images, resolution, seed, batch_size, image_column, caption_column)
     # 2. draw and score
     named = {

@@ -294,6 +294,18 @@ class Pipeline:
             return getattr(components, name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The trained model (the family's UNet or transformer)."""
+        return self.family.denoiser_of(self.components)
+
+    def default_resolution(self) -> int:
+        """The pixel side the denoiser was configured for (its latent ``sample_size`` times the autoencoder's
+        downsampling)."""
+        from sdtrain.models.vae import downsample_factor
+
+        return int(self.denoiser.config.sample_size) * downsample_factor(self.components.vae)
+
     def sampling_settings(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
         """The step count and guidance to sample with: the ones given, else this model's ``sampling``."""
         steps = int(num_inference_steps or self.sampling["num_inference_steps"])
