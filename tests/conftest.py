@@ -316,3 +316,19 @@ def pixart_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
     )  # fmt: skip
     pipe.save_pretrained(root)
     return root
+
+
+def evaluate_and_serve(root: Path, data: Path, final: Path, out: Path, inception: Path, clip: Path, num: int):
+    """`sdtrain evaluate` (FID, KID, CLIP score, 2 steps) of an export on ``data``, and a 2-image generation from it
+    through the run browser of ``root``: ``(fidelity.json's scores, the generated grid)``."""
+    import io
+    import json
+
+    from sdtrain.cli import main
+    from sdtrain.web import RunBrowser
+
+    args = ["evaluate", "--model", str(final), "--data", str(data), "--out", str(out), "--num", str(num)]
+    args += ["--batch-size", str(num // 2), "--inception", str(inception), "--clip-model", str(clip)]
+    assert main(args + ["--steps", "2", "--device", "cpu"]) == 0
+    png = RunBrowser(root, device="cpu").generate(str(final.relative_to(root)), "a red square", 0, 2)
+    return json.loads((out / "fidelity.json").read_text()), Image.open(io.BytesIO(png))

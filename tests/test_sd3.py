@@ -17,7 +17,7 @@ from sdtrain.models.families import detect
 from sdtrain.models.families.sd3 import FAMILY as SD3
 from sdtrain.sample.pipeline import Pipeline
 from sdtrain.train.loop import train
-from tests.conftest import pipeline_overrides, write_image_folder
+from tests.conftest import evaluate_and_serve, pipeline_overrides, write_image_folder
 
 T5_TOKENS = ["model.text_encoder_3.max_length=32"]  # the tiny stand-in tokenizer's length, as the pipeline is called
 
@@ -120,21 +120,10 @@ def test_sd3_reconstructs_through_its_img2img_pipeline(tuned):
 
 def test_sd3_models_are_evaluated_and_served(tuned, tmp_path, inception_file, clip_model_dir):
     """`sdtrain evaluate` (FID, KID, CLIP score) and the run browser's generation work on an SD3 export."""
-    import io
-
-    from PIL import Image
-
-    from sdtrain.cli import main
-    from sdtrain.web import RunBrowser
-
     root, data, final = tuned
-    args = ["evaluate", "--model", str(final), "--data", str(data), "--out", str(tmp_path / "scores"), "--num", "4"]
-    args += ["--batch-size", "2", "--inception", str(inception_file), "--clip-model", str(clip_model_dir)]
-    assert main(args + ["--steps", "2", "--device", "cpu"]) == 0
-    scores = json.loads((tmp_path / "scores" / "fidelity.json").read_text())
+    scores, grid = evaluate_and_serve(root, data, final, tmp_path / "scores", inception_file, clip_model_dir, 4)
     assert scores["num_images"] == 4 and np.isfinite(scores["fid"]) and 0 <= scores["clip_score"] <= 100
-    png = RunBrowser(root, device="cpu").generate(str(final.relative_to(root)), "a red square", 0, 2)
-    assert Image.open(io.BytesIO(png)).size == (64, 32)
+    assert grid.size == (64, 32)  # two 32 px images side by side
 
 
 @pytest.mark.slow  # a two-process launch: make test-all

@@ -5,7 +5,6 @@ sizes."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -19,7 +18,7 @@ from sdtrain.config import Config, load_config
 from sdtrain.models.families import detect
 from sdtrain.models.families.sdxl import FAMILY as SDXL
 from sdtrain.train.loop import train
-from tests.conftest import pipeline_overrides, write_image_folder
+from tests.conftest import evaluate_and_serve, pipeline_overrides, write_image_folder
 
 
 def _plain(folder) -> StableDiffusionXLPipeline:
@@ -261,15 +260,7 @@ def test_sdxl_single_file_round_trips_every_tensor_and_draws_the_same_images(tun
 
 def test_sdxl_models_are_evaluated_and_served(tuned, tmp_path, inception_file, clip_model_dir):
     """`sdtrain evaluate` (FID, KID, CLIP score) and the run browser's generation work on an SDXL export as on SD's."""
-    from sdtrain.cli import main
-    from sdtrain.web import RunBrowser
-
     root, data, final = tuned
-    args = ["evaluate", "--model", str(final), "--data", str(data), "--out", str(tmp_path / "scores"), "--num", "6"]
-    args += ["--batch-size", "3", "--inception", str(inception_file), "--clip-model", str(clip_model_dir)]
-    assert main(args + ["--steps", "2", "--device", "cpu"]) == 0
-    scores = json.loads((tmp_path / "scores" / "fidelity.json").read_text())
+    scores, grid = evaluate_and_serve(root, data, final, tmp_path / "scores", inception_file, clip_model_dir, 6)
     assert scores["num_images"] == 6 and scores["resolution"] == 32 and np.isfinite(scores["fid"])
-    browser = RunBrowser(root, device="cpu")
-    png = browser.generate(str(final.relative_to(root)), "a red square", 0, 2)
-    assert Image.open(io.BytesIO(png)).size == (64, 32)  # two 32 px images side by side
+    assert grid.size == (64, 32)  # two 32 px images side by side
