@@ -18,7 +18,7 @@ from sdtrain.models.families import detect
 from sdtrain.models.families.pixart import FAMILY as PIXART
 from sdtrain.sample.pipeline import Pipeline
 from sdtrain.train.loop import train
-from tests.conftest import pipeline_overrides, write_image_folder
+from tests.conftest import pipeline_overrides, tiny_overrides, write_image_folder
 
 
 def test_a_pixart_folder_fine_tunes_and_samples_as_diffusers(tmp_path, pixart_dir):
@@ -70,3 +70,54 @@ def test_lora_on_a_transformer_without_adapters_is_refused_with_the_way_out(tmp_
     overrides = pipeline_overrides(tmp_path / "run", data, pixart_dir) + ["train.lora.rank=4"]
     with pytest.raises(ValueError, match=r"takes no adapters .*train.lora.rank=0"):
         train(load_config(Config, None, overrides))
+
+
+def scratch_overrides(tmp_path, clip_dir, vae_dir) -> list[str]:
+    """A tiny PixArt transformer from scratch, trained with flow matching, conditioned by the tiny CLIP."""
+    data = write_image_folder(tmp_path / "data", count=8, size=40)
+    return tiny_overrides(tmp_path / "run", data, vae_dir, str(clip_dir), "text_encoder") + [
+        "model.family=pixart",
+        "model.transformer.num_layers=2",
+        "model.transformer.num_attention_heads=2",
+        "model.transformer.attention_head_dim=8",
+        "train.objective.kind=flow",
+        "train.objective.timestep_sampling=logit_normal",
+        "sample.scheduler=dpmpp_2m",
+    ]
+
+
+def test_a_pixart_transformer_from_scratch_trains_with_flow_matching_and_samples_as_diffusers(
+    tmp_path, clip_dir, vae_dir
+):
+    final = train(load_config(Config, None, scratch_overrides(tmp_path, clip_dir, vae_dir)))
+    scheduler = json.loads((final / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DPMSolverMultistepScheduler" and scheduler["use_flow_sigmas"]
+    assert scheduler["prediction_type"] == "flow_prediction"
+    ours = Pipeline.from_pretrained(final, device="cpu")
+    assert ours.objective.kind == "flow" and ours.denoiser.config.out_channels == 4
+    prompts = ["a red square", "a blue circle"]
+    images = ours.generate(prompts, num_inference_steps=3, guidance_scale=2.0, seed=5).images
+    unipc = ours.generate(prompts, num_inference_steps=3, guidance_scale=2.0, seed=5, scheduler="unipc").images
+    plain = PixArtSigmaPipeline.from_pretrained(final)
+    plain.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(5 + i) for i in range(2)]
+    tokens = ours.tokenizer.model_max_length
+    kwargs = dict(max_sequence_length=tokens, clean_caption=False, use_resolution_binning=False)
+    theirs = plain(prompts, num_inference_steps=3, guidance_scale=2.0, generator=generators, **kwargs).images
+    for a, b in zip(images, theirs):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, unipc))
+    with pytest.raises(ValueError, match=r"samples with dpmpp_2m, unipc \(flow matching\), not 'euler'"):
+        ours.generate(prompts, num_inference_steps=2, scheduler="euler")
+
+
+def test_an_objective_or_sampler_the_family_cannot_run_is_refused_before_work(tmp_path, clip_dir, vae_dir):
+    overrides = scratch_overrides(tmp_path, clip_dir, vae_dir)
+    with pytest.raises(ValueError, match="not 'euler'"):
+        train(load_config(Config, None, overrides + ["sample.scheduler=euler"]))
+    assert not (tmp_path / "run").exists()
+    sd = tiny_overrides(tmp_path / "run", tmp_path / "data", vae_dir, str(clip_dir), "text_encoder")
+    sd += ["train.objective.kind=flow"]
+    with pytest.raises(ValueError, match="sd models train with ddpm"):
+        train(load_config(Config, None, sd))
+    assert not (tmp_path / "run").exists()

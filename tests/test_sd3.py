@@ -39,7 +39,7 @@ def tuned(tmp_path_factory, sd3_dir):
 
 def test_an_sd3_folder_fine_tunes_with_flow_matching_and_samples_as_diffusers(tuned, sd3_dir):
     root, _, final = tuned
-    assert detect(sd3_dir) is SD3 and detect(final) is SD3 and SD3.objective == "flow"
+    assert detect(sd3_dir) is SD3 and detect(final) is SD3 and SD3.objectives == ("flow",)
     assert json.loads((final / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
     before = load_file(sd3_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     after = load_file(final / "transformer" / "diffusion_pytorch_model.safetensors")

@@ -43,7 +43,8 @@ EXAMPLES = {
       --metrics fid,kid,clip --clip-model openai/clip-vit-large-patch14          # FID / KID / CLIP score
   accelerate launch -m sdtrain evaluate --model runs/mine/final --data data/heldout --num 10000   # N GPUs""",
     "demo": """example:
-  sdtrain demo --out runs/demo            # what `make demo` runs; finished stages are reused""",
+  sdtrain demo --out runs/demo            # what `make demo` runs; finished stages are reused
+  sdtrain demo --config demo-dit          # a diffusion transformer with flow matching instead of the UNet""",
 }
 
 
@@ -137,8 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-host", action="append", default=[], help="a further host name the page is reached by")
 
     p = add("demo", "The built-in default: shapes data -> autoencoder -> UNet -> generate -> reconstruct -> evaluate.")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/ and the config's name)")
     p.add_argument("--data", type=Path, default=Path("data/shapes"), help="where the dataset is written")
+    p.add_argument("--config", default="demo", help="the denoiser's config: demo (a UNet), demo-dit, or a YAML file")
     p.add_argument("--quick", action="store_true", help="a shortened demo (seconds per stage) for tests")
     return parser
 
@@ -280,7 +282,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from sdtrain.demo import run_demo
 
-        run_demo(args.out, args.data, quick=args.quick)
+        out = args.out or Path("runs", Path(args.config).stem)
+        run_demo(out, args.data, quick=args.quick, config=args.config)
     return 0
 
 

@@ -110,6 +110,28 @@ class UNetConfig:
 
 
 @dataclass
+class TransformerConfig:
+    """A diffusion transformer built from scratch (model.family pixart: a PixArtTransformer2DModel), when the
+    denoiser is not loaded (model.unet.from_scratch, or no pretrained one): its width is heads x head_dim."""
+
+    num_layers: int = 12
+    """Transformer blocks (PixArt-Sigma XL: 28)."""
+    num_attention_heads: int = 8
+    """Attention heads (PixArt-Sigma XL: 16)."""
+    attention_head_dim: int = 32
+    """Channels per head (PixArt-Sigma XL: 72)."""
+    patch_size: int = 2
+    """Side of the latent patches that become tokens."""
+    dropout: float = 0.0
+    """Dropout in the attention and feed-forward layers."""
+
+    def __post_init__(self) -> None:
+        for key in ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.transformer.{key} must be at least 1, got {getattr(self, key)}")
+
+
+@dataclass
 class ModelConfig:
     """The model: its family and components."""
 
@@ -127,6 +149,8 @@ class ModelConfig:
     (the pipeline's max_sequence_length, 256)."""
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    """The denoiser: a UNet's knobs; its pretrained / subfolder / from_scratch keys also name a transformer's."""
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,8 +272,11 @@ class DataConfig:
 class ObjectiveConfig:
     """Noise schedule, target and loss weighting (one place for the math: sdtrain.objective)."""
 
+    kind: Literal["ddpm", "flow"] | None = None
+    """The objective: ddpm (noise schedule, epsilon / v / x0 targets) or flow (rectified flow matching, velocity
+    target); None: the family's own (ddpm for sd, sdxl and pixart; flow for sd3). PixArt trains either."""
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
-    """What the UNet predicts."""
+    """DDPM: what the denoiser predicts."""
     num_train_timesteps: int = 1000
     """Diffusion steps of the DDPM schedule."""
     beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"

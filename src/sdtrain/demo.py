@@ -1,7 +1,8 @@
 """``make demo``: the whole system on the built-in default, measured.
 
-shapes dataset -> autoencoder (stage 1) -> text-conditioned UNet with the frozen MiniLM encoder -> generate ->
-reconstruct -> evaluate, on 2 CPU cores in about a quarter of an hour. Each stage's output is reused by the next run
+shapes dataset -> autoencoder (stage 1) -> text-conditioned UNet with the frozen MiniLM encoder (or, with
+``config="demo-dit"``, a diffusion transformer trained with flow matching) -> generate -> reconstruct -> evaluate, on
+2 CPU cores in about a quarter of an hour. Each stage's output is reused by the next run
 (a finished autoencoder or UNet is not retrained; an interrupted one resumes from its checkpoint).
 """
 
@@ -16,22 +17,16 @@ from typing import Any
 from sdtrain.config import PRESETS, AutoencoderConfig, Config, load_config
 from sdtrain.data.shapes import write_shapes_dataset
 
-# Sampler, classifier-free guidance and edit strength of the evaluation. Seen prompts, all three correct, on the
-# 8.5-minute model of the demo preset ([96, 96, 128]), Euler ancestral, 30 steps: guidance 7 / 5 / 3 52.6 / 60.9 /
-# 79.5 % (seed 0); chosen on seed 1, guidance 2 / 1.5 / 1.25 / 1 (no guidance): 88.5 / 92.3 / 92.9 / 92.9 %, held out
-# 91.7 / 87.5 / 91.7 / 83.3 %. Strong guidance pushes the briefly trained UNet past the data: squares lose their
-# corners (read as circles), colours saturate. At 1.5 the deterministic Euler gives 85.9 %: the noise Euler ancestral
-# adds at every step lets the model correct a drifting shape. Reconstruct edits at guidance 1.5 (seed 1): strength
-# 0.6 / 0.7 / 0.8 47.9 / 79.2 / 89.6 % (shape kept 89.6 / 91.7 / 95.8 %); 0.8 is diffusers' img2img default.
-SCHEDULER = "euler_a"
-GUIDANCE = 1.5
+# Edit strength of the evaluation's reconstruct (its sampler, steps and guidance are the config's `sample` section):
+# with the UNet demo at guidance 1.5 (seed 1), strength 0.6 / 0.7 / 0.8 edit 47.9 / 79.2 / 89.6 % (shape kept 89.6 /
+# 91.7 / 95.8 %); 0.8 is diffusers' img2img default.
 EDIT_STRENGTH = 0.8
 
 # --quick: seconds per stage instead of minutes (the end-to-end test); the quality targets do not apply.
 QUICK = {
     "dataset": {"num_images": 256, "num_eval": 64},
     "vae": ["train.max_minutes=0.15", "train.eval_images=32"],
-    "unet": ["train.max_minutes=0.25", "train.save_every=20", "train.log_every=5"],
+    "denoiser": ["train.max_minutes=0.25", "train.save_every=20", "train.log_every=5"],
     "evaluate": {"images_per_combo": 1, "num_inference_steps": 8, "edit_count": 8},
 }
 
@@ -45,12 +40,23 @@ def _stage(name: str, seconds: dict[str, float]):
     seconds[name] = round(time.perf_counter() - start, 1)
 
 
-def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/shapes", quick: bool = False) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "runs/demo", data: str | Path = "data/shapes", quick: bool = False, config: str | Path = "demo"
+) -> dict[str, Any]:
     """Run (or resume) the demo; returns the metrics written to ``out/metrics.json``.
+
+    Args:
+        out: the run folder (the autoencoder in ``out/vae``, the denoiser in ``out/unet`` or ``out/transformer``).
+        data: where the shapes dataset is written.
+        quick: seconds per stage instead of minutes (the end-to-end test); the quality targets do not apply.
+        config: the second stage's config, a preset name (``demo``: the UNet; ``demo-dit``: a diffusion transformer
+            with flow matching) or a YAML file; the evaluation samples with its ``sample`` settings.
 
     ``metrics["seconds"]`` holds each stage's duration in the run that did the work: a reused stage keeps the
     timing recorded when it was trained.
     """
+    from sdtrain.models.families import for_config
+
     out, data = Path(out), Path(data)
     previous = (
         json.loads((out / "metrics.json").read_text()).get("seconds", {}) if (out / "metrics.json").exists() else {}
@@ -83,21 +89,23 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/shapes", qu
             f"scaling factor {vae_metrics['scaling_factor']:.3f}"
         )
 
-    unet_final = out / "unet" / "final"
-    with _stage("unet", seconds):
-        if (unet_final / "model_index.json").exists():
-            print(f"reusing {unet_final}")
-            reused.add("unet")
+    stage = load_config(Config, config)  # the denoiser's stage: its name is the family's denoiser (unet, transformer)
+    name = for_config(stage.model).denoiser
+    final = out / name / "final"
+    with _stage(name, seconds):
+        if (final / "model_index.json").exists():
+            print(f"reusing {final}")
+            reused.add(name)
         else:
             from sdtrain.train.loop import train
 
             overrides = [
                 f"data.path={data / 'train'}",
                 f"model.vae.path={vae_dir}",
-                f"train.output_dir={out / 'unet'}",
+                f"train.output_dir={out / name}",
             ]
-            overrides += QUICK["unet"] if quick else []
-            train(load_config(Config, PRESETS / "demo.yaml", overrides))
+            overrides += QUICK["denoiser"] if quick else []
+            train(load_config(Config, config, overrides))
 
     with _stage("evaluate", seconds):
         from sdtrain.evaluate.report import evaluate_shapes_model
@@ -107,9 +115,11 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/shapes", qu
             "vae_ssim": vae_metrics["ssim"],
             "vae_scaling_factor": vae_metrics["scaling_factor"],
         }
-        settings = {"guidance_scale": GUIDANCE, "scheduler": SCHEDULER, "edit_strength": EDIT_STRENGTH}
+        sample = stage.sample
+        settings = {"guidance_scale": sample.guidance_scale, "scheduler": sample.scheduler}
+        settings |= {"num_inference_steps": sample.num_inference_steps, "edit_strength": EDIT_STRENGTH}
         settings |= QUICK["evaluate"] if quick else {}
-        metrics = evaluate_shapes_model(unet_final, data, out, extra=extra, **settings)
+        metrics = evaluate_shapes_model(final, data, out, extra=extra, **settings)
     seconds["total_this_run"] = round(time.perf_counter() - started, 1)
     metrics["seconds"] = {k: previous.get(k, v) if k in reused else v for k, v in seconds.items()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -120,6 +130,12 @@ def run_demo(out: str | Path = "runs/demo", data: str | Path = "data/shapes", qu
 def summary_table(metrics: dict[str, Any], out: Path) -> str:
     """The short table `make demo` ends with."""
     s, h, r = metrics["seen"], metrics["held_out"], metrics["reconstruct"]
+    edits = (
+        f"reconstruct edits: {r['edit_success']:.1%} succeed (colour {r['color_edit_success']:.1%}, background "
+        f"{r['background_edit_success']:.1%}), shape kept {r['shape_kept']:.1%}, strength {r['strength']}"
+        if r is not None
+        else "reconstruct: none (diffusers has no image-to-image pipeline for this family)"
+    )
     lines = [
         "",
         "| stage | seconds |",
@@ -133,11 +149,10 @@ def summary_table(metrics: dict[str, Any], out: Path) -> str:
         f"| seen | {s['color']:.1%} | {s['shape']:.1%} | {s['background']:.1%} | {s['all']:.1%} |",
         f"| held out | {h['color']:.1%} | {h['shape']:.1%} | {h['background']:.1%} | {h['all']:.1%} |",
         "",
-        f"reconstruct edits: {r['edit_success']:.1%} succeed (colour {r['color_edit_success']:.1%}, background "
-        f"{r['background_edit_success']:.1%}), shape kept {r['shape_kept']:.1%}, strength {r['strength']}",
+        edits,
         f"guidance {metrics['guidance_scale']}, {metrics['num_inference_steps']} steps, {metrics['scheduler']}",
         "",
-        f"grids: {out / 'grid_seen.png'}  {out / 'grid_held_out.png'}  {out / 'grid_reconstruct.png'}",
+        "grids: " + "  ".join(str(out / f"grid_{g}.png") for g in ("seen", "held_out", "reconstruct")[: 2 + bool(r)]),
         f"metrics: {out / 'metrics.json'}",
     ]
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """One place for the diffusion math: noise schedule, noising, targets and loss weights, for the two objectives the
 families train with: DDPM (:class:`DDPM`: Stable Diffusion 1.x / 2.x, SDXL) and rectified flow matching
-(:class:`FlowMatching`: SD3, Flux). The loop and validation call an objective's ``draw`` and ``loss``; :func:`make`
-builds the one a family names.
+(:class:`FlowMatching`: SD3, Flux, and PixArt where asked). The loop and validation call an objective's ``draw`` and
+``loss``; :func:`make` builds the one :func:`kind_of` names.
 
 Training, validation loss and tests all use these functions. With ``alpha_bar_t`` the cumulative product of the
 schedule, ``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps`` and the UNet predicts one of
@@ -53,14 +53,22 @@ def flow_schedule(config: ObjectiveConfig) -> dict[str, Any]:
     }
 
 
+def is_flow(scheduler) -> bool:
+    """Whether a scheduler samples a flow-matching model: the ``FlowMatch*`` schedulers, and the multistep solvers
+    with ``use_flow_sigmas`` (PixArt's and Sana's pipelines call ``scale_model_input``, which only those have)."""
+    c = scheduler.config
+    return ("shift" in c and "beta_start" not in c) or bool(c.get("use_flow_sigmas", False))
+
+
 def from_scheduler(scheduler) -> ObjectiveConfig:
     """The objective a scheduler's config describes (a saved pipeline's): :func:`schedule` (or, for a
-    flow-matching scheduler, :func:`flow_schedule`) read back."""
+    flow-matching scheduler, :func:`flow_schedule`) read back, with its ``kind``."""
     c, default = scheduler.config, ObjectiveConfig()
-    if "shift" in c and "beta_start" not in c:  # FlowMatchEulerDiscreteScheduler and its kin
+    if is_flow(scheduler):
         return ObjectiveConfig(
+            kind="flow",
             num_train_timesteps=c.get("num_train_timesteps", default.num_train_timesteps),
-            shift=c.get("shift", default.shift),
+            shift=c.get("shift", c.get("flow_shift", default.shift)),
             dynamic_shift=bool(c.get("use_dynamic_shifting", False)),
             base_shift=c.get("base_shift", default.base_shift),
             max_shift=c.get("max_shift", default.max_shift),
@@ -68,6 +76,7 @@ def from_scheduler(scheduler) -> ObjectiveConfig:
             max_seq_len=c.get("max_image_seq_len", default.max_seq_len),
         )
     return ObjectiveConfig(
+        kind="ddpm",
         prediction_type=c.get("prediction_type", default.prediction_type),
         num_train_timesteps=c.get("num_train_timesteps", default.num_train_timesteps),
         beta_schedule=c.get("beta_schedule", default.beta_schedule),
@@ -300,8 +309,22 @@ class FlowMatching:
             return diffusion_loss(predict(model, noisy, timesteps, cond), noise - latents, weights)
 
 
+def kind_of(config: ObjectiveConfig, family) -> str:
+    """The objective a run trains: ``config.kind``, else the family's default (the first of ``Family.objectives``).
+
+    Raises:
+        ValueError: the family's pipelines cannot sample a model trained with ``config.kind``.
+    """
+    kind = config.kind or family.objectives[0]
+    if kind not in family.objectives:
+        raise ValueError(
+            f"train.objective.kind={kind}: {family.name} models train with {' or '.join(family.objectives)}"
+        )
+    return kind
+
+
 def make(kind: str, config: ObjectiveConfig, image_seq_len: int | None = None) -> DDPM | FlowMatching:
-    """The objective a family names (``Family.objective``): ``ddpm`` or ``flow``."""
+    """The objective of ``kind`` (:func:`kind_of`): ``ddpm`` or ``flow``."""
     if kind == "ddpm":
         return DDPM(config)
     if kind == "flow":

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from sdtrain.config import SCHEDULER_NAMES, ObjectiveConfig
 from sdtrain.models.families import Family, detect
 from sdtrain.models.vae import decode_latents, encode_moments, scale_latents
-from sdtrain.objective import flow_schedule, from_scheduler, schedule
+from sdtrain.objective import flow_schedule, from_scheduler, is_flow, schedule
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler": EulerDiscreteScheduler,
@@ -49,10 +49,13 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "pndm": PNDMScheduler,
     "unipc": UniPCMultistepScheduler,
 }
-# the samplers of flow-matching models (SD3, Flux), by the same names
+# the samplers of flow-matching models, by the same names: SD3's and Flux's FlowMatch schedulers, and the multistep
+# solvers on flow sigmas (Sana's; what PixArt's pipeline can run, as it calls scale_model_input)
 FLOW_SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler": FlowMatchEulerDiscreteScheduler,
     "heun": FlowMatchHeunDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
 }
 if tuple(SCHEDULERS) != SCHEDULER_NAMES:  # config.SamplerName is the one list of names
     raise ImportError(f"SCHEDULERS {tuple(SCHEDULERS)} differ from config.SCHEDULER_NAMES {SCHEDULER_NAMES}")
@@ -84,11 +87,14 @@ class Output:
     images: list[Image.Image]
 
 
-def sampling_scheduler(config: ObjectiveConfig, name: str = "euler", objective: str = "ddpm") -> SchedulerMixin:
+def sampling_scheduler(
+    config: ObjectiveConfig, name: str = "euler", objective: str = "ddpm", flow_samplers: tuple[str, ...] | None = None
+) -> SchedulerMixin:
     """A sampler that matches the training schedule: for DDPM its betas, prediction type and zero terminal SNR; for
-    flow matching its shift (``FlowMatchEulerDiscreteScheduler`` as SD3's and Flux's pipelines configure it)."""
+    flow matching its shift (``FlowMatchEulerDiscreteScheduler`` as SD3's and Flux's pipelines configure it, or a
+    multistep solver on the same flow sigmas), one of ``flow_samplers`` (default: all)."""
     if objective == "flow":
-        return with_scheduler(FlowMatchEulerDiscreteScheduler(**flow_schedule(config)), name)
+        return flow_sampler(config, name, flow_samplers)
     base = EulerDiscreteScheduler(
         **schedule(config),
         timestep_spacing="trailing",
@@ -97,15 +103,35 @@ def sampling_scheduler(config: ObjectiveConfig, name: str = "euler", objective: 
     return with_scheduler(base, name)
 
 
-def with_scheduler(scheduler: SchedulerMixin, name: str) -> SchedulerMixin:
+def flow_sampler(config: ObjectiveConfig, name: str, allowed: tuple[str, ...] | None = None) -> SchedulerMixin:
+    """The flow-matching sampler ``name`` on the sigmas, shift and step count of ``config``."""
+    allowed = allowed or tuple(FLOW_SCHEDULERS)
+    if name not in allowed:
+        raise ValueError(f"this model samples with {', '.join(allowed)} (flow matching), not {name!r}")
+    cls = FLOW_SCHEDULERS[name]
+    if name == "euler":
+        return cls(**flow_schedule(config))
+    if name == "heun":
+        if config.dynamic_shift:
+            raise ValueError("FlowMatchHeunDiscreteScheduler has no dynamic shift: sample with euler")
+        return cls(num_train_timesteps=config.num_train_timesteps, shift=config.shift)
+    if config.dynamic_shift:
+        raise ValueError(f"{cls.__name__} on flow sigmas is sampled here with a constant shift: sample with euler")
+    return cls(
+        num_train_timesteps=config.num_train_timesteps, prediction_type="flow_prediction", use_flow_sigmas=True,
+        flow_shift=config.shift,
+    )  # fmt: skip
+
+
+def with_scheduler(
+    scheduler: SchedulerMixin, name: str, flow_samplers: tuple[str, ...] | None = None
+) -> SchedulerMixin:
     """The sampler ``name`` built from another scheduler's config (same training schedule); a flow-matching
-    scheduler takes the names of ``FLOW_SCHEDULERS``."""
-    if isinstance(scheduler, tuple(FLOW_SCHEDULERS.values())):
-        if name not in FLOW_SCHEDULERS:
-            raise ValueError(f"a flow-matching model samples with {', '.join(FLOW_SCHEDULERS)}, not {name!r}")
-        if isinstance(scheduler, FLOW_SCHEDULERS[name]):
+    scheduler takes the names of ``flow_samplers`` (default: all of ``FLOW_SCHEDULERS``)."""
+    if is_flow(scheduler):
+        if name in FLOW_SCHEDULERS and isinstance(scheduler, FLOW_SCHEDULERS[name]):
             return scheduler
-        return FLOW_SCHEDULERS[name].from_config(scheduler.config)
+        return flow_sampler(from_scheduler(scheduler), name, flow_samplers)
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     if isinstance(scheduler, SCHEDULERS[name]):
@@ -282,7 +308,9 @@ class Pipeline:
             objective = from_scheduler(scheduler) if given else ObjectiveConfig()
         self.objective = objective
         if scheduler is None or isinstance(scheduler, str):
-            scheduler = sampling_scheduler(objective, scheduler or "euler", self.family.objective)
+            kind = objective.kind or self.family.objectives[0]
+            default = self.family.flow_samplers[0] if kind == "flow" else "euler"
+            scheduler = sampling_scheduler(objective, scheduler or default, kind, self.family.flow_samplers)
         self.scheduler = scheduler
         self.sampling = FALLBACK_SAMPLING | (sampling or {})
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -314,7 +342,7 @@ class Pipeline:
     def diffusers_pipeline(self, img2img: bool = False, scheduler: str | None = None, device: bool = True):
         """The family's diffusers pipeline over these components (``img2img``: its image-to-image sibling), with the
         sampler ``scheduler`` for this call only; on this model's device unless ``device`` is False."""
-        sched = with_scheduler(self.scheduler, scheduler) if scheduler else self.scheduler
+        sched = with_scheduler(self.scheduler, scheduler, self.family.flow_samplers) if scheduler else self.scheduler
         cls = self.family.img2img if img2img else self.family.txt2img
         if cls is None:
             raise ValueError(f"diffusers has no image-to-image pipeline for {self.family.name} models: no reconstruct")
@@ -381,7 +409,7 @@ class Pipeline:
         ``scheduler``, another sampler on the same schedule."""
         family = detect(path)
         pipe = family.txt2img.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
-        sched = with_scheduler(pipe.scheduler, scheduler) if scheduler else pipe.scheduler
+        sched = with_scheduler(pipe.scheduler, scheduler, family.flow_samplers) if scheduler else pipe.scheduler
         sampling = read_sampling_defaults(path) if Path(path).is_dir() else None
         components = family.components_of(pipe)
         return cls.from_components(components, family, sched, sampling=sampling, device=device)

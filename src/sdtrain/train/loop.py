@@ -33,7 +33,7 @@ from sdtrain.data.streams import IterableStream, MixedStream, OnlineStream, Shar
 from sdtrain.models.families import Encoders, Family, for_config
 from sdtrain.models.lora import add_lora
 from sdtrain.models.vae import downsample_factor
-from sdtrain.sample.pipeline import Pipeline, save_images
+from sdtrain.sample.pipeline import Pipeline, sampling_scheduler, save_images
 from sdtrain.train import checkpoint, sharding, zero
 from sdtrain.train.ema import EMA, ema_parameters
 from sdtrain.train.export import export_pipeline
@@ -137,13 +137,28 @@ def train(config: Config, components: Any | None = None, batches: Iterable | Non
         RunLocked: another process trains in ``output_dir``.
         Preempted: SIGTERM or SIGUSR1 arrived; the step in progress was finished and checkpointed.
     """
+    check_objective(config)  # before the run folder is made
     with run_lock(config.train.output_dir):
         return _train(config, components, batches)
+
+
+def check_objective(config: Config) -> str:
+    """The objective the run trains (:func:`sdtrain.objective.kind_of`), checked with the sampler of ``sample``
+    against what the family's pipelines run.
+
+    Raises:
+        ValueError: the family cannot train or sample it (a flow-matching PixArt sampled with ``euler``).
+    """
+    family = for_config(config.model)
+    kind = objective.kind_of(config.train.objective, family)
+    sampling_scheduler(config.train.objective, config.sample.scheduler, kind, family.flow_samplers)
+    return kind
 
 
 def _train(config: Config, components: Any | None, batches: Iterable | None) -> Path:
     """:func:`train`'s stages, top to bottom."""
     tc, family, out = config.train, for_config(config.model), Path(config.train.output_dir)
+    kind = check_objective(config)
     # 1. Accelerator (DDP, FSDP2 or DeepSpeed, as launched), run directory, seeds
     accelerator, generator = _start(config)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -163,7 +178,7 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
     encoders = family.encoders(components)
     profile = _preflight(accelerator, family, components, encoders, config, micro_batch)
     stream = _make_stream(config, encoders, batches, micro_batch, device, rank, world)
-    diffusion = objective.make(family.objective, tc.objective)  # noise, timesteps, targets, weights
+    diffusion = objective.make(kind, tc.objective)  # noise, timesteps, targets, weights
     validation = None
     if batches is None and accelerator.is_main_process:
         validation = build_validation_set(config.data, diffusion, encoders, tc.seed)

@@ -52,7 +52,7 @@ class Family:
         img2img: its image-to-image sibling (``reconstruct``); None where diffusers has none.
         denoiser: the name of the trained component in a pipeline folder (``unet``, ``transformer``).
         lora_targets: the denoiser's modules LoRA adapts by default.
-        objective: the training objective's kind (``ddpm``).
+        objectives: the objectives its pipelines sample, the default first (``("ddpm",)``; ``flow``: flow matching).
         load: ``Config -> components`` (frozen encoders and autoencoder, a built or loaded denoiser).
         encode_prompts: ``(components, prompts, device) -> Conditioning``.
         predict: ``(denoiser, noisy latents, timesteps, Conditioning) -> model output``.
@@ -65,6 +65,8 @@ class Family:
             write beside them or None)``; None for a family without a single-file layout.
         sampling_kwargs: ``components -> what the family's pipelines are called with beside the prompts`` (SD3: the
             T5 length it trained with); None: nothing.
+        flow_samplers: the names of ``sample.pipeline.FLOW_SCHEDULERS`` its pipelines can run a flow-matching model
+            with (PixArt's call ``scale_model_input``, which the ``FlowMatch*`` schedulers lack).
     """
 
     name: str
@@ -73,7 +75,7 @@ class Family:
     img2img: type | None
     denoiser: str
     lora_targets: tuple[str, ...]
-    objective: str
+    objectives: tuple[str, ...]
     load: Callable[[Any], Any]
     encode_prompts: Callable[[Any, list[str], torch.device | str], Conditioning]
     predict: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
@@ -83,6 +85,7 @@ class Family:
     encoders: Callable[[Any], Encoders]
     single_file: Callable[[Path], tuple[dict[str, torch.Tensor], dict | None]] | None = None
     sampling_kwargs: Callable[[Any], dict[str, Any]] | None = None
+    flow_samplers: tuple[str, ...] = ("euler", "heun")
 
     def denoiser_of(self, components) -> torch.nn.Module:
         """The trained model among ``components``."""

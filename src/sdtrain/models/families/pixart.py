@@ -1,6 +1,8 @@
 """PixArt-Sigma: one T5 text encoder (its last hidden state and attention mask), an AutoencoderKL, a
-``PixArtTransformer2DModel`` (DiT with adaLN-single and cross-attention), the DDPM objective, exported as a
-``PixArtSigmaPipeline``.
+``PixArtTransformer2DModel`` (DiT with adaLN-single and cross-attention), exported as a ``PixArtSigmaPipeline``.
+It trains with DDPM as PixArt-Sigma does, or with flow matching (``train.objective.kind=flow``, as Sana trains the
+same kind of transformer), then sampled with the multistep solvers on flow sigmas, the flow samplers that PixArt's
+pipeline can run. Built from scratch (``model.transformer``), any transformers encoder conditions it.
 
 The transformer outputs the noise and, in its other half, a learned variance (``out_channels`` twice the latent's).
 sdtrain trains the noise half with the DDPM objective and leaves the variance half as the checkpoint has it
@@ -22,8 +24,8 @@ from transformers import T5EncoderModel
 
 from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
-from sdtrain.models.text import load_text_encoder
-from sdtrain.models.vae import load_vae
+from sdtrain.models.text import hidden_size, load_text_encoder
+from sdtrain.models.vae import downsample_factor, load_vae
 
 T5_TOKENS = 300  # PixArtSigmaPipeline's default max_sequence_length
 
@@ -39,27 +41,57 @@ class Components:
 
 
 def load_components(config, denoiser: bool = True) -> Components:
-    """Load the frozen autoencoder and T5, and the transformer, from ``model.pretrained`` (or their own paths)."""
+    """Load the frozen autoencoder and text encoder, and load the transformer from ``model.pretrained`` (or its own
+    path) or build it from ``model.transformer`` (from scratch: any transformers encoder conditions it, T5 or the
+    demo's MiniLM)."""
     m = config.model
     te = m.text_encoder
-    own = te.path not in ("", "minilm") or te.subfolder is not None
+    scratch = m.unet.from_scratch or not (m.unet.pretrained or m.pretrained)
+    own = te.path not in ("", "minilm") or te.subfolder is not None or (scratch and te.path == "minilm")
     if not own and not m.pretrained:
         raise ValueError("model.family=pixart needs model.text_encoder.path (a T5) or model.pretrained")
     path, sub = (te.path, te.subfolder) if own else (m.pretrained, "text_encoder")
+    t5 = not (own and scratch)  # a new transformer takes any encoder (its own max length); a pretrained one, T5
     text_encoder, tokenizer = load_text_encoder(
-        path, sub, te.max_length or T5_TOKENS, te.dtype, te.trust_remote_code, model_class=T5EncoderModel
-    )
+        path, sub, te.max_length or (T5_TOKENS if t5 else None), te.dtype, te.trust_remote_code,
+        model_class=T5EncoderModel if t5 else None,
+    )  # fmt: skip
     vae_path, vae_sub = (m.vae.path, m.vae.subfolder) if m.vae.path else (m.pretrained, "vae")
     vae = load_vae(vae_path, vae_sub, m.vae.dtype)
     transformer = None
-    if denoiser:
-        if m.unet.from_scratch or not (m.unet.pretrained or m.pretrained):
-            raise ValueError(
-                "PixArt trains from a pipeline folder (model.pretrained); from scratch is not offered yet"
-            )
+    if denoiser and scratch:
+        sample_size = config.data.resolution // downsample_factor(vae)
+        width = hidden_size(text_encoder)
+        transformer = build_transformer(m.transformer, vae.config.latent_channels, sample_size, width)
+    elif denoiser:
         source, sub = (m.unet.pretrained, m.unet.subfolder) if m.unet.pretrained else (m.pretrained, "transformer")
         transformer = PixArtTransformer2DModel.from_pretrained(source, subfolder=sub)
     return Components(vae, text_encoder, tokenizer, transformer)
+
+
+def build_transformer(
+    knobs, latent_channels: int, sample_size: int, caption_channels: int
+) -> PixArtTransformer2DModel:
+    """A fresh PixArt transformer of ``model.transformer``'s shape over ``sample_size``-sided latents, conditioned on
+    a text encoder of width ``caption_channels``: PixArt-Sigma's architecture (adaLN-single, cross-attention, 2D
+    sin-cos positions), without the learned-variance half (sdtrain would not train it) or the size conditioning."""
+    if sample_size % knobs.patch_size:
+        raise ValueError(f"latents of side {sample_size} do not split into {knobs.patch_size}-sided patches")
+    width = knobs.num_attention_heads * knobs.attention_head_dim
+    return PixArtTransformer2DModel(
+        num_attention_heads=knobs.num_attention_heads,
+        attention_head_dim=knobs.attention_head_dim,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_layers=knobs.num_layers,
+        dropout=knobs.dropout,
+        cross_attention_dim=width,
+        sample_size=sample_size,
+        patch_size=knobs.patch_size,
+        caption_channels=caption_channels,
+        use_additional_conditions=False,
+        interpolation_scale=max(sample_size // 64, 1),
+    )
 
 
 @torch.no_grad()
@@ -126,7 +158,7 @@ FAMILY = Family(
     img2img=None,  # diffusers has no PixArt img2img pipeline: reconstruct says so
     denoiser="transformer",
     lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
-    objective="ddpm",
+    objectives=("ddpm", "flow"),
     load=load_components,
     encode_prompts=encode_prompts,
     predict=predict,
@@ -135,4 +167,5 @@ FAMILY = Family(
     frozen=frozen,
     encoders=encoders,
     sampling_kwargs=sampling_kwargs,
+    flow_samplers=("dpmpp_2m", "unipc"),  # the pipeline calls scale_model_input: multistep solvers on flow sigmas
 )
