@@ -294,6 +294,38 @@ def sd3_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
+    """A tiny FluxPipeline folder, as diffusers' own Flux tests build one: the tiny CLIP, a tiny T5 encoder (the
+    byte-level CLIP tokenizer standing in for T5's), a FluxTransformer2DModel with one double- and one single-stream
+    block and a guidance embedding (as FLUX.1 dev), the tiny VAE with a shift factor, FLUX.1 dev's scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    root = tmp_path_factory.mktemp("flux")
+    torch.manual_seed(0)
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(_byte_vocab()), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                             num_heads=4, decoder_start_token_id=0))  # fmt: skip
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6], guidance_embeds=True,
+    )  # fmt: skip
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae.register_to_config(shift_factor=0.1159)  # FLUX.1's VAE centres its latents before scaling them
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel.from_pretrained(clip_dir / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(clip_dir / "tokenizer"), text_encoder_2=text_encoder_2,
+        tokenizer_2=CLIPTokenizer.from_pretrained(clip_dir / "tokenizer", model_max_length=32),
+        transformer=transformer,
+    )  # fmt: skip
+    pipe.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
 def pixart_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
     """A tiny PixArtSigmaPipeline folder, as diffusers' own PixArt tests build one: a tiny T5 encoder (the byte-level
     CLIP tokenizer standing in for T5's), a PixArtTransformer2DModel with a learned-variance half, the tiny VAE."""

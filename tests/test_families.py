@@ -37,16 +37,16 @@ def test_a_family_is_detected_from_model_index(tmp_path, clip_dir, vae_dir):
     assert for_config(load_config(Config, None, [f"model.pretrained={folder}"]).model) is SD
     assert detect(None) is SD and detect(tmp_path / "no-index") is SD  # no model_index.json: Stable Diffusion
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "FluxPipeline"}))
-    with pytest.raises(ValueError, match="FluxPipeline folder; sdtrain trains these families: sd"):
+    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "KandinskyV22Pipeline"}))
+    with pytest.raises(ValueError, match="KandinskyV22Pipeline folder; sdtrain trains these families: sd"):
         detect(folder)
 
 
-def test_every_family_provides_the_interface(tmp_path, clip_dir, vae_dir, sdxl_dir, sd3_dir, pixart_dir):
+def test_every_family_provides_the_interface(tmp_path, clip_dir, vae_dir, sdxl_dir, sd3_dir, flux_dir, pixart_dir):
     """Each family's functions agree with one another on tiny components saved by diffusers: its encoders condition
     its denoiser, its pipeline kwargs build its diffusers pipelines, whose components come back as its components."""
     folders = {"sd": _tiny_pipeline(tmp_path / "sd", clip_dir, vae_dir), "sdxl": sdxl_dir, "sd3": sd3_dir}
-    folders["pixart"] = pixart_dir
+    folders |= {"pixart": pixart_dir, "flux": flux_dir}
     assert set(folders) == set(families())  # a new family brings its tiny folder here
     for name, family in families().items():
         config = load_config(Config, None, [f"model.pretrained={folders[name]}", "data.resolution=32"])
@@ -60,7 +60,7 @@ def test_every_family_provides_the_interface(tmp_path, clip_dir, vae_dir, sdxl_d
         assert all(v.shape[0] == 2 and v.dtype == torch.float32 for v in cond.values())
         assert encoders.text_identity() == family.encoders(family.load(config)).text_identity()  # exact, repeatable
         model = family.denoiser_of(components)
-        latents = torch.randn(2, model.config.in_channels, 16, 16)
+        latents = torch.randn(2, encoders.vae.config.latent_channels, 16, 16)
         out = family.predict(model, latents, torch.tensor([10, 900]), cond)
         assert out.shape == latents.shape
         scheduler = Pipeline(components, family).scheduler

@@ -202,6 +202,31 @@ def test_sdxl_two_processes_train_what_one_process_trains(tmp_path, sdxl_dir):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
+@pytest.mark.slow  # two-process launches: make test-all
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_sdxl_sharded_by_fsdp2_or_zero3_trains_what_one_process_trains(strategy, tmp_path, sdxl_dir):
+    """The SDXL UNet sharded over 2 processes (FSDP2 by its blocks, or DeepSpeed ZeRO-3): the losses and the exported
+    EMA weights are one process's, and each process holds about half of the UNet."""
+    import re
+
+    from tests.test_distributed import ADAM_EPS, _launch_deepspeed, _launch_fsdp
+    from tests.test_faults import _losses, _train, _weights
+
+    data = write_image_folder(tmp_path / "data", count=8, size=40)
+    extra = ["train.num_steps=4", "data.caption_dropout=0.3", "train.mixed_precision=no", ADAM_EPS]
+    assert _train(pipeline_overrides(tmp_path / "one", data, sdxl_dir) + extra).returncode == 0
+    sharded = pipeline_overrides(tmp_path / "two", data, sdxl_dir) + extra
+    result = _launch_fsdp(sharded) if strategy == "fsdp2" else _launch_deepspeed(sharded, "--zero_stage", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("world size 2 (FSDP" if strategy == "fsdp2" else "world size 2 (DEEPSPEED ZeRO-3") in result.stderr
+    held, total = map(int, re.search(r"this process holds (\d+) of the UNet's (\d+)", result.stderr).groups())
+    assert held < 0.6 * total
+    (steps_a, losses_a), (steps_b, losses_b) = zip(*_losses(tmp_path / "one")), zip(*_losses(tmp_path / "two"))
+    assert steps_a == steps_b == (1, 2, 3, 4) and losses_b == pytest.approx(losses_a, rel=1e-5)
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
 def test_sdxl_from_scratch_with_the_family_named(tmp_path, sdxl_dir, vae_dir):
     """model.family=sdxl with the two text encoders and the autoencoder given as folders, the UNet built from the
     knobs with SDXL's text-time embedding sized for them."""
@@ -264,3 +289,44 @@ def test_sdxl_models_are_evaluated_and_served(tuned, tmp_path, inception_file, c
     scores, grid = evaluate_and_serve(root, data, final, tmp_path / "scores", inception_file, clip_model_dir, 6)
     assert scores["num_images"] == 6 and scores["resolution"] == 32 and np.isfinite(scores["fid"])
     assert grid.size == (64, 32)  # two 32 px images side by side
+
+
+def test_sdxl_text_encoders_train_with_lora_at_their_own_lr_and_export_for_diffusers_and_kohya(tmp_path, sdxl_dir):
+    """train.text_encoder.mode=lora: adapters on both CLIPs (a lower lr than the UNet's), in both LoRA files beside
+    the UNet's; base + adapters draws what the merged export draws, which carries the merged encoders."""
+    data = write_image_folder(tmp_path / "data", count=8, size=40)
+    extra = ["train.lora.rank=4", "train.optim.lr=1e-2", "train.ema_decay=null", "train.num_steps=2",
+             "train.text_encoder.mode=lora", "train.text_encoder.rank=2", "train.text_encoder.lr=5e-3",
+             "train.optim.warmup_steps=0", "train.optim.schedule=constant"]  # fmt: skip
+    run = tmp_path / "run"
+    final = train(load_config(Config, None, pipeline_overrides(run, data, sdxl_dir) + extra))
+    adapters = load_file(final / "lora" / "pytorch_lora_weights.safetensors")
+    kohya = load_file(final / "lora" / "lora_kohya.safetensors")
+    modules = {k.rsplit(".lora", 1)[0] for k in adapters}
+    kohya_modules = {k.split(".")[0] for k in kohya}
+    by_prefix = {p: {m for m in kohya_modules if m.startswith(p)} for p in ("lora_unet_", "lora_te1_", "lora_te2_")}
+    assert all(by_prefix.values()) and sum(map(len, by_prefix.values())) == len(kohya_modules) == len(modules)
+    assert len(kohya) == 3 * len(kohya_modules)
+    te_layers = 2 * 4  # q, k, v, out on each of the tiny CLIPs' 2 layers
+    assert len(by_prefix["lora_te1_"]) == len(by_prefix["lora_te2_"]) == te_layers
+    assert {m.split(".")[0] for m in modules} == {"unet", "text_encoder", "text_encoder_2"}
+    before = load_file(sdxl_dir / "text_encoder_2" / "model.safetensors")
+    after = load_file(final / "text_encoder_2" / "model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    checkpoint = torch.load(next((run / "checkpoints").glob("step-*")) / "optimizer.pt", weights_only=False)
+    rates = sorted({g["lr"] for g in checkpoint["param_groups"]})
+    assert rates == [5e-3, 1e-2]  # the encoders' adapters at their own rate
+    kwargs = dict(prompt="a red square", num_inference_steps=3, output_type="np")
+    base = _plain(sdxl_dir)
+    before = base(generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    base.load_lora_weights(final / "lora")
+    with_lora = base(generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    merged_pipe = _plain(final)
+    merged_pipe.scheduler = base.scheduler
+    merged = merged_pipe(generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    assert np.abs(with_lora - before).mean() > 1e-4
+    assert np.abs(merged - with_lora).max() < 1e-4
+    from_kohya = _plain(sdxl_dir)
+    from_kohya.load_lora_weights(final / "lora", weight_name="lora_kohya.safetensors")
+    third = from_kohya(generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    assert np.abs(third - with_lora).max() < 1e-4

@@ -111,11 +111,13 @@ class UNetConfig:
 
 @dataclass
 class TransformerConfig:
-    """A diffusion transformer built from scratch (model.family pixart: a PixArtTransformer2DModel), when the
-    denoiser is not loaded (model.unet.from_scratch, or no pretrained one): its width is heads x head_dim."""
+    """A diffusion transformer built from scratch (model.family pixart, sd3 or flux), when the denoiser is not loaded
+    (model.unet.from_scratch, or no pretrained one): its width is heads x head_dim."""
 
     num_layers: int = 12
-    """Transformer blocks (PixArt-Sigma XL: 28)."""
+    """Transformer blocks (PixArt-Sigma XL: 28; SD3 medium: 24; Flux: its double-stream blocks, 19 in FLUX.1)."""
+    num_single_layers: int = 0
+    """Flux: single-stream blocks after the double-stream ones (38 in FLUX.1)."""
     num_attention_heads: int = 8
     """Attention heads (PixArt-Sigma XL: 16)."""
     attention_head_dim: int = 32
@@ -129,15 +131,18 @@ class TransformerConfig:
         for key in ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.transformer.{key} must be at least 1, got {getattr(self, key)}")
+        if self.num_single_layers < 0:
+            raise ConfigError(f"model.transformer.num_single_layers must be >= 0, got {self.num_single_layers}")
 
 
 @dataclass
 class ModelConfig:
     """The model: its family and components."""
 
-    family: Literal["sd", "sdxl", "sd3", "pixart"] | None = None
+    family: Literal["sd", "sdxl", "sd3", "flux", "pixart"] | None = None
     """The model family (sd: Stable Diffusion 1.x / 2.x; sdxl: Stable Diffusion XL; sd3: Stable Diffusion 3 /
-    3.5, flow matching; pixart: PixArt-Sigma); unset: read from model.pretrained's model_index.json, else sd."""
+    3.5, flow matching; flux: FLUX.1, flow matching; pixart: PixArt-Sigma); unset: read from model.pretrained's
+    model_index.json, else sd."""
     pretrained: str | None = None
     """A pipeline folder or hub id (its family is detected); components without a path of their own come from it."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -393,6 +398,30 @@ class LoRAConfig:
 
 
 @dataclass
+class TextEncoderTrainingConfig:
+    """Training the text encoders with the denoiser (families sd and sdxl), as kohya-ss and OneTrainer offer: the data
+    layer then tokenizes the prompts (the latent caches hold token ids) and every step encodes them with gradients;
+    the export carries the trained encoders, and LoRA adapters join the denoiser's in both LoRA files."""
+
+    mode: Literal["frozen", "lora", "full"] = "frozen"
+    """frozen: encoded once, outside autograd; lora: adapters on the encoders' attention; full: every weight trains."""
+    lr: float | None = None
+    """The encoders' peak learning rate (the schedule scales it as the denoiser's); None: train.optim.lr."""
+    rank: int = 8
+    """mode lora: the adapters' rank."""
+    alpha: float | None = None
+    """mode lora: scale numerator (alpha / rank); None: equal to rank."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    """mode lora: the encoders' modules that get adapters (CLIP's attention projections, as diffusers' examples)."""
+
+    def __post_init__(self) -> None:
+        if self.mode == "lora" and (self.rank < 1 or not self.target_modules):
+            raise ConfigError("train.text_encoder.mode=lora needs rank >= 1 and some target_modules")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"train.text_encoder.lr must be positive, got {self.lr}")
+
+
+@dataclass
 class FidelityConfig:
     """FID / KID / CLIP score during training (`pip install 'sdtrain[metrics]'`): the EMA weights draw one image per
     reference caption with the `sample` settings, against a reference set read once at the start."""
@@ -488,6 +517,7 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    text_encoder: TextEncoderTrainingConfig = field(default_factory=TextEncoderTrainingConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
     def __post_init__(self) -> None:

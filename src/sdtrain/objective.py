@@ -288,13 +288,16 @@ class FlowMatching:
         self.num_train_timesteps = config.num_train_timesteps
 
     def draw(self, shape: tuple[int, ...], draws: SharedDraws) -> Draw:
-        """Noise (with the noise offset), then sigmas: drawn in this order."""
+        """Noise (with the noise offset), then sigmas: drawn in this order. A dynamic shift is Flux's for the batch's
+        sequence length (its latents in 2 x 2 patches, as SD3's and Flux's transformers take them)."""
         noise = sample_noise(shape, self.config.noise_offset, draws)
-        sigmas = flow_sigmas(flow_density(shape[0], self.config, draws), self.config, self.image_seq_len)
+        tokens = shape[-2] * shape[-1] // 4 if self.config.dynamic_shift else None
+        sigmas = flow_sigmas(flow_density(shape[0], self.config, draws), self.config, tokens)
         return Draw(noise, sigmas * self.num_train_timesteps)
 
     def fixed_timesteps(self, count: int) -> torch.Tensor:
-        """``count`` timesteps at evenly spread ``u``, shifted as training shifts them (validation's fixed grid)."""
+        """``count`` timesteps at evenly spread ``u``, shifted as training shifts them at ``image_seq_len`` tokens
+        (validation's fixed grid)."""
         u = (torch.arange(count, dtype=torch.float64) + 0.5) / count
         return (flow_sigmas(u, self.config, self.image_seq_len) * self.num_train_timesteps).float()
 

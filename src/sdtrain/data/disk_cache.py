@@ -77,6 +77,16 @@ def _records(config: DataConfig, seed: int, rank: int, world: int):
             yield str(index), record["image"], record["caption"]
 
 
+def _stored(tensor: torch.Tensor) -> torch.Tensor:
+    """Embeddings are stored in fp16; token ids and masks (trained text encoders) as they are."""
+    return tensor.half() if tensor.is_floating_point() else tensor
+
+
+def _served(tensor: torch.Tensor) -> torch.Tensor:
+    """Embeddings are served in fp32; token ids and masks as they are."""
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
 @torch.no_grad()
 def _write_part(root: Path, name: str, bucket: tuple[int, int], rows: list[dict], encoders: Encoders) -> dict:
     """Encode one bucket's rows and write them as ``root/name.safetensors``; returns the part's index record."""
@@ -85,7 +95,7 @@ def _write_part(root: Path, name: str, bucket: tuple[int, int], rows: list[dict]
     chunks = [encoders.encode_text(options[i : i + 64]) for i in range(0, len(options), 64)]
     offsets = torch.tensor([0] + [len(r["captions"]) for r in rows]).cumsum(0)
     tensors = {"mean": mean.half(), "std": std.half(), "offsets": offsets}
-    tensors |= {f"cond.{k}": torch.cat([c[k] for c in chunks]).half() for k in chunks[0]}
+    tensors |= {f"cond.{k}": _stored(torch.cat([c[k] for c in chunks])) for k in chunks[0]}
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
     meta = {"keys": json.dumps([r["key"] for r in rows]), "bucket": json.dumps(list(bucket)),
             "original_size": json.dumps([r["original_size"] for r in rows]),
@@ -108,7 +118,7 @@ def write_cache(config: DataConfig, encoders: Encoders, seed: int = 0, rank: int
         raise ValueError(f"{root} holds a cache made with other settings or models; choose another data.cache_dir")
     _write_atomic(fp, lambda p: p.write_text(json.dumps(stamp, indent=1)))
     if rank == 0:
-        empty = {k: v[0].half().cpu().contiguous() for k, v in encoders.encode_text([""]).items()}
+        empty = {k: _stored(v[0]).cpu().contiguous() for k, v in encoders.encode_text([""]).items()}
         _write_atomic(root / "empty.safetensors", lambda p: save_file(empty, p))
     buckets = config_buckets(config)
     pending: dict[tuple[int, int], list] = {b: [] for b in buckets}
@@ -202,7 +212,7 @@ class DiskCacheStream:
         self.sampler = EpochSampler(len(cache), seed, rank, world_size)
         self.buffers: dict[str, list[int]] = {}
         self.skipped = cache.skipped  # counted while caching
-        self.empty = {k: v.float().to(device) for k, v in cache.empty.items()}
+        self.empty = {k: _served(v).to(device) for k, v in cache.empty.items()}
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.sampler.epoch, "offset": self.sampler.offset, "buffers": self.buffers}
@@ -231,7 +241,7 @@ class DiskCacheStream:
             crops.append(crop)
         mean = torch.stack(means).to(self.device).float()
         std = torch.stack(stds).to(self.device).float()
-        cond = {k: torch.stack([t[k] for t in texts]).to(self.device).float() for k in self.empty}
+        cond = {k: _served(torch.stack([t[k] for t in texts]).to(self.device)) for k in self.empty}
         width, height = self.cache.bucket(chosen[0] % n)
         args = (self.empty, self.encoders, self.caption_dropout, draws, (originals, crops), (height, width))
         return cached_batch(mean, std, cond, *args)

@@ -40,14 +40,33 @@ def add_lora(unet, config: LoRAConfig, default_targets: tuple[str, ...] = ()) ->
     )
 
 
-def has_lora(unet) -> bool:
-    return bool(getattr(unet, "peft_config", None))
+def add_text_lora(text_encoder, config) -> None:
+    """Freeze a transformers text encoder and add trainable adapters on ``config.target_modules``
+    (``train.text_encoder``), initialised as :func:`add_lora` does. peft injects them directly (transformers' own
+    integration asks for a newer peft than diffusers does), and the model keeps their config as ``peft_config``, as a
+    diffusers model does."""
+    peft = _peft()
+    text_encoder.requires_grad_(False)
+    lora = peft.LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha if config.alpha is not None else config.rank,
+        init_lora_weights="gaussian",
+        target_modules=list(config.target_modules),
+    )
+    peft.inject_adapter_in_model(lora, text_encoder, adapter_name="default")
+    text_encoder.peft_config = {"default": lora}
 
 
-def save_lora(unet, out_dir: str | Path, pipeline_class=None, denoiser: str = "unet") -> Path:
-    """Write the adapters twice: ``out_dir/pytorch_lora_weights.safetensors`` in diffusers' format (keys
-    ``unet.…lora_A/B``) and ``out_dir/lora_kohya.safetensors`` in kohya-ss' layout, which A1111, ComfyUI and model
-    sites load (``lora_unet_….lora_down / lora_up / alpha``).
+def has_lora(module) -> bool:
+    return bool(getattr(module, "peft_config", None))
+
+
+def save_lora(modules: dict, out_dir: str | Path, pipeline_class=None, denoiser: str = "unet") -> Path:
+    """Write the adapters of ``modules`` (by component name: the denoiser, and ``text_encoder`` / ``text_encoder_2``
+    where they trained) twice: ``out_dir/pytorch_lora_weights.safetensors`` in diffusers' format (keys
+    ``unet.…lora_A/B``, ``text_encoder.…``) and, for a UNet, ``out_dir/lora_kohya.safetensors`` in kohya-ss' layout,
+    which A1111, ComfyUI and model sites load (``lora_unet_…``, ``lora_te1_…``, ``lora_te2_…`` with
+    ``lora_down / lora_up / alpha``).
 
     ``denoiser`` is the family's name of the adapted model (``unet``, ``transformer``; only a UNet's adapters get
     the kohya file). ``pipeline_class`` is the family's diffusers pipeline, whose ``save_lora_weights`` writes the
@@ -60,22 +79,43 @@ def save_lora(unet, out_dir: str | Path, pipeline_class=None, denoiser: str = "u
     from safetensors.torch import save_file
 
     peft = _peft()
-    config = unet.peft_config["default"]
-    scale = config.lora_alpha / config.r
-    state = {k: v * scale if "lora_B" in k else v for k, v in peft.get_peft_model_state_dict(unet).items()}
-    # a UNet's adapters in diffusers' own (lora.down / lora.up) names, as its examples save them; a transformer's in
-    # peft's, as diffusers' SD3 / Flux examples save them (its loaders read nothing else for every module)
-    layers = {f"{denoiser}_lora_layers": convert_state_dict_to_diffusers(state) if denoiser == "unet" else state}
+    states = {}
+    for name, module in modules.items():
+        config = module.peft_config["default"]
+        scale = config.lora_alpha / config.r
+        states[name] = {
+            k: v * scale if "lora_B" in k else v for k, v in peft.get_peft_model_state_dict(module).items()
+        }
+    # a UNet's and the text encoders' adapters in diffusers' own (lora.down / lora.up) names, as its examples save
+    # them; a transformer's in peft's, as diffusers' SD3 / Flux examples save them (its loaders read nothing else)
+    peft_named = {denoiser} - {"unet"}
+    layers = {
+        f"{name}_lora_layers": state if name in peft_named else convert_state_dict_to_diffusers(state)
+        for name, state in states.items()
+    }
     (pipeline_class or StableDiffusionPipeline).save_lora_weights(out_dir, **layers, safe_serialization=True)
     if denoiser == "unet":  # a transformer's LoRA goes in diffusers' layout, which ComfyUI reads for them
-        kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+        peft_keys = {f"{name}.{k}": v for name, state in states.items() for k, v in state.items()}
+        kohya = convert_state_dict_to_kohya(peft_keys)
         save_file({k: v.contiguous() for k, v in kohya.items()}, Path(out_dir) / KOHYA_FILE)
     return Path(out_dir)
 
 
-def merged_copy(unet):
-    """A plain UNet (no peft layers) whose weights are base + adapter update, for a standalone export."""
-    merged = copy.deepcopy(unet)
-    merged.fuse_lora()
-    merged.unload_lora()
+def merged_copy(module):
+    """A plain copy of ``module`` (no peft layers) whose weights are base + adapter update, for a standalone export:
+    a diffusers model through its ``fuse_lora``, a transformers text encoder by merging peft's layers."""
+    merged = copy.deepcopy(module)
+    if hasattr(merged, "fuse_lora"):
+        merged.fuse_lora()
+        merged.unload_lora()
+        return merged
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, layer in list(merged.named_modules()):
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent), child, layer.get_base_layer())
+    merged.peft_config = {}
+    merged._hf_peft_config_loaded = False
     return merged

@@ -94,18 +94,28 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def tokenize(
+    text_encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str]
+) -> dict[str, torch.Tensor]:
+    """Token ids as ``StableDiffusionPipeline.encode_prompt`` makes them (padded to ``model_max_length``), and the
+    attention mask where the encoder's config asks for one (``use_attention_mask``)."""
+    inputs = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    tokens = {"input_ids": inputs.input_ids}
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        tokens["attention_mask"] = inputs.attention_mask
+    return tokens
+
+
 @torch.no_grad()
 def encode_prompts(
     text_encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device | str
 ) -> torch.Tensor:
     """Encode prompts as ``StableDiffusionPipeline.encode_prompt`` does (no clip_skip): B x tokens x hidden."""
-    inputs = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    attention_mask = None
-    if getattr(text_encoder.config, "use_attention_mask", False):
-        attention_mask = inputs.attention_mask.to(device)
-    return text_encoder(inputs.input_ids.to(device), attention_mask=attention_mask)[0]
+    tokens = tokenize(text_encoder, tokenizer, prompts)
+    mask = tokens.get("attention_mask")
+    return text_encoder(tokens["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device))[0]
 
 
 def hidden_size(text_encoder: PreTrainedModel) -> int:

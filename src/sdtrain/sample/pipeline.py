@@ -9,6 +9,7 @@ output). Each image has its own generator seeded ``seed + i``, so image *i* does
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -150,7 +151,13 @@ def _as_list(prompt: str | list[str]) -> list[str]:
     return [prompt] if isinstance(prompt, str) else list(prompt)
 
 
-def _postprocess(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image]:
+def _postprocess(
+    pipe: DiffusionPipeline, latents: torch.Tensor, unpack=None, height: int | None = None, width: int | None = None
+) -> list[Image.Image]:
+    """Decode what the pipeline returned with ``output_type="latent"`` (``unpack``: the family's
+    ``pipeline_latents``, for an image of ``height`` x ``width``)."""
+    if unpack is not None:
+        latents = unpack(pipe, latents, height, width)
     images = decode_latents(pipe.vae, latents)
     processor: VaeImageProcessor = pipe.image_processor
     return processor.postprocess(images.float(), output_type="pil")
@@ -168,10 +175,11 @@ def txt2img(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = False,
+    unpack=None,
     **family: Any,
 ) -> Output:
     """Text to image with the pipeline's sampler; image *i* (prompt-major) uses the generator seeded ``seed + i``;
-    ``family``: further arguments of the family's pipeline."""
+    ``unpack``: the family's ``pipeline_latents`` where it has one; ``family``: further arguments of its pipeline."""
     prompts = _as_list(prompt)
     negatives = _as_list(negative_prompt) if negative_prompt is not None else None
     if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
@@ -194,7 +202,7 @@ def txt2img(
             output_type="latent",
             **family,
         ).images
-        images += _postprocess(pipe, latents)
+        images += _postprocess(pipe, latents, unpack, height, width)
     return Output(images)
 
 
@@ -209,10 +217,11 @@ def img2img(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = False,
+    unpack=None,
     **family: Any,
 ) -> Output:
-    """SDEdit: noise each image's latents to ``strength`` and denoise under its prompt (``family``: further
-    arguments of the family's pipeline).
+    """SDEdit: noise each image's latents to ``strength`` and denoise under its prompt (``unpack``: the family's
+    ``pipeline_latents``; ``family``: further arguments of its pipeline).
 
     One prompt for all images, or one per image. The image is resized to a multiple of the autoencoder's factor.
     """
@@ -226,6 +235,8 @@ def img2img(
     generators = _generators(seed, len(images_in))
     processor: VaeImageProcessor = pipe.image_processor
     latent_channels = pipe.vae.config.latent_channels
+    # a pipeline that takes the size (Flux's, SD3's) is given the image's: it would resize to its default otherwise
+    sized = {"height", "width"} <= inspect.signature(pipe.__call__).parameters.keys()
     out: list[Image.Image] = []
     for start in tqdm(range(0, len(images_in), batch_size), desc="reconstruct", unit="batch", disable=not progress):
         stop = start + batch_size
@@ -246,9 +257,10 @@ def img2img(
             guidance_scale=guidance_scale,
             generator=generators[start:stop],
             output_type="latent",
+            **(dict(zip(("height", "width"), pixels.shape[-2:])) if sized else {}),
             **family,
         ).images
-        out += _postprocess(pipe, latents)
+        out += _postprocess(pipe, latents, unpack, *pixels.shape[-2:])
     return Output(out)
 
 
@@ -332,7 +344,8 @@ class Pipeline:
         downsampling)."""
         from sdtrain.models.vae import downsample_factor
 
-        return int(self.denoiser.config.sample_size) * downsample_factor(self.components.vae)
+        sample_size = getattr(self.denoiser.config, "sample_size", None) or 128  # Flux has none: its pipeline's 128
+        return int(sample_size) * downsample_factor(self.components.vae)
 
     def sampling_settings(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
         """The step count and guidance to sample with: the ones given, else this model's ``sampling``."""
@@ -370,7 +383,7 @@ class Pipeline:
         pipe = self.diffusers_pipeline(scheduler=scheduler)
         return txt2img(
             pipe, prompt, negative_prompt, num_images_per_prompt, steps, guidance, height, width, seed,
-            progress=progress, **self._family_kwargs(),
+            progress=progress, unpack=self.family.pipeline_latents, **self._family_kwargs(),
         )  # fmt: skip
 
     def reconstruct(
@@ -390,7 +403,7 @@ class Pipeline:
         steps, guidance = self.sampling_settings(num_inference_steps, guidance_scale)
         pipe = self.diffusers_pipeline(img2img=True, scheduler=scheduler)
         args = (pipe, prompt, image, strength, negative_prompt, steps, guidance, seed)
-        return img2img(*args, progress=progress, **self._family_kwargs())
+        return img2img(*args, progress=progress, unpack=self.family.pipeline_latents, **self._family_kwargs())
 
     def _family_kwargs(self) -> dict[str, Any]:
         """What the family's pipelines are called with beside the prompts (SD3: its T5 length)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from sdtrain.config import Config
 from sdtrain.data.disk_cache import write_cache
 from sdtrain.models.families import for_config
+from sdtrain.train import text_encoders
 from sdtrain.train.run import processes_on_cpu
 
 
@@ -23,5 +24,5 @@ def cache_dataset(config: Config) -> Path:
     components = family.load(config, denoiser=False)
     for module in family.frozen(components).values():
         module.to(state.device)
-    encoders = family.encoders(components)
+    encoders = text_encoders.data_encoders(family, components, config.train)  # tokens where the encoders train
     return write_cache(config.data, encoders, config.train.seed, state.process_index, state.num_processes)

@@ -3,13 +3,14 @@ checkpoint), with LoRA adapters beside the merged weights."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from sdtrain.config import Config, SampleConfig, load_config
 from sdtrain.models.families import Family, for_config
 from sdtrain.models.lora import LORA_FOLDER, add_lora, has_lora, merged_copy, save_lora
 from sdtrain.sample.pipeline import Pipeline
-from sdtrain.train import checkpoint
+from sdtrain.train import checkpoint, text_encoders
 from sdtrain.train.ema import caught_up
 from sdtrain.train.state import check_frozen, describe_frozen
 
@@ -20,14 +21,15 @@ def export_pipeline(
     """Save a plain diffusers pipeline folder of the family's class (no safety checker) with ``sample``'s sampler as
     its scheduler and its step count and guidance in ``sampling.json`` (generate's defaults for the model).
 
-    A denoiser with LoRA adapters is saved twice: merged into the pipeline's denoiser (a standalone model), and as the
-    adapters alone in ``out_dir/lora/`` (``pytorch_lora_weights.safetensors`` for ``load_lora_weights`` on the base
-    model, and kohya-ss' layout).
+    A denoiser (or text encoder) with LoRA adapters is saved twice: merged into the pipeline's component (a standalone
+    model), and as the adapters alone in ``out_dir/lora/`` (``pytorch_lora_weights.safetensors`` for
+    ``load_lora_weights`` on the base model, and kohya-ss' layout).
     """
-    model = family.denoiser_of(components)
-    if has_lora(model):
-        save_lora(model, Path(out_dir) / LORA_FOLDER, family.txt2img, family.denoiser)
-        components = family.with_denoiser(components, merged_copy(model))
+    names = (family.denoiser, *family.text_encoders)
+    adapted = {name: getattr(components, name) for name in names if has_lora(getattr(components, name))}
+    if adapted:
+        save_lora(adapted, Path(out_dir) / LORA_FOLDER, family.txt2img, family.denoiser)
+        components = dataclasses.replace(components, **{name: merged_copy(m) for name, m in adapted.items()})
     sample = sample or SampleConfig()
     sampling = {"num_inference_steps": sample.num_inference_steps, "guidance_scale": sample.guidance_scale}
     pipe = Pipeline(components, family, sample.scheduler, objective_config, sampling, device="cpu")
@@ -57,13 +59,15 @@ def export_checkpoint(
     family = for_config(config.model)
     config.model.unet.from_scratch = True  # the weights come from the checkpoint, not from a pretrained UNet
     components = family.load(config)
-    check_frozen(state.get("frozen"), describe_frozen(family.frozen(components)), path)
-    model = family.denoiser_of(components)
+    check_frozen(state.get("frozen"), describe_frozen(text_encoders.frozen(family, components, config.train)), path)
+    denoiser = family.denoiser_of(components)
     if config.train.lora.rank:
-        add_lora(model, config.train.lora, family.lora_targets)
+        add_lora(denoiser, config.train.lora, family.lora_targets)
+    model = text_encoders.prepare(family, components, denoiser, config.train)  # as it trained
     weights = dict(tensors[family.denoiser])
     if "ema" in tensors:  # train.ema_every's pending steps
         weights.update(caught_up(tensors["ema"], tensors[family.denoiser], state["ema"]))
     model.load_state_dict(weights)
     out = out_dir or run_dir / "export" / path.name
+    components = text_encoders.components_with(family, components, model)
     return export_pipeline(family, components, config.train.objective, out, config.sample)

@@ -34,7 +34,7 @@ from sdtrain.models.families import Encoders, Family, for_config
 from sdtrain.models.lora import add_lora
 from sdtrain.models.vae import downsample_factor
 from sdtrain.sample.pipeline import Pipeline, sampling_scheduler, save_images
-from sdtrain.train import checkpoint, sharding, zero
+from sdtrain.train import checkpoint, sharding, text_encoders, zero
 from sdtrain.train.ema import EMA, ema_parameters
 from sdtrain.train.export import export_pipeline
 from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
@@ -70,11 +70,17 @@ from sdtrain.train.validation import ValidationSet, build_validation_set, valida
 logger = logging.getLogger(__name__)
 
 
-def _prepare_denoiser(model: torch.nn.Module, family: Family, tc: TrainConfig, accelerator: Accelerator) -> None:
-    """LoRA adapters on the family's targets (the base weights freeze), gradient checkpointing, the memory format; on
-    the device, in training mode."""
+def _prepare_denoiser(family: Family, components, tc: TrainConfig, accelerator: Accelerator) -> torch.nn.Module:
+    """What trains: the denoiser with LoRA adapters on the family's targets (the base weights freeze), and the text
+    encoders where they train (:mod:`sdtrain.train.text_encoders`); gradient checkpointing, the memory format; on the
+    device, in training mode."""
+    model = family.denoiser_of(components)
     if tc.lora.rank:
         add_lora(model, tc.lora, family.lora_targets)
+    if text_encoders.trains_text(tc) and (is_sharded(accelerator) or zero.is_zero(accelerator)):
+        raise ValueError("train.text_encoder.mode: the text encoders train under DDP or on one device; FSDP2 and "
+                         "DeepSpeed shard the denoiser alone (train.text_encoder.mode=frozen)")  # fmt: skip
+    model = text_encoders.prepare(family, components, model, tc)
     model.to(accelerator.device).train()
     if tc.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -83,6 +89,7 @@ def _prepare_denoiser(model: torch.nn.Module, family: Family, tc: TrainConfig, a
                        "parameters only)")  # fmt: skip
     elif tc.channels_last:
         model.to(memory_format=torch.channels_last)
+    return model
 
 
 @dataclass
@@ -100,6 +107,7 @@ class _Run:
     generator: torch.Generator
     draws: SharedDraws
     diffusion: objective.DDPM | objective.FlowMatching  # the family's objective
+    predict: Any  # (model, noisy, timesteps, cond) -> output: the family's, or through the trained text encoders
     autocast: Any
     eval: _EvalDenoiser
     micro_batch: int
@@ -138,6 +146,7 @@ def train(config: Config, components: Any | None = None, batches: Iterable | Non
         Preempted: SIGTERM or SIGUSR1 arrived; the step in progress was finished and checkpointed.
     """
     check_objective(config)  # before the run folder is made
+    text_encoders.check(for_config(config.model), config.train)
     with run_lock(config.train.output_dir):
         return _train(config, components, batches)
 
@@ -165,20 +174,21 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
 
     # 2. Components: frozen encoders on the device, the denoiser in fp32 master weights
     components = components or family.load(config)
-    model, frozen_modules = family.denoiser_of(components), family.frozen(components)
+    frozen_modules = text_encoders.frozen(family, components, tc)
     frozen = describe_frozen(frozen_modules)  # checkpoints record them; resume and export check them
     if accelerator.is_main_process:
-        check_disk(out, model, tc.ema_decay is not None)
+        check_disk(out, family.denoiser_of(components), tc.ema_decay is not None)
     for module in frozen_modules.values():
         module.to(device).requires_grad_(False).eval()
-    _prepare_denoiser(model, family, tc, accelerator)  # LoRA, gradient checkpointing, memory format, on the device
+    model = _prepare_denoiser(family, components, tc, accelerator)  # LoRA, text encoders, checkpointing, device
 
-    # 3. Data: a resumable stream of micro-batches, each process its own share
+    # 3. Data: a resumable stream of micro-batches (the prompts' tokens where the text encoders train)
     micro_batch = micro_batch_size(tc, accelerator)
-    encoders = family.encoders(components)
-    profile = _preflight(accelerator, family, components, encoders, config, micro_batch)
+    encoders = text_encoders.data_encoders(family, components, tc)
+    profile = _preflight(accelerator, family, components, family.encoders(components), config, micro_batch)
     stream = _make_stream(config, encoders, batches, micro_batch, device, rank, world)
-    diffusion = objective.make(kind, tc.objective)  # noise, timesteps, targets, weights
+    tokens = (config.data.resolution // downsample_factor(encoders.vae) // 2) ** 2  # 2 x 2 patches (dynamic shift)
+    diffusion = objective.make(kind, tc.objective, tokens)  # noise, timesteps, targets, weights
     validation = None
     if batches is None and accelerator.is_main_process:
         validation = build_validation_set(config.data, diffusion, encoders, tc.seed)
@@ -186,7 +196,7 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
     scorer = _fidelity_scorer(config, device) if tc.fidelity.every and batches is None else None  # every process
 
     # 4. Objective, optimizer, EMA of the trainable weights (on the CPU with ema_offload)
-    optimizer = make_optimizer(model, tc.optim)
+    optimizer = make_optimizer(model, tc.optim, lambda name: text_encoders.lr_scale(name, tc))
     zero.configure(accelerator, tc, micro_batch)  # DeepSpeed: sdtrain's batch, accumulation, clipping, precision
     model, optimizer, template = sharding.prepare(accelerator, model, optimizer)  # DDP, FSDP2 or DeepSpeed's engine
     ema = None
@@ -194,7 +204,7 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
         ema = EMA(ema_parameters(unwrap(accelerator, model)), tc.ema_decay, tc.ema_every, tc.ema_offload)
     run = _Run(
         config, family, components, accelerator, model, optimizer, ema, stream, generator,
-        SharedDraws(generator, rank, world, micro_batch), diffusion,
+        SharedDraws(generator, rank, world, micro_batch), diffusion, text_encoders.predictor(family, tc),
         zero.autocast(accelerator, tc.mixed_precision),  # accelerate's autocast, torch's under DeepSpeed
         _EvalDenoiser(accelerator, model, ema, template),  # what samples, validates and exports
         micro_batch, Counters(), frozen,
@@ -320,7 +330,7 @@ def _optimizer_step(run: _Run, stop_signal: StopSignal, started: float) -> tuple
         drawn = run.diffusion.draw(tuple(latents.shape), draws)
         # 6c. predict and backpropagate (accelerate skips the all-reduce until the last micro-batch)
         with accelerator.accumulate(model):
-            loss, _ = run.diffusion.loss(run.family.predict, model, cond, latents, drawn, run.autocast)
+            loss, _ = run.diffusion.loss(run.predict, model, cond, latents, drawn, run.autocast)
             accelerator.backward(loss)
             step_loss += loss.detach() / tc.gradient_accumulation
             if accelerator.sync_gradients:
@@ -369,12 +379,12 @@ def _finish(run: _Run, validation: ValidationSet | None, log_path: Path) -> Path
     exported = run.eval.copy()  # the EMA weights, unsharded, on the main process (None on the others)
     if accelerator.is_main_process:
         if validation is not None:
-            args = (run.family.predict, run.diffusion, validation, run.micro_batch, run.autocast)
+            args = (run.predict, run.diffusion, validation, run.micro_batch, run.autocast)
             val_loss = validation_loss(exported, *args)
             accelerator.log({"val_loss": val_loss}, step=step)
             append_to_log(log_path, step, {"val_loss": val_loss})
         if tc.export:
-            components = run.family.with_denoiser(run.components, exported)
+            components = text_encoders.components_with(run.family, run.components, exported)
             export_pipeline(run.family, components, tc.objective, final, run.config.sample)
         if tc.sample_prompts:
             _sample(run, exported)
@@ -492,7 +502,7 @@ def _validation(run: _Run, validation: ValidationSet | None) -> float | None:
     """Validation loss with the EMA weights (the ones exported) on the main process (None on the others): swapped into
     the training denoiser and back out, or under FSDP2 in an unsharded copy (collective)."""
     accelerator, ema, evaluated = run.accelerator, run.ema, run.eval
-    args = (run.family.predict, run.diffusion, validation, run.micro_batch, run.autocast)
+    args = (run.predict, run.diffusion, validation, run.micro_batch, run.autocast)
     if ema is not None:
         ema.catch_up(unwrap(accelerator, evaluated.model))  # every process: the steps not averaged yet
     if evaluated.template is not None:
@@ -516,7 +526,7 @@ def _pipeline(run: _Run, model: torch.nn.Module) -> Pipeline:
     """The model with ``model`` as its denoiser, sampled with the ``sample`` settings on the training device."""
     sample = run.config.sample
     return Pipeline(
-        run.family.with_denoiser(run.components, model),
+        text_encoders.components_with(run.family, run.components, model),
         run.family,
         sample.scheduler,
         run.config.train.objective,

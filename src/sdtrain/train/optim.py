@@ -3,34 +3,45 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from sdtrain.config import OptimConfig
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices and convolution kernels decay; norms, biases and embeddings' 1-d params do not. A group
-    with no parameters (LoRA trains matrices only) is left out, as DeepSpeed leaves it out: the optimizer state has
-    the same layout under every strategy."""
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, lr_scale: Callable[[str], float] | None = None
+) -> list[dict]:
+    """Two groups: matrices and convolution kernels decay; norms, biases and embeddings' 1-d params do not; and two
+    more for the parameters whose ``lr_scale(name)`` is not 1 (text encoders at their own learning rate), whose
+    ``lr_scale`` key :func:`set_lr` reads. A group with no parameters (LoRA trains matrices only) is left out, as
+    DeepSpeed leaves it out: the optimizer state has the same layout under every strategy."""
+    groups: dict[tuple[float, bool], list] = {(1.0, True): [], (1.0, False): []}
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        groups.setdefault((lr_scale(name) if lr_scale else 1.0, param.ndim >= 2), []).append(param)
+    made = []
+    for (scale, decays), params in groups.items():
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        made.append(group | ({"lr_scale": scale} if scale != 1.0 else {}))
+    return [g for g in made if g["params"]]
 
 
-def make_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, config: OptimConfig, lr_scale: Callable[[str], float] | None = None
+) -> torch.optim.Optimizer:
     """The optimizer of ``config.name`` over the trainable parameters, without decay on norms and biases.
 
     - ``adamw``: torch's fused AdamW (one kernel for all parameters, CUDA and CPU);
     - ``adamw8bit``: bitsandbytes' 8-bit AdamW (optimizer state in 2 instead of 8 bytes per parameter);
     - ``adafactor``: transformers' Adafactor with factored second moments, stepped at ``lr`` (the schedule here
       sets it, so its own relative-step schedule is off).
+
+    ``lr_scale(name)``: a parameter's learning rate over ``config.lr`` (default 1 for all).
     """
-    groups = param_groups(model, config.weight_decay)
+    groups = param_groups(model, config.weight_decay, lr_scale)
     if config.name == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=True)
     if config.name == "adamw8bit":
@@ -67,6 +78,6 @@ def warmup_times_cosine(step: int, progress: float, warmup_steps: int = 100, min
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every parameter group's learning rate."""
+    """Every parameter group's learning rate: ``lr`` times the group's ``lr_scale`` (1 unless set)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

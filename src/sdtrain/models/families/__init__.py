@@ -67,6 +67,14 @@ class Family:
             T5 length it trained with); None: nothing.
         flow_samplers: the names of ``sample.pipeline.FLOW_SCHEDULERS`` its pipelines can run a flow-matching model
             with (PixArt's call ``scale_model_input``, which the ``FlowMatch*`` schedulers lack).
+        text_encoders: the names of its text encoders among the components (each tokenized by the tokenizer of the
+            same suffix: ``text_encoder_2`` by ``tokenizer_2``), for training them; empty: they only stay frozen.
+        tokenize: ``(components, prompts) -> token tensors`` (CPU, integer or mask tensors), what the data layer
+            serves when the text encoders train.
+        encode_tokens: ``(text encoders by name, conditioning with tokens) -> Conditioning``: the tokens replaced by
+            their encoding, differentiably; ``encode_prompts`` is the two under no_grad.
+        pipeline_latents: ``(pipeline, latents it returned with output_type="latent", height, width) -> B x C x H x W
+            latents`` where the pipeline returns them otherwise (Flux: packed); None: as they are.
     """
 
     name: str
@@ -86,6 +94,10 @@ class Family:
     single_file: Callable[[Path], tuple[dict[str, torch.Tensor], dict | None]] | None = None
     sampling_kwargs: Callable[[Any], dict[str, Any]] | None = None
     flow_samplers: tuple[str, ...] = ("euler", "heun")
+    text_encoders: tuple[str, ...] = ()
+    tokenize: Callable[[Any, list[str]], Conditioning] | None = None
+    encode_tokens: Callable[[dict[str, torch.nn.Module], Conditioning], Conditioning] | None = None
+    pipeline_latents: Callable[[Any, torch.Tensor, int | None, int | None], torch.Tensor] | None = None
 
     def denoiser_of(self, components) -> torch.nn.Module:
         """The trained model among ``components``."""
@@ -105,9 +117,9 @@ def fp32_encoding(
 
 def families() -> dict[str, Family]:
     """Every family sdtrain trains, by name (imported here, not at package import: they import diffusers)."""
-    from sdtrain.models.families import pixart, sd, sd3, sdxl
+    from sdtrain.models.families import flux, pixart, sd, sd3, sdxl
 
-    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, pixart.FAMILY)}
+    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, pixart.FAMILY)}
 
 
 def pipeline_class_name(path: str | Path) -> str | None:

@@ -16,6 +16,7 @@ from sdtrain.models.hashing import model_hash
 from sdtrain.models.single_file import sd_tensors
 from sdtrain.models.text import encode_prompts as encode_text
 from sdtrain.models.text import hidden_size, load_text_encoder
+from sdtrain.models.text import tokenize as tokenize_text
 from sdtrain.models.unet import build_unet, load_unet
 from sdtrain.models.vae import downsample_factor, load_vae
 
@@ -68,6 +69,18 @@ def encode_prompts(components: Components, prompts: list[str], device: torch.dev
     return {"encoder_hidden_states": encode_text(components.text_encoder, components.tokenizer, prompts, device)}
 
 
+def tokenize(components: Components, prompts: list[str]) -> Conditioning:
+    """The prompts' token ids (and attention mask where the encoder takes one), for a trained text encoder."""
+    return tokenize_text(components.text_encoder, components.tokenizer, prompts)
+
+
+def encode_tokens(text_encoders: dict[str, torch.nn.Module], cond: Conditioning) -> Conditioning:
+    """``cond``'s tokens replaced by the encoder's last hidden state (with gradients where the encoder trains)."""
+    cond = dict(cond)
+    ids, mask = cond.pop("input_ids"), cond.pop("attention_mask", None)
+    return cond | {"encoder_hidden_states": text_encoders["text_encoder"](ids, attention_mask=mask)[0]}
+
+
 def predict(unet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
     """The UNet's output for noisy latents at ``timesteps`` under ``cond``."""
     return unet(noisy, timesteps, **cond).sample
@@ -115,6 +128,9 @@ FAMILY = Family(
     denoiser="unet",
     lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
     objectives=("ddpm",),
+    text_encoders=("text_encoder",),
+    tokenize=tokenize,
+    encode_tokens=encode_tokens,
     load=load_components,
     encode_prompts=encode_prompts,
     predict=predict,

@@ -106,25 +106,38 @@ def _check(unet: UNet2DConditionModel, width: int, pooled: int) -> None:
         )
 
 
+def tokenize(components: Components, prompts: list[str]) -> Conditioning:
+    """Both tokenizers' ids of the prompts, and ``keep``: 0 for an empty prompt, whose encoding is zeros."""
+    tokens = {}
+    for key, tokenizer in (("input_ids", components.tokenizer), ("input_ids_2", components.tokenizer_2)):
+        tokens[key] = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+    return tokens | {"keep": torch.tensor([float(bool(p)) for p in prompts])}
+
+
+def encode_tokens(text_encoders: dict[str, torch.nn.Module], cond: Conditioning) -> Conditioning:
+    """``cond``'s tokens replaced by SDXL's conditioning: both encoders' penultimate hidden states concatenated, the
+    second's projected pooled output (``text_embeds``), zeros where ``keep`` is 0."""
+    cond = dict(cond)
+    ids, ids_2, keep = cond.pop("input_ids"), cond.pop("input_ids_2"), cond.pop("keep")
+    first = text_encoders["text_encoder"](ids, output_hidden_states=True)
+    second = text_encoders["text_encoder_2"](ids_2, output_hidden_states=True)
+    states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    pooled = second[0]  # the second encoder's projected pooled output: text_embeds
+    return cond | {
+        "encoder_hidden_states": states * keep.view(-1, 1, 1).to(states.dtype),
+        "text_embeds": pooled * keep.view(-1, 1).to(pooled.dtype),
+    }
+
+
 @torch.no_grad()
 def encode_prompts(components: Components, prompts: list[str], device: torch.device | str) -> Conditioning:
     """Prompts as ``StableDiffusionXLPipeline.encode_prompt`` encodes them (no clip_skip); an empty prompt is
     zeros (see the module docstring)."""
-    hidden = []
-    for tokenizer, encoder in ((components.tokenizer, components.text_encoder),
-                               (components.tokenizer_2, components.text_encoder_2)):  # fmt: skip
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        output = encoder(ids.to(device), output_hidden_states=True)
-        hidden.append(output.hidden_states[-2])
-    pooled = output[0]  # the second encoder's projected pooled output: text_embeds
-    keep = torch.tensor([bool(p) for p in prompts], device=pooled.device)
-    states = torch.cat(hidden, dim=-1)
-    return {
-        "encoder_hidden_states": states * keep.view(-1, 1, 1).to(states.dtype),
-        "text_embeds": pooled * keep.view(-1, 1).to(pooled.dtype),
-    }
+    tokens = {k: v.to(device) for k, v in tokenize(components, prompts).items()}
+    encoders = {"text_encoder": components.text_encoder, "text_encoder_2": components.text_encoder_2}
+    return encode_tokens(encoders, tokens)
 
 
 def encode_sizes(originals: list, crops: list, target: tuple[int, int]) -> Conditioning:
@@ -196,6 +209,9 @@ FAMILY = Family(
     denoiser="unet",
     lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
     objectives=("ddpm",),
+    text_encoders=("text_encoder", "text_encoder_2"),
+    tokenize=tokenize,
+    encode_tokens=encode_tokens,
     load=load_components,
     encode_prompts=encode_prompts,
     predict=predict,

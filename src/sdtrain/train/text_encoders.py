@@ -1,0 +1,137 @@
+"""Training the text encoders with the denoiser (``train.text_encoder``: LoRA adapters or every weight, at their own
+learning rate), as kohya-ss' and OneTrainer's SD and SDXL trainers offer.
+
+The loop trains one module either way. With frozen encoders it is the denoiser, called through the family's
+``predict``. With trained ones it is :class:`WithTextEncoders`: the denoiser and the encoders in one module whose
+``forward`` encodes the batch's token ids (the data layer serves tokens, :func:`data_encoders`) and calls the
+denoiser, so that DDP, the optimizer, EMA and checkpoints see all trained weights as one model. What samples and
+exports takes the encoders back out (:func:`components_with`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from sdtrain.config import TrainConfig
+from sdtrain.models.families import Conditioning, Encoders, Family
+from sdtrain.models.lora import add_text_lora
+
+
+class WithTextEncoders(torch.nn.Module):
+    """The denoiser and the text encoders that train with it: ``forward(noisy, timesteps, tokens)`` encodes the
+    tokens (the family's ``encode_tokens``) and returns the denoiser's output (the family's ``predict``)."""
+
+    def __init__(self, family: Family, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module]):
+        super().__init__()
+        self.family = family  # not a module: its functions only
+        self.denoiser = denoiser
+        self.text_encoders = torch.nn.ModuleDict(text_encoders)
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        encoded = self.family.encode_tokens(dict(self.text_encoders), cond)
+        return self.family.predict(self.denoiser, noisy, timesteps, encoded)
+
+    @property
+    def config(self):
+        """The denoiser's config (what sample sizes and exports read)."""
+        return self.denoiser.config
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.denoiser.enable_gradient_checkpointing()
+        for encoder in self.text_encoders.values():
+            encoder.gradient_checkpointing_enable()
+
+
+def predict_with_text(model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning):
+    """The ``predict`` of a :class:`WithTextEncoders` (through its ``forward``, so that DDP sees the call)."""
+    return model(noisy, timesteps, cond)
+
+
+def trains_text(tc: TrainConfig) -> bool:
+    return tc.text_encoder.mode != "frozen"
+
+
+def check(family: Family, tc: TrainConfig, text_dtypes: list[torch.dtype] | None = None) -> None:
+    """Whether the family can train its text encoders as ``tc`` asks.
+
+    Raises:
+        ValueError: the family's encoders only stay frozen, or an encoder is loaded in half precision.
+    """
+    if not trains_text(tc):
+        return
+    if family.tokenize is None or not family.text_encoders:
+        raise ValueError(f"train.text_encoder.mode={tc.text_encoder.mode}: {family.name} models train with frozen "
+                         "text encoders here (train.text_encoder.mode=frozen)")  # fmt: skip
+    if text_dtypes and any(d != torch.float32 for d in text_dtypes):
+        raise ValueError("trained text encoders keep float32 weights: set model.text_encoder*.dtype=float32")
+
+
+def prepare(family: Family, components, denoiser: torch.nn.Module, tc: TrainConfig) -> torch.nn.Module:
+    """What trains: ``denoiser`` alone, or with the text encoders (adapters added, or every weight unfrozen)."""
+    if not trains_text(tc):
+        return denoiser
+    encoders = {name: getattr(components, name) for name in family.text_encoders}
+    check(family, tc, [e.dtype for e in encoders.values()])
+    for encoder in encoders.values():
+        if tc.text_encoder.mode == "lora":
+            add_text_lora(encoder, tc.text_encoder)
+        else:
+            encoder.requires_grad_(True)
+        encoder.train()
+    return WithTextEncoders(family, denoiser, encoders)
+
+
+def predictor(family: Family, tc: TrainConfig):
+    """The call of what :func:`prepare` returns: ``(model, noisy, timesteps, cond) -> output``."""
+    return predict_with_text if trains_text(tc) else family.predict
+
+
+def components_with(family: Family, components, model: torch.nn.Module):
+    """``components`` with ``model``'s weights: the denoiser, and the text encoders where they trained."""
+    if isinstance(model, WithTextEncoders):
+        components = dataclasses.replace(components, **dict(model.text_encoders))
+        model = model.denoiser
+    return family.with_denoiser(components, model)
+
+
+def frozen(family: Family, components, tc: TrainConfig) -> dict[str, torch.nn.Module]:
+    """The family's frozen modules less the text encoders that train."""
+    trained = family.text_encoders if trains_text(tc) else ()
+    return {k: v for k, v in family.frozen(components).items() if k not in trained}
+
+
+def data_encoders(family: Family, components, tc: TrainConfig) -> Encoders:
+    """What the data layer encodes with: the family's frozen encoding, or, when the encoders train, their tokens
+    (the caches' fingerprint then holds the tokenizers, not the encoders' weights)."""
+    encoders = family.encoders(components)
+    if not trains_text(tc):
+        return encoders
+    tokenizers = [getattr(components, name.replace("text_encoder", "tokenizer")) for name in family.text_encoders]
+    first = getattr(components, family.text_encoders[0])
+    return dataclasses.replace(
+        encoders,
+        encode_text=lambda prompts: {k: v.to(first.device) for k, v in family.tokenize(components, prompts).items()},
+        text_identity=lambda: {"tokens": [_tokenizer_identity(t) for t in tokenizers]},
+    )
+
+
+def _tokenizer_identity(tokenizer) -> dict[str, Any]:
+    """What a tokenizer's ids depend on: its class, vocabulary (hashed) and length."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {
+        "class": type(tokenizer).__name__,
+        "vocab": hashlib.sha256(vocab.encode()).hexdigest()[:16],
+        "max_length": tokenizer.model_max_length,
+    }
+
+
+def lr_scale(name: str, tc: TrainConfig) -> float:
+    """The learning-rate scale of parameter ``name`` of what trains: the text encoders' lr over the denoiser's."""
+    if trains_text(tc) and name.startswith("text_encoders.") and tc.text_encoder.lr is not None:
+        return tc.text_encoder.lr / tc.optim.lr
+    return 1.0
