@@ -6,7 +6,8 @@ printed for the settings given. What `sdtrain train` prints before its first ste
         --checkpointing --optimizer adamw8bit --frozen-dtype float16
 
 Sizes are the published configs (SD 1.5; SDXL base 1.0: UNet 2.57 B, CLIP ViT-L and OpenCLIP ViT-bigG; SD 3 medium:
-MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL).
+MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; FLUX.1 dev: 11.9 B, CLIP-L and T5-XXL, a 16-channel VAE;
+PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL).
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from __future__ import annotations
 import argparse
 
 import torch
-from diffusers import AutoencoderKL, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from sdtrain.config import LoRAConfig, OptimConfig, TrainConfig
@@ -32,6 +39,9 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                   pooled_projection_dim=2048, pos_embed_max_size=192)  # fmt: skip
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))  # fmt: skip
 PIXART_SIGMA = dict(sample_size=128, num_layers=28, attention_head_dim=72, num_attention_heads=16, in_channels=4,
                     out_channels=8, patch_size=2, cross_attention_dim=1152, caption_channels=4096,
                     norm_type="ada_norm_single", num_embeds_ada_norm=1000, norm_elementwise_affine=False,
@@ -52,7 +62,7 @@ UNETS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted([*UNETS, "sd3", "pixart"]), default="sdxl")
+    parser.add_argument("--family", choices=sorted([*UNETS, "sd3", "flux", "pixart"]), default="sdxl")
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1, help="micro-batch per device")
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tune)")
@@ -99,6 +109,12 @@ def _models(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, list, dict,
                 "encoder_hidden_states": torch.zeros(1, 77 + 256, 4096),
                 "pooled_projections": torch.zeros(1, 2048),
             }
+            return model, [m.to(dtype) for m in frozen], cond, 16
+        if name == "flux":
+            model = FluxTransformer2DModel(**FLUX_DEV)
+            vae = AutoencoderKL(**(SD_VAE | {"latent_channels": 16}))
+            frozen = [vae, CLIPTextModel(CLIPTextConfig(**VIT_L)), T5EncoderModel(T5Config(**T5_XXL))]
+            cond = {"encoder_hidden_states": torch.zeros(1, 512, 4096), "pooled_projections": torch.zeros(1, 768)}
             return model, [m.to(dtype) for m in frozen], cond, 16
         if name == "pixart":
             model = PixArtTransformer2DModel(**PIXART_SIGMA)

@@ -104,7 +104,7 @@ def test_fsdp2_trains_what_one_process_trains_and_resumes(
     overrides += [f"train.fidelity.{o}" for o in fidelity + [f"clip_model={clip_model_dir}"]]
     _, run, stderr = _one_then_fsdp(tmp_path, (image_folder, vae_dir, clip_dir), overrides)
     units, held, total = map(
-        int, re.search(r"(\d+) units; this process holds (\d+) of the UNet's (\d+)", stderr).groups()
+        int, re.search(r"(\d+) units; this process holds (\d+) of the denoiser's (\d+)", stderr).groups()
     )
     assert units > 5  # by default each ResNet / transformer block is a unit of its own, gathered while it runs
     assert held < 0.6 * total  # sharded: about half of every tensor
@@ -212,7 +212,7 @@ def test_deepspeed_zero_trains_what_one_process_trains_and_resumes(stage, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"world size 2 (DEEPSPEED ZeRO-{stage}" in result.stderr
     if stage == 3:
-        held, total = map(int, re.search(r"this process holds (\d+) of the UNet's (\d+)", result.stderr).groups())
+        held, total = map(int, re.search(r"this process holds (\d+) of the denoiser's (\d+)", result.stderr).groups())
         assert held < 0.6 * total
 
     logs = [read_log(root / "log.jsonl") for root in (one, run)]
@@ -451,4 +451,39 @@ def test_fit_under_two_processes_deals_the_batches_out(tmp_path, clip_dir, vae_d
     (_, losses_a), (_, losses_b) = zip(*_losses(tmp_path / "one")), zip(*_losses(tmp_path / "two"))
     assert losses_b == pytest.approx(losses_a, rel=1e-5)
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+@pytest.mark.slow  # two-process launches: make test-all
+@pytest.mark.parametrize(
+    "family, strategy",
+    [("sdxl", "fsdp2"), ("sdxl", "zero3"), ("sd3", "fsdp2"), ("flux", "fsdp2"), ("pixart", "fsdp2")],
+)
+def test_every_familys_denoiser_sharded_trains_what_one_process_trains(family, strategy, tmp_path, request):
+    """A family's denoiser sharded over 2 processes (FSDP2 with a unit per block of its ``_no_split_modules``, or
+    DeepSpeed ZeRO-3): the losses and the exported EMA weights are one process's, and each process holds about half
+    of the weights."""
+    from sdtrain.models.families import families
+    from tests.conftest import pipeline_overrides, write_image_folder
+    from tests.test_faults import _losses, _train
+
+    folder = request.getfixturevalue(f"{family}_dir")
+    denoiser = families()[family].denoiser
+    data = write_image_folder(tmp_path / "data", count=8, size=40)
+    extra = ["train.num_steps=4", "data.caption_dropout=0.3", "train.mixed_precision=no", ADAM_EPS]
+    extra += {"sd3": ["model.text_encoder_3.max_length=32"], "flux": ["model.text_encoder_2.max_length=32"]}.get(
+        family, []
+    )
+    assert _train(pipeline_overrides(tmp_path / "one", data, folder) + extra).returncode == 0
+    sharded = pipeline_overrides(tmp_path / "two", data, folder) + extra
+    result = _launch_fsdp(sharded) if strategy == "fsdp2" else _launch_deepspeed(sharded, "--zero_stage", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    held, total = map(int, re.search(r"this process holds (\d+) of the denoiser's (\d+)", result.stderr).groups())
+    assert held < 0.6 * total
+    if strategy == "fsdp2":
+        assert int(re.search(r"(\d+) units;", result.stderr).group(1)) > 2  # its blocks, not the whole model as one
+    (steps_a, losses_a), (steps_b, losses_b) = zip(*_losses(tmp_path / "one")), zip(*_losses(tmp_path / "two"))
+    assert steps_a == steps_b == (1, 2, 3, 4) and losses_b == pytest.approx(losses_a, rel=1e-5)
+    name = f"{denoiser}/diffusion_pytorch_model.safetensors"
+    a, b = (load_file(tmp_path / run / "final" / name) for run in ("one", "two"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6

@@ -93,3 +93,38 @@ def test_ddpm_behind_the_interface_draws_as_the_loop_drew():
     assert grid.min() >= 100 and grid.max() <= 899 and (grid.diff() > 0).all()
     with pytest.raises(ValueError, match="unknown objective"):
         objective.make("edm", config)
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+def test_every_flow_sampler_walks_the_training_sigmas_and_reads_back_the_objective(name):
+    """Each flow sampler (FlowMatch Euler / Heun, and the multistep solvers on flow sigmas that PixArt's pipeline can
+    run) starts at the training shift's sigma for t = 1, and its config reads back as the same flow objective."""
+    from sdtrain.sample.pipeline import flow_sampler, sampler_name, with_scheduler
+
+    config = ObjectiveConfig(kind="flow", shift=3.0)
+    scheduler = flow_sampler(config, name)
+    scheduler.set_timesteps(10)
+    first = float(scheduler.sigmas[0])
+    expected = float(objective.flow_sigmas(torch.tensor(1.0 - 1e-3), config))  # the solvers start at 1 - 1/1000
+    assert first == pytest.approx(expected, abs=2e-3) and float(scheduler.timesteps[0]) == pytest.approx(
+        1000 * first, abs=1.0
+    )
+    assert sampler_name(scheduler) == name
+    back = objective.from_scheduler(scheduler)
+    assert back.kind == "flow" and back.shift == 3.0
+    assert objective.from_scheduler(with_scheduler(scheduler, "euler")).shift == 3.0
+    with pytest.raises(ValueError, match=r"samples with dpmpp_2m, unipc \(flow matching\), not 'euler'"):
+        with_scheduler(scheduler, "euler", ("dpmpp_2m", "unipc"))
+
+
+def test_dpmpp_2m_and_its_sde_variant_are_told_apart():
+    """One diffusers class, two samplers: the name sets algorithm_type, and a scheduler reads back as its name."""
+    from diffusers import EulerDiscreteScheduler
+
+    from sdtrain.sample.pipeline import sampler_name, with_scheduler
+
+    sde = with_scheduler(EulerDiscreteScheduler(), "dpmpp_2m_sde")
+    assert sde.config.algorithm_type == "sde-dpmsolver++" and sampler_name(sde) == "dpmpp_2m_sde"
+    plain = with_scheduler(sde, "dpmpp_2m")
+    assert plain.config.algorithm_type == "dpmsolver++" and sampler_name(plain) == "dpmpp_2m"
+    assert with_scheduler(sde, "dpmpp_2m_sde") is sde and sampler_name(EulerDiscreteScheduler()) == "euler"

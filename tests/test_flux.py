@@ -20,7 +20,7 @@ from sdtrain.models.families.flux import FAMILY as FLUX
 from sdtrain.models.families.flux import TRAIN_GUIDANCE
 from sdtrain.sample.pipeline import Pipeline
 from sdtrain.train.loop import train
-from tests.conftest import pipeline_overrides, tiny_overrides, write_image_folder
+from tests.conftest import evaluate_and_serve, pipeline_overrides, tiny_overrides, write_image_folder
 
 TOKENS = ["model.text_encoder_2.max_length=32"]  # the tiny T5's length (FLUX.1's is 512)
 FLOW = ["train.objective.dynamic_shift=true", "train.objective.timestep_sampling=logit_normal", *TOKENS]
@@ -61,6 +61,15 @@ def test_a_flux_folder_fine_tunes_and_samples_as_diffusers(tuned, flux_dir):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     edited = ours.reconstruct("a green square", images[0], strength=0.6, num_inference_steps=3).images
     assert edited[0].size == images[0].size
+
+
+def test_flux_models_are_evaluated_and_served(tuned, tmp_path, inception_file, clip_model_dir):
+    """`sdtrain evaluate` (FID, KID, CLIP score) and the run browser's generation work on a Flux export (whose
+    transformer has no sample size: drawn at the pipeline's default, 128 latents a side)."""
+    root, data, final = tuned
+    scores, grid = evaluate_and_serve(root, data, final, tmp_path / "scores", inception_file, clip_model_dir, 4)
+    assert scores["num_images"] == 4 and np.isfinite(scores["fid"]) and 0 <= scores["clip_score"] <= 100
+    assert grid.size[0] == 2 * grid.size[1]  # two square images side by side
 
 
 def test_the_training_call_is_the_pipelines(flux_dir):
@@ -117,3 +126,30 @@ def test_a_flux_transformer_from_scratch_trains_with_the_family_named(tmp_path, 
     transformer = Pipeline.from_pretrained(final, device="cpu").denoiser
     assert len(transformer.single_transformer_blocks) == 2 and not transformer.config.guidance_embeds
     assert transformer.config.axes_dims_rope == [4, 6, 6] or tuple(transformer.config.axes_dims_rope) == (4, 6, 6)
+
+
+@pytest.mark.slow  # SIGKILL chains and a two-process launch: make test-all
+def test_flux_resumes_bit_exact_after_sigkill_and_two_processes_train_what_one_does(tmp_path, flux_dir):
+    from tests.test_distributed import ADAM_EPS, _launch_ddp
+    from tests.test_faults import KILLED, _losses, _train
+
+    data = write_image_folder(tmp_path / "data", count=5, size=40)  # epochs end mid-batch
+    extra = ["train.gradient_accumulation=2", "train.num_steps=6", "train.save_every=3", ADAM_EPS, *FLOW]
+
+    def weights(run: str) -> dict:
+        return load_file(tmp_path / run / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+    assert _train(pipeline_overrides(tmp_path / "a", data, flux_dir) + extra).returncode == 0
+    overrides = pipeline_overrides(tmp_path / "b", data, flux_dir) + extra
+    for fault in ("kill_micro=3", "kill_save=1:manifest", "kill_micro=5"):
+        assert _train(overrides, fault).returncode == KILLED, fault
+    assert _train(overrides).returncode == 0
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+    a, b = weights("a"), weights("b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    result = _launch_ddp(pipeline_overrides(tmp_path / "two", data, flux_dir) + extra)
+    assert result.returncode == 0 and "world size 2" in result.stderr, result.stderr[-3000:]
+    (steps_a, losses_a), (steps_b, losses_b) = zip(*_losses(tmp_path / "a")), zip(*_losses(tmp_path / "two"))
+    assert steps_a == steps_b and losses_b == pytest.approx(losses_a, rel=1e-5)
+    two = weights("two")
+    assert max((a[k] - two[k]).abs().max().item() for k in a) < 1e-6

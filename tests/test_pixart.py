@@ -82,7 +82,7 @@ def scratch_overrides(tmp_path, clip_dir, vae_dir) -> list[str]:
         "model.transformer.attention_head_dim=8",
         "train.objective.kind=flow",
         "train.objective.timestep_sampling=logit_normal",
-        "sample.scheduler=dpmpp_2m",
+        "sample.scheduler=dpmpp_2m_sde",  # stochastic: the parity below holds for the images' own generators
     ]
 
 
@@ -92,6 +92,7 @@ def test_a_pixart_transformer_from_scratch_trains_with_flow_matching_and_samples
     final = train(load_config(Config, None, scratch_overrides(tmp_path, clip_dir, vae_dir)))
     scheduler = json.loads((final / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "DPMSolverMultistepScheduler" and scheduler["use_flow_sigmas"]
+    assert scheduler["algorithm_type"] == "sde-dpmsolver++"
     assert scheduler["prediction_type"] == "flow_prediction"
     ours = Pipeline.from_pretrained(final, device="cpu")
     assert ours.objective.kind == "flow" and ours.denoiser.config.out_channels == 4
@@ -107,7 +108,7 @@ def test_a_pixart_transformer_from_scratch_trains_with_flow_matching_and_samples
     for a, b in zip(images, theirs):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, unipc))
-    with pytest.raises(ValueError, match=r"samples with dpmpp_2m, unipc \(flow matching\), not 'euler'"):
+    with pytest.raises(ValueError, match=r"samples with dpmpp_2m, dpmpp_2m_sde, unipc \(flow matching\), not 'euler'"):
         ours.generate(prompts, num_inference_steps=2, scheduler="euler")
 
 
@@ -121,3 +122,30 @@ def test_an_objective_or_sampler_the_family_cannot_run_is_refused_before_work(tm
     with pytest.raises(ValueError, match="sd models train with ddpm"):
         train(load_config(Config, None, sd))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # SIGKILL chains and a two-process launch: make test-all
+def test_pixart_resumes_bit_exact_after_sigkill_and_two_processes_train_what_one_does(tmp_path, pixart_dir):
+    from tests.test_distributed import ADAM_EPS, _launch_ddp
+    from tests.test_faults import KILLED, _losses, _train
+
+    data = write_image_folder(tmp_path / "data", count=5, size=40)  # epochs end mid-batch
+    extra = ["train.gradient_accumulation=2", "train.num_steps=6", "train.save_every=3", ADAM_EPS]
+
+    def weights(run: str) -> dict:
+        return load_file(tmp_path / run / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+    assert _train(pipeline_overrides(tmp_path / "a", data, pixart_dir) + extra).returncode == 0
+    overrides = pipeline_overrides(tmp_path / "b", data, pixart_dir) + extra
+    for fault in ("kill_micro=3", "kill_save=1:manifest", "kill_micro=5"):
+        assert _train(overrides, fault).returncode == KILLED, fault
+    assert _train(overrides).returncode == 0
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+    a, b = weights("a"), weights("b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    result = _launch_ddp(pipeline_overrides(tmp_path / "two", data, pixart_dir) + extra)
+    assert result.returncode == 0 and "world size 2" in result.stderr, result.stderr[-3000:]
+    (steps_a, losses_a), (steps_b, losses_b) = zip(*_losses(tmp_path / "a")), zip(*_losses(tmp_path / "two"))
+    assert steps_a == steps_b and losses_b == pytest.approx(losses_a, rel=1e-5)
+    two = weights("two")
+    assert max((a[k] - two[k]).abs().max().item() for k in a) < 1e-6

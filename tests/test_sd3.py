@@ -17,7 +17,7 @@ from sdtrain.models.families import detect
 from sdtrain.models.families.sd3 import FAMILY as SD3
 from sdtrain.sample.pipeline import Pipeline
 from sdtrain.train.loop import train
-from tests.conftest import evaluate_and_serve, pipeline_overrides, write_image_folder
+from tests.conftest import TINY_TRAINING, evaluate_and_serve, pipeline_overrides, write_image_folder
 
 T5_TOKENS = ["model.text_encoder_3.max_length=32"]  # the tiny stand-in tokenizer's length, as the pipeline is called
 
@@ -144,3 +144,19 @@ def test_sd3_two_processes_train_what_one_process_trains(tmp_path, sd3_dir):
         for r in ("one", "two")
     )
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_an_sd3_transformer_from_scratch_trains_with_the_family_named(tmp_path, sd3_dir, vae_dir):
+    data = write_image_folder(tmp_path / "data", count=8, size=40)
+    overrides = [
+        f"train.output_dir={tmp_path / 'run'}", f"data.path={data}", "data.resolution=32", "model.family=sd3",
+        f"model.vae.path={vae_dir}", *[f"model.{n}.path={sd3_dir}" for n in ("text_encoder", "text_encoder_2",
+                                                                            "text_encoder_3")],
+        *[f"model.{n}.subfolder={n}" for n in ("text_encoder", "text_encoder_2", "text_encoder_3")],
+        "model.transformer.num_layers=2", "model.transformer.num_attention_heads=2",
+        "model.transformer.attention_head_dim=8", *T5_TOKENS, *TINY_TRAINING,
+    ]  # fmt: skip
+    final = train(load_config(Config, None, overrides))
+    transformer = Pipeline.from_pretrained(final, device="cpu").denoiser
+    assert len(transformer.transformer_blocks) == 2 and transformer.config.sample_size == 16
+    assert transformer.config.joint_attention_dim == 64 and transformer.config.pooled_projection_dim == 64

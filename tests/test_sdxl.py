@@ -202,31 +202,6 @@ def test_sdxl_two_processes_train_what_one_process_trains(tmp_path, sdxl_dir):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
-@pytest.mark.slow  # two-process launches: make test-all
-@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
-def test_sdxl_sharded_by_fsdp2_or_zero3_trains_what_one_process_trains(strategy, tmp_path, sdxl_dir):
-    """The SDXL UNet sharded over 2 processes (FSDP2 by its blocks, or DeepSpeed ZeRO-3): the losses and the exported
-    EMA weights are one process's, and each process holds about half of the UNet."""
-    import re
-
-    from tests.test_distributed import ADAM_EPS, _launch_deepspeed, _launch_fsdp
-    from tests.test_faults import _losses, _train, _weights
-
-    data = write_image_folder(tmp_path / "data", count=8, size=40)
-    extra = ["train.num_steps=4", "data.caption_dropout=0.3", "train.mixed_precision=no", ADAM_EPS]
-    assert _train(pipeline_overrides(tmp_path / "one", data, sdxl_dir) + extra).returncode == 0
-    sharded = pipeline_overrides(tmp_path / "two", data, sdxl_dir) + extra
-    result = _launch_fsdp(sharded) if strategy == "fsdp2" else _launch_deepspeed(sharded, "--zero_stage", "3")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert ("world size 2 (FSDP" if strategy == "fsdp2" else "world size 2 (DEEPSPEED ZeRO-3") in result.stderr
-    held, total = map(int, re.search(r"this process holds (\d+) of the UNet's (\d+)", result.stderr).groups())
-    assert held < 0.6 * total
-    (steps_a, losses_a), (steps_b, losses_b) = zip(*_losses(tmp_path / "one")), zip(*_losses(tmp_path / "two"))
-    assert steps_a == steps_b == (1, 2, 3, 4) and losses_b == pytest.approx(losses_a, rel=1e-5)
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-
-
 def test_sdxl_from_scratch_with_the_family_named(tmp_path, sdxl_dir, vae_dir):
     """model.family=sdxl with the two text encoders and the autoencoder given as folders, the UNet built from the
     knobs with SDXL's text-time embedding sized for them."""

@@ -32,7 +32,7 @@ def is_shards(path: str) -> bool:
 
 
 # the samplers by name: the one list (sdtrain.sample.pipeline.SCHEDULERS maps each to its diffusers class)
-SamplerName = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "heun", "lms", "pndm", "unipc"]
+SamplerName = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun", "lms", "pndm", "unipc"]
 SCHEDULER_NAMES: tuple[str, ...] = typing.get_args(SamplerName)
 
 

@@ -324,7 +324,7 @@ class FidelityScorer:
             ``fid``, ``kid_mean`` / ``kid_std``, ``clip_score`` / ``clip_score_real`` (those asked for),
             ``num_images``, the skipped inputs by reason, and the sampling settings.
         """
-        from sdtrain.sample.pipeline import SCHEDULERS, make_grid
+        from sdtrain.sample.pipeline import make_grid, sampler_name
 
         if self.reference is None:
             raise EvaluationError("set_reference first: the scores compare against a reference set")
@@ -374,7 +374,7 @@ class FidelityScorer:
             skipped=ref.skipped,
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
-            scheduler=(SCHEDULERS[scheduler] if scheduler else type(pipe.scheduler)).__name__,
+            scheduler=scheduler or sampler_name(pipe.scheduler),
             seed=seed,
             **(extra or {}),
         )

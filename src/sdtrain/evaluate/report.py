@@ -18,7 +18,7 @@ from PIL import Image
 
 from sdtrain.data.shapes import COLORS, Combo, load_combos
 from sdtrain.evaluate.shapes import read_image, score
-from sdtrain.sample.pipeline import Pipeline, make_grid
+from sdtrain.sample.pipeline import Pipeline, make_grid, sampler_name
 
 
 def adherence(
@@ -141,7 +141,7 @@ def evaluate_shapes_model(
         guidance_scale=guidance_scale,
         num_inference_steps=num_inference_steps,
         images_per_combo=images_per_combo,
-        scheduler=type(pipe.scheduler).__name__,
+        scheduler=sampler_name(pipe.scheduler),
         model=str(model),
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

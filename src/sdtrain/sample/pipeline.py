@@ -45,6 +45,7 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler_a": EulerAncestralDiscreteScheduler,
     "ddim": DDIMScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
+    "dpmpp_2m_sde": DPMSolverMultistepScheduler,  # with algorithm_type sde-dpmsolver++ (SAMPLER_SETTINGS)
     "heun": HeunDiscreteScheduler,
     "lms": LMSDiscreteScheduler,
     "pndm": PNDMScheduler,
@@ -56,7 +57,17 @@ FLOW_SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler": FlowMatchEulerDiscreteScheduler,
     "heun": FlowMatchHeunDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
+    "dpmpp_2m_sde": DPMSolverMultistepScheduler,
     "unipc": UniPCMultistepScheduler,
+}
+# what a name sets beyond its class: DPM-Solver++ 2M and its SDE variant (fresh noise at every step, from the image's
+# generator) are one class; DDIM's and PNDM's defaults (clip_sample, PRK warm-up steps) are not what Stable Diffusion
+# samples with
+SAMPLER_SETTINGS: dict[str, dict[str, Any]] = {
+    "dpmpp_2m": {"algorithm_type": "dpmsolver++"},
+    "dpmpp_2m_sde": {"algorithm_type": "sde-dpmsolver++"},
+    "ddim": {"clip_sample": False},
+    "pndm": {"skip_prk_steps": True},
 }
 if tuple(SCHEDULERS) != SCHEDULER_NAMES:  # config.SamplerName is the one list of names
     raise ImportError(f"SCHEDULERS {tuple(SCHEDULERS)} differ from config.SCHEDULER_NAMES {SCHEDULER_NAMES}")
@@ -109,7 +120,7 @@ def flow_sampler(config: ObjectiveConfig, name: str, allowed: tuple[str, ...] | 
     allowed = allowed or tuple(FLOW_SCHEDULERS)
     if name not in allowed:
         raise ValueError(f"this model samples with {', '.join(allowed)} (flow matching), not {name!r}")
-    cls = FLOW_SCHEDULERS[name]
+    cls, settings = FLOW_SCHEDULERS[name], SAMPLER_SETTINGS.get(name, {})
     if name == "euler":
         return cls(**flow_schedule(config))
     if name == "heun":
@@ -120,7 +131,7 @@ def flow_sampler(config: ObjectiveConfig, name: str, allowed: tuple[str, ...] | 
         raise ValueError(f"{cls.__name__} on flow sigmas is sampled here with a constant shift: sample with euler")
     return cls(
         num_train_timesteps=config.num_train_timesteps, prediction_type="flow_prediction", use_flow_sigmas=True,
-        flow_shift=config.shift,
+        flow_shift=config.shift, **settings,
     )  # fmt: skip
 
 
@@ -130,16 +141,29 @@ def with_scheduler(
     """The sampler ``name`` built from another scheduler's config (same training schedule); a flow-matching
     scheduler takes the names of ``flow_samplers`` (default: all of ``FLOW_SCHEDULERS``)."""
     if is_flow(scheduler):
-        if name in FLOW_SCHEDULERS and isinstance(scheduler, FLOW_SCHEDULERS[name]):
+        if name in (flow_samplers or FLOW_SCHEDULERS) and _is(scheduler, FLOW_SCHEDULERS[name], name):
             return scheduler
         return flow_sampler(from_scheduler(scheduler), name, flow_samplers)
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    if isinstance(scheduler, SCHEDULERS[name]):
+    if _is(scheduler, SCHEDULERS[name], name):
         return scheduler
-    # DDIM's and PNDM's defaults (clip_sample, PRK warm-up steps) are not what Stable Diffusion samples with
-    fixes = {"ddim": {"clip_sample": False}, "pndm": {"skip_prk_steps": True}}.get(name, {})
-    return SCHEDULERS[name].from_config(scheduler.config, **fixes)
+    return SCHEDULERS[name].from_config(scheduler.config, **SAMPLER_SETTINGS.get(name, {}))
+
+
+def sampler_name(scheduler: SchedulerMixin) -> str:
+    """The name a scheduler samples as (``dpmpp_2m_sde``), for reports; its class name where it has none."""
+    names = FLOW_SCHEDULERS if is_flow(scheduler) else SCHEDULERS
+    for name in sorted(names, key=lambda n: n not in SAMPLER_SETTINGS):  # the names with settings first
+        if _is(scheduler, names[name], name):
+            return name
+    return type(scheduler).__name__
+
+
+def _is(scheduler: SchedulerMixin, cls: type, name: str) -> bool:
+    """Whether ``scheduler`` already is the sampler ``name``: its class, with the settings the name implies."""
+    settings = SAMPLER_SETTINGS.get(name, {})
+    return isinstance(scheduler, cls) and all(scheduler.config.get(k) == v for k, v in settings.items())
 
 
 def _generators(seed: int, count: int) -> list[torch.Generator]:

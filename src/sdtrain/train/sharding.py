@@ -58,14 +58,15 @@ def check_strategy(accelerator) -> None:
 
 
 def is_sharded(accelerator) -> bool:
-    """Whether each process holds only its part of the UNet's weights: FSDP2, or DeepSpeed ZeRO-3."""
+    """Whether each process holds only its part of the denoiser's weights: FSDP2, or DeepSpeed ZeRO-3."""
     return accelerator.distributed_type == DistributedType.FSDP or zero.stage(accelerator) == 3
 
 
 def wrap_blocks_by_default(accelerator) -> None:
     """Without a wrap policy chosen (``--fsdp_auto_wrap_policy`` / ``fsdp_auto_wrap_policy``), make each of the
-    UNet's ResNet and transformer blocks (its ``_no_split_modules``) an FSDP unit, gathered whole only while it runs.
-    accelerate's own default, one unit for the whole UNet, gathers every weight at once in each forward pass."""
+    denoiser's blocks (its ``_no_split_modules``: a UNet's ResNet and transformer blocks, a DiT's transformer blocks)
+    an FSDP unit, gathered whole only while it runs. accelerate's own default, one unit for the whole model, gathers
+    every weight at once in each forward pass."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     plugin = accelerator.state.fsdp_plugin
@@ -95,7 +96,7 @@ def describe(model: torch.nn.Module) -> str:
     total = sum(p.ds_numel if zero.is_partitioned(p) else p.numel() for p in model.parameters())
     units = sum(isinstance(m, FSDPModule) for m in model.modules())
     layout = f"{units} units; " if units else ""
-    return f"{layout}this process holds {held} of the UNet's {total} parameters"
+    return f"{layout}this process holds {held} of the denoiser's {total} parameters"
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

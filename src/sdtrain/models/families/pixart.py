@@ -167,5 +167,6 @@ FAMILY = Family(
     frozen=frozen,
     encoders=encoders,
     sampling_kwargs=sampling_kwargs,
-    flow_samplers=("dpmpp_2m", "unipc"),  # the pipeline calls scale_model_input: multistep solvers on flow sigmas
+    # the pipeline calls scale_model_input: the multistep solvers on flow sigmas
+    flow_samplers=("dpmpp_2m", "dpmpp_2m_sde", "unipc"),
 )

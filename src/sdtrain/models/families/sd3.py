@@ -9,8 +9,8 @@ state (``max_sequence_length`` tokens, the pipeline's 256 unless ``model.text_en
 prompt, as SD3's training script and its pipeline's unconditional branch do.
 
 LoRA adapters go on the attention projections of both streams; they are saved in diffusers' layout
-(``transformer.…``), which ComfyUI loads for SD3. Training from scratch is not offered yet: SD3 fine-tunes from a
-pipeline folder (``model.pretrained``).
+(``transformer.…``), which ComfyUI loads for SD3. From scratch, the transformer is built from ``model.transformer``
+with the family named (``model.family=sd3``) and the three encoders given as folders or hub ids.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
 from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
-from sdtrain.models.text import load_text_encoder
-from sdtrain.models.vae import load_vae
+from sdtrain.models.text import hidden_size, load_text_encoder
+from sdtrain.models.vae import downsample_factor, load_vae
 
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
@@ -67,14 +67,41 @@ def load_components(config, denoiser: bool = True) -> Components:
     encoders = [_encoder(config, i) for i in (1, 2, 3)]
     vae_path, vae_sub = (m.vae.path, m.vae.subfolder) if m.vae.path else (m.pretrained, "vae")
     vae = load_vae(vae_path, vae_sub, m.vae.dtype)
+    (te1, tok1), (te2, tok2), (te3, tok3) = encoders
     transformer = None
-    if denoiser:
-        if m.unet.from_scratch or not (m.unet.pretrained or m.pretrained):
-            raise ValueError("SD3 trains from a pipeline folder (model.pretrained); from scratch is not offered yet")
+    if denoiser and (m.unet.from_scratch or not (m.unet.pretrained or m.pretrained)):
+        sample_size = config.data.resolution // downsample_factor(vae)
+        pooled = te1.config.projection_dim + te2.config.projection_dim
+        channels = vae.config.latent_channels
+        transformer = build_transformer(m.transformer, channels, sample_size, hidden_size(te3), pooled)
+    elif denoiser:
         source, sub = (m.unet.pretrained, m.unet.subfolder) if m.unet.pretrained else (m.pretrained, "transformer")
         transformer = SD3Transformer2DModel.from_pretrained(source, subfolder=sub)
-    (te1, tok1), (te2, tok2), (te3, tok3) = encoders
     return Components(vae, te1, te2, te3, tok1, tok2, tok3, transformer)
+
+
+def build_transformer(
+    knobs, latent_channels: int, sample_size: int, text_width: int, pooled_width: int
+) -> SD3Transformer2DModel:
+    """A fresh MMDiT of ``model.transformer``'s shape over ``sample_size``-sided latents: the text stream projected
+    from T5's width (the CLIP states are padded to it), the pooled vector of both CLIPs; positions for up to 96
+    patches a side, as SD3 (or the latent's own, if larger)."""
+    if sample_size % knobs.patch_size:
+        raise ValueError(f"latents of side {sample_size} do not split into {knobs.patch_size}-sided patches")
+    width = knobs.num_attention_heads * knobs.attention_head_dim
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=knobs.patch_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_layers=knobs.num_layers,
+        attention_head_dim=knobs.attention_head_dim,
+        num_attention_heads=knobs.num_attention_heads,
+        joint_attention_dim=text_width,
+        caption_projection_dim=width,
+        pooled_projection_dim=pooled_width,
+        pos_embed_max_size=max(96, sample_size // knobs.patch_size),
+    )
 
 
 @torch.no_grad()
