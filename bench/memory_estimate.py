@@ -7,7 +7,8 @@ printed for the settings given. What `sdtrain train` prints before its first ste
 
 Sizes are the published configs (SD 1.5; SDXL base 1.0: UNet 2.57 B, CLIP ViT-L and OpenCLIP ViT-bigG; SD 3 medium:
 MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; FLUX.1 dev: 11.9 B, CLIP-L and T5-XXL, a 16-channel VAE;
-PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL).
+PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL; Sana 1600M 1024 px: 1.6 B, Gemma 2 2B, the f32c32 deep-compression
+autoencoder).
 """
 
 from __future__ import annotations
@@ -16,13 +17,23 @@ import argparse
 
 import torch
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Gemma2Config,
+    Gemma2Model,
+    T5Config,
+    T5EncoderModel,
+)
 
 from sdtrain.config import LoRAConfig, OptimConfig, TrainConfig
 from sdtrain.models.families import families
@@ -42,6 +53,11 @@ SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))  # fmt: skip
+SANA_1600M = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+                  num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+                  caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1)  # fmt: skip
+GEMMA2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=256)  # fmt: skip
 PIXART_SIGMA = dict(sample_size=128, num_layers=28, attention_head_dim=72, num_attention_heads=16, in_channels=4,
                     out_channels=8, patch_size=2, cross_attention_dim=1152, caption_channels=4096,
                     norm_type="ada_norm_single", num_embeds_ada_norm=1000, norm_elementwise_affine=False,
@@ -62,7 +78,7 @@ UNETS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted([*UNETS, "sd3", "flux", "pixart"]), default="sdxl")
+    parser.add_argument("--family", choices=sorted([*UNETS, "sd3", "flux", "pixart", "sana"]), default="sdxl")
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1, help="micro-batch per device")
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tune)")
@@ -83,7 +99,7 @@ def main() -> None:
     family = families()[args.family]
     if args.lora:
         add_lora(model, tc.lora, family.lora_targets)
-    side = args.resolution // 8
+    side = args.resolution // (32 if args.family == "sana" else 8)
     profile = profile_denoiser(model, family.predict, (channels, side, side), cond, torch.device("meta"))
     estimate = estimate_memory(model, frozen, profile, args.batch, tc, shards=args.shards)
     params = sum(p.numel() for p in model.parameters())
@@ -116,6 +132,11 @@ def _models(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, list, dict,
             frozen = [vae, CLIPTextModel(CLIPTextConfig(**VIT_L)), T5EncoderModel(T5Config(**T5_XXL))]
             cond = {"encoder_hidden_states": torch.zeros(1, 512, 4096), "pooled_projections": torch.zeros(1, 768)}
             return model, [m.to(dtype) for m in frozen], cond, 16
+        if name == "sana":
+            model = SanaTransformer2DModel(**SANA_1600M)
+            frozen = [AutoencoderDC(), Gemma2Model(Gemma2Config(**GEMMA2_2B))]  # AutoencoderDC's defaults: f32c32
+            cond = {"encoder_hidden_states": torch.zeros(1, 300, 2304), "encoder_attention_mask": torch.ones(1, 300)}
+            return model, [m.to(dtype) for m in frozen], cond, 32
         if name == "pixart":
             model = PixArtTransformer2DModel(**PIXART_SIGMA)
             frozen = [AutoencoderKL(**SD_VAE), T5EncoderModel(T5Config(**T5_XXL))]

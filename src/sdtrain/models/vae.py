@@ -1,8 +1,10 @@
-"""Frozen autoencoder (AutoencoderKL or VQModel) and the mapping between pixels and scaled latents.
+"""Frozen autoencoder (AutoencoderKL, VQModel, or Sana's deep-compression AutoencoderDC) and the mapping between
+pixels and scaled latents.
 
 Latents the UNet sees are ``(z - shift_factor) * scaling_factor`` with both read from the autoencoder's config
 (``shift_factor`` is unset for Stable Diffusion 1.x / 2.x VAEs). For a VQModel the UNet denoises the
-pre-quantisation latents, as the LDM paper does, and decoding quantises them.
+pre-quantisation latents, as the LDM paper does, and decoding quantises them. An AutoencoderDC's latents are
+deterministic, as a VQModel's.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderDC, AutoencoderKL, VQModel
 
 from sdtrain.models.text import DTYPES, freeze
 
-AUTOENCODERS = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
+AUTOENCODERS = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel, "AutoencoderDC": AutoencoderDC}
 
-Autoencoder = AutoencoderKL | VQModel
+Autoencoder = AutoencoderKL | VQModel | AutoencoderDC
 
 
 def _class_name(path: str, subfolder: str | None) -> str:
@@ -42,8 +44,9 @@ def load_vae(path: str, subfolder: str | None = None, dtype: str = "float32") ->
 
 
 def downsample_factor(vae: Autoencoder) -> int:
-    """Pixels per latent pixel (8 for Stable Diffusion's VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    """Pixels per latent pixel (8 for Stable Diffusion's VAE, 32 for Sana's)."""
+    levels = getattr(vae.config, "block_out_channels", None) or vae.config.encoder_block_out_channels
+    return 2 ** (len(levels) - 1)
 
 
 def _scale_shift(vae: Autoencoder) -> tuple[float, float]:
@@ -58,6 +61,9 @@ def encode_moments(vae: Autoencoder, images: torch.Tensor) -> tuple[torch.Tensor
     images = images.to(device=vae.device, dtype=vae.dtype)
     if isinstance(vae, VQModel):
         latents = vae.encode(images).latents
+        return latents, torch.zeros_like(latents)
+    if isinstance(vae, AutoencoderDC):
+        latents = vae.encode(images).latent
         return latents, torch.zeros_like(latents)
     dist = vae.encode(images).latent_dist
     return dist.mean, dist.std

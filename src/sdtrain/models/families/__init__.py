@@ -117,9 +117,9 @@ def fp32_encoding(
 
 def families() -> dict[str, Family]:
     """Every family sdtrain trains, by name (imported here, not at package import: they import diffusers)."""
-    from sdtrain.models.families import flux, pixart, sd, sd3, sdxl
+    from sdtrain.models.families import flux, pixart, sana, sd, sd3, sdxl
 
-    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, pixart.FAMILY)}
+    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, pixart.FAMILY, sana.FAMILY)}
 
 
 def pipeline_class_name(path: str | Path) -> str | None:

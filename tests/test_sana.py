@@ -1,0 +1,84 @@
+"""Sana: a tiny folder saved by diffusers (Gemma 2, AutoencoderDC, SanaTransformer2DModel, DPM-Solver on flow
+sigmas) fine-tunes with model.pretrained alone by flow matching; its prompts encode as SanaPipeline.encode_prompt
+encodes them (its complex human instruction prepended); the export loads in plain SanaPipeline and draws the same
+pixels as `sdtrain generate`; LoRA exports for load_lora_weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import SanaPipeline
+from safetensors.torch import load_file
+
+from sdtrain.config import Config, load_config
+from sdtrain.models.families import detect
+from sdtrain.models.families.sana import FAMILY as SANA
+from sdtrain.models.families.sana import INSTRUCTION
+from sdtrain.sample.pipeline import Pipeline
+from sdtrain.train.loop import train
+from tests.conftest import pipeline_overrides, write_image_folder
+
+SAMPLER = ["sample.scheduler=dpmpp_2m"]  # the folder's own sampler (sdtrain's default name is euler)
+
+
+def _plain(folder) -> SanaPipeline:
+    pipe = SanaPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_sana_folder_fine_tunes_and_samples_as_diffusers(tmp_path, sana_dir):
+    data = write_image_folder(tmp_path / "data", count=8, size=40)
+    overrides = pipeline_overrides(tmp_path / "run", data, sana_dir) + SAMPLER + ["train.objective.shift=3.0"]
+    final = train(load_config(Config, None, overrides))
+    assert detect(sana_dir) is SANA and detect(final) is SANA
+    assert json.loads((final / "model_index.json").read_text())["_class_name"] == "SanaPipeline"
+    before = load_file(sana_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    after = load_file(final / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    ours = Pipeline.from_pretrained(final, device="cpu")
+    prompts = ["a red square", "a blue circle"]
+    images = ours.generate(prompts, num_inference_steps=3, guidance_scale=4.5, height=32, width=32, seed=3).images
+    plain = _plain(final)
+    generators = [torch.Generator().manual_seed(3 + i) for i in range(2)]
+    theirs = plain(prompts, num_inference_steps=3, guidance_scale=4.5, height=32, width=32, generator=generators,
+                   max_sequence_length=24, use_resolution_binning=False).images  # fmt: skip
+    for a, b in zip(images, theirs):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="no image-to-image pipeline"):
+        ours.reconstruct("a red square", images[0])
+
+
+def test_sana_prompts_encode_with_the_pipelines_instruction(sana_dir):
+    pipe = _plain(sana_dir)
+    cond = SANA.encode_prompts(SANA.components_of(pipe), ["A red square"], "cpu")
+    # as SanaPipeline.__call__ calls it, with its default instruction
+    kwargs = dict(do_classifier_free_guidance=False, max_sequence_length=24, complex_human_instruction=INSTRUCTION)
+    states, mask, _, _ = pipe.encode_prompt("A red square", **kwargs)
+    assert INSTRUCTION and torch.equal(cond["encoder_hidden_states"], states)
+    assert torch.equal(cond["encoder_attention_mask"], mask) and cond["encoder_hidden_states"].shape[1] == 24
+    plain, _, _, _ = pipe.encode_prompt(
+        "A red square", do_classifier_free_guidance=False, max_sequence_length=24, complex_human_instruction=None
+    )
+    assert not torch.equal(plain, states)  # the instruction changes the encoding: training must see it
+
+
+def test_sana_lora_exports_for_load_lora_weights(tmp_path, sana_dir):
+    data = write_image_folder(tmp_path / "data", count=8, size=40)
+    extra = ["train.lora.rank=4", "train.optim.lr=1e-2", "train.ema_decay=null", "train.num_steps=2", *SAMPLER]
+    final = train(load_config(Config, None, pipeline_overrides(tmp_path / "run", data, sana_dir) + extra))
+    adapters = load_file(final / "lora" / "pytorch_lora_weights.safetensors")
+    assert adapters and all(k.startswith("transformer.") for k in adapters)
+    kwargs = dict(prompt="a red square", num_inference_steps=3, output_type="np", max_sequence_length=24, height=32,
+                  width=32, use_resolution_binning=False)  # fmt: skip
+    base = _plain(sana_dir)
+    before = base(generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    base.load_lora_weights(final / "lora")
+    with_lora = base(generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    merged = _plain(final)
+    merged.scheduler = base.scheduler
+    again = merged(generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    assert np.abs(with_lora - before).mean() > 1e-4 and np.abs(again - with_lora).max() < 1e-4
