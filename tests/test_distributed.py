@@ -457,7 +457,7 @@ def test_fit_under_two_processes_deals_the_batches_out(tmp_path, clip_dir, vae_d
 @pytest.mark.slow  # two-process launches: make test-all
 @pytest.mark.parametrize(
     "family, strategy",
-    [("sdxl", "fsdp2"), ("sdxl", "zero3"), ("sd3", "fsdp2"), ("flux", "fsdp2"), ("pixart", "fsdp2")],
+    [("sdxl", "fsdp2"), ("sdxl", "zero3"), *[(f, "fsdp2") for f in ("sd3", "flux", "pixart", "sana")]],
 )
 def test_every_familys_denoiser_sharded_trains_what_one_process_trains(family, strategy, tmp_path, request):
     """A family's denoiser sharded over 2 processes (FSDP2 with a unit per block of its ``_no_split_modules``, or

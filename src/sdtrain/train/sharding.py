@@ -82,6 +82,11 @@ def prepare(accelerator, model: torch.nn.Module, optimizer) -> tuple[Any, Any, t
         template = meta_template(model)
     if accelerator.distributed_type == DistributedType.FSDP:
         wrap_blocks_by_default(accelerator)
+        # every process builds or loads the whole model itself (the same seed, the same files), so accelerate's
+        # loading of rank 0's weights into the others (on by default in `accelerate launch`, for transformers) has
+        # nothing to do, and it fails on a persistent buffer (the sin-cos positions of SD3's, PixArt's and Sana's
+        # patch embeddings), which it takes for a sharded parameter
+        accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
     model, optimizer = accelerator.prepare(model, optimizer)
     if template is not None and accelerator.is_main_process:
         logger.info("%s: %s", "ZeRO-3" if zero.is_zero(accelerator) else "FSDP2", describe(model))
