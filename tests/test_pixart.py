@@ -18,7 +18,7 @@ from sdtrain.models.families import detect
 from sdtrain.models.families.pixart import FAMILY as PIXART
 from sdtrain.sample.pipeline import Pipeline
 from sdtrain.train.loop import train
-from tests.conftest import pipeline_overrides, tiny_overrides, write_image_folder
+from tests.conftest import evaluate_and_serve, pipeline_overrides, tiny_overrides, write_image_folder
 
 
 def test_a_pixart_folder_fine_tunes_and_samples_as_diffusers(tmp_path, pixart_dir):
@@ -65,11 +65,32 @@ def test_pixart_trains_from_the_disk_cache(tmp_path, pixart_dir):
     assert (train(load_config(Config, None, overrides)) / "model_index.json").is_file()
 
 
-def test_lora_on_a_transformer_without_adapters_is_refused_with_the_way_out(tmp_path, pixart_dir):
+def test_pixart_lora_adapters_applied_to_the_base_transformer_give_the_merged_export(tmp_path, pixart_dir):
+    """diffusers' PixArt transformer has no adapter mixin and its pipeline no LoRA loader: peft adds the adapters,
+    the export merges them, and the file beside it (diffusers' transformer layout, peft's names) applied to the base
+    transformer with peft gives the merged transformer's output."""
+    import peft
+    from diffusers import PixArtTransformer2DModel
+
     data = write_image_folder(tmp_path / "data", count=8, size=40)
-    overrides = pipeline_overrides(tmp_path / "run", data, pixart_dir) + ["train.lora.rank=4"]
-    with pytest.raises(ValueError, match=r"takes no adapters .*train.lora.rank=0"):
-        train(load_config(Config, None, overrides))
+    extra = ["train.lora.rank=4", "train.optim.lr=1e-2", "train.ema_decay=null", "train.num_steps=2"]
+    final = train(load_config(Config, None, pipeline_overrides(tmp_path / "run", data, pixart_dir) + extra))
+    adapters = load_file(final / "lora" / "pytorch_lora_weights.safetensors")
+    assert adapters and all(k.startswith("transformer.") and ".lora_" in k for k in adapters)
+    base = PixArtTransformer2DModel.from_pretrained(pixart_dir, subfolder="transformer")
+    merged = PixArtTransformer2DModel.from_pretrained(final, subfolder="transformer")
+    inputs = dict(
+        hidden_states=torch.randn(2, 4, 16, 16), timestep=torch.tensor([100, 800]),
+        encoder_hidden_states=torch.randn(2, 24, 32), added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    )  # fmt: skip
+    with torch.no_grad():
+        plain = base(**inputs).sample
+        config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=list(PIXART.lora_targets))
+        peft.inject_adapter_in_model(config, base)
+        peft.set_peft_model_state_dict(base, {k.removeprefix("transformer."): v for k, v in adapters.items()})
+        adapted, expected = base(**inputs).sample, merged(**inputs).sample
+    assert (adapted - plain).abs().mean() > 1e-5  # the adapters trained ...
+    assert torch.allclose(adapted, expected, atol=1e-5)  # ... and the merged export is base + adapters
 
 
 def scratch_overrides(tmp_path, clip_dir, vae_dir) -> list[str]:
@@ -149,3 +170,13 @@ def test_pixart_resumes_bit_exact_after_sigkill_and_two_processes_train_what_one
     assert steps_a == steps_b and losses_b == pytest.approx(losses_a, rel=1e-5)
     two = weights("two")
     assert max((a[k] - two[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_pixart_models_are_evaluated_and_served(tmp_path, clip_dir, vae_dir, inception_file, clip_model_dir):
+    """`sdtrain evaluate` (FID, KID, CLIP score) and the run browser's generation work on a PixArt export (a flow
+    matching one from scratch)."""
+    final = train(load_config(Config, None, scratch_overrides(tmp_path, clip_dir, vae_dir)))
+    data = tmp_path / "data"
+    scores, grid = evaluate_and_serve(tmp_path, data, final, tmp_path / "scores", inception_file, clip_model_dir, 4)
+    assert scores["num_images"] == 4 and np.isfinite(scores["fid"]) and 0 <= scores["clip_score"] <= 100
+    assert grid.size == (64, 32)  # two 32 px images side by side

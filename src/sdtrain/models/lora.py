@@ -21,23 +21,22 @@ def _peft():
 
 def add_lora(unet, config: LoRAConfig, default_targets: tuple[str, ...] = ()) -> None:
     """Freeze the denoiser and add trainable adapters (fp32, Gaussian A, zero B: the model starts unchanged) on
-    ``config.target_modules``, or where unset on ``default_targets`` (the model family's)."""
+    ``config.target_modules``, or where unset on ``default_targets`` (the model family's). A diffusers model without
+    its adapter mixin (PixArt's transformer) gets them from peft directly, as the text encoders do."""
     peft = _peft()
-    if not hasattr(unet, "add_adapter"):
-        raise ValueError(
-            f"train.lora.rank: diffusers' {type(unet).__name__} takes no adapters (no PeftAdapterMixin); train it "
-            "fully (train.lora.rank=0)"
-        )
     unet.requires_grad_(False)
-    unet.add_adapter(
-        peft.LoraConfig(
-            r=config.rank,
-            lora_alpha=config.alpha if config.alpha is not None else config.rank,
-            lora_dropout=config.dropout,
-            init_lora_weights="gaussian",
-            target_modules=list(config.target_modules if config.target_modules is not None else default_targets),
-        )
+    lora = peft.LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha if config.alpha is not None else config.rank,
+        lora_dropout=config.dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(config.target_modules if config.target_modules is not None else default_targets),
     )
+    if hasattr(unet, "add_adapter"):
+        unet.add_adapter(lora)
+    else:
+        peft.inject_adapter_in_model(lora, unet, adapter_name="default")
+        unet.peft_config = {"default": lora}
 
 
 def add_text_lora(text_encoder, config) -> None:
@@ -93,7 +92,13 @@ def save_lora(modules: dict, out_dir: str | Path, pipeline_class=None, denoiser:
         f"{name}_lora_layers": state if name in peft_named else convert_state_dict_to_diffusers(state)
         for name, state in states.items()
     }
-    (pipeline_class or StableDiffusionPipeline).save_lora_weights(out_dir, **layers, safe_serialization=True)
+    pipeline_class = pipeline_class or StableDiffusionPipeline
+    if hasattr(pipeline_class, "save_lora_weights"):
+        pipeline_class.save_lora_weights(out_dir, **layers, safe_serialization=True)
+    else:  # a pipeline without LoRA loading (PixArt): the same file, written as diffusers writes a transformer's
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        flat = {f"{name}.{k}": v.contiguous() for name, state in states.items() for k, v in state.items()}
+        save_file(flat, Path(out_dir) / "pytorch_lora_weights.safetensors")
     if denoiser == "unet":  # a transformer's LoRA goes in diffusers' layout, which ComfyUI reads for them
         peft_keys = {f"{name}.{k}": v for name, state in states.items() for k, v in state.items()}
         kohya = convert_state_dict_to_kohya(peft_keys)
@@ -105,7 +110,7 @@ def merged_copy(module):
     """A plain copy of ``module`` (no peft layers) whose weights are base + adapter update, for a standalone export:
     a diffusers model through its ``fuse_lora``, a transformers text encoder by merging peft's layers."""
     merged = copy.deepcopy(module)
-    if hasattr(merged, "fuse_lora"):
+    if hasattr(merged, "fuse_lora") and hasattr(merged, "add_adapter"):
         merged.fuse_lora()
         merged.unload_lora()
         return merged

@@ -402,8 +402,10 @@ class Pipeline:
         progress: bool = False,
     ) -> Output:
         """Text to image. Image *i* (prompt-major) is sampled with its own generator seeded ``seed + i``; steps and
-        guidance default to the model's ``sampling``."""
+        guidance default to the model's ``sampling``, the size to :meth:`default_resolution` (every family's pipeline
+        default, which Sana's pipeline does not fill in itself)."""
         steps, guidance = self.sampling_settings(num_inference_steps, guidance_scale)
+        height, width = height or self.default_resolution(), width or self.default_resolution()
         pipe = self.diffusers_pipeline(scheduler=scheduler)
         return txt2img(
             pipe, prompt, negative_prompt, num_images_per_prompt, steps, guidance, height, width, seed,

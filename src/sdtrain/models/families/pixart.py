@@ -10,7 +10,8 @@ sdtrain trains the noise half with the DDPM objective and leaves the variance ha
 lower-cased and stripped, as the pipeline does without ``clean_caption``, which sdtrain's sampling passes as False (the
 caption cleaner needs bs4 and ftfy, and training must see what sampling sees). Caption dropout encodes the empty
 prompt, as the pipeline's unconditional branch does. diffusers has no image-to-image PixArt pipeline, so
-``reconstruct`` is refused for it.
+``reconstruct`` is refused for it. LoRA adapters are added by peft directly (the transformer has no diffusers adapter
+mixin) and saved in diffusers' transformer layout; the pipeline has no LoRA loader, so the export merges them.
 """
 
 from __future__ import annotations
