@@ -399,3 +399,17 @@ def evaluate_and_serve(root: Path, data: Path, final: Path, out: Path, inception
     assert main(args + ["--steps", "2", "--device", "cpu"]) == 0
     png = RunBrowser(root, device="cpu").generate(str(final.relative_to(root)), "a red square", 0, 2)
     return json.loads((out / "fidelity.json").read_text()), Image.open(io.BytesIO(png))
+
+
+def assert_comfyui_transformer_layout(adapters: dict, pipeline_folder: Path) -> None:
+    """The adapters are laid out as ComfyUI reads a diffusers-format transformer LoRA (SD3, Flux, PixArt; its
+    comfy/lora.py maps ``transformer.<diffusers weight name minus .weight>`` and reads ``.lora_A.weight`` /
+    ``.lora_B.weight``, alpha 1 where none is given): every key names a weight of the pipeline's transformer."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(pipeline_folder, "transformer", "diffusion_pytorch_model.safetensors")), "pt") as f:
+        weights = set(f.keys())
+    for key in adapters:
+        module, _, suffix = key.rpartition(".lora_")
+        assert key.startswith("transformer.") and suffix in ("A.weight", "B.weight"), key
+        assert module.removeprefix("transformer.") + ".weight" in weights, key

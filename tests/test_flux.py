@@ -20,7 +20,13 @@ from sdtrain.models.families.flux import FAMILY as FLUX
 from sdtrain.models.families.flux import TRAIN_GUIDANCE
 from sdtrain.sample.pipeline import Pipeline
 from sdtrain.train.loop import train
-from tests.conftest import evaluate_and_serve, pipeline_overrides, tiny_overrides, write_image_folder
+from tests.conftest import (
+    assert_comfyui_transformer_layout,
+    evaluate_and_serve,
+    pipeline_overrides,
+    tiny_overrides,
+    write_image_folder,
+)
 
 TOKENS = ["model.text_encoder_2.max_length=32"]  # the tiny T5's length (FLUX.1's is 512)
 FLOW = ["train.objective.dynamic_shift=true", "train.objective.timestep_sampling=logit_normal", *TOKENS]
@@ -103,6 +109,7 @@ def test_flux_lora_exports_in_diffusers_layout(tmp_path, flux_dir):
     adapters = load_file(final / "lora" / "pytorch_lora_weights.safetensors")
     assert adapters and all(k.startswith("transformer.") for k in adapters)
     assert any("add_q_proj" in k for k in adapters) and any("single_transformer_blocks" in k for k in adapters)
+    assert_comfyui_transformer_layout(adapters, flux_dir)
     kwargs = dict(prompt="a red square", num_inference_steps=3, output_type="np", max_sequence_length=32, height=32,
                   width=32)  # fmt: skip
     base = _plain(flux_dir)

@@ -18,7 +18,13 @@ from sdtrain.models.families import detect
 from sdtrain.models.families.pixart import FAMILY as PIXART
 from sdtrain.sample.pipeline import Pipeline
 from sdtrain.train.loop import train
-from tests.conftest import evaluate_and_serve, pipeline_overrides, tiny_overrides, write_image_folder
+from tests.conftest import (
+    assert_comfyui_transformer_layout,
+    evaluate_and_serve,
+    pipeline_overrides,
+    tiny_overrides,
+    write_image_folder,
+)
 
 
 def test_a_pixart_folder_fine_tunes_and_samples_as_diffusers(tmp_path, pixart_dir):
@@ -77,6 +83,7 @@ def test_pixart_lora_adapters_applied_to_the_base_transformer_give_the_merged_ex
     final = train(load_config(Config, None, pipeline_overrides(tmp_path / "run", data, pixart_dir) + extra))
     adapters = load_file(final / "lora" / "pytorch_lora_weights.safetensors")
     assert adapters and all(k.startswith("transformer.") and ".lora_" in k for k in adapters)
+    assert_comfyui_transformer_layout(adapters, pixart_dir)
     base = PixArtTransformer2DModel.from_pretrained(pixart_dir, subfolder="transformer")
     merged = PixArtTransformer2DModel.from_pretrained(final, subfolder="transformer")
     inputs = dict(

@@ -19,7 +19,7 @@ from sdtrain.models.families.sana import FAMILY as SANA
 from sdtrain.models.families.sana import INSTRUCTION
 from sdtrain.sample.pipeline import Pipeline
 from sdtrain.train.loop import train
-from tests.conftest import evaluate_and_serve, pipeline_overrides, write_image_folder
+from tests.conftest import TINY_TRAINING, evaluate_and_serve, pipeline_overrides, write_image_folder
 
 SAMPLER = ["sample.scheduler=dpmpp_2m"]  # the folder's own sampler (sdtrain's default name is euler)
 
@@ -118,3 +118,18 @@ def test_sana_resumes_bit_exact_after_sigkill_and_two_processes_train_what_one_d
     assert steps_a == steps_b and losses_b == pytest.approx(losses_a, rel=1e-5)
     two = weights("two")
     assert max((a[k] - two[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_a_sana_transformer_from_scratch_trains_with_the_family_named(tmp_path, sana_dir):
+    data = write_image_folder(tmp_path / "data", count=8, size=40)
+    overrides = [
+        f"train.output_dir={tmp_path / 'run'}", f"data.path={data}", "data.resolution=32", "model.family=sana",
+        f"model.vae.path={sana_dir}", "model.vae.subfolder=vae", f"model.text_encoder.path={sana_dir}",
+        "model.text_encoder.subfolder=text_encoder", "model.text_encoder.max_length=24",
+        "model.transformer.num_layers=2", "model.transformer.num_attention_heads=2",
+        "model.transformer.attention_head_dim=4", "model.transformer.patch_size=1", *SAMPLER, *TINY_TRAINING,
+    ]  # fmt: skip
+    final = train(load_config(Config, None, overrides))
+    transformer = Pipeline.from_pretrained(final, device="cpu").denoiser
+    assert len(transformer.transformer_blocks) == 2 and transformer.config.sample_size == 16
+    assert transformer.config.caption_channels == 8  # the tiny Gemma's width

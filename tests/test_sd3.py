@@ -17,7 +17,13 @@ from sdtrain.models.families import detect
 from sdtrain.models.families.sd3 import FAMILY as SD3
 from sdtrain.sample.pipeline import Pipeline
 from sdtrain.train.loop import train
-from tests.conftest import TINY_TRAINING, evaluate_and_serve, pipeline_overrides, write_image_folder
+from tests.conftest import (
+    TINY_TRAINING,
+    assert_comfyui_transformer_layout,
+    evaluate_and_serve,
+    pipeline_overrides,
+    write_image_folder,
+)
 
 T5_TOKENS = ["model.text_encoder_3.max_length=32"]  # the tiny stand-in tokenizer's length, as the pipeline is called
 
@@ -77,6 +83,7 @@ def test_sd3_lora_exports_in_diffusers_layout(tmp_path, sd3_dir):
     adapters = load_file(final / "lora" / "pytorch_lora_weights.safetensors")
     assert adapters and all(k.startswith("transformer.") for k in adapters)
     assert any("add_q_proj" in k for k in adapters)  # both streams' projections adapted
+    assert_comfyui_transformer_layout(adapters, sd3_dir)
     kwargs = dict(prompt="a red square", num_inference_steps=3, output_type="np", max_sequence_length=32)
     base = _plain(sd3_dir)
     before = base(generator=torch.Generator().manual_seed(0), **kwargs).images[0]

@@ -9,7 +9,8 @@ which training must see as sampling does. Its default instruction and length (30
 unconditional branch does. The transformer is called at ``1000 sigma`` times its ``timestep_scale``; a
 learned-variance half of its output, where it has one, is left untrained. diffusers has no Sana image-to-image
 pipeline, so ``reconstruct`` is refused. LoRA adapters on the attention projections are saved in diffusers' layout,
-which ``SanaPipeline.load_lora_weights`` reads.
+which ``SanaPipeline.load_lora_weights`` reads. From scratch (``model.family=sana``), the transformer is built from
+``model.transformer`` over any transformers text encoder given by path.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from diffusers import SanaPipeline, SanaTransformer2DModel
 
 from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
-from sdtrain.models.text import load_text_encoder
-from sdtrain.models.vae import load_vae
+from sdtrain.models.text import hidden_size, load_text_encoder
+from sdtrain.models.vae import downsample_factor, load_vae
 
 TOKENS = 300  # SanaPipeline's default max_sequence_length
 # the instruction SanaPipeline prepends to every prompt unless told otherwise
@@ -54,12 +55,39 @@ def load_components(config, denoiser: bool = True) -> Components:
     vae_path, vae_sub = (m.vae.path, m.vae.subfolder) if m.vae.path else (m.pretrained, "vae")
     vae = load_vae(vae_path, vae_sub, m.vae.dtype)
     transformer = None
-    if denoiser:
-        if m.unet.from_scratch or not (m.unet.pretrained or m.pretrained):
-            raise ValueError("Sana trains from a pipeline folder (model.pretrained); from scratch is not offered")
+    if denoiser and (m.unet.from_scratch or not (m.unet.pretrained or m.pretrained)):
+        sample_size = config.data.resolution // downsample_factor(vae)
+        width = hidden_size(text_encoder)
+        transformer = build_transformer(m.transformer, vae.config.latent_channels, sample_size, width)
+    elif denoiser:
         source, sub = (m.unet.pretrained, m.unet.subfolder) if m.unet.pretrained else (m.pretrained, "transformer")
         transformer = SanaTransformer2DModel.from_pretrained(source, subfolder=sub)
     return Components(vae, text_encoder, tokenizer, transformer)
+
+
+def build_transformer(
+    knobs, latent_channels: int, sample_size: int, caption_channels: int
+) -> SanaTransformer2DModel:
+    """A fresh Sana transformer of ``model.transformer``'s shape over ``sample_size``-sided latents, its
+    cross-attention as wide and as many-headed as its self-attention (Sana 1600M: 70 x 32 linear-attention heads,
+    20 x 112 cross-attention heads)."""
+    if sample_size % knobs.patch_size:
+        raise ValueError(f"latents of side {sample_size} do not split into {knobs.patch_size}-sided patches")
+    width = knobs.num_attention_heads * knobs.attention_head_dim
+    return SanaTransformer2DModel(
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_attention_heads=knobs.num_attention_heads,
+        attention_head_dim=knobs.attention_head_dim,
+        num_layers=knobs.num_layers,
+        num_cross_attention_heads=knobs.num_attention_heads,
+        cross_attention_head_dim=knobs.attention_head_dim,
+        cross_attention_dim=width,
+        caption_channels=caption_channels,
+        dropout=knobs.dropout,
+        sample_size=sample_size,
+        patch_size=knobs.patch_size,
+    )
 
 
 @torch.no_grad()
