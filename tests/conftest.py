@@ -413,3 +413,34 @@ def assert_comfyui_transformer_layout(adapters: dict, pipeline_folder: Path) -> 
         module, _, suffix = key.rpartition(".lora_")
         assert key.startswith("transformer.") and suffix in ("A.weight", "B.weight"), key
         assert module.removeprefix("transformer.") + ".weight" in weights, key
+
+
+def resumes_and_shares(tmp_path: Path, folder: Path, extra: list[str]) -> None:
+    """A family's slow-tier checks on a tiny pipeline folder: SIGKILL at micro-batches and inside a save, then a rerun,
+    ends with the uninterrupted run's losses and transformer weights bit for bit; 2 processes train what one does.
+    The data's 5 images end an epoch mid-batch."""
+    from tests.test_distributed import ADAM_EPS, _launch_ddp
+    from tests.test_faults import KILLED, _losses, _train
+
+    data = write_image_folder(tmp_path / "data", count=5, size=40)
+    extra = ["train.gradient_accumulation=2", "train.num_steps=6", "train.save_every=3", ADAM_EPS, *extra]
+
+    def weights(run: str) -> dict:
+        from safetensors.torch import load_file
+
+        return load_file(tmp_path / run / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+    assert _train(pipeline_overrides(tmp_path / "a", data, folder) + extra).returncode == 0
+    overrides = pipeline_overrides(tmp_path / "b", data, folder) + extra
+    for fault in ("kill_micro=3", "kill_save=1:manifest", "kill_micro=5"):
+        assert _train(overrides, fault).returncode == KILLED, fault
+    assert _train(overrides).returncode == 0
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+    a, b = weights("a"), weights("b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    result = _launch_ddp(pipeline_overrides(tmp_path / "two", data, folder) + extra)
+    assert result.returncode == 0 and "world size 2" in result.stderr, result.stderr[-3000:]
+    (steps_a, losses_a), (steps_b, losses_b) = zip(*_losses(tmp_path / "a")), zip(*_losses(tmp_path / "two"))
+    assert steps_a == steps_b and losses_b == pytest.approx(losses_a, rel=1e-5)
+    two = weights("two")
+    assert max((a[k] - two[k]).abs().max().item() for k in a) < 1e-6

@@ -24,6 +24,7 @@ from tests.conftest import (
     assert_comfyui_transformer_layout,
     evaluate_and_serve,
     pipeline_overrides,
+    resumes_and_shares,
     tiny_overrides,
     write_image_folder,
 )
@@ -137,26 +138,4 @@ def test_a_flux_transformer_from_scratch_trains_with_the_family_named(tmp_path, 
 
 @pytest.mark.slow  # SIGKILL chains and a two-process launch: make test-all
 def test_flux_resumes_bit_exact_after_sigkill_and_two_processes_train_what_one_does(tmp_path, flux_dir):
-    from tests.test_distributed import ADAM_EPS, _launch_ddp
-    from tests.test_faults import KILLED, _losses, _train
-
-    data = write_image_folder(tmp_path / "data", count=5, size=40)  # epochs end mid-batch
-    extra = ["train.gradient_accumulation=2", "train.num_steps=6", "train.save_every=3", ADAM_EPS, *FLOW]
-
-    def weights(run: str) -> dict:
-        return load_file(tmp_path / run / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
-
-    assert _train(pipeline_overrides(tmp_path / "a", data, flux_dir) + extra).returncode == 0
-    overrides = pipeline_overrides(tmp_path / "b", data, flux_dir) + extra
-    for fault in ("kill_micro=3", "kill_save=1:manifest", "kill_micro=5"):
-        assert _train(overrides, fault).returncode == KILLED, fault
-    assert _train(overrides).returncode == 0
-    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
-    a, b = weights("a"), weights("b")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    result = _launch_ddp(pipeline_overrides(tmp_path / "two", data, flux_dir) + extra)
-    assert result.returncode == 0 and "world size 2" in result.stderr, result.stderr[-3000:]
-    (steps_a, losses_a), (steps_b, losses_b) = zip(*_losses(tmp_path / "a")), zip(*_losses(tmp_path / "two"))
-    assert steps_a == steps_b and losses_b == pytest.approx(losses_a, rel=1e-5)
-    two = weights("two")
-    assert max((a[k] - two[k]).abs().max().item() for k in a) < 1e-6
+    resumes_and_shares(tmp_path, flux_dir, FLOW)
