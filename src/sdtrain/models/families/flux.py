@@ -122,10 +122,9 @@ def pack(latents: torch.Tensor) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The inverse of :func:`pack` for latents of ``height`` x ``width``."""
-    b, _, c = packed.shape
-    patches = packed.view(b, height // 2, width // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return patches.reshape(b, c // 4, height, width)
+    """The inverse of :func:`pack` for latents of ``height`` x ``width`` (the pipeline's unpacking, which takes pixel
+    sizes and the autoencoder's factor, at factor 1)."""
+    return FluxPipeline._unpack_latents(packed, height, width, 1)
 
 
 def predict(

@@ -65,9 +65,7 @@ def load_components(config, denoiser: bool = True) -> Components:
     return Components(vae, text_encoder, tokenizer, transformer)
 
 
-def build_transformer(
-    knobs, latent_channels: int, sample_size: int, caption_channels: int
-) -> SanaTransformer2DModel:
+def build_transformer(knobs, latent_channels: int, sample_size: int, caption_channels: int) -> SanaTransformer2DModel:
     """A fresh Sana transformer of ``model.transformer``'s shape over ``sample_size``-sided latents, its
     cross-attention as wide and as many-headed as its self-attention (Sana 1600M: 70 x 32 linear-attention heads,
     20 x 112 cross-attention heads)."""
