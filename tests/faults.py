@@ -10,7 +10,9 @@
   not yet updated), ``pointer`` (new ``latest`` written but not yet swapped in), ``prune`` (an old checkpoint half
   deleted);
 - ``nan=RANK:N``: rank RANK's N-th micro-batch has a NaN loss (the other ranks' are finite);
-- ``enospc=K``: the K-th checkpoint save fails with "No space left on device" after writing its first file.
+- ``enospc=K``: the K-th checkpoint save fails with "No space left on device" after writing its first file;
+- ``orphan_kill=N:FILE``: at the N-th micro-batch, fork a child that lives on for 2 minutes (a data-loader worker slow
+  to notice its parent is gone), write its pid to FILE, and SIGKILL this process.
 
 The kill is a real SIGKILL: no handler, no ``finally``, no flush, exactly what a preempted VM or the OOM killer does.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 
@@ -112,6 +115,26 @@ def _inject(spec: str) -> None:
             return save_file(tensors, path, *args, **kwargs)
 
         checkpoint.save_file = full_disk
+    elif kind == "orphan_kill":
+        nth, pid_file = arg.split(":", 1)
+        calls = [0]
+        loss = objective.diffusion_loss
+
+        def fork_then_die(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == int(nth):
+                child = os.fork()
+                if child == 0:  # off the test's pipes, so that its wait for their end does not wait for this
+                    devnull = os.open(os.devnull, os.O_RDWR)
+                    for fd in (0, 1, 2):
+                        os.dup2(devnull, fd)
+                    time.sleep(120)
+                    os._exit(0)
+                Path(pid_file).write_text(str(child))
+                _die()
+            return loss(*args, **kwargs)
+
+        objective.diffusion_loss = fork_then_die
     elif kind == "nan":
         rank, nth = (int(x) for x in arg.split(":"))
         calls = [0]

@@ -147,5 +147,7 @@ def test_a_run_stops_when_too_much_data_is_bad(tmp_path, clip_dir, vae_dir):
         (data / f"{i:03d}.png").write_bytes(b"garbage")
     overrides = tiny_overrides(tmp_path / "run", data, vae_dir, str(clip_dir), "text_encoder")
     overrides += ["train.num_steps=200", "data.max_bad_share=0.5"]
-    with pytest.raises(RuntimeError, match=r"skipped \(not_an_image: \d+\), more than data.max_bad_share=0.5"):
+    from sdtrain.data.decode import DataError
+
+    with pytest.raises(DataError, match=r"skipped \(not_an_image: \d+\), more than data.max_bad_share=0.5"):
         train(load_config(Config, None, overrides))

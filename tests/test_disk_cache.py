@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from sdtrain.cli import main
 from sdtrain.config import Config, load_config
+from sdtrain.data.decode import DataError
 from sdtrain.train.loop import train
 from tests.conftest import tiny_overrides
 from tests.test_faults import _env, _free_port
@@ -67,8 +68,48 @@ def test_a_cache_made_with_other_settings_is_refused(tmp_path, clip_dir, vae_dir
     swapped = [o if not o.startswith("model.vae.path=") else f"model.vae.path={other_vae}" for o in base]
     with pytest.raises(ValueError, match="differs from this run in: vae;"):
         train(load_config(Config, None, swapped + [f"data.cache_dir={cache}"]))
-    with pytest.raises(FileNotFoundError, match="sdtrain cache"):
+    with pytest.raises(DataError, match="sdtrain cache"):
         train(load_config(Config, None, base + [f"data.cache_dir={tmp_path / 'nothing'}"]))
+
+
+def test_a_damaged_cache_is_refused_when_opened_and_sdtrain_cache_mends_it(
+    tmp_path, clip_dir, vae_dir, image_folder, capfd
+):
+    """Each part's size and sha256 are in its process's index: a part cut short is refused before the run folder is
+    made, a changed byte when the run opens the cache (before its first step), each with the way out; `sdtrain cache`
+    encodes the damaged share again, and the run then trains."""
+    import shutil
+
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    base = tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder")
+    base += [f"data.cache_dir={cache}", "train.num_steps=2"]
+    assert main(["cache", *base]) == 0
+    part = cache / "part-r000-00000.safetensors"
+    intact, tensors = part.read_bytes(), load_file(part)
+    assert json.loads((cache / "rank-000.json").read_text())["parts"][0]["size"] == len(intact)
+
+    flipped = bytearray(intact)
+    flipped[-10] ^= 0xFF
+    part.write_bytes(bytes(flipped))
+    assert main(["train", *base]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("sdtrain: the cache in")
+    assert "part-r000-00000.safetensors does not match its sha256" in err and "`sdtrain cache`" in err
+    assert not (run / "checkpoints").exists()  # refused before the first step
+    shutil.rmtree(run)
+
+    part.write_bytes(intact[:-100])
+    for verify in ("sha256", "size"):
+        assert main(["train", *base, f"data.cache_verify={verify}"]) == 2
+        err = capfd.readouterr().err
+        assert f"has {len(intact) - 100} bytes, its index says {len(intact)}" in err, err
+        assert not run.exists()  # refused before the run folder is made
+
+    assert main(["cache", *base]) == 0  # the damaged share encoded again: the same tensors (to the fp16 rounding
+    again = load_file(part)  # of the near-zero posterior std, whose last bit the CPU's convolutions may flip)
+    assert again.keys() == tensors.keys()
+    assert all(torch.allclose(again[k].float(), tensors[k].float(), rtol=0, atol=1e-5) for k in tensors)
+    assert main(["train", *base]) == 0
 
 
 def test_two_processes_cache_their_own_shards_with_buckets(tmp_path, clip_dir, vae_dir):

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdtrain.errors import Unsupported
 from sdtrain.train.tracking import read_log
 from tests.conftest import tiny_overrides
 from tests.test_faults import ADAM_EPS, FAULTS, _env, _free_port, _losses, _train, _weights
@@ -295,7 +296,7 @@ def test_unsupported_strategies_are_refused_before_any_work(monkeypatch, caplog)
         state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version))
         return SimpleNamespace(distributed_type=kind, state=state, is_main_process=True)
 
-    with pytest.raises(RuntimeError, match="FSDP version 1 is not supported"):
+    with pytest.raises(Unsupported, match="FSDP version 1 is not supported"):
         check_strategy(accelerator(DistributedType.FSDP, fsdp_version=1))
     kinds = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.FSDP)
     for kind in kinds + (DistributedType.DEEPSPEED,):
@@ -343,7 +344,7 @@ def test_deepspeed_settings_sdtrain_does_not_drive_are_refused_and_its_config_is
         "a `scheduler` section": (accelerator(scheduler={"type": "WarmupLR"}), train()),
     }
     for message, (acc, tc) in refused.items():
-        with pytest.raises(RuntimeError, match=message):
+        with pytest.raises(Unsupported, match=message):
             zero.check(acc, tc)
     buckets = {"stage": 2, "reduce_bucket_size": "auto"}  # accelerate fills it from a hidden_size UNets have not
     given = {"gradient_clipping": 1.0, "train_batch_size": "auto", "bf16": {"enabled": True}}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import socket
 import subprocess
 import sys
@@ -42,9 +43,14 @@ def _env(fault: str | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-def _train(overrides: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(FAULTS), "train", *overrides]
-    return subprocess.run(command, env=_env(fault), capture_output=True, text=True, timeout=300)
+def _train(
+    overrides: list[str], fault: str | None = None, file_limit: int | None = None, verb: str = "train"
+) -> subprocess.CompletedProcess:
+    """``sdtrain VERB`` in a subprocess with ``fault`` injected; ``file_limit``: the largest file it may write, in
+    bytes (``ulimit -f``: a write past it fails with EFBIG, as on a full disk)."""
+    command = [sys.executable, str(FAULTS), verb, *overrides]
+    limit = None if file_limit is None else lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+    return subprocess.run(command, env=_env(fault), capture_output=True, text=True, timeout=300, preexec_fn=limit)
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
@@ -109,9 +115,63 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, clip_di
     result = _train(overrides, "enospc=2")  # saves at steps 2 (fine), 4 (disk full)
     assert result.returncode != 0
     assert "could not write the checkpoint of step 4" in result.stderr and "step-00000002 is intact" in result.stderr
+    assert "[Errno 28] No space left on device" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000002"]  # no temp folder
     checkpoint.verify(run / "checkpoints" / "step-00000002")
     assert _train(overrides).returncode == 0  # space freed: the same command resumes from step 2
+
+
+def test_restart_right_after_a_sigkill_resumes_while_its_workers_still_live(tmp_path, clip_dir, vae_dir, image_folder):
+    """kill -9 with 2 data-loader workers and a forked child that lives on (an orphan slow to notice), then the same
+    command at once, as systemd or a requeue does: it takes the lock, resumes, and ends with an uninterrupted run's
+    weights."""
+    straight = _train(_overrides(tmp_path / "a", image_folder, vae_dir, clip_dir))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    run, pid_file = tmp_path / "b", tmp_path / "orphan.pid"
+    overrides = _overrides(run, image_folder, vae_dir, clip_dir)
+    assert _train(overrides, f"orphan_kill=9:{pid_file}").returncode == KILLED  # after the checkpoint of step 3
+    orphan = int(pid_file.read_text())
+    try:
+        os.kill(orphan, 0)  # the killed trainer's child still runs as the restart starts
+        result = _train(overrides)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resumed from" in result.stderr
+    finally:
+        subprocess.run(["kill", "-9", str(orphan)], capture_output=True)  # if it still runs
+    a, b = _weights(tmp_path / "a"), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, clip_dir, vae_dir, image_folder):
+    """Writes refused for want of space (``ulimit -f``: EFBIG, as the issue tried) while a checkpoint or an export is
+    written: one line naming what could not be written where, the errno, the last good checkpoint and that a rerun
+    resumes from it; the rerun with space ends with an uninterrupted run's weights."""
+    tiny = ["train.num_steps=4", "train.save_every=2"]
+    straight = _train(tiny_overrides(tmp_path / "a", image_folder, vae_dir, str(clip_dir), "text_encoder") + tiny)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    run = tmp_path / "b"
+    overrides = tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder") + tiny
+    assert _train(overrides, "kill_micro=3").returncode == KILLED  # the checkpoint of step 2 is written
+    result = _train(overrides, file_limit=200_000)  # a UNet's weights are ~1 MB: the checkpoint of step 4 fails
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last == (
+        f"sdtrain: could not write the checkpoint of step 4 to {run / 'checkpoints'} ([Errno 27] File too large); "
+        "step-00000002 is intact: free some space and run the same command to resume from it"
+    ), last
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000002"]
+    result = _train(overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _weights(tmp_path / "a"), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # `sdtrain export` of a checkpoint onto a full disk
+    out = tmp_path / "export"
+    result = _train(["--run", str(run), "--out", str(out)], file_limit=200_000, verb="export")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last.startswith(f"sdtrain: could not write the export {out} ([Errno 27] File too large); "), last
+    assert last.endswith("step-00000004 is intact: free some space and run the same command again"), last
 
 
 def test_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, clip_dir, vae_dir, image_folder):

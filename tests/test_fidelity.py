@@ -156,7 +156,7 @@ def test_bad_requests_fail_before_any_image_is_drawn(scored, clip_model_dir, tmp
         "unknown metrics ['fld']": data + ["--metrics", "fid,fld"],
         "weights-inception-2015-12-05": data + ["--inception", str(tmp_path / "none.pth")],
         "CLIP score needs a CLIP model": data + ["--metrics", "clip", "--clip-model", str(tmp_path)],
-        "does not exist": ["--data", str(tmp_path / "nothing")] + clip,
+        "nothing: no such file or folder": ["--data", str(tmp_path / "nothing")] + clip,
     }
     for message, args in cases.items():
         assert main(base + args) == 2, message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from sdtrain import objective
 from sdtrain.config import ConfigError, ObjectiveConfig, OptimConfig
+from sdtrain.errors import StorageError
 from sdtrain.train import checkpoint
 from sdtrain.train.optim import lr_factor, param_groups
 from sdtrain.train.randomness import SharedDraws
@@ -170,7 +172,7 @@ def test_pickle_payload_is_never_executed(tmp_path, monkeypatch):
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["files"]["optimizer.pt"] = {
         "size": (path / "optimizer.pt").stat().st_size,
-        "sha256": checkpoint._sha256(path / "optimizer.pt"),
+        "sha256": checkpoint.file_sha256(path / "optimizer.pt"),
     }
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(pickle.UnpicklingError):
@@ -259,7 +261,7 @@ def test_start_up_refuses_an_unwritable_or_full_output_folder(tmp_path, monkeypa
     check_disk(tmp_path, model, with_ema=True)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 20 * 2**20))
-    with pytest.raises(RuntimeError, match="two checkpoints need"):
+    with pytest.raises(StorageError, match="two checkpoints need"):
         check_disk(tmp_path, model, with_ema=True)
     monkeypatch.undo()
 
@@ -267,7 +269,7 @@ def test_start_up_refuses_an_unwritable_or_full_output_folder(tmp_path, monkeypa
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "write_bytes", denied)
-    with pytest.raises(RuntimeError, match="cannot write"):
+    with pytest.raises(StorageError, match="cannot write"):
         check_disk(tmp_path, model, with_ema=False)
 
 
@@ -329,7 +331,9 @@ def test_a_manifest_of_the_wrong_shape_or_unlisted_files_fall_back_to_the_previo
         assert checkpoint.find_latest(root).name == "step-00000001", damage
 
 
-def test_a_second_trainer_on_the_same_run_stops_and_only_dead_writers_temp_folders_go(tmp_path, capsys):
+def test_a_second_trainer_on_the_same_run_stops_and_only_dead_writers_temp_folders_go(
+    tmp_path, capsys, vae_dir, image_folder
+):
     import subprocess
     import sys
     import time
@@ -349,7 +353,8 @@ def test_a_second_trainer_on_the_same_run_stops_and_only_dead_writers_temp_folde
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert main(["train", "--config", "demo", f"train.output_dir={tmp_path / 'run'}"]) == 2
+        sources = [f"model.vae.path={vae_dir}", f"data.path={image_folder}"]  # a run that would start
+        assert main(["train", "--config", "demo", f"train.output_dir={tmp_path / 'run'}", *sources]) == 2
         err = capsys.readouterr().err
         assert f"is being trained by pid {holder.pid} on" in err and "Traceback" not in err
         # a checkpoint save removes the temporary folder of a dead writer, not a live one's
@@ -367,6 +372,82 @@ def test_a_second_trainer_on_the_same_run_stops_and_only_dead_writers_temp_folde
 
     with run_lock(tmp_path / "run", main_process=True):  # the OS released the dead holder's lock
         assert "pid" in (tmp_path / "run" / ".lock").read_text()
+
+
+def test_a_killed_trainers_forked_children_do_not_hold_its_run_lock(tmp_path):
+    """A trainer SIGKILLed (the OOM killer, a requeue) while its data-loader workers live: a restart at once takes the
+    lock, as the workers (forked children) closed their copies of it. Before, they held it until they noticed their
+    parent was gone, and the restart was sent to wait for a dead process."""
+    import subprocess
+    import sys
+    import time
+
+    from sdtrain.train.run import DEAD_HOLDER_GRACE_S, run_lock
+
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, time\nfrom sdtrain.train.run import run_lock\n"
+            f"with run_lock({str(tmp_path / 'run')!r}, main_process=True):\n"
+            "    child = os.fork()\n"
+            "    if child == 0:\n"
+            "        time.sleep(30)\n"
+            "        os._exit(0)\n"
+            "    print(child, flush=True)\n"
+            "    time.sleep(0.3)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)",
+        ],  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    worker = int(trainer.stdout.readline())
+    try:
+        assert trainer.wait(timeout=30) == -9
+        os.kill(worker, 0)  # the orphaned child still runs
+        started = time.monotonic()
+        with run_lock(tmp_path / "run", main_process=True):
+            assert time.monotonic() - started < DEAD_HOLDER_GRACE_S / 2  # taken at once, not after the grace
+    finally:
+        os.kill(worker, 9)
+
+
+def test_a_lock_held_for_a_dead_trainer_says_so(tmp_path, monkeypatch):
+    """Whatever holds a lock whose recorded trainer is dead gets a short grace, then the message says the trainer is
+    dead and how to find the holder; it never asks to wait for the dead."""
+    import fcntl
+    import socket
+    import subprocess
+    import sys
+
+    from sdtrain.train import run
+
+    monkeypatch.setattr(run, "DEAD_HOLDER_GRACE_S", 0.5)
+    lock = tmp_path / "run" / ".lock"
+    lock.parent.mkdir()
+    lock.write_text(f"pid 999999999 on {socket.gethostname()} since 2026-12-04 06:00:00\n")  # no such process
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl, time\nf = open({str(lock)!r})\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\ntime.sleep(30)",
+        ],  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(run.RunLocked) as raised:
+            with run.run_lock(tmp_path / "run", main_process=True):
+                pass
+        message = str(raised.value)
+        assert "pid 999999999) is dead" in message and f"fuser -v {lock}" in message and "wait" not in message
+    finally:
+        holder.kill()
+        holder.wait()
+    with open(lock) as f:  # and the lock is free once the holder is gone
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_a_torn_last_log_line_is_dropped_and_records_are_appended(tmp_path, caplog):

@@ -209,7 +209,7 @@ def test_cli_converts_both_ways(sd_folder, tmp_path, capsys):
     file = tmp_path / "model.safetensors"
     assert main(["convert", str(sd_folder), str(file), "--half"]) == 0
     assert main(["convert", str(file), str(tmp_path / "back")]) == 2
-    assert "pass config" in capsys.readouterr().err
+    assert "pass --config" in capsys.readouterr().err
     assert main(["convert", str(file), str(tmp_path / "back"), "--config", str(sd_folder)]) == 0
     back = UNet2DConditionModel.from_pretrained(tmp_path / "back" / "unet").state_dict()
     original = UNet2DConditionModel.from_pretrained(sd_folder / "unet").state_dict()

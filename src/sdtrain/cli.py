@@ -146,27 +146,101 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``sdtrain``: one rule for every verb. An error the user can act on (:class:`sdtrain.errors.UserError`, or a
+    write refused for want of space or permission) is one line on stderr and exit 2; a stop on SIGTERM exits 75;
+    anything else is a bug, said in one line, its traceback written to the run folder's ``errors.log`` (or a
+    temporary file) that the line names, and exit 1."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from sdtrain.config import ConfigError
-    from sdtrain.data.decode import DataError
-    from sdtrain.evaluate.fidelity import EvaluationError
-    from sdtrain.models.single_file import SingleFileError
-    from sdtrain.train.checkpoint import CheckpointError
-    from sdtrain.train.run import RunLocked
+    from sdtrain.errors import UserError, describe_os_error, failed_write
 
     try:
         return _run(args)
     except ConfigError as e:
-        print(f"sdtrain: config error: {e}", file=sys.stderr)
+        print(f"sdtrain: config error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except (SingleFileError, EvaluationError, CheckpointError, DataError, RunLocked) as e:
-        print(f"sdtrain: {e}", file=sys.stderr)
+    except UserError as e:
+        print(f"sdtrain: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("sdtrain: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from sdtrain.train.preemption import EXIT_PREEMPTED, Preempted
+
+        if isinstance(e, Preempted):
+            print(f"sdtrain: {e}", file=sys.stderr)
+            return EXIT_PREEMPTED
+        cause = failed_write(e)
+        if cause is not None:
+            what = f"could not write {cause.filename}" if cause.filename else "a write failed"
+            print(f"sdtrain: {what} ({describe_os_error(cause)}){_go_on(args)}", file=sys.stderr)
+            return 2
+        from sdtrain.models.hub import hub_failure
+
+        hub = hub_failure(e)
+        if hub is not None:
+            print(f"sdtrain: could not load a model from the Hugging Face Hub ({hub}): check its id, the network and "
+                  "your access (`hf auth login`), or give its folder", file=sys.stderr)  # fmt: skip
+            return 2
+        where = _write_traceback(args)
+        print(f"sdtrain: internal error, a bug in sdtrain ({type(e).__name__}: {_one_line(e)}); please report it "
+              f"with {where}", file=sys.stderr)  # fmt: skip
+        return 1
     finally:
         _close_process_group()
+
+
+def _read_image(path: Path):
+    """``--image``, decoded as training decodes images (EXIF orientation, alpha on white), or a one-line error."""
+    from sdtrain.data.decode import DataError, Skip, decode_image
+
+    try:
+        return decode_image(path)
+    except Skip as skip:
+        raise DataError(f"--image {path}: {skip.reason.replace('_', ' ')} ({skip})") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _go_on(args: argparse.Namespace) -> str:
+    """How a run whose write failed goes on: from its newest valid checkpoint."""
+    run = getattr(args, "run_dir", None)
+    if run is None or args.command not in ("train", "train-vae", "demo"):
+        return ": free some space and run the same command again"
+    from sdtrain.train.checkpoint import resume_note
+
+    return f"; {resume_note(Path(run) / 'checkpoints')}"
+
+
+def _write_traceback(args: argparse.Namespace) -> str:
+    """The current exception's traceback, appended to the run folder's ``errors.log`` where there is a run folder,
+    else to a new temporary file; returns where it went."""
+    import tempfile
+    import time
+    import traceback
+
+    text = f"{time.strftime('%Y-%m-%d %H:%M:%S')} sdtrain {' '.join(sys.argv[1:])}\n{traceback.format_exc()}\n"
+    run = getattr(args, "run_dir", None)
+    if run is not None and Path(run).is_dir():
+        try:
+            with open(Path(run) / "errors.log", "a") as f:
+                f.write(text)
+            return str(Path(run) / "errors.log")
+        except OSError:
+            pass
+    try:
+        fd, path = tempfile.mkstemp(prefix="sdtrain-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return path
+    except OSError:
+        return "the traceback (it could not be written to a file: run again with python -X faulthandler)"
 
 
 def _close_process_group() -> None:
@@ -181,16 +255,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from sdtrain.config import Config, load_config
         from sdtrain.train.loop import train
-        from sdtrain.train.preemption import EXIT_PREEMPTED, Preempted
 
         config = load_config(Config, args.config, args.overrides)
-        try:
-            final = train(config)
-            if int(os.environ.get("RANK", "0")) == 0:  # once, not once per process
-                print(f"exported {final}" if config.train.export else f"finished: {config.train.output_dir}")
-        except Preempted as e:
-            print(f"sdtrain: {e}", file=sys.stderr)
-            return EXIT_PREEMPTED
+        args.run_dir = config.train.output_dir
+        final = train(config)
+        if int(os.environ.get("RANK", "0")) == 0:  # once, not once per process
+            print(f"exported {final}" if config.train.export else f"finished: {config.train.output_dir}")
     elif args.command == "cache":
         from sdtrain.config import Config, load_config
         from sdtrain.train.encode import cache_dataset
@@ -199,22 +269,17 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from sdtrain.train.export import export_checkpoint
 
+        args.run_dir = args.run
         print(f"exported {export_checkpoint(args.run, args.step, args.out, args.trust_remote_code)}")
     elif args.command == "train-vae":
         from sdtrain.config import AutoencoderConfig, load_config
         from sdtrain.train.autoencoder import train_autoencoder
-        from sdtrain.train.preemption import EXIT_PREEMPTED, Preempted
 
         config = load_config(AutoencoderConfig, args.config, args.overrides)
-        try:
-            result = train_autoencoder(config)
-        except Preempted as e:
-            print(f"sdtrain: {e}", file=sys.stderr)
-            return EXIT_PREEMPTED
+        args.run_dir = config.train.output_dir
+        result = train_autoencoder(config)
         print(f"exported {result['path']}  psnr {result['psnr']:.2f} dB  ssim {result['ssim']:.3f}")
     elif args.command in ("generate", "reconstruct"):
-        from PIL import Image
-
         from sdtrain.sample.pipeline import Pipeline, save_images
 
         pipe = Pipeline.from_pretrained(args.model, device=args.device, scheduler=args.scheduler)
@@ -226,7 +291,7 @@ def _run(args: argparse.Namespace) -> int:
                 args.prompts, num_images_per_prompt=args.num, height=args.height, width=args.width, **common
             )
         else:
-            image = Image.open(args.image).convert("RGB")
+            image = _read_image(args.image)
             out = pipe.reconstruct(args.prompt, image, strength=args.strength, **common)
         grid = save_images(out.images, args.out, prefix=args.command)
         print(f"wrote {len(out.images)} images and {grid}")
@@ -283,6 +348,7 @@ def _run(args: argparse.Namespace) -> int:
         from sdtrain.demo import run_demo
 
         out = args.out or Path("runs", Path(args.config).stem)
+        args.run_dir = out
         run_demo(out, args.data, quick=args.quick, config=args.config)
     return 0
 

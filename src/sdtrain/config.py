@@ -16,8 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from sdtrain.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config that cannot be used: unknown key, wrong type or contradiction."""
 
 
@@ -210,6 +212,9 @@ class DataConfig:
     cache_dir: str | None = None
     """Latent cache written by `sdtrain cache` (posterior moments and text embeddings in shards); when set, training
     reads it instead of the images and refuses one made with another VAE, text encoder, resolution or bucket set."""
+    cache_verify: Literal["sha256", "size"] = "sha256"
+    """How a run checks the disk cache's parts when it opens it: sha256 reads every byte (a damaged byte is refused
+    before the first step); size checks their lengths and headers only (for caches too large to read at each start)."""
     buckets: bool = False
     """Aspect-ratio buckets: sizes of about resolution**2 pixels in bucket_step steps; each image is trained at the
     bucket nearest its aspect ratio, every batch one bucket (webdataset shards and the on-disk cache)."""
@@ -899,7 +904,12 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     data: dict[str, Any] = {}
     if path is not None:
         path = config_file(path)
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded or {}

@@ -58,6 +58,7 @@ def run_demo(
     from sdtrain.models.families import for_config
 
     out, data = Path(out), Path(data)
+    stage = load_config(Config, config)  # the denoiser's stage, read first: a wrong config costs no work
     previous = (
         json.loads((out / "metrics.json").read_text()).get("seconds", {}) if (out / "metrics.json").exists() else {}
     )
@@ -89,8 +90,7 @@ def run_demo(
             f"scaling factor {vae_metrics['scaling_factor']:.3f}"
         )
 
-    stage = load_config(Config, config)  # the denoiser's stage: its name is the family's denoiser (unet, transformer)
-    name = for_config(stage.model).denoiser
+    name = for_config(stage.model).denoiser  # the denoiser's stage is named after it (unet, transformer)
     final = out / name / "final"
     with _stage(name, seconds):
         if (final / "model_index.json").exists():

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers import DDPMScheduler
 
-from sdtrain.config import ObjectiveConfig
+from sdtrain.config import ConfigError, ObjectiveConfig
 
 if TYPE_CHECKING:
     from sdtrain.train.randomness import SharedDraws
@@ -320,7 +320,7 @@ def kind_of(config: ObjectiveConfig, family) -> str:
     """
     kind = config.kind or family.objectives[0]
     if kind not in family.objectives:
-        raise ValueError(
+        raise ConfigError(
             f"train.objective.kind={kind}: {family.name} models train with {' or '.join(family.objectives)}"
         )
     return kind

@@ -16,10 +16,12 @@ models stay loaded. It binds to 127.0.0.1 by default: it runs models on request,
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import io
 import json
 import secrets
+import socket
 import threading
 import urllib.parse
 from collections import OrderedDict
@@ -27,6 +29,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from sdtrain.errors import UserError
 
 RUN_MARKERS = ("config.yaml", "log.jsonl", "metrics.json", "fidelity.json")
 MAX_BODY = 64 * 1024  # bytes of a POST body (a prompt and a few numbers)
@@ -326,7 +330,17 @@ def make_server(
         max_models: models kept loaded; the least recently used is unloaded past it.
         allowed_hosts: further host names requests may be addressed to (the loopback names always are).
     """
-    server = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
+    try:
+        server = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use (another server?): choose another with --port, "
+                            f"say --port {port + 1}") from None  # fmt: skip
+        if e.errno == errno.EADDRNOTAVAIL or isinstance(e, socket.gaierror):
+            raise UserError(f"cannot listen on {host}: not an address of this machine (--host)") from None
+        if e.errno == errno.EACCES:
+            raise UserError(f"port {port} is privileged: choose one over 1023 with --port") from None
+        raise
     hosts = _host_names(host, server.server_address[1], allowed_hosts)
     server.RequestHandlerClass = _handler(RunBrowser(root, device, max_models), hosts)
     return server

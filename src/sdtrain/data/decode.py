@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sdtrain.errors import UserError
+
 MAX_PIXELS = 64_000_000  # refuse larger images from their header
 
 
@@ -31,7 +33,7 @@ class Skip(Exception):
         self.reason = reason
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot be read at all (a manifest row that is not JSON, ...), named with its file and line; with
     ``data.skip_bad_rows`` such rows are skipped and counted instead."""
 

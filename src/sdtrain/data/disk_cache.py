@@ -9,37 +9,45 @@ Layout of ``data.cache_dir``::
                                      caption option's conditioning (fp16, ``cond.<key>``: for Stable Diffusion
                                      ``cond.encoder_hidden_states``) with per-sample offsets; keys and sizes in the
                                      metadata
-    rank-000.json                    written last by each process: its parts and skip counts
+    rank-000.json                    written last by each process: its parts (each with its size and sha256) and
+                                     skip counts
 
 Under ``accelerate launch`` each process encodes its own share (records ``r::R``, or shards ``r::R``) and writes its
 own files; nobody waits for anybody, so no collective can time out however long encoding takes. The cache is
 complete when every ``rank-*.json`` of the announced world size exists. Training recomputes the fingerprint from its
-own config and models and refuses a cache that differs (another VAE, text encoder, resolution or bucket set).
+own config and models and refuses a cache that differs (another VAE, text encoder, resolution or bucket set), and
+checks every part against its size and sha256 when it opens the cache (``data.cache_verify``): a damaged part is
+refused before the first step, and ``sdtrain cache`` encodes the damaged process's share again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from tqdm.auto import tqdm
 
 from sdtrain.config import DataConfig
 from sdtrain.data.buckets import config_buckets, nearest_bucket
-from sdtrain.data.decode import Skip, SkipCounter, caption_options
+from sdtrain.data.decode import DataError, Skip, SkipCounter, caption_options
 from sdtrain.data.folder import EpochSampler, training_records
 from sdtrain.data.sources import is_shards, shard_records
 from sdtrain.data.streams import cached_batch, caption_choice
 from sdtrain.data.transforms import load_pixels
 from sdtrain.models.families import Conditioning, Encoders
-from sdtrain.models.hashing import model_hash
+from sdtrain.models.hashing import file_sha256, model_hash
 from sdtrain.models.vae import encode_moments
+
+logger = logging.getLogger(__name__)
 
 PART_SIZE = 256
 LAYOUT = 3  # 3: crops in the metadata; 2: the conditioning as a dict of tensors (cond.<key>); 1: one embeds tensor
@@ -100,8 +108,51 @@ def _write_part(root: Path, name: str, bucket: tuple[int, int], rows: list[dict]
     meta = {"keys": json.dumps([r["key"] for r in rows]), "bucket": json.dumps(list(bucket)),
             "original_size": json.dumps([r["original_size"] for r in rows]),
             "crop_top_left": json.dumps([r["crop_top_left"] for r in rows])}  # fmt: skip
-    _write_atomic(root / f"{name}.safetensors", lambda p: save_file(tensors, p, metadata=meta))
-    return {"file": f"{name}.safetensors", "count": len(rows), "bucket": list(bucket)}
+    data = save(tensors, metadata=meta)  # a part is small (PART_SIZE samples): hashed as it is written
+    _write_atomic(root / f"{name}.safetensors", lambda p: p.write_bytes(data))
+    record = {"file": f"{name}.safetensors", "count": len(rows), "bucket": list(bucket)}
+    return record | {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _part_problem(root: Path, part: dict, sha256: bool) -> str | None:
+    """What is wrong with a written part (missing, cut short, a changed byte, an unreadable header), or None. A
+    part indexed without its size and sha256 (an older cache) has its header checked."""
+    path = root / part["file"]
+    if not path.is_file():
+        return f"{part['file']} is missing"
+    size = path.stat().st_size
+    if "size" in part and size != part["size"]:
+        return f"{part['file']} has {size} bytes, its index says {part['size']}"
+    if sha256 and "sha256" in part:
+        return None if file_sha256(path) == part["sha256"] else f"{part['file']} does not match its sha256"
+    try:
+        with safe_open(str(path), "pt"):
+            return None
+    except Exception as e:  # safetensors' own error for a cut or garbled header
+        return f"{part['file']} is unreadable ({e})"
+
+
+def damaged_parts(root: Path, parts: list[dict], sha256: bool = True) -> list[str]:
+    """What is wrong with each damaged part among ``parts`` (hashed on several threads)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        problems = pool.map(lambda part: _part_problem(root, part, sha256), parts)
+        return [problem for problem in problems if problem]
+
+
+def _rank_record(root: Path, rank: int) -> dict | None:
+    """Process ``rank``'s index (``rank-RRR.json``), None where it is unreadable."""
+    try:
+        record = json.loads((root / f"rank-{rank:03d}.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("parts"), list) else None
+
+
+def _rebuild_note(rank: int) -> str:
+    return (
+        f"run `sdtrain cache` with this run's config to encode process {rank}'s share again (only that share), "
+        f"or point data.cache_dir elsewhere"
+    )
 
 
 @torch.no_grad()
@@ -111,11 +162,18 @@ def write_cache(config: DataConfig, encoders: Encoders, seed: int = 0, rank: int
     root.mkdir(parents=True, exist_ok=True)
     done = root / f"rank-{rank:03d}.json"
     if done.exists():
-        return root  # this share is already cached
+        record = _rank_record(root, rank)
+        problems = ["its index is unreadable"] if record is None else damaged_parts(root, record["parts"])
+        if not problems:
+            return root  # this share is already cached, intact
+        logger.warning("the cache's share of process %d is damaged (%s): encoding it again", rank, "; ".join(problems))
+        for stale in root.glob(f"part-r{rank:03d}-*.safetensors"):
+            stale.unlink()
+        done.unlink()
     stamp = {**fingerprint(config, encoders), "world_size": world_size}
     fp = root / "fingerprint.json"
     if fp.exists() and json.loads(fp.read_text()) != stamp:
-        raise ValueError(f"{root} holds a cache made with other settings or models; choose another data.cache_dir")
+        raise DataError(f"{root} holds a cache made with other settings or models; choose another data.cache_dir")
     _write_atomic(fp, lambda p: p.write_text(json.dumps(stamp, indent=1)))
     if rank == 0:
         empty = {k: _stored(v[0]).cpu().contiguous() for k, v in encoders.encode_text([""]).items()}
@@ -146,35 +204,60 @@ def write_cache(config: DataConfig, encoders: Encoders, seed: int = 0, rank: int
     return root
 
 
+def check_cache(config: DataConfig, thorough: bool = True) -> dict[int, dict]:
+    """The indexes of a complete cache in ``data.cache_dir``, by process, each part checked as ``data.cache_verify``
+    says (sha256: every byte read; size: lengths and headers), or, not ``thorough``, by size and header alone (the
+    check before a run folder is made; opening the cache checks again as asked).
+
+    Raises:
+        DataError: no cache there, an unfinished one, or a damaged part, with what to do.
+    """
+    root = Path(config.cache_dir)
+    try:
+        world = json.loads((root / "fingerprint.json").read_text())["world_size"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise DataError(f"{root} is not a latent cache: run `sdtrain cache` with this config first") from None
+    missing = [r for r in range(world) if not (root / f"rank-{r:03d}.json").exists()]
+    if missing:
+        raise DataError(
+            f"the cache in {root} is incomplete: processes {missing} have not finished; run `sdtrain cache` with "
+            "this config (as many processes as before) to finish it"
+        )
+    records = {}
+    for rank in range(world):
+        record = _rank_record(root, rank)
+        problems = ["its index is unreadable"] if record is None else None
+        problems = problems or damaged_parts(root, record["parts"], thorough and config.cache_verify == "sha256")
+        if problems:
+            raise DataError(f"the cache in {root} is damaged: {'; '.join(problems)}; {_rebuild_note(rank)}")
+        records[rank] = record
+    return records
+
+
 class DiskCache:
-    """A complete cache, verified against the training run's fingerprint; sample ``i`` is ``(part, row)``."""
+    """A complete, intact cache (:func:`check_cache`), verified against the training run's fingerprint; sample ``i``
+    is ``(part, row)``."""
 
     def __init__(self, config: DataConfig, encoders: Encoders):
         self.root = Path(config.cache_dir)
-        fp = self.root / "fingerprint.json"
-        if not fp.exists():
-            raise FileNotFoundError(f"{self.root} is not a latent cache: run `sdtrain cache` with this config first")
-        stamp = json.loads(fp.read_text())
-        world = stamp.pop("world_size")
+        records = check_cache(config)
+        stamp = json.loads((self.root / "fingerprint.json").read_text())
+        stamp.pop("world_size")
         expected = fingerprint(config, encoders)
         differ = sorted(k for k in expected if stamp.get(k) != expected[k])
         if differ:
-            raise ValueError(
+            raise DataError(
                 f"the cache in {self.root} differs from this run in: {', '.join(differ)}; rebuild it with "
                 "`sdtrain cache` or point data.cache_dir elsewhere"
             )
-        missing = [r for r in range(world) if not (self.root / f"rank-{r:03d}.json").exists()]
-        if missing:
-            raise ValueError(f"the cache in {self.root} is incomplete: processes {missing} have not finished")
         self.parts, self.index, self.skipped = [], [], SkipCounter()
-        for r in range(world):
-            record = json.loads((self.root / f"rank-{r:03d}.json").read_text())
+        for record in records.values():
             self.skipped.update(record["skipped"])
             for part in record["parts"]:
                 self.parts.append(part)
                 self.index += [(len(self.parts) - 1, row) for row in range(part["count"])]
         if not self.index:
-            raise ValueError(f"the cache in {self.root} holds no samples (skipped: {self.skipped.summary()})")
+            raise DataError(f"the cache in {self.root} holds no samples (skipped: {self.skipped.summary()})")
         with safe_open(str(self.root / "empty.safetensors"), "pt") as f:
             self.empty: Conditioning = {k: f.get_tensor(k) for k in f.keys()}
         self._open: dict[int, Any] = {}

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sdtrain.config import DataConfig
+from sdtrain.config import ConfigError, DataConfig
 from sdtrain.data.decode import Skip, SkipCounter, choose_caption
 from sdtrain.data.sources import list_records
 from sdtrain.data.transforms import load_pixels
@@ -24,7 +24,8 @@ def split_records(records: list[dict], holdout: int, seed: int) -> tuple[list[di
     if holdout <= 0:
         return records, []
     if holdout >= len(records):
-        raise ValueError(f"data.validation_split={holdout} leaves no training images (the dataset has {len(records)})")
+        count = len(records)
+        raise ConfigError(f"data.validation_split={holdout} leaves no training images (the dataset has {count})")
     held = set(torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:holdout].tolist())
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from sdtrain.data.decode import Skip, SkipCounter
+from sdtrain.data.decode import DataError, Skip, SkipCounter
 from sdtrain.data.folder import EpochSampler
 from sdtrain.data.streams import check_bad_share
 from sdtrain.data.transforms import load_pixels
@@ -58,7 +58,7 @@ def decode_all(records: Sequence[dict], resolution: int, what: str = "images") -
     samples = [dataset[i] for i in tqdm(range(len(dataset)), desc=f"reading {what}", unit="img", leave=False)]
     images, skipped = collate_images(samples)
     if not len(images):
-        raise ValueError(f"no usable {what} (skipped: {skipped.summary() or 'none read'})")
+        raise DataError(f"no usable {what} (skipped: {skipped.summary() or 'none read'})")
     return images, skipped
 
 

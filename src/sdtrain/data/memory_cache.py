@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdtrain.config import DataConfig
-from sdtrain.data.decode import Skip, SkipCounter, caption_options
+from sdtrain.data.decode import DataError, Skip, SkipCounter, caption_options
 from sdtrain.data.folder import EpochSampler, training_records
 from sdtrain.data.streams import cached_batch, caption_choice
 from sdtrain.data.transforms import load_pixels
@@ -72,7 +72,7 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
             flush()
     flush()
     if not captions:
-        raise ValueError(f"no usable samples in {config.path} (skipped: {skipped.summary()})")
+        raise DataError(f"no usable samples in {config.path} (skipped: {skipped.summary()})")
     distinct = list(texts) + [""]
     chunks = [encoders.encode_text(distinct[i : i + 256]) for i in range(0, len(distinct), 256)]
     embeddings = {k: torch.cat([c[k].cpu() for c in chunks]) for k in chunks[0]}

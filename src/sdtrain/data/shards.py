@@ -37,10 +37,11 @@ from urllib.parse import urlparse
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sdtrain.config import DataConfig
+from sdtrain.config import ConfigError, DataConfig
 from sdtrain.data.buckets import config_buckets, nearest_bucket
-from sdtrain.data.decode import Skip, SkipCounter, choose_caption, probe_size
+from sdtrain.data.decode import DataError, Skip, SkipCounter, choose_caption, probe_size
 from sdtrain.data.transforms import check_aspect, load_pixels
+from sdtrain.errors import MissingPackage
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif")
 
@@ -51,7 +52,7 @@ def _require_webdataset() -> None:
     try:
         import webdataset  # noqa: F401
     except ImportError as e:
-        raise ImportError("reading webdataset shards needs webdataset: pip install 'sdtrain[data]'") from e
+        raise MissingPackage("reading webdataset shards needs webdataset: pip install 'sdtrain[data]'") from e
 
 
 def expand_urls(spec: str) -> list[str]:
@@ -71,7 +72,7 @@ def open_shard(url: str, allow_pipe: bool = False):
     allowed, a ``pipe:`` command."""
     if url.startswith("pipe:"):
         if not allow_pipe:
-            raise ValueError(f"{url!r}: pipe: URLs run a shell command; set data.allow_pipe=true to allow them")
+            raise ConfigError(f"{url!r}: pipe: URLs run a shell command; set data.allow_pipe=true to allow them")
         from webdataset.gopen import gopen
 
         return gopen(url, "rb")
@@ -81,7 +82,7 @@ def open_shard(url: str, allow_pipe: bool = False):
     try:
         import fsspec
     except ImportError as e:
-        raise ImportError(f"{url}: reading {scheme}:// URLs needs fsspec and its {scheme} filesystem") from e
+        raise MissingPackage(f"{url}: reading {scheme}:// URLs needs fsspec and its {scheme} filesystem") from e
     return fsspec.open(url, "rb").open()
 
 
@@ -198,7 +199,7 @@ class ShardDataset(IterableDataset):
         self.num_workers, self.states, self.first_worker = max(1, num_workers), states or {}, first_worker
         self.urls = expand_urls(config.path)
         if len(self.urls) < world_size * self.num_workers:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(self.urls)} shards cannot feed {world_size} processes x {self.num_workers} dataloader workers: "
                 "write more, smaller shards or use fewer workers"
             )
@@ -305,7 +306,7 @@ class ShardDataset(IterableDataset):
                     batch["state"] = self._state(epoch, worker, block, index + 1, buffers, starts)
                     yield batch
         if state is None and not emitted and not any(buffers.values()):
-            raise ValueError(
+            raise DataError(
                 f"no usable sample in the shards of rank {self.rank}, worker {worker} ({skipped.summary()})"
             )
         for bucket in self.buckets:  # epoch end: each bucket's remainder is one smaller batch

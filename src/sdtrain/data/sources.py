@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from sdtrain.config import is_shards
-from sdtrain.data.decode import DataError, Skip
+from sdtrain.data.decode import DataError, Skip, SkipCounter, caption_options, decode_image
+from sdtrain.errors import MissingPackage
 
-__all__ = ["is_shards", "list_records", "shard_records"]
+__all__ = ["check_usable", "is_shards", "list_records", "shard_records"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -74,7 +75,7 @@ def list_records(
     if root.is_file():
         return _manifest(root, image_column, caption_column, skip_bad_rows)
     if not root.is_dir():
-        raise FileNotFoundError(f"data path {root} does not exist")
+        raise DataError(f"{root}: no such file or folder (data.path takes a folder, a manifest, a dataset or shards)")
     if any((root / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
         return _hf_records(str(root), image_column, caption_column, saved=True)
     for name in MANIFESTS:
@@ -90,8 +91,31 @@ def list_records(
                 break
         records.append({"image": image, "caption": caption})
     if not records:
-        raise ValueError(f"no images found in {root} (and no {' / '.join(MANIFESTS)})")
+        raise DataError(f"{root}: no images found in it (and no {' / '.join(MANIFESTS)})")
     return records
+
+
+def check_usable(records: Sequence[dict], where: str, captions: bool = True) -> None:
+    """Refuse, before any work, records none of which can be used: every image fails to decode (or, with
+    ``captions``, every caption is missing or empty). The search stops at the first usable record, so a good dataset
+    costs one decode; a bad one is named before a run folder exists, not by the bad-share check at step N.
+
+    Raises:
+        DataError: naming ``where``, how many records were tried and why each was skipped.
+    """
+    skipped = SkipCounter()
+    for record in records:
+        try:
+            if captions:
+                caption_options(record["caption"])
+            decode_image(record["image"])
+            return
+        except Skip as skip:
+            skipped[skip.reason] += 1
+    raise DataError(
+        f"{where}: none of its {len(records)} samples can be used ({skipped.summary()}): sdtrain reads images "
+        f"({', '.join(sorted(s.lstrip('.') for s in IMAGE_SUFFIXES))})" + (" with a caption each" if captions else "")
+    )
 
 
 MAX_CSV_FIELD = 1 << 20  # characters in one CSV field (Python's csv stops at 131,072: long captions are real)
@@ -139,22 +163,22 @@ def _rows(manifest: Path, skip_bad_rows: bool = False) -> list[dict[str, Any] | 
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
-            raise ImportError("parquet manifests need pyarrow: pip install 'sdtrain[data]'") from e
+            raise MissingPackage("parquet manifests need pyarrow: pip install 'sdtrain[data]'") from e
         return pq.read_table(manifest).to_pylist()
-    raise ValueError(f"{manifest}: manifests are .jsonl, .csv or .parquet")
+    raise DataError(f"{manifest}: manifests are .jsonl, .csv or .parquet")
 
 
 def _manifest(manifest: Path, image_column: str, caption_column: str, skip_bad_rows: bool = False) -> list[dict]:
     rows = _rows(manifest, skip_bad_rows)
     if not rows:
-        raise ValueError(f"{manifest} lists no samples")
+        raise DataError(f"{manifest} lists no samples")
     records = []
     for number, row in enumerate(rows, 1):
         if isinstance(row, Skip):
             records.append({"image": row, "caption": row})
             continue
         if image_column not in row:
-            raise ValueError(f"{manifest}: row {number} has no {image_column!r} column (set data.image_column)")
+            raise DataError(f"{manifest}: row {number} has no {image_column!r} column (set data.image_column)")
         records.append({"image": _image_value(row[image_column], manifest.parent), "caption": row.get(caption_column)})
     return records
 
@@ -190,7 +214,7 @@ def _hf_records(name: str, image_column: str, caption_column: str, saved: bool) 
     try:
         import datasets
     except ImportError as e:
-        raise ImportError("Hugging Face datasets need the datasets package: pip install datasets") from e
+        raise MissingPackage("Hugging Face datasets need the datasets package: pip install datasets") from e
     if saved:
         dataset = datasets.load_from_disk(name)
     else:
@@ -201,7 +225,7 @@ def _hf_records(name: str, image_column: str, caption_column: str, saved: bool) 
         image_column = "image"
     missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"dataset {name} has no column {missing} (it has {dataset.column_names}); set data.image_column / "
             "data.caption_column"
         )

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from sdtrain.config import DataConfig
-from sdtrain.data.decode import SkipCounter
+from sdtrain.data.decode import DataError, SkipCounter
 from sdtrain.data.folder import make_dataloader
 from sdtrain.data.shards import ShardDataset, ShardPosition, make_shard_loader
 from sdtrain.models.families import Conditioning, Encoders
@@ -266,7 +266,7 @@ def check_bad_share(skipped: SkipCounter, read: int, max_share: float, minimum: 
     """Stop with a clear message when too much of the data is unusable (after ``minimum`` samples)."""
     bad = sum(skipped.values())
     if read >= minimum and bad > max_share * read:
-        raise RuntimeError(
+        raise DataError(
             f"{bad} of the {read} samples read so far were skipped ({skipped.summary()}), more than "
             f"data.max_bad_share={max_share}: check the data (or raise the share)"
         )

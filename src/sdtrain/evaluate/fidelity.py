@@ -37,7 +37,9 @@ from PIL import Image
 from sdtrain.data.decode import Skip, SkipCounter, clean_caption
 from sdtrain.data.sources import is_shards, list_records, shard_records
 from sdtrain.data.transforms import load_pixels
+from sdtrain.errors import MissingPackage, UserError
 from sdtrain.evaluate.inception import load_inception
+from sdtrain.models.hub import check_model_source
 from sdtrain.sample.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # the CLIP score of the SD / Ima
 GRID_PAIRS = 8
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """A request that cannot be scored (unknown metric, too little data, a scoring model not found), raised before
     any image is drawn where it can be known then."""
 
@@ -56,7 +58,7 @@ def _require_torchmetrics():
     try:
         import torchmetrics  # noqa: F401
     except ImportError as e:
-        raise ImportError("FID / KID / CLIP score need torchmetrics: pip install 'sdtrain[metrics]'") from e
+        raise MissingPackage("FID / KID / CLIP score need torchmetrics: pip install 'sdtrain[metrics]'") from e
 
 
 class _Features(torch.nn.Module):
@@ -439,6 +441,11 @@ def evaluate_fidelity(
     # 1. the scoring networks, the model and the reference set, before any image is drawn
     if num_images < 2:
         raise EvaluationError("FID / KID / CLIP score need at least 2 images")
+    if isinstance(model, (str, Path)):
+        check_model_source(model, "model")
+    if isinstance(data, (str, Path)) and not is_shards(str(data)) and not str(data).startswith("hf:"):
+        if not Path(data).exists():
+            raise EvaluationError(f"{data}: no such file or folder (the reference image-caption pairs)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `accelerate launch` / torchrun: each process its share
         from accelerate import PartialState
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdtrain.evaluate.weights import hub_weights
+from sdtrain.evaluate.weights import WeightsNotFound, hub_weights
 
 WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -245,6 +245,6 @@ def _state_dict(weights: str | Path | None) -> dict[str, torch.Tensor]:
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
-            raise FileNotFoundError(f"Inception weights {path} not found (torch-fidelity's file: {WEIGHTS_URL})")
+            raise WeightsNotFound(f"Inception weights {path} not found (torch-fidelity's file: {WEIGHTS_URL})")
         return torch.load(path, map_location="cpu", weights_only=True)
     return hub_weights(WEIGHTS_URL, "FID's Inception weights", hint=" (--inception FILE, train.fidelity.inception)")

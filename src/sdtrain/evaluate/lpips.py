@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from sdtrain.evaluate.weights import hub_weights
+from sdtrain.evaluate.weights import WeightsNotFound, hub_weights
 
 VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/v0.1/lpips/weights/v0.1/vgg.pth"
@@ -92,7 +92,7 @@ def _load(path: str | Path | None, url: str, file_name: str | None, what: str) -
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{what}: {path} not found (the file is {url})")
+            raise WeightsNotFound(f"{what}: {path} not found (the file is {url})")
         if path.suffix == ".whl":  # the lpips package's wheel: read its weight file without installing it
             with zipfile.ZipFile(path) as wheel:
                 return torch.load(io.BytesIO(wheel.read(LIN_IN_WHEEL)), map_location="cpu", weights_only=True)

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
+from sdtrain.errors import UserError
 
-class WeightsNotFound(FileNotFoundError):
+
+class WeightsNotFound(UserError, FileNotFoundError):
     """A weight file that could not be had: offline, or not the published file."""
 
 

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (hashlib releases the GIL: threads hash files in parallel)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def model_hash(model: torch.nn.Module) -> str:

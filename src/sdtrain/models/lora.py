@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 from sdtrain.config import LoRAConfig
+from sdtrain.errors import MissingPackage
 
 LORA_FOLDER = "lora"  # inside an export: final/lora/pytorch_lora_weights.safetensors
 KOHYA_FILE = "lora_kohya.safetensors"  # beside it: the same adapters for A1111 / ComfyUI
@@ -15,7 +16,7 @@ def _peft():
     try:
         import peft
     except ImportError as e:
-        raise ImportError("train.lora.rank > 0 needs peft: pip install 'sdtrain[lora]' (or pip install peft)") from e
+        raise MissingPackage("train.lora.rank > 0 needs peft: pip install 'sdtrain[lora]' (or peft)") from e
     return peft
 
 

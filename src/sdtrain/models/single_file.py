@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import yaml
 
+from sdtrain.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
@@ -85,7 +87,7 @@ _OPEN_CLIP_LAYER = {
 }
 
 
-class SingleFileError(ValueError):
+class SingleFileError(UserError, ValueError):
     """The model has something the single-file (LDM) layout has no place for."""
 
 
@@ -461,10 +463,18 @@ def convert(source: str | Path, out: str | Path, config: str | Path | None = Non
     if source.is_dir():
         return save_single_file(source, out, torch.float16 if half else None)
     if not source.is_file():
-        raise FileNotFoundError(source)
+        raise SingleFileError(f"{source}: no such file or folder")
     if config is None:
-        raise SingleFileError("a single file holds weights only: pass config, the pipeline folder or hub id of it")
-    pipe = load_single_file(source, config)
+        raise SingleFileError(f"{source}: a single file holds weights only: pass --config, the pipeline folder or hub "
+                              "id it was made from (its component configs)")  # fmt: skip
+    try:
+        pipe = load_single_file(source, config)
+    except (OSError, ValueError, RuntimeError) as e:  # safetensors' and torch's errors for a damaged file among them
+        if isinstance(e, UserError):
+            raise
+        raise SingleFileError(
+            f"{source}: cannot be read as a checkpoint of {config} ({' '.join(str(e).split())})"
+        ) from e
     if half:
         pipe.to(torch.float16)
     pipe.save_pretrained(out, safe_serialization=True)

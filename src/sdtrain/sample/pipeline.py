@@ -35,8 +35,10 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdtrain.config import SCHEDULER_NAMES, ObjectiveConfig
+from sdtrain.config import SCHEDULER_NAMES, ConfigError, ObjectiveConfig
+from sdtrain.errors import Unsupported
 from sdtrain.models.families import Family, detect
+from sdtrain.models.hub import ModelNotFound, check_model_source
 from sdtrain.models.vae import decode_latents, encode_moments, scale_latents
 from sdtrain.objective import flow_schedule, from_scheduler, is_flow, schedule
 
@@ -119,16 +121,16 @@ def flow_sampler(config: ObjectiveConfig, name: str, allowed: tuple[str, ...] | 
     """The flow-matching sampler ``name`` on the sigmas, shift and step count of ``config``."""
     allowed = allowed or tuple(FLOW_SCHEDULERS)
     if name not in allowed:
-        raise ValueError(f"this model samples with {', '.join(allowed)} (flow matching), not {name!r}")
+        raise ConfigError(f"this model samples with {', '.join(allowed)} (flow matching), not {name!r}")
     cls, settings = FLOW_SCHEDULERS[name], SAMPLER_SETTINGS.get(name, {})
     if name == "euler":
         return cls(**flow_schedule(config))
     if name == "heun":
         if config.dynamic_shift:
-            raise ValueError("FlowMatchHeunDiscreteScheduler has no dynamic shift: sample with euler")
+            raise ConfigError("FlowMatchHeunDiscreteScheduler has no dynamic shift: sample with euler")
         return cls(num_train_timesteps=config.num_train_timesteps, shift=config.shift)
     if config.dynamic_shift:
-        raise ValueError(f"{cls.__name__} on flow sigmas is sampled here with a constant shift: sample with euler")
+        raise ConfigError(f"{cls.__name__} on flow sigmas is sampled here with a constant shift: sample with euler")
     return cls(
         num_train_timesteps=config.num_train_timesteps, prediction_type="flow_prediction", use_flow_sigmas=True,
         flow_shift=config.shift, **settings,
@@ -145,7 +147,7 @@ def with_scheduler(
             return scheduler
         return flow_sampler(from_scheduler(scheduler), name, flow_samplers)
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+        raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     if _is(scheduler, SCHEDULERS[name], name):
         return scheduler
     return SCHEDULERS[name].from_config(scheduler.config, **SAMPLER_SETTINGS.get(name, {}))
@@ -382,7 +384,8 @@ class Pipeline:
         sched = with_scheduler(self.scheduler, scheduler, self.family.flow_samplers) if scheduler else self.scheduler
         cls = self.family.img2img if img2img else self.family.txt2img
         if cls is None:
-            raise ValueError(f"diffusers has no image-to-image pipeline for {self.family.name} models: no reconstruct")
+            name = self.family.name
+            raise Unsupported(f"diffusers has no image-to-image pipeline for {name} models: no reconstruct")
         pipe = cls(**self.family.pipeline_components(self.components, img2img), scheduler=sched)
         pipe.set_progress_bar_config(disable=True)
         getattr(self.components, self.family.denoiser).eval()
@@ -446,6 +449,10 @@ class Pipeline:
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, scheduler: str | None = None):
         """Load a pipeline folder or hub id (ours or any of a family sdtrain trains), its sampling defaults, and, with
         ``scheduler``, another sampler on the same schedule."""
+        check_model_source(path, "model")
+        if Path(path).is_dir() and not (Path(path) / "model_index.json").is_file():
+            raise ModelNotFound(f"{path} is not a pipeline folder (it has no model_index.json): give an export "
+                                "(RUN/final, RUN/export/step-N) or a diffusers pipeline folder or hub id")  # fmt: skip
         family = detect(path)
         pipe = family.txt2img.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
         sched = with_scheduler(pipe.scheduler, scheduler, family.flow_samplers) if scheduler else pipe.scheduler

@@ -31,8 +31,10 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
 from sdtrain.config import AutoencoderConfig, AutoencoderModelConfig, ConfigError, save_config
+from sdtrain.data.decode import DataError
 from sdtrain.data.images import MemoryBatches, StreamedBatches, decode_all
 from sdtrain.data.sources import list_records
+from sdtrain.errors import Diverged
 from sdtrain.evaluate.lpips import LPIPS, load_lpips
 from sdtrain.evaluate.metrics import psnr, ssim
 from sdtrain.models.discriminator import PatchDiscriminator, hinge_loss
@@ -42,6 +44,7 @@ from sdtrain.train import checkpoint
 from sdtrain.train.ema import EMA, ema_parameters
 from sdtrain.train.optim import set_lr, warmup_times_cosine
 from sdtrain.train.preemption import Preempted, StopSignal
+from sdtrain.train.preflight import check_autoencoder_run
 from sdtrain.train.progress import Progress
 from sdtrain.train.randomness import rng_state, set_rng_state
 from sdtrain.train.run import append_record, count_skip, run_lock
@@ -200,6 +203,7 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
         RunLocked: another process trains in ``output_dir``.
         Preempted: SIGTERM or SIGUSR1 arrived; the step in progress was finished and checkpointed.
     """
+    check_autoencoder_run(config)  # before the run folder is made
     with run_lock(config.train.output_dir, main_process=True):
         return _train_autoencoder(config)
 
@@ -250,8 +254,8 @@ def _train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
     saved_at, consecutive_skips = counters.step, 0
     started = time.perf_counter() - counters.train_seconds
     bar = Progress("train-vae", tc.num_steps, budget, counters.step)
-    # the SIGTERM / SIGUSR1 handlers are the caller's again when the loop ends, raises or is preempted
-    with StopSignal() as stop_signal:
+    # the SIGTERM / SIGUSR1 handlers are the caller's again (and the bar closed) when the loop ends, raises or stops
+    with StopSignal() as stop_signal, bar:
         while counters.step < tc.num_steps and (budget is None or time.perf_counter() - started < budget):
             progress = max(counters.step / tc.num_steps, (time.perf_counter() - started) / budget if budget else 0)
             lr = tc.lr * warmup_times_cosine(counters.step, progress)
@@ -310,7 +314,7 @@ def _data(config: AutoencoderConfig, generator: torch.Generator):
         eval_records = list_records(config.eval_data, data.image_column, data.caption_column, data.skip_bad_rows)
     else:
         if len(records) <= tc.eval_images:
-            raise ValueError(f"{len(records)} images leave none for training after {tc.eval_images} held out")
+            raise DataError(f"{len(records)} images leave none for training after {tc.eval_images} held out")
         records, eval_records = records[: -tc.eval_images], records[-tc.eval_images :]
     eval_images, _ = decode_all(eval_records[: tc.eval_images], data.resolution, "held-out images")
     if tc.in_memory:
@@ -421,7 +425,7 @@ def _save_state(root: Path, keep: int, counters: Counters, config: AutoencoderCo
         tensors["critic"] = m.critic.state_dict()
         objects["critic_optimizer"] = m.critic_optimizer.state_dict()
     if not all(torch.isfinite(t).all() for t in tensors["vae"].values() if t.is_floating_point()):
-        raise RuntimeError(f"non-finite weights at step {counters.step}: checkpoint not written")
+        raise Diverged(f"non-finite weights at step {counters.step}: checkpoint not written")
     state = {
         **dataclasses.asdict(counters),
         "model": dataclasses.asdict(config.model),

@@ -10,7 +10,6 @@ weights are safetensors and the optimizer state is read with ``torch.load(weight
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdtrain import check_torch
+from sdtrain.errors import StorageError, UserError, describe_os_error, failed_write
+from sdtrain.models.hashing import file_sha256
 
 check_torch(torch.__version__)  # resuming relies on torch.load(weights_only=True) being safe
 
@@ -31,7 +32,7 @@ MANIFEST = "manifest.json"
 PREFIX = "step-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used."""
 
 
@@ -41,14 +42,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -89,12 +82,14 @@ def save_checkpoint(
         for stem, tensor_dict in tensors.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensor_dict.items()}, tmp / f"{stem}.safetensors")
         for stem, obj in objects.items():
-            torch.save(obj, tmp / f"{stem}.pt")
+            with open(tmp / f"{stem}.pt", "wb") as f:  # a failed write keeps its OSError (errno) as the context
+                torch.save(obj, f)
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         for path in files:
             _fsync(path)
-        manifest = {"step": step, "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+        listed = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
+        manifest = {"step": step, "files": listed}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync(tmp / MANIFEST)
         _fsync(tmp)
@@ -132,16 +127,27 @@ def _writer_alive(tmp: Path) -> bool:
 def save_or_keep_previous(
     root: Path, step: int, tensors: dict, objects: dict[str, Any], state: dict[str, Any], keep: int
 ) -> Path:
-    """:func:`save_checkpoint`, a failed save (full disk, permissions) raised as a RuntimeError that names the
-    checkpoint still intact (the failed one's temporary folder is gone)."""
+    """:func:`save_checkpoint`, a save that fails for want of space or permission raised as a StorageError that names
+    the checkpoint still intact (the failed one's temporary folder is gone) and how to go on."""
     try:
         return save_checkpoint(root, step, tensors, objects, state, keep=keep)
-    except OSError as e:
+    except Exception as e:
+        cause = failed_write(e)
+        if cause is None:
+            raise
+        why = f"could not write the checkpoint of step {step} to {root} ({describe_os_error(cause)})"
+        raise StorageError(f"{why}; {resume_note(root)}") from e
+
+
+def resume_note(root: Path) -> str:
+    """What a run whose write failed can go on from: its newest valid checkpoint in ``root``, or none."""
+    try:
         previous = find_latest(root)
-        raise RuntimeError(
-            f"could not write the checkpoint of step {step} ({e}); {previous or 'no earlier checkpoint'} is "
-            "intact: free some space and run the same command to resume"
-        ) from e
+    except CheckpointError:
+        previous = None
+    if previous is None:
+        return "there is no checkpoint to resume from: free some space and run the same command to start again"
+    return f"{previous.name} is intact: free some space and run the same command to resume from it"
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -181,7 +187,7 @@ def verify(path: str | Path) -> None:
             raise CheckpointError(f"{path}: {name} is missing")
         if file.stat().st_size != meta["size"]:
             raise CheckpointError(f"{path}: {name} has {file.stat().st_size} bytes, manifest says {meta['size']}")
-        if _sha256(file) != meta["sha256"]:
+        if file_sha256(file) != meta["sha256"]:
             raise CheckpointError(f"{path}: {name} does not match its sha256")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdtrain.config import Config
+from sdtrain.config import Config, ConfigError
 from sdtrain.data.disk_cache import write_cache
 from sdtrain.models.families import for_config
 from sdtrain.train import text_encoders
@@ -18,7 +18,7 @@ def cache_dataset(config: Config) -> Path:
     from accelerate import PartialState
 
     if not config.data.cache_dir:
-        raise ValueError("set data.cache_dir: where the cache is written")
+        raise ConfigError("set data.cache_dir: where the cache is written")
     state = PartialState(cpu=processes_on_cpu())
     family = for_config(config.model)
     components = family.load(config, denoiser=False)

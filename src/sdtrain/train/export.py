@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from sdtrain.config import Config, SampleConfig, load_config
+from sdtrain.errors import StorageError, describe_os_error, failed_write
 from sdtrain.models.families import Family, for_config
 from sdtrain.models.lora import LORA_FOLDER, add_lora, has_lora, merged_copy, save_lora
 from sdtrain.sample.pipeline import Pipeline
@@ -27,13 +28,19 @@ def export_pipeline(
     """
     names = (family.denoiser, *family.text_encoders)
     adapted = {name: getattr(components, name) for name in names if has_lora(getattr(components, name))}
-    if adapted:
-        save_lora(adapted, Path(out_dir) / LORA_FOLDER, family.txt2img, family.denoiser)
-        components = dataclasses.replace(components, **{name: merged_copy(m) for name, m in adapted.items()})
     sample = sample or SampleConfig()
     sampling = {"num_inference_steps": sample.num_inference_steps, "guidance_scale": sample.guidance_scale}
-    pipe = Pipeline(components, family, sample.scheduler, objective_config, sampling, device="cpu")
-    return pipe.save_pretrained(out_dir)
+    try:
+        if adapted:
+            save_lora(adapted, Path(out_dir) / LORA_FOLDER, family.txt2img, family.denoiser)
+            components = dataclasses.replace(components, **{name: merged_copy(m) for name, m in adapted.items()})
+        pipe = Pipeline(components, family, sample.scheduler, objective_config, sampling, device="cpu")
+        return pipe.save_pretrained(out_dir)
+    except Exception as e:
+        cause = failed_write(e)
+        if cause is None:
+            raise
+        raise StorageError(f"could not write the export {out_dir} ({describe_os_error(cause)})") from e
 
 
 def export_checkpoint(
@@ -48,13 +55,17 @@ def export_checkpoint(
         trust_remote_code: let a text encoder's own code run. The run's ``config.yaml`` is not asked: a folder
             received from elsewhere must not be able to run code by exporting it.
     """
-    run_dir = Path(run_dir)
+    run_dir, root = Path(run_dir), Path(run_dir) / "checkpoints"
+    if not (run_dir / "config.yaml").is_file():
+        what = "is not a folder" if not run_dir.is_dir() else "holds no run (no config.yaml)"
+        raise checkpoint.CheckpointError(f"{run_dir} {what}: --run takes a run's output_dir (train.output_dir)")
+    path = checkpoint.step_dir(root, step) if step is not None else checkpoint.find_latest(root)
+    if path is None or not path.is_dir():
+        saved = sorted(p.name for p in root.glob(f"{checkpoint.PREFIX}*")) if root.is_dir() else []
+        held = f"its checkpoints are {', '.join(saved)}" if saved else "it has none yet (train.save_every)"
+        raise checkpoint.CheckpointError(f"{run_dir} has no checkpoint{f' {path.name}' if path else ''}: {held}")
     config = load_config(Config, run_dir / "config.yaml")
     config.model.text_encoder.trust_remote_code = trust_remote_code
-    root = run_dir / "checkpoints"
-    path = checkpoint.step_dir(root, step) if step is not None else checkpoint.find_latest(root)
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint in {root}")
     tensors, _, state = checkpoint.load_checkpoint(path)
     family = for_config(config.model)
     config.model.unet.from_scratch = True  # the weights come from the checkpoint, not from a pretrained UNet
@@ -70,4 +81,7 @@ def export_checkpoint(
     model.load_state_dict(weights)
     out = out_dir or run_dir / "export" / path.name
     components = text_encoders.components_with(family, components, model)
-    return export_pipeline(family, components, config.train.objective, out, config.sample)
+    try:
+        return export_pipeline(family, components, config.train.objective, out, config.sample)
+    except StorageError as e:
+        raise StorageError(f"{e}; {path} is intact: free some space and run the same command again") from e

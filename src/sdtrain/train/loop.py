@@ -25,21 +25,23 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from sdtrain import objective
-from sdtrain.config import Config, TrainConfig, save_config
+from sdtrain.config import Config, ConfigError, TrainConfig, save_config
 from sdtrain.data.disk_cache import DiskCache, DiskCacheStream
 from sdtrain.data.memory_cache import MemoryCacheStream, build_memory_cache
 from sdtrain.data.sources import is_shards
 from sdtrain.data.streams import IterableStream, MixedStream, OnlineStream, ShardStream, Stream, size_condition
+from sdtrain.errors import StorageError
 from sdtrain.models.families import Encoders, Family, for_config
 from sdtrain.models.lora import add_lora
 from sdtrain.models.vae import downsample_factor
-from sdtrain.sample.pipeline import Pipeline, sampling_scheduler, save_images
+from sdtrain.sample.pipeline import Pipeline, save_images
 from sdtrain.train import checkpoint, sharding, text_encoders, zero
 from sdtrain.train.ema import EMA, ema_parameters
 from sdtrain.train.export import export_pipeline
 from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
 from sdtrain.train.perf import GiB, StepProfile, advice, estimate_memory, peak_tflops, profile_denoiser
 from sdtrain.train.preemption import Preempted, StopSignal
+from sdtrain.train.preflight import check_objective, check_run
 from sdtrain.train.progress import Progress
 from sdtrain.train.randomness import SharedDraws
 from sdtrain.train.run import (
@@ -78,7 +80,7 @@ def _prepare_denoiser(family: Family, components, tc: TrainConfig, accelerator: 
     if tc.lora.rank:
         add_lora(model, tc.lora, family.lora_targets)
     if text_encoders.trains_text(tc) and (is_sharded(accelerator) or zero.is_zero(accelerator)):
-        raise ValueError("train.text_encoder.mode: the text encoders train under DDP or on one device; FSDP2 and "
+        raise ConfigError("train.text_encoder.mode: the text encoders train under DDP or on one device; FSDP2 and "
                          "DeepSpeed shard the denoiser alone (train.text_encoder.mode=frozen)")  # fmt: skip
     model = text_encoders.prepare(family, components, model, tc)
     model.to(accelerator.device).train()
@@ -142,26 +144,13 @@ def train(config: Config, components: Any | None = None, batches: Iterable | Non
         The export folder.
 
     Raises:
-        RunLocked: another process trains in ``output_dir``.
+        UserError: what :func:`~sdtrain.train.preflight.check_run` refuses before the run folder is made; another
+            process trains in ``output_dir`` (RunLocked); a write failed (StorageError); the run diverged.
         Preempted: SIGTERM or SIGUSR1 arrived; the step in progress was finished and checkpointed.
     """
-    check_objective(config)  # before the run folder is made
-    text_encoders.check(for_config(config.model), config.train)
+    check_run(config, models=components is None, data=batches is None)  # before the run folder is made
     with run_lock(config.train.output_dir):
         return _train(config, components, batches)
-
-
-def check_objective(config: Config) -> str:
-    """The objective the run trains (:func:`sdtrain.objective.kind_of`), checked with the sampler of ``sample``
-    against what the family's pipelines run.
-
-    Raises:
-        ValueError: the family cannot train or sample it (a flow-matching PixArt sampled with ``euler``).
-    """
-    family = for_config(config.model)
-    kind = objective.kind_of(config.train.objective, family)
-    sampling_scheduler(config.train.objective, config.sample.scheduler, kind, family.flow_samplers)
-    return kind
 
 
 def _train(config: Config, components: Any | None, batches: Iterable | None) -> Path:
@@ -221,8 +210,8 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
     window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
     consecutive_skips, saved_at = 0, counters.step  # the decisions every rank takes alike
     started = time.perf_counter() - counters.train_seconds
-    # the SIGTERM / SIGUSR1 handlers are the caller's again when the loop ends, raises or is preempted
-    with StopSignal() as stop_signal:
+    # the SIGTERM / SIGUSR1 handlers are the caller's again (and the bar closed) when the loop ends, raises or stops
+    with StopSignal() as stop_signal, bar:
         while counters.step < tc.num_steps and (budget is None or counters.train_seconds < budget):
             # 6a-6d. one optimizer step over gradient_accumulation micro-batches
             progress = max(counters.step / tc.num_steps, counters.train_seconds / budget if budget else 0.0)
@@ -385,7 +374,10 @@ def _finish(run: _Run, validation: ValidationSet | None, log_path: Path) -> Path
             append_to_log(log_path, step, {"val_loss": val_loss})
         if tc.export:
             components = text_encoders.components_with(run.family, run.components, exported)
-            export_pipeline(run.family, components, tc.objective, final, run.config.sample)
+            try:
+                export_pipeline(run.family, components, tc.objective, final, run.config.sample)
+            except StorageError as e:  # the rerun resumes at the end of training and exports again
+                raise StorageError(f"{e}; {checkpoint.resume_note(run.out / 'checkpoints')} and export") from e
         if tc.sample_prompts:
             _sample(run, exported)
         plot_losses(log_path, run.out / "loss.png")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from sdtrain.config import OptimConfig
+from sdtrain.errors import MissingPackage
 
 
 def param_groups(
@@ -48,7 +49,7 @@ def make_optimizer(
         try:
             import bitsandbytes as bnb
         except ImportError as e:
-            raise ImportError("train.optim.name=adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
+            raise MissingPackage("train.optim.name=adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
         return bnb.optim.AdamW8bit(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
     from transformers.optimization import Adafactor
 

@@ -33,3 +33,9 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # before an error is printed: a bar left open is drawn again when the interpreter exits

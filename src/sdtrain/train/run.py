@@ -22,7 +22,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import TorchDynamoPlugin
 
-from sdtrain.config import TrainConfig
+from sdtrain.config import ConfigError, TrainConfig
+from sdtrain.errors import Diverged, UserError
 from sdtrain.train import zero
 from sdtrain.train.progress import Progress
 from sdtrain.train.sharding import check_strategy
@@ -72,7 +73,7 @@ def micro_batch_size(tc: TrainConfig, accelerator: Accelerator) -> int:
     world, accumulation = accelerator.num_processes, tc.gradient_accumulation
     micro_batch, parts = divmod(tc.batch_size, accumulation * world)
     if micro_batch < 1 or parts:
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size={tc.batch_size} is not a multiple of gradient_accumulation x processes "
             f"({accumulation} x {world}): it is the global batch every step trains on"
         )
@@ -126,7 +127,7 @@ def count_skip(
     counters.skipped_steps += 1
     logger.warning("non-finite loss or gradient at step %d: step skipped%s", counters.step, note)
     if consecutive >= limit:
-        raise RuntimeError(
+        raise Diverged(
             f"{consecutive} consecutive steps had a non-finite loss or gradient (last: step {counters.step}); the "
             f"newest checkpoint in {checkpoints} holds finite weights. {remedy}"
         )
@@ -138,19 +139,75 @@ def append_to_log(log_path: Path, step: int, values: dict[str, float]) -> None:
     append_record(log_path, {"step": step, **values})
 
 
-class RunLocked(RuntimeError):
+class RunLocked(UserError, RuntimeError):
     """Another process is training in the same run folder."""
+
+
+# the run locks this process holds (the open lock files): a forked child closes its copies at once
+_HELD: dict[int, Any] = {}
+DEAD_HOLDER_GRACE_S = 10.0  # how long a restart waits for what a dead trainer left holding its lock
+
+
+def _drop_inherited_locks() -> None:
+    """In a child forked while a run lock is held (a data-loader worker): close its copy of the lock file. An flock
+    lasts while any copy of the descriptor is open, so without this the workers a SIGKILLed trainer leaves behind
+    would keep its run locked until they notice their parent is gone."""
+    for f in _HELD.values():
+        f.close()
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def _holder(text: str) -> tuple[int | None, bool]:
+    """``(pid, alive)`` of the lock's recorded holder (``pid N on HOST since ...``); ``alive`` is True where it cannot
+    be told (another host, another user's process, no record)."""
+    words = text.split()
+    if len(words) < 4 or words[0] != "pid" or not words[1].isdigit() or words[3] != socket.gethostname():
+        return None, True
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return int(words[1]), False
+    except PermissionError:
+        pass
+    return int(words[1]), True
+
+
+def _take(f, path: Path, output_dir: str | Path) -> None:
+    """flock ``f`` or raise RunLocked naming the holder. Where the recorded holder is dead, what it left behind is
+    given :data:`DEAD_HOLDER_GRACE_S` to exit before the error says so (and never asks to wait for the dead)."""
+    deadline = None
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            f.seek(0)
+            text = f.read().strip()
+        pid, alive = _holder(text)
+        if alive:
+            raise RunLocked(f"{output_dir} is being trained by {text or 'another process'}: wait for it, stop it "
+                            "(SIGTERM checkpoints and exits), or choose another output_dir") from None  # fmt: skip
+        deadline = deadline or time.monotonic() + DEAD_HOLDER_GRACE_S
+        if time.monotonic() > deadline:
+            raise RunLocked(
+                f"{path} is still locked although its trainer (pid {pid}) is dead: a process it started holds the "
+                f"lock (`fuser -v {path}` names it); stop that process, then run the same command again"
+            ) from None
+        time.sleep(0.1)
 
 
 @contextmanager
 def run_lock(output_dir: str | Path, main_process: bool | None = None):
     """Hold ``output_dir/.lock`` for a whole run, so that a second trainer started on the same folder stops at once
     (naming the holder) instead of interleaving checkpoints with the first. The operating system releases the lock
-    when its holder dies, however it dies. Only the main process (``RANK`` 0, as ``accelerate launch`` sets it)
-    takes it.
+    when its holder dies, however it dies; the holder's forked children (data-loader workers) never hold it. Only
+    the main process (``RANK`` 0, as ``accelerate launch`` sets it) takes it.
 
     Raises:
-        RunLocked: the folder is another live process's run.
+        RunLocked: the folder is another live process's run (or a dead one's children still hold its lock).
     """
     main_process = int(os.environ.get("RANK", "0")) == 0 if main_process is None else main_process
     if not main_process:
@@ -159,20 +216,16 @@ def run_lock(output_dir: str | Path, main_process: bool | None = None):
     path = Path(output_dir) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
+        _take(f, path, output_dir)
+        _HELD[f.fileno()] = f
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise RunLocked(f"{output_dir} is being trained by {holder}: wait for it, stop it, or choose another "
-                            "output_dir") from None  # fmt: skip
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        try:
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
             yield
         finally:
+            _HELD.pop(f.fileno(), None)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

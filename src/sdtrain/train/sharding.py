@@ -34,6 +34,7 @@ import torch
 from accelerate.utils import DistributedType, parse_flag_from_env
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from sdtrain.errors import Unsupported
 from sdtrain.train import zero
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def check_strategy(accelerator) -> None:
     :func:`sdtrain.train.zero.check`."""
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
-        raise RuntimeError(
+        raise Unsupported(
             "FSDP version 1 is not supported (it flattens parameters, so the EMA and checkpoints cannot address them "
             "by name); use FSDP2: `accelerate launch --use_fsdp --fsdp_version 2 ...` or `fsdp_version: 2` in "
             "accelerate's config"

@@ -21,6 +21,7 @@ import torch
 from accelerate import Accelerator
 
 from sdtrain.data.streams import regroup_states
+from sdtrain.errors import Diverged, StorageError
 from sdtrain.train import checkpoint, sharding, zero
 from sdtrain.train.randomness import rng_state, set_generator_state, set_rng_state
 from sdtrain.train.tracking import log_lines
@@ -59,12 +60,12 @@ def check_disk(out: Path, model: torch.nn.Module, with_ema: bool) -> None:
         probe.write_bytes(b"x")
         probe.unlink()
     except OSError as e:
-        raise RuntimeError(f"cannot write to {out}: {e}") from None
+        raise StorageError(f"cannot write to {out}: {e}") from None
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     checkpoint_bytes = params * (4 if with_ema else 3)  # weights, two Adam moments, EMA
     free = shutil.disk_usage(out).free
     if free < 2 * checkpoint_bytes:
-        raise RuntimeError(
+        raise StorageError(
             f"{out} has {free / 2**30:.2f} GiB free, two checkpoints need {2 * checkpoint_bytes / 2**30:.2f} GiB"
         )
 
@@ -146,7 +147,7 @@ def save_training_state(
     """
     model = unwrap(accelerator, unet)
     if not sharding.all_finite(accelerator, model):
-        raise RuntimeError(f"non-finite weights at step {counters.step}: checkpoint not written")
+        raise Diverged(f"non-finite weights at step {counters.step}: checkpoint not written")
     # whole tensors on the main process (under FSDP2 each is gathered from the shards: every rank takes part)
     main = accelerator.is_main_process
     weights = sharding.gather_model(model, main)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sdtrain.config import TrainConfig
+from sdtrain.config import ConfigError, TrainConfig
 from sdtrain.models.families import Conditioning, Encoders, Family
 from sdtrain.models.lora import add_text_lora
 
@@ -65,10 +65,10 @@ def check(family: Family, tc: TrainConfig, text_dtypes: list[torch.dtype] | None
     if not trains_text(tc):
         return
     if family.tokenize is None or not family.text_encoders:
-        raise ValueError(f"train.text_encoder.mode={tc.text_encoder.mode}: {family.name} models train with frozen "
+        raise ConfigError(f"train.text_encoder.mode={tc.text_encoder.mode}: {family.name} models train with frozen "
                          "text encoders here (train.text_encoder.mode=frozen)")  # fmt: skip
     if text_dtypes and any(d != torch.float32 for d in text_dtypes):
-        raise ValueError("trained text encoders keep float32 weights: set model.text_encoder*.dtype=float32")
+        raise ConfigError("trained text encoders keep float32 weights: set model.text_encoder*.dtype=float32")
 
 
 def prepare(family: Family, components, denoiser: torch.nn.Module, tc: TrainConfig) -> torch.nn.Module:

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sdtrain.errors import MissingPackage
+
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ def check_trackers(names: list[str]) -> None:
     for name in names:
         package = TRACKER_PACKAGES[name]
         if importlib.util.find_spec(package) is None:
-            raise ImportError(f'train.trackers has "{name}", which needs {package}: pip install {package}')
+            raise MissingPackage(f'train.trackers has "{name}", which needs {package}: pip install {package}')
 
 
 def log_images(accelerator, images: list[Image.Image], step: int, tag: str = "samples") -> None:

@@ -34,6 +34,9 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
+from sdtrain.errors import Unsupported
+from sdtrain.train.checkpoint import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,7 +94,7 @@ def check(accelerator, train_config) -> None:
                 "learning-rate schedule from train.optim"
             )
     if refusals:
-        raise RuntimeError("DeepSpeed: " + "; ".join(refusals))
+        raise Unsupported("DeepSpeed: " + "; ".join(refusals))
 
 
 def configure(accelerator, train_config, micro_batch: int) -> None:
@@ -212,7 +215,7 @@ def load_optimizer(optimizer, saved: dict[str, Any]) -> None:
     saved_groups = saved["param_groups"]
     counts = [len(g["params"]) for g in saved_groups], [len(params) for params in groups]
     if counts[0] != counts[1]:
-        raise ValueError(f"the checkpoint's optimizer groups have {counts[0]} parameters, this one's {counts[1]}")
+        raise CheckpointError(f"the checkpoint's optimizer groups have {counts[0]} parameters, this one's {counts[1]}")
     for group, saved_group in zip(inner.param_groups, saved_groups):
         group.update({k: v for k, v in saved_group.items() if k != "params"})
     saved_state = {int(k): v for k, v in saved["state"].items()}
@@ -287,7 +290,8 @@ def load_partitioned(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -
     params = dict(model.named_parameters())
     missing, unexpected = params.keys() - weights.keys(), weights.keys() - model.state_dict().keys()
     if missing or unexpected:
-        raise KeyError(f"the checkpoint's UNet differs: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        differ = f"missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        raise CheckpointError(f"the checkpoint's UNet differs: {differ}")
     with torch.no_grad():
         for name, param in params.items():
             param.ds_tensor.copy_(partition(weights[name], param))

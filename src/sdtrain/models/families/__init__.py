@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from sdtrain.errors import Unsupported
+
 IN_MEMORY = "<in memory>"  # model.pretrained of a run whose components the Python API hands over
 Conditioning = dict[str, torch.Tensor]  # keyword arguments of the denoiser beside the noisy latents and timesteps
 
@@ -151,7 +153,7 @@ def detect(path: str | Path | None) -> Family:
         if name in family.pipeline_classes:
             return family
     trained = ", ".join(f"{f.name} ({' / '.join(f.pipeline_classes)})" for f in known.values())
-    raise ValueError(f"{path} is a {name} folder; sdtrain trains these families: {trained}")
+    raise Unsupported(f"{path} is a {name} folder; sdtrain trains these families: {trained}")
 
 
 def for_config(model) -> Family:

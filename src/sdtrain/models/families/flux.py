@@ -27,6 +27,7 @@ import torch
 from diffusers import FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5EncoderModel
 
+from sdtrain.config import ConfigError
 from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.text import hidden_size, load_text_encoder
@@ -55,7 +56,7 @@ def _encoder(config, index: int) -> tuple[Any, Any]:
     te = getattr(m, name)
     own = te.path not in ("", "minilm") or te.subfolder is not None
     if not own and not m.pretrained:
-        raise ValueError(f"model.family=flux needs model.{name}.path or model.pretrained (a Flux pipeline)")
+        raise ConfigError(f"model.family=flux needs model.{name}.path or model.pretrained (a Flux pipeline)")
     path, sub = (te.path, te.subfolder) if own else (m.pretrained, name)
     max_length = te.max_length if index == 1 else te.max_length or T5_TOKENS
     return load_text_encoder(path, sub, max_length, te.dtype, te.trust_remote_code, model_class=cls)
@@ -84,7 +85,7 @@ def build_transformer(knobs, latent_channels: int, text_width: int, pooled_width
     side = head * 7 // 16 // 2 * 2  # each axis an even number of channels
     axes = (head - 2 * side, side, side)
     if min(axes) < 2:
-        raise ValueError(f"model.transformer.attention_head_dim={head} is too small for Flux's three rotary axes")
+        raise ConfigError(f"model.transformer.attention_head_dim={head} is too small for Flux's three rotary axes")
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=4 * latent_channels,

@@ -23,6 +23,7 @@ import torch
 from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
 from transformers import T5EncoderModel
 
+from sdtrain.config import ConfigError
 from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.text import hidden_size, load_text_encoder
@@ -50,7 +51,7 @@ def load_components(config, denoiser: bool = True) -> Components:
     scratch = m.unet.from_scratch or not (m.unet.pretrained or m.pretrained)
     own = te.path not in ("", "minilm") or te.subfolder is not None or (scratch and te.path == "minilm")
     if not own and not m.pretrained:
-        raise ValueError("model.family=pixart needs model.text_encoder.path (a T5) or model.pretrained")
+        raise ConfigError("model.family=pixart needs model.text_encoder.path (a T5) or model.pretrained")
     path, sub = (te.path, te.subfolder) if own else (m.pretrained, "text_encoder")
     t5 = not (own and scratch)  # a new transformer takes any encoder (its own max length); a pretrained one, T5
     text_encoder, tokenizer = load_text_encoder(
@@ -77,7 +78,7 @@ def build_transformer(
     a text encoder of width ``caption_channels``: PixArt-Sigma's architecture (adaLN-single, cross-attention, 2D
     sin-cos positions), without the learned-variance half (sdtrain would not train it) or the size conditioning."""
     if sample_size % knobs.patch_size:
-        raise ValueError(f"latents of side {sample_size} do not split into {knobs.patch_size}-sided patches")
+        raise ConfigError(f"latents of side {sample_size} do not split into {knobs.patch_size}-sided patches")
     width = knobs.num_attention_heads * knobs.attention_head_dim
     return PixArtTransformer2DModel(
         num_attention_heads=knobs.num_attention_heads,

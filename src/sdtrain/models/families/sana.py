@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from diffusers import SanaPipeline, SanaTransformer2DModel
 
+from sdtrain.config import ConfigError
 from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.text import hidden_size, load_text_encoder
@@ -49,7 +50,7 @@ def load_components(config, denoiser: bool = True) -> Components:
     te = m.text_encoder
     own = te.path not in ("", "minilm") or te.subfolder is not None
     if not own and not m.pretrained:
-        raise ValueError("model.family=sana needs model.text_encoder.path (a Gemma 2) or model.pretrained")
+        raise ConfigError("model.family=sana needs model.text_encoder.path (a Gemma 2) or model.pretrained")
     path, sub = (te.path, te.subfolder) if own else (m.pretrained, "text_encoder")
     text_encoder, tokenizer = load_text_encoder(path, sub, te.max_length or TOKENS, te.dtype, te.trust_remote_code)
     vae_path, vae_sub = (m.vae.path, m.vae.subfolder) if m.vae.path else (m.pretrained, "vae")
@@ -70,7 +71,7 @@ def build_transformer(knobs, latent_channels: int, sample_size: int, caption_cha
     cross-attention as wide and as many-headed as its self-attention (Sana 1600M: 70 x 32 linear-attention heads,
     20 x 112 cross-attention heads)."""
     if sample_size % knobs.patch_size:
-        raise ValueError(f"latents of side {sample_size} do not split into {knobs.patch_size}-sided patches")
+        raise ConfigError(f"latents of side {sample_size} do not split into {knobs.patch_size}-sided patches")
     width = knobs.num_attention_heads * knobs.attention_head_dim
     return SanaTransformer2DModel(
         in_channels=latent_channels,

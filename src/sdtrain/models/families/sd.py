@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
+from sdtrain.config import ConfigError
 from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.single_file import sd_tensors
@@ -57,7 +58,7 @@ def load_components(config, denoiser: bool = True) -> Components:
         sample_size = config.data.resolution // downsample_factor(vae)
         unet = build_unet(m.unet, vae.config.latent_channels, sample_size, hidden_size(text_encoder))
     if unet.config.cross_attention_dim != hidden_size(text_encoder):
-        raise ValueError(
+        raise ConfigError(
             f"the UNet's cross_attention_dim ({unet.config.cross_attention_dim}) differs from the text encoder's "
             f"hidden size ({hidden_size(text_encoder)})"
         )

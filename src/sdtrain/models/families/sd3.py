@@ -22,6 +22,7 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
+from sdtrain.config import ConfigError
 from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.text import hidden_size, load_text_encoder
@@ -54,7 +55,7 @@ def _encoder(config, index: int) -> tuple[Any, Any]:
     te = getattr(m, name)
     own = te.path not in ("", "minilm") or te.subfolder is not None
     if not own and not m.pretrained:
-        raise ValueError(f"model.family=sd3 needs model.{name}.path or model.pretrained (an SD3 pipeline)")
+        raise ConfigError(f"model.family=sd3 needs model.{name}.path or model.pretrained (an SD3 pipeline)")
     path, sub = (te.path, te.subfolder) if own else (m.pretrained, name)
     max_length = te.max_length if index < 3 else te.max_length or T5_TOKENS
     return load_text_encoder(path, sub, max_length, te.dtype, te.trust_remote_code, model_class=cls)
@@ -87,7 +88,7 @@ def build_transformer(
     from T5's width (the CLIP states are padded to it), the pooled vector of both CLIPs; positions for up to 96
     patches a side, as SD3 (or the latent's own, if larger)."""
     if sample_size % knobs.patch_size:
-        raise ValueError(f"latents of side {sample_size} do not split into {knobs.patch_size}-sided patches")
+        raise ConfigError(f"latents of side {sample_size} do not split into {knobs.patch_size}-sided patches")
     width = knobs.num_attention_heads * knobs.attention_head_dim
     return SD3Transformer2DModel(
         sample_size=sample_size,

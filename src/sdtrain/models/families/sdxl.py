@@ -22,6 +22,7 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from sdtrain.config import ConfigError
 from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.single_file import sdxl_tensors
@@ -49,7 +50,7 @@ def _encoder(config, index: int) -> tuple[Any, Any]:
     subfolder = "text_encoder" if index == 1 else "text_encoder_2"
     own = te.path not in ("", "minilm") or te.subfolder is not None  # "minilm" is SD's default, not SDXL's
     if not own and not m.pretrained:
-        raise ValueError(
+        raise ConfigError(
             f"model.family=sdxl needs model.{'text_encoder' if index == 1 else 'text_encoder_2'}.path (a CLIP "
             "folder or hub id) or model.pretrained (an SDXL pipeline)"
         )
@@ -91,16 +92,16 @@ def _check(unet: UNet2DConditionModel, width: int, pooled: int) -> None:
     """The UNet takes what the encoders give: their hidden states' width, their pooled vector and six size ids."""
     config = unet.config
     if config.addition_embed_type != "text_time":
-        raise ValueError(f"an SDXL UNet has addition_embed_type 'text_time', this one {config.addition_embed_type!r}")
+        raise ConfigError(f"an SDXL UNet has addition_embed_type 'text_time', this one {config.addition_embed_type!r}")
     if config.cross_attention_dim != width:
-        raise ValueError(
+        raise ConfigError(
             f"the UNet's cross_attention_dim ({config.cross_attention_dim}) differs from the two text encoders' "
             f"hidden sizes together ({width})"
         )
     expected = 6 * config.addition_time_embed_dim + pooled
     if config.projection_class_embeddings_input_dim != expected:
         given = config.projection_class_embeddings_input_dim
-        raise ValueError(
+        raise ConfigError(
             f"the UNet's projection_class_embeddings_input_dim ({given}) is not 6 size ids x "
             f"{config.addition_time_embed_dim} + the pooled text embedding's {pooled}"
         )

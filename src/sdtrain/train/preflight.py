@@ -1,0 +1,90 @@
+"""What a run is checked for before its folder is made, so that a mistake costs one line and leaves nothing behind:
+the objective and sampler against the family, the text encoders' training mode, every model it loads (a folder here
+or a hub id), and its data (a source that exists and holds a usable sample, or a complete latent cache)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sdtrain import objective
+from sdtrain.config import AutoencoderConfig, Config, DataConfig, ModelConfig
+from sdtrain.data.disk_cache import check_cache
+from sdtrain.data.folder import training_records
+from sdtrain.data.sources import check_usable, is_shards, list_records
+from sdtrain.models.families import IN_MEMORY, for_config
+from sdtrain.models.hub import check_model_source
+from sdtrain.models.text import MINILM
+from sdtrain.sample.pipeline import sampling_scheduler
+from sdtrain.train import text_encoders
+
+
+def check_objective(config: Config) -> str:
+    """The objective the run trains (:func:`sdtrain.objective.kind_of`), checked with the sampler of ``sample``
+    against what the family's pipelines run.
+
+    Raises:
+        ConfigError: the family cannot train or sample it (a flow-matching PixArt sampled with ``euler``).
+    """
+    family = for_config(config.model)
+    kind = objective.kind_of(config.train.objective, family)
+    sampling_scheduler(config.train.objective, config.sample.scheduler, kind, family.flow_samplers)
+    return kind
+
+
+def check_run(config: Config, models: bool = True, data: bool = True) -> str:
+    """Everything :func:`sdtrain.train.loop.train` can refuse before any work; returns the objective's kind.
+
+    Args:
+        models: check the model sources (not where the Python API hands the components over).
+        data: check ``config.data`` (not where the Python API hands the batches over).
+
+    Raises:
+        UserError: a ConfigError, ModelNotFound or DataError naming the key and what to do.
+    """
+    if models:
+        check_model_sources(config.model)
+    kind = check_objective(config)
+    text_encoders.check(for_config(config.model), config.train)
+    if data:
+        check_data(config.data, config.train.seed)
+    return kind
+
+
+def check_model_sources(model: ModelConfig) -> None:
+    """Every model ``model`` names is a folder here or a hub id loading can fetch (:func:`check_model_source`)."""
+    sources = {"model.pretrained": model.pretrained, "model.vae.path": model.vae.path}
+    sources["model.unet.pretrained"] = model.unet.pretrained
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        sources[f"model.{name}.path"] = getattr(model, name).path
+    for key, path in sources.items():
+        if path and path not in (IN_MEMORY, MINILM):
+            check_model_source(path, key)
+
+
+def check_data(data: DataConfig, seed: int) -> None:
+    """``data.cache_dir`` is a complete cache whose parts have their sizes and headers (:func:`check_cache`; opening
+    it checks their bytes), or every source of ``data.path`` and ``data.mix`` exists and holds a usable sample
+    (shards are streamed: they are checked as they are read)."""
+    if data.cache_dir:
+        check_cache(data, thorough=False)
+        return
+    sources = [("data.path", data)] + [
+        (f"data.mix[{i}].path", dataclasses.replace(data, path=m.path, image_column=m.image_column,
+                                                    caption_column=m.caption_column, mix=[]))
+        for i, m in enumerate(data.mix)
+    ]  # fmt: skip
+    for key, source in sources:
+        if not is_shards(source.path):
+            check_usable(training_records(source, seed), f"{key}={source.path}")
+
+
+def check_autoencoder_run(config: AutoencoderConfig) -> None:
+    """What ``sdtrain train-vae`` can refuse before its run folder is made: the model it fine-tunes, and data that
+    exists and holds a decodable image (captions are not read)."""
+    if config.model.pretrained:
+        check_model_source(config.model.pretrained, "model.pretrained")
+    data = config.data
+    for key, path in (("data.path", data.path), ("eval_data", config.eval_data)):
+        if path and not is_shards(path):
+            check_usable(list_records(path, data.image_column, data.caption_column, data.skip_bad_rows),
+                         f"{key}={path}", captions=False)  # fmt: skip
