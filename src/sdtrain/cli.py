@@ -201,7 +201,10 @@ def _read_image(path: Path):
     try:
         return decode_image(path)
     except Skip as skip:
-        raise DataError(f"--image {path}: {skip.reason.replace('_', ' ')} ({skip})") from None
+        detail = str(skip).partition(": ")[2] if skip.reason in ("corrupt", "too_large") else ""
+        what = {"missing": "no such file", "empty": "an empty file", "not_an_image": "not an image file"}
+        why = what.get(skip.reason, skip.reason.replace("_", " ")) + (f" ({detail})" if detail else "")
+        raise DataError(f"--image {path}: {why}") from None
 
 
 def _one_line(error: BaseException) -> str:

@@ -62,8 +62,10 @@ def export_checkpoint(
     path = checkpoint.step_dir(root, step) if step is not None else checkpoint.find_latest(root)
     if path is None or not path.is_dir():
         saved = sorted(p.name for p in root.glob(f"{checkpoint.PREFIX}*")) if root.is_dir() else []
-        held = f"its checkpoints are {', '.join(saved)}" if saved else "it has none yet (train.save_every)"
-        raise checkpoint.CheckpointError(f"{run_dir} has no checkpoint{f' {path.name}' if path else ''}: {held}")
+        if path is None:
+            raise checkpoint.CheckpointError(f"{run_dir} has no checkpoint yet (one every train.save_every steps)")
+        held = f"its checkpoints are {', '.join(saved)}" if saved else "it has none yet"
+        raise checkpoint.CheckpointError(f"{run_dir} has no checkpoint {path.name}: {held}")
     config = load_config(Config, run_dir / "config.yaml")
     config.model.text_encoder.trust_remote_code = trust_remote_code
     tensors, _, state = checkpoint.load_checkpoint(path)
