@@ -487,4 +487,6 @@ def test_every_familys_denoiser_sharded_trains_what_one_process_trains(family, s
     assert steps_a == steps_b == (1, 2, 3, 4) and losses_b == pytest.approx(losses_a, rel=1e-5)
     name = f"{denoiser}/diffusion_pytorch_model.safetensors"
     a, b = (load_file(tmp_path / run / "final" / name) for run in ("one", "two"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    # the shards' reduce-scatter sums the gradients in another order than one process: after 4 Adam steps the weights
+    # differ by rounding (Sana's up to 2.2e-6 on an AVX-512 Xeon, under 1e-6 on the machines this was first run on)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
