@@ -1,11 +1,14 @@
-"""A shortened `make demo` end to end: every stage runs, metrics and grids are written, a rerun reuses stages."""
+"""A shortened `make demo` end to end: every stage runs, metrics and grids are written, a rerun reuses stages, and
+a second demo from scratch trains the same weights and scores the same (fixed steps and seeds, no clock)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from sdtrain.demo import run_demo
 
@@ -35,3 +38,17 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
     assert again["seconds"]["unet"] == metrics["seconds"]["unet"]  # a reused stage keeps its training time
     assert f"reusing {out / 'vae' / 'final'}" in second
     assert f"reusing {out / 'unet' / 'final'}" in second
+
+
+def test_two_quick_demos_from_scratch_train_the_same_weights_and_scores(tmp_path):
+    """Every stage trains a fixed number of steps from fixed seeds: two demos in fresh folders end with the same
+    autoencoder and UNet, bit for bit, and the same scores (on one machine; across CPUs, see docs/demo.md)."""
+    metrics = [run_demo(tmp_path / run, tmp_path / f"shapes-{run}", quick=True) for run in ("a", "b")]
+    for weights in (
+        "vae/final/diffusion_pytorch_model.safetensors",
+        "unet/final/unet/diffusion_pytorch_model.safetensors",
+    ):
+        a, b = (load_file(tmp_path / run / weights) for run in ("a", "b"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), weights
+    for key in ("vae_psnr", "seen", "held_out", "reconstruct"):
+        assert metrics[0][key] == metrics[1][key], key

@@ -22,11 +22,15 @@ from sdtrain.data.shapes import write_shapes_dataset
 # 91.7 / 95.8 %); 0.8 is diffusers' img2img default.
 EDIT_STRENGTH = 0.8
 
-# --quick: seconds per stage instead of minutes (the end-to-end test); the quality targets do not apply.
+# Minutes a whole `make demo` took from a fresh run folder (dataset to evaluation) on two 2-core machines of the kind
+# CI runs on, by preset (docs/demo.md): what the plan printed at the start expects.
+EXPECTED_MINUTES = {"demo": (0.0, 0.0), "demo-dit": (0.0, 0.0)}
+
+# --quick: a few steps per stage instead of thousands (the end-to-end test); the quality targets do not apply.
 QUICK = {
     "dataset": {"num_images": 256, "num_eval": 64},
-    "vae": ["train.max_minutes=0.15", "train.eval_images=32"],
-    "denoiser": ["train.max_minutes=0.25", "train.save_every=20", "train.log_every=5"],
+    "vae": ["train.num_steps=30", "train.eval_images=32"],
+    "denoiser": ["train.num_steps=40", "train.save_every=20", "train.log_every=5"],
     "evaluate": {"images_per_combo": 1, "num_inference_steps": 8, "edit_count": 8},
 }
 
@@ -58,7 +62,16 @@ def run_demo(
     from sdtrain.models.families import for_config
 
     out, data = Path(out), Path(data)
-    stage = load_config(Config, config)  # the denoiser's stage, read first: a wrong config costs no work
+    vae_dir = out / "vae" / "final"
+    vae_overrides = [f"data.path={data / 'train'}", f"eval_data={data / 'eval'}", f"train.output_dir={out / 'vae'}"]
+    vae_overrides += QUICK["vae"] if quick else []
+    vae_config = load_config(AutoencoderConfig, PRESETS / "demo-vae.yaml", vae_overrides)
+    stage = load_config(Config, config)  # both stages read first: a wrong config costs no work
+    name = for_config(stage.model).denoiser  # the denoiser's stage is named after it (unet, transformer)
+    final = out / name / "final"
+    overrides = [f"data.path={data / 'train'}", f"model.vae.path={vae_dir}", f"train.output_dir={out / name}"]
+    stage = load_config(Config, config, overrides + (QUICK["denoiser"] if quick else []))
+    print(plan(vae_config, stage, name, None if quick else EXPECTED_MINUTES.get(str(config))), flush=True)
     previous = (
         json.loads((out / "metrics.json").read_text()).get("seconds", {}) if (out / "metrics.json").exists() else {}
     )
@@ -69,7 +82,6 @@ def run_demo(
     with _stage("dataset", seconds):
         write_shapes_dataset(data, **(QUICK["dataset"] if quick else {}))
 
-    vae_dir = out / "vae" / "final"
     with _stage("autoencoder", seconds):
         if (vae_dir / "metrics.json").exists():
             print(f"reusing {vae_dir}")
@@ -77,21 +89,13 @@ def run_demo(
         else:
             from sdtrain.train.autoencoder import train_autoencoder
 
-            overrides = [
-                f"data.path={data / 'train'}",
-                f"eval_data={data / 'eval'}",
-                f"train.output_dir={out / 'vae'}",
-            ]
-            overrides += QUICK["vae"] if quick else []
-            train_autoencoder(load_config(AutoencoderConfig, PRESETS / "demo-vae.yaml", overrides))
+            train_autoencoder(vae_config)
         vae_metrics = json.loads((vae_dir / "metrics.json").read_text())
         print(
             f"autoencoder: PSNR {vae_metrics['psnr']:.2f} dB, SSIM {vae_metrics['ssim']:.3f}, "
             f"scaling factor {vae_metrics['scaling_factor']:.3f}"
         )
 
-    name = for_config(stage.model).denoiser  # the denoiser's stage is named after it (unet, transformer)
-    final = out / name / "final"
     with _stage(name, seconds):
         if (final / "model_index.json").exists():
             print(f"reusing {final}")
@@ -99,13 +103,7 @@ def run_demo(
         else:
             from sdtrain.train.loop import train
 
-            overrides = [
-                f"data.path={data / 'train'}",
-                f"model.vae.path={vae_dir}",
-                f"train.output_dir={out / name}",
-            ]
-            overrides += QUICK["denoiser"] if quick else []
-            train(load_config(Config, config, overrides))
+            train(stage)
 
     with _stage("evaluate", seconds):
         from sdtrain.evaluate.report import evaluate_shapes_model
@@ -121,10 +119,26 @@ def run_demo(
         settings |= QUICK["evaluate"] if quick else {}
         metrics = evaluate_shapes_model(final, data, out, extra=extra, **settings)
     seconds["total_this_run"] = round(time.perf_counter() - started, 1)
+    print(f"\nthis run took {seconds['total_this_run'] / 60:.1f} minutes", flush=True)
     metrics["seconds"] = {k: previous.get(k, v) if k in reused else v for k, v in seconds.items()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(summary_table(metrics, out))
     return metrics
+
+
+def plan(vae: AutoencoderConfig, stage: Config, name: str, expected: tuple[float, float] | None) -> str:
+    """What the demo will train, in steps (fixed, seeded: the same model on every machine), and ``expected``, the
+    minutes it took on the two machines of :data:`EXPECTED_MINUTES`."""
+    tc = stage.train
+    lines = [
+        f"the autoencoder trains {vae.train.num_steps:,} steps of {vae.train.batch_size} crops, the {name} "
+        f"{tc.num_steps:,} steps of {tc.batch_size} images, from fixed seeds: the same model on every machine"
+    ]
+    if expected is not None:
+        fast, slow = expected
+        lines.append(f"expected: about {fast} minutes on a 2-core machine of this project's kind, {slow} on the "
+                     "slowest seen (each stage's time is printed at the end)")  # fmt: skip
+    return "\n".join(lines)
 
 
 def summary_table(metrics: dict[str, Any], out: Path) -> str:

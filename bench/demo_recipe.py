@@ -1,0 +1,95 @@
+"""One recipe of the demo's second stage, trained for a fixed number of steps and scored as `make demo` scores it.
+
+    python bench/demo_recipe.py --config demo train.optim.lr=2e-3 train.ema_decay=0.995
+    python bench/demo_recipe.py --config demo-dit --name dit-lr2 train.optim.lr=2e-3
+
+The shapes dataset (``--data``) and the demo's autoencoder (``--vae``; trained with the ``demo-vae`` preset when the
+folder holds none) are shared by every recipe; each recipe trains into ``--runs/NAME`` from scratch (an existing
+folder is reused: its export is scored again). The overrides apply on top of the preset, as ``sdtrain train`` takes
+them; ``--guidance`` / ``--scheduler`` / ``--sampling-steps`` score the same model with other sampling settings.
+Prints the row as JSON on its last line: the config, the overrides, steps, images per step, training seconds and
+images per second on this machine, and the seen and held-out scores (colour, shape, background, all three).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from sdtrain.config import PRESETS, AutoencoderConfig, Config, load_config  # noqa: E402
+from sdtrain.data.shapes import write_shapes_dataset  # noqa: E402
+from sdtrain.demo import EDIT_STRENGTH  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="demo", help="the denoiser's preset (demo, demo-dit) or a YAML file")
+    parser.add_argument("--name", default=None, help="the run's folder under --runs (default: a hash of the recipe)")
+    parser.add_argument("--data", type=Path, default=Path("data/shapes"))
+    parser.add_argument("--vae", type=Path, default=Path("runs/recipes/vae"), help="the autoencoder's run folder")
+    parser.add_argument("--runs", type=Path, default=Path("runs/recipes"))
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--scheduler", default=None)
+    parser.add_argument("--sampling-steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="the evaluation's seed")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    write_shapes_dataset(args.data)
+    vae = args.vae / "final"
+    if not (vae / "metrics.json").exists():
+        from sdtrain.train.autoencoder import train_autoencoder
+
+        overrides = [f"data.path={args.data / 'train'}", f"eval_data={args.data / 'eval'}"]
+        train_autoencoder(load_config(AutoencoderConfig, PRESETS / "demo-vae.yaml", overrides + [
+            f"train.output_dir={args.vae}"]))  # fmt: skip
+    name = args.name or hashlib.sha1(json.dumps([args.config, args.overrides]).encode()).hexdigest()[:10]
+    out = args.runs / name
+    overrides = [f"data.path={args.data / 'train'}", f"model.vae.path={vae}", f"train.output_dir={out}"]
+    config = load_config(Config, args.config, overrides + args.overrides)
+    started = time.perf_counter()
+    if not (out / "final" / "model_index.json").exists():
+        from sdtrain.train.loop import train
+
+        train(config)
+    seconds = time.perf_counter() - started
+
+    from sdtrain.evaluate.report import evaluate_shapes_model
+
+    sample = config.sample
+    scores = evaluate_shapes_model(
+        out / "final",
+        args.data,
+        out / f"eval-{args.scheduler or sample.scheduler}-{args.guidance or sample.guidance_scale}-{args.seed}",
+        guidance_scale=args.guidance or sample.guidance_scale,
+        num_inference_steps=args.sampling_steps or sample.num_inference_steps,
+        scheduler=args.scheduler or sample.scheduler,
+        edit_strength=EDIT_STRENGTH,
+        seed=args.seed,
+    )
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    steps = config.train.num_steps
+    row = {
+        "config": args.config,
+        "name": name,
+        "overrides": args.overrides,
+        "steps": steps,
+        "batch": config.train.batch_size,
+        "train_s": round(seconds, 1),
+        "images_per_s": round(sum(r["images_per_s"] for r in log[1:]) / max(1, len(log) - 1), 1),
+        "final_loss": round(log[-1]["loss"], 4),
+        "sampler": f"{scores['scheduler']} {scores['guidance_scale']} x{scores['num_inference_steps']}",
+        "seen": {k: round(v, 4) for k, v in scores["seen"].items()},
+        "held_out": {k: round(v, 4) for k, v in scores["held_out"].items()},
+    }
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
