@@ -6,7 +6,8 @@
 The shapes dataset (``--data``) and the demo's autoencoder (``--vae``; trained with the ``demo-vae`` preset when the
 folder holds none) are shared by every recipe; each recipe trains into ``--runs/NAME`` from scratch (an existing
 folder is reused: its export is scored again). The overrides apply on top of the preset, as ``sdtrain train`` takes
-them; ``--guidance`` / ``--scheduler`` / ``--sampling-steps`` score the same model with other sampling settings.
+them; ``--guidance`` / ``--scheduler`` / ``--sampling-steps`` score the same model with other sampling settings, and
+``--curve`` each checkpoint the run kept (all three, seen and held out, by step: the row's ``curve``).
 Prints the row as JSON on its last line: the config, the overrides, steps, images per step, training seconds and
 images per second on this machine, and the seen and held-out scores (colour, shape, background, all three).
 """
@@ -33,11 +34,15 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="the run's folder under --runs (default: a hash of the recipe)")
     parser.add_argument("--data", type=Path, default=Path("data/shapes"))
     parser.add_argument("--vae", type=Path, default=Path("runs/recipes/vae"), help="the autoencoder's run folder")
+    parser.add_argument("--vae-steps", type=int, default=None, help="the autoencoder's steps (default: demo-vae's)")
     parser.add_argument("--runs", type=Path, default=Path("runs/recipes"))
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--scheduler", default=None)
     parser.add_argument("--sampling-steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="the evaluation's seed")
+    parser.add_argument(
+        "--curve", action="store_true", help="also score every kept checkpoint (keep them: train.keep_checkpoints=N)"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -47,6 +52,7 @@ def main() -> None:
         from sdtrain.train.autoencoder import train_autoencoder
 
         overrides = [f"data.path={args.data / 'train'}", f"eval_data={args.data / 'eval'}"]
+        overrides += [f"train.num_steps={args.vae_steps}"] if args.vae_steps else []
         train_autoencoder(load_config(AutoencoderConfig, PRESETS / "demo-vae.yaml", overrides + [
             f"train.output_dir={args.vae}"]))  # fmt: skip
     name = args.name or hashlib.sha1(json.dumps([args.config, args.overrides]).encode()).hexdigest()[:10]
@@ -63,16 +69,24 @@ def main() -> None:
     from sdtrain.evaluate.report import evaluate_shapes_model
 
     sample = config.sample
-    scores = evaluate_shapes_model(
-        out / "final",
-        args.data,
-        out / f"eval-{args.scheduler or sample.scheduler}-{args.guidance or sample.guidance_scale}-{args.seed}",
-        guidance_scale=args.guidance or sample.guidance_scale,
-        num_inference_steps=args.sampling_steps or sample.num_inference_steps,
-        scheduler=args.scheduler or sample.scheduler,
-        edit_strength=EDIT_STRENGTH,
-        seed=args.seed,
-    )
+    settings = {
+        "guidance_scale": args.guidance or sample.guidance_scale,
+        "num_inference_steps": args.sampling_steps or sample.num_inference_steps,
+        "scheduler": args.scheduler or sample.scheduler,
+        "edit_strength": EDIT_STRENGTH,
+        "seed": args.seed,
+    }
+    tag = f"{settings['scheduler']}-{settings['guidance_scale']}-{args.seed}"
+    scores = evaluate_shapes_model(out / "final", args.data, out / f"eval-{tag}", **settings)
+    curve = {}
+    for checkpoint in sorted((out / "checkpoints").glob("step-*")) if args.curve else []:
+        from sdtrain.train.export import export_checkpoint
+
+        step = int(checkpoint.name.removeprefix("step-"))
+        model = export_checkpoint(out, step)
+        at = evaluate_shapes_model(model, args.data, model / f"eval-{tag}", **settings)
+        curve[step] = {"seen": round(at["seen"]["all"], 4), "held_out": round(at["held_out"]["all"], 4)}
+        print(json.dumps({"step": step} | curve[step]), flush=True)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
     steps = config.train.num_steps
     row = {
@@ -88,6 +102,8 @@ def main() -> None:
         "seen": {k: round(v, 4) for k, v in scores["seen"].items()},
         "held_out": {k: round(v, 4) for k, v in scores["held_out"].items()},
     }
+    if curve:
+        row["curve"] = curve
     print(json.dumps(row))
 
 

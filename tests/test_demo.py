@@ -10,11 +10,28 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sdtrain.demo import run_demo
+from sdtrain.config import PRESETS, AutoencoderConfig, Config, load_config
+from sdtrain.demo import EXPECTED_MINUTES, GOALS, goal_line, plan, run_demo
 
-pytestmark = pytest.mark.slow  # the short demo: make test-all
+
+def test_the_demo_presets_train_fixed_steps_and_say_so():
+    """No stage of the demo stops on the clock (its model would depend on the machine): each preset counts steps,
+    and the plan printed at the start says them and the expected minutes."""
+    vae = load_config(AutoencoderConfig, PRESETS / "demo-vae.yaml")
+    assert vae.train.max_minutes is None and vae.train.num_steps == 1000
+    for name in ("demo", "demo-dit"):
+        stage = load_config(Config, name)
+        assert stage.train.max_minutes is None and stage.train.num_steps * stage.train.batch_size == 27_200, name
+        assert name in GOALS and min(EXPECTED_MINUTES[name]) > 0
+        text = plan(vae, stage, "unet", EXPECTED_MINUTES[name])
+        assert "1,000 steps of 16 crops" in text and "1,700 steps of 16 images" in text and "minutes" in text
+    assert goal_line(None) == []
+    assert goal_line({"all_three": 0.95, "met": False}) == [
+        "goal: seen and held-out prompts all three right >= 95%: NOT met"
+    ]
 
 
+@pytest.mark.slow  # the short demo: make test-all
 def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
     out, data = tmp_path / "demo", tmp_path / "shapes"
     metrics = run_demo(out, data, quick=True)
@@ -32,6 +49,8 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
         assert Image.open(out / grid).size[0] > 0
     first = capsys.readouterr().out
     assert "| seen |" in first and "metrics:" in first
+    assert "30 steps of 16 crops" in first and "40 steps of 16 images" in first and "this run took" in first
+    assert "goal:" not in first  # the goals are the full demo's
 
     again = run_demo(out, data, quick=True)  # finished stages are reused, not retrained
     second = capsys.readouterr().out
@@ -40,6 +59,7 @@ def test_quick_demo_end_to_end_and_reuse(tmp_path, capsys):
     assert f"reusing {out / 'unet' / 'final'}" in second
 
 
+@pytest.mark.slow
 def test_two_quick_demos_from_scratch_train_the_same_weights_and_scores(tmp_path):
     """Every stage trains a fixed number of steps from fixed seeds: two demos in fresh folders end with the same
     autoencoder and UNet, bit for bit, and the same scores (on one machine; across CPUs, see docs/demo.md)."""

@@ -97,10 +97,6 @@ class UNetConfig:
     """Transformer blocks in each level's attention (SDXL: [1, 2, 10] over its three levels); None: one each."""
     addition_time_embed_dim: int = 256
     """SDXL: width of the embedding of each of the six size / crop ids (256 in SDXL)."""
-    zero_init: bool = False
-    """A UNet built here starts every residual branch at zero, as the original latent-diffusion UNet does (each
-    ResNet block's second convolution, each transformer's output projection and the output convolution): every
-    block starts as the identity. Off: diffusers' default initialisation."""
 
     def __post_init__(self) -> None:
         if len(self.attention) != len(self.block_out_channels):
@@ -132,10 +128,6 @@ class TransformerConfig:
     """Side of the latent patches that become tokens."""
     dropout: float = 0.0
     """Dropout in the attention and feed-forward layers."""
-    reference_init: bool = False
-    """PixArt: initialise as PixArt's own training code does (xavier-uniform linear layers, the timestep and caption
-    embeddings drawn with std 0.02, each block's cross-attention output and the output layer at zero) instead of
-    diffusers' defaults."""
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from diffusers import UNet2DConditionModel
 
 from sdtrain.config import UNetConfig
@@ -40,21 +39,7 @@ def build_unet(
         addition_embed_type="text" if config.text_time_embedding else None,
         transformer_layers_per_block=tuple(config.transformer_layers) if config.transformer_layers else 1,
     )
-    unet = UNet2DConditionModel(**(kwargs | family))
-    if config.zero_init:
-        zero_residual_branches(unet)
-    return unet
-
-
-@torch.no_grad()
-def zero_residual_branches(unet: UNet2DConditionModel) -> None:
-    """The latent-diffusion UNet's initialisation of its residual branches (``zero_module`` in its
-    ``openaimodel.py``): each ResNet block's second convolution, each spatial transformer's output projection and the
-    output convolution start at zero, so every block starts as the identity and the output at zero."""
-    for name, module in unet.named_modules():
-        if name.endswith(".conv2") and ".resnets." in name or name.endswith(".proj_out") or name == "conv_out":
-            torch.nn.init.zeros_(module.weight)
-            torch.nn.init.zeros_(module.bias)
+    return UNet2DConditionModel(**(kwargs | family))
 
 
 def load_unet(path: str, subfolder: str | None = None) -> UNet2DConditionModel:

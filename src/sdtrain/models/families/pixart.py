@@ -80,7 +80,7 @@ def build_transformer(
     if sample_size % knobs.patch_size:
         raise ConfigError(f"latents of side {sample_size} do not split into {knobs.patch_size}-sided patches")
     width = knobs.num_attention_heads * knobs.attention_head_dim
-    transformer = PixArtTransformer2DModel(
+    return PixArtTransformer2DModel(
         num_attention_heads=knobs.num_attention_heads,
         attention_head_dim=knobs.attention_head_dim,
         in_channels=latent_channels,
@@ -94,36 +94,6 @@ def build_transformer(
         use_additional_conditions=False,
         interpolation_scale=max(sample_size // 64, 1),
     )
-    if knobs.reference_init:
-        reference_init(transformer)
-    return transformer
-
-
-@torch.no_grad()
-def reference_init(transformer: PixArtTransformer2DModel) -> None:
-    """PixArt's own initialisation (its ``initialize_weights``) in diffusers' names: xavier-uniform linear layers and
-    patch embedding with zero biases, the timestep MLP, the adaLN-single projection and the caption MLP drawn with
-    std 0.02, and each block's cross-attention output and the output layer at zero (the blocks start without the
-    prompt, the model at a zero prediction)."""
-    init = torch.nn.init
-    for module in transformer.modules():
-        if isinstance(module, torch.nn.Linear):
-            init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-    patch = transformer.pos_embed.proj.weight
-    init.xavier_uniform_(patch.view(patch.shape[0], -1))
-    init.zeros_(transformer.pos_embed.proj.bias)
-    embedder = transformer.adaln_single.emb.timestep_embedder
-    captions = transformer.caption_projection
-    for linear in (embedder.linear_1, embedder.linear_2, transformer.adaln_single.linear, captions.linear_1,
-                   captions.linear_2):  # fmt: skip
-        init.normal_(linear.weight, std=0.02)
-    for block in transformer.transformer_blocks:
-        init.zeros_(block.attn2.to_out[0].weight)
-        init.zeros_(block.attn2.to_out[0].bias)
-    init.zeros_(transformer.proj_out.weight)
-    init.zeros_(transformer.proj_out.bias)
 
 
 @torch.no_grad()
