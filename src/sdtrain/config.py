@@ -38,6 +38,11 @@ SamplerName = Literal["euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "h
 SCHEDULER_NAMES: tuple[str, ...] = typing.get_args(SamplerName)
 
 
+# a frozen model's weights held quantised (sdtrain.train.placement): fp8 and int8 weight-only through torchao, nf4
+# through bitsandbytes
+Quantize = Literal["none", "fp8", "int8", "nf4"]
+
+
 @dataclass
 class TextEncoderConfig:
     """Frozen text encoder and its tokenizer."""
@@ -49,8 +54,12 @@ class TextEncoderConfig:
     """Subfolder of `path` holding the encoder (the tokenizer is read from the sibling "tokenizer" folder if any)."""
     max_length: int | None = None
     """Tokens per prompt; overrides the tokenizer's model_max_length and is saved with the export."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Precision the frozen encoder runs in."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Precision the frozen encoder runs in; auto: train.mixed_precision's (float32 without it, and where the encoder
+    trains)."""
+    quantize: Quantize = "none"
+    """Hold the frozen encoder quantised (fp8, int8, nf4; docs/memory.md): much less memory, its prompts encoded a
+    little differently; the export writes the full-precision encoder."""
     trust_remote_code: bool = False
     """Run Python code shipped with the encoder's repository (its `auto_map`); off: such a model is refused."""
 
@@ -63,8 +72,9 @@ class VAEConfig:
     """Local folder or hub id of a diffusers AutoencoderKL / VQModel (None: the vae subfolder of model.pretrained)."""
     subfolder: str | None = None
     """Subfolder of `path`."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Precision the frozen autoencoder runs in."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Precision the frozen autoencoder runs in; auto: bfloat16 under train.mixed_precision bf16, else float32 (an
+    fp16 autoencoder overflows: SDXL's)."""
 
 
 @dataclass
@@ -158,6 +168,9 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     """The denoiser: a UNet's knobs; its pretrained / subfolder / from_scratch keys also name a transformer's."""
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    quantize: Quantize = "none"
+    """Hold the frozen base of a LoRA denoiser quantised (fp8, int8, nf4; docs/memory.md): it must be loaded from
+    model.pretrained or model.unet.pretrained, whose full-precision weights the export merges the adapters into."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

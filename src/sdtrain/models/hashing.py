@@ -29,5 +29,9 @@ def model_hash(model: torch.nn.Module) -> str:
         )
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        tensor = tensor.detach()
+        if type(tensor) is not torch.Tensor:  # quantised (sdtrain.models.quantize): the values it computes with
+            digest.update(type(tensor).__name__.encode())
+            tensor = tensor.dequantize()
+        digest.update(tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 from sdtrain.config import LoRAConfig
@@ -33,11 +34,16 @@ def add_lora(unet, config: LoRAConfig, default_targets: tuple[str, ...] = ()) ->
         init_lora_weights="gaussian",
         target_modules=list(config.target_modules if config.target_modules is not None else default_targets),
     )
-    if hasattr(unet, "add_adapter"):
-        unet.add_adapter(lora)
-    else:
-        peft.inject_adapter_in_model(lora, unet, adapter_name="default")
-        unet.peft_config = {"default": lora}
+    with warnings.catch_warnings():  # peft warns that a torchao layer cannot merge: the export never merges into one
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
+        if hasattr(unet, "add_adapter"):
+            unet.add_adapter(lora)
+        else:
+            peft.inject_adapter_in_model(lora, unet, adapter_name="default")
+            unet.peft_config = {"default": lora}
+    for parameter in unet.parameters():
+        if parameter.requires_grad:  # peft makes them in the base's dtype: fp32 masters over a bf16 / quantised base
+            parameter.data = parameter.data.float()
 
 
 def add_text_lora(text_encoder, config) -> None:
@@ -107,10 +113,14 @@ def save_lora(modules: dict, out_dir: str | Path, pipeline_class=None, denoiser:
     return Path(out_dir)
 
 
-def merged_copy(module):
+def merged_copy(module, base=None):
     """A plain copy of ``module`` (no peft layers) whose weights are base + adapter update, for a standalone export:
-    a diffusers model through its ``fuse_lora``, a transformers text encoder by merging peft's layers."""
-    merged = copy.deepcopy(module)
+    a diffusers model through its ``fuse_lora``, a transformers text encoder by merging peft's layers.
+
+    ``base``: the same model without adapters as its files hold it, where ``module``'s base is held in less
+    precision (bf16, quantised); the adapters are merged into it (never into a dequantised copy). It is changed.
+    """
+    merged = copy.deepcopy(module) if base is None else _with_adapters_of(module, base)
     if hasattr(merged, "fuse_lora") and hasattr(merged, "add_adapter"):
         merged.fuse_lora()
         merged.unload_lora()
@@ -125,3 +135,18 @@ def merged_copy(module):
     merged.peft_config = {}
     merged._hf_peft_config_loaded = False
     return merged
+
+
+def _with_adapters_of(module, base):
+    """``base`` with ``module``'s adapters: the same peft config, the adapter weights copied (fp32)."""
+    config = module.peft_config["default"]
+    if hasattr(base, "add_adapter"):
+        base.add_adapter(copy.deepcopy(config))
+    else:
+        _peft().inject_adapter_in_model(copy.deepcopy(config), base, adapter_name="default")
+        base.peft_config = {"default": config}
+    adapters = {k: v for k, v in module.state_dict().items() if ".lora_" in k}
+    result = base.load_state_dict({k: v.float() for k, v in adapters.items()}, strict=False)
+    if result.unexpected_keys or any(".lora_" in k for k in result.missing_keys):
+        raise RuntimeError(f"adapters do not match the base: {result.unexpected_keys[:3]} {result.missing_keys[:3]}")
+    return base

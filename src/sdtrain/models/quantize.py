@@ -1,0 +1,107 @@
+"""Frozen weights held quantised: a model's linear layers in fp8 or int8 (torchao's weight-only tensors) or nf4
+(bitsandbytes' 4-bit layers, QLoRA's format), the libraries diffusers loads through ``quantization_config`` and peft
+adds LoRA adapters to. What is quantised, when, and why these libraries: ``docs/memory.md``."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sdtrain.errors import MissingPackage
+
+logger = logging.getLogger(__name__)
+
+LIBRARIES = {"fp8": "torchao", "int8": "torchao", "nf4": "bitsandbytes"}  # the package each mode runs on
+BYTES_PER_WEIGHT = {"none": None, "fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 0.5 / 64 + 4 / 64 / 256}  # nf4: absmax
+# per block of 64, itself 8-bit per block of 256 (double quantisation)
+
+
+def check_available(mode: str, key: str) -> None:
+    """Refuse ``mode`` where its library is not installed, naming the one to install.
+
+    Raises:
+        MissingPackage: ``key`` (``model.quantize``) asks for a mode whose library is missing.
+    """
+    if mode == "none":
+        return
+    library = LIBRARIES[mode]
+    try:
+        __import__(library)
+    except ImportError as e:
+        raise MissingPackage(f"{key}={mode} needs {library}: pip install 'sdtrain[quantize]' (or {library})") from e
+
+
+def hold_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast ``model``'s floating-point weights to ``dtype``, but those of its normalisation layers and of the modules
+    a diffusers model keeps in float32 (``_keep_in_fp32_modules``); returns it. Norms stay fp32 (a few numbers each):
+    their input is fp32 or half where a quantised layer or autocast hands it over, and a CPU GroupNorm takes fp32
+    weights with either, half weights only with a half input."""
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, module in model.named_modules():
+        if "Norm" in type(module).__name__ or (keep and any(part in keep for part in name.split("."))):
+            continue
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor.data = tensor.data.to(dtype)
+    return model
+
+
+def _linear(module: torch.nn.Module, _name: str = "") -> bool:
+    return type(module) is torch.nn.Linear
+
+
+def quantize(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype, device: torch.device | str) -> int:
+    """Hold ``model``'s linear layers quantised in ``mode`` and the rest of its weights (convolutions, norms,
+    embeddings) in ``compute_dtype``, on ``device``; each layer is moved to the device before it is quantised, so the
+    full-precision model never is. Returns the number of layers quantised.
+
+    fp8 and int8 are weight-only: a layer dequantises its weight to ``compute_dtype`` for each matmul. nf4 layers
+    (bitsandbytes ``Linear4bit``, blocks of 64, double quantisation) compute in ``compute_dtype``. Both are frozen
+    (no gradient reaches them); peft wraps either with trainable adapters.
+    """
+    check_available(mode, "quantize")
+    hold_in(model.requires_grad_(False), compute_dtype)
+    count = sum(1 for m in model.modules() if _linear(m))
+    if mode in ("fp8", "int8"):
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        config = Float8WeightOnlyConfig() if mode == "fp8" else Int8WeightOnlyConfig()
+        quantize_(model, config, filter_fn=_linear, device=device)
+    else:
+        _to_nf4(model, compute_dtype, device)
+    return count
+
+
+def _to_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device) -> None:
+    """Replace every ``nn.Linear`` of ``model`` by a bitsandbytes nf4 ``Linear4bit`` holding its weights (quantised
+    when the layer reaches the device)."""
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not _linear(child):
+                continue
+            layer = bnb.nn.Linear4bit(
+                child.in_features, child.out_features, bias=child.bias is not None, compute_dtype=compute_dtype,
+                compress_statistics=True, quant_type="nf4", device="meta",
+            )  # fmt: skip
+            layer.weight = bnb.nn.Params4bit(
+                child.weight.data.to("cpu"), requires_grad=False, compress_statistics=True, quant_type="nf4"
+            )
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, layer.to(device))  # bitsandbytes quantises on the move
+
+
+def stored_bytes(model: torch.nn.Module) -> int:
+    """Bytes ``model``'s weights and buffers take where they are held, quantised layers at their packed size."""
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        inner = getattr(tensor, "__tensor_flatten__", None)
+        if inner is not None and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            names, _ = tensor.__tensor_flatten__()
+            total += sum(getattr(tensor, n).numel() * getattr(tensor, n).element_size() for n in names)
+        else:
+            total += tensor.numel() * tensor.element_size()
+    return total

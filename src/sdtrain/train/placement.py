@@ -1,0 +1,181 @@
+"""Precision and placement of what does not train: one layer between loading the components and training them.
+
+``prepare`` takes the loaded components and the config and holds every frozen module as the run asks: the text
+encoders and the autoencoder in their ``dtype`` (``auto``: the compute dtype of ``train.mixed_precision``) or
+quantised (``model.text_encoder*.quantize``); the frozen base of a LoRA denoiser in the compute dtype or quantised
+(``model.quantize``), its adapters added later in fp32. Families and the loop never ask which mode runs.
+
+A base held in less than its files' precision is never written back: checkpoints of such a run hold the adapters
+alone (the base is re-read from ``model.pretrained`` on resume), and the export merges the adapters into the base
+re-read in full precision (:func:`full_precision`). Why these modes and libraries: ``docs/memory.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sdtrain.config import Config, ConfigError, TrainConfig
+from sdtrain.models.families import IN_MEMORY, Family, for_config
+from sdtrain.models.quantize import check_available, hold_in, quantize
+from sdtrain.train import text_encoders
+
+logger = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NAMED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(tc: TrainConfig) -> torch.dtype:
+    """The dtype the run's matmuls run in: ``train.mixed_precision``'s, float32 without it."""
+    return COMPUTE_DTYPES[tc.mixed_precision]
+
+
+def base_reloads(config: Config) -> bool:
+    """Whether the denoiser is a LoRA run's frozen base loaded from a folder or hub id (``model.unet.pretrained`` or
+    ``model.pretrained``), which resume and export can read again in full precision; not one built from knobs or
+    handed over by the Python API."""
+    m = config.model
+    loaded = bool(m.unet.pretrained) or (bool(m.pretrained) and m.pretrained != IN_MEMORY)
+    return bool(config.train.lora.rank) and loaded and not m.unet.from_scratch
+
+
+def _frozen_settings(config: Config) -> dict[str, Any]:
+    """The model config of each frozen component by its name among the components (``vae``, ``text_encoder``...)."""
+    m = config.model
+    return {"vae": m.vae, "text_encoder": m.text_encoder, "text_encoder_2": m.text_encoder_2,
+            "text_encoder_3": m.text_encoder_3}  # fmt: skip
+
+
+def check(config: Config) -> None:
+    """What :func:`prepare` refuses, checked before any work (``sdtrain.train.preflight``).
+
+    Raises:
+        ConfigError: a quantised denoiser without LoRA (a full fine-tune of a quantised model), or a quantised base
+            with nowhere to re-read it from in full precision; a quantised text encoder that trains.
+        MissingPackage: a mode whose library is not installed.
+    """
+    m, tc = config.model, config.train
+    if m.quantize != "none":
+        if not tc.lora.rank:
+            raise ConfigError(f"model.quantize={m.quantize} holds a frozen base for LoRA adapters; a quantised model "
+                              "does not train: set train.lora.rank (say 16), or model.quantize=none for a full "
+                              "fine-tune")  # fmt: skip
+        if not base_reloads(config):
+            raise ConfigError(f"model.quantize={m.quantize} needs the base loaded from model.pretrained (or "
+                              "model.unet.pretrained), whose full-precision weights the export merges the adapters "
+                              "into; this run builds its denoiser")  # fmt: skip
+        check_available(m.quantize, "model.quantize")
+    trained = for_config(m).text_encoders if text_encoders.trains_text(tc) else ()
+    quantised = [n for n, t in _frozen_settings(config).items() if getattr(t, "quantize", "none") != "none"]
+    if m.pretrained == IN_MEMORY and quantised:
+        raise ConfigError("model.text_encoder*.quantize: the Python API's components are used as they are; "
+                          "quantise through sdtrain train with model.pretrained")  # fmt: skip
+    for name, settings in _frozen_settings(config).items():
+        mode = getattr(settings, "quantize", "none")
+        if mode == "none":
+            continue
+        if name in trained:
+            raise ConfigError(
+                f"model.{name}.quantize={mode}: a trained text encoder is not quantised (train.text_encoder.mode="
+                f"{tc.text_encoder.mode}); set model.{name}.quantize=none"
+            )
+        check_available(mode, f"model.{name}.quantize")
+
+
+@dataclass(frozen=True)
+class Placed:
+    """What :func:`prepare` did.
+
+    Attributes:
+        base_reloads: the denoiser's frozen base is re-read from its folder on resume and export (checkpoints hold
+            the trainable weights alone).
+        altered: the frozen components held in another precision than their files (the export re-reads them).
+    """
+
+    base_reloads: bool
+    altered: tuple[str, ...]
+
+
+def prepare(family: Family, components, config: Config, device: torch.device, sharded: bool) -> Placed:
+    """Hold the frozen modules of ``components`` as ``config`` asks, on ``device`` (in place).
+
+    Args:
+        sharded: the denoiser is sharded (FSDP2, DeepSpeed): its base stays in fp32 and unquantised (FSDP2 shards
+            parameters of one dtype; a quantised base is for one device or DDP).
+
+    Raises:
+        ConfigError: a quantised base under FSDP2 or DeepSpeed.
+    """
+    tc, dtype, altered = config.train, compute_dtype(config.train), []
+    frozen = text_encoders.frozen(family, components, tc)
+    in_memory = config.model.pretrained == IN_MEMORY  # handed over by the Python API: held as they are
+    for name, module in frozen.items():
+        settings = _frozen_settings(config)[name]
+        mode = getattr(settings, "quantize", "none")
+        if in_memory:
+            module.to(device)
+        elif mode != "none":
+            layers = quantize(module, mode, dtype, device)
+            logger.info("%s: %d linear layers held in %s", name, layers, mode)
+            altered.append(name)
+            continue
+        target = _frozen_dtype(name, settings.dtype, tc)
+        if target is not None and module.dtype != target:
+            hold_in(module, target)
+            altered.append(name)
+        module.to(device)
+    for module in frozen.values():
+        module.requires_grad_(False).eval()
+    reloads = base_reloads(config)
+    denoiser = family.denoiser_of(components)
+    if config.model.quantize != "none":
+        if sharded:
+            raise ConfigError(
+                f"model.quantize={config.model.quantize}: a quantised base runs on one device or under DDP; FSDP2 "
+                "and DeepSpeed shard full-precision weights (model.quantize=none)"
+            )
+        layers = quantize(denoiser, config.model.quantize, dtype, device)
+        logger.info("%s: %d linear layers of the frozen base held in %s", family.denoiser, layers,
+                    config.model.quantize)  # fmt: skip
+    elif reloads and dtype != torch.float32 and not sharded:
+        hold_in(denoiser, dtype)  # the frozen base in the compute dtype; the adapters are added in fp32
+    return Placed(reloads, tuple(altered))
+
+
+def _frozen_dtype(name: str, setting: str, tc: TrainConfig) -> torch.dtype | None:
+    """The dtype a frozen module is held in: its ``dtype`` setting; ``auto``: the compute dtype, but fp32 for an
+    autoencoder under fp16 (SDXL's overflows)."""
+    if setting != "auto":
+        return NAMED_DTYPES[setting]
+    if name == "vae" and tc.mixed_precision == "fp16":
+        return torch.float32
+    return compute_dtype(tc)
+
+
+def full_precision(family: Family, components, config: Config, placed: Placed) -> tuple[Any, dict[str, Any]]:
+    """What an export writes beside the trained weights, as the files hold it: ``components`` with the frozen modules
+    that :func:`prepare` altered loaded again, and the denoiser's base where it re-reads (by the denoiser's name, for
+    :func:`~sdtrain.train.export.export_pipeline`'s ``bases``). On the CPU; ``auto`` dtypes load float32."""
+    if not placed.altered and not placed.base_reloads:
+        return components, {}
+    fresh = family.load(_as_files(config), denoiser=placed.base_reloads)
+    replaced = {name: getattr(fresh, name) for name in placed.altered}
+    bases = {family.denoiser: family.denoiser_of(fresh)} if placed.base_reloads else {}
+    return dataclasses.replace(components, **replaced), bases
+
+
+def _as_files(config: Config) -> Config:
+    """``config`` loading each component as its file holds it: ``auto`` dtypes (float32 on loading), nothing
+    quantised."""
+    m = config.model
+    model = dataclasses.replace(
+        m, quantize="none",
+        **{name: dataclasses.replace(s, quantize="none") if hasattr(s, "quantize") else s
+           for name, s in _frozen_settings(config).items() if name != "vae"},
+    )  # fmt: skip
+    return dataclasses.replace(config, model=model)

@@ -1,0 +1,188 @@
+"""Memory (issue 27): the frozen parts of a LoRA run held in the compute dtype or quantised (fp8, int8 through
+torchao; nf4 through bitsandbytes), each mode on the CPU: the adapters train on it, checkpoints hold the adapters
+alone, the export merges them into the folder's full-precision base (never a dequantised copy) and the LoRA file in
+the plain full-precision pipeline draws what the export draws; what cannot run is refused before any work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from sdtrain.config import Config, ConfigError, load_config
+from sdtrain.models.lora import add_lora
+from sdtrain.models.quantize import quantize, stored_bytes
+from sdtrain.train import checkpoint
+from sdtrain.train.export import export_checkpoint
+from sdtrain.train.loop import train
+from sdtrain.train.preflight import check_run
+from tests.conftest import pipeline_overrides, save_pipeline, write_image_folder
+
+LORA = ["train.lora.rank=4", "train.optim.lr=1e-2", "train.ema_decay=null"]
+
+
+def _unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory, clip_dir, vae_dir):
+    """A tiny Stable Diffusion folder whose UNet has linear layers of 64 and more features (blocks of 64 for nf4)."""
+    return save_pipeline(tmp_path_factory.mktemp("sd-base"), _unet(), clip_dir, vae_dir)
+
+
+def _plain(folder) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _draw(pipe) -> np.ndarray:
+    out = pipe(["a red square", "a blue circle"], num_inference_steps=3, height=32, width=32, output_type="np",
+               generator=[torch.Generator().manual_seed(i) for i in range(2)])  # fmt: skip
+    return out.images
+
+
+def _values(tensor: torch.Tensor) -> torch.Tensor:
+    """What a weight computes with: a torchao tensor dequantised (bitsandbytes' packed bytes are plain tensors)."""
+    return tensor.detach().dequantize() if hasattr(tensor, "qdata") else tensor.detach()
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8", "nf4"])
+def test_adapters_train_on_a_quantised_base(mode):
+    """Twenty Adam steps on one batch (fixed noise and timesteps) lower the loss of fp32 adapters on a base whose
+    linear layers are held quantised; the base does not move and takes a quarter or less of its fp32 bytes in its
+    linear layers."""
+    from sdtrain.config import LoRAConfig
+
+    model, full = _unet(), _unet()
+    before = stored_bytes(model)
+    linear = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    layers = quantize(model, mode, torch.float32, "cpu")
+    saved = {"fp8": 0.7, "int8": 0.7, "nf4": 0.8}[mode]  # of the linear weights' bytes (beside their scales)
+    assert layers > 0 and before - stored_bytes(model) > saved * linear
+    add_lora(model, LoRAConfig(rank=4), ("to_q", "to_k", "to_v", "to_out.0"))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    frozen = {n: _values(p).clone() for n, p in model.named_parameters() if not p.requires_grad}
+    generator = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(4, 4, 8, 8, generator=generator), torch.randn(4, 4, 8, 8, generator=generator)
+    cond, t = torch.randn(4, 6, 32, generator=generator), torch.tensor([100, 300, 600, 900])
+    with torch.no_grad():
+        reference = full(x, t, cond).sample
+        quantised = model(x, t, cond).sample
+    assert (quantised - reference).abs().mean() < 0.1 * reference.abs().mean()  # the same model, coarser
+    optimizer = torch.optim.Adam(trained, lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = torch.nn.functional.mse_loss(model(x, t, cond).sample, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(_values(p), frozen[n]), n
+
+
+@pytest.mark.parametrize("mode", ["none", "fp8", "int8", "nf4"])
+def test_a_quantised_lora_exports_into_the_full_precision_base(tmp_path, sd_dir, mode):
+    """A bf16 LoRA run on the folder's base held in ``mode``: its checkpoints hold the adapters alone, its export's
+    UNet is the folder's fp32 UNet with the LoRA file fused in by plain diffusers (bit for bit: never a dequantised
+    copy), and that LoRA file in the plain fp32 pipeline draws the export's pixels."""
+    data = write_image_folder(tmp_path / "data", count=4, size=32)
+    overrides = pipeline_overrides(tmp_path / "run", data, sd_dir) + LORA
+    overrides += ["train.mixed_precision=bf16", f"model.quantize={mode}", "train.num_steps=3", "train.save_every=3",
+                  "train.sample_prompts=['a red square']", "train.sample_every=2"]  # fmt: skip
+    final = train(load_config(Config, None, overrides))
+    tensors, _, _ = checkpoint.load_checkpoint(checkpoint.find_latest(tmp_path / "run" / "checkpoints"))
+    assert tensors["unet"] and all(".lora_" in k for k in tensors["unet"])  # the adapters alone
+    plain = _plain(sd_dir)
+    plain.scheduler = EulerDiscreteScheduler.from_pretrained(final / "scheduler")  # the export's sampler
+    plain.load_lora_weights(final / "lora")
+    drawn_with_lora = _draw(plain)
+    plain.fuse_lora()
+    plain.unload_lora_weights()
+    exported = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
+    fused = plain.unet.state_dict()
+    assert exported.keys() == fused.keys() and all(exported[k].dtype == torch.float32 for k in exported)
+    assert all(torch.equal(exported[k], fused[k]) for k in exported)
+    base = load_file(sd_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(base[k], exported[k]) for k in base)  # the adapters trained
+    assert np.abs(_draw(_plain(final)) - drawn_with_lora).max() < 1e-4
+    again = export_checkpoint(tmp_path / "run", out_dir=tmp_path / "again")  # `sdtrain export` of the checkpoint
+    assert all(
+        torch.equal(v, exported[k])
+        for k, v in load_file(again / "unet" / "diffusion_pytorch_model.safetensors").items()
+    )
+    te_files = [load_file(f / "text_encoder" / "model.safetensors") for f in (sd_dir, final)]
+    assert all(torch.equal(te_files[0][k], te_files[1][k]) for k in te_files[0])  # fp32, not the bf16 copy
+
+
+def test_frozen_parts_are_held_in_the_compute_dtype(tmp_path, sd_dir):
+    """Under bf16 the text encoder, the autoencoder and the LoRA base are held in bf16 (norms in fp32); the adapters
+    fp32; a dtype set in the config is kept."""
+    from sdtrain.models.families import for_config
+    from sdtrain.train import placement
+
+    config = load_config(Config, None, pipeline_overrides(tmp_path, tmp_path, sd_dir) + LORA +
+                         ["train.mixed_precision=bf16"])  # fmt: skip
+    family = for_config(config.model)
+    components = family.load(config)
+    placed = placement.prepare(family, components, config, torch.device("cpu"), sharded=False)
+    assert placed.base_reloads and set(placed.altered) == {"vae", "text_encoder"}
+    add_lora(components.unet, config.train.lora, family.lora_targets)
+    frozen = [(n, p) for n, p in components.unet.named_parameters() if not p.requires_grad]
+    assert {p.dtype for n, p in frozen if "norm" not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in frozen if "norm" in n} == {torch.float32}  # a few numbers each
+    assert {p.dtype for p in components.unet.parameters() if p.requires_grad} == {torch.float32}
+    assert components.vae.dtype == components.text_encoder.dtype == torch.bfloat16
+    config.model.vae.dtype = "float32"  # an explicit dtype is kept
+    components = family.load(config)
+    placed = placement.prepare(family, components, config, torch.device("cpu"), sharded=False)
+    assert components.vae.dtype == torch.float32 and placed.altered == ("text_encoder",)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.quantize=int8"], "a quantised model does not train: set train.lora.rank"),
+        (["model.quantize=nf4", "train.lora.rank=4", "model.unet.from_scratch=true"], "needs the base loaded"),
+        (["model.text_encoder.quantize=int8", "train.text_encoder.mode=lora", "train.text_encoder.rank=4"],
+         "a trained text encoder is not quantised"),
+        (["model.quantize=int4"], "model.quantize"),
+    ],
+)  # fmt: skip
+def test_what_cannot_run_is_refused_before_any_work(tmp_path, sd_dir, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config = load_config(Config, None, pipeline_overrides(tmp_path / "run", tmp_path, sd_dir) + overrides)
+        check_run(config, data=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_library_names_the_package(tmp_path, sd_dir, monkeypatch):
+    import builtins
+
+    from sdtrain.errors import MissingPackage
+
+    real = builtins.__import__
+
+    def without_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_bitsandbytes)
+    config = load_config(Config, None, pipeline_overrides(tmp_path, tmp_path, sd_dir) + LORA + ["model.quantize=nf4"])
+    with pytest.raises(
+        MissingPackage, match=r"model.quantize=nf4 needs bitsandbytes: pip install 'sdtrain\[quantize\]'"
+    ):
+        check_run(config, data=False)
