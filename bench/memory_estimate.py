@@ -2,8 +2,12 @@
 device, one forward pass is counted (FLOPs, activation bytes) and the estimate of :mod:`sdtrain.train.perf` is
 printed for the settings given. What `sdtrain train` prints before its first step, for a model you do not have here.
 
-    python bench/memory_estimate.py --family sdxl --resolution 1024 --batch 1 --lora 16 --precision bf16 \
-        --checkpointing --optimizer adamw8bit --frozen-dtype float16
+    python bench/memory_estimate.py --family flux --resolution 1024 --batch 1 --lora 16 --precision bf16 \
+        --checkpointing --quantize nf4 --cache
+
+Frozen weights are held as ``sdtrain.train.placement`` holds them: in the compute dtype (``--frozen-dtype`` to
+choose another), a LoRA base quantised with ``--quantize`` and the text encoders with ``--text-quantize``; with
+``--cache`` (latents and prompts cached) the text encoders and the autoencoder's encoder are parked on the CPU.
 
 Sizes are the published configs (SD 1.5; SDXL base 1.0: UNet 2.57 B, CLIP ViT-L and OpenCLIP ViT-bigG; SD 3 medium:
 MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; FLUX.1 dev: 11.9 B, CLIP-L and T5-XXL, a 16-channel VAE;
@@ -38,6 +42,7 @@ from transformers import (
 from sdtrain.config import LoRAConfig, OptimConfig, TrainConfig
 from sdtrain.models.families import families
 from sdtrain.models.lora import add_lora
+from sdtrain.models.quantize import hold_in
 from sdtrain.train.perf import GiB, estimate_memory, profile_denoiser
 
 VIT_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
@@ -86,12 +91,19 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=["adamw", "adamw8bit", "adafactor"], default="adamw")
     parser.add_argument("--checkpointing", action="store_true", help="train.gradient_checkpointing")
     parser.add_argument("--ema", action="store_true", help="an EMA kept on the device")
-    parser.add_argument("--frozen-dtype", choices=["float32", "bfloat16", "float16"], default="float16")
+    parser.add_argument("--frozen-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="the frozen weights' dtype (default: the compute one, as dtype auto)")  # fmt: skip
+    modes = ["none", "fp8", "int8", "nf4"]
+    parser.add_argument("--quantize", choices=modes, default="none", help="model.quantize (the LoRA base)")
+    parser.add_argument("--text-quantize", choices=modes, default="none", help="model.text_encoder*.quantize")
+    parser.add_argument("--cache", action="store_true", help="latents and prompts cached: the encoders parked")
     parser.add_argument("--shards", type=int, default=1, help="FSDP2 processes")
     args = parser.parse_args()
 
-    dtype = getattr(torch, args.frozen_dtype)
-    model, frozen, cond, channels = _models(args.family, dtype)
+    compute = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    dtype = getattr(torch, args.frozen_dtype) if args.frozen_dtype else compute
+    model, frozen, cond, channels = _models(args.family)
+    frozen = {name: hold_in(module.requires_grad_(False), dtype) for name, module in frozen.items()}
     tc = TrainConfig(
         mixed_precision=args.precision, gradient_checkpointing=args.checkpointing, lora=LoRAConfig(rank=args.lora),
         optim=OptimConfig(name=args.optimizer), ema_decay=0.9999 if args.ema else None,
@@ -100,8 +112,17 @@ def main() -> None:
     if args.lora:
         add_lora(model, tc.lora, family.lora_targets)
     side = args.resolution // (32 if args.family == "sana" else 8)
-    profile = profile_denoiser(model, family.predict, (channels, side, side), cond, torch.device("meta"))
-    estimate = estimate_memory(model, frozen, profile, args.batch, tc, shards=args.shards)
+    profile = profile_denoiser(model, family.predict, (channels, side, side), cond, torch.device("meta"))  # in fp32
+    if args.lora and args.shards == 1:
+        hold_in(model, dtype)  # the frozen base (its norms fp32), as sdtrain.train.placement holds it
+    held = []
+    for name, module in frozen.items():
+        if name.startswith("text_encoder"):
+            if not args.cache:
+                held.append((module, args.text_quantize))
+        else:  # the autoencoder: its decoder alone with the latents cached
+            held += [(module.decoder, "none")] if args.cache else [(module, "none")]
+    estimate = estimate_memory(model, held, profile, args.batch, tc, shards=args.shards, base_mode=args.quantize)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.family} {family.denoiser} {params / 1e9:.3f} B parameters ({trainable / 1e6:.1f} M trainable), "
@@ -109,46 +130,48 @@ def main() -> None:
     print(f"memory estimate per device (GiB): {estimate.table()}  ->  {estimate.total / GiB:.1f} GiB")
 
 
-def _models(name: str, dtype: torch.dtype) -> tuple[torch.nn.Module, list, dict, int]:
-    """The family's denoiser and frozen encoders on the meta device, a batch-1 conditioning, its latent channels."""
+def _models(name: str) -> tuple[torch.nn.Module, dict, dict, int]:
+    """The family's denoiser and frozen modules by component name on the meta device, a batch-1 conditioning, its
+    latent channels."""
     with torch.device("meta"):
         if name == "sd3":
             model = SD3Transformer2DModel(**SD3_MEDIUM)
             vae = AutoencoderKL(**(SD_VAE | {"latent_channels": 16}))
-            frozen = [
-                vae,
-                CLIPTextModelWithProjection(CLIPTextConfig(**VIT_L)),
-                CLIPTextModelWithProjection(CLIPTextConfig(**VIT_BIG_G)),
-                T5EncoderModel(T5Config(**T5_XXL)),
-            ]
+            frozen = {
+                "vae": vae,
+                "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**VIT_L)),
+                "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**VIT_BIG_G)),
+                "text_encoder_3": T5EncoderModel(T5Config(**T5_XXL)),
+            }
             cond = {
                 "encoder_hidden_states": torch.zeros(1, 77 + 256, 4096),
                 "pooled_projections": torch.zeros(1, 2048),
             }
-            return model, [m.to(dtype) for m in frozen], cond, 16
+            return model, frozen, cond, 16
         if name == "flux":
             model = FluxTransformer2DModel(**FLUX_DEV)
             vae = AutoencoderKL(**(SD_VAE | {"latent_channels": 16}))
-            frozen = [vae, CLIPTextModel(CLIPTextConfig(**VIT_L)), T5EncoderModel(T5Config(**T5_XXL))]
+            frozen = {"vae": vae, "text_encoder": CLIPTextModel(CLIPTextConfig(**VIT_L)),
+                      "text_encoder_2": T5EncoderModel(T5Config(**T5_XXL))}  # fmt: skip
             cond = {"encoder_hidden_states": torch.zeros(1, 512, 4096), "pooled_projections": torch.zeros(1, 768)}
-            return model, [m.to(dtype) for m in frozen], cond, 16
+            return model, frozen, cond, 16
         if name == "sana":
             model = SanaTransformer2DModel(**SANA_1600M)
-            frozen = [AutoencoderDC(), Gemma2Model(Gemma2Config(**GEMMA2_2B))]  # AutoencoderDC's defaults: f32c32
+            frozen = {"vae": AutoencoderDC(), "text_encoder": Gemma2Model(Gemma2Config(**GEMMA2_2B))}  # f32c32
             cond = {"encoder_hidden_states": torch.zeros(1, 300, 2304), "encoder_attention_mask": torch.ones(1, 300)}
-            return model, [m.to(dtype) for m in frozen], cond, 32
+            return model, frozen, cond, 32
         if name == "pixart":
             model = PixArtTransformer2DModel(**PIXART_SIGMA)
-            frozen = [AutoencoderKL(**SD_VAE), T5EncoderModel(T5Config(**T5_XXL))]
+            frozen = {"vae": AutoencoderKL(**SD_VAE), "text_encoder": T5EncoderModel(T5Config(**T5_XXL))}
             cond = {"encoder_hidden_states": torch.zeros(1, 300, 4096), "encoder_attention_mask": torch.ones(1, 300)}
-            return model, [m.to(dtype) for m in frozen], cond, 4
+            return model, frozen, cond, 4
         model = UNet2DConditionModel(**UNETS[name])
-        frozen = [AutoencoderKL(**SD_VAE), CLIPTextModel(CLIPTextConfig(**VIT_L))]
+        frozen = {"vae": AutoencoderKL(**SD_VAE), "text_encoder": CLIPTextModel(CLIPTextConfig(**VIT_L))}
         cond = {"encoder_hidden_states": torch.zeros(1, 77, model.config.cross_attention_dim)}
         if name == "sdxl":
-            frozen.append(CLIPTextModelWithProjection(CLIPTextConfig(**VIT_BIG_G)))
+            frozen["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**VIT_BIG_G))
             cond |= {"text_embeds": torch.zeros(1, 1280), "time_ids": torch.zeros(1, 6)}
-        return model, [m.to(dtype) for m in frozen], cond, 4
+        return model, frozen, cond, 4
 
 
 if __name__ == "__main__":

@@ -33,16 +33,16 @@ def check_available(mode: str, key: str) -> None:
 
 
 def hold_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Cast ``model``'s floating-point weights to ``dtype``, but those of its normalisation layers and of the modules
-    a diffusers model keeps in float32 (``_keep_in_fp32_modules``); returns it. Norms stay fp32 (a few numbers each):
-    their input is fp32 or half where a quantised layer or autocast hands it over, and a CPU GroupNorm takes fp32
-    weights with either, half weights only with a half input."""
+    """Cast ``model``'s frozen floating-point weights to ``dtype``, but those of its normalisation layers and of the
+    modules a diffusers model keeps in float32 (``_keep_in_fp32_modules``); returns it. Norms stay fp32 (a few numbers
+    each): their input is fp32 or half where a quantised layer or autocast hands it over, and a CPU GroupNorm takes
+    fp32 weights with either, half weights only with a half input."""
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name, module in model.named_modules():
         if "Norm" in type(module).__name__ or (keep and any(part in keep for part in name.split("."))):
             continue
         for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            if tensor.is_floating_point() and tensor.dtype != dtype and not tensor.requires_grad:
                 tensor.data = tensor.data.to(dtype)
     return model
 
@@ -94,14 +94,33 @@ def _to_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device) -> None:
             setattr(parent, name, layer.to(device))  # bitsandbytes quantises on the move
 
 
+def held_bytes(model: torch.nn.Module, mode: str = "none") -> float:
+    """Bytes the frozen weights of ``model`` take once :func:`quantize` holds its linear layers in ``mode`` (``none``:
+    as they are), computed from shapes: the same on the meta device, before quantising, and after. Trainable weights
+    are not counted. fp8 / int8 layers keep one scale per output row in the compute dtype; nf4 see
+    ``BYTES_PER_WEIGHT``."""
+    total = 0.0
+    for module in model.modules():
+        own = [t for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)] if not t.requires_grad]
+        if mode != "none" and isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
+            rows, bias = module.out_features, module.bias
+            total += rows * module.in_features * BYTES_PER_WEIGHT[mode] + (rows * 2 if mode != "nf4" else 0)
+            own = [bias] if bias is not None and not bias.requires_grad else []
+        total += sum(t.numel() * t.element_size() for t in own)
+    return total
+
+
 def stored_bytes(model: torch.nn.Module) -> int:
     """Bytes ``model``'s weights and buffers take where they are held, quantised layers at their packed size."""
     total = 0
     for tensor in list(model.parameters()) + list(model.buffers()):
-        inner = getattr(tensor, "__tensor_flatten__", None)
-        if inner is not None and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
-            names, _ = tensor.__tensor_flatten__()
+        if hasattr(tensor, "__tensor_flatten__") and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            names, _ = tensor.__tensor_flatten__()  # torchao: the packed values and their scales
             total += sum(getattr(tensor, n).numel() * getattr(tensor, n).element_size() for n in names)
         else:
             total += tensor.numel() * tensor.element_size()
+        state = getattr(tensor, "quant_state", None)  # bitsandbytes: absmax beside the packed bytes
+        if state is not None:
+            values = state.as_dict(packed=True).values()
+            total += sum(t.numel() * t.element_size() for t in values if torch.is_tensor(t))
     return total

@@ -116,6 +116,7 @@ class _Run:
     counters: Counters
     frozen: dict[str, Any]
     placed: placement.Placed  # checkpoints hold the trainable weights alone where the base re-reads
+    parked: tuple[str, ...]  # frozen parts on the CPU between samples (placement.to_park)
 
     @property
     def out(self) -> Path:
@@ -177,7 +178,8 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
     # 3. Data: a resumable stream of micro-batches (the prompts' tokens where the text encoders train)
     micro_batch = micro_batch_size(tc, accelerator)
     encoders = text_encoders.data_encoders(family, components, tc)
-    profile = _preflight(accelerator, family, components, family.encoders(components), config, micro_batch)
+    parked = placement.to_park(family, components, config) if batches is None else ()  # unused once encoded
+    profile = _preflight(accelerator, family, components, family.encoders(components), config, micro_batch, parked)
     stream = _make_stream(config, encoders, batches, micro_batch, device, rank, world)
     tokens = (config.data.resolution // downsample_factor(encoders.vae) // 2) ** 2  # 2 x 2 patches (dynamic shift)
     diffusion = objective.make(kind, tc.objective, tokens)  # noise, timesteps, targets, weights
@@ -185,6 +187,7 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
     if batches is None and accelerator.is_main_process:
         validation = build_validation_set(config.data, diffusion, encoders, tc.seed)
     has_validation = broadcast_object_list([validation is not None])[0]  # every rank gathers weights for it (FSDP)
+    placement.park(components, parked)  # the caches hold what they encoded
     scorer = _fidelity_scorer(config, device) if tc.fidelity.every and batches is None else None  # every process
 
     # 4. Objective, optimizer, EMA of the trainable weights (on the CPU with ema_offload)
@@ -199,7 +202,7 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
         SharedDraws(generator, rank, world, micro_batch), diffusion, text_encoders.predictor(family, tc),
         zero.autocast(accelerator, tc.mixed_precision),  # accelerate's autocast, torch's under DeepSpeed
         _EvalDenoiser(accelerator, model, ema, template),  # what samples, validates and exports
-        micro_batch, Counters(), frozen, placed,
+        micro_batch, Counters(), frozen, placed, parked,
     )  # fmt: skip
 
     # 5. Resume from the newest valid checkpoint
@@ -419,7 +422,7 @@ def _make_stream(
 
 
 def _preflight(
-    accelerator, family: Family, components, encoders: Encoders, config: Config, micro_batch: int
+    accelerator, family: Family, components, encoders: Encoders, config: Config, micro_batch: int, parked: tuple
 ) -> StepProfile | None:
     """Print parameters, FLOPs and the memory estimate (main process); warn with advice when it will not fit."""
     if not accelerator.is_main_process:
@@ -432,7 +435,7 @@ def _preflight(
     profile = profile_denoiser(model, family.predict, latent_shape, cond, accelerator.device)
     processes, stage = accelerator.num_processes, zero.stage(accelerator)
     shards = processes if is_sharded(accelerator) else 1
-    frozen = list(family.frozen(components).values())
+    frozen = placement.on_device(family, components, config, parked)  # what stays: the caches park the encoders
     estimate = estimate_memory(model, frozen, profile, micro_batch, tc, shards, stage, processes)
     params = sum(p.numel() for p in model.parameters())
     logger.info(
@@ -562,6 +565,7 @@ def _fidelity(scorer, run: _Run, model: torch.nn.Module, log_path: Path) -> None
         )
     finally:
         scorer.to("cpu")
+        placement.park(run.components, run.parked)  # the pipeline moved every component to the device
     values = {k: result[k] for k in ("fid", "kid_mean", "clip_score") if k in result}
     if accelerator.is_main_process:
         logger.info("fidelity at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
@@ -578,6 +582,7 @@ def _sample(run: _Run, model: torch.nn.Module | None) -> Path | None:
     out_dir = run.out / "samples" / f"step-{step:06d}"
     with run.autocast():  # a base held in the compute dtype or quantised, fp32 adapters
         result = _pipeline(run, model).generate(config.train.sample_prompts, seed=config.train.seed)
+    placement.park(run.components, run.parked)  # the pipeline moved every component to the device
     grid = save_images(result.images, out_dir)
     grid.replace(out_dir.with_suffix(".png"))
     log_images(run.accelerator, result.images, step)

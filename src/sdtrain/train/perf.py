@@ -36,6 +36,7 @@ class StepProfile:
     forward_flops: float
     activation_bytes: float  # of one sample, every leaf module's output
     checkpointed_bytes: float  # of one sample, only the outputs of the UNet's top-level blocks
+    block_bytes: float = 0.0  # of one sample, the leaf outputs of the largest block (recomputed in the backward)
 
     @property
     def train_flops(self) -> float:
@@ -49,8 +50,10 @@ def profile_denoiser(model, predict, latent_shape: tuple[int, ...], cond: dict, 
     whose first row is used) and measure FLOPs and activation sizes."""
     leaf_bytes, block_bytes = [0.0], [0.0]
     stages = [*getattr(model, "down_blocks", []), getattr(model, "mid_block", None), *getattr(model, "up_blocks", [])]
-    stages += list(getattr(model, "transformer_blocks", []))
+    stages += [*getattr(model, "transformer_blocks", []), *getattr(model, "single_transformer_blocks", [])]
     blocks = {id(b) for b in stages if b is not None}
+    owner = {id(m): id(b) for b in stages if b is not None for m in b.modules()}  # leaf -> its top-level block
+    within: dict[int, float] = {}
 
     def count(module, inputs, output):
         tensors = output if isinstance(output, (tuple, list)) else (output,)
@@ -59,6 +62,8 @@ def profile_denoiser(model, predict, latent_shape: tuple[int, ...], cond: dict, 
             block_bytes[0] += size
         elif not any(True for _ in module.children()):
             leaf_bytes[0] += size
+            if id(module) in owner:
+                within[owner[id(module)]] = within.get(owner[id(module)], 0.0) + size
 
     hooks = [m.register_forward_hook(count) for m in model.modules()]
     try:
@@ -70,7 +75,9 @@ def profile_denoiser(model, predict, latent_shape: tuple[int, ...], cond: dict, 
     finally:
         for hook in hooks:
             hook.remove()
-    return StepProfile(float(counter.get_total_flops()), leaf_bytes[0], block_bytes[0])
+    return StepProfile(
+        float(counter.get_total_flops()), leaf_bytes[0], block_bytes[0], max(within.values(), default=0)
+    )
 
 
 @dataclass
@@ -98,33 +105,39 @@ OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "adafactor": 0.1}  # per trai
 
 def estimate_memory(
     unet,
-    frozen: list[torch.nn.Module],
+    frozen: list[tuple[torch.nn.Module, str]],
     profile: StepProfile,
     micro_batch: int,
     train_config,
     shards: int = 1,
     zero_stage: int = 0,
     processes: int = 1,
+    base_mode: str = "none",
 ) -> MemoryEstimate:
     """Memory of a training step on the device: fp32 master weights, gradients and optimizer state of the trainable
-    parameters, EMA (unless offloaded), the frozen encoders, and activations of a micro-batch (half size under
-    autocast, block outputs only with gradient checkpointing). Under FSDP2 over ``shards`` processes each holds
-    1/shards of the weights, gradients, optimizer and EMA (the one block gathered at a time is left out). Under
-    DeepSpeed ZeRO over ``processes``, each holds its partition of the optimizer state plus DeepSpeed's fp32 master
-    copy of the trainable weights, and from ``zero_stage`` 2 its partition of the gradients."""
-    params = sum(p.numel() for p in unet.parameters())
+    parameters, the frozen weights of the denoiser (a LoRA base) as they are held or in ``base_mode``
+    (:func:`~sdtrain.models.quantize.held_bytes`), EMA (unless offloaded), the frozen modules on the device (each
+    with its quantisation mode), and activations of a micro-batch (half size under autocast, block outputs only with
+    gradient checkpointing). Under FSDP2 over ``shards`` processes each holds 1/shards of the weights, gradients,
+    optimizer and EMA (the one block gathered at a time is left out). Under DeepSpeed ZeRO over ``processes``, each
+    holds its partition of the optimizer state plus DeepSpeed's fp32 master copy of the trainable weights, and from
+    ``zero_stage`` 2 its partition of the gradients."""
+    from sdtrain.models.quantize import held_bytes
+
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    per_sample = profile.checkpointed_bytes if train_config.gradient_checkpointing else profile.activation_bytes
+    per_sample = profile.activation_bytes
+    if train_config.gradient_checkpointing:  # the blocks' outputs, and one block's inside while it is recomputed
+        per_sample = profile.checkpointed_bytes + profile.block_bytes
     if train_config.mixed_precision in ("bf16", "fp16"):
         per_sample /= 2  # measured in fp32, stored in 16 bits under autocast
     per_param = OPTIMIZER_BYTES[train_config.optim.name]
     optimizer = (per_param + 4.0) * trainable / processes if zero_stage else per_param * trainable / shards
     return MemoryEstimate(
-        weights=4.0 * params / shards,
+        weights=(4.0 * trainable + held_bytes(unet, base_mode)) / shards,
         gradients=4.0 * trainable / (processes if zero_stage >= 2 else shards),
         optimizer=optimizer,
         ema=0.0 if train_config.ema_decay is None or train_config.ema_offload else 4.0 * trainable / shards,
-        frozen=sum(p.numel() * p.element_size() for m in frozen for p in m.parameters()),
+        frozen=sum(held_bytes(module, mode) for module, mode in frozen),
         activations=per_sample * micro_batch,
     )
 

@@ -30,8 +30,11 @@ COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 NAMED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def compute_dtype(tc: TrainConfig) -> torch.dtype:
-    """The dtype the run's matmuls run in: ``train.mixed_precision``'s, float32 without it."""
+def compute_dtype(tc: TrainConfig, device: torch.device | str = "cuda") -> torch.dtype:
+    """The dtype the run's matmuls run in on ``device``: ``train.mixed_precision``'s, float32 without it (and for
+    fp16 on a CPU, where accelerate does not autocast: ``sdtrain.train.run`` says so)."""
+    if tc.mixed_precision == "fp16" and torch.device(device).type == "cpu":
+        return torch.float32
     return COMPUTE_DTYPES[tc.mixed_precision]
 
 
@@ -111,10 +114,11 @@ def prepare(family: Family, components, config: Config, device: torch.device, sh
     Raises:
         ConfigError: a quantised base under FSDP2 or DeepSpeed.
     """
-    tc, dtype, altered = config.train, compute_dtype(config.train), []
+    tc, dtype, altered = config.train, compute_dtype(config.train, device), []
     frozen = text_encoders.frozen(family, components, tc)
     in_memory = config.model.pretrained == IN_MEMORY  # handed over by the Python API: held as they are
     for name, module in frozen.items():
+        module.requires_grad_(False).eval()
         settings = _frozen_settings(config)[name]
         mode = getattr(settings, "quantize", "none")
         if in_memory:
@@ -124,13 +128,11 @@ def prepare(family: Family, components, config: Config, device: torch.device, sh
             logger.info("%s: %d linear layers held in %s", name, layers, mode)
             altered.append(name)
             continue
-        target = _frozen_dtype(name, settings.dtype, tc)
-        if target is not None and module.dtype != target:
+        target = _frozen_dtype(name, settings.dtype, dtype)
+        if module.dtype != target:
             hold_in(module, target)
             altered.append(name)
         module.to(device)
-    for module in frozen.values():
-        module.requires_grad_(False).eval()
     reloads = base_reloads(config)
     denoiser = family.denoiser_of(components)
     if config.model.quantize != "none":
@@ -143,18 +145,55 @@ def prepare(family: Family, components, config: Config, device: torch.device, sh
         logger.info("%s: %d linear layers of the frozen base held in %s", family.denoiser, layers,
                     config.model.quantize)  # fmt: skip
     elif reloads and dtype != torch.float32 and not sharded:
-        hold_in(denoiser, dtype)  # the frozen base in the compute dtype; the adapters are added in fp32
+        hold_in(denoiser.requires_grad_(False), dtype)  # the frozen base in the compute dtype; fp32 adapters come
     return Placed(reloads, tuple(altered))
 
 
-def _frozen_dtype(name: str, setting: str, tc: TrainConfig) -> torch.dtype | None:
-    """The dtype a frozen module is held in: its ``dtype`` setting; ``auto``: the compute dtype, but fp32 for an
+def to_park(family: Family, components, config: Config) -> tuple[str, ...]:
+    """The frozen parts a step of ``config`` does not use once the data is encoded: with a latent cache
+    (``data.cache_dir``, ``data.cache_latents``) the text encoders that do not train and the autoencoder's encoder
+    (``vae.encoder``; its decoder draws samples)."""
+    if not (config.data.cache_dir or config.data.cache_latents):
+        return ()
+    names = [n for n in text_encoders.frozen(family, components, config.train) if n.startswith("text_encoder")]
+    return (*names, "vae.encoder")
+
+
+def park(components, names: tuple[str, ...]) -> None:
+    """Move the parts ``names`` (:func:`to_park`) to the CPU. Sampling moves them back to the device for its
+    prompts; the loop parks them again after."""
+    for name in names:
+        if name == "vae.encoder":
+            for part in ("encoder", "quant_conv"):
+                if getattr(components.vae, part, None) is not None:
+                    getattr(components.vae, part).to("cpu")
+        else:
+            getattr(components, name).to("cpu")
+
+
+def on_device(family: Family, components, config: Config, parked: tuple[str, ...]) -> list[tuple[Any, str]]:
+    """The frozen modules a step holds on the device, each with its quantisation mode: what the memory estimate
+    counts (the autoencoder's decoder alone where its encoder is parked)."""
+    held = []
+    for name, module in text_encoders.frozen(family, components, config.train).items():
+        if name in parked:
+            continue
+        if name == "vae" and "vae.encoder" in parked:
+            parts = [getattr(module, p, None) for p in ("decoder", "post_quant_conv")]
+            held += [(p, "none") for p in parts if p is not None]
+            continue
+        held.append((module, getattr(_frozen_settings(config)[name], "quantize", "none")))
+    return held
+
+
+def _frozen_dtype(name: str, setting: str, compute: torch.dtype) -> torch.dtype:
+    """The dtype a frozen module is held in: its ``dtype`` setting; ``auto``: the ``compute`` dtype, but fp32 for an
     autoencoder under fp16 (SDXL's overflows)."""
     if setting != "auto":
         return NAMED_DTYPES[setting]
-    if name == "vae" and tc.mixed_precision == "fp16":
+    if name == "vae" and compute == torch.float16:
         return torch.float32
-    return compute_dtype(tc)
+    return compute
 
 
 def full_precision(family: Family, components, config: Config, placed: Placed) -> tuple[Any, dict[str, Any]]:
