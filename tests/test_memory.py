@@ -186,3 +186,23 @@ def test_a_missing_library_names_the_package(tmp_path, sd_dir, monkeypatch):
         MissingPackage, match=r"model.quantize=nf4 needs bitsandbytes: pip install 'sdtrain\[quantize\]'"
     ):
         check_run(config, data=False)
+
+
+@pytest.mark.slow
+def test_a_quantised_run_resumes_bit_exact_after_sigkill(tmp_path, sd_dir, mode="nf4"):
+    """SIGKILL at a micro-batch and inside a checkpoint save, then the same command: the losses and the LoRA file
+    equal an uninterrupted run's bit for bit (the base is quantised again, identically, from the folder)."""
+    from tests.test_faults import KILLED, _losses, _train
+
+    data = write_image_folder(tmp_path / "data", count=5, size=32)
+    extra = LORA + ["train.mixed_precision=bf16", f"model.quantize={mode}", "train.gradient_accumulation=2",
+                    "train.num_steps=6", "train.save_every=3"]  # fmt: skip
+    assert _train(pipeline_overrides(tmp_path / "a", data, sd_dir) + extra).returncode == 0
+    overrides = pipeline_overrides(tmp_path / "b", data, sd_dir) + extra
+    for fault in ("kill_micro=3", "kill_save=1:manifest", "kill_micro=5"):
+        assert _train(overrides, fault).returncode == KILLED, fault
+    done = _train(overrides)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+    a, b = (load_file(tmp_path / r / "final" / "lora" / "pytorch_lora_weights.safetensors") for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -436,7 +436,8 @@ def _preflight(
     processes, stage = accelerator.num_processes, zero.stage(accelerator)
     shards = processes if is_sharded(accelerator) else 1
     frozen = placement.on_device(family, components, config, parked)  # what stays: the caches park the encoders
-    estimate = estimate_memory(model, frozen, profile, micro_batch, tc, shards, stage, processes)
+    mode = config.model.quantize
+    estimate = estimate_memory(model, frozen, profile, micro_batch, tc, shards, stage, processes, mode)
     params = sum(p.numel() for p in model.parameters())
     logger.info(
         "%s %.1fM parameters (%.1fM trainable), %.2f GFLOPs per image per training step at %d px",

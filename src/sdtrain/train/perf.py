@@ -7,6 +7,7 @@ every leaf module's output, which is about what autograd keeps for the backward 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ class StepProfile:
     activation_bytes: float  # of one sample, every leaf module's output
     checkpointed_bytes: float  # of one sample, only the outputs of the UNet's top-level blocks
     block_bytes: float = 0.0  # of one sample, the leaf outputs of the largest block (recomputed in the backward)
+    autocast: bool = False  # measured under autocast (else in fp32: halved for a mixed-precision estimate)
 
     @property
     def train_flops(self) -> float:
@@ -45,9 +47,12 @@ class StepProfile:
 
 
 @torch.no_grad()
-def profile_denoiser(model, predict, latent_shape: tuple[int, ...], cond: dict, device) -> StepProfile:
+def profile_denoiser(
+    model, predict, latent_shape: tuple[int, ...], cond: dict, device, autocast: torch.dtype | None = None
+) -> StepProfile:
     """Run one batch-1 forward pass of ``model`` (through the family's ``predict`` with the conditioning ``cond``,
-    whose first row is used) and measure FLOPs and activation sizes."""
+    whose first row is used) and measure FLOPs and activation sizes; under ``autocast`` to that dtype where given
+    (a model whose frozen weights are held in it), else in the model's dtype."""
     leaf_bytes, block_bytes = [0.0], [0.0]
     stages = [*getattr(model, "down_blocks", []), getattr(model, "mid_block", None), *getattr(model, "up_blocks", [])]
     stages += [*getattr(model, "transformer_blocks", []), *getattr(model, "single_transformer_blocks", [])]
@@ -67,17 +72,17 @@ def profile_denoiser(model, predict, latent_shape: tuple[int, ...], cond: dict, 
 
     hooks = [m.register_forward_hook(count) for m in model.modules()]
     try:
-        dtype = next(model.parameters()).dtype
+        dtype = torch.float32 if autocast else next(model.parameters()).dtype
         x = torch.randn(1, *latent_shape, device=device, dtype=dtype)
         first = {k: v[:1].to(device=device, dtype=dtype) for k, v in cond.items()}
-        with FlopCounterMode(display=False) as counter:
+        context = torch.autocast(torch.device(device).type, autocast) if autocast else contextlib.nullcontext()
+        with FlopCounterMode(display=False) as counter, context:
             predict(model, x, torch.tensor([500], device=device), first)
     finally:
         for hook in hooks:
             hook.remove()
-    return StepProfile(
-        float(counter.get_total_flops()), leaf_bytes[0], block_bytes[0], max(within.values(), default=0)
-    )
+    largest = max(within.values(), default=0.0)
+    return StepProfile(float(counter.get_total_flops()), leaf_bytes[0], block_bytes[0], largest, bool(autocast))
 
 
 @dataclass
@@ -128,7 +133,7 @@ def estimate_memory(
     per_sample = profile.activation_bytes
     if train_config.gradient_checkpointing:  # the blocks' outputs, and one block's inside while it is recomputed
         per_sample = profile.checkpointed_bytes + profile.block_bytes
-    if train_config.mixed_precision in ("bf16", "fp16"):
+    if train_config.mixed_precision in ("bf16", "fp16") and not profile.autocast:
         per_sample /= 2  # measured in fp32, stored in 16 bits under autocast
     per_param = OPTIMIZER_BYTES[train_config.optim.name]
     optimizer = (per_param + 4.0) * trainable / processes if zero_stage else per_param * trainable / shards
