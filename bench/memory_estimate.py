@@ -10,9 +10,9 @@ choose another), a LoRA base quantised with ``--quantize`` and the text encoders
 ``--cache`` (latents and prompts cached) the text encoders and the autoencoder's encoder are parked on the CPU.
 
 Sizes are the published configs (SD 1.5; SDXL base 1.0: UNet 2.57 B, CLIP ViT-L and OpenCLIP ViT-bigG; SD 3 medium:
-MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; FLUX.1 dev: 11.9 B, CLIP-L and T5-XXL, a 16-channel VAE;
-PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL; Sana 1600M 1024 px: 1.6 B, Gemma 2 2B, the f32c32 deep-compression
-autoencoder).
+MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; SD 3.5 large: 8.1 B, the same encoders; FLUX.1 dev:
+11.9 B, CLIP-L and T5-XXL, a 16-channel VAE; PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL; Sana 1600M 1024 px: 1.6 B,
+Gemma 2 2B, the f32c32 deep-compression autoencoder).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                   pooled_projection_dim=2048, pos_embed_max_size=192)  # fmt: skip
+SD3_LARGE = dict(SD3_MEDIUM, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm")
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))  # fmt: skip
@@ -83,7 +84,8 @@ UNETS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted([*UNETS, "sd3", "flux", "pixart", "sana"]), default="sdxl")
+    parser.add_argument("--family", choices=sorted([*UNETS, "sd3", "sd3.5-large", "flux", "pixart", "sana"]),
+                        default="sdxl", help="sd3: SD 3 medium; sd3.5-large: SD 3.5 large (8.1 B)")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1, help="micro-batch per device")
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tune)")
@@ -108,7 +110,7 @@ def main() -> None:
         mixed_precision=args.precision, gradient_checkpointing=args.checkpointing, lora=LoRAConfig(rank=args.lora),
         optim=OptimConfig(name=args.optimizer), ema_decay=0.9999 if args.ema else None,
     )  # fmt: skip
-    family = families()[args.family]
+    family = families()[args.family.split(".")[0]]
     if args.lora:
         add_lora(model, tc.lora, family.lora_targets)
     side = args.resolution // (32 if args.family == "sana" else 8)
@@ -134,8 +136,8 @@ def _models(name: str) -> tuple[torch.nn.Module, dict, dict, int]:
     """The family's denoiser and frozen modules by component name on the meta device, a batch-1 conditioning, its
     latent channels."""
     with torch.device("meta"):
-        if name == "sd3":
-            model = SD3Transformer2DModel(**SD3_MEDIUM)
+        if name.startswith("sd3"):
+            model = SD3Transformer2DModel(**(SD3_LARGE if name == "sd3.5-large" else SD3_MEDIUM))
             vae = AutoencoderKL(**(SD_VAE | {"latent_channels": 16}))
             frozen = {
                 "vae": vae,

@@ -206,3 +206,52 @@ def test_a_quantised_run_resumes_bit_exact_after_sigkill(tmp_path, sd_dir, mode=
     assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
     a, b = (load_file(tmp_path / r / "final" / "lora" / "pytorch_lora_weights.safetensors") for r in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_flux_lora_with_quantised_t5_and_cached_prompts(tmp_path, flux_dir):
+    """Flux with the base in int8, T5 in nf4 and the latents cached (the encoders parked after encoding): the
+    adapters train, the export writes the folder's own full-precision T5 and transformer + adapters, and the LoRA
+    file in plain FluxPipeline draws the export's pixels."""
+    from diffusers import FluxPipeline
+
+    from sdtrain.models.families import for_config
+    from sdtrain.train import placement
+
+    data = write_image_folder(tmp_path / "data", count=4, size=32)
+    overrides = pipeline_overrides(tmp_path / "run", data, flux_dir) + LORA + [
+        "model.text_encoder_2.max_length=32", "model.quantize=int8", "model.text_encoder_2.quantize=nf4",
+        "data.cache_latents=true", "train.mixed_precision=bf16", "train.num_steps=3",
+    ]  # fmt: skip
+    config = load_config(Config, None, overrides)
+    family = for_config(config.model)
+    assert placement.to_park(family, family.load(config), config) == ("text_encoder", "text_encoder_2", "vae.encoder")
+    final = train(config)
+    t5 = [load_file(f / "text_encoder_2" / "model.safetensors") for f in (flux_dir, final)]
+    assert t5[0].keys() == t5[1].keys() and all(torch.equal(t5[0][k], t5[1][k]) for k in t5[0])
+    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="np", max_sequence_length=32)
+    plain = FluxPipeline.from_pretrained(flux_dir)
+    plain.scheduler = type(plain.scheduler).from_pretrained(final / "scheduler")
+    plain.load_lora_weights(final / "lora")
+    with_lora = plain("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
+    exported = FluxPipeline.from_pretrained(final)
+    again = exported("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.abs(with_lora - again).max() < 1e-4
+
+
+def test_a_preset_refuses_a_card_too_small_before_loading_anything(tmp_path, monkeypatch):
+    """flux-lora-24gb on a 16 GiB card is refused by the pre-flight check, naming the card and the ways out; on a
+    24 GiB card it passes that check (the model source is checked next)."""
+    from types import SimpleNamespace
+
+    from sdtrain.train.preflight import check_device_memory
+
+    card = SimpleNamespace(name="NVIDIA RTX A4000", total_memory=16 * 2**30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: card)
+    config = load_config(Config, "flux-lora-24gb", [f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"needs about 16.3 GiB .* NVIDIA RTX A4000 has 16.0 GiB.*-12gb"):
+        check_run(config, data=False)
+    assert not (tmp_path / "run").exists()
+    card.total_memory = 24 * 2**30
+    check_device_memory(config.train.needs_gib)

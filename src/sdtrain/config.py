@@ -525,6 +525,9 @@ class TrainConfig:
     """Recompute activations in the backward pass: much less memory, about 30 % slower."""
     channels_last: bool = False
     """Channels-last memory format for the UNet (faster convolutions on recent GPUs)."""
+    needs_gib: float | None = None
+    """GiB of GPU memory the run needs (the card-size presets state their pre-flight estimate): sdtrain train refuses
+    a GPU whose memory is less than needs_gib / 0.9 before loading anything; null: no check."""
     compile: bool = False
     """torch.compile the UNet (minutes of compilation; faster steps on GPUs)."""
     allow_tf32: bool = True

@@ -32,14 +32,15 @@ def check_available(mode: str, key: str) -> None:
         raise MissingPackage(f"{key}={mode} needs {library}: pip install 'sdtrain[quantize]' (or {library})") from e
 
 
-def hold_in(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Cast ``model``'s frozen floating-point weights to ``dtype``, but those of its normalisation layers and of the
-    modules a diffusers model keeps in float32 (``_keep_in_fp32_modules``); returns it. Norms stay fp32 (a few numbers
-    each): their input is fp32 or half where a quantised layer or autocast hands it over, and a CPU GroupNorm takes
-    fp32 weights with either, half weights only with a half input."""
+def hold_in(model: torch.nn.Module, dtype: torch.dtype, norms: bool = True) -> torch.nn.Module:
+    """Cast ``model``'s frozen floating-point weights to ``dtype``, but those of the modules a diffusers or
+    transformers model keeps in float32 (``_keep_in_fp32_modules``) and, with ``norms``, of its normalisation layers;
+    returns it. A denoiser's norms stay fp32 (a few numbers each): under autocast their input is fp32 or half as a
+    quantised layer or autocast hands it over, and a CPU GroupNorm takes fp32 weights with either, half weights only
+    with a half input. A frozen encoder runs without autocast, all in ``dtype`` (``norms`` False)."""
     keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name, module in model.named_modules():
-        if "Norm" in type(module).__name__ or (keep and any(part in keep for part in name.split("."))):
+        if (norms and "Norm" in type(module).__name__) or (keep and any(part in keep for part in name.split("."))):
             continue
         for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if tensor.is_floating_point() and tensor.dtype != dtype and not tensor.requires_grad:
@@ -51,17 +52,20 @@ def _linear(module: torch.nn.Module, _name: str = "") -> bool:
     return type(module) is torch.nn.Linear
 
 
-def quantize(model: torch.nn.Module, mode: str, compute_dtype: torch.dtype, device: torch.device | str) -> int:
+def quantize(
+    model: torch.nn.Module, mode: str, compute_dtype: torch.dtype, device: torch.device | str, encoder: bool = False
+) -> int:
     """Hold ``model``'s linear layers quantised in ``mode`` and the rest of its weights (convolutions, norms,
     embeddings) in ``compute_dtype``, on ``device``; each layer is moved to the device before it is quantised, so the
     full-precision model never is. Returns the number of layers quantised.
 
     fp8 and int8 are weight-only: a layer dequantises its weight to ``compute_dtype`` for each matmul. nf4 layers
     (bitsandbytes ``Linear4bit``, blocks of 64, double quantisation) compute in ``compute_dtype``. Both are frozen
-    (no gradient reaches them); peft wraps either with trainable adapters.
+    (no gradient reaches them); peft wraps either with trainable adapters. ``encoder``: a frozen encoder, which runs
+    without autocast (its norms are held in ``compute_dtype`` too, see :func:`hold_in`).
     """
     check_available(mode, "quantize")
-    hold_in(model.requires_grad_(False), compute_dtype)
+    hold_in(model.requires_grad_(False), compute_dtype, norms=not encoder)
     count = sum(1 for m in model.modules() if _linear(m))
     if mode in ("fp8", "int8"):
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_

@@ -124,13 +124,13 @@ def prepare(family: Family, components, config: Config, device: torch.device, sh
         if in_memory:
             module.to(device)
         elif mode != "none":
-            layers = quantize(module, mode, dtype, device)
+            layers = quantize(module, mode, dtype, device, encoder=True)
             logger.info("%s: %d linear layers held in %s", name, layers, mode)
             altered.append(name)
             continue
         target = _frozen_dtype(name, settings.dtype, dtype)
         if module.dtype != target:
-            hold_in(module, target)
+            hold_in(module, target, norms=False)
             altered.append(name)
         module.to(device)
     reloads = base_reloads(config)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from sdtrain import objective
-from sdtrain.config import AutoencoderConfig, Config, DataConfig, ModelConfig
+from sdtrain.config import AutoencoderConfig, Config, ConfigError, DataConfig, ModelConfig
 from sdtrain.data.disk_cache import check_cache
 from sdtrain.data.folder import training_records
 from sdtrain.data.sources import check_usable, is_shards, list_records
@@ -41,6 +41,7 @@ def check_run(config: Config, models: bool = True, data: bool = True) -> str:
     Raises:
         UserError: a ConfigError, ModelNotFound or DataError naming the key and what to do.
     """
+    check_device_memory(config.train.needs_gib)  # a preset on too small a card: the first thing said
     if models:
         check_model_sources(config.model)
     kind = check_objective(config)
@@ -49,6 +50,27 @@ def check_run(config: Config, models: bool = True, data: bool = True) -> str:
     if data:
         check_data(config.data, config.train.seed)
     return kind
+
+
+def check_device_memory(needs_gib: float | None) -> None:
+    """A GPU with less memory than a preset needs (``train.needs_gib``, at most 90 % of the card) is refused.
+
+    Raises:
+        ConfigError: naming the card, its memory, what the config needs and the ways out.
+    """
+    import torch
+
+    if needs_gib is None or not torch.cuda.is_available():
+        return
+    properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+    total = properties.total_memory / 2**30
+    if needs_gib > 0.9 * total:
+        raise ConfigError(
+            f"train.needs_gib={needs_gib:g}: this config needs about {needs_gib:g} GiB of GPU memory and "
+            f"{properties.name} has {total:.1f} GiB (a run keeps 10 % for the CUDA context and fragmentation): "
+            "choose the preset for a smaller card (sdtrain's configs end in -24gb, -12gb, -8gb), or quantise the "
+            "base (model.quantize=nf4); train.needs_gib=null tries anyway"
+        )
 
 
 def check_model_sources(model: ModelConfig) -> None:
