@@ -8,7 +8,7 @@ from pathlib import Path
 from sdtrain.config import Config, ConfigError
 from sdtrain.data.disk_cache import write_cache
 from sdtrain.models.families import for_config
-from sdtrain.train import text_encoders
+from sdtrain.train import placement, text_encoders
 from sdtrain.train.run import processes_on_cpu
 
 
@@ -22,7 +22,6 @@ def cache_dataset(config: Config) -> Path:
     state = PartialState(cpu=processes_on_cpu())
     family = for_config(config.model)
     components = family.load(config, denoiser=False)
-    for module in family.frozen(components).values():
-        module.to(state.device)
+    placement.hold_frozen(family, components, config, state.device)  # as the run encodes: bf16, quantised
     encoders = text_encoders.data_encoders(family, components, config.train)  # tokens where the encoders train
     return write_cache(config.data, encoders, config.train.seed, state.process_index, state.num_processes)

@@ -172,7 +172,7 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
     if accelerator.is_main_process:
         check_disk(out, family.denoiser_of(components), tc.ema_decay is not None)
     sharded = is_sharded(accelerator) or zero.is_zero(accelerator)
-    placed = placement.prepare(family, components, config, device, sharded)  # dtypes, quantisation, device
+    placed = placement.prepare(family, components, config, device, sharded, world)  # dtypes, quantisation, device
     model = _prepare_denoiser(family, components, tc, accelerator)  # LoRA, text encoders, checkpointing, device
 
     # 3. Data: a resumable stream of micro-batches (the prompts' tokens where the text encoders train)

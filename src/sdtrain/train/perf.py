@@ -180,4 +180,7 @@ def advice(
         )
     if not train_config.lora.rank:
         tips.append("train.lora.rank=16 (train adapters only: no full gradients or optimizer state)")
+    elif estimate.weights > 0.25 * available:
+        tips.append(f"model.quantize=int8 or nf4 (the frozen base, {estimate.weights / GiB:.1f} GiB, in 8 or 4 "
+                    "bits; docs/memory.md), data.cache_latents=true (the text encoders leave the card)")  # fmt: skip
     return tips

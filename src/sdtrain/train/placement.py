@@ -104,16 +104,42 @@ class Placed:
     altered: tuple[str, ...]
 
 
-def prepare(family: Family, components, config: Config, device: torch.device, sharded: bool) -> Placed:
+def prepare(
+    family: Family, components, config: Config, device: torch.device, sharded: bool, processes: int = 1
+) -> Placed:
     """Hold the frozen modules of ``components`` as ``config`` asks, on ``device`` (in place).
 
     Args:
-        sharded: the denoiser is sharded (FSDP2, DeepSpeed): its base stays in fp32 and unquantised (FSDP2 shards
-            parameters of one dtype; a quantised base is for one device or DDP).
+        sharded: the denoiser is sharded (FSDP2, DeepSpeed): its base stays in fp32 (FSDP2 shards parameters of
+            one dtype).
+        processes: the run's processes; a quantised base is trained by one (tested so; DDP, FSDP2 and DeepSpeed
+            over quantised tensors are not).
 
     Raises:
-        ConfigError: a quantised base under FSDP2 or DeepSpeed.
+        ConfigError: a quantised base in a run of several processes.
     """
+    altered = hold_frozen(family, components, config, device)
+    dtype = compute_dtype(config.train, device)
+    reloads = base_reloads(config)
+    denoiser = family.denoiser_of(components)
+    if config.model.quantize != "none":
+        if sharded or processes > 1:
+            raise ConfigError(
+                f"model.quantize={config.model.quantize}: a quantised base trains in one process here ({processes} "
+                "launched; DDP, FSDP2 and DeepSpeed over quantised weights are not tested): launch one process, or "
+                "set model.quantize=none"
+            )
+        layers = quantize(denoiser, config.model.quantize, dtype, device)
+        logger.info("%s: %d linear layers of the frozen base held in %s", family.denoiser, layers,
+                    config.model.quantize)  # fmt: skip
+    elif reloads and dtype != torch.float32 and not sharded:
+        hold_in(denoiser.requires_grad_(False), dtype)  # the frozen base in the compute dtype; fp32 adapters come
+    return Placed(reloads, altered)
+
+
+def hold_frozen(family: Family, components, config: Config, device: torch.device) -> tuple[str, ...]:
+    """Hold the frozen encoders and autoencoder of ``components`` in their dtype or quantised, on ``device``, as a
+    run and ``sdtrain cache`` alike encode with them; returns the names of those held otherwise than their files."""
     tc, dtype, altered = config.train, compute_dtype(config.train, device), []
     frozen = text_encoders.frozen(family, components, tc)
     in_memory = config.model.pretrained == IN_MEMORY  # handed over by the Python API: held as they are
@@ -123,7 +149,8 @@ def prepare(family: Family, components, config: Config, device: torch.device, sh
         mode = getattr(settings, "quantize", "none")
         if in_memory:
             module.to(device)
-        elif mode != "none":
+            continue
+        if mode != "none":
             layers = quantize(module, mode, dtype, device, encoder=True)
             logger.info("%s: %d linear layers held in %s", name, layers, mode)
             altered.append(name)
@@ -133,20 +160,7 @@ def prepare(family: Family, components, config: Config, device: torch.device, sh
             hold_in(module, target, norms=False)
             altered.append(name)
         module.to(device)
-    reloads = base_reloads(config)
-    denoiser = family.denoiser_of(components)
-    if config.model.quantize != "none":
-        if sharded:
-            raise ConfigError(
-                f"model.quantize={config.model.quantize}: a quantised base runs on one device or under DDP; FSDP2 "
-                "and DeepSpeed shard full-precision weights (model.quantize=none)"
-            )
-        layers = quantize(denoiser, config.model.quantize, dtype, device)
-        logger.info("%s: %d linear layers of the frozen base held in %s", family.denoiser, layers,
-                    config.model.quantize)  # fmt: skip
-    elif reloads and dtype != torch.float32 and not sharded:
-        hold_in(denoiser.requires_grad_(False), dtype)  # the frozen base in the compute dtype; fp32 adapters come
-    return Placed(reloads, tuple(altered))
+    return tuple(altered)
 
 
 def to_park(family: Family, components, config: Config) -> tuple[str, ...]:
