@@ -7,7 +7,8 @@ printed for the settings given. What `sdtrain train` prints before its first ste
 
 Frozen weights are held as ``sdtrain.train.placement`` holds them: in the compute dtype (``--frozen-dtype`` to
 choose another), a LoRA base quantised with ``--quantize`` and the text encoders with ``--text-quantize``; with
-``--cache`` (latents and prompts cached) the text encoders and the autoencoder's encoder are parked on the CPU.
+``--cache`` (latents and prompts cached) the text encoders and the autoencoder's encoder are parked on the CPU;
+``--offload-blocks N`` swaps the last N transformer blocks of the base (all but the two visiting are off the device).
 
 Sizes are the published configs (SD 1.5; SDXL base 1.0: UNet 2.57 B, CLIP ViT-L and OpenCLIP ViT-bigG; SD 3 medium:
 MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; SD 3.5 large: 8.1 B, the same encoders; FLUX.1 dev:
@@ -43,6 +44,7 @@ from sdtrain.config import LoRAConfig, OptimConfig, TrainConfig
 from sdtrain.models.families import families
 from sdtrain.models.lora import add_lora
 from sdtrain.models.quantize import hold_in
+from sdtrain.train.block_swap import offloaded_bytes
 from sdtrain.train.perf import GiB, estimate_memory, profile_denoiser
 
 VIT_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
@@ -99,6 +101,7 @@ def main() -> None:
     parser.add_argument("--quantize", choices=modes, default="none", help="model.quantize (the LoRA base)")
     parser.add_argument("--text-quantize", choices=modes, default="none", help="model.text_encoder*.quantize")
     parser.add_argument("--cache", action="store_true", help="latents and prompts cached: the encoders parked")
+    parser.add_argument("--offload-blocks", type=int, default=0, help="train.offload.blocks (block swap)")
     parser.add_argument("--shards", type=int, default=1, help="FSDP2 processes")
     args = parser.parse_args()
 
@@ -124,7 +127,9 @@ def main() -> None:
                 held.append((module, args.text_quantize))
         else:  # the autoencoder: its decoder alone with the latents cached
             held += [(module.decoder, "none")] if args.cache else [(module, "none")]
-    estimate = estimate_memory(model, held, profile, args.batch, tc, shards=args.shards, base_mode=args.quantize)
+    offloaded = offloaded_bytes(model, args.offload_blocks, args.quantize)
+    estimate = estimate_memory(model, held, profile, args.batch, tc, shards=args.shards, base_mode=args.quantize,
+                               offloaded=offloaded)  # fmt: skip
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.family} {family.denoiser} {params / 1e9:.3f} B parameters ({trainable / 1e6:.1f} M trainable), "

@@ -472,6 +472,20 @@ class FidelityConfig:
 
 
 @dataclass
+class OffloadConfig:
+    """Frozen weights kept in CPU memory during training (sdtrain.train.block_swap)."""
+
+    blocks: int = 0
+    """Block swap: the last N transformer blocks of a LoRA run's frozen base live in pinned CPU memory; each is copied
+    to the device ahead of its forward (and its backward), on a side stream, and dropped after. Exact: the same
+    losses and weights as without it; slower by what the copies do not overlap. 0: off."""
+
+    def __post_init__(self) -> None:
+        if self.blocks < 0:
+            raise ConfigError(f"train.offload.blocks must be >= 0, got {self.blocks}")
+
+
+@dataclass
 class TrainConfig:
     """The UNet training run."""
 
@@ -540,6 +554,7 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     text_encoder: TextEncoderTrainingConfig = field(default_factory=TextEncoderTrainingConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     def __post_init__(self) -> None:
         unknown = set(self.trackers) - {"tensorboard", "wandb"}
@@ -559,6 +574,12 @@ class TrainConfig:
             raise ConfigError(f"train.keep_checkpoints must be at least 2, got {self.keep_checkpoints}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.offload.blocks and not self.lora.rank:
+            raise ConfigError(f"train.offload.blocks={self.offload.blocks} swaps blocks of a frozen base: set "
+                              "train.lora.rank (say 16); a full fine-tune's weights change every step")  # fmt: skip
+        if self.offload.blocks and self.ema_decay is not None:
+            raise ConfigError(f"train.offload.blocks={self.offload.blocks}: the EMA's copies of the denoiser would "
+                              "hold the swapped blocks on the device; set train.ema_decay=null")  # fmt: skip
 
 
 @dataclass

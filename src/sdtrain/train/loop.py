@@ -35,7 +35,7 @@ from sdtrain.models.families import Encoders, Family, for_config
 from sdtrain.models.lora import add_lora
 from sdtrain.models.vae import downsample_factor
 from sdtrain.sample.pipeline import Pipeline, save_images
-from sdtrain.train import checkpoint, placement, sharding, text_encoders, zero
+from sdtrain.train import block_swap, checkpoint, placement, sharding, text_encoders, zero
 from sdtrain.train.ema import EMA, ema_parameters
 from sdtrain.train.export import export_pipeline
 from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
@@ -86,6 +86,8 @@ def _prepare_denoiser(family: Family, components, tc: TrainConfig, accelerator: 
     model.to(accelerator.device).train()
     if tc.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    denoiser, processes = family.denoiser_of(components), accelerator.num_processes
+    block_swap.swap_blocks(denoiser, tc.offload.blocks, accelerator.device, tc.gradient_checkpointing, processes)
     if tc.channels_last and (is_sharded(accelerator) or zero.is_zero(accelerator)):
         logger.warning("train.channels_last is ignored under FSDP2 and DeepSpeed (they flatten or shard contiguous "
                        "parameters only)")  # fmt: skip
@@ -432,12 +434,15 @@ def _preflight(
     latent_shape = (encoders.vae.config.latent_channels, size, size)
     side = config.data.resolution
     cond = encoders.encode_text([""]) | size_condition(encoders, ([(side, side)], [(0, 0)]), (side, side), "cpu")
-    profile = profile_denoiser(model, family.predict, latent_shape, cond, accelerator.device)
+    half = placement.compute_dtype(tc, accelerator.device)
+    half = half if half != torch.float32 and placement.base_reloads(config) else None  # a base held in it
+    profile = profile_denoiser(model, family.predict, latent_shape, cond, accelerator.device, half)
     processes, stage = accelerator.num_processes, zero.stage(accelerator)
     shards = processes if is_sharded(accelerator) else 1
     frozen = placement.on_device(family, components, config, parked)  # what stays: the caches park the encoders
     mode = config.model.quantize
-    estimate = estimate_memory(model, frozen, profile, micro_batch, tc, shards, stage, processes, mode)
+    offloaded = block_swap.offloaded_bytes(model, tc.offload.blocks, mode)
+    estimate = estimate_memory(model, frozen, profile, micro_batch, tc, shards, stage, processes, mode, offloaded)
     params = sum(p.numel() for p in model.parameters())
     logger.info(
         "%s %.1fM parameters (%.1fM trainable), %.2f GFLOPs per image per training step at %d px",
@@ -567,6 +572,7 @@ def _fidelity(scorer, run: _Run, model: torch.nn.Module, log_path: Path) -> None
     finally:
         scorer.to("cpu")
         placement.park(run.components, run.parked)  # the pipeline moved every component to the device
+    block_swap.settle(model)
     values = {k: result[k] for k in ("fid", "kid_mean", "clip_score") if k in result}
     if accelerator.is_main_process:
         logger.info("fidelity at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
@@ -584,6 +590,7 @@ def _sample(run: _Run, model: torch.nn.Module | None) -> Path | None:
     with run.autocast():  # a base held in the compute dtype or quantised, fp32 adapters
         result = _pipeline(run, model).generate(config.train.sample_prompts, seed=config.train.seed)
     placement.park(run.components, run.parked)  # the pipeline moved every component to the device
+    block_swap.settle(model)
     grid = save_images(result.images, out_dir)
     grid.replace(out_dir.with_suffix(".png"))
     log_images(run.accelerator, result.images, step)

@@ -72,7 +72,7 @@ def profile_denoiser(
 
     hooks = [m.register_forward_hook(count) for m in model.modules()]
     try:
-        dtype = torch.float32 if autocast else next(model.parameters()).dtype
+        dtype = torch.float32 if autocast else next(p.dtype for p in model.parameters() if p.is_floating_point())
         x = torch.randn(1, *latent_shape, device=device, dtype=dtype)
         first = {k: v[:1].to(device=device, dtype=dtype) for k, v in cond.items()}
         context = torch.autocast(torch.device(device).type, autocast) if autocast else contextlib.nullcontext()
@@ -118,6 +118,7 @@ def estimate_memory(
     zero_stage: int = 0,
     processes: int = 1,
     base_mode: str = "none",
+    offloaded: float = 0.0,
 ) -> MemoryEstimate:
     """Memory of a training step on the device: fp32 master weights, gradients and optimizer state of the trainable
     parameters, the frozen weights of the denoiser (a LoRA base) as they are held or in ``base_mode``
@@ -126,7 +127,8 @@ def estimate_memory(
     gradient checkpointing). Under FSDP2 over ``shards`` processes each holds 1/shards of the weights, gradients,
     optimizer and EMA (the one block gathered at a time is left out). Under DeepSpeed ZeRO over ``processes``, each
     holds its partition of the optimizer state plus DeepSpeed's fp32 master copy of the trainable weights, and from
-    ``zero_stage`` 2 its partition of the gradients."""
+    ``zero_stage`` 2 its partition of the gradients. ``offloaded``: bytes of the base that block swap keeps in CPU
+    memory (:func:`sdtrain.train.block_swap.offloaded_bytes`)."""
     from sdtrain.models.quantize import held_bytes
 
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
@@ -138,7 +140,7 @@ def estimate_memory(
     per_param = OPTIMIZER_BYTES[train_config.optim.name]
     optimizer = (per_param + 4.0) * trainable / processes if zero_stage else per_param * trainable / shards
     return MemoryEstimate(
-        weights=(4.0 * trainable + held_bytes(unet, base_mode)) / shards,
+        weights=(4.0 * trainable + held_bytes(unet, base_mode) - offloaded) / shards,
         gradients=4.0 * trainable / (processes if zero_stage >= 2 else shards),
         optimizer=optimizer,
         ema=0.0 if train_config.ema_decay is None or train_config.ema_offload else 4.0 * trainable / shards,
