@@ -5,6 +5,8 @@ reaches the terminal."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -33,6 +35,10 @@ def world(tmp_path_factory, clip_dir, vae_dir) -> dict[str, Path]:
     no_checkpoint = root / "no-checkpoint"
     no_checkpoint.mkdir()
     (no_checkpoint / "config.yaml").write_text((run / "config.yaml").read_text())
+    vpred = root / "v-prediction"  # the export, as a v-prediction pipeline (SD 2.x 768, the demo)
+    shutil.copytree(run / "final", vpred)
+    scheduler = vpred / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps(json.loads(scheduler.read_text()) | {"prediction_type": "v_prediction"}))
     return {"root": root, "data": data, "run": run, "clip": clip_dir, "vae": vae_dir, "garbage": garbage}
 
 
@@ -55,6 +61,10 @@ def _cases(w: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
         "train: no such autoencoder": (train(f"model.vae.path={root / 'no-vae'}"), "no-vae"),
         "train: no such text encoder": (train(f"model.text_encoder.path={root / 'no-clip'}"), "no-clip"),
         "train: no such pretrained model": (train(f"model.pretrained={root / 'no-model'}"), "no-model"),
+        "train: a v-prediction model trained as epsilon": (
+            train(f"model.pretrained={root / 'v-prediction'}"),
+            "set train.objective.prediction_type=v_prediction",
+        ),
         "cache: no cache_dir": (["cache", *tiny], "data.cache_dir"),
         "train: no cache there": (train(f"data.cache_dir={root / 'no-cache'}"), "no-cache"),
         "export: no such run": (["export", "--run", str(root / "no-run")], "no-run"),

@@ -5,6 +5,8 @@ or a hub id), and its data (a source that exists and holds a usable sample, or a
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 from sdtrain import objective
 from sdtrain.config import AutoencoderConfig, Config, ConfigError, DataConfig, ModelConfig
@@ -28,7 +30,36 @@ def check_objective(config: Config) -> str:
     family = for_config(config.model)
     kind = objective.kind_of(config.train.objective, family)
     sampling_scheduler(config.train.objective, config.sample.scheduler, kind, family.flow_samplers)
+    if kind == "ddpm":
+        check_pretrained_prediction(config)
     return kind
+
+
+def check_pretrained_prediction(config: Config) -> None:
+    """A denoiser fine-tuned from a pipeline folder trains what its scheduler samples: the same prediction type and
+    zero-terminal-SNR schedule (SD 2.x 768 and the demo predict v). Training another target unlearns the model.
+
+    Raises:
+        ConfigError: naming the keys to set.
+    """
+    m = config.model
+    index = Path(m.pretrained or "", "scheduler", "scheduler_config.json")
+    own_unet = m.unet.from_scratch or m.unet.pretrained
+    if not m.pretrained or m.pretrained == IN_MEMORY or own_unet or not index.is_file():
+        return
+    theirs, ours = json.loads(index.read_text()), config.train.objective
+    wanted = {
+        "prediction_type": (theirs.get("prediction_type", "epsilon"), ours.prediction_type),
+        "rescale_zero_terminal_snr": (bool(theirs.get("rescale_betas_zero_snr")), ours.rescale_zero_terminal_snr),
+    }
+    differ = {k: str(a).lower() if isinstance(a, bool) else a for k, (a, b) in wanted.items() if a != b}
+    if differ:
+        keys = " ".join(f"train.objective.{k}={v}" for k, v in differ.items())
+        raise ConfigError(
+            f"model.pretrained={m.pretrained} samples {wanted['prediction_type'][0]} (its scheduler"
+            f"{', zero terminal SNR' if wanted['rescale_zero_terminal_snr'][0] else ''}): training it otherwise "
+            f"unlearns it; set {keys}"
+        )
 
 
 def check_run(config: Config, models: bool = True, data: bool = True) -> str:
