@@ -50,11 +50,11 @@ def write_held_out(data: Path, out: Path, per_combo: int, seed: int = 0) -> Path
 
 def run(base: Path, data: Path, runs: Path, mode: str, steps: int, rank: int, lr: float, per_combo: int) -> dict:
     """Train one row's LoRA (reused when its export exists) and score it."""
-    from sdtrain.evaluate.report import adherence
-    from sdtrain.sample.pipeline import Pipeline
     from sdtrain.train.loop import train
     from sdtrain.train.tracking import read_log
 
+    if mode == "before":  # the base itself, untrained: what the rows learned and forgot is against it
+        return score(base, data, per_combo, runs / "before") | {"mode": mode, "loss_curve": []}
     quantize, precision = MODES[mode]
     out = runs / mode
     overrides = [
@@ -70,13 +70,25 @@ def run(base: Path, data: Path, runs: Path, mode: str, steps: int, rank: int, lr
     ]  # fmt: skip
     if not (out / "final" / "model_index.json").exists():
         train(load_config(Config, None, overrides))
-    seen, held_out = load_combos(data)
-    pipe = Pipeline.from_pretrained(out / "final", device="cpu")
-    settings = {"guidance_scale": 1.5, "num_inference_steps": 30, "seed": 0}
-    learned, _ = adherence(pipe, held_out, per_combo, **settings)
-    kept, _ = adherence(pipe, seen, 2, **settings)
     curve = [(r["step"], round(r["loss"], 4)) for r in read_log(out / "log.jsonl") if "loss" in r]
-    return {"mode": mode, "held_out": learned, "seen": kept, "loss_curve": curve}
+    return score(out / "final", data, per_combo, out) | {"mode": mode, "loss_curve": curve}
+
+
+def score(model: Path, data: Path, per_combo: int, out: Path) -> dict:
+    """The oracle's scores of ``model``: ``per_combo`` images of each held-out combination, 2 of each seen one
+    (euler_a, 30 steps, guidance 1.5: the demo's sampling); the held-out images' grid in ``out/held_out.png`` (a
+    row per combination)."""
+    from sdtrain.evaluate.report import adherence
+    from sdtrain.sample.pipeline import Pipeline, make_grid
+
+    seen, held_out = load_combos(data)
+    pipe = Pipeline.from_pretrained(model, device="cpu")
+    settings = {"guidance_scale": 1.5, "num_inference_steps": 30, "seed": 0}
+    learned, images = adherence(pipe, held_out, per_combo, **settings)
+    out.mkdir(parents=True, exist_ok=True)
+    make_grid(images, per_combo).save(out / "held_out.png")
+    kept, _ = adherence(pipe, seen, 2, **settings)
+    return {"held_out": learned, "seen": kept}
 
 
 def main() -> None:
@@ -84,7 +96,7 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=Path("runs/demo/unet/final"), help="a demo export")
     parser.add_argument("--data", type=Path, default=Path("data/shapes"), help="the demo's shapes dataset")
     parser.add_argument("--runs", type=Path, default=Path("runs/memory-quality"))
-    parser.add_argument("--mode", choices=list(MODES), action="append", help="rows (default: all)")
+    parser.add_argument("--mode", choices=["before", *MODES], action="append", help="rows (default: all)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -93,7 +105,7 @@ def main() -> None:
 
     write_held_out(args.data, args.runs / "held-out", per_combo=32)
     rows = []
-    for mode in args.mode or MODES:
+    for mode in args.mode or ["before", *MODES]:
         row = run(args.base, args.data, args.runs, mode, args.steps, args.rank, args.lr, args.images_per_combo)
         rows.append(row)
         print(f"{mode}: held out all three {row['held_out']['all']:.1%}, seen {row['seen']['all']:.1%}", flush=True)
@@ -102,7 +114,7 @@ def main() -> None:
     for r in rows:
         h = r["held_out"]
         print(f"| {r['mode']} | {h['color']:.1%} / {h['shape']:.1%} / {h['background']:.1%} / {h['all']:.1%} | "
-              f"{r['seen']['all']:.1%} | {r['loss_curve'][-1][1]} |")  # fmt: skip
+              f"{r['seen']['all']:.1%} | {r['loss_curve'][-1][1] if r['loss_curve'] else '-'} |")  # fmt: skip
     for r in rows:
         print(f"{r['mode']} loss: " + " ".join(f"{step}:{loss}" for step, loss in r["loss_curve"]))
     print(json.dumps({"steps": args.steps, "rank": args.rank, "lr": args.lr, "rows": rows}))
