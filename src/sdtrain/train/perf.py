@@ -39,6 +39,8 @@ class StepProfile:
     checkpointed_bytes: float  # of one sample, only the outputs of the UNet's top-level blocks
     block_bytes: float = 0.0  # of one sample, the leaf outputs of the largest block (recomputed in the backward)
     autocast: bool = False  # measured under autocast (else in fp32: halved for a mixed-precision estimate)
+    linear_weights: float = 0.0  # elements of the model's frozen linear weights
+    block_linear_weights: float = 0.0  # of the largest top-level block's
 
     @property
     def train_flops(self) -> float:
@@ -82,7 +84,28 @@ def profile_denoiser(
         for hook in hooks:
             hook.remove()
     largest = max(within.values(), default=0.0)
-    return StepProfile(float(counter.get_total_flops()), leaf_bytes[0], block_bytes[0], largest, bool(autocast))
+    linear = {id(m): m.in_features * m.out_features for m in model.modules() if _frozen_linear(m)}
+    per_block = [sum(linear.get(id(m), 0) for m in unit.modules()) for unit in _checkpointed_units(model)]
+    return StepProfile(
+        float(counter.get_total_flops()), leaf_bytes[0], block_bytes[0], largest, bool(autocast),
+        float(sum(linear.values())), float(max(per_block, default=0)),
+    )  # fmt: skip
+
+
+def _checkpointed_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """What diffusers' gradient checkpointing recomputes as one piece: a transformer's blocks; a UNet's residual
+    blocks and the transformer blocks inside its attention modules."""
+    units = [*getattr(model, "transformer_blocks", []), *getattr(model, "single_transformer_blocks", [])]
+    levels = [*getattr(model, "down_blocks", []), getattr(model, "mid_block", None), *getattr(model, "up_blocks", [])]
+    for level in (lv for lv in levels if lv is not None):
+        units += list(getattr(level, "resnets", None) or [])
+        for attention in getattr(level, "attentions", None) or []:
+            units += list(getattr(attention, "transformer_blocks", None) or [attention])
+    return units
+
+
+def _frozen_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear) and not module.weight.requires_grad
 
 
 @dataclass
@@ -135,8 +158,14 @@ def estimate_memory(
     per_sample = profile.activation_bytes
     if train_config.gradient_checkpointing:  # the blocks' outputs, and one block's inside while it is recomputed
         per_sample = profile.checkpointed_bytes + profile.block_bytes
-    if train_config.mixed_precision in ("bf16", "fp16") and not profile.autocast:
+    half = train_config.mixed_precision in ("bf16", "fp16")
+    if half and not profile.autocast:
         per_sample /= 2  # measured in fp32, stored in 16 bits under autocast
+    dequantised = 0.0
+    if base_mode in ("fp8", "int8"):  # torchao dequantises a weight for each matmul, and autograd keeps the copy
+        # for the backward pass: every layer's without checkpointing, the recomputed block's with it
+        count = profile.block_linear_weights if train_config.gradient_checkpointing else profile.linear_weights
+        dequantised = count * (2 if half else 4)
     per_param = OPTIMIZER_BYTES[train_config.optim.name]
     optimizer = (per_param + 4.0) * trainable / processes if zero_stage else per_param * trainable / shards
     return MemoryEstimate(
@@ -145,7 +174,7 @@ def estimate_memory(
         optimizer=optimizer,
         ema=0.0 if train_config.ema_decay is None or train_config.ema_offload else 4.0 * trainable / shards,
         frozen=sum(held_bytes(module, mode) for module, mode in frozen),
-        activations=per_sample * micro_batch,
+        activations=per_sample * micro_batch + dequantised,
     )
 
 
