@@ -4,16 +4,12 @@ adds LoRA adapters to. What is quantised, when, and why these libraries: ``docs/
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from sdtrain.errors import MissingPackage
 
-logger = logging.getLogger(__name__)
-
 LIBRARIES = {"fp8": "torchao", "int8": "torchao", "nf4": "bitsandbytes"}  # the package each mode runs on
-BYTES_PER_WEIGHT = {"none": None, "fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 0.5 / 64 + 4 / 64 / 256}  # nf4: absmax
+BYTES_PER_WEIGHT = {"fp8": 1.0, "int8": 1.0, "nf4": 0.5 + 0.5 / 64 + 4 / 64 / 256}  # nf4: absmax
 # per block of 64, itself 8-bit per block of 256 (double quantisation)
 
 
@@ -116,15 +112,17 @@ def held_bytes(model: torch.nn.Module, mode: str = "none") -> float:
 
 def stored_bytes(model: torch.nn.Module) -> int:
     """Bytes ``model``'s weights and buffers take where they are held, quantised layers at their packed size."""
-    total = 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if hasattr(tensor, "__tensor_flatten__") and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
-            names, _ = tensor.__tensor_flatten__()  # torchao: the packed values and their scales
-            total += sum(getattr(tensor, n).numel() * getattr(tensor, n).element_size() for n in names)
-        else:
-            total += tensor.numel() * tensor.element_size()
-        state = getattr(tensor, "quant_state", None)  # bitsandbytes: absmax beside the packed bytes
-        if state is not None:
-            values = state.as_dict(packed=True).values()
-            total += sum(t.numel() * t.element_size() for t in values if torch.is_tensor(t))
+    return sum(tensor_bytes(t) for t in [*model.parameters(), *model.buffers()])
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor takes where it is held: a quantised one's packed values and scales."""
+    if hasattr(tensor, "__tensor_flatten__") and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = tensor.__tensor_flatten__()  # torchao: the packed values and their scales
+        total = sum(getattr(tensor, n).numel() * getattr(tensor, n).element_size() for n in names)
+    else:
+        total = tensor.numel() * tensor.element_size()
+    state = getattr(tensor, "quant_state", None)  # bitsandbytes: absmax beside the packed bytes
+    if state is not None:
+        total += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values() if torch.is_tensor(t))
     return total

@@ -22,6 +22,7 @@ from functools import partial
 import torch
 
 from sdtrain.config import ConfigError
+from sdtrain.models.quantize import held_bytes, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -135,12 +136,7 @@ class BlockSwap:
 
     def held_elsewhere(self) -> int:
         """Bytes of the swapped blocks' frozen tensors in CPU memory (quantised ones at their packed size)."""
-        from sdtrain.models.quantize import stored_bytes
-
-        holder = torch.nn.Module()
-        for i, (_, _, home) in enumerate(h for homes in self.homes for h in homes):
-            holder.register_buffer(f"t{i}", home.detach() if isinstance(home, torch.nn.Parameter) else home)
-        return stored_bytes(holder)
+        return sum(tensor_bytes(home) for homes in self.homes for _, _, home in homes)
 
 
 def _copied(tensor: torch.Tensor, device, non_blocking: bool = False, pin: bool = False) -> torch.Tensor:
@@ -219,7 +215,5 @@ def settle(model: torch.nn.Module) -> None:
 def offloaded_bytes(model: torch.nn.Module, count: int, mode: str = "none") -> float:
     """What swapping the last ``count`` blocks of ``model`` takes off the device, as the estimate counts it: their
     frozen weights (held in ``mode``, from shapes) less the two largest, which visit at a time."""
-    from sdtrain.models.quantize import held_bytes
-
     sizes = sorted(held_bytes(block, mode) for block in blocks_of(model)[-count:]) if count else []
     return sum(sizes[:-2]) if len(sizes) > 2 else 0.0

@@ -572,7 +572,7 @@ def _fidelity(scorer, run: _Run, model: torch.nn.Module, log_path: Path) -> None
     finally:
         scorer.to("cpu")
         placement.park(run.components, run.parked)  # the pipeline moved every component to the device
-    block_swap.settle(model)
+        block_swap.settle(model)
     values = {k: result[k] for k in ("fid", "kid_mean", "clip_score") if k in result}
     if accelerator.is_main_process:
         logger.info("fidelity at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))

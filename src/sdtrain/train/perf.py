@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sdtrain.models.quantize import held_bytes
+from sdtrain.train.block_swap import blocks_of
+
 # Dense bf16 / fp16 tensor-core peaks (TFLOP/s, no sparsity), for MFU. fp32 runs use TF32 peaks: half of these.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
 
@@ -40,7 +43,7 @@ class StepProfile:
     block_bytes: float = 0.0  # of one sample, the leaf outputs of the largest block (recomputed in the backward)
     autocast: bool = False  # measured under autocast (else in fp32: halved for a mixed-precision estimate)
     linear_weights: float = 0.0  # elements of the model's frozen linear weights
-    block_linear_weights: float = 0.0  # of the largest top-level block's
+    block_linear_weights: float = 0.0  # of the largest piece gradient checkpointing recomputes
 
     @property
     def train_flops(self) -> float:
@@ -56,10 +59,9 @@ def profile_denoiser(
     whose first row is used) and measure FLOPs and activation sizes; under ``autocast`` to that dtype where given
     (a model whose frozen weights are held in it), else in the model's dtype."""
     leaf_bytes, block_bytes = [0.0], [0.0]
-    stages = [*getattr(model, "down_blocks", []), getattr(model, "mid_block", None), *getattr(model, "up_blocks", [])]
-    stages += [*getattr(model, "transformer_blocks", []), *getattr(model, "single_transformer_blocks", [])]
-    blocks = {id(b) for b in stages if b is not None}
-    owner = {id(m): id(b) for b in stages if b is not None for m in b.modules()}  # leaf -> its top-level block
+    stages = _levels(model) + blocks_of(model)
+    blocks = {id(b) for b in stages}
+    owner = {id(m): id(b) for b in stages for m in b.modules()}  # leaf -> its top-level block
     within: dict[int, float] = {}
 
     def count(module, inputs, output):
@@ -95,13 +97,18 @@ def profile_denoiser(
 def _checkpointed_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """What diffusers' gradient checkpointing recomputes as one piece: a transformer's blocks; a UNet's residual
     blocks and the transformer blocks inside its attention modules."""
-    units = [*getattr(model, "transformer_blocks", []), *getattr(model, "single_transformer_blocks", [])]
-    levels = [*getattr(model, "down_blocks", []), getattr(model, "mid_block", None), *getattr(model, "up_blocks", [])]
-    for level in (lv for lv in levels if lv is not None):
+    units = blocks_of(model)
+    for level in _levels(model):
         units += list(getattr(level, "resnets", None) or [])
         for attention in getattr(level, "attentions", None) or []:
             units += list(getattr(attention, "transformer_blocks", None) or [attention])
     return units
+
+
+def _levels(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """A UNet's levels, down, middle and up; empty for a transformer."""
+    levels = [*getattr(model, "down_blocks", []), getattr(model, "mid_block", None), *getattr(model, "up_blocks", [])]
+    return [level for level in levels if level is not None]
 
 
 def _frozen_linear(module: torch.nn.Module) -> bool:
@@ -152,8 +159,6 @@ def estimate_memory(
     holds its partition of the optimizer state plus DeepSpeed's fp32 master copy of the trainable weights, and from
     ``zero_stage`` 2 its partition of the gradients. ``offloaded``: bytes of the base that block swap keeps in CPU
     memory (:func:`sdtrain.train.block_swap.offloaded_bytes`)."""
-    from sdtrain.models.quantize import held_bytes
-
     trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     per_sample = profile.activation_bytes
     if train_config.gradient_checkpointing:  # the blocks' outputs, and one block's inside while it is recomputed

@@ -74,14 +74,13 @@ def check(config: Config) -> None:
                               "into; this run builds its denoiser")  # fmt: skip
         check_available(m.quantize, "model.quantize")
     trained = for_config(m).text_encoders if text_encoders.trains_text(tc) else ()
-    quantised = [n for n, t in _frozen_settings(config).items() if getattr(t, "quantize", "none") != "none"]
-    if m.pretrained == IN_MEMORY and quantised:
-        raise ConfigError("model.text_encoder*.quantize: the Python API's components are used as they are; "
-                          "quantise through sdtrain train with model.pretrained")  # fmt: skip
     for name, settings in _frozen_settings(config).items():
         mode = getattr(settings, "quantize", "none")
         if mode == "none":
             continue
+        if m.pretrained == IN_MEMORY:
+            raise ConfigError("model.text_encoder*.quantize: the Python API's components are used as they are; "
+                              "quantise through sdtrain train with model.pretrained")  # fmt: skip
         if name in trained:
             raise ConfigError(
                 f"model.{name}.quantize={mode}: a trained text encoder is not quantised (train.text_encoder.mode="

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from sdtrain import objective
 from sdtrain.config import AutoencoderConfig, Config, ConfigError, DataConfig, ModelConfig
@@ -47,18 +48,17 @@ def check_pretrained_prediction(config: Config) -> None:
     own_unet = m.unet.from_scratch or m.unet.pretrained
     if not m.pretrained or m.pretrained == IN_MEMORY or own_unet or not index.is_file():
         return
-    theirs, ours = json.loads(index.read_text()), config.train.objective
-    wanted = {
-        "prediction_type": (theirs.get("prediction_type", "epsilon"), ours.prediction_type),
-        "rescale_zero_terminal_snr": (bool(theirs.get("rescale_betas_zero_snr")), ours.rescale_zero_terminal_snr),
-    }
-    differ = {k: str(a).lower() if isinstance(a, bool) else a for k, (a, b) in wanted.items() if a != b}
-    if differ:
-        keys = " ".join(f"train.objective.{k}={v}" for k, v in differ.items())
+    theirs = objective.from_scheduler(SimpleNamespace(config=json.loads(index.read_text())))
+    keys = ("prediction_type", "rescale_zero_terminal_snr")
+    differ = {k: getattr(theirs, k) for k in keys if getattr(theirs, k) != getattr(config.train.objective, k)}
+    if theirs.kind == "ddpm" and differ:
+        settings = " ".join(
+            f"train.objective.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in differ.items()
+        )
         raise ConfigError(
-            f"model.pretrained={m.pretrained} samples {wanted['prediction_type'][0]} (its scheduler"
-            f"{', zero terminal SNR' if wanted['rescale_zero_terminal_snr'][0] else ''}): training it otherwise "
-            f"unlearns it; set {keys}"
+            f"model.pretrained={m.pretrained} samples {theirs.prediction_type} (its scheduler"
+            f"{', zero terminal SNR' if theirs.rescale_zero_terminal_snr else ''}): training it otherwise "
+            f"unlearns it; set {settings}"
         )
 
 
