@@ -15,6 +15,10 @@ caching allocator, and the seconds of the last step (the first warms up). The es
     python bench/memory_gpu.py --log rows.jsonl                 # every row (a few minutes on an H100 / H200)
     python bench/memory_gpu.py --row flux:nf4:30 --row sdxl:bf16:0
     python bench/memory_gpu.py --device cpu --resolution 64 --row sd:int8:0   # the code path, on a CPU
+
+A row that fails prints its traceback and the others still run; a CUDA error can leave the process unusable, so
+``bench/RESULTS.md`` runs each row in its own process. ``--no-cudnn-attention`` turns off SDPA's cuDNN backend (to
+tell a crash in cuDNN's attention from one of ours).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import gc
 import json
 import time
+import traceback
 
 import torch
 from memory_estimate import _models
@@ -155,8 +160,11 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--log", help="append each row as JSON to this file")
+    parser.add_argument("--no-cudnn-attention", action="store_true", help="SDPA without its cuDNN backend")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if device.type == "cuda":
         print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
     print("| model | base | swapped blocks | preset | held (GiB) | measured peak (GiB) | reserved (GiB) | "
@@ -167,6 +175,7 @@ def main() -> None:
         try:
             result = one(row, args.resolution, device)
         except Exception as error:  # noqa: BLE001 - a row that fails is reported, the others still run
+            traceback.print_exc()
             result = {"row": row, "error": f"{type(error).__name__}: {error}"[:500]}
             print(f"| {row} | failed: {result['error']} |", flush=True)
         else:

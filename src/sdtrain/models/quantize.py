@@ -4,6 +4,8 @@ adds LoRA adapters to. What is quantised, when, and why these libraries: ``docs/
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from sdtrain.errors import MissingPackage
@@ -70,7 +72,25 @@ def quantize(
         quantize_(model, config, filter_fn=_linear, device=device)
     else:
         _to_nf4(model, compute_dtype, device)
+    for module in model.modules():
+        if _quantised(module):
+            module.register_forward_pre_hook(partial(_input_in, compute_dtype))
     return count
+
+
+def _quantised(module: torch.nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(module, torch.nn.Linear) and weight is not None and type(weight) is not torch.nn.Parameter
+
+
+def _input_in(dtype: torch.dtype, module, args):
+    """A quantised layer's input in the compute dtype, as autocast hands it to a plain linear layer: autocast does
+    not reach them (torchao's tensors compute at the Python level, bitsandbytes returns its input's dtype), so an fp32
+    input (a norm's output under autocast) would make an fp32 output, and on a GPU a residual stream of fp32 (FLUX.1:
+    2 GiB more) and fp32 matmuls for torchao."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and args[0].dtype != dtype:
+        return (args[0].to(dtype), *args[1:])
+    return None
 
 
 def _to_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device) -> None:

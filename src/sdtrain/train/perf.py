@@ -35,12 +35,13 @@ def peak_tflops(device: torch.device, mixed_precision: str) -> float | None:
 
 @dataclass
 class StepProfile:
-    """FLOPs and activation bytes of one sample through the UNet."""
+    """FLOPs and activation bytes of one sample through the denoiser."""
 
     forward_flops: float
     activation_bytes: float  # of one sample, every leaf module's output
-    checkpointed_bytes: float  # of one sample, only the outputs of the UNet's top-level blocks
-    block_bytes: float = 0.0  # of one sample, the leaf outputs of the largest block (recomputed in the backward)
+    checkpointed_bytes: float  # of one sample, with gradient checkpointing: the outputs of the checkpointed units
+    # and of the leaf modules outside them
+    block_bytes: float = 0.0  # of one sample, the leaf outputs inside the largest unit (recomputed in the backward)
     autocast: bool = False  # measured under autocast (else in fp32: halved for a mixed-precision estimate)
     linear_weights: float = 0.0  # elements of the model's frozen linear weights
     block_linear_weights: float = 0.0  # of the largest piece gradient checkpointing recomputes
@@ -58,21 +59,23 @@ def profile_denoiser(
     """Run one batch-1 forward pass of ``model`` (through the family's ``predict`` with the conditioning ``cond``,
     whose first row is used) and measure FLOPs and activation sizes; under ``autocast`` to that dtype where given
     (a model whose frozen weights are held in it), else in the model's dtype."""
-    leaf_bytes, block_bytes = [0.0], [0.0]
-    stages = _levels(model) + blocks_of(model)
-    blocks = {id(b) for b in stages}
-    owner = {id(m): id(b) for b in stages for m in b.modules()}  # leaf -> its top-level block
+    leaf_bytes, kept_bytes = [0.0], [0.0]
+    units = _checkpointed_units(model)
+    unit_ids = {id(unit) for unit in units}
+    owner = {id(m): id(unit) for unit in units for m in unit.modules()}  # module -> the unit recomputing it
     within: dict[int, float] = {}
 
     def count(module, inputs, output):
         tensors = output if isinstance(output, (tuple, list)) else (output,)
         size = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-        if id(module) in blocks:
-            block_bytes[0] += size
+        if id(module) in unit_ids:
+            kept_bytes[0] += size
         elif not any(True for _ in module.children()):
             leaf_bytes[0] += size
             if id(module) in owner:
                 within[owner[id(module)]] = within.get(owner[id(module)], 0.0) + size
+            else:  # outside every checkpointed unit: kept for the backward pass
+                kept_bytes[0] += size
 
     hooks = [m.register_forward_hook(count) for m in model.modules()]
     try:
@@ -89,7 +92,7 @@ def profile_denoiser(
     linear = {id(m): m.in_features * m.out_features for m in model.modules() if _frozen_linear(m)}
     per_block = [sum(linear.get(id(m), 0) for m in unit.modules()) for unit in _checkpointed_units(model)]
     return StepProfile(
-        float(counter.get_total_flops()), leaf_bytes[0], block_bytes[0], largest, bool(autocast),
+        float(counter.get_total_flops()), leaf_bytes[0], kept_bytes[0], largest, bool(autocast),
         float(sum(linear.values())), float(max(per_block, default=0)),
     )  # fmt: skip
 
