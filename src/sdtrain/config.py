@@ -217,6 +217,17 @@ class DataConfig:
     """Flip horizontally with probability 0.5."""
     caption_dropout: float = 0.1
     """Share of captions replaced by the empty prompt, for classifier-free guidance."""
+    trigger: str | None = None
+    """A trigger word (or phrase) for the concept being taught: `[trigger]` in a caption (and in train.sample_prompts)
+    becomes it, and a caption without `[trigger]` gets it in front (`WORD, caption`)."""
+    shuffle_tags: bool = False
+    """Shuffle each caption's comma-separated tags every time it is drawn, all but the first keep_tokens (a trigger
+    put in front stays first). Not with a latent cache, which encodes each caption once."""
+    keep_tokens: int = 0
+    """Leading tags of a caption that shuffle_tags and tag_dropout leave in place."""
+    tag_dropout: float = 0.0
+    """Probability of dropping each tag past keep_tokens every time a caption is drawn (never the tag holding
+    `[trigger]`). Not with a latent cache."""
     num_workers: int = 0
     """DataLoader worker processes."""
     cache_latents: bool = False
@@ -283,6 +294,17 @@ class DataConfig:
             raise ConfigError("set data.validation_split or data.validation_path, not both")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.trigger is not None and not self.trigger.strip():
+            raise ConfigError("data.trigger is empty: set a word (data.trigger=sks) or leave it unset")
+        if self.keep_tokens < 0:
+            raise ConfigError(f"data.keep_tokens must be >= 0, got {self.keep_tokens}")
+        if not 0.0 <= self.tag_dropout < 1.0:
+            raise ConfigError(f"data.tag_dropout must be in [0, 1), got {self.tag_dropout}")
+        if (self.shuffle_tags or self.tag_dropout) and (self.cache_latents or self.cache_dir):
+            raise ConfigError(
+                "data.shuffle_tags and data.tag_dropout change a caption each time it is drawn, and a latent cache "
+                "(data.cache_latents, data.cache_dir) encodes each caption once: turn one of them off"
+            )
         if self.resolution <= 0 or self.resolution % 8:
             raise ConfigError(f"data.resolution must be a positive multiple of 8, got {self.resolution}")
 

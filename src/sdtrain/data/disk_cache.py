@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 
 from sdtrain.config import DataConfig
 from sdtrain.data.buckets import config_buckets, nearest_bucket
-from sdtrain.data.decode import DataError, Skip, SkipCounter, caption_options
+from sdtrain.data.captions import cached_captions
+from sdtrain.data.decode import DataError, Skip, SkipCounter
 from sdtrain.data.folder import EpochSampler, training_records
 from sdtrain.data.sources import is_shards, shard_records
 from sdtrain.data.streams import cached_batch, caption_choice
@@ -62,6 +63,7 @@ def fingerprint(config: DataConfig, encoders: Encoders) -> dict[str, Any]:
         "resolution": config.resolution,
         "center_crop": config.center_crop,
         "buckets": [list(b) for b in config_buckets(config)],
+        **({"trigger": config.trigger} if config.trigger else {}),  # in the cached captions' embeddings
     }
 
 
@@ -183,7 +185,7 @@ def write_cache(config: DataConfig, encoders: Encoders, seed: int = 0, rank: int
     parts, skipped = [], SkipCounter()
     for key, image, caption in tqdm(_records(config, seed, rank, world_size), desc="caching", unit="img"):
         try:
-            options = caption_options(caption)
+            options = cached_captions(caption, config)
             pixels, info = load_pixels(image, config.resolution, bucket_of=partial(nearest_bucket, buckets=buckets))
         except Skip as skip:
             skipped[skip.reason] += 1

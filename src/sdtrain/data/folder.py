@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sdtrain.config import ConfigError, DataConfig
-from sdtrain.data.decode import Skip, SkipCounter, choose_caption
+from sdtrain.data.captions import training_caption
+from sdtrain.data.decode import Skip, SkipCounter
 from sdtrain.data.sources import list_records
 from sdtrain.data.transforms import load_pixels
 
@@ -65,7 +66,7 @@ class ImageCaptionFolder(Dataset):
         rng = random.Random(self.seed * 1_000_003 + index)
         c = self.config
         try:
-            caption = choose_caption(record["caption"], rng)
+            caption = training_caption(record["caption"], rng, c)
             pixels, info = load_pixels(record["image"], c.resolution, c.center_crop, c.random_flip, rng)
         except Skip as skip:
             return {"skip": skip.reason}

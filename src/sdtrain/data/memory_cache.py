@@ -12,7 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sdtrain.config import DataConfig
-from sdtrain.data.decode import DataError, Skip, SkipCounter, caption_options
+from sdtrain.data.captions import cached_captions
+from sdtrain.data.decode import DataError, Skip, SkipCounter
 from sdtrain.data.folder import EpochSampler, training_records
 from sdtrain.data.streams import cached_batch, caption_choice
 from sdtrain.data.transforms import load_pixels
@@ -59,7 +60,7 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
 
     for record in tqdm(records, desc="caching latents", unit="img", leave=False):
         try:
-            options = caption_options(record["caption"])
+            options = cached_captions(record["caption"], config)
             pixels, info = load_pixels(record["image"], config.resolution)
         except Skip as skip:
             skipped[skip.reason] += 1

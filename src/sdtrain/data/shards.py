@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sdtrain.config import ConfigError, DataConfig
 from sdtrain.data.buckets import config_buckets, nearest_bucket
-from sdtrain.data.decode import DataError, Skip, SkipCounter, choose_caption, probe_size
+from sdtrain.data.captions import training_caption
+from sdtrain.data.decode import DataError, Skip, SkipCounter, probe_size
 from sdtrain.data.transforms import check_aspect, load_pixels
 from sdtrain.errors import MissingPackage
 
@@ -345,7 +346,7 @@ class ShardDataset(IterableDataset):
             rng = random.Random(f"{self.seed}-{epoch}-{key}")  # crop and flip of this sample in this epoch
             try:
                 # json may hold a list
-                caption = choose_caption(sample_caption(sample, self.config.caption_column), rng)
+                caption = training_caption(sample_caption(sample, self.config.caption_column), rng, self.config)
                 image = sample_image(sample) or b""
                 pixels, info = load_pixels(image, bucket, self.config.center_crop, self.config.random_flip, rng)
             except Skip as skip:

@@ -26,6 +26,7 @@ from accelerate.utils import broadcast_object_list
 
 from sdtrain import objective
 from sdtrain.config import Config, ConfigError, TrainConfig, save_config
+from sdtrain.data.captions import in_prompts
 from sdtrain.data.disk_cache import DiskCache, DiskCacheStream
 from sdtrain.data.memory_cache import MemoryCacheStream, build_memory_cache
 from sdtrain.data.sources import is_shards
@@ -588,7 +589,8 @@ def _sample(run: _Run, model: torch.nn.Module | None) -> Path | None:
     config, step = run.config, run.counters.step
     out_dir = run.out / "samples" / f"step-{step:06d}"
     with run.autocast():  # a base held in the compute dtype or quantised, fp32 adapters
-        result = _pipeline(run, model).generate(config.train.sample_prompts, seed=config.train.seed)
+        prompts = in_prompts(config.train.sample_prompts, config.data.trigger)
+        result = _pipeline(run, model).generate(prompts, seed=config.train.seed)
     placement.park(run.components, run.parked)  # the pipeline moved every component to the device
     block_swap.settle(model)
     grid = save_images(result.images, out_dir)

@@ -15,6 +15,7 @@ import torch
 
 from sdtrain import objective
 from sdtrain.config import DataConfig
+from sdtrain.data.captions import with_trigger
 from sdtrain.data.decode import Skip, clean_caption
 from sdtrain.data.folder import validation_records
 from sdtrain.data.streams import size_condition
@@ -47,7 +48,7 @@ def build_validation_set(data: DataConfig, diffusion, encoders: Encoders, seed: 
     for record in records:
         try:
             caption = record["caption"][0] if isinstance(record["caption"], list) else record["caption"]
-            caption = clean_caption(caption)
+            caption = with_trigger(clean_caption(caption), data.trigger)
             image, info = load_pixels(record["image"], data.resolution)
         except Skip:
             continue
