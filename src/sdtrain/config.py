@@ -429,6 +429,9 @@ class LoRAConfig:
     projections to_q, to_k, to_v, to_out.0, as diffusers' LoRA example)."""
     dropout: float = 0.0
     """Dropout on the adapter input."""
+    variant: Literal["lora", "dora"] = "lora"
+    """lora: the update B A; dora: weight-decomposed LoRA (peft's use_dora): the merged weight's norm per output row
+    is a trained magnitude, the direction W + B A normalised."""
 
     def __post_init__(self) -> None:
         if self.rank < 0:

@@ -33,6 +33,7 @@ def add_lora(unet, config: LoRAConfig, default_targets: tuple[str, ...] = ()) ->
         lora_dropout=config.dropout,
         init_lora_weights="gaussian",
         target_modules=list(config.target_modules if config.target_modules is not None else default_targets),
+        use_dora=config.variant == "dora",
     )
     with warnings.catch_warnings():  # peft warns that a torchao layer cannot merge: the export never merges into one
         warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
@@ -72,7 +73,8 @@ def save_lora(modules: dict, out_dir: str | Path, pipeline_class=None, denoiser:
     where they trained) twice: ``out_dir/pytorch_lora_weights.safetensors`` in diffusers' format (keys
     ``unet.…lora_A/B``, ``text_encoder.…``) and, for a UNet, ``out_dir/lora_kohya.safetensors`` in kohya-ss' layout,
     which A1111, ComfyUI and model sites load (``lora_unet_…``, ``lora_te1_…``, ``lora_te2_…`` with
-    ``lora_down / lora_up / alpha``).
+    ``lora_down / lora_up / alpha``). DoRA adapters (``train.lora.variant=dora``: a trained magnitude per output row)
+    get the first file alone.
 
     ``denoiser`` is the family's name of the adapted model (``unet``, ``transformer``; only a UNet's adapters get
     the kohya file). ``pipeline_class`` is the family's diffusers pipeline, whose ``save_lora_weights`` writes the
@@ -106,8 +108,11 @@ def save_lora(modules: dict, out_dir: str | Path, pipeline_class=None, denoiser:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         flat = {f"{name}.{k}": v.contiguous() for name, state in states.items() for k, v in state.items()}
         save_file(flat, Path(out_dir) / "pytorch_lora_weights.safetensors")
-    if denoiser == "unet":  # a transformer's LoRA goes in diffusers' layout, which ComfyUI reads for them
-        peft_keys = {f"{name}.{k}": v for name, state in states.items() for k, v in state.items()}
+    peft_keys = {f"{name}.{k}": v for name, state in states.items() for k, v in state.items()}
+    dora = any("lora_magnitude_vector" in k for k in peft_keys)
+    # a transformer's LoRA goes in diffusers' layout, which ComfyUI reads for them; DoRA has no kohya file: diffusers
+    # neither writes nor reads its magnitudes in that layout, so nothing here could check one
+    if denoiser == "unet" and not dora:
         kohya = convert_state_dict_to_kohya(peft_keys)
         save_file({k: v.contiguous() for k, v in kohya.items()}, Path(out_dir) / KOHYA_FILE)
     return Path(out_dir)
