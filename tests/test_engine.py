@@ -124,6 +124,65 @@ def test_lora_export_loads_with_plain_diffusers_and_changes_the_output(
     assert np.abs(third - after).max() < 1e-4
 
 
+def _lycoris_update(params: dict, shape) -> torch.Tensor:
+    """The weight update of one layer's LyCORIS keys as ComfyUI's LoHa / LoKr adapters compute it (alpha over the
+    rank of a low-rank factor, 1 without one), written from their loaders' formulas."""
+    if "hada_w1_a" in params:
+        update = (params["hada_w1_a"] @ params["hada_w1_b"]) * (params["hada_w2_a"] @ params["hada_w2_b"])
+        rank = params["hada_w1_b"].shape[0]
+    else:
+        w1 = params.get("lokr_w1")
+        w1 = w1 if w1 is not None else params["lokr_w1_a"] @ params["lokr_w1_b"]
+        w2 = params.get("lokr_w2")
+        w2 = w2 if w2 is not None else params["lokr_w2_a"] @ params["lokr_w2_b"]
+        low = params.get("lokr_w2_b", params.get("lokr_w1_b"))
+        rank = low.shape[0] if low is not None else None
+        update = torch.kron(w1, w2)
+    alpha = params["alpha"].item() / rank if "alpha" in params and rank else 1.0
+    return (alpha * update).reshape(shape)
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr"])
+def test_loha_and_lokr_export_for_peft_and_lycoris_loaders(tmp_path, clip_dir, vae_dir, image_folder, variant):
+    """A LoHa / LoKr run: the merged export equals the base with the adapters loaded by peft from the files in peft's
+    layout, and the LyCORIS-named file (ComfyUI's, A1111's), applied with its loaders' formula, gives the merged
+    export's weights."""
+    import peft
+    from safetensors.torch import load_file
+
+    base = _run(tmp_path, clip_dir, vae_dir, image_folder, ["train.num_steps=1", "train.ema_decay=null"], "base")
+    extra = [f"model.pretrained={base}", "train.lora.rank=4", "train.lora.alpha=2", "train.optim.lr=1e-2",
+             f"train.lora.variant={variant}", "train.ema_decay=null"]  # fmt: skip
+    final = _run(tmp_path, clip_dir, vae_dir, image_folder, extra, variant)
+    merged = StableDiffusionPipeline.from_pretrained(final).unet
+    # peft's layout: the adapters injected into the base and loaded give the merged UNet's output
+    unet = StableDiffusionPipeline.from_pretrained(base).unet
+    config = peft.PeftConfig.from_pretrained(final / "lora")
+    assert type(config).__name__ == {"loha": "LoHaConfig", "lokr": "LoKrConfig"}[variant]
+    peft.inject_adapter_in_model(config, unet, adapter_name="default")
+    result = peft.set_peft_model_state_dict(unet, load_file(final / "lora" / "adapter_model.safetensors"))
+    assert not result.unexpected_keys
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    cond = torch.randn(1, 8, merged.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = merged(x, t, cond).sample
+        assert (expected - StableDiffusionPipeline.from_pretrained(base).unet(x, t, cond).sample).abs().max() > 1e-4
+        assert (unet(x, t, cond).sample - expected).abs().max() < 1e-4
+    # the LyCORIS file: every adapted layer's base weight plus ComfyUI's update is the merged weight
+    plain = dict(StableDiffusionPipeline.from_pretrained(base).unet.named_parameters())
+    merged_weights = dict(merged.named_parameters())
+    layers: dict[str, dict] = {}
+    for key, value in load_file(final / "lora" / "lora_kohya.safetensors").items():
+        prefix, _, param = key.partition(".")
+        layers.setdefault(prefix, {})[param] = value
+    names = {"lora_unet_" + n[: -len(".weight")].replace(".", "_"): n for n in plain if n.endswith(".weight")}
+    assert layers and set(layers) <= set(names)
+    for prefix, params in layers.items():
+        name = names[prefix]
+        rebuilt = plain[name].detach() + _lycoris_update(params, plain[name].shape)
+        assert torch.allclose(rebuilt, merged_weights[name].detach(), atol=1e-6), prefix
+
+
 @pytest.mark.parametrize("name", ["adamw", "adafactor"])
 def test_optimizers_train(tmp_path, clip_dir, vae_dir, image_folder, name):
     final = _run(tmp_path, clip_dir, vae_dir, image_folder, [f"train.optim.name={name}", "train.num_steps=3"])

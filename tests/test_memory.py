@@ -164,6 +164,11 @@ def test_frozen_parts_are_held_in_the_compute_dtype(tmp_path, sd_dir):
         (["model.text_encoder.quantize=int8", "train.text_encoder.mode=lora", "train.text_encoder.rank=4"],
          "a trained text encoder is not quantised"),
         (["model.quantize=int4"], "model.quantize"),
+        (["model.quantize=nf4", "train.lora.rank=4", "train.lora.variant=loha"], "use model.quantize=int8"),
+        (["train.lora.rank=4", "train.lora.variant=lokr", "train.text_encoder.mode=lora", "train.text_encoder.rank=4"],
+         "the text encoders' adapters are LoRA"),
+        (["train.lora.rank=4", "train.lora.variant=loha", "train.lora.dropout=0.1"], "LoRA's input dropout"),
+        (["train.lora.rank=4", "train.lora.variant=lycoris"], "expected one of 'lora', 'dora', 'loha', 'lokr'"),
     ],
 )  # fmt: skip
 def test_what_cannot_run_is_refused_before_any_work(tmp_path, sd_dir, overrides, message):

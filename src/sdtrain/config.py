@@ -429,13 +429,17 @@ class LoRAConfig:
     projections to_q, to_k, to_v, to_out.0, as diffusers' LoRA example)."""
     dropout: float = 0.0
     """Dropout on the adapter input."""
-    variant: Literal["lora", "dora"] = "lora"
+    variant: Literal["lora", "dora", "loha", "lokr"] = "lora"
     """lora: the update B A; dora: weight-decomposed LoRA (peft's use_dora): the merged weight's norm per output row
-    is a trained magnitude, the direction W + B A normalised."""
+    is a trained magnitude, the direction W + B A normalised; loha / lokr: LyCORIS' Hadamard and Kronecker products
+    (peft's ports), over a base held as its files hold it or in bf16, the denoiser alone."""
 
     def __post_init__(self) -> None:
         if self.rank < 0:
             raise ConfigError(f"train.lora.rank must be >= 0, got {self.rank}")
+        if self.variant in ("loha", "lokr") and self.dropout:
+            raise ConfigError(f"train.lora.dropout is LoRA's input dropout; train.lora.variant={self.variant} has "
+                              "none here: set train.lora.dropout=0")  # fmt: skip
         if self.rank and self.target_modules is not None and not self.target_modules:
             raise ConfigError("train.lora.target_modules is empty (leave it unset for the model family's targets)")
 

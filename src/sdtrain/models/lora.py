@@ -6,11 +6,14 @@ import copy
 import warnings
 from pathlib import Path
 
+import torch
+
 from sdtrain.config import LoRAConfig
 from sdtrain.errors import MissingPackage
 
 LORA_FOLDER = "lora"  # inside an export: final/lora/pytorch_lora_weights.safetensors
 KOHYA_FILE = "lora_kohya.safetensors"  # beside it: the same adapters for A1111 / ComfyUI
+ADAPTER_PARAMS = ("lora_", "hada_", "lokr_")  # peft's parameter names of LoRA / DoRA, LoHa and LoKr
 
 
 def _peft():
@@ -27,14 +30,7 @@ def add_lora(unet, config: LoRAConfig, default_targets: tuple[str, ...] = ()) ->
     its adapter mixin (PixArt's transformer) gets them from peft directly, as the text encoders do."""
     peft = _peft()
     unet.requires_grad_(False)
-    lora = peft.LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha if config.alpha is not None else config.rank,
-        lora_dropout=config.dropout,
-        init_lora_weights="gaussian",
-        target_modules=list(config.target_modules if config.target_modules is not None else default_targets),
-        use_dora=config.variant == "dora",
-    )
+    lora = _adapter_config(peft, config, list(config.target_modules or default_targets))
     with warnings.catch_warnings():  # peft warns that a torchao layer cannot merge: the export never merges into one
         warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
         if hasattr(unet, "add_adapter"):
@@ -45,6 +41,24 @@ def add_lora(unet, config: LoRAConfig, default_targets: tuple[str, ...] = ()) ->
     for parameter in unet.parameters():
         if parameter.requires_grad:  # peft makes them in the base's dtype: fp32 masters over a bf16 / quantised base
             parameter.data = parameter.data.float()
+
+
+def _adapter_config(peft, config: LoRAConfig, targets: list[str]):
+    """peft's config of ``train.lora``: LoRA (DoRA with ``variant=dora``), or LyCORIS' LoHa / LoKr (peft's ports:
+    the update is ``(w1_a w1_b) * (w2_a w2_b)``, a Hadamard product of two low-rank matrices, or ``kron(w1, w2)``;
+    both start at zero)."""
+    alpha = config.alpha if config.alpha is not None else config.rank
+    if config.variant == "loha":
+        return peft.LoHaConfig(r=config.rank, alpha=alpha, target_modules=targets)
+    if config.variant == "lokr":
+        return peft.LoKrConfig(r=config.rank, alpha=alpha, target_modules=targets)
+    return peft.LoraConfig(r=config.rank, lora_alpha=alpha, lora_dropout=config.dropout, init_lora_weights="gaussian",
+                           target_modules=targets, use_dora=config.variant == "dora")  # fmt: skip
+
+
+def _scale(config) -> float:
+    """The update's alpha / rank of a peft adapter config (LoRA's ``lora_alpha``, LoHa's and LoKr's ``alpha``)."""
+    return (config.lora_alpha if hasattr(config, "lora_alpha") else config.alpha) / config.r
 
 
 def add_text_lora(text_encoder, config) -> None:
@@ -87,10 +101,12 @@ def save_lora(modules: dict, out_dir: str | Path, pipeline_class=None, denoiser:
     from safetensors.torch import save_file
 
     peft = _peft()
+    configs = {name: module.peft_config["default"] for name, module in modules.items()}
+    if not isinstance(configs[denoiser], peft.LoraConfig):
+        return _save_lycoris(modules[denoiser], configs[denoiser], out_dir, denoiser)
     states = {}
     for name, module in modules.items():
-        config = module.peft_config["default"]
-        scale = config.lora_alpha / config.r
+        scale = _scale(configs[name])
         states[name] = {
             k: v * scale if "lora_B" in k else v for k, v in peft.get_peft_model_state_dict(module).items()
         }
@@ -116,6 +132,41 @@ def save_lora(modules: dict, out_dir: str | Path, pipeline_class=None, denoiser:
         kohya = convert_state_dict_to_kohya(peft_keys)
         save_file({k: v.contiguous() for k, v in kohya.items()}, Path(out_dir) / KOHYA_FILE)
     return Path(out_dir)
+
+
+LYCORIS_FACTORS = ("hada_w1_a", "lokr_w1", "lokr_w1_a")  # the factor of each update that takes its scale
+
+
+def _save_lycoris(module, config, out_dir: str | Path, denoiser: str) -> Path:
+    """A LoHa / LoKr denoiser's adapters: ``adapter_model.safetensors`` and ``adapter_config.json`` in peft's own
+    layout (its keys as ``get_peft_model_state_dict`` gives them, which ``set_peft_model_state_dict`` loads), and for
+    a UNet ``lora_kohya.safetensors`` in LyCORIS' key names (``lora_unet_<module>.hada_w1_a`` …, ``.lokr_w1`` …), which
+    ComfyUI and A1111 load. LyCORIS' loaders scale by ``alpha`` over the rank of a low-rank factor (1 where there is
+    none): the scale is folded into the first factor and ``alpha`` written as that rank."""
+    from safetensors.torch import save_file
+
+    peft = _peft()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in peft.get_peft_model_state_dict(module).items()}
+    save_file(state, out / "adapter_model.safetensors")
+    config.save_pretrained(out)
+    if denoiser != "unet":
+        return out
+    scale, layers = _scale(config), {}
+    for key, value in state.items():
+        path, _, param = key.rpartition(".")
+        layers.setdefault(path, {})[param] = value
+    lycoris = {}
+    for path, params in layers.items():
+        prefix = "lora_unet_" + path.replace(".", "_")
+        for param, value in params.items():
+            lycoris[f"{prefix}.{param}"] = (value * scale if param in LYCORIS_FACTORS else value).contiguous()
+        low = params.get("hada_w1_b", params.get("lokr_w2_b", params.get("lokr_w1_b")))
+        if low is not None:
+            lycoris[f"{prefix}.alpha"] = torch.tensor(float(low.shape[0]))
+    save_file(lycoris, out / KOHYA_FILE)
+    return out
 
 
 def merged_copy(module, base=None):
@@ -150,8 +201,8 @@ def _with_adapters_of(module, base):
     else:
         _peft().inject_adapter_in_model(copy.deepcopy(config), base, adapter_name="default")
         base.peft_config = {"default": config}
-    adapters = {k: v for k, v in module.state_dict().items() if ".lora_" in k}
+    adapters = {k: v for k, v in module.state_dict().items() if any(f".{p}" in k for p in ADAPTER_PARAMS)}
     result = base.load_state_dict({k: v.float() for k, v in adapters.items()}, strict=False)
-    if result.unexpected_keys or any(".lora_" in k for k in result.missing_keys):
+    if result.unexpected_keys or any(any(f".{p}" in k for p in ADAPTER_PARAMS) for k in result.missing_keys):
         raise RuntimeError(f"adapters do not match the base: {result.unexpected_keys[:3]} {result.missing_keys[:3]}")
     return base

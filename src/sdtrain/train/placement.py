@@ -59,10 +59,20 @@ def check(config: Config) -> None:
 
     Raises:
         ConfigError: a quantised denoiser without LoRA (a full fine-tune of a quantised model), or a quantised base
-            with nowhere to re-read it from in full precision; a quantised text encoder that trains.
+            with nowhere to re-read it from in full precision; a quantised text encoder that trains; LoHa / LoKr
+            over nf4 or beside text-encoder LoRA.
         MissingPackage: a mode whose library is not installed.
     """
     m, tc = config.model, config.train
+    lycoris = tc.lora.rank and tc.lora.variant in ("loha", "lokr")
+    if lycoris and m.quantize == "nf4":
+        raise ConfigError(f"train.lora.variant={tc.lora.variant} over model.quantize=nf4: peft's LoHa / LoKr layers "
+                          "read the base weight's shape, which bitsandbytes packs; use model.quantize=int8 (or fp8), "
+                          "or train.lora.variant=lora / dora")  # fmt: skip
+    if lycoris and tc.text_encoder.mode == "lora":
+        raise ConfigError(f"train.lora.variant={tc.lora.variant} is for the denoiser; the text encoders' adapters "
+                          "are LoRA: set train.text_encoder.mode=frozen (or full), or train.lora.variant=lora / "
+                          "dora")  # fmt: skip
     if m.quantize != "none":
         if not tc.lora.rank:
             raise ConfigError(f"model.quantize={m.quantize} holds a frozen base for LoRA adapters; a quantised model "
