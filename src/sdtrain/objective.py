@@ -158,11 +158,26 @@ def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: f
     return torch.where(ratio == 0, torch.ones_like(weights), weights)
 
 
+LOSS_MASK = "loss_mask"  # a batch's loss mask travels with its conditioning (data.masked_loss)
+
+
+def split_mask(cond: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The conditioning without its loss mask, and the mask (B x 1 x h x w at the latents' size) or None."""
+    if LOSS_MASK not in cond:
+        return cond, None
+    return {k: v for k, v in cond.items() if k != LOSS_MASK}, cond[LOSS_MASK]
+
+
 def diffusion_loss(
-    model_output: torch.Tensor, target_: torch.Tensor, weights: torch.Tensor
+    model_output: torch.Tensor, target_: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted MSE in fp32: returns ``(mean loss, per-sample loss)``."""
-    per_sample = (model_output.float() - target_.float()).pow(2).mean(dim=tuple(range(1, target_.ndim)))
+    """Weighted MSE in fp32: returns ``(mean loss, per-sample loss)``. ``mask`` (broadcast over the channels)
+    weighs each latent pixel's error, as kohya's masked loss does: a masked-out pixel gives no gradient, and the
+    mean is over every pixel (a half-masked image counts half)."""
+    error = (model_output.float() - target_.float()).pow(2)
+    if mask is not None:
+        error = error * mask.float()
+    per_sample = error.mean(dim=tuple(range(1, target_.ndim)))
     return (per_sample * weights).mean(), per_sample.detach()
 
 
@@ -198,8 +213,9 @@ def loss(
     noisy = scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
     target_ = target(scheduler, latents, noise, timesteps)
     weights = loss_weights(scheduler, timesteps, snr_gamma)
+    cond, mask = split_mask(cond)
     with autocast():
-        return diffusion_loss(predict(model, noisy, timesteps, cond), target_, weights)
+        return diffusion_loss(predict(model, noisy, timesteps, cond), target_, weights, mask)
 
 
 @dataclass
@@ -308,8 +324,9 @@ class FlowMatching:
         noise = draw.noise.to(latents)
         noisy = (1 - sigmas) * latents + sigmas * noise
         weights = flow_loss_weights(sigmas.flatten().float(), self.config.flow_weighting)
+        cond, mask = split_mask(cond)
         with autocast():
-            return diffusion_loss(predict(model, noisy, timesteps, cond), noise - latents, weights)
+            return diffusion_loss(predict(model, noisy, timesteps, cond), noise - latents, weights, mask)
 
 
 def kind_of(config: ObjectiveConfig, family) -> str:

@@ -54,6 +54,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def alpha_of(image: Image.Image) -> Image.Image | None:
+    """The alpha channel of an image that has one (RGBA, LA, PA, a palette with transparency), as an L image."""
+    if image.mode in ("RGBA", "LA") or image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
+        return image.convert("RGBA").getchannel("A")
+    return None
+
+
 def decode_image(
     source: str | Path | bytes, max_pixels: int = MAX_PIXELS, cover: tuple[int, int] | None = None
 ) -> Image.Image:
@@ -93,8 +100,12 @@ def decode_image(
                 if scale < 0.5:
                     image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
             image.load()
-            image = to_rgb(ImageOps.exif_transpose(image))
+            image = ImageOps.exif_transpose(image)
+            alpha = alpha_of(image)
+            image = to_rgb(image)
             image.info["original_size"] = original
+            if alpha is not None:  # a loss mask where masked loss asks for one (sdtrain.data.transforms)
+                image.info["alpha"] = alpha
             return image
     except Skip:
         raise

@@ -67,7 +67,8 @@ class ImageCaptionFolder(Dataset):
         c = self.config
         try:
             caption = training_caption(record["caption"], rng, c)
-            pixels, info = load_pixels(record["image"], c.resolution, c.center_crop, c.random_flip, rng)
+            pixels, info = load_pixels(record["image"], c.resolution, c.center_crop, c.random_flip, rng,
+                                       masked=c.masked_loss)  # fmt: skip
         except Skip as skip:
             return {"skip": skip.reason}
         return {"image": pixels, "text": caption, **info}
@@ -79,13 +80,16 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     skipped = SkipCounter(s["skip"] for s in samples if "skip" in s)
     if not good:
         return {"image": torch.empty(0), "text": [], "skipped": skipped}
-    return {
+    batch = {
         "image": torch.stack([s["image"] for s in good]),
         "text": [s["text"] for s in good],
         "original_size": [s["original_size"] for s in good],
         "crop_top_left": [s["crop_top_left"] for s in good],
         "skipped": skipped,
     }
+    if "mask" in good[0]:
+        batch["mask"] = torch.stack([s["mask"] for s in good])
+    return batch
 
 
 class EpochSampler(Sampler[int]):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtrain.config import is_shards
-from sdtrain.data.decode import DataError, Skip, SkipCounter, caption_options, decode_image
+from sdtrain.data.decode import DataError, Skip, SkipCounter, caption_options, decode_image, probe_size
 from sdtrain.errors import MissingPackage
 
 __all__ = ["check_usable", "is_shards", "list_records", "shard_records"]
@@ -82,7 +82,8 @@ def list_records(
         if (root / name).exists():
             return _manifest(root / name, image_column, caption_column, skip_bad_rows)
     records = []
-    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    images = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p))
+    for image in sorted(images):
         caption = None
         for suffix in CAPTION_SUFFIXES:
             sidecar = image.with_suffix(suffix)
@@ -93,6 +94,46 @@ def list_records(
     if not records:
         raise DataError(f"{root}: no images found in it (and no {' / '.join(MANIFESTS)})")
     return records
+
+
+MASK_SUFFIX = ".mask.png"  # NAME.mask.png beside NAME.jpg: the image's loss mask (data.masked_loss)
+
+
+def is_mask_file(path: Path) -> bool:
+    """A loss mask beside its image (``NAME.mask.png``), not a training image of its own."""
+    return path.name.lower().endswith(MASK_SUFFIX)
+
+
+def mask_file(image: object) -> Path | None:
+    """The ``NAME.mask.png`` beside an image file, where there is one."""
+    if not isinstance(image, (str, Path)):
+        return None
+    path = Path(image)
+    mask = path.with_name(path.stem + MASK_SUFFIX)
+    return mask if mask.is_file() else None
+
+
+def check_masks(records: Sequence[dict], where: str) -> None:
+    """Refuse, before any work, a ``NAME.mask.png`` whose size is not its image's (both read from their headers).
+
+    Raises:
+        DataError: naming the mask, both sizes and ``where``.
+    """
+    from PIL import Image
+
+    for record in records:
+        mask = mask_file(record["image"])
+        if mask is None:
+            continue
+        try:
+            size = probe_size(Path(record["image"]).read_bytes())
+            with Image.open(mask) as opened:
+                mask_size = opened.size
+        except (Skip, OSError):
+            continue  # an unreadable image or mask is skipped and counted when it is drawn
+        if mask_size != size:
+            raise DataError(f"{where}: {mask} is {mask_size[0]}x{mask_size[1]} and its image {size[0]}x{size[1]}: "
+                            "a mask is its image's size (white learns, black is ignored)")  # fmt: skip
 
 
 def check_usable(records: Sequence[dict], where: str, captions: bool = True) -> None:

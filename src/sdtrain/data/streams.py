@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from sdtrain.config import DataConfig
 from sdtrain.data.decode import DataError, SkipCounter
@@ -23,6 +24,7 @@ from sdtrain.data.folder import make_dataloader
 from sdtrain.data.shards import ShardDataset, ShardPosition, make_shard_loader
 from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.vae import encode_moments, scale_latents
+from sdtrain.objective import LOSS_MASK
 
 
 class Stream(Protocol):
@@ -137,8 +139,9 @@ class _EncodingStream:
                 break
         sizes = (batch["original_size"], batch["crop_top_left"])
         return encode_batch(
-            batch["image"], batch["text"], self.encoders, self.config.caption_dropout, draws, self.device, sizes
-        )
+            batch["image"], batch["text"], self.encoders, self.config.caption_dropout, draws, self.device, sizes,
+            batch.get("mask"),
+        )  # fmt: skip
 
 
 class OnlineStream(_EncodingStream):
@@ -280,14 +283,19 @@ def encode_batch(
     draws,
     device: torch.device,
     sizes: tuple[list, list] | None = None,
+    masks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Conditioning]:
     """Pixels in [-1, 1] and captions -> scaled posterior-sampled latents and the conditioning: the prompts' and,
-    from ``sizes`` (original sizes and crops; default: uncropped images of their own size), the samples' geometry."""
+    from ``sizes`` (original sizes and crops; default: uncropped images of their own size), the samples' geometry;
+    with ``masks`` (B x 1 x H x W in [0, 1], ``data.masked_loss``) their area means at the latents' size as
+    ``cond[LOSS_MASK]``, which the objective weighs the loss with."""
     mean, std = encode_moments(encoders.vae, images.to(device))
     latents = scale_latents(encoders.vae, sample_posterior(mean.float(), std.float(), draws))
     cond = encoders.encode_text(drop_captions(texts, caption_dropout, draws))
     target = tuple(images.shape[-2:])
     sizes = sizes or ([target] * len(texts), [(0, 0)] * len(texts))
+    if masks is not None:
+        cond = cond | {LOSS_MASK: F.interpolate(masks.to(latents.device), size=latents.shape[-2:], mode="area")}
     return latents, cond | size_condition(encoders, sizes, target, latents.device)
 
 

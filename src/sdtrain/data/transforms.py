@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sdtrain.data.decode import Skip, decode_image
+from sdtrain.data.sources import mask_file
 
 Size = tuple[int, int]  # (width, height)
 MAX_ASPECT = 16.0  # longer side over shorter side: beyond it an image is skipped (bad_aspect), never resized
@@ -39,20 +40,41 @@ def load_pixels(
     flip: bool = False,
     rng: random.Random | None = None,
     bucket_of: Callable[[Size], Size] | None = None,
+    masked: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Decode ``image`` and transform it to ``size`` (a square side, or a ``(width, height)`` bucket): C x H x W in
     [-1, 1] and the crop info. ``bucket_of`` chooses the target from the decoded image's original size instead (the
-    image is decoded to cover ``size``).
+    image is decoded to cover ``size``). ``masked``: the info also holds ``mask``, 1 x H x W in [0, 1], the image's
+    loss mask (its ``NAME.mask.png``, else its alpha channel, else ones) resized, cropped and flipped with it.
 
     Raises:
-        Skip: the image cannot be used (the reason is the skip counter's key).
+        Skip: the image cannot be used (the reason is the skip counter's key); ``mask_size``: its mask file is not
+            the image's size.
     """
     cover = (size, size) if isinstance(size, int) else size
     decoded = decode_image(image, cover=cover)
     check_aspect(decoded.info.get("original_size", decoded.size))
     if bucket_of is not None:
         size = bucket_of(decoded.info.get("original_size", decoded.size))
-    return resize_crop(decoded, size, center_crop, flip, rng)
+    mask = _mask_of(image, decoded) if masked else None
+    pixels, info = resize_crop(decoded, size, center_crop, flip, rng, mask)
+    if masked and mask is None:
+        info["mask"] = torch.ones(1, *pixels.shape[1:])
+    return pixels, info
+
+
+def _mask_of(source: object, decoded: Image.Image) -> Image.Image | None:
+    """The loss mask of an image as an L image of the decoded image's size: its ``NAME.mask.png``, else its alpha
+    channel, else None (everywhere)."""
+    path = mask_file(source)
+    if path is None:
+        return decoded.info.get("alpha")
+    with Image.open(path) as opened:
+        mask = ImageOps.exif_transpose(opened).convert("L")
+    original = decoded.info.get("original_size", decoded.size)
+    if mask.size != tuple(original):
+        raise Skip("mask_size", f"{path.name} is {mask.size[0]}x{mask.size[1]}, its image {original[0]}x{original[1]}")
+    return mask if mask.size == decoded.size else mask.resize(decoded.size, Image.Resampling.BILINEAR)
 
 
 def resize_crop(
@@ -61,9 +83,11 @@ def resize_crop(
     center_crop: bool = True,
     flip: bool = False,
     rng: random.Random | None = None,
+    mask: Image.Image | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Resize so the image covers ``size`` (a square side, or a ``(width, height)`` bucket), crop to it, optionally
-    flip; returns C x H x W in [-1, 1] and the crop info.
+    flip; returns C x H x W in [-1, 1] and the crop info (with ``mask``, an L image of the image's size, the same
+    resize, crop and flip of it as ``info["mask"]``, 1 x H x W in [0, 1]).
 
     The info (original size, crop offsets) is kept for SDXL-style micro-conditioning.
 
@@ -90,4 +114,12 @@ def resize_crop(
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-    return tensor, {"original_size": (original[1], original[0]), "crop_top_left": (top, left), "flipped": flipped}
+    info = {"original_size": (original[1], original[0]), "crop_top_left": (top, left), "flipped": flipped}
+    if mask is not None:
+        if mask.size != (new_w, new_h):
+            mask = mask.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        mask = mask.crop((left, top, left + target_w, top + target_h))
+        if flipped:
+            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        info["mask"] = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+    return tensor, info

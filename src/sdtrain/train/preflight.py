@@ -13,7 +13,7 @@ from sdtrain import objective
 from sdtrain.config import AutoencoderConfig, Config, ConfigError, DataConfig, ModelConfig
 from sdtrain.data.disk_cache import check_cache
 from sdtrain.data.folder import training_records
-from sdtrain.data.sources import check_usable, is_shards, list_records
+from sdtrain.data.sources import check_masks, check_usable, is_shards, list_records
 from sdtrain.models.families import IN_MEMORY, for_config
 from sdtrain.models.hub import check_model_source
 from sdtrain.models.text import MINILM
@@ -129,7 +129,10 @@ def check_data(data: DataConfig, seed: int) -> None:
     ]  # fmt: skip
     for key, source in sources:
         if not is_shards(source.path):
-            check_usable(training_records(source, seed), f"{key}={source.path}")
+            records = training_records(source, seed)
+            check_usable(records, f"{key}={source.path}")
+            if data.masked_loss:
+                check_masks(records, f"{key}={source.path}")
 
 
 def check_autoencoder_run(config: AutoencoderConfig) -> None:
