@@ -87,18 +87,21 @@ def test_a_mask_of_another_size_is_refused_before_any_work(tmp_path):
 
 
 def test_masked_loss_is_refused_where_masks_are_not_read():
-    with pytest.raises(ConfigError, match="not yet from webdataset shards or a latent cache"):
-        load_config(Config, "demo", ["data.masked_loss=true", "data.cache_latents=true"])
+    with pytest.raises(ConfigError, match="not yet from webdataset shards or the disk cache"):
+        load_config(Config, "demo", ["data.masked_loss=true", "data.cache_dir=cache"])
 
 
-def test_a_run_whose_masks_are_black_learns_nothing(tmp_path, clip_dir, vae_dir):
-    """Through the whole loop: with every mask black the loss is 0 at every step."""
+@pytest.mark.parametrize("cache", ["false", "true"])
+def test_a_run_whose_masks_are_black_learns_nothing(tmp_path, clip_dir, vae_dir, cache):
+    """Through the whole loop, online and from the memory cache: with every mask black the loss is 0 at every
+    step."""
     root = tmp_path / "data"
     root.mkdir()
     for i in range(4):
         _halves(root, f"{i}")
         Image.new("L", (48, 40), 0).save(root / f"{i}.mask.png")
     extra = ["data.masked_loss=true", "train.num_steps=2", "train.ema_decay=null", "data.resolution=32"]
+    extra += [f"data.cache_latents={cache}"]
     train(
         load_config(
             Config, None, tiny_overrides(tmp_path / "run", root, vae_dir, str(clip_dir), "text_encoder") + extra

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sdtrain.config import DataConfig
@@ -19,6 +20,7 @@ from sdtrain.data.streams import cached_batch, caption_choice
 from sdtrain.data.transforms import load_pixels
 from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.vae import encode_moments
+from sdtrain.objective import LOSS_MASK
 
 
 @dataclass
@@ -32,6 +34,7 @@ class MemoryCache:
     sizes: tuple[list, list]  # per image: original (height, width) and crop (top, left), for micro-conditioning
     target: tuple[int, int]  # the (height, width) every image was cropped to
     skipped: SkipCounter = field(default_factory=SkipCounter)
+    masks: torch.Tensor | None = None  # per image, its loss mask at the latents' size (data.masked_loss)
 
     @property
     def empty(self) -> int:
@@ -43,29 +46,35 @@ class MemoryCache:
 
 @torch.no_grad()
 def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int = 64, seed: int = 0) -> MemoryCache:
-    """Encode a folder dataset's training records once (center crop, no flip), skipping and counting bad samples."""
+    """Encode a folder dataset's training records once (center crop, no flip), skipping and counting bad samples;
+    with ``data.masked_loss`` each image's mask too, averaged to its latents' size."""
     records = training_records(config, seed)
     skipped = SkipCounter()
     texts: dict[str, int] = {}
     originals, crops = [], []
     captions: list[list[int]] = []
-    means, stds, pending = [], [], []
+    means, stds, pending, masks, pending_masks = [], [], [], [], []
 
     def flush() -> None:
         if pending:
             mean, std = encode_moments(encoders.vae, torch.stack(pending))
             means.append(mean.float().cpu())
             stds.append(std.float().cpu())
+            if pending_masks:
+                masks.append(F.interpolate(torch.stack(pending_masks), size=mean.shape[-2:], mode="area"))
             pending.clear()
+            pending_masks.clear()
 
     for record in tqdm(records, desc="caching latents", unit="img", leave=False):
         try:
             options = cached_captions(record["caption"], config)
-            pixels, info = load_pixels(record["image"], config.resolution)
+            pixels, info = load_pixels(record["image"], config.resolution, masked=config.masked_loss)
         except Skip as skip:
             skipped[skip.reason] += 1
             continue
         pending.append(pixels)
+        if config.masked_loss:
+            pending_masks.append(info["mask"])
         captions.append([texts.setdefault(c, len(texts)) for c in options])
         originals.append(info["original_size"])
         crops.append(info["crop_top_left"])
@@ -78,7 +87,8 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
     chunks = [encoders.encode_text(distinct[i : i + 256]) for i in range(0, len(distinct), 256)]
     embeddings = {k: torch.cat([c[k].cpu() for c in chunks]) for k in chunks[0]}
     target = (config.resolution, config.resolution)
-    return MemoryCache(torch.cat(means), torch.cat(stds), captions, embeddings, (originals, crops), target, skipped)
+    return MemoryCache(torch.cat(means), torch.cat(stds), captions, embeddings, (originals, crops), target, skipped,
+                       torch.cat(masks) if masks else None)  # fmt: skip
 
 
 class MemoryCacheStream:
@@ -101,6 +111,7 @@ class MemoryCacheStream:
         self.sampler = EpochSampler(len(cache), seed, rank, world_size, *position)
         self.embeddings = {k: v.to(device) for k, v in cache.embeddings.items()}
         self.mean, self.std = cache.mean.to(device), cache.std.to(device)
+        self.masks = None if cache.masks is None else cache.masks.to(device)
         self.seed = seed
         self.skipped = cache.skipped  # counted once, while caching
 
@@ -120,4 +131,5 @@ class MemoryCacheStream:
         originals, crops = self.cache.sizes
         sizes = ([originals[e % n] for e in encoded], [crops[e % n] for e in encoded])
         args = (cond, empty, self.encoders, self.caption_dropout, draws, sizes, self.cache.target)
-        return cached_batch(self.mean[index], self.std[index], *args)
+        latents, cond = cached_batch(self.mean[index], self.std[index], *args)
+        return latents, cond if self.masks is None else cond | {LOSS_MASK: self.masks[index]}
