@@ -198,6 +198,39 @@ class MixSource:
 
 
 @dataclass
+class PriorConfig:
+    """DreamBooth's prior preservation: images of the subject's class, drawn by the base model itself where fewer than
+    ``count`` are in ``path``, mixed into training with their own loss weight, so that the model keeps drawing the
+    class as it did while it learns the subject."""
+
+    path: str = ""
+    """Folder of class images with captions (generated into it where it holds fewer than count); empty: off."""
+    prompt: str = ""
+    """The class prompt ("a photo of a dog"): the generated images' prompt and caption."""
+    count: int = 100
+    """Class images wanted; the missing ones are generated once (seeded) and reused by every later run."""
+    loss_weight: float = 1.0
+    """The class batches' loss weight (diffusers' prior_loss_weight)."""
+    share: float = 0.5
+    """Share of micro-batches drawn from the class images (the rest from data.path and data.mix)."""
+    num_inference_steps: int | None = None
+    """Sampling steps of the generated images; None: the base model's own default."""
+    guidance_scale: float | None = None
+    """Guidance of the generated images; None: the base model's own default."""
+
+    def __post_init__(self) -> None:
+        if self.path and not self.prompt.strip():
+            raise ConfigError("data.prior.prompt is empty: a class dataset needs its class prompt "
+                              "(data.prior.prompt='a photo of a dog')")  # fmt: skip
+        if self.count < 1:
+            raise ConfigError(f"data.prior.count must be >= 1, got {self.count}")
+        if self.loss_weight < 0:
+            raise ConfigError(f"data.prior.loss_weight must be >= 0, got {self.loss_weight}")
+        if not 0.0 < self.share < 1.0:
+            raise ConfigError(f"data.prior.share must be in (0, 1), got {self.share}")
+
+
+@dataclass
 class DataConfig:
     """Image-caption pairs."""
 
@@ -269,6 +302,8 @@ class DataConfig:
     mix: list[MixSource] = field(default_factory=list)
     """More sources, each micro-batch drawn from one source with probability proportional to its weight (the same
     choice on every rank, seeded, resumable)."""
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    """DreamBooth's prior preservation (data.prior.path, data.prior.prompt, ...): off unless data.prior.path is set."""
     validation_split: int = 0
     """Images held out of training (chosen by train.seed) for the validation loss; 0: none."""
     validation_path: str | None = None
@@ -309,6 +344,9 @@ class DataConfig:
             raise ConfigError("data.masked_loss reads masks from folders, manifests and datasets (online or with "
                               "data.cache_latents); not yet from webdataset shards or the disk cache "
                               "(data.cache_dir)")  # fmt: skip
+        if self.prior.path and (self.cache_latents or self.cache_dir):
+            raise ConfigError("data.prior mixes its class images into the sources read online; it does not combine "
+                              "with a latent cache (data.cache_latents, data.cache_dir) yet")  # fmt: skip
         if (self.shuffle_tags or self.tag_dropout) and (self.cache_latents or self.cache_dir):
             raise ConfigError(
                 "data.shuffle_tags and data.tag_dropout change a caption each time it is drawn, and a latent cache "

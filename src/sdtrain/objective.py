@@ -159,13 +159,18 @@ def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: f
 
 
 LOSS_MASK = "loss_mask"  # a batch's loss mask travels with its conditioning (data.masked_loss)
+LOSS_WEIGHT = "loss_weight"  # and its samples' loss weights (data.prior's class images)
 
 
-def split_mask(cond: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """The conditioning without its loss mask, and the mask (B x 1 x h x w at the latents' size) or None."""
-    if LOSS_MASK not in cond:
-        return cond, None
-    return {k: v for k, v in cond.items() if k != LOSS_MASK}, cond[LOSS_MASK]
+def split_loss_terms(
+    cond: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """The conditioning without what weighs the loss, the loss mask (B x 1 x h x w at the latents' size) or None, and
+    the samples' loss weights (B) or None."""
+    if LOSS_MASK not in cond and LOSS_WEIGHT not in cond:
+        return cond, None, None
+    rest = {k: v for k, v in cond.items() if k not in (LOSS_MASK, LOSS_WEIGHT)}
+    return rest, cond.get(LOSS_MASK), cond.get(LOSS_WEIGHT)
 
 
 def diffusion_loss(
@@ -213,7 +218,9 @@ def loss(
     noisy = scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
     target_ = target(scheduler, latents, noise, timesteps)
     weights = loss_weights(scheduler, timesteps, snr_gamma)
-    cond, mask = split_mask(cond)
+    cond, mask, sample_weights = split_loss_terms(cond)
+    if sample_weights is not None:
+        weights = weights * sample_weights.to(weights)
     with autocast():
         return diffusion_loss(predict(model, noisy, timesteps, cond), target_, weights, mask)
 
@@ -324,7 +331,9 @@ class FlowMatching:
         noise = draw.noise.to(latents)
         noisy = (1 - sigmas) * latents + sigmas * noise
         weights = flow_loss_weights(sigmas.flatten().float(), self.config.flow_weighting)
-        cond, mask = split_mask(cond)
+        cond, mask, sample_weights = split_loss_terms(cond)
+        if sample_weights is not None:
+            weights = weights * sample_weights.to(weights)
         with autocast():
             return diffusion_loss(predict(model, noisy, timesteps, cond), noise - latents, weights, mask)
 

@@ -24,7 +24,7 @@ from sdtrain.data.folder import make_dataloader
 from sdtrain.data.shards import ShardDataset, ShardPosition, make_shard_loader
 from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.vae import encode_moments, scale_latents
-from sdtrain.objective import LOSS_MASK
+from sdtrain.objective import LOSS_MASK, LOSS_WEIGHT
 
 
 class Stream(Protocol):
@@ -224,6 +224,28 @@ class MixedStream:
         choice = random.Random(f"{self.seed}-mix-{self.count}").choices(range(len(self.streams)), self.weights)[0]
         self.count += 1
         return self.streams[choice].next(draws)
+
+
+class WeightedStream:
+    """A stream whose samples' loss is weighted by ``weight`` (``cond[LOSS_WEIGHT]``): DreamBooth's class images."""
+
+    def __init__(self, stream, weight: float):
+        self.stream, self.weight = stream, weight
+
+    @property
+    def skipped(self) -> SkipCounter:
+        return self.stream.skipped
+
+    def state(self) -> dict[str, Any]:
+        return self.stream.state()
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.stream.load_state(state)
+
+    def next(self, draws) -> tuple[torch.Tensor, Conditioning]:
+        latents, cond = self.stream.next(draws)
+        weights = torch.full((latents.shape[0],), float(self.weight), device=latents.device)
+        return latents, cond | {LOSS_WEIGHT: weights}
 
 
 def regroup_states(states: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:

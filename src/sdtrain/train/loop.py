@@ -30,13 +30,21 @@ from sdtrain.data.captions import in_prompts
 from sdtrain.data.disk_cache import DiskCache, DiskCacheStream
 from sdtrain.data.memory_cache import MemoryCacheStream, build_memory_cache
 from sdtrain.data.sources import is_shards
-from sdtrain.data.streams import IterableStream, MixedStream, OnlineStream, ShardStream, Stream, size_condition
+from sdtrain.data.streams import (
+    IterableStream,
+    MixedStream,
+    OnlineStream,
+    ShardStream,
+    Stream,
+    WeightedStream,
+    size_condition,
+)
 from sdtrain.errors import StorageError
 from sdtrain.models.families import Encoders, Family, for_config
 from sdtrain.models.lora import add_lora
 from sdtrain.models.vae import downsample_factor
 from sdtrain.sample.pipeline import Pipeline, save_images
-from sdtrain.train import block_swap, checkpoint, placement, sharding, text_encoders, zero
+from sdtrain.train import block_swap, checkpoint, placement, prior, sharding, text_encoders, zero
 from sdtrain.train.ema import EMA, ema_parameters
 from sdtrain.train.export import export_pipeline
 from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
@@ -166,7 +174,11 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
     accelerator, generator = _start(config)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
-    # 2. Components: frozen modules on the device in their precision (a LoRA base too), trained weights in fp32
+    # 2. Components: frozen modules on the device in their precision (a LoRA base too), trained weights in fp32;
+    # first, DreamBooth's missing class images, drawn by the base model (the main process; the others wait)
+    if config.data.prior.path and accelerator.is_main_process:
+        prior.draw_class_images(config, device)
+    accelerator.wait_for_everyone()
     components = components or family.load(config)
     frozen_modules = text_encoders.frozen(family, components, tc)
     if placement.base_reloads(config):  # a LoRA run's base, read again on resume
@@ -421,6 +433,10 @@ def _make_stream(
         for d in sources
     ]
     weights = [data.weight] + [m.weight for m in data.mix]
+    if data.prior.path:  # DreamBooth's class images, their own share of the micro-batches and loss weight
+        classes = OnlineStream(prior.class_source(data), encoders, micro_batch, device, seed, rank, world)
+        streams.append(WeightedStream(classes, data.prior.loss_weight))
+        weights.append(prior.share_weight(weights, data.prior.share))
     return streams[0] if len(streams) == 1 else MixedStream(streams, weights, seed)
 
 

@@ -18,7 +18,7 @@ from sdtrain.models.families import IN_MEMORY, for_config
 from sdtrain.models.hub import check_model_source
 from sdtrain.models.text import MINILM
 from sdtrain.sample.pipeline import sampling_scheduler
-from sdtrain.train import placement, text_encoders
+from sdtrain.train import placement, prior, text_encoders
 
 
 def check_objective(config: Config) -> str:
@@ -78,6 +78,7 @@ def check_run(config: Config, models: bool = True, data: bool = True) -> str:
     kind = check_objective(config)
     text_encoders.check(for_config(config.model), config.train)
     placement.check(config)  # quantisation: LoRA on a base that re-reads, an installed library
+    prior.check(config)  # class images to draw, and a base model to draw them
     if data:
         check_data(config.data, config.train.seed)
     return kind
