@@ -25,6 +25,14 @@ def _run(tmp_path, clip_dir, vae_dir, data, extra, name="run"):
     return train(load_config(Config, None, overrides))
 
 
+@pytest.fixture(scope="module")
+def lora_base(tmp_path_factory, clip_dir, vae_dir):
+    """A tiny SD pipeline folder, trained one step, that the LoRA-variant tests fine-tune (made once)."""
+    root = tmp_path_factory.mktemp("lora-base")
+    data = write_image_folder(root / "data")
+    return _run(root, clip_dir, vae_dir, data, ["train.num_steps=1", "train.ema_decay=null"], "base")
+
+
 def _log(run):
     from sdtrain.train.tracking import read_log
 
@@ -87,9 +95,9 @@ def test_validation_loss_is_fixed_for_fixed_weights(tmp_path, clip_dir, vae_dir)
     "alpha, variant", [("null", "lora"), ("1", "lora"), ("1", "dora")]
 )  # alpha = rank, and a scale of 1 / 4 folded into the export
 def test_lora_export_loads_with_plain_diffusers_and_changes_the_output(
-    tmp_path, clip_dir, vae_dir, image_folder, alpha, variant
+    tmp_path, clip_dir, vae_dir, image_folder, alpha, variant, lora_base
 ):
-    base = _run(tmp_path, clip_dir, vae_dir, image_folder, ["train.num_steps=1", "train.ema_decay=null"], "base")
+    base = lora_base
     extra = [f"model.pretrained={base}", "train.lora.rank=4", f"train.lora.alpha={alpha}", "train.optim.lr=1e-2"]
     extra += [f"train.lora.variant={variant}"]
     extra += ["train.ema_decay=null"]
@@ -143,14 +151,16 @@ def _lycoris_update(params: dict, shape) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("variant", ["loha", "lokr"])
-def test_loha_and_lokr_export_for_peft_and_lycoris_loaders(tmp_path, clip_dir, vae_dir, image_folder, variant):
+def test_loha_and_lokr_export_for_peft_and_lycoris_loaders(
+    tmp_path, clip_dir, vae_dir, image_folder, variant, lora_base
+):
+    base = lora_base
     """A LoHa / LoKr run: the merged export equals the base with the adapters loaded by peft from the files in peft's
     layout, and the LyCORIS-named file (ComfyUI's, A1111's), applied with its loaders' formula, gives the merged
     export's weights."""
     import peft
     from safetensors.torch import load_file
 
-    base = _run(tmp_path, clip_dir, vae_dir, image_folder, ["train.num_steps=1", "train.ema_decay=null"], "base")
     extra = [f"model.pretrained={base}", "train.lora.rank=4", "train.lora.alpha=2", "train.optim.lr=1e-2",
              f"train.lora.variant={variant}", "train.ema_decay=null"]  # fmt: skip
     final = _run(tmp_path, clip_dir, vae_dir, image_folder, extra, variant)
