@@ -87,7 +87,7 @@ def test_a_mask_of_another_size_is_refused_before_any_work(tmp_path):
 
 
 def test_masked_loss_is_refused_where_masks_are_not_read():
-    with pytest.raises(ConfigError, match="not yet from webdataset shards or the disk cache"):
+    with pytest.raises(ConfigError, match="not yet from the disk cache"):
         load_config(Config, "demo", ["data.masked_loss=true", "data.cache_dir=cache"])
 
 
@@ -110,3 +110,38 @@ def test_a_run_whose_masks_are_black_learns_nothing(tmp_path, clip_dir, vae_dir,
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
               if '"loss"' in line]  # fmt: skip
     assert losses and all(loss == 0.0 for loss in losses)
+
+
+def test_a_shard_samples_mask_member_is_its_mask_not_its_image(tmp_path):
+    """webdataset shards: KEY.mask.png beside KEY.png is the sample's mask (never taken for its image), cropped and
+    flipped with it; a sample without one learns everywhere."""
+    import io
+
+    import webdataset as wds
+
+    from sdtrain.data.shards import ShardDataset
+
+    _halves(tmp_path, "a")
+
+    def png(path):
+        buffer = io.BytesIO()
+        Image.open(path).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    (tmp_path / "s").mkdir()
+    with wds.ShardWriter(str(tmp_path / "s" / "%05d.tar"), maxcount=10, verbose=0) as sink:
+        for i in range(4):  # the mask first: a reader taking the first .png would take it for the image
+            sample = {"__key__": f"{i:04d}", "txt": "a red and blue picture", "png": png(tmp_path / "a.png")}
+            if i < 3:
+                sample = {"__key__": sample["__key__"], "mask.png": png(tmp_path / "a.mask.png"), **sample}
+            sink.write(sample)
+    config = DataConfig(path=str(tmp_path / "s" / "00000.tar"), resolution=24, masked_loss=True, random_flip=True,
+                        center_crop=False)  # fmt: skip
+    batch = next(iter(ShardDataset(config, 4, seed=0)))
+    assert batch["image"].shape == (4, 3, 24, 24) and batch["mask"].shape == (4, 1, 24, 24)
+    for pixels, mask, key in zip(batch["image"], batch["mask"], batch["key"]):
+        if key == "0003":
+            assert torch.equal(mask, torch.ones(1, 24, 24))
+            continue
+        sure = (pixels[2] > 0.9) | (pixels[2] < -0.9)
+        assert torch.equal(mask[0][sure] > 0.5, (pixels[2] < -0.5)[sure])

@@ -45,6 +45,7 @@ from sdtrain.data.transforms import check_aspect, load_pixels
 from sdtrain.errors import MissingPackage
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif")
+MASK_MEMBER = "mask.png"  # KEY.mask.png beside KEY.jpg: the sample's loss mask (data.masked_loss)
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +151,14 @@ def _field(sample: dict[str, Any], extensions: tuple[str, ...]) -> bytes | None:
 
 
 def sample_image(sample: dict[str, Any]) -> bytes | None:
-    """A raw sample's encoded image (the first member with an image extension)."""
-    return _field(sample, IMAGE_EXTENSIONS)
+    """A raw sample's encoded image (the first member with an image extension, its mask aside)."""
+    return _field({k: v for k, v in sample.items() if k != MASK_MEMBER and not k.endswith("." + MASK_MEMBER)},
+                  IMAGE_EXTENSIONS)  # fmt: skip
+
+
+def sample_mask(sample: dict[str, Any]) -> bytes | None:
+    """A raw sample's loss mask (its ``KEY.mask.png`` member), where it has one."""
+    return _field(sample, (MASK_MEMBER,))
 
 
 def sample_caption(sample: dict[str, Any], caption_column: str) -> object:
@@ -340,7 +347,7 @@ class ShardDataset(IterableDataset):
 
     def _emit(self, epoch: int, bucket: tuple[int, int], samples: list[dict], skipped: SkipCounter) -> dict[str, Any]:
         """Decode and transform one bucket's samples into a batch; undecodable ones are dropped and counted."""
-        images, texts, sizes, crops, keys = [], [], [], [], []
+        images, texts, sizes, crops, keys, masks = [], [], [], [], [], []
         for sample in samples:
             key = sample.get("__key__", "")
             rng = random.Random(f"{self.seed}-{epoch}-{key}")  # crop and flip of this sample in this epoch
@@ -348,18 +355,24 @@ class ShardDataset(IterableDataset):
                 # json may hold a list
                 caption = training_caption(sample_caption(sample, self.config.caption_column), rng, self.config)
                 image = sample_image(sample) or b""
-                pixels, info = load_pixels(image, bucket, self.config.center_crop, self.config.random_flip, rng)
+                pixels, info = load_pixels(image, bucket, self.config.center_crop, self.config.random_flip, rng,
+                                           masked=self.config.masked_loss, mask=sample_mask(sample))  # fmt: skip
             except Skip as skip:
                 skipped[skip.reason] += 1
                 continue
             images.append(pixels)
+            if "mask" in info:
+                masks.append(info["mask"])
             texts.append(caption)
             sizes.append(info["original_size"])
             crops.append(info["crop_top_left"])
             keys.append(key)
         image = torch.stack(images) if images else torch.empty(0, 3, bucket[1], bucket[0])
-        return {"image": image, "text": texts, "original_size": sizes, "crop_top_left": crops, "key": keys,
-                "skipped": skipped}  # fmt: skip
+        batch = {"image": image, "text": texts, "original_size": sizes, "crop_top_left": crops, "key": keys,
+                 "skipped": skipped}  # fmt: skip
+        if masks:
+            batch["mask"] = torch.stack(masks)
+        return batch
 
 
 def _identity(batch):

@@ -4,6 +4,7 @@ SDXL-style micro-conditioning needs. Every loader, cache, validation and evaluat
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -41,11 +42,13 @@ def load_pixels(
     rng: random.Random | None = None,
     bucket_of: Callable[[Size], Size] | None = None,
     masked: bool = False,
+    mask: bytes | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Decode ``image`` and transform it to ``size`` (a square side, or a ``(width, height)`` bucket): C x H x W in
     [-1, 1] and the crop info. ``bucket_of`` chooses the target from the decoded image's original size instead (the
     image is decoded to cover ``size``). ``masked``: the info also holds ``mask``, 1 x H x W in [0, 1], the image's
-    loss mask (its ``NAME.mask.png``, else its alpha channel, else ones) resized, cropped and flipped with it.
+    loss mask (``mask``, a shard sample's encoded mask, else its ``NAME.mask.png``, else its alpha channel, else
+    ones) resized, cropped and flipped with it.
 
     Raises:
         Skip: the image cannot be used (the reason is the skip counter's key); ``mask_size``: its mask file is not
@@ -56,24 +59,26 @@ def load_pixels(
     check_aspect(decoded.info.get("original_size", decoded.size))
     if bucket_of is not None:
         size = bucket_of(decoded.info.get("original_size", decoded.size))
-    mask = _mask_of(image, decoded) if masked else None
-    pixels, info = resize_crop(decoded, size, center_crop, flip, rng, mask)
-    if masked and mask is None:
+    loss_mask = _mask_of(mask if mask is not None else mask_file(image), decoded) if masked else None
+    pixels, info = resize_crop(decoded, size, center_crop, flip, rng, loss_mask)
+    if masked and loss_mask is None:
         info["mask"] = torch.ones(1, *pixels.shape[1:])
     return pixels, info
 
 
-def _mask_of(source: object, decoded: Image.Image) -> Image.Image | None:
-    """The loss mask of an image as an L image of the decoded image's size: its ``NAME.mask.png``, else its alpha
-    channel, else None (everywhere)."""
-    path = mask_file(source)
-    if path is None:
+def _mask_of(source: Path | bytes | None, decoded: Image.Image) -> Image.Image | None:
+    """The loss mask of an image as an L image of the decoded image's size: ``source`` (a mask file or encoded
+    bytes), else the image's alpha channel, else None (everywhere)."""
+    if source is None:
         return decoded.info.get("alpha")
-    with Image.open(path) as opened:
-        mask = ImageOps.exif_transpose(opened).convert("L")
+    try:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as opened:
+            mask = ImageOps.exif_transpose(opened).convert("L")
+    except (OSError, ValueError) as e:
+        raise Skip("corrupt_mask", str(e)) from None
     original = decoded.info.get("original_size", decoded.size)
     if mask.size != tuple(original):
-        raise Skip("mask_size", f"{path.name} is {mask.size[0]}x{mask.size[1]}, its image {original[0]}x{original[1]}")
+        raise Skip("mask_size", f"the mask is {mask.size[0]}x{mask.size[1]}, its image {original[0]}x{original[1]}")
     return mask if mask.size == decoded.size else mask.resize(decoded.size, Image.Resampling.BILINEAR)
 
 
