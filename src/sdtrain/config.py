@@ -264,8 +264,8 @@ class DataConfig:
     masked_loss: bool = False
     """Weigh the loss by each image's mask: NAME.mask.png beside it (white learns, black is ignored, grey between;
     the image's size), else its alpha channel, else everywhere; resized, cropped and flipped with the image, then
-    averaged to the latents' size (in webdataset shards: a KEY.mask.png member). Read online or with cache_latents;
-    not from the disk cache yet."""
+    averaged to the latents' size (in webdataset shards: a KEY.mask.png member). Online, and in both latent caches
+    (`sdtrain cache` with the same setting stores the masks)."""
     num_workers: int = 0
     """DataLoader worker processes."""
     cache_latents: bool = False
@@ -340,9 +340,6 @@ class DataConfig:
             raise ConfigError(f"data.keep_tokens must be >= 0, got {self.keep_tokens}")
         if not 0.0 <= self.tag_dropout < 1.0:
             raise ConfigError(f"data.tag_dropout must be in [0, 1), got {self.tag_dropout}")
-        if self.masked_loss and self.cache_dir:
-            raise ConfigError("data.masked_loss reads masks from folders, manifests, datasets and shards (online or "
-                              "with data.cache_latents); not yet from the disk cache (data.cache_dir)")  # fmt: skip
         if self.prior.path and (self.cache_latents or self.cache_dir):
             raise ConfigError("data.prior mixes its class images into the sources read online; it does not combine "
                               "with a latent cache (data.cache_latents, data.cache_dir) yet")  # fmt: skip

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 from tqdm.auto import tqdm
@@ -47,6 +48,7 @@ from sdtrain.data.transforms import load_pixels
 from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.hashing import file_sha256, model_hash
 from sdtrain.models.vae import encode_moments
+from sdtrain.objective import LOSS_MASK
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ def fingerprint(config: DataConfig, encoders: Encoders) -> dict[str, Any]:
         "center_crop": config.center_crop,
         "buckets": [list(b) for b in config_buckets(config)],
         **({"trigger": config.trigger} if config.trigger else {}),  # in the cached captions' embeddings
+        **({"masked_loss": True} if config.masked_loss else {}),  # the parts hold masks
     }
 
 
@@ -74,17 +77,17 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def _records(config: DataConfig, seed: int, rank: int, world: int):
-    """This process's share of the raw samples: ``(key, image, caption)``."""
+    """This process's share of the raw samples: ``(key, image, caption, encoded mask or None)``."""
     if is_shards(config.path):
         for r in shard_records(
             config.path, config.caption_column, config.allow_pipe, rank, world, config.max_member_mb
         ):
-            yield r["key"], r["image"], r["caption"]
+            yield r["key"], r["image"], r["caption"], r["mask"]
     else:
         records = training_records(config, seed)
         for index in range(rank, len(records), world):
             record = records[index]
-            yield str(index), record["image"], record["caption"]
+            yield str(index), record["image"], record["caption"], None
 
 
 def _stored(tensor: torch.Tensor) -> torch.Tensor:
@@ -105,6 +108,9 @@ def _write_part(root: Path, name: str, bucket: tuple[int, int], rows: list[dict]
     chunks = [encoders.encode_text(options[i : i + 64]) for i in range(0, len(options), 64)]
     offsets = torch.tensor([0] + [len(r["captions"]) for r in rows]).cumsum(0)
     tensors = {"mean": mean.half(), "std": std.half(), "offsets": offsets}
+    if "mask" in rows[0]:  # data.masked_loss: each sample's mask at its latents' size
+        masks = torch.stack([r["mask"] for r in rows]).to(mean.device)
+        tensors["mask"] = F.interpolate(masks, size=mean.shape[-2:], mode="area").half()
     tensors |= {f"cond.{k}": _stored(torch.cat([c[k] for c in chunks])) for k in chunks[0]}
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
     meta = {"keys": json.dumps([r["key"] for r in rows]), "bucket": json.dumps(list(bucket)),
@@ -183,10 +189,11 @@ def write_cache(config: DataConfig, encoders: Encoders, seed: int = 0, rank: int
     buckets = config_buckets(config)
     pending: dict[tuple[int, int], list] = {b: [] for b in buckets}
     parts, skipped = [], SkipCounter()
-    for key, image, caption in tqdm(_records(config, seed, rank, world_size), desc="caching", unit="img"):
+    for key, image, caption, mask in tqdm(_records(config, seed, rank, world_size), desc="caching", unit="img"):
         try:
             options = cached_captions(caption, config)
-            pixels, info = load_pixels(image, config.resolution, bucket_of=partial(nearest_bucket, buckets=buckets))
+            pixels, info = load_pixels(image, config.resolution, bucket_of=partial(nearest_bucket, buckets=buckets),
+                                       masked=config.masked_loss, mask=mask)  # fmt: skip
         except Skip as skip:
             skipped[skip.reason] += 1
             continue
@@ -272,7 +279,7 @@ class DiskCache:
 
     def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[Conditioning], tuple, tuple]:
         """``(mean, std, the conditioning of each caption option, original (height, width), crop (top, left))`` of
-        sample ``i``."""
+        sample ``i``; :meth:`mask` its loss mask."""
         part, row = self.index[i]
         if part not in self._open:
             f = safe_open(str(self.root / self.parts[part]["file"]), "pt")
@@ -284,6 +291,14 @@ class DiskCache:
         options = [{k: v[j] for k, v in cond.items()} for j in range(stop - start)]
         mean, std = f.get_slice("mean")[row : row + 1][0], f.get_slice("std")[row : row + 1][0]
         return mean, std, options, tuple(originals[row]), tuple(crops[row])
+
+    def mask(self, i: int) -> torch.Tensor | None:
+        """Sample ``i``'s loss mask at its latents' size (a cache made with data.masked_loss), else None."""
+        part, row = self.index[i]
+        if part not in self._open:
+            self.read(i)  # opens the part
+        f = self._open[part][0]
+        return f.get_slice("mask")[row : row + 1][0] if "mask" in f.keys() else None
 
 
 class DiskCacheStream:
@@ -329,4 +344,8 @@ class DiskCacheStream:
         cond = {k: _served(torch.stack([t[k] for t in texts]).to(self.device)) for k in self.empty}
         width, height = self.cache.bucket(chosen[0] % n)
         args = (self.empty, self.encoders, self.caption_dropout, draws, (originals, crops), (height, width))
-        return cached_batch(mean, std, cond, *args)
+        latents, cond = cached_batch(mean, std, cond, *args)
+        masks = [self.cache.mask(e % n) for e in chosen]
+        if masks[0] is None:
+            return latents, cond
+        return latents, cond | {LOSS_MASK: torch.stack(masks).to(self.device).float()}

@@ -42,10 +42,10 @@ def shard_records(
     world: int = 1,
     max_member_mb: float | None = 32.0,
 ) -> Iterator[dict[str, Any]]:
-    """The samples of webdataset shards as records (``{"key", "image", "caption"}``), shards as stored, process
+    """The samples of webdataset shards as records (``{"key", "image", "caption", "mask"}``), shards as stored, process
     ``rank`` of ``world`` taking shards ``rank::world``; decoded by the caller, as indexable records are (a sample
     the shard reader skipped holds its ``Skip``)."""
-    from sdtrain.data.shards import SKIP, expand_urls, iterate_shard, sample_caption, sample_image
+    from sdtrain.data.shards import SKIP, expand_urls, iterate_shard, sample_caption, sample_image, sample_mask
 
     for url in expand_urls(path)[rank::world]:
         for sample in iterate_shard(url, allow_pipe, max_member_mb):
@@ -55,7 +55,7 @@ def shard_records(
                 yield {"key": key, "image": skip, "caption": skip}
             else:
                 image, caption = sample_image(sample) or b"", sample_caption(sample, caption_column)
-                yield {"key": key, "image": image, "caption": caption}
+                yield {"key": key, "image": image, "caption": caption, "mask": sample_mask(sample)}
 
 
 def list_records(
