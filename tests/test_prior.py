@@ -43,8 +43,8 @@ def test_class_images_are_drawn_once_and_reused(tmp_path, base_dir):
     assert sorted(drawn) == ["class-00000.png", "class-00001.png", "class-00002.png"]
     assert all((classes / n).with_suffix(".txt").read_text() == "a square" for n in drawn)
     assert len(set(drawn.values())) == 3  # each its own seed
-    # a rerun that asks for one more draws only the missing one; the others stay as they were
-    train(load_config(Config, None, _overrides(tmp_path, base_dir, "run2", count=4)))
+    # a rerun that asks for one more draws only the missing one (here in the run's bf16); the others stay as they were
+    train(load_config(Config, None, _overrides(tmp_path, base_dir, "run2", count=4) + ["train.mixed_precision=bf16"]))
     again = {p.name: p.read_bytes() for p in prior.existing(classes)}
     assert sorted(again) == [*sorted(drawn), "class-00003.png"]
     assert all(again[n] == drawn[n] for n in drawn)

@@ -19,6 +19,7 @@ import torch
 
 from sdtrain.config import Config, ConfigError, DataConfig, PriorConfig
 from sdtrain.data.sources import IMAGE_SUFFIXES
+from sdtrain.train.placement import compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,12 @@ def draw_class_images(config: Config, device: torch.device) -> int:
     logger.info("prior preservation: drawing %d class images of %r with %s", len(todo), prior.prompt,
                 config.model.pretrained)  # fmt: skip
     pipe = Pipeline.from_pretrained(config.model.pretrained, device=device)
+    dtype = compute_dtype(config.train, device)
+    if dtype != torch.float32:  # drawn in the run's precision (an fp16 autoencoder can overflow: it stays fp32)
+        for field in dataclasses.fields(pipe.components):
+            module = getattr(pipe.components, field.name)
+            if isinstance(module, torch.nn.Module) and not (dtype == torch.float16 and field.name == "vae"):
+                module.to(dtype)
     side = config.data.resolution
     for start in range(0, len(todo), BATCH):
         for index in todo[start : start + BATCH]:
