@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from PIL import Image
 
 from sdtrain.config import Config, ConfigError, ObjectiveConfig, load_config
 from sdtrain.data.streams import MixedStream, WeightedStream
@@ -101,3 +102,33 @@ def test_class_images_to_draw_need_a_base_model(tmp_path, clip_dir, vae_dir):
     with pytest.raises(ConfigError, match="no base model to draw the rest: set model.pretrained"):
         check_run(load_config(Config, None, overrides))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_with_prior_masks_and_tag_edits_is_bit_exact(tmp_path, base_dir):
+    """A full fine-tune with class images, masked loss, a trigger and tag shuffling and dropout, killed twice at
+    micro-batches, ends with the uninterrupted run's losses and weights bit for bit."""
+    from safetensors.torch import load_file
+
+    from tests.test_faults import KILLED, _losses, _train
+
+    data = write_image_folder(tmp_path / "data", count=5, size=40)
+    for i, path in enumerate(sorted(data.glob("*.png"))):
+        path.with_suffix(".txt").write_text(f"picture {i}, square, plain background, small")
+        if i < 2:  # the left half learns
+            mask = Image.new("L", (48, 40), 0)
+            mask.paste(255, (0, 0, 24, 40))
+            mask.save(path.with_name(path.stem + ".mask.png"))
+    extra = [f"data.prior.path={tmp_path / 'classes'}", "data.prior.prompt='a square'", "data.prior.count=3",
+             "data.prior.num_inference_steps=2", "data.masked_loss=true", "data.trigger=zqx",
+             "data.shuffle_tags=true", "data.keep_tokens=1", "data.tag_dropout=0.3",
+             "train.gradient_accumulation=2", "train.num_steps=6", "train.save_every=2"]  # fmt: skip
+    first = _train(pipeline_overrides(tmp_path / "a", data, base_dir) + extra)
+    assert first.returncode == 0, first.stderr[-3000:]
+    overrides = pipeline_overrides(tmp_path / "b", data, base_dir) + extra
+    for fault in ("kill_micro=3", "kill_micro=7"):
+        assert _train(overrides, fault).returncode == KILLED, fault
+    assert _train(overrides).returncode == 0
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+    weights = [load_file(tmp_path / run / "final" / "unet" / "diffusion_pytorch_model.safetensors") for run in "ab"]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
