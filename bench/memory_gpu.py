@@ -49,7 +49,7 @@ PRESETS = {"flux:nf4:30": "flux-lora-8gb", "flux:nf4:0": "flux-lora-12gb", "flux
 RANK, BATCH, STEPS = 16, 1, 3
 
 
-def _train_config(swap: int) -> TrainConfig:
+def _train_config() -> TrainConfig:
     return TrainConfig(mixed_precision="bf16", gradient_checkpointing=True, lora=LoRAConfig(rank=RANK),
                        ema_decay=None)  # fmt: skip
 
@@ -65,7 +65,7 @@ def _estimate(name: str, mode: str, swap: int, resolution: int) -> tuple[float, 
     held = [(hold_in(frozen["vae"].decoder.requires_grad_(False), torch.bfloat16), "none")]
     offloaded = block_swap.offloaded_bytes(model, swap, mode if mode != "bf16" else "none")
     base = mode if mode != "bf16" else "none"
-    estimate = estimate_memory(model, held, profile, BATCH, _train_config(swap), base_mode=base, offloaded=offloaded)
+    estimate = estimate_memory(model, held, profile, BATCH, _train_config(), base_mode=base, offloaded=offloaded)
     return estimate.total, estimate.table()
 
 

@@ -39,26 +39,21 @@ class DataError(UserError, ValueError):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparency is composited on white."""
+    """Any PIL mode -> RGB; transparency is composited on white (the alpha channel kept as ``info["alpha"]``)."""
     if image.mode == "RGB":
         return image
     if image.mode == "P" and "transparency" in image.info or image.mode in ("LA", "PA"):
         image = image.convert("RGBA")
     if image.mode == "RGBA":
         background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.getchannel("A"))
+        alpha = image.getchannel("A")
+        background.paste(image, mask=alpha)
+        background.info["alpha"] = alpha  # a loss mask where masked loss asks for one (sdtrain.data.transforms)
         return background
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit grayscale: scale to 8 bits instead of clipping
         image = image.point(lambda v: v / 256).convert("L")
     return image.convert("RGB")
-
-
-def alpha_of(image: Image.Image) -> Image.Image | None:
-    """The alpha channel of an image that has one (RGBA, LA, PA, a palette with transparency), as an L image."""
-    if image.mode in ("RGBA", "LA") or image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
-        return image.convert("RGBA").getchannel("A")
-    return None
 
 
 def decode_image(
@@ -100,12 +95,8 @@ def decode_image(
                 if scale < 0.5:
                     image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            alpha = alpha_of(image)
-            image = to_rgb(image)
+            image = to_rgb(ImageOps.exif_transpose(image))  # info["alpha"]: the channel it composited away
             image.info["original_size"] = original
-            if alpha is not None:  # a loss mask where masked loss asks for one (sdtrain.data.transforms)
-                image.info["alpha"] = alpha
             return image
     except Skip:
         raise

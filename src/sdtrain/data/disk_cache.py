@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 from tqdm.auto import tqdm
@@ -43,7 +42,7 @@ from sdtrain.data.captions import cached_captions
 from sdtrain.data.decode import DataError, Skip, SkipCounter
 from sdtrain.data.folder import EpochSampler, training_records
 from sdtrain.data.sources import is_shards, shard_records
-from sdtrain.data.streams import cached_batch, caption_choice
+from sdtrain.data.streams import cached_batch, caption_choice, latent_masks
 from sdtrain.data.transforms import load_pixels
 from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.hashing import file_sha256, model_hash
@@ -109,8 +108,7 @@ def _write_part(root: Path, name: str, bucket: tuple[int, int], rows: list[dict]
     offsets = torch.tensor([0] + [len(r["captions"]) for r in rows]).cumsum(0)
     tensors = {"mean": mean.half(), "std": std.half(), "offsets": offsets}
     if "mask" in rows[0]:  # data.masked_loss: each sample's mask at its latents' size
-        masks = torch.stack([r["mask"] for r in rows]).to(mean.device)
-        tensors["mask"] = F.interpolate(masks, size=mean.shape[-2:], mode="area").half()
+        tensors["mask"] = latent_masks(torch.stack([r["mask"] for r in rows]), mean).half()
     tensors |= {f"cond.{k}": _stored(torch.cat([c[k] for c in chunks])) for k in chunks[0]}
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
     meta = {"keys": json.dumps([r["key"] for r in rows]), "bucket": json.dumps(list(bucket)),
@@ -281,11 +279,7 @@ class DiskCache:
         """``(mean, std, the conditioning of each caption option, original (height, width), crop (top, left))`` of
         sample ``i``; :meth:`mask` its loss mask."""
         part, row = self.index[i]
-        if part not in self._open:
-            f = safe_open(str(self.root / self.parts[part]["file"]), "pt")
-            meta = f.metadata()
-            self._open[part] = (f, json.loads(meta["original_size"]), json.loads(meta["crop_top_left"]))
-        f, originals, crops = self._open[part]
+        f, originals, crops = self._part(part)
         start, stop = f.get_slice("offsets")[row : row + 2].tolist()
         cond = {k.removeprefix("cond."): f.get_slice(k)[start:stop] for k in f.keys() if k.startswith("cond.")}
         options = [{k: v[j] for k, v in cond.items()} for j in range(stop - start)]
@@ -295,10 +289,16 @@ class DiskCache:
     def mask(self, i: int) -> torch.Tensor | None:
         """Sample ``i``'s loss mask at its latents' size (a cache made with data.masked_loss), else None."""
         part, row = self.index[i]
-        if part not in self._open:
-            self.read(i)  # opens the part
-        f = self._open[part][0]
+        f = self._part(part)[0]
         return f.get_slice("mask")[row : row + 1][0] if "mask" in f.keys() else None
+
+    def _part(self, part: int) -> tuple[Any, list, list]:
+        """Part ``part``'s open file, original sizes and crops (opened once)."""
+        if part not in self._open:
+            f = safe_open(str(self.root / self.parts[part]["file"]), "pt")
+            meta = f.metadata()
+            self._open[part] = (f, json.loads(meta["original_size"]), json.loads(meta["crop_top_left"]))
+        return self._open[part]
 
 
 class DiskCacheStream:

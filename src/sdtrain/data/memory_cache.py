@@ -9,14 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sdtrain.config import DataConfig
 from sdtrain.data.captions import cached_captions
 from sdtrain.data.decode import DataError, Skip, SkipCounter
 from sdtrain.data.folder import EpochSampler, training_records
-from sdtrain.data.streams import cached_batch, caption_choice
+from sdtrain.data.streams import cached_batch, caption_choice, latent_masks
 from sdtrain.data.transforms import load_pixels
 from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.vae import encode_moments
@@ -61,7 +60,7 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
             means.append(mean.float().cpu())
             stds.append(std.float().cpu())
             if pending_masks:
-                masks.append(F.interpolate(torch.stack(pending_masks), size=mean.shape[-2:], mode="area"))
+                masks.append(latent_masks(torch.stack(pending_masks), mean).cpu())
             pending.clear()
             pending_masks.clear()
 

@@ -297,6 +297,12 @@ def check_bad_share(skipped: SkipCounter, read: int, max_share: float, minimum: 
         )
 
 
+def latent_masks(masks: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """Loss masks (B x 1 x H x W in [0, 1]) at the size of ``latents``, each latent pixel the mean of the pixels it
+    covers, on their device: what every stream and cache weighs the loss with."""
+    return F.interpolate(masks.to(latents.device, torch.float32), size=latents.shape[-2:], mode="area")
+
+
 def encode_batch(
     images: torch.Tensor,
     texts: list[str],
@@ -317,7 +323,7 @@ def encode_batch(
     target = tuple(images.shape[-2:])
     sizes = sizes or ([target] * len(texts), [(0, 0)] * len(texts))
     if masks is not None:
-        cond = cond | {LOSS_MASK: F.interpolate(masks.to(latents.device), size=latents.shape[-2:], mode="area")}
+        cond = cond | {LOSS_MASK: latent_masks(masks, latents)}
     return latents, cond | size_condition(encoders, sizes, target, latents.device)
 
 
