@@ -62,7 +62,7 @@ def test_class_batches_come_in_their_share_with_their_loss_weight():
         def next(self, draws):
             return torch.full((1, 4, 8, 8), self.value), {}
 
-    weights = [1.0, 3.0]  # data.path and one data.mix source
+    weights = [1.0, 3.0]  # data.path and one of data.datasets
     share = 0.25
     streams = [Source(0.0), Source(1.0), WeightedStream(Source(2.0), 0.5)]
     mix = MixedStream(streams, [*weights, prior.share_weight(weights, share)], seed=0)
@@ -85,7 +85,7 @@ def test_class_batches_come_in_their_share_with_their_loss_weight():
     [
         (["data.prior.path=classes"], "data.prior.prompt is empty"),
         (["data.prior.path=classes", "data.prior.prompt=a dog", "data.prior.share=1"], r"share must be in \(0, 1\)"),
-        (["data.prior.path=classes", "data.prior.prompt=a dog", "data.cache_latents=true"], "latent cache"),
+        (["data.prior.path=classes", "data.prior.prompt=a dog", "data.cache_dir=cache"], "disk cache"),
     ],
 )
 def test_prior_settings_that_cannot_work_are_refused(overrides, message):

@@ -515,7 +515,8 @@ def test_mixed_sources_follow_their_weights_and_resume(tmp_path, clip_dir, vae_d
 
     folder = write_image_folder(tmp_path / "folder", count=8, size=64)
     spec = write_shards(tmp_path / "s", shards=2, per_shard=6)
-    extra = ["data.resolution=32", f"data.mix=[{{path: '{spec}', weight: 1.0}}]", "train.num_steps=6"]
+    extra = ["data.resolution=32", "data.weight=1.0", f"data.datasets=[{{path: '{spec}', weight: 1.0}}]"]
+    extra += ["train.num_steps=6"]
     extra += ["train.save_every=3", "data.random_flip=true"]
     runs = {}
     for name in ("straight", "split"):

@@ -178,23 +178,46 @@ class ModelConfig:
 
 
 @dataclass
-class MixSource:
-    """A further source mixed into data.path's, with the same transforms."""
+class DatasetConfig:
+    """A further dataset trained beside data.path's, with the same transforms; its caption options, mask setting and
+    loss weight its own (unset: data's)."""
 
     path: str = ""
     """Folder, manifest, Hugging Face dataset or shards, as data.path."""
-    weight: float = 1.0
-    """Relative share of micro-batches drawn from it (data.weight is data.path's)."""
+    weight: float | None = None
+    """Relative share of micro-batches drawn from it; None: its image count x repeats (set it for shards, which are
+    not counted). Set every source's weight (data.weight and each dataset's) or none."""
+    repeats: int = 1
+    """How many times each of its images counts towards its share when weight is unset (kohya's repeats: 10 photos x
+    10 repeats weigh as much as 100 style images x 1)."""
+    loss_weight: float = 1.0
+    """Its samples' loss weight."""
     image_column: str = "file_name"
     """Its image column (manifests, datasets)."""
     caption_column: str = "text"
     """Its caption column."""
+    trigger: str | None = None
+    """Its trigger word, as data.trigger; None: data.trigger; "": none (e.g. a regularisation set)."""
+    caption_dropout: float | None = None
+    """As data.caption_dropout; None: data's."""
+    shuffle_tags: bool | None = None
+    """As data.shuffle_tags; None: data's."""
+    keep_tokens: int | None = None
+    """As data.keep_tokens; None: data's."""
+    tag_dropout: float | None = None
+    """As data.tag_dropout; None: data's."""
+    masked_loss: bool | None = None
+    """As data.masked_loss; None: data's."""
 
     def __post_init__(self) -> None:
         if not self.path:
-            raise ConfigError("data.mix: every source needs a path")
-        if self.weight <= 0:
-            raise ConfigError(f"data.mix: weights must be positive, got {self.weight} for {self.path}")
+            raise ConfigError("data.datasets: every dataset needs a path")
+        if self.weight is not None and self.weight <= 0:
+            raise ConfigError(f"data.datasets: weights must be positive, got {self.weight} for {self.path}")
+        if self.repeats < 1:
+            raise ConfigError(f"data.datasets: repeats must be >= 1, got {self.repeats} for {self.path}")
+        if self.loss_weight < 0:
+            raise ConfigError(f"data.datasets: loss_weight must be >= 0, got {self.loss_weight} for {self.path}")
 
 
 @dataclass
@@ -212,7 +235,7 @@ class PriorConfig:
     loss_weight: float = 1.0
     """The class batches' loss weight (diffusers' prior_loss_weight)."""
     share: float = 0.5
-    """Share of micro-batches drawn from the class images (the rest from data.path and data.mix)."""
+    """Share of micro-batches drawn from the class images (the rest from data.path and data.datasets)."""
     num_inference_steps: int | None = None
     """Sampling steps of the generated images; None: the base model's own default."""
     guidance_scale: float | None = None
@@ -297,11 +320,17 @@ class DataConfig:
     instead of stopping with the file and line named."""
     max_bad_share: float = 0.5
     """Stop the run when more than this share of the samples read so far (after the first 100) were skipped."""
-    weight: float = 1.0
-    """Relative share of micro-batches drawn from data.path when data.mix adds sources."""
-    mix: list[MixSource] = field(default_factory=list)
-    """More sources, each micro-batch drawn from one source with probability proportional to its weight (the same
-    choice on every rank, seeded, resumable)."""
+    weight: float | None = None
+    """Relative share of micro-batches drawn from data.path when data.datasets adds sources; None: its image count x
+    data.repeats."""
+    repeats: int = 1
+    """How many times each image of data.path counts towards its share when weight is unset."""
+    loss_weight: float = 1.0
+    """The loss weight of data.path's samples."""
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    """More datasets (each with its own path, weight or repeats, caption options and loss weight), each micro-batch
+    drawn from one of them with probability proportional to its share (the same choice on every rank, seeded,
+    resumable)."""
     prior: PriorConfig = field(default_factory=PriorConfig)
     """DreamBooth's prior preservation (data.prior.path, data.prior.prompt, ...): off unless data.prior.path is set."""
     validation_split: int = 0
@@ -320,10 +349,28 @@ class DataConfig:
             raise ConfigError(
                 f"data.resolution={self.resolution} must be a multiple of data.bucket_step={self.bucket_step}"
             )
-        if self.mix and (self.cache_latents or self.cache_dir):
-            raise ConfigError("data.mix mixes sources read online; it does not combine with a latent cache")
-        if self.weight <= 0:
+        if self.datasets and self.cache_dir:
+            raise ConfigError("data.datasets: a disk cache (data.cache_dir) holds one dataset; train several with "
+                              "data.cache_latents or online")  # fmt: skip
+        if self.weight is not None and self.weight <= 0:
             raise ConfigError(f"data.weight must be positive, got {self.weight}")
+        if self.repeats < 1:
+            raise ConfigError(f"data.repeats must be >= 1, got {self.repeats}")
+        if self.loss_weight < 0:
+            raise ConfigError(f"data.loss_weight must be >= 0, got {self.loss_weight}")
+        weights = [self.weight] + [d.weight for d in self.datasets]
+        if self.datasets and None in weights and any(w is not None for w in weights):
+            raise ConfigError("data.weight and data.datasets[].weight: set every source's weight or none (unset, "
+                              "each source's share is its image count x its repeats)")  # fmt: skip
+        for key, d in [("data", self)] + [(f"data.datasets[{i}]", d) for i, d in enumerate(self.datasets)]:
+            if d.weight is None and is_shards(d.path) and self.datasets:
+                raise ConfigError(f"{key}.path={d.path} is webdataset shards, which are not counted: set the weight "
+                                  "of every source")  # fmt: skip
+        for i, d in enumerate(self.datasets):
+            try:
+                dataset_source(self, d)  # its own settings checked as data's are
+            except ConfigError as e:
+                raise ConfigError(f"data.datasets[{i}] ({d.path}): {e}") from None
         if self.cache_latents and is_shards(self.path):
             raise ConfigError(
                 "data.cache_latents holds a dataset in memory: it reads folders, manifests and datasets, not shards"
@@ -340,9 +387,9 @@ class DataConfig:
             raise ConfigError(f"data.keep_tokens must be >= 0, got {self.keep_tokens}")
         if not 0.0 <= self.tag_dropout < 1.0:
             raise ConfigError(f"data.tag_dropout must be in [0, 1), got {self.tag_dropout}")
-        if self.prior.path and (self.cache_latents or self.cache_dir):
-            raise ConfigError("data.prior mixes its class images into the sources read online; it does not combine "
-                              "with a latent cache (data.cache_latents, data.cache_dir) yet")  # fmt: skip
+        if self.prior.path and self.cache_dir:
+            raise ConfigError("data.prior mixes its class images into the sources read online or cached in memory; "
+                              "it does not combine with a disk cache (data.cache_dir) yet")  # fmt: skip
         if (self.shuffle_tags or self.tag_dropout) and (self.cache_latents or self.cache_dir):
             raise ConfigError(
                 "data.shuffle_tags and data.tag_dropout change a caption each time it is drawn, and a latent cache "
@@ -354,6 +401,29 @@ class DataConfig:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training
+
+
+INHERITED = ("trigger", "caption_dropout", "shuffle_tags", "keep_tokens", "tag_dropout", "masked_loss")
+
+
+def dataset_source(data: DataConfig, dataset: DatasetConfig) -> DataConfig:
+    """A dataset of ``data.datasets`` as a source of its own: data's settings with its path, columns and the options it
+    sets (no validation split: the held-out images are data.path's)."""
+    own = {name: getattr(dataset, name) for name in INHERITED if getattr(dataset, name) is not None}
+    if own.get("trigger") == "":
+        own["trigger"] = None
+    return dataclasses.replace(
+        data, path=dataset.path, image_column=dataset.image_column, caption_column=dataset.caption_column,
+        weight=dataset.weight, repeats=dataset.repeats, loss_weight=dataset.loss_weight, datasets=[],
+        prior=PriorConfig(), validation_split=0, validation_path=None, **own,
+    )  # fmt: skip
+
+
+def data_sources(data: DataConfig) -> list[tuple[str, DataConfig]]:
+    """Every source a run trains on, each with its config key: data.path, then each of data.datasets."""
+    return [("data.path", dataclasses.replace(data, datasets=[]))] + [
+        (f"data.datasets[{i}].path", dataset_source(data, d)) for i, d in enumerate(data.datasets)
+    ]
 
 
 @dataclass
@@ -929,10 +999,16 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+RENAMED = {"DataConfig": {"mix": "datasets"}}  # old key -> new key, per dataclass
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for old, new in RENAMED.get(cls.__name__, {}).items():  # a config written before the key was renamed
+        if old in data and new not in data:
+            data = {**{k: v for k, v in data.items() if k != old}, new: data[old]}
     unknown = sorted(set(data) - names)
     if unknown:
         known = ", ".join(sorted(names))
@@ -1045,6 +1121,9 @@ def reference(cls: type = Config, prefix: str = "") -> list[str]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         type_text = _type_name(tp).replace("NoneType", "None").replace(" | ", " or ")
         rows.append(f"| `{prefix}{f.name}` | `{type_text}` | `{default!r}` | {docs.get(f.name, '')} |")
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if dataclasses.is_dataclass(item):  # a list of sections: each entry's keys
+            rows += reference(item, f"{prefix}{f.name}[].")
     return rows
 
 

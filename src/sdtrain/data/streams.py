@@ -226,6 +226,16 @@ class MixedStream:
         return self.streams[choice].next(draws)
 
 
+def source_weights(sources: list[DataConfig], sizes: list[int | None]) -> list[float]:
+    """Each source's relative share of the micro-batches: the weights set, else its image count x its repeats (sizes:
+    the images each holds, None for shards, which the config makes set a weight)."""
+    if all(source.weight is not None for source in sources):
+        return [float(source.weight) for source in sources]
+    if len(sources) == 1:
+        return [1.0]
+    return [float(size * source.repeats) for source, size in zip(sources, sizes)]
+
+
 class WeightedStream:
     """A stream whose samples' loss is weighted by ``weight`` (``cond[LOSS_WEIGHT]``): DreamBooth's class images."""
 

@@ -9,7 +9,6 @@ scaffolding from :mod:`sdtrain.train.run`, and inference artifacts from :mod:`sd
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import time
@@ -25,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from sdtrain import objective
-from sdtrain.config import Config, ConfigError, TrainConfig, save_config
+from sdtrain.config import Config, ConfigError, TrainConfig, data_sources, save_config
 from sdtrain.data.captions import in_prompts
 from sdtrain.data.disk_cache import DiskCache, DiskCacheStream
 from sdtrain.data.memory_cache import MemoryCacheStream, build_memory_cache
@@ -38,6 +37,7 @@ from sdtrain.data.streams import (
     Stream,
     WeightedStream,
     size_condition,
+    source_weights,
 )
 from sdtrain.errors import StorageError
 from sdtrain.models.families import Encoders, Family, for_config
@@ -411,32 +411,37 @@ def _finish(run: _Run, validation: ValidationSet | None, log_path: Path) -> Path
 def _make_stream(
     config: Config, encoders: Encoders, batches, micro_batch: int, device, rank: int, world: int
 ) -> Stream:
-    """The resumable micro-batch stream of this process: ``batches`` given to ``fit``, the disk cache, the in-memory
-    latent cache, or images decoded and encoded every step (folders / manifests / datasets, shards, a mix)."""
+    """The resumable micro-batch stream of this process: ``batches`` given to ``fit``, the disk cache, or each source
+    (data.path, data.datasets, the class images) cached in memory or decoded and encoded every step, mixed by share."""
     data, seed = config.data, config.train.seed
     if batches is not None:
         return IterableStream(batches, encoders, data.caption_dropout, device, rank, world)
     if data.cache_dir:
         disk = DiskCache(data, encoders)
         return DiskCacheStream(disk, encoders, micro_batch, data.caption_dropout, device, seed, rank, world)
-    if data.cache_latents:
-        cache = build_memory_cache(data, encoders, seed=seed)
-        if cache.skipped:
-            logger.warning("skipped while caching: %s", cache.skipped.summary())
-        return MemoryCacheStream(cache, encoders, micro_batch, data.caption_dropout, device, seed, rank, world)
-    sources = [data] + [
-        dataclasses.replace(data, path=m.path, image_column=m.image_column, caption_column=m.caption_column, mix=[])
-        for m in data.mix
-    ]
-    streams = [
-        (ShardStream if is_shards(d.path) else OnlineStream)(d, encoders, micro_batch, device, seed, rank, world)
-        for d in sources
-    ]
-    weights = [data.weight] + [m.weight for m in data.mix]
+    sources = [source for _, source in data_sources(data)]
     if data.prior.path:  # DreamBooth's class images, their own share of the micro-batches and loss weight
-        classes = OnlineStream(prior.class_source(data), encoders, micro_batch, device, seed, rank, world)
-        streams.append(WeightedStream(classes, data.prior.loss_weight))
+        sources.append(prior.class_source(data))
+    streams, sizes = [], []
+    for source in sources:
+        if data.cache_latents:
+            cache = build_memory_cache(source, encoders, seed=seed)
+            if cache.skipped:
+                logger.warning("skipped while caching %s: %s", source.path, cache.skipped.summary())
+            args = (cache, encoders, micro_batch, source.caption_dropout, device, seed, rank, world)
+            stream, size = MemoryCacheStream(*args), len(cache)
+        else:
+            kind = ShardStream if is_shards(source.path) else OnlineStream
+            stream = kind(source, encoders, micro_batch, device, seed, rank, world)
+            size = None if kind is ShardStream else len(stream.loader.dataset)
+        streams.append(stream if source.loss_weight == 1.0 else WeightedStream(stream, source.loss_weight))
+        sizes.append(size)
+    weights = source_weights(sources[: len(sources) - bool(data.prior.path)], sizes)
+    if data.prior.path:
         weights.append(prior.share_weight(weights, data.prior.share))
+    if len(streams) > 1:
+        logger.info("sources drawn by share: %s", ", ".join(
+            f"{s.path} {w / sum(weights):.1%}" for s, w in zip(sources, weights)))  # fmt: skip
     return streams[0] if len(streams) == 1 else MixedStream(streams, weights, seed)
 
 

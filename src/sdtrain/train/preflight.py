@@ -4,13 +4,12 @@ or a hub id), and its data (a source that exists and holds a usable sample, or a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 from sdtrain import objective
-from sdtrain.config import AutoencoderConfig, Config, ConfigError, DataConfig, ModelConfig
+from sdtrain.config import AutoencoderConfig, Config, ConfigError, DataConfig, ModelConfig, data_sources
 from sdtrain.data.disk_cache import check_cache
 from sdtrain.data.folder import training_records
 from sdtrain.data.sources import check_masks, check_usable, is_shards, list_records
@@ -118,21 +117,16 @@ def check_model_sources(model: ModelConfig) -> None:
 
 def check_data(data: DataConfig, seed: int) -> None:
     """``data.cache_dir`` is a complete cache whose parts have their sizes and headers (:func:`check_cache`; opening
-    it checks their bytes), or every source of ``data.path`` and ``data.mix`` exists and holds a usable sample
+    it checks their bytes), or every source of ``data.path`` and ``data.datasets`` exists and holds a usable sample
     (shards are streamed: they are checked as they are read)."""
     if data.cache_dir:
         check_cache(data, thorough=False)
         return
-    sources = [("data.path", data)] + [
-        (f"data.mix[{i}].path", dataclasses.replace(data, path=m.path, image_column=m.image_column,
-                                                    caption_column=m.caption_column, mix=[]))
-        for i, m in enumerate(data.mix)
-    ]  # fmt: skip
-    for key, source in sources:
+    for key, source in data_sources(data):
         if not is_shards(source.path):
             records = training_records(source, seed)
             check_usable(records, f"{key}={source.path}")
-            if data.masked_loss:
+            if source.masked_loss:
                 check_masks(records, f"{key}={source.path}")
 
 

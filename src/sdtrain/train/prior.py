@@ -88,7 +88,8 @@ def draw_class_images(config: Config, device: torch.device) -> int:
 
 def class_source(data: DataConfig) -> DataConfig:
     """The class images as a data source of the run's settings, their captions as written."""
-    return dataclasses.replace(data, path=data.prior.path, image_column="file_name", caption_column="text", mix=[],
+    return dataclasses.replace(data, path=data.prior.path, image_column="file_name", caption_column="text",
+                               datasets=[], weight=None, repeats=1, loss_weight=data.prior.loss_weight,
                                prior=PriorConfig(), trigger=None, shuffle_tags=False, tag_dropout=0.0,
                                masked_loss=False, validation_split=0, validation_path=None)  # fmt: skip
 
