@@ -74,6 +74,18 @@ def vae_dir(tmp_path_factory) -> Path:
     return root
 
 
+def tiny_unet(block_out_channels: tuple[int, int] = (16, 32)):
+    """A tiny SD UNet for the tiny CLIP (width 32) and VAE (4 channels), seeded."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=block_out_channels, layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )  # fmt: skip
+
+
 def save_pipeline(folder: Path, unet, clip_dir: Path, vae_dir: Path, text_encoder=None) -> Path:
     """``unet`` with the tiny VAE and CLIP text encoder (or ``text_encoder``, with the tiny CLIP's tokenizer), saved
     as a StableDiffusionPipeline folder (Euler)."""

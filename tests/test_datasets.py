@@ -23,6 +23,7 @@ def _two(tmp_path, **extra) -> list[str]:
         f"data.path={subject}",
         "data.repeats=4",
         "data.trigger=zqx",
+        "data.allow_split_trigger=true",  # the tiny byte-level tokenizer splits every word
         f"data.datasets=[{json.dumps(dataset)}]",
     ]
 

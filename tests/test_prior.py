@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from sdtrain.config import Config, ConfigError, ObjectiveConfig, load_config
@@ -14,18 +13,12 @@ from sdtrain.objective import DDPM, LOSS_WEIGHT, Draw
 from sdtrain.train import prior
 from sdtrain.train.loop import train
 from sdtrain.train.preflight import check_run
-from tests.conftest import pipeline_overrides, save_pipeline, write_image_folder
+from tests.conftest import pipeline_overrides, save_pipeline, tiny_unet, write_image_folder
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, clip_dir, vae_dir):
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    )  # fmt: skip
-    return save_pipeline(tmp_path_factory.mktemp("prior-base"), unet, clip_dir, vae_dir)
+    return save_pipeline(tmp_path_factory.mktemp("prior-base"), tiny_unet((32, 64)), clip_dir, vae_dir)
 
 
 def _overrides(tmp_path, base_dir, name, count):
@@ -105,9 +98,10 @@ def test_class_images_to_draw_need_a_base_model(tmp_path, clip_dir, vae_dir):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_with_prior_masks_and_tag_edits_is_bit_exact(tmp_path, base_dir):
-    """A full fine-tune with class images, masked loss, a trigger and tag shuffling and dropout, killed twice at
-    micro-batches, ends with the uninterrupted run's losses and weights bit for bit."""
+def test_sigkill_then_resume_with_two_datasets_prior_tokens_and_masks_is_bit_exact(tmp_path, base_dir):
+    """Pivotal tuning (a new token and LoRA) on two datasets with class images, masked loss, a trigger and tag
+    shuffling and dropout, killed twice at micro-batches, ends with the uninterrupted run's losses, weights and
+    embedding bit for bit."""
     from safetensors.torch import load_file
 
     from tests.test_faults import KILLED, _losses, _train
@@ -119,9 +113,12 @@ def test_sigkill_then_resume_with_prior_masks_and_tag_edits_is_bit_exact(tmp_pat
             mask = Image.new("L", (48, 40), 0)
             mask.paste(255, (0, 0, 24, 40))
             mask.save(path.with_name(path.stem + ".mask.png"))
+    style = write_image_folder(tmp_path / "style", count=3, size=40, seed=3)
     extra = [f"data.prior.path={tmp_path / 'classes'}", "data.prior.prompt='a square'", "data.prior.count=3",
-             "data.prior.num_inference_steps=2", "data.masked_loss=true", "data.trigger=zqx",
-             "data.shuffle_tags=true", "data.keep_tokens=1", "data.tag_dropout=0.3",
+             "data.prior.num_inference_steps=2", "data.masked_loss=true", "data.trigger='<zqx>'",
+             "data.shuffle_tags=true", "data.keep_tokens=1", "data.tag_dropout=0.3", "data.repeats=2",
+             f"data.datasets=[{{path: '{style}', trigger: '', masked_loss: false, loss_weight: 0.5}}]",
+             "train.textual_inversion.tokens=['<zqx>']", "train.textual_inversion.init=[square]", "train.lora.rank=4",
              "train.gradient_accumulation=2", "train.num_steps=6", "train.save_every=2"]  # fmt: skip
     first = _train(pipeline_overrides(tmp_path / "a", data, base_dir) + extra)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -130,5 +127,7 @@ def test_sigkill_then_resume_with_prior_masks_and_tag_edits_is_bit_exact(tmp_pat
         assert _train(overrides, fault).returncode == KILLED, fault
     assert _train(overrides).returncode == 0
     assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
-    weights = [load_file(tmp_path / run / "final" / "unet" / "diffusion_pytorch_model.safetensors") for run in "ab"]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    for file in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "embeddings/zqx.safetensors"):  # fmt: skip
+        weights = [load_file(tmp_path / run / "final" / file) for run in "ab"]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), file

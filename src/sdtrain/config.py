@@ -276,6 +276,8 @@ class DataConfig:
     trigger: str | None = None
     """A trigger word (or phrase) for the concept being taught: `[trigger]` in a caption (and in train.sample_prompts)
     becomes it, and a caption without `[trigger]` gets it in front (`WORD, caption`)."""
+    allow_split_trigger: bool = False
+    """Train a trigger word that a tokenizer splits into several tokens (refused by default before any work)."""
     shuffle_tags: bool = False
     """Shuffle each caption's comma-separated tags every time it is drawn, all but the first keep_tokens (a trigger
     put in front stays first). Not with a latent cache, which encodes each caption once."""
@@ -582,6 +584,39 @@ class TextEncoderTrainingConfig:
 
 
 @dataclass
+class TextualInversionConfig:
+    """Textual inversion: new tokens added to every tokenizer of the family, each with its own embedding rows in every
+    text encoder, initialised from a word; only those rows train. With train.lora.rank > 0 the denoiser's adapters
+    train with them (pivotal tuning); else the denoiser stays frozen. Families sd and sdxl."""
+
+    tokens: list[str] = field(default_factory=list)
+    """The new tokens ("<zqx>"), none of them a word the tokenizer knows; put them in captions (data.trigger='<zqx>'
+    or [trigger]) and prompts. Empty: off."""
+    init: list[str] = field(default_factory=list)
+    """For each token, the word its rows start from (the mean of its tokens' embeddings): "dog", "watercolour"."""
+    vectors: int = 1
+    """Embedding vectors per token (more: more capacity, as diffusers' multi-vector embeddings: the token stands for
+    TOKEN TOKEN_1 ... in every prompt)."""
+    lr: float | None = None
+    """The new rows' peak learning rate (the schedule scales it as the denoiser's); None: train.optim.lr."""
+
+    def __post_init__(self) -> None:
+        if self.tokens and len(self.init) != len(self.tokens):
+            raise ConfigError(f"train.textual_inversion.init needs one word per token ({len(self.tokens)} tokens, "
+                              f"{len(self.init)} init words): init=[dog] for tokens=['<zqx>']")  # fmt: skip
+        if any(not t.strip() or t != t.strip() or " " in t for t in self.tokens):
+            raise ConfigError(f"train.textual_inversion.tokens must be single words, got {self.tokens}")
+        if len(set(self.tokens)) != len(self.tokens):
+            raise ConfigError(f"train.textual_inversion.tokens has duplicates: {self.tokens}")
+        if any(not w.strip() for w in self.init):
+            raise ConfigError("train.textual_inversion.init: every token needs a word to start from")
+        if self.vectors < 1:
+            raise ConfigError(f"train.textual_inversion.vectors must be >= 1, got {self.vectors}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"train.textual_inversion.lr must be positive, got {self.lr}")
+
+
+@dataclass
 class FidelityConfig:
     """FID / KID / CLIP score during training (`pip install 'sdtrain[metrics]'`): the EMA weights draw one image per
     reference caption with the `sample` settings, against a reference set read once at the start."""
@@ -695,6 +730,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     text_encoder: TextEncoderTrainingConfig = field(default_factory=TextEncoderTrainingConfig)
+    textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
 

@@ -42,6 +42,16 @@ def _tokenizer_location(path: str, subfolder: str | None) -> tuple[str, str | No
     return path, subfolder
 
 
+def load_tokenizer(
+    path: str, subfolder: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of the text encoder at ``path`` / ``subfolder`` (as :func:`load_text_encoder` loads it), alone."""
+    path = resolve_minilm() if path == MINILM else path
+    tok_path, tok_sub = _tokenizer_location(path, subfolder)
+    tok_kwargs = {"subfolder": tok_sub} if tok_sub else {}
+    return AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code, **tok_kwargs)
+
+
 def load_text_encoder(
     path: str,
     subfolder: str | None = None,
@@ -79,9 +89,7 @@ def load_text_encoder(
         from transformers import T5EncoderModel
 
         encoder = T5EncoderModel.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
-    tok_path, tok_sub = _tokenizer_location(path, subfolder)
-    tok_kwargs = {"subfolder": tok_sub} if tok_sub else {}
-    tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code, **tok_kwargs)
+    tokenizer = load_tokenizer(path, subfolder, trust_remote_code)
     if max_length is not None:
         tokenizer.model_max_length = max_length
     elif tokenizer.model_max_length > 4096:  # "unset" in transformers is a huge sentinel

@@ -10,6 +10,7 @@ import torch
 
 from sdtrain.config import Config, SampleConfig, load_config
 from sdtrain.errors import StorageError, describe_os_error, failed_write
+from sdtrain.models.embeddings import EMBEDDINGS_FOLDER, merged_tables, save_embeddings
 from sdtrain.models.families import Family, for_config
 from sdtrain.models.lora import LORA_FOLDER, add_lora, has_lora, merged_copy, save_lora
 from sdtrain.sample.pipeline import Pipeline
@@ -31,7 +32,9 @@ def export_pipeline(
 
     A denoiser (or text encoder) with LoRA adapters is saved twice: merged into the pipeline's component (a standalone
     model), and as the adapters alone in ``out_dir/lora/`` (``pytorch_lora_weights.safetensors`` for
-    ``load_lora_weights`` on the base model, and kohya-ss' layout). ``bases``: by component name, the full-precision
+    ``load_lora_weights`` on the base model, and kohya-ss' layout). Textual inversion's new tokens are in the saved
+    tokenizers and encoders, and each in ``out_dir/embeddings/TOKEN.safetensors`` for the base model (A1111's and
+    ComfyUI's layout, which ``load_textual_inversion`` reads). ``bases``: by component name, the full-precision
     base to merge a component's adapters into, where it trained on a base held in less precision
     (:func:`sdtrain.train.placement.full_precision`).
     """
@@ -46,7 +49,11 @@ def export_pipeline(
             merged = {name: merged_copy(m, bases.get(name)) for name, m in adapted.items()}
             components = dataclasses.replace(components, **merged)
         pipe = Pipeline(components, family, sample.scheduler, objective_config, sampling, device="cpu")
-        return pipe.save_pretrained(out_dir)
+        encoders = {name: getattr(components, name) for name in family.text_encoders}
+        with merged_tables(list(encoders.values())):  # new tokens' rows in the saved encoders' tables
+            path = pipe.save_pretrained(out_dir)
+        save_embeddings(encoders, dict(zip(family.text_encoders, family.embedding_keys)), path / EMBEDDINGS_FOLDER)
+        return path
     except Exception as e:
         cause = failed_write(e)
         if cause is None:

@@ -13,6 +13,7 @@ from sdtrain.config import AutoencoderConfig, Config, ConfigError, DataConfig, M
 from sdtrain.data.disk_cache import check_cache
 from sdtrain.data.folder import training_records
 from sdtrain.data.sources import check_masks, check_usable, is_shards, list_records
+from sdtrain.models.embeddings import check_tokens, check_trigger
 from sdtrain.models.families import IN_MEMORY, for_config
 from sdtrain.models.hub import check_model_source
 from sdtrain.models.text import MINILM
@@ -76,11 +77,36 @@ def check_run(config: Config, models: bool = True, data: bool = True) -> str:
         check_model_sources(config.model)
     kind = check_objective(config)
     text_encoders.check(for_config(config.model), config.train)
+    if models:
+        check_new_tokens(config)
     placement.check(config)  # quantisation: LoRA on a base that re-reads, an installed library
     prior.check(config)  # class images to draw, and a base model to draw them
     if data:
         check_data(config.data, config.train.seed)
     return kind
+
+
+def check_new_tokens(config: Config) -> None:
+    """Textual inversion's tokens are new to every tokenizer of the family and its init words are read as tokens;
+    each trigger word (data.trigger, each dataset's) is one token or a new one. The tokenizers alone are loaded.
+
+    Raises:
+        ConfigError: naming the token or word and the tokenizer.
+    """
+    ti, data = config.train.textual_inversion, config.data
+    triggers = [] if data.allow_split_trigger else [(k.replace(".path", ".trigger"), s.trigger)
+                                                    for k, s in data_sources(data) if s.trigger]  # fmt: skip
+    family = for_config(config.model)
+    if not (ti.tokens or triggers) or family.load_tokenizers is None:
+        return  # text_encoders.check refuses new tokens for a family without tokenizers to add them to
+    for name, tokenizer in family.load_tokenizers(config).items():
+        tokenizer_name = name.replace("text_encoder", "tokenizer")
+        try:
+            check_tokens(tokenizer, ti.tokens, ti.init, tokenizer_name)
+            for key, trigger in triggers:
+                check_trigger(tokenizer, trigger, ti.tokens, key, tokenizer_name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def check_device_memory(needs_gib: float | None) -> None:

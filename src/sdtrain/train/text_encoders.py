@@ -1,5 +1,7 @@
 """Training the text encoders with the denoiser (``train.text_encoder``: LoRA adapters or every weight, at their own
-learning rate), as kohya-ss' and OneTrainer's SD and SDXL trainers offer.
+learning rate), as kohya-ss' and OneTrainer's SD and SDXL trainers offer; and textual inversion
+(``train.textual_inversion``: new tokens whose embedding rows alone train, :mod:`sdtrain.models.embeddings`), alone
+with the denoiser frozen, or with the denoiser's LoRA (pivotal tuning).
 
 The loop trains one module either way. With frozen encoders it is the denoiser, called through the family's
 ``predict``. With trained ones it is :class:`WithTextEncoders`: the denoiser and the encoders in one module whose
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from sdtrain.config import ConfigError, TrainConfig
+from sdtrain.models.embeddings import add_tokens, expand_prompts
 from sdtrain.models.families import Conditioning, Encoders, Family
 from sdtrain.models.lora import add_text_lora
 
@@ -53,7 +56,18 @@ def predict_with_text(model: torch.nn.Module, noisy: torch.Tensor, timesteps: to
 
 
 def trains_text(tc: TrainConfig) -> bool:
-    return tc.text_encoder.mode != "frozen"
+    """Whether the text encoders run with gradients every step: they train, or new tokens' rows do."""
+    return tc.text_encoder.mode != "frozen" or bool(tc.textual_inversion.tokens)
+
+
+def denoiser_frozen(tc: TrainConfig) -> bool:
+    """Textual inversion alone: new tokens without the denoiser's LoRA leave the denoiser as it is."""
+    return bool(tc.textual_inversion.tokens) and not tc.lora.rank
+
+
+def tokenizer_of(components, encoder: str):
+    """The tokenizer of a text encoder: ``text_encoder_2``'s is ``tokenizer_2``."""
+    return getattr(components, encoder.replace("text_encoder", "tokenizer"))
 
 
 def check(family: Family, tc: TrainConfig, text_dtypes: list[torch.dtype] | None = None) -> None:
@@ -65,9 +79,12 @@ def check(family: Family, tc: TrainConfig, text_dtypes: list[torch.dtype] | None
     if not trains_text(tc):
         return
     if family.tokenize is None or not family.text_encoders:
+        if tc.text_encoder.mode == "frozen":
+            raise ConfigError(f"train.textual_inversion: new tokens are trained for the families whose text encoders "
+                              f"train (sd, sdxl), not {family.name}")  # fmt: skip
         raise ConfigError(f"train.text_encoder.mode={tc.text_encoder.mode}: {family.name} models train with frozen "
                          "text encoders here (train.text_encoder.mode=frozen)")  # fmt: skip
-    if text_dtypes and any(d != torch.float32 for d in text_dtypes):
+    if tc.text_encoder.mode != "frozen" and text_dtypes and any(d != torch.float32 for d in text_dtypes):
         raise ConfigError("trained text encoders keep float32 weights: set model.text_encoder*.dtype=float32")
 
 
@@ -77,12 +94,20 @@ def prepare(family: Family, components, denoiser: torch.nn.Module, tc: TrainConf
         return denoiser
     encoders = {name: getattr(components, name) for name in family.text_encoders}
     check(family, tc, [e.dtype for e in encoders.values()])
-    for encoder in encoders.values():
+    ti = tc.textual_inversion
+    for name, encoder in encoders.items():
         if tc.text_encoder.mode == "lora":
             add_text_lora(encoder, tc.text_encoder)
         else:
-            encoder.requires_grad_(True)
+            encoder.requires_grad_(tc.text_encoder.mode == "full")
+        if ti.tokens:  # the new rows train, whatever else does
+            try:
+                add_tokens(tokenizer_of(components, name), encoder, ti.tokens, ti.init, ti.vectors)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         encoder.train()
+    if denoiser_frozen(tc):
+        denoiser.requires_grad_(False)
     return WithTextEncoders(family, denoiser, encoders)
 
 
@@ -111,11 +136,16 @@ def data_encoders(family: Family, components, tc: TrainConfig) -> Encoders:
     encoders = family.encoders(components)
     if not trains_text(tc):
         return encoders
-    tokenizers = [getattr(components, name.replace("text_encoder", "tokenizer")) for name in family.text_encoders]
+    tokenizers = [tokenizer_of(components, name) for name in family.text_encoders]
     first = getattr(components, family.text_encoders[0])
+
+    def encode_text(prompts: list[str]) -> Conditioning:  # multi-vector tokens written out, as the pipelines do
+        tokens = family.tokenize(components, expand_prompts(prompts, tokenizers[0]))
+        return {k: v.to(first.device) for k, v in tokens.items()}
+
     return dataclasses.replace(
         encoders,
-        encode_text=lambda prompts: {k: v.to(first.device) for k, v in family.tokenize(components, prompts).items()},
+        encode_text=encode_text,
         text_identity=lambda: {"tokens": [_tokenizer_identity(t) for t in tokenizers]},
     )
 
@@ -131,7 +161,12 @@ def _tokenizer_identity(tokenizer) -> dict[str, Any]:
 
 
 def lr_scale(name: str, tc: TrainConfig) -> float:
-    """The learning-rate scale of parameter ``name`` of what trains: the text encoders' lr over the denoiser's."""
-    if trains_text(tc) and name.startswith("text_encoders.") and tc.text_encoder.lr is not None:
+    """The learning-rate scale of parameter ``name`` of what trains: the new tokens' or the text encoders' lr over the
+    denoiser's."""
+    if not (trains_text(tc) and name.startswith("text_encoders.")):
+        return 1.0
+    if name.endswith(".rows") and tc.textual_inversion.lr is not None:  # a NewTokenEmbedding's rows
+        return tc.textual_inversion.lr / tc.optim.lr
+    if not name.endswith(".rows") and tc.text_encoder.lr is not None:
         return tc.text_encoder.lr / tc.optim.lr
     return 1.0

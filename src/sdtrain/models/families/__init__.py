@@ -75,6 +75,9 @@ class Family:
             serves when the text encoders train.
         encode_tokens: ``(text encoders by name, conditioning with tokens) -> Conditioning``: the tokens replaced by
             their encoding, differentiably; ``encode_prompts`` is the two under no_grad.
+        embedding_keys: by text encoder, the key of its vectors in a textual-inversion file as A1111 and ComfyUI load
+            it (``emb_params``; SDXL's ``clip_l`` / ``clip_g``), in the order of ``text_encoders``.
+        load_tokenizers: ``config -> {text encoder name: its tokenizer}``, loaded alone (cheap) for the pre-flight.
         pipeline_latents: ``(pipeline, latents it returned with output_type="latent", height, width) -> B x C x H x W
             latents`` where the pipeline returns them otherwise (Flux: packed); None: as they are.
     """
@@ -99,6 +102,8 @@ class Family:
     text_encoders: tuple[str, ...] = ()
     tokenize: Callable[[Any, list[str]], Conditioning] | None = None
     encode_tokens: Callable[[dict[str, torch.nn.Module], Conditioning], Conditioning] | None = None
+    embedding_keys: tuple[str, ...] = ()
+    load_tokenizers: Callable[[Any], dict[str, Any]] | None = None
     pipeline_latents: Callable[[Any, torch.Tensor, int | None, int | None], torch.Tensor] | None = None
 
     def denoiser_of(self, components) -> torch.nn.Module:

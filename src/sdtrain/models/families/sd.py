@@ -16,7 +16,7 @@ from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encodin
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.single_file import sd_tensors
 from sdtrain.models.text import encode_prompts as encode_text
-from sdtrain.models.text import hidden_size, load_text_encoder
+from sdtrain.models.text import hidden_size, load_text_encoder, load_tokenizer
 from sdtrain.models.text import tokenize as tokenize_text
 from sdtrain.models.unet import build_unet, load_unet
 from sdtrain.models.vae import downsample_factor, load_vae
@@ -32,12 +32,23 @@ class Components:
     unet: UNet2DConditionModel
 
 
+def _text_source(config) -> tuple[str, str | None]:
+    """Where the text encoder is: its own path, or the pipeline's ``text_encoder`` over the default MiniLM."""
+    m = config.model
+    if m.pretrained and m.text_encoder.path == "minilm" and m.text_encoder.subfolder is None:
+        return m.pretrained, "text_encoder"  # a pipeline's own encoder wins over the default
+    return m.text_encoder.path, m.text_encoder.subfolder
+
+
+def load_tokenizers(config) -> dict[str, Any]:
+    """The tokenizer the config names, alone (the pre-flight's check of new tokens)."""
+    return {"text_encoder": load_tokenizer(*_text_source(config), config.model.text_encoder.trust_remote_code)}
+
+
 def load_encoders(config) -> tuple[Any, Any, Any]:
     """The frozen ``(vae, text_encoder, tokenizer)`` the config names."""
     m = config.model
-    te_path, te_sub = m.text_encoder.path, m.text_encoder.subfolder
-    if m.pretrained and m.text_encoder.path == "minilm" and m.text_encoder.subfolder is None:
-        te_path, te_sub = m.pretrained, "text_encoder"  # a pipeline's own encoder wins over the default
+    te_path, te_sub = _text_source(config)
     text_encoder, tokenizer = load_text_encoder(
         te_path, te_sub, m.text_encoder.max_length, m.text_encoder.dtype, m.text_encoder.trust_remote_code
     )
@@ -132,6 +143,8 @@ FAMILY = Family(
     text_encoders=("text_encoder",),
     tokenize=tokenize,
     encode_tokens=encode_tokens,
+    embedding_keys=("emb_params",),
+    load_tokenizers=load_tokenizers,
     load=load_components,
     encode_prompts=encode_prompts,
     predict=predict,

@@ -26,7 +26,7 @@ from sdtrain.config import ConfigError
 from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.single_file import sdxl_tensors
-from sdtrain.models.text import hidden_size, load_text_encoder
+from sdtrain.models.text import hidden_size, load_text_encoder, load_tokenizer
 from sdtrain.models.unet import build_unet, load_unet
 from sdtrain.models.vae import downsample_factor, load_vae
 
@@ -43,8 +43,8 @@ class Components:
     unet: UNet2DConditionModel
 
 
-def _encoder(config, index: int) -> tuple[Any, Any]:
-    """Text encoder ``index`` (1 or 2) and its tokenizer: its own path, else the pipeline's subfolder."""
+def _source(config, index: int) -> tuple[str, str | None]:
+    """Where text encoder ``index`` (1 or 2) is: its own path, else the pipeline's subfolder."""
     m = config.model
     te = m.text_encoder if index == 1 else m.text_encoder_2
     subfolder = "text_encoder" if index == 1 else "text_encoder_2"
@@ -54,9 +54,21 @@ def _encoder(config, index: int) -> tuple[Any, Any]:
             f"model.family=sdxl needs model.{'text_encoder' if index == 1 else 'text_encoder_2'}.path (a CLIP "
             "folder or hub id) or model.pretrained (an SDXL pipeline)"
         )
-    path, sub = (te.path, te.subfolder) if own else (m.pretrained, subfolder)
+    return (te.path, te.subfolder) if own else (m.pretrained, subfolder)
+
+
+def _encoder(config, index: int) -> tuple[Any, Any]:
+    """Text encoder ``index`` (1 or 2) and its tokenizer."""
+    te = config.model.text_encoder if index == 1 else config.model.text_encoder_2
     cls = CLIPTextModel if index == 1 else CLIPTextModelWithProjection
-    return load_text_encoder(path, sub, te.max_length, te.dtype, te.trust_remote_code, model_class=cls)
+    return load_text_encoder(*_source(config, index), te.max_length, te.dtype, te.trust_remote_code, model_class=cls)
+
+
+def load_tokenizers(config) -> dict[str, Any]:
+    """Both tokenizers the config names, alone (the pre-flight's check of new tokens)."""
+    m = config.model
+    return {"text_encoder": load_tokenizer(*_source(config, 1), m.text_encoder.trust_remote_code),
+            "text_encoder_2": load_tokenizer(*_source(config, 2), m.text_encoder_2.trust_remote_code)}  # fmt: skip
 
 
 def load_components(config, denoiser: bool = True) -> Components:
@@ -213,6 +225,8 @@ FAMILY = Family(
     text_encoders=("text_encoder", "text_encoder_2"),
     tokenize=tokenize,
     encode_tokens=encode_tokens,
+    embedding_keys=("clip_l", "clip_g"),
+    load_tokenizers=load_tokenizers,
     load=load_components,
     encode_prompts=encode_prompts,
     predict=predict,
