@@ -192,6 +192,11 @@ class DatasetConfig:
     10 repeats weigh as much as 100 style images x 1)."""
     loss_weight: float = 1.0
     """Its samples' loss weight."""
+    target: Literal["image", "base"] = "image"
+    """What its samples are trained towards: their images (image), or the frozen base model's prediction for the same
+    noisy latents and prompt (base: ai-toolkit's differential output preservation, LoRA runs; one more forward, no
+    gradient). With the subject's images and trigger: the class word (`{path: photos, trigger: person, target:
+    base}`): the LoRA learns the trigger and leaves what the base draws for the class alone."""
     image_column: str = "file_name"
     """Its image column (manifests, datasets)."""
     caption_column: str = "text"
@@ -329,6 +334,8 @@ class DataConfig:
     """How many times each image of data.path counts towards its share when weight is unset."""
     loss_weight: float = 1.0
     """The loss weight of data.path's samples."""
+    target: Literal["image", "base"] = "image"
+    """What data.path's samples are trained towards (as data.datasets[].target; the subject's are its images)."""
     datasets: list[DatasetConfig] = field(default_factory=list)
     """More datasets (each with its own path, weight or repeats, caption options and loss weight), each micro-batch
     drawn from one of them with probability proportional to its share (the same choice on every rank, seeded,
@@ -412,6 +419,7 @@ def dataset_source(data: DataConfig, dataset: DatasetConfig) -> DataConfig:
     """A dataset of ``data.datasets`` as a source of its own: data's settings with its path, columns and the options it
     sets (no validation split: the held-out images are data.path's)."""
     own = {name: getattr(dataset, name) for name in INHERITED if getattr(dataset, name) is not None}
+    own["target"] = dataset.target
     if own.get("trigger") == "":
         own["trigger"] = None
     return dataclasses.replace(
@@ -791,6 +799,10 @@ class Config:
                     f"{key}={path} is a single-file checkpoint; make it a pipeline folder first, with the configs it "
                     f"matches: sdtrain convert {path} FOLDER --config stable-diffusion-v1-5/stable-diffusion-v1-5"
                 )
+        preserving = [k for k, d in data_sources(self.data) if d.target == "base"]
+        if preserving and not self.train.lora.rank:
+            raise ConfigError(f"{preserving[0].replace('.path', '.target')}=base: the target is the frozen base's "
+                              "prediction, only a LoRA run keeps its base frozen: set train.lora.rank")  # fmt: skip
         fidelity = self.train.fidelity
         if fidelity.every and not (fidelity.data or self.data.validation_path or self.data.validation_split):
             raise ConfigError(

@@ -160,17 +160,34 @@ def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: f
 
 LOSS_MASK = "loss_mask"  # a batch's loss mask travels with its conditioning (data.masked_loss)
 LOSS_WEIGHT = "loss_weight"  # and its samples' loss weights (data.prior's class images)
+BASE_TARGET = "base_target"  # 1 where a sample's target is the frozen base's prediction (a dataset's target=base)
+LOSS_TERMS = (LOSS_MASK, LOSS_WEIGHT, BASE_TARGET)
 
 
 def split_loss_terms(
     cond: dict[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
-    """The conditioning without what weighs the loss, the loss mask (B x 1 x h x w at the latents' size) or None, and
-    the samples' loss weights (B) or None."""
-    if LOSS_MASK not in cond and LOSS_WEIGHT not in cond:
-        return cond, None, None
-    rest = {k: v for k, v in cond.items() if k not in (LOSS_MASK, LOSS_WEIGHT)}
-    return rest, cond.get(LOSS_MASK), cond.get(LOSS_WEIGHT)
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The conditioning without what shapes the loss, the loss mask (B x 1 x h x w at the latents' size) or None,
+    the samples' loss weights (B) or None, and their base-target flags (B) or None."""
+    if not any(k in cond for k in LOSS_TERMS):
+        return cond, None, None, None
+    rest = {k: v for k, v in cond.items() if k not in LOSS_TERMS}
+    return rest, cond.get(LOSS_MASK), cond.get(LOSS_WEIGHT), cond.get(BASE_TARGET)
+
+
+def preserved(target_: torch.Tensor, flags: torch.Tensor | None, base, base_output) -> torch.Tensor:
+    """``target_`` with the frozen base's prediction where ``flags`` is 1: differential output preservation (as
+    ai-toolkit's), the adapters taught to leave what the base draws for those prompts unchanged, at the cost of one
+    more forward without gradients. ``base``: a context under which the model is its frozen base (LoRA off);
+    ``base_output()`` the model's prediction, called under it."""
+    if flags is None:
+        return target_
+    if base is None:
+        raise ValueError("a batch whose target is the base model's prediction needs the frozen base (LoRA)")
+    with torch.no_grad(), base():
+        frozen = base_output()
+    keep = flags.view(-1, *[1] * (target_.ndim - 1)).to(target_.device) > 0
+    return torch.where(keep, frozen.to(target_.dtype), target_)
 
 
 def diffusion_loss(
@@ -197,6 +214,7 @@ def loss(
     snr_gamma: float | None,
     input_noise: torch.Tensor | None = None,
     autocast: Callable[[], Any] = contextlib.nullcontext,
+    base: Callable[[], Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss of one batch, for the loop and validation alike: noise the latents, predict, weigh the MSE.
 
@@ -211,6 +229,8 @@ def loss(
         snr_gamma: min-SNR-gamma, or None for plain MSE.
         input_noise: the noise put into ``x_t`` where it differs from ``noise`` (input perturbation).
         autocast: entered around the model call and the loss (mixed precision).
+        base: a context under which ``model`` is its frozen base, for samples whose target is the base's prediction
+            (``cond[BASE_TARGET]``, :func:`preserved`).
 
     Returns:
         ``(mean loss, per-sample loss)``, as :func:`diffusion_loss`.
@@ -218,10 +238,11 @@ def loss(
     noisy = scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
     target_ = target(scheduler, latents, noise, timesteps)
     weights = loss_weights(scheduler, timesteps, snr_gamma)
-    cond, mask, sample_weights = split_loss_terms(cond)
+    cond, mask, sample_weights, flags = split_loss_terms(cond)
     if sample_weights is not None:
         weights = weights * sample_weights.to(weights)
     with autocast():
+        target_ = preserved(target_, flags, base, lambda: predict(model, noisy, timesteps, cond))
         return diffusion_loss(predict(model, noisy, timesteps, cond), target_, weights, mask)
 
 
@@ -256,13 +277,16 @@ class DDPM:
         grid = (torch.arange(count, dtype=torch.float64) + 0.5) / count
         return (low + grid * (high - low + 1)).long().clamp(low, high)
 
-    def loss(self, predict, model, cond, latents: torch.Tensor, draw: Draw, autocast=contextlib.nullcontext):
-        """``(mean loss, per-sample loss)`` of ``model`` on ``latents`` noised as ``draw`` says."""
+    def loss(
+        self, predict, model, cond, latents: torch.Tensor, draw: Draw, autocast=contextlib.nullcontext, base=None
+    ):
+        """``(mean loss, per-sample loss)`` of ``model`` on ``latents`` noised as ``draw`` says (``base``: as
+        :func:`loss`)."""
         noise = draw.noise.to(latents)
         input_noise = None if draw.input_noise is None else draw.input_noise.to(latents)
         return loss(
             predict, model, cond, self.scheduler, latents, noise, draw.timesteps, self.config.snr_gamma, input_noise,
-            autocast,
+            autocast, base,
         )  # fmt: skip
 
 
@@ -324,18 +348,22 @@ class FlowMatching:
         u = (torch.arange(count, dtype=torch.float64) + 0.5) / count
         return (flow_sigmas(u, self.config, self.image_seq_len) * self.num_train_timesteps).float()
 
-    def loss(self, predict, model, cond, latents: torch.Tensor, draw: Draw, autocast=contextlib.nullcontext):
-        """``(mean loss, per-sample loss)`` of the velocity ``model`` predicts against ``noise - x_0``."""
+    def loss(
+        self, predict, model, cond, latents: torch.Tensor, draw: Draw, autocast=contextlib.nullcontext, base=None
+    ):
+        """``(mean loss, per-sample loss)`` of the velocity ``model`` predicts against ``noise - x_0`` (or the frozen
+        base's prediction: ``base`` as :func:`loss`)."""
         timesteps = draw.timesteps.to(device=latents.device, dtype=torch.float32)
         sigmas = (timesteps / self.num_train_timesteps).view(-1, *[1] * (latents.ndim - 1)).to(latents)
         noise = draw.noise.to(latents)
         noisy = (1 - sigmas) * latents + sigmas * noise
         weights = flow_loss_weights(sigmas.flatten().float(), self.config.flow_weighting)
-        cond, mask, sample_weights = split_loss_terms(cond)
+        cond, mask, sample_weights, flags = split_loss_terms(cond)
         if sample_weights is not None:
             weights = weights * sample_weights.to(weights)
         with autocast():
-            return diffusion_loss(predict(model, noisy, timesteps, cond), noise - latents, weights, mask)
+            target_ = preserved(noise - latents, flags, base, lambda: predict(model, noisy, timesteps, cond))
+            return diffusion_loss(predict(model, noisy, timesteps, cond), target_, weights, mask)
 
 
 def kind_of(config: ObjectiveConfig, family) -> str:

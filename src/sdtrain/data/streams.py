@@ -24,7 +24,7 @@ from sdtrain.data.folder import make_dataloader
 from sdtrain.data.shards import ShardDataset, ShardPosition, make_shard_loader
 from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.vae import encode_moments, scale_latents
-from sdtrain.objective import LOSS_MASK, LOSS_WEIGHT
+from sdtrain.objective import BASE_TARGET, LOSS_MASK, LOSS_WEIGHT
 
 
 class Stream(Protocol):
@@ -237,10 +237,12 @@ def source_weights(sources: list[DataConfig], sizes: list[int | None]) -> list[f
 
 
 class WeightedStream:
-    """A stream whose samples' loss is weighted by ``weight`` (``cond[LOSS_WEIGHT]``): DreamBooth's class images."""
+    """A stream whose samples carry loss terms of their source: their loss weight (``cond[LOSS_WEIGHT]``: DreamBooth's
+    class images, a dataset's loss_weight) and whether their target is the frozen base's prediction
+    (``cond[BASE_TARGET]``: a dataset's target=base)."""
 
-    def __init__(self, stream, weight: float):
-        self.stream, self.weight = stream, weight
+    def __init__(self, stream, weight: float = 1.0, base_target: bool = False):
+        self.stream, self.weight, self.base_target = stream, weight, base_target
 
     @property
     def skipped(self) -> SkipCounter:
@@ -254,8 +256,10 @@ class WeightedStream:
 
     def next(self, draws) -> tuple[torch.Tensor, Conditioning]:
         latents, cond = self.stream.next(draws)
-        weights = torch.full((latents.shape[0],), float(self.weight), device=latents.device)
-        return latents, cond | {LOSS_WEIGHT: weights}
+        ones = torch.ones((latents.shape[0],), device=latents.device)
+        if self.weight != 1.0:
+            cond = cond | {LOSS_WEIGHT: ones * float(self.weight)}
+        return latents, cond | {BASE_TARGET: ones} if self.base_target else cond
 
 
 def regroup_states(states: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:

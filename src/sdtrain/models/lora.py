@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from pathlib import Path
@@ -167,6 +168,22 @@ def _save_lycoris(module, config, out_dir: str | Path, denoiser: str) -> Path:
             lycoris[f"{prefix}.alpha"] = torch.tensor(float(low.shape[0]))
     save_file(lycoris, out / KOHYA_FILE)
     return out
+
+
+@contextlib.contextmanager
+def adapters_off(model: torch.nn.Module):
+    """Within: every peft adapter in ``model`` (the denoiser's, the text encoders') is bypassed, so ``model`` computes
+    what its frozen base computes; the adapters are on again after."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def merged_copy(module, base=None):

@@ -9,6 +9,7 @@ scaffolding from :mod:`sdtrain.train.run`, and inference artifacts from :mod:`sd
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -41,7 +42,7 @@ from sdtrain.data.streams import (
 )
 from sdtrain.errors import StorageError
 from sdtrain.models.families import Encoders, Family, for_config
-from sdtrain.models.lora import add_lora
+from sdtrain.models.lora import adapters_off, add_lora
 from sdtrain.models.vae import downsample_factor
 from sdtrain.sample.pipeline import Pipeline, save_images
 from sdtrain.train import block_swap, checkpoint, placement, prior, sharding, text_encoders, zero
@@ -340,7 +341,8 @@ def _optimizer_step(run: _Run, stop_signal: StopSignal, started: float) -> tuple
         drawn = run.diffusion.draw(tuple(latents.shape), draws)
         # 6c. predict and backpropagate (accelerate skips the all-reduce until the last micro-batch)
         with accelerator.accumulate(model):
-            loss, _ = run.diffusion.loss(run.predict, model, cond, latents, drawn, run.autocast)
+            base = functools.partial(adapters_off, model)  # the frozen base, for samples it is the target of
+            loss, _ = run.diffusion.loss(run.predict, model, cond, latents, drawn, run.autocast, base)
             accelerator.backward(loss)
             step_loss += loss.detach() / tc.gradient_accumulation
             if accelerator.sync_gradients:
@@ -434,7 +436,8 @@ def _make_stream(
             kind = ShardStream if is_shards(source.path) else OnlineStream
             stream = kind(source, encoders, micro_batch, device, seed, rank, world)
             size = None if kind is ShardStream else len(stream.loader.dataset)
-        streams.append(stream if source.loss_weight == 1.0 else WeightedStream(stream, source.loss_weight))
+        terms = source.loss_weight != 1.0 or source.target == "base"
+        streams.append(WeightedStream(stream, source.loss_weight, source.target == "base") if terms else stream)
         sizes.append(size)
     weights = source_weights(sources[: len(sources) - bool(data.prior.path)], sizes)
     if data.prior.path:
