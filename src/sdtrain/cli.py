@@ -42,6 +42,9 @@ EXAMPLES = {
   sdtrain evaluate --model runs/mine/final --data data/pets-heldout --num 2000 \\
       --metrics fid,kid,clip --clip-model openai/clip-vit-large-patch14          # FID / KID / CLIP score
   accelerate launch -m sdtrain evaluate --model runs/mine/final --data data/heldout --num 10000   # N GPUs""",
+    "caption": """examples:
+  sdtrain caption data/sks-dog --trigger sks          # NAME.txt for every image without a caption
+  sdtrain caption data/style --model Qwen/Qwen2.5-VL-7B-Instruct --batch-size 8 --overwrite""",
     "demo": """example:
   sdtrain demo --out runs/demo            # what `make demo` runs; finished stages are reused
   sdtrain demo --config demo-dit          # a diffusion transformer with flow matching instead of the UNet""",
@@ -136,6 +139,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="where models run (default: CUDA if available)")
     p.add_argument("--max-models", type=int, default=1, help="models kept loaded (the least recently used goes)")
     p.add_argument("--allow-host", action="append", default=[], help="a further host name the page is reached by")
+
+    p = add("caption", "Caption the images of a folder that have none, with a vision-language model (NAME.txt).")
+    p.add_argument("folder", type=Path, help="a folder of images")
+    p.add_argument("--model", default=None, help="vision-language model, hub id or folder (default: Qwen2.5-VL 3B)")
+    p.add_argument("--prompt", default=None, help="the instruction the model answers for each image")
+    p.add_argument("--trigger", default=None, help="a word put in front of every caption")
+    p.add_argument("--overwrite", action="store_true", help="caption images that have a caption too")
+    p.add_argument("--batch-size", type=int, default=4, help="images captioned at once")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="the longest caption, in tokens")
+    p.add_argument("--device", default=None, help="default: CUDA if available")
+    p.add_argument("--trust-remote-code", action="store_true", help="let the model's own code run")
 
     p = add("demo", "The built-in default: shapes data -> autoencoder -> UNet -> generate -> reconstruct -> evaluate.")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/ and the config's name)")
@@ -347,6 +361,15 @@ def _run(args: argparse.Namespace) -> int:
         from sdtrain.web import serve
 
         serve(args.runs, args.host, args.port, args.device, args.max_models, tuple(args.allow_host))
+    elif args.command == "caption":
+        from sdtrain.data.autocaption import DEFAULT_MODEL, DEFAULT_PROMPT, caption_folder
+
+        report = caption_folder(
+            args.folder, args.model or DEFAULT_MODEL, args.prompt or DEFAULT_PROMPT, args.trigger, args.overwrite,
+            args.batch_size, args.max_new_tokens, args.device, args.trust_remote_code,
+        )  # fmt: skip
+        print(f"wrote {len(report.written)} captions; {report.kept} images had one already; "
+              f"skipped: {report.skipped.summary()}")  # fmt: skip
     elif args.command == "demo":
         from sdtrain.demo import run_demo
 
