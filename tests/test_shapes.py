@@ -7,7 +7,7 @@ import random
 
 from PIL import Image
 
-from sdtrain.data.shapes import Combo, all_combos, load_combos, render, write_shapes_dataset
+from sdtrain.data.shapes import COLORS, SHAPES, Combo, all_combos, load_combos, render, write_shapes_dataset
 from sdtrain.evaluate.report import edit_targets
 from sdtrain.evaluate.shapes import read_image, score
 
@@ -32,6 +32,15 @@ def test_evaluator_reads_dataset_images():
     combos = [rng.choice(all_combos()) for _ in range(1500)]
     result = score([read_image(render(c, rng)) for c in combos], combos)
     assert result["all"] >= 0.99, result
+
+
+def test_a_palette_with_a_new_colour_reads_it_by_its_word():
+    """The personalisation benchmark's scoring: a colour the dataset lacks, drawn and read under its new word."""
+    rng = random.Random(5)
+    colors = dict(COLORS) | {"zqx": (0, 140, 140)}
+    combos = [Combo("zqx", shape, background) for shape in SHAPES for background in COLORS] * 10
+    assert score([read_image(render(c, rng, colors=colors), colors) for c in combos], combos)["all"] >= 0.99
+    assert read_image(render(combos[0], rng, colors=colors)).color != "zqx"  # the dataset's palette has no such word
 
 
 def test_evaluator_reads_the_object_not_background_specks():

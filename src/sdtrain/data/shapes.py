@@ -80,16 +80,20 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random) -> tuple[int, int, in
     return tuple(min(255, max(0, v + rng.randint(-COLOR_JITTER, COLOR_JITTER))) for v in rgb)  # type: ignore[return-value]
 
 
-def render(combo: Combo, rng: random.Random, size: int = 64, supersample: int = 4) -> Image.Image:
-    """Draw one image of ``combo`` with random size, position and colour jitter (antialiased by supersampling)."""
+def render(
+    combo: Combo, rng: random.Random, size: int = 64, supersample: int = 4, colors: dict | None = None
+) -> Image.Image:
+    """Draw one image of ``combo`` with random size, position and colour jitter (antialiased by supersampling);
+    ``colors``: the palette its colour names are read from (default: the dataset's)."""
+    colors = colors or COLORS
     big = size * supersample
-    img = Image.new("RGB", (big, big), _jitter(COLORS[combo.background], rng))
+    img = Image.new("RGB", (big, big), _jitter(colors[combo.background], rng))
     draw = ImageDraw.Draw(img)
     extent = rng.uniform(0.38, 0.62) * size  # side of the shape's bounding box
     lo, hi = MARGIN, size - MARGIN - extent
     x0, y0 = rng.uniform(lo, hi), rng.uniform(lo, hi)
     box = [v * supersample for v in (x0, y0, x0 + extent, y0 + extent)]
-    fill = _jitter(COLORS[combo.color], rng)
+    fill = _jitter(colors[combo.color], rng)
     if combo.shape == "circle":
         draw.ellipse(box, fill=fill)
     elif combo.shape == "square":

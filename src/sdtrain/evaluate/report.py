@@ -28,8 +28,10 @@ def adherence(
     guidance_scale: float,
     num_inference_steps: int,
     seed: int = 0,
+    colors: dict[str, tuple[int, int, int]] | None = None,
 ) -> tuple[dict[str, float], list[Image.Image]]:
-    """Accuracies for text-to-image on ``combos`` and the images (combo-major)."""
+    """Accuracies for text-to-image on ``combos`` and the images (combo-major); ``colors``: the palette the oracle
+    names colours from (default: the dataset's)."""
     prompts = [c.caption(0) for c in combos]
     images = pipe.generate(
         prompts,
@@ -40,7 +42,7 @@ def adherence(
         progress=True,
     ).images
     targets = [c for c in combos for _ in range(images_per_combo)]
-    return score([read_image(im) for im in images], targets), images
+    return score([read_image(im, colors) for im in images], targets), images
 
 
 def edit_targets(combos: list[Combo], seed: int = 0) -> list[tuple[str, Combo]]:

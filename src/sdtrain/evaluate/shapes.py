@@ -44,8 +44,14 @@ class Reading:
         return result
 
 
-def nearest_color(rgb: np.ndarray) -> str:
-    return _PALETTE_NAMES[int(np.argmin(((_PALETTE - rgb) ** 2).sum(-1)))]
+def nearest_color(rgb: np.ndarray, colors: dict[str, tuple[int, int, int]] | None = None) -> str:
+    """The name of the palette colour nearest ``rgb``: the dataset's, or ``colors`` (the dataset's and a colour a
+    benchmark teaches, say)."""
+    if colors is None:
+        return _PALETTE_NAMES[int(np.argmin(((_PALETTE - rgb) ** 2).sum(-1)))]
+    names = list(colors)
+    palette = np.array([colors[n] for n in names], dtype=np.float32)
+    return names[int(np.argmin(((palette - rgb) ** 2).sum(-1)))]
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -89,8 +95,9 @@ def classify_mask(mask: np.ndarray) -> str | None:
     return min(SHAPES, key=scores.__getitem__)
 
 
-def read_image(image: Image.Image) -> Reading:
-    """Read background colour, object colour and shape from an image."""
+def read_image(image: Image.Image, colors: dict[str, tuple[int, int, int]] | None = None) -> Reading:
+    """Read background colour, object colour and shape from an image, the colours named from ``colors`` (default:
+    the dataset's palette)."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     border = max(1, round(_BORDER * pixels.shape[0] / 64))
     ring = np.concatenate(
@@ -106,11 +113,13 @@ def read_image(image: Image.Image) -> Reading:
     mask = largest_component(distance > _OBJECT_DISTANCE)
     shape = classify_mask(mask)
     if shape is None:
-        return Reading(color=None, shape=None, background=nearest_color(background_rgb))
+        return Reading(color=None, shape=None, background=nearest_color(background_rgb, colors))
     # the object's colour from its core, away from antialiased edges
     core = mask & (distance > np.percentile(distance[mask], 50))
     object_rgb = np.median(pixels[core if core.sum() >= 4 else mask], axis=0)
-    return Reading(color=nearest_color(object_rgb), shape=shape, background=nearest_color(background_rgb))
+    return Reading(
+        color=nearest_color(object_rgb, colors), shape=shape, background=nearest_color(background_rgb, colors)
+    )
 
 
 def score(readings: list[Reading], combos: list[Combo]) -> dict[str, float]:
