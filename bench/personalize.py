@@ -80,6 +80,34 @@ def write_concept(out: Path, word: str, rgb: tuple[int, int, int], seed: int = 0
     return out
 
 
+def check_autoencoder(base: Path, concept: Path, word: str, rgb: tuple[int, int, int]) -> float:
+    """How far (RGB distance) the base's autoencoder moves the colour (encoded and decoded, the objects' median):
+    a colour it cannot draw cannot be taught to the denoiser above it. Raises SystemExit where the oracle would read
+    the reconstruction as another colour."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from sdtrain.evaluate.shapes import nearest_color
+
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    images = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) for p in sorted(concept.glob("*.png"))]
+    x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    out = ((y.permute(0, 2, 3, 1) + 1) * 127.5).numpy()
+    near = np.abs(np.stack(images) - np.array(rgb)).sum(-1) < 60  # the objects' pixels
+    drawn = np.median(out[near], axis=0)
+    distance = float(np.sqrt(((drawn - np.array(rgb)) ** 2).sum()))
+    if nearest_color(drawn, dict(COLORS) | {word: rgb}) != word:
+        raise SystemExit(
+            f"the base's autoencoder draws {rgb} as {tuple(drawn.round().astype(int))}: it cannot draw "
+            "this colour, so no method can teach it (train the autoencoder with train.color_augment)"
+        )
+    return distance
+
+
 def train_method(name: str, base: Path, runs: Path, concept: Path, word: str, steps: int) -> tuple[Path, float]:
     """Train one method (reused when its export exists); returns its export and training seconds."""
     from sdtrain.train.loop import train
@@ -134,6 +162,7 @@ def main() -> None:
     rgb = tuple(int(v) for v in rgb_text.split(","))
     runs = args.runs or Path("runs/personalize") / name
     concept = write_concept(runs / "concept", args.token, rgb)
+    vae_error = check_autoencoder(args.base, concept, args.token, rgb)
     chosen = [RECOMMENDED if m == "recommended" else m for m in (args.method or list(methods(concept, runs, "w")))]
     before = runs / "before" / "scores.json"
     if not before.exists():
@@ -152,6 +181,7 @@ def main() -> None:
             "concept_color": round(scores["concept"]["color"], 4), "seen": round(scores["seen"]["all"], 4),
             "seen_before": round(base_scores["seen"]["all"], 4),
             "concept_before": round(base_scores["concept"]["all"], 4), "train_seconds": round(seconds, 1),
+            "autoencoder_color_error": round(vae_error, 1),
         }  # fmt: skip
         rows.append(row)
         print(f"{method}: concept {row['concept']:.1%} (colour {row['concept_color']:.1%}), drift {row['drift']} "

@@ -92,6 +92,22 @@ def test_crop_training_needs_convolutional_model(tmp_path):
         load_config(AutoencoderConfig, None, ["train.crop_size=32", "data.resolution=64"])
 
 
+def test_recolouring_turns_hues_and_leaves_greys_and_unchosen_images_alone():
+    from sdtrain.train.autoencoder import recolour
+
+    x = torch.zeros(200, 3, 2, 2)
+    x[:, 0], x[:, 1:] = 0.7, -0.8  # red
+    x[:, :, 0, 0] = 0.2  # a grey pixel
+    y = recolour(x, 0.5, torch.Generator().manual_seed(0))
+    changed = (y != x).flatten(1).any(1)
+    assert 70 < changed.sum() < 130 and torch.equal(y[~changed], x[~changed])  # about half, the rest bit for bit
+    grey = y[:, :, 0, 0]
+    assert (grey.amax(1) - grey.amin(1)).max() < 1e-5 and y.min() >= -1 and y.max() <= 1  # greys stay grey
+    hues = torch.atan2(math.sqrt(3) * (y[changed, 1, 1, 1] - y[changed, 2, 1, 1]),
+                       2 * y[changed, 0, 1, 1] - y[changed, 1, 1, 1] - y[changed, 2, 1, 1])  # fmt: skip
+    assert torch.histc(hues, bins=6, min=-math.pi, max=math.pi).min() > 0  # every sixth of the colour wheel
+
+
 def test_psnr_ssim_identity_and_noise():
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.all(psnr(x, x) > 90) and torch.allclose(ssim(x, x), torch.ones(2), atol=1e-4)

@@ -878,6 +878,10 @@ class AutoencoderTrainConfig:
     """Weight of the VQ commitment loss (vq only)."""
     crop_size: int | None = None
     """Train on random square crops of this size (cheaper; evaluation uses whole images). None: whole images."""
+    color_augment: float = 0.0
+    """Share of training images recoloured at random (hue turned about the grey axis, saturation and brightness
+    scaled), so that an autoencoder trained on few colours reproduces every colour (the demo's draws six, and a
+    model built on it is taught others). 0: off."""
     in_memory: bool = True
     """Decode the training images once into memory and draw batches from there (fast; 196 KB an image at 256 px).
     false: stream them epoch by epoch from disk, decoded by data.num_workers workers (for sets that do not fit)."""
@@ -934,6 +938,8 @@ class AutoencoderTrainConfig:
             raise ConfigError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.disc_lr is not None and self.disc_lr <= 0:
             raise ConfigError(f"train.disc_lr must be positive, got {self.disc_lr}")
+        if not 0.0 <= self.color_augment <= 1.0:
+            raise ConfigError(f"train.color_augment must be in [0, 1], got {self.color_augment}")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -328,6 +329,25 @@ def _data(config: AutoencoderConfig, generator: torch.Generator):
     return records, eval_images, batches
 
 
+def recolour(x: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
+    """``x`` (B x 3 x H x W in [-1, 1]) with a ``share`` of its images recoloured: the hue turned by a random angle
+    about the grey axis, the saturation scaled by 0.2-1.3 and the brightness by 0.5-1.2 (one 3 x 3 matrix per image,
+    drawn from ``generator``), clamped to the range."""
+    n = x.shape[0]
+    draws = torch.rand(n, 4, generator=generator, device=generator.device).to(x.device)
+    chosen, angle = draws[:, 0] < share, draws[:, 1] * 2 * math.pi
+    saturation, brightness = 0.2 + 1.1 * draws[:, 2], 0.5 + 0.7 * draws[:, 3]
+    grey = torch.full((3, 3), 1 / 3, device=x.device)
+    axis = torch.ones(3, device=x.device) / math.sqrt(3)
+    cross = torch.tensor([[0, -1, 1], [1, 0, -1], [-1, 1, 0]], dtype=x.dtype, device=x.device) / math.sqrt(3)
+    eye = torch.eye(3, device=x.device)
+    cos, sin = angle.cos().view(n, 1, 1), angle.sin().view(n, 1, 1)
+    rotation = cos * eye + sin * cross + (1 - cos) * torch.outer(axis, axis)  # Rodrigues, about the grey axis
+    matrix = brightness.view(n, 1, 1) * (grey + saturation.view(n, 1, 1) * rotation @ (eye - grey))
+    recoloured = torch.einsum("nij,njhw->nihw", matrix, (x + 1) / 2).clamp(0, 1) * 2 - 1
+    return torch.where(chosen.view(n, 1, 1, 1), recoloured.to(x.dtype), x)  # the others exactly as they were
+
+
 def _step(config: AutoencoderConfig, m: _Models, batch: torch.Tensor, autocast, perceptual, step: int):
     """One training step on ``batch`` (randomly cropped to ``train.crop_size``): the autoencoder's (reconstruction +
     regulariser + the adversarial term once the critic is on), then the critic's; returns ``(loss, parts for the
@@ -339,6 +359,8 @@ def _step(config: AutoencoderConfig, m: _Models, batch: torch.Tensor, autocast, 
         top, left = (int(v) * factor for v in torch.randint(0, (res - tc.crop_size) // factor + 1, (2,),
                                                             generator=m.generator))  # fmt: skip
         x = x[:, :, top : top + tc.crop_size, left : left + tc.crop_size]
+    if tc.color_augment:
+        x = recolour(x, tc.color_augment, m.generator)
     # 5a. the autoencoder's step: reconstruction + regulariser (+ the adversarial term once the critic is on)
     adversarial = critic is not None and step >= tc.disc_start
     with autocast:
