@@ -12,8 +12,8 @@ choose another), a LoRA base quantised with ``--quantize`` and the text encoders
 
 Sizes are the published configs (SD 1.5; SDXL base 1.0: UNet 2.57 B, CLIP ViT-L and OpenCLIP ViT-bigG; SD 3 medium:
 MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; SD 3.5 large: 8.1 B, the same encoders; FLUX.1 dev:
-11.9 B, CLIP-L and T5-XXL, a 16-channel VAE; PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL; Sana 1600M 1024 px: 1.6 B,
-Gemma 2 2B, the f32c32 deep-compression autoencoder).
+11.9 B, CLIP-L and T5-XXL, a 16-channel VAE; Chroma1-HD: 8.9 B, T5-XXL, FLUX.1's VAE; PixArt-Sigma XL 1024: DiT
+0.61 B and T5-XXL; Sana 1600M 1024 px: 1.6 B, Gemma 2 2B, the f32c32 deep-compression autoencoder).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
+    ChromaTransformer2DModel,
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
     SanaTransformer2DModel,
@@ -61,6 +62,9 @@ SD3_LARGE = dict(SD3_MEDIUM, num_layers=38, num_attention_heads=38, caption_proj
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))  # fmt: skip
+CHROMA1_HD = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56),
+                  approximator_num_channels=64, approximator_hidden_dim=5120, approximator_layers=5)  # fmt: skip
 SANA_1600M = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
                   num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
                   caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1)  # fmt: skip
@@ -86,7 +90,7 @@ UNETS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted([*UNETS, "sd3", "sd3.5-large", "flux", "pixart", "sana"]),
+    parser.add_argument("--family", choices=sorted([*UNETS, "sd3", "sd3.5-large", "flux", "pixart", "sana", "chroma"]),
                         default="sdxl", help="sd3: SD 3 medium; sd3.5-large: SD 3.5 large (8.1 B)")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1, help="micro-batch per device")
@@ -161,6 +165,12 @@ def _models(name: str) -> tuple[torch.nn.Module, dict, dict, int]:
             frozen = {"vae": vae, "text_encoder": CLIPTextModel(CLIPTextConfig(**VIT_L)),
                       "text_encoder_2": T5EncoderModel(T5Config(**T5_XXL))}  # fmt: skip
             cond = {"encoder_hidden_states": torch.zeros(1, 512, 4096), "pooled_projections": torch.zeros(1, 768)}
+            return model, frozen, cond, 16
+        if name == "chroma":
+            model = ChromaTransformer2DModel(**CHROMA1_HD)
+            frozen = {"vae": AutoencoderKL(**(SD_VAE | {"latent_channels": 16})),
+                      "text_encoder": T5EncoderModel(T5Config(**T5_XXL))}  # fmt: skip
+            cond = {"encoder_hidden_states": torch.zeros(1, 512, 4096), "attention_mask": torch.ones(1, 512)}
             return model, frozen, cond, 16
         if name == "sana":
             model = SanaTransformer2DModel(**SANA_1600M)

@@ -338,6 +338,37 @@ def flux_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chroma_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
+    """A tiny ChromaPipeline folder, as diffusers' own Chroma tests build one: a tiny T5 encoder (the byte-level CLIP
+    tokenizer standing in for T5's), a ChromaTransformer2DModel with one double- and one single-stream block and a
+    small modulation approximator, the tiny VAE with Flux's shift factor, Chroma1's dynamically shifted scheduler."""
+    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    root = tmp_path_factory.mktemp("chroma")
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(_byte_vocab()), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                           num_heads=4, decoder_start_token_id=0))  # fmt: skip
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=[4, 6, 6], approximator_num_channels=8, approximator_hidden_dim=32,
+        approximator_layers=1,
+    )  # fmt: skip
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae.register_to_config(shift_factor=0.1159)  # Flux's VAE, which Chroma uses, centres its latents
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    pipe = ChromaPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(clip_dir / "tokenizer", model_max_length=32), transformer=transformer,
+    )  # fmt: skip
+    pipe.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
 def sana_dir(tmp_path_factory, clip_dir) -> Path:
     """A tiny SanaPipeline folder, as diffusers' own Sana tests build one: a tiny Gemma 2 (the byte-level CLIP
     tokenizer standing in for Gemma's), a one-block SanaTransformer2DModel, a tiny AutoencoderDC (factor 2), Sana's

@@ -50,7 +50,6 @@ def test_each_dataset_has_its_share_captions_and_loss_weight(tmp_path):
         (["data.datasets=[{path: 'shards/{0..1}.tar'}]"], "shards, which are not counted"),
         (["data.datasets=[{path: x, repeats: 0}]"], "repeats must be >= 1"),
         (["data.datasets=[{path: x, tag_dropout: 0.2}]", "data.cache_latents=true"], r"datasets\[0\] \(x\).*tag"),
-        (["data.datasets=[{path: x}]", "data.cache_dir=c"], "a disk cache"),
         (["data.datasets=[{path: x, keep_tokens: -1}]"], "keep_tokens must be >= 0"),
     ],
 )

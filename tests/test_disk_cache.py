@@ -16,7 +16,8 @@ from sdtrain.cli import main
 from sdtrain.config import Config, load_config
 from sdtrain.data.decode import DataError
 from sdtrain.train.loop import train
-from tests.conftest import tiny_overrides
+from sdtrain.train.preflight import check_run
+from tests.conftest import tiny_overrides, write_image_folder
 from tests.test_faults import _env, _free_port
 from tests.test_shards import write_shards
 
@@ -50,6 +51,46 @@ def test_training_from_the_disk_cache_matches_training_from_images(tmp_path, cli
     resumed = train(load_config(Config, None, split + ["train.num_steps=6"]))
     c = _weights(resumed)
     assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_two_datasets_and_class_images_train_from_their_disk_caches_as_from_memory(tmp_path, clip_dir, vae_dir):
+    subject = write_image_folder(tmp_path / "subject", count=3, seed=1)
+    style = write_image_folder(tmp_path / "style", count=6, seed=2)
+    classes = write_image_folder(tmp_path / "classes", count=4, seed=3)  # all there: none to draw
+    dataset = {"path": str(style), "trigger": "", "loss_weight": 0.5, "masked_loss": True}
+    settings = [
+        "data.center_crop=true", "train.num_steps=6", "train.save_every=3", "data.trigger=zqx",
+        "data.allow_split_trigger=true", f"data.datasets=[{json.dumps(dataset)}]", f"data.prior.path={classes}",
+        "data.prior.prompt='a square'", "data.prior.count=4", "data.prior.share=0.25", "data.prior.loss_weight=0.7",
+    ]  # fmt: skip
+
+    def run(name, *extra):
+        overrides = tiny_overrides(tmp_path / name, subject, vae_dir, str(clip_dir), "text_encoder")
+        return train(load_config(Config, None, overrides + settings + list(extra)))
+
+    cache = tmp_path / "cache"
+    assert main(["cache", *tiny_overrides(tmp_path / "c", subject, vae_dir, str(clip_dir), "text_encoder"),
+                 *settings, f"data.cache_dir={cache}"]) == 0  # fmt: skip
+    # data.path's cache at the root, each other source's in a folder of its kind, named by its path
+    named = lambda kind: [p.name.rsplit("-", 1)[0] for p in (cache / kind).iterdir()]  # noqa: E731
+    assert (cache / "rank-000.json").exists() and named("datasets") == ["style"] and named("classes") == ["classes"]
+    from_memory, from_cache = run("memory", "data.cache_latents=true"), run("cached", f"data.cache_dir={cache}")
+    a, b = _weights(from_memory), _weights(from_cache)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-3  # fp16 in the disk cache
+    losses = lambda run: [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "memory"), rel=1e-2)
+    # the mix of three cached streams resumes exactly
+    run("split", f"data.cache_dir={cache}", "train.num_steps=3")
+    c = _weights(run("split", f"data.cache_dir={cache}"))
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    # a source without its cache is refused before any work, with what to do
+    other = write_image_folder(tmp_path / "other", count=2)
+    overrides = tiny_overrides(tmp_path / "x", subject, vae_dir, str(clip_dir), "text_encoder") + settings
+    with pytest.raises(DataError, match="run `sdtrain cache`"):
+        check_run(
+            load_config(Config, None, overrides + [f"data.cache_dir={cache}", f"data.datasets=[{{path: '{other}'}}]"])
+        )
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_cache_made_with_other_settings_is_refused(tmp_path, clip_dir, vae_dir, image_folder):

@@ -458,7 +458,7 @@ def test_fit_under_two_processes_deals_the_batches_out(tmp_path, clip_dir, vae_d
 @pytest.mark.slow  # two-process launches: make test-all
 @pytest.mark.parametrize(
     "family, strategy",
-    [("sdxl", "fsdp2"), ("sdxl", "zero3"), *[(f, "fsdp2") for f in ("sd3", "flux", "pixart", "sana")]],
+    [("sdxl", "fsdp2"), ("sdxl", "zero3"), *[(f, "fsdp2") for f in ("sd3", "flux", "pixart", "sana", "chroma")]],
 )
 def test_every_familys_denoiser_sharded_trains_what_one_process_trains(family, strategy, tmp_path, request):
     """A family's denoiser sharded over 2 processes (FSDP2 with a unit per block of its ``_no_split_modules``, or
@@ -472,9 +472,8 @@ def test_every_familys_denoiser_sharded_trains_what_one_process_trains(family, s
     denoiser = families()[family].denoiser
     data = write_image_folder(tmp_path / "data", count=8, size=40)
     extra = ["train.num_steps=4", "data.caption_dropout=0.3", "train.mixed_precision=no", ADAM_EPS]
-    extra += {"sd3": ["model.text_encoder_3.max_length=32"], "flux": ["model.text_encoder_2.max_length=32"]}.get(
-        family, []
-    )
+    lengths = {"sd3": "text_encoder_3", "flux": "text_encoder_2", "chroma": "text_encoder"}  # the tiny T5's 32
+    extra += [f"model.{lengths[family]}.max_length=32"] if family in lengths else []
     assert _train(pipeline_overrides(tmp_path / "one", data, folder) + extra).returncode == 0
     sharded = pipeline_overrides(tmp_path / "two", data, folder) + extra
     result = _launch_fsdp(sharded) if strategy == "fsdp2" else _launch_deepspeed(sharded, "--zero_stage", "3")

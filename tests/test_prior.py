@@ -78,7 +78,6 @@ def test_class_batches_come_in_their_share_with_their_loss_weight():
     [
         (["data.prior.path=classes"], "data.prior.prompt is empty"),
         (["data.prior.path=classes", "data.prior.prompt=a dog", "data.prior.share=1"], r"share must be in \(0, 1\)"),
-        (["data.prior.path=classes", "data.prior.prompt=a dog", "data.cache_dir=cache"], "disk cache"),
     ],
 )
 def test_prior_settings_that_cannot_work_are_refused(overrides, message):

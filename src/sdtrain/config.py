@@ -8,6 +8,8 @@ test).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,13 +125,13 @@ class UNetConfig:
 
 @dataclass
 class TransformerConfig:
-    """A diffusion transformer built from scratch (model.family pixart, sd3 or flux), when the denoiser is not loaded
-    (model.unet.from_scratch, or no pretrained one): its width is heads x head_dim."""
+    """A diffusion transformer built from scratch (model.family pixart, sd3, flux, sana or chroma), when the denoiser
+    is not loaded (model.unet.from_scratch, or no pretrained one): its width is heads x head_dim."""
 
     num_layers: int = 12
-    """Transformer blocks (PixArt-Sigma XL: 28; SD3 medium: 24; Flux: its double-stream blocks, 19 in FLUX.1)."""
+    """Transformer blocks (PixArt-Sigma XL: 28; SD3 medium: 24; Flux and Chroma: their double-stream blocks, 19)."""
     num_single_layers: int = 0
-    """Flux: single-stream blocks after the double-stream ones (38 in FLUX.1)."""
+    """Flux and Chroma: single-stream blocks after the double-stream ones (38 in FLUX.1 and Chroma1)."""
     num_attention_heads: int = 8
     """Attention heads (PixArt-Sigma XL: 16)."""
     attention_head_dim: int = 32
@@ -151,10 +153,10 @@ class TransformerConfig:
 class ModelConfig:
     """The model: its family and components."""
 
-    family: Literal["sd", "sdxl", "sd3", "flux", "pixart", "sana"] | None = None
+    family: Literal["sd", "sdxl", "sd3", "flux", "pixart", "sana", "chroma"] | None = None
     """The model family (sd: Stable Diffusion 1.x / 2.x; sdxl: Stable Diffusion XL; sd3: Stable Diffusion 3 /
-    3.5, flow matching; flux: FLUX.1, flow matching; pixart: PixArt-Sigma; sana: Sana, flow matching); unset: read
-    from model.pretrained's model_index.json, else sd."""
+    3.5, flow matching; flux: FLUX.1, flow matching; pixart: PixArt-Sigma; sana: Sana, flow matching; chroma: Chroma1,
+    flow matching); unset: read from model.pretrained's model_index.json, else sd."""
     pretrained: str | None = None
     """A pipeline folder or hub id (its family is detected); components without a path of their own come from it."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -302,8 +304,9 @@ class DataConfig:
     """Encode every image and caption once before training and train from memory (small datasets; crops and flips
     are then fixed at caching time)."""
     cache_dir: str | None = None
-    """Latent cache written by `sdtrain cache` (posterior moments and text embeddings in shards); when set, training
-    reads it instead of the images and refuses one made with another VAE, text encoder, resolution or bucket set."""
+    """Latent cache written by `sdtrain cache` (posterior moments and text embeddings in shards; data.datasets and the
+    class images each their own under it); when set, training reads it instead of the images and refuses one made
+    with another VAE, text encoder, resolution or bucket set."""
     cache_verify: Literal["sha256", "size"] = "sha256"
     """How a run checks the disk cache's parts when it opens it: sha256 reads every byte (a damaged byte is refused
     before the first step); size checks their lengths and headers only (for caches too large to read at each start)."""
@@ -358,9 +361,6 @@ class DataConfig:
             raise ConfigError(
                 f"data.resolution={self.resolution} must be a multiple of data.bucket_step={self.bucket_step}"
             )
-        if self.datasets and self.cache_dir:
-            raise ConfigError("data.datasets: a disk cache (data.cache_dir) holds one dataset; train several with "
-                              "data.cache_latents or online")  # fmt: skip
         if self.weight is not None and self.weight <= 0:
             raise ConfigError(f"data.weight must be positive, got {self.weight}")
         if self.repeats < 1:
@@ -396,9 +396,6 @@ class DataConfig:
             raise ConfigError(f"data.keep_tokens must be >= 0, got {self.keep_tokens}")
         if not 0.0 <= self.tag_dropout < 1.0:
             raise ConfigError(f"data.tag_dropout must be in [0, 1), got {self.tag_dropout}")
-        if self.prior.path and self.cache_dir:
-            raise ConfigError("data.prior mixes its class images into the sources read online or cached in memory; "
-                              "it does not combine with a disk cache (data.cache_dir) yet")  # fmt: skip
         if (self.shuffle_tags or self.tag_dropout) and (self.cache_latents or self.cache_dir):
             raise ConfigError(
                 "data.shuffle_tags and data.tag_dropout change a caption each time it is drawn, and a latent cache "
@@ -429,11 +426,38 @@ def dataset_source(data: DataConfig, dataset: DatasetConfig) -> DataConfig:
     )  # fmt: skip
 
 
-def data_sources(data: DataConfig) -> list[tuple[str, DataConfig]]:
-    """Every source a run trains on, each with its config key: data.path, then each of data.datasets."""
-    return [("data.path", dataclasses.replace(data, datasets=[]))] + [
-        (f"data.datasets[{i}].path", dataset_source(data, d)) for i, d in enumerate(data.datasets)
+def class_source(data: DataConfig) -> DataConfig:
+    """DreamBooth's class images (data.prior) as a source of the run's settings, their captions as written."""
+    return dataclasses.replace(data, path=data.prior.path, image_column="file_name", caption_column="text",
+                               datasets=[], weight=None, repeats=1, loss_weight=data.prior.loss_weight,
+                               prior=PriorConfig(), trigger=None, shuffle_tags=False, tag_dropout=0.0,
+                               masked_loss=False, validation_split=0, validation_path=None)  # fmt: skip
+
+
+def source_cache_dir(cache_dir: str, kind: str, path: str) -> str:
+    """Where a source other than data.path keeps its disk cache: ``CACHE_DIR/KIND/NAME-HASH`` (kind: datasets, or
+    classes for data.prior's), named by its path as written (a reordered data.datasets finds its caches again;
+    another path is another cache)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.rstrip("/").rsplit("/", 1)[-1])[:40] or "data"
+    return str(Path(cache_dir) / kind / f"{name}-{hashlib.sha256(path.encode()).hexdigest()[:10]}")
+
+
+def data_sources(data: DataConfig, classes: bool = False) -> list[tuple[str, DataConfig]]:
+    """Every source a run trains on, each with its config key: data.path, each of data.datasets, and with ``classes``
+    data.prior's class images. Under a disk cache each source has its own: data.path's is data.cache_dir itself (as
+    a run of one source writes it), each other's a folder under it (:func:`source_cache_dir`)."""
+
+    def own(kind: str, source: DataConfig) -> DataConfig:
+        if not data.cache_dir:
+            return source
+        return dataclasses.replace(source, cache_dir=source_cache_dir(data.cache_dir, kind, source.path))
+
+    sources = [("data.path", dataclasses.replace(data, datasets=[]))] + [
+        (f"data.datasets[{i}].path", own("datasets", dataset_source(data, d))) for i, d in enumerate(data.datasets)
     ]
+    if classes and data.prior.path:
+        sources.append(("data.prior.path", own("classes", class_source(data))))
+    return sources
 
 
 @dataclass

@@ -189,6 +189,14 @@ def _postprocess(
     return processor.postprocess(images.float(), output_type="pil")
 
 
+def _prompts(pipe: DiffusionPipeline, prompts: list[str], negatives: list[str] | None, encode) -> dict[str, Any]:
+    """The prompt arguments of one pipeline call: the strings (no negative prompt: the pipeline's own default, None
+    or PixArt's ""), or what the family's ``pipeline_prompts`` (``encode``) makes of them."""
+    if encode is not None:
+        return encode(pipe, prompts, negatives)
+    return {"prompt": prompts, **({"negative_prompt": negatives} if negatives else {})}
+
+
 def txt2img(
     pipe: DiffusionPipeline,
     prompt: str | list[str],
@@ -202,10 +210,12 @@ def txt2img(
     batch_size: int = 16,
     progress: bool = False,
     unpack=None,
+    encode=None,
     **family: Any,
 ) -> Output:
     """Text to image with the pipeline's sampler; image *i* (prompt-major) uses the generator seeded ``seed + i``;
-    ``unpack``: the family's ``pipeline_latents`` where it has one; ``family``: further arguments of its pipeline."""
+    ``unpack``: the family's ``pipeline_latents`` where it has one; ``encode``: its ``pipeline_prompts``; ``family``:
+    further arguments of its pipeline."""
     prompts = _as_list(prompt)
     negatives = _as_list(negative_prompt) if negative_prompt is not None else None
     if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
@@ -217,9 +227,7 @@ def txt2img(
     for start in tqdm(range(0, len(flat), batch_size), desc="generate", unit="batch", disable=not progress):
         stop = start + batch_size
         latents = pipe(
-            prompt=flat[start:stop],
-            # no negative prompt: the pipeline's own default (None, or PixArt's "")
-            **({"negative_prompt": flat_neg[start:stop]} if flat_neg else {}),
+            **_prompts(pipe, flat[start:stop], flat_neg[start:stop] if flat_neg else None, encode),
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             height=height,
@@ -244,10 +252,11 @@ def img2img(
     batch_size: int = 16,
     progress: bool = False,
     unpack=None,
+    encode=None,
     **family: Any,
 ) -> Output:
     """SDEdit: noise each image's latents to ``strength`` and denoise under its prompt (``unpack``: the family's
-    ``pipeline_latents``; ``family``: further arguments of its pipeline).
+    ``pipeline_latents``; ``encode``: its ``pipeline_prompts``; ``family``: further arguments of its pipeline).
 
     One prompt for all images, or one per image. The image is resized to a multiple of the autoencoder's factor.
     """
@@ -275,10 +284,9 @@ def img2img(
         else:
             init = pixels  # diffusers encodes (scaling_factor only)
         latents = pipe(
-            prompt=prompts[start:stop],
+            **_prompts(pipe, prompts[start:stop], negatives[start:stop] if negatives else None, encode),
             image=init,
             strength=strength,
-            **({"negative_prompt": negatives[start:stop]} if negatives else {}),
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generators[start:stop],
@@ -412,7 +420,8 @@ class Pipeline:
         pipe = self.diffusers_pipeline(scheduler=scheduler)
         return txt2img(
             pipe, prompt, negative_prompt, num_images_per_prompt, steps, guidance, height, width, seed,
-            progress=progress, unpack=self.family.pipeline_latents, **self._family_kwargs(),
+            progress=progress, unpack=self.family.pipeline_latents, encode=self.family.pipeline_prompts,
+            **self._family_kwargs(),
         )  # fmt: skip
 
     def reconstruct(
@@ -432,7 +441,9 @@ class Pipeline:
         steps, guidance = self.sampling_settings(num_inference_steps, guidance_scale)
         pipe = self.diffusers_pipeline(img2img=True, scheduler=scheduler)
         args = (pipe, prompt, image, strength, negative_prompt, steps, guidance, seed)
-        return img2img(*args, progress=progress, unpack=self.family.pipeline_latents, **self._family_kwargs())
+        family = self.family
+        return img2img(*args, progress=progress, unpack=family.pipeline_latents, encode=family.pipeline_prompts,
+                       **self._family_kwargs())  # fmt: skip
 
     def _family_kwargs(self) -> dict[str, Any]:
         """What the family's pipelines are called with beside the prompts (SD3: its T5 length)."""

@@ -176,8 +176,9 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
     # 2. Components: frozen modules on the device in their precision (a LoRA base too), trained weights in fp32;
-    # first, DreamBooth's missing class images, drawn by the base model (the main process; the others wait)
-    if config.data.prior.path and accelerator.is_main_process:
+    # first, DreamBooth's missing class images, drawn by the base model (the main process; the others wait; under a
+    # disk cache `sdtrain cache` drew them)
+    if config.data.prior.path and not config.data.cache_dir and accelerator.is_main_process:
         prior.draw_class_images(config, device)
     accelerator.wait_for_everyone()
     components = components or family.load(config)
@@ -413,20 +414,20 @@ def _finish(run: _Run, validation: ValidationSet | None, log_path: Path) -> Path
 def _make_stream(
     config: Config, encoders: Encoders, batches, micro_batch: int, device, rank: int, world: int
 ) -> Stream:
-    """The resumable micro-batch stream of this process: ``batches`` given to ``fit``, the disk cache, or each source
-    (data.path, data.datasets, the class images) cached in memory or decoded and encoded every step, mixed by share."""
+    """The resumable micro-batch stream of this process: ``batches`` given to ``fit``, or each source (data.path,
+    data.datasets, the class images) read from its disk cache, cached in memory or decoded and encoded every step,
+    mixed by share."""
     data, seed = config.data, config.train.seed
     if batches is not None:
         return IterableStream(batches, encoders, data.caption_dropout, device, rank, world)
-    if data.cache_dir:
-        disk = DiskCache(data, encoders)
-        return DiskCacheStream(disk, encoders, micro_batch, data.caption_dropout, device, seed, rank, world)
-    sources = [source for _, source in data_sources(data)]
-    if data.prior.path:  # DreamBooth's class images, their own share of the micro-batches and loss weight
-        sources.append(prior.class_source(data))
+    sources = [source for _, source in data_sources(data, classes=True)]  # the class images last
     streams, sizes = [], []
     for source in sources:
-        if data.cache_latents:
+        if data.cache_dir:  # each source its own cache under data.cache_dir
+            disk = DiskCache(source, encoders)
+            args = (disk, encoders, micro_batch, source.caption_dropout, device, seed, rank, world)
+            stream, size = DiskCacheStream(*args), len(disk)
+        elif data.cache_latents:
             cache = build_memory_cache(source, encoders, seed=seed)
             if cache.skipped:
                 logger.warning("skipped while caching %s: %s", source.path, cache.skipped.summary())

@@ -142,11 +142,12 @@ def check_model_sources(model: ModelConfig) -> None:
 
 
 def check_data(data: DataConfig, seed: int) -> None:
-    """``data.cache_dir`` is a complete cache whose parts have their sizes and headers (:func:`check_cache`; opening
-    it checks their bytes), or every source of ``data.path`` and ``data.datasets`` exists and holds a usable sample
-    (shards are streamed: they are checked as they are read)."""
-    if data.cache_dir:
-        check_cache(data, thorough=False)
+    """``data.cache_dir`` holds a complete cache of every source (the class images' too) whose parts have their sizes
+    and headers (:func:`check_cache`; opening it checks their bytes), or every source of ``data.path`` and
+    ``data.datasets`` exists and holds a usable sample (shards are streamed: they are checked as they are read)."""
+    if data.cache_dir:  # each source's own cache, the class images' too
+        for _, source in data_sources(data, classes=True):
+            check_cache(source, thorough=False)
         return
     for key, source in data_sources(data):
         if not is_shards(source.path):

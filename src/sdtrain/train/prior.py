@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sdtrain.config import Config, ConfigError, DataConfig, PriorConfig
+from sdtrain.config import Config, ConfigError
 from sdtrain.data.sources import IMAGE_SUFFIXES
 from sdtrain.train.placement import compute_dtype
 
@@ -45,9 +45,11 @@ def missing(config: Config) -> list[int]:
     return indices[: prior.count - len(have)]
 
 
-def check(config: Config) -> None:
-    """What the pre-flight refuses: class images to draw without a base model to draw them."""
-    if config.data.prior.path and missing(config) and not config.model.pretrained:
+def check(config: Config, caching: bool = False) -> None:
+    """What the pre-flight refuses: class images to draw without a base model to draw them, where this command draws
+    them: training, or ``caching`` under a disk cache (whose training then reads their cache)."""
+    draws = bool(config.data.prior.path) and (caching or not config.data.cache_dir)
+    if draws and missing(config) and not config.model.pretrained:
         raise ConfigError(f"data.prior.path={config.data.prior.path} holds fewer than data.prior.count="
                           f"{config.data.prior.count} class images and this run has no base model to draw the rest: "
                           "set model.pretrained, or put the class images there")  # fmt: skip
@@ -84,14 +86,6 @@ def draw_class_images(config: Config, device: torch.device) -> int:
             tmp.replace(stem.with_suffix(".png"))  # the pair is whole once the image is there
     del pipe
     return len(todo)
-
-
-def class_source(data: DataConfig) -> DataConfig:
-    """The class images as a data source of the run's settings, their captions as written."""
-    return dataclasses.replace(data, path=data.prior.path, image_column="file_name", caption_column="text",
-                               datasets=[], weight=None, repeats=1, loss_weight=data.prior.loss_weight,
-                               prior=PriorConfig(), trigger=None, shuffle_tags=False, tag_dropout=0.0,
-                               masked_loss=False, validation_split=0, validation_path=None)  # fmt: skip
 
 
 def share_weight(weights: list[float], share: float) -> float:

@@ -1,4 +1,5 @@
-"""Model families: what differs between Stable Diffusion 1.x / 2.x, SDXL, SD3, Flux and PixArt, one module each.
+"""Model families: what differs between Stable Diffusion 1.x / 2.x, SDXL, SD3, Flux, PixArt, Sana and Chroma, one
+module each.
 
 A :class:`Family` says, declaratively, which diffusers pipeline classes it samples and exports with, which component
 trains and which adapters LoRA adds, and, as functions, how its components load, how prompts become conditioning (a
@@ -80,6 +81,9 @@ class Family:
         load_tokenizers: ``config -> {text encoder name: its tokenizer}``, loaded alone (cheap) for the pre-flight.
         pipeline_latents: ``(pipeline, latents it returned with output_type="latent", height, width) -> B x C x H x W
             latents`` where the pipeline returns them otherwise (Flux: packed); None: as they are.
+        pipeline_prompts: ``(pipeline, prompts, negative prompts or None) -> the pipeline's prompt arguments`` where
+            the strings alone would be encoded otherwise than the model trains (Chroma: embeddings with a boolean
+            mask); None: the strings.
     """
 
     name: str
@@ -105,6 +109,7 @@ class Family:
     embedding_keys: tuple[str, ...] = ()
     load_tokenizers: Callable[[Any], dict[str, Any]] | None = None
     pipeline_latents: Callable[[Any, torch.Tensor, int | None, int | None], torch.Tensor] | None = None
+    pipeline_prompts: Callable[[Any, list[str], list[str] | None], dict[str, Any]] | None = None
 
     def denoiser_of(self, components) -> torch.nn.Module:
         """The trained model among ``components``."""
@@ -124,9 +129,10 @@ def fp32_encoding(
 
 def families() -> dict[str, Family]:
     """Every family sdtrain trains, by name (imported here, not at package import: they import diffusers)."""
-    from sdtrain.models.families import flux, pixart, sana, sd, sd3, sdxl
+    from sdtrain.models.families import chroma, flux, pixart, sana, sd, sd3, sdxl
 
-    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, pixart.FAMILY, sana.FAMILY)}
+    ordered = (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, pixart.FAMILY, sana.FAMILY, chroma.FAMILY)
+    return {f.name: f for f in ordered}
 
 
 def pipeline_class_name(path: str | Path) -> str | None:

@@ -80,24 +80,29 @@ def load_components(config, denoiser: bool = True) -> Components:
 
 def build_transformer(knobs, latent_channels: int, text_width: int, pooled_width: int) -> FluxTransformer2DModel:
     """A fresh Flux transformer of ``model.transformer``'s shape over packed latents (4 x the latent channels), its
-    rotary axes split as FLUX.1 splits its 128 head channels (16 / 56 / 56)."""
-    head = knobs.attention_head_dim
-    side = head * 7 // 16 // 2 * 2  # each axis an even number of channels
-    axes = (head - 2 * side, side, side)
-    if min(axes) < 2:
-        raise ConfigError(f"model.transformer.attention_head_dim={head} is too small for Flux's three rotary axes")
+    rotary axes split as FLUX.1's (:func:`rotary_axes`)."""
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=4 * latent_channels,
         num_layers=knobs.num_layers,
         num_single_layers=knobs.num_single_layers,
-        attention_head_dim=head,
+        attention_head_dim=knobs.attention_head_dim,
         num_attention_heads=knobs.num_attention_heads,
         joint_attention_dim=text_width,
         pooled_projection_dim=pooled_width,
         guidance_embeds=False,
-        axes_dims_rope=axes,
+        axes_dims_rope=rotary_axes(knobs.attention_head_dim),
     )
+
+
+def rotary_axes(head: int) -> tuple[int, int, int]:
+    """The rotary channels of each position axis (index, row, column) for heads of ``head`` channels, split as FLUX.1
+    splits its 128 (16 / 56 / 56), each an even number."""
+    side = head * 7 // 16 // 2 * 2
+    axes = (head - 2 * side, side, side)
+    if min(axes) < 2:
+        raise ConfigError(f"model.transformer.attention_head_dim={head} is too small for Flux's three rotary axes")
+    return axes
 
 
 @torch.no_grad()
