@@ -12,8 +12,9 @@ choose another), a LoRA base quantised with ``--quantize`` and the text encoders
 
 Sizes are the published configs (SD 1.5; SDXL base 1.0: UNet 2.57 B, CLIP ViT-L and OpenCLIP ViT-bigG; SD 3 medium:
 MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; SD 3.5 large: 8.1 B, the same encoders; FLUX.1 dev:
-11.9 B, CLIP-L and T5-XXL, a 16-channel VAE; Chroma1-HD: 8.9 B, T5-XXL, FLUX.1's VAE; PixArt-Sigma XL 1024: DiT
-0.61 B and T5-XXL; Sana 1600M 1024 px: 1.6 B, Gemma 2 2B, the f32c32 deep-compression autoencoder).
+11.9 B, CLIP-L and T5-XXL, a 16-channel VAE; Chroma1-HD: 8.9 B, T5-XXL, FLUX.1's VAE; Z-Image: 6.2 B, Qwen3 4B,
+FLUX.1's VAE; PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL; Sana 1600M 1024 px: 1.6 B, Gemma 2 2B, the f32c32
+deep-compression autoencoder).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from diffusers import (
     SanaTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
+    ZImageTransformer2DModel,
 )
 from transformers import (
     CLIPTextConfig,
@@ -37,6 +39,8 @@ from transformers import (
     CLIPTextModelWithProjection,
     Gemma2Config,
     Gemma2Model,
+    Qwen3Config,
+    Qwen3Model,
     T5Config,
     T5EncoderModel,
 )
@@ -65,6 +69,10 @@ FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=3
 CHROMA1_HD = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                   num_attention_heads=24, joint_attention_dim=4096, axes_dims_rope=(16, 56, 56),
                   approximator_num_channels=64, approximator_hidden_dim=5120, approximator_layers=5)  # fmt: skip
+Z_IMAGE = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+               n_heads=30, n_kv_heads=30, cap_feat_dim=2560)  # fmt: skip
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128)  # fmt: skip
 SANA_1600M = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
                   num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
                   caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1)  # fmt: skip
@@ -90,8 +98,9 @@ UNETS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted([*UNETS, "sd3", "sd3.5-large", "flux", "pixart", "sana", "chroma"]),
-                        default="sdxl", help="sd3: SD 3 medium; sd3.5-large: SD 3.5 large (8.1 B)")  # fmt: skip
+    transformers = ["sd3", "sd3.5-large", "flux", "pixart", "sana", "chroma", "zimage"]
+    parser.add_argument("--family", choices=sorted([*UNETS, *transformers]), default="sdxl",
+                        help="sd3: SD 3 medium; sd3.5-large: SD 3.5 large (8.1 B)")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1, help="micro-batch per device")
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tune)")
@@ -171,6 +180,14 @@ def _models(name: str) -> tuple[torch.nn.Module, dict, dict, int]:
             frozen = {"vae": AutoencoderKL(**(SD_VAE | {"latent_channels": 16})),
                       "text_encoder": T5EncoderModel(T5Config(**T5_XXL))}  # fmt: skip
             cond = {"encoder_hidden_states": torch.zeros(1, 512, 4096), "attention_mask": torch.ones(1, 512)}
+            return model, frozen, cond, 16
+        if name == "zimage":
+            # predict keeps each prompt's real tokens (a boolean index): on the meta device, every token of the mask
+            torch.fx.experimental._config.meta_nonzero_assume_all_nonzero = True
+            model = ZImageTransformer2DModel(**Z_IMAGE)
+            frozen = {"vae": AutoencoderKL(**(SD_VAE | {"latent_channels": 16})),
+                      "text_encoder": Qwen3Model(Qwen3Config(**QWEN3_4B))}  # fmt: skip
+            cond = {"encoder_hidden_states": torch.zeros(1, 512, 2560), "attention_mask": torch.ones(1, 512)}
             return model, frozen, cond, 16
         if name == "sana":
             model = SanaTransformer2DModel(**SANA_1600M)

@@ -368,6 +368,42 @@ def chroma_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
     return root
 
 
+# Qwen3's chat template as far as ZImagePipeline uses it: a user turn and the generation prompt (thinking on: nothing
+# more; off: an empty think block), tokenised here by the byte-level tokenizer standing in for Qwen's
+QWEN_CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def zimage_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
+    """A tiny ZImagePipeline folder, as diffusers' own Z-Image tests build one: a tiny Qwen3 (the byte-level CLIP
+    tokenizer with Qwen's chat template standing in for Qwen's tokenizer), a ZImageTransformer2DModel with two layers
+    and one refiner layer each, the tiny VAE with FLUX.1's shift factor, Z-Image's statically shifted scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import CLIPTokenizer, Qwen3Config, Qwen3Model
+
+    root = tmp_path_factory.mktemp("zimage")
+    torch.manual_seed(0)
+    text_encoder = Qwen3Model(Qwen3Config(vocab_size=len(_byte_vocab()), hidden_size=32, intermediate_size=37,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          head_dim=8, max_position_embeddings=128))  # fmt: skip
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer", model_max_length=96)
+    tokenizer.chat_template = QWEN_CHAT
+    transformer = ZImageTransformer2DModel(
+        in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+        axes_dims=[4, 6, 6], axes_lens=[256, 128, 128],
+    )  # fmt: skip
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae.register_to_config(shift_factor=0.1159)  # FLUX.1's VAE, which Z-Image uses, centres its latents
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
+                          tokenizer=tokenizer, transformer=transformer)  # fmt: skip
+    pipe.save_pretrained(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def sana_dir(tmp_path_factory, clip_dir) -> Path:
     """A tiny SanaPipeline folder, as diffusers' own Sana tests build one: a tiny Gemma 2 (the byte-level CLIP

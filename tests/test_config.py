@@ -123,5 +123,7 @@ def test_a_preset_is_found_by_name_and_a_missing_file_is_named(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)  # anywhere, as after a non-editable install
     assert to_dict(load_config(Config, "demo")) == to_dict(load_config(Config, PRESETS / "demo.yaml"))
     assert to_dict(load_config(Config, "configs/demo.yaml")) == to_dict(load_config(Config, "demo.yaml"))
-    with pytest.raises(ConfigError, match="no such config file.*presets: demo, demo-dit, demo-vae"):
+    with pytest.raises(
+        ConfigError, match="no such config file.*presets: chroma-lora-12gb, .*demo, demo-dit, demo-vae"
+    ):
         load_config(Config, "nowhere/demo.yaml")

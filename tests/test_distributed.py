@@ -458,7 +458,11 @@ def test_fit_under_two_processes_deals_the_batches_out(tmp_path, clip_dir, vae_d
 @pytest.mark.slow  # two-process launches: make test-all
 @pytest.mark.parametrize(
     "family, strategy",
-    [("sdxl", "fsdp2"), ("sdxl", "zero3"), *[(f, "fsdp2") for f in ("sd3", "flux", "pixart", "sana", "chroma")]],
+    [
+        ("sdxl", "fsdp2"),
+        ("sdxl", "zero3"),
+        *[(f, "fsdp2") for f in ("sd3", "flux", "pixart", "sana", "chroma", "zimage")],
+    ],
 )
 def test_every_familys_denoiser_sharded_trains_what_one_process_trains(family, strategy, tmp_path, request):
     """A family's denoiser sharded over 2 processes (FSDP2 with a unit per block of its ``_no_split_modules``, or
@@ -472,8 +476,9 @@ def test_every_familys_denoiser_sharded_trains_what_one_process_trains(family, s
     denoiser = families()[family].denoiser
     data = write_image_folder(tmp_path / "data", count=8, size=40)
     extra = ["train.num_steps=4", "data.caption_dropout=0.3", "train.mixed_precision=no", ADAM_EPS]
-    lengths = {"sd3": "text_encoder_3", "flux": "text_encoder_2", "chroma": "text_encoder"}  # the tiny T5's 32
-    extra += [f"model.{lengths[family]}.max_length=32"] if family in lengths else []
+    lengths = {"sd3": ("text_encoder_3", 32), "flux": ("text_encoder_2", 32), "chroma": ("text_encoder", 32),
+               "zimage": ("text_encoder", 96)}  # the tiny encoders' lengths  # fmt: skip
+    extra += [f"model.{lengths[family][0]}.max_length={lengths[family][1]}"] if family in lengths else []
     assert _train(pipeline_overrides(tmp_path / "one", data, folder) + extra).returncode == 0
     sharded = pipeline_overrides(tmp_path / "two", data, folder) + extra
     result = _launch_fsdp(sharded) if strategy == "fsdp2" else _launch_deepspeed(sharded, "--zero_stage", "3")

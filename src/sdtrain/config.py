@@ -125,8 +125,8 @@ class UNetConfig:
 
 @dataclass
 class TransformerConfig:
-    """A diffusion transformer built from scratch (model.family pixart, sd3, flux, sana or chroma), when the denoiser
-    is not loaded (model.unet.from_scratch, or no pretrained one): its width is heads x head_dim."""
+    """A diffusion transformer built from scratch (model.family pixart, sd3, flux, sana, chroma or zimage), when the
+    denoiser is not loaded (model.unet.from_scratch, or no pretrained one): its width is heads x head_dim."""
 
     num_layers: int = 12
     """Transformer blocks (PixArt-Sigma XL: 28; SD3 medium: 24; Flux and Chroma: their double-stream blocks, 19)."""
@@ -153,10 +153,10 @@ class TransformerConfig:
 class ModelConfig:
     """The model: its family and components."""
 
-    family: Literal["sd", "sdxl", "sd3", "flux", "pixart", "sana", "chroma"] | None = None
+    family: Literal["sd", "sdxl", "sd3", "flux", "pixart", "sana", "chroma", "zimage"] | None = None
     """The model family (sd: Stable Diffusion 1.x / 2.x; sdxl: Stable Diffusion XL; sd3: Stable Diffusion 3 /
     3.5, flow matching; flux: FLUX.1, flow matching; pixart: PixArt-Sigma; sana: Sana, flow matching; chroma: Chroma1,
-    flow matching); unset: read from model.pretrained's model_index.json, else sd."""
+    flow matching; zimage: Z-Image, flow matching); unset: read from model.pretrained's model_index.json, else sd."""
     pretrained: str | None = None
     """A pipeline folder or hub id (its family is detected); components without a path of their own come from it."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)

@@ -26,7 +26,8 @@ from sdtrain.models.quantize import held_bytes, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # in forward order (Flux: double, then single)
+# in forward order (Flux: double, then single); Z-Image's main blocks are its ``layers`` (its refiners stay put)
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "layers")
 ATTRIBUTE = "_sdtrain_block_swap"  # where the swapper hangs on the model it swaps
 
 

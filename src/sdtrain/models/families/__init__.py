@@ -1,5 +1,5 @@
-"""Model families: what differs between Stable Diffusion 1.x / 2.x, SDXL, SD3, Flux, PixArt, Sana and Chroma, one
-module each.
+"""Model families: what differs between Stable Diffusion 1.x / 2.x, SDXL, SD3, Flux, PixArt, Sana, Chroma and
+Z-Image, one module each.
 
 A :class:`Family` says, declaratively, which diffusers pipeline classes it samples and exports with, which component
 trains and which adapters LoRA adds, and, as functions, how its components load, how prompts become conditioning (a
@@ -129,10 +129,10 @@ def fp32_encoding(
 
 def families() -> dict[str, Family]:
     """Every family sdtrain trains, by name (imported here, not at package import: they import diffusers)."""
-    from sdtrain.models.families import chroma, flux, pixart, sana, sd, sd3, sdxl
+    from sdtrain.models.families import chroma, flux, pixart, sana, sd, sd3, sdxl, zimage
 
-    ordered = (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, pixart.FAMILY, sana.FAMILY, chroma.FAMILY)
-    return {f.name: f for f in ordered}
+    modules = (sd, sdxl, sd3, flux, pixart, sana, chroma, zimage)
+    return {m.FAMILY.name: m.FAMILY for m in modules}
 
 
 def pipeline_class_name(path: str | Path) -> str | None:
