@@ -494,10 +494,11 @@ def assert_comfyui_transformer_layout(adapters: dict, pipeline_folder: Path) -> 
         assert module.removeprefix("transformer.") + ".weight" in weights, key
 
 
-def resumes_and_shares(tmp_path: Path, folder: Path, extra: list[str]) -> None:
+def resumes_and_shares(tmp_path: Path, folder: Path, extra: list[str], tolerance: float = 1e-6) -> None:
     """A family's slow-tier checks on a tiny pipeline folder: SIGKILL at micro-batches and inside a save, then a rerun,
-    ends with the uninterrupted run's losses and transformer weights bit for bit; 2 processes train what one does.
-    The data's 5 images end an epoch mid-batch."""
+    ends with the uninterrupted run's losses and transformer weights bit for bit; 2 processes train what one does (the
+    weights within ``tolerance``: the processes' gradients are summed in another order than one process's). The
+    data's 5 images end an epoch mid-batch."""
     from tests.test_distributed import ADAM_EPS, _launch_ddp
     from tests.test_faults import KILLED, _losses, _train
 
@@ -522,4 +523,4 @@ def resumes_and_shares(tmp_path: Path, folder: Path, extra: list[str]) -> None:
     (steps_a, losses_a), (steps_b, losses_b) = zip(*_losses(tmp_path / "a")), zip(*_losses(tmp_path / "two"))
     assert steps_a == steps_b and losses_b == pytest.approx(losses_a, rel=1e-5)
     two = weights("two")
-    assert max((a[k] - two[k]).abs().max().item() for k in a) < 1e-6
+    assert max((a[k] - two[k]).abs().max().item() for k in a) < tolerance

@@ -161,4 +161,6 @@ def test_a_zimage_lora_run_with_block_swap_equals_the_run_without(tmp_path, zima
 
 @pytest.mark.slow  # SIGKILL chains and a two-process launch: make test-all
 def test_zimage_resumes_bit_exact_after_sigkill_and_two_processes_train_what_one_does(tmp_path, zimage_dir):
-    resumes_and_shares(tmp_path, zimage_dir, FLOW)
+    # the S3-DiT pads each call's captions to the longest of its batch: two processes' halves pad otherwise than one
+    # process's whole batch, which moves the sums of the (masked) attention by float rounding (1.7e-6 after 6 steps)
+    resumes_and_shares(tmp_path, zimage_dir, FLOW, tolerance=5e-6)
