@@ -13,7 +13,8 @@ choose another), a LoRA base quantised with ``--quantize`` and the text encoders
 Sizes are the published configs (SD 1.5; SDXL base 1.0: UNet 2.57 B, CLIP ViT-L and OpenCLIP ViT-bigG; SD 3 medium:
 MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; SD 3.5 large: 8.1 B, the same encoders; FLUX.1 dev:
 11.9 B, CLIP-L and T5-XXL, a 16-channel VAE; Chroma1-HD: 8.9 B, T5-XXL, FLUX.1's VAE; Z-Image: 6.2 B, Qwen3 4B,
-FLUX.1's VAE; PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL; Sana 1600M 1024 px: 1.6 B, Gemma 2 2B, the f32c32
+FLUX.1's VAE; Qwen-Image: 20.4 B, Qwen2.5-VL 7B with its vision tower, its own 16-channel video autoencoder;
+PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL; Sana 1600M 1024 px: 1.6 B, Gemma 2 2B, the f32c32
 deep-compression autoencoder).
 """
 
@@ -25,9 +26,11 @@ import torch
 from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     ChromaTransformer2DModel,
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
+    QwenImageTransformer2DModel,
     SanaTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
@@ -39,6 +42,8 @@ from transformers import (
     CLIPTextModelWithProjection,
     Gemma2Config,
     Gemma2Model,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen3Config,
     Qwen3Model,
     T5Config,
@@ -73,6 +78,13 @@ Z_IMAGE = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3
                n_heads=30, n_kv_heads=30, cap_feat_dim=2560)  # fmt: skip
 QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128)  # fmt: skip
+QWEN2_5_VL_7B = dict(
+    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, rope_scaling={"mrope_section": [16, 24, 24],
+                     "rope_type": "default", "type": "default"}),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584),
+    vocab_size=152064, hidden_size=3584,
+)  # fmt: skip
 SANA_1600M = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
                   num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
                   caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1)  # fmt: skip
@@ -98,7 +110,7 @@ UNETS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    transformers = ["sd3", "sd3.5-large", "flux", "pixart", "sana", "chroma", "zimage"]
+    transformers = ["sd3", "sd3.5-large", "flux", "pixart", "sana", "chroma", "zimage", "qwenimage"]
     parser.add_argument("--family", choices=sorted([*UNETS, *transformers]), default="sdxl",
                         help="sd3: SD 3 medium; sd3.5-large: SD 3.5 large (8.1 B)")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=1024)
@@ -188,6 +200,12 @@ def _models(name: str) -> tuple[torch.nn.Module, dict, dict, int]:
             frozen = {"vae": AutoencoderKL(**(SD_VAE | {"latent_channels": 16})),
                       "text_encoder": Qwen3Model(Qwen3Config(**QWEN3_4B))}  # fmt: skip
             cond = {"encoder_hidden_states": torch.zeros(1, 512, 2560), "attention_mask": torch.ones(1, 512)}
+            return model, frozen, cond, 16
+        if name == "qwenimage":
+            model = QwenImageTransformer2DModel()  # its defaults are Qwen-Image's
+            encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN2_5_VL_7B))
+            frozen = {"vae": AutoencoderKLQwenImage(), "text_encoder": encoder}
+            cond = {"encoder_hidden_states": torch.zeros(1, 512, 3584), "attention_mask": torch.ones(1, 512)}
             return model, frozen, cond, 16
         if name == "sana":
             model = SanaTransformer2DModel(**SANA_1600M)

@@ -405,6 +405,53 @@ def zimage_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwenimage_dir(tmp_path_factory, clip_dir) -> Path:
+    """A tiny QwenImagePipeline folder, as diffusers' own Qwen-Image tests build one: a tiny Qwen2.5-VL (the
+    byte-level CLIP tokenizer standing in for Qwen's, so the pipeline's template is some 200 tokens here), a
+    QwenImageTransformer2DModel with two blocks, a tiny AutoencoderKLQwenImage (factor 4, 16 channels, per-channel
+    statistics of its own), Qwen-Image's scheduler (dynamic exponential shift, the terminal sigma 0.02)."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import CLIPTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("qwenimage")
+    torch.manual_seed(0)
+    vocab = len(_byte_vocab())
+    rope = {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}
+    text = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, rope_scaling=rope, rope_theta=1e6, vocab_size=vocab,
+                max_position_embeddings=512)  # fmt: skip
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, vocab_size=vocab, hidden_size=16, vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 2, image_token_id=vocab - 1, video_token_id=vocab - 1,
+    ))  # fmt: skip
+    stats = torch.Generator().manual_seed(1)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=(torch.randn(16, generator=stats) * 0.2).tolist(),
+        latents_std=(0.5 + torch.rand(16, generator=stats)).tolist(),
+    )  # fmt: skip
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+        max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+    )  # fmt: skip
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer", model_max_length=256)
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)  # fmt: skip
+    pipe.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
 def sana_dir(tmp_path_factory, clip_dir) -> Path:
     """A tiny SanaPipeline folder, as diffusers' own Sana tests build one: a tiny Gemma 2 (the byte-level CLIP
     tokenizer standing in for Gemma's), a one-block SanaTransformer2DModel, a tiny AutoencoderDC (factor 2), Sana's

@@ -17,6 +17,7 @@ from sdtrain.config import Config, load_config
 from sdtrain.models.families import Encoders, detect, families, for_config
 from sdtrain.models.families.sd import FAMILY as SD
 from sdtrain.models.unet import build_unet
+from sdtrain.models.vae import latent_channels
 from sdtrain.sample.pipeline import Pipeline
 from tests.conftest import save_pipeline
 
@@ -43,12 +44,23 @@ def test_a_family_is_detected_from_model_index(tmp_path, clip_dir, vae_dir):
 
 
 def test_every_family_provides_the_interface(
-    tmp_path, clip_dir, vae_dir, sdxl_dir, sd3_dir, flux_dir, pixart_dir, sana_dir, chroma_dir, zimage_dir
+    tmp_path,
+    clip_dir,
+    vae_dir,
+    sdxl_dir,
+    sd3_dir,
+    flux_dir,
+    pixart_dir,
+    sana_dir,
+    chroma_dir,
+    zimage_dir,
+    qwenimage_dir,
 ):
     """Each family's functions agree with one another on tiny components saved by diffusers: its encoders condition
     its denoiser, its pipeline kwargs build its diffusers pipelines, whose components come back as its components."""
     folders = {"sd": _tiny_pipeline(tmp_path / "sd", clip_dir, vae_dir), "sdxl": sdxl_dir, "sd3": sd3_dir}
     folders |= {"pixart": pixart_dir, "flux": flux_dir, "sana": sana_dir, "chroma": chroma_dir, "zimage": zimage_dir}
+    folders |= {"qwenimage": qwenimage_dir}
     assert set(folders) == set(families())  # a new family brings its tiny folder here
     for name, family in families().items():
         config = load_config(Config, None, [f"model.pretrained={folders[name]}", "data.resolution=32"])
@@ -62,7 +74,7 @@ def test_every_family_provides_the_interface(
         assert all(v.shape[0] == 2 and v.dtype == torch.float32 for v in cond.values())
         assert encoders.text_identity() == family.encoders(family.load(config)).text_identity()  # exact, repeatable
         model = family.denoiser_of(components)
-        latents = torch.randn(2, encoders.vae.config.latent_channels, 16, 16)
+        latents = torch.randn(2, latent_channels(encoders.vae), 16, 16)
         out = family.predict(model, latents, torch.tensor([10, 900]), cond)
         assert out.shape == latents.shape
         scheduler = Pipeline(components, family).scheduler

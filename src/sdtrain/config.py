@@ -153,10 +153,11 @@ class TransformerConfig:
 class ModelConfig:
     """The model: its family and components."""
 
-    family: Literal["sd", "sdxl", "sd3", "flux", "pixart", "sana", "chroma", "zimage"] | None = None
+    family: Literal["sd", "sdxl", "sd3", "flux", "pixart", "sana", "chroma", "zimage", "qwenimage"] | None = None
     """The model family (sd: Stable Diffusion 1.x / 2.x; sdxl: Stable Diffusion XL; sd3: Stable Diffusion 3 /
     3.5, flow matching; flux: FLUX.1, flow matching; pixart: PixArt-Sigma; sana: Sana, flow matching; chroma: Chroma1,
-    flow matching; zimage: Z-Image, flow matching); unset: read from model.pretrained's model_index.json, else sd."""
+    flow matching; zimage: Z-Image, flow matching; qwenimage: Qwen-Image, flow matching); unset: read from
+    model.pretrained's model_index.json, else sd."""
     pretrained: str | None = None
     """A pipeline folder or hub id (its family is detected); components without a path of their own come from it."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -505,6 +506,9 @@ class ObjectiveConfig:
     """Flow matching, dynamic_shift: the token count of base_shift."""
     max_seq_len: int = 4096
     """Flow matching, dynamic_shift: the token count of max_shift."""
+    shift_terminal: float | None = None
+    """Flow matching, sampling only: the sampler's sigmas stretched to end at this value (Qwen-Image's scheduler:
+    0.02); training's sigmas are not changed."""
     flow_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     """Flow matching: loss weighting by sigma as SD3's training script offers (none, sigma^-2, cosmap)."""
     min_timestep: int = 0

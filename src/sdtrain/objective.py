@@ -50,6 +50,7 @@ def flow_schedule(config: ObjectiveConfig) -> dict[str, Any]:
         "max_shift": config.max_shift,
         "base_image_seq_len": config.base_seq_len,
         "max_image_seq_len": config.max_seq_len,
+        "shift_terminal": config.shift_terminal,
     }
 
 
@@ -74,6 +75,7 @@ def from_scheduler(scheduler) -> ObjectiveConfig:
             max_shift=c.get("max_shift", default.max_shift),
             base_seq_len=c.get("base_image_seq_len", default.base_seq_len),
             max_seq_len=c.get("max_image_seq_len", default.max_seq_len),
+            shift_terminal=c.get("shift_terminal", default.shift_terminal),
         )
     return ObjectiveConfig(
         kind="ddpm",

@@ -1,10 +1,12 @@
-"""Frozen autoencoder (AutoencoderKL, VQModel, or Sana's deep-compression AutoencoderDC) and the mapping between
-pixels and scaled latents.
+"""Frozen autoencoder (AutoencoderKL, VQModel, Sana's deep-compression AutoencoderDC, or Qwen-Image's video
+autoencoder AutoencoderKLQwenImage) and the mapping between pixels and scaled latents.
 
 Latents the UNet sees are ``(z - shift_factor) * scaling_factor`` with both read from the autoencoder's config
 (``shift_factor`` is unset for Stable Diffusion 1.x / 2.x VAEs). For a VQModel the UNet denoises the
 pre-quantisation latents, as the LDM paper does, and decoding quantises them. An AutoencoderDC's latents are
-deterministic, as a VQModel's.
+deterministic, as a VQModel's. AutoencoderKLQwenImage encodes videos: an image is one frame (the frame axis added
+before encoding, removed after), and its latents are normalised per channel, ``(z - latents_mean) / latents_std``, as
+its pipelines normalise them.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderDC, AutoencoderKL, VQModel
+from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderKLQwenImage, VQModel
 
 from sdtrain.errors import Unsupported
 from sdtrain.models.text import DTYPES, freeze
 
-AUTOENCODERS = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel, "AutoencoderDC": AutoencoderDC}
+AUTOENCODERS = {
+    "AutoencoderKL": AutoencoderKL, "VQModel": VQModel, "AutoencoderDC": AutoencoderDC,
+    "AutoencoderKLQwenImage": AutoencoderKLQwenImage,
+}  # fmt: skip
 
-Autoencoder = AutoencoderKL | VQModel | AutoencoderDC
+Autoencoder = AutoencoderKL | VQModel | AutoencoderDC | AutoencoderKLQwenImage
 
 
 def _class_name(path: str, subfolder: str | None) -> str:
@@ -47,8 +52,17 @@ def load_vae(path: str, subfolder: str | None = None, dtype: str = "float32") ->
 
 def downsample_factor(vae: Autoencoder) -> int:
     """Pixels per latent pixel (8 for Stable Diffusion's VAE, 32 for Sana's)."""
+    if isinstance(vae, AutoencoderKLQwenImage):
+        return 2 ** len(vae.config.temperal_downsample)  # its pipelines' vae_scale_factor
     levels = getattr(vae.config, "block_out_channels", None) or vae.config.encoder_block_out_channels
     return 2 ** (len(levels) - 1)
+
+
+def latent_channels(vae: Autoencoder) -> int:
+    """Channels of the autoencoder's latents."""
+    if isinstance(vae, AutoencoderKLQwenImage):
+        return int(vae.config.z_dim)
+    return int(vae.config.latent_channels)
 
 
 def _scale_shift(vae: Autoencoder) -> tuple[float, float]:
@@ -67,18 +81,35 @@ def encode_moments(vae: Autoencoder, images: torch.Tensor) -> tuple[torch.Tensor
     if isinstance(vae, AutoencoderDC):
         latents = vae.encode(images).latent
         return latents, torch.zeros_like(latents)
+    if isinstance(vae, AutoencoderKLQwenImage):  # one frame
+        dist = vae.encode(images.unsqueeze(2)).latent_dist
+        return dist.mean.squeeze(2), dist.std.squeeze(2)
     dist = vae.encode(images).latent_dist
     return dist.mean, dist.std
 
 
+def _per_channel(vae: AutoencoderKLQwenImage, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen-Image's per-channel latent means and deviations, shaped to broadcast over ``B x C x H x W`` latents."""
+    c = vae.config
+    mean, std = (torch.tensor(v, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+                 for v in (c.latents_mean, c.latents_std))  # fmt: skip
+    return mean, std
+
+
 def scale_latents(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
     """Autoencoder latents -> the UNet's latent space."""
+    if isinstance(vae, AutoencoderKLQwenImage):
+        mean, std = _per_channel(vae, latents)
+        return (latents - mean) * (1 / std)  # as its pipelines compute it
     scale, shift = _scale_shift(vae)
     return (latents - shift) * scale
 
 
 def unscale_latents(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
     """The UNet's latent space -> autoencoder latents."""
+    if isinstance(vae, AutoencoderKLQwenImage):
+        mean, std = _per_channel(vae, latents)
+        return latents / (1 / std) + mean  # as its pipelines compute it
     scale, shift = _scale_shift(vae)
     return latents / scale + shift
 
@@ -87,4 +118,6 @@ def unscale_latents(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
 def decode_latents(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images in [-1, 1] (not clamped)."""
     latents = unscale_latents(vae, latents).to(device=vae.device, dtype=vae.dtype)
+    if isinstance(vae, AutoencoderKLQwenImage):
+        return vae.decode(latents.unsqueeze(2)).sample[:, :, 0]
     return vae.decode(latents).sample

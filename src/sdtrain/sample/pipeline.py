@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from diffusers import (
+    AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
@@ -30,6 +31,7 @@ from diffusers import (
     PNDMScheduler,
     SchedulerMixin,
     UniPCMultistepScheduler,
+    VQModel,
 )
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
@@ -39,7 +41,7 @@ from sdtrain.config import SCHEDULER_NAMES, ConfigError, ObjectiveConfig
 from sdtrain.errors import Unsupported
 from sdtrain.models.families import Family, detect
 from sdtrain.models.hub import ModelNotFound, check_model_source
-from sdtrain.models.vae import decode_latents, encode_moments, scale_latents
+from sdtrain.models.vae import decode_latents, encode_moments, latent_channels, scale_latents
 from sdtrain.objective import flow_schedule, from_scheduler, is_flow, schedule
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
@@ -125,6 +127,8 @@ def flow_sampler(config: ObjectiveConfig, name: str, allowed: tuple[str, ...] | 
     cls, settings = FLOW_SCHEDULERS[name], SAMPLER_SETTINGS.get(name, {})
     if name == "euler":
         return cls(**flow_schedule(config))
+    if config.shift_terminal is not None:
+        raise ConfigError(f"{cls.__name__} has no shift_terminal (train.objective.shift_terminal): sample with euler")
     if name == "heun":
         if config.dynamic_shift:
             raise ConfigError("FlowMatchHeunDiscreteScheduler has no dynamic shift: sample with euler")
@@ -211,11 +215,12 @@ def txt2img(
     progress: bool = False,
     unpack=None,
     encode=None,
+    guidance: str = "guidance_scale",
     **family: Any,
 ) -> Output:
     """Text to image with the pipeline's sampler; image *i* (prompt-major) uses the generator seeded ``seed + i``;
-    ``unpack``: the family's ``pipeline_latents`` where it has one; ``encode``: its ``pipeline_prompts``; ``family``:
-    further arguments of its pipeline."""
+    ``unpack``: the family's ``pipeline_latents`` where it has one; ``encode``: its ``pipeline_prompts``;
+    ``guidance``: the pipeline's argument for ``guidance_scale``; ``family``: further arguments of its pipeline."""
     prompts = _as_list(prompt)
     negatives = _as_list(negative_prompt) if negative_prompt is not None else None
     if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
@@ -229,7 +234,7 @@ def txt2img(
         latents = pipe(
             **_prompts(pipe, flat[start:stop], flat_neg[start:stop] if flat_neg else None, encode),
             num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
+            **{guidance: guidance_scale},
             height=height,
             width=width,
             generator=generators[start:stop],
@@ -253,10 +258,12 @@ def img2img(
     progress: bool = False,
     unpack=None,
     encode=None,
+    guidance: str = "guidance_scale",
     **family: Any,
 ) -> Output:
     """SDEdit: noise each image's latents to ``strength`` and denoise under its prompt (``unpack``: the family's
-    ``pipeline_latents``; ``encode``: its ``pipeline_prompts``; ``family``: further arguments of its pipeline).
+    ``pipeline_latents``; ``encode``: its ``pipeline_prompts``; ``guidance``: the pipeline's argument for
+    ``guidance_scale``; ``family``: further arguments of its pipeline).
 
     One prompt for all images, or one per image. The image is resized to a multiple of the autoencoder's factor.
     """
@@ -269,14 +276,14 @@ def img2img(
     negatives = _as_list(negative_prompt) * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
     generators = _generators(seed, len(images_in))
     processor: VaeImageProcessor = pipe.image_processor
-    latent_channels = pipe.vae.config.latent_channels
+    own_encoding = isinstance(pipe.vae, (AutoencoderKL, VQModel)) and latent_channels(pipe.vae) == 4
     # a pipeline that takes the size (Flux's, SD3's) is given the image's: it would resize to its default otherwise
     sized = {"height", "width"} <= inspect.signature(pipe.__call__).parameters.keys()
     out: list[Image.Image] = []
     for start in tqdm(range(0, len(images_in), batch_size), desc="reconstruct", unit="batch", disable=not progress):
         stop = start + batch_size
         pixels = processor.preprocess(images_in[start:stop])
-        if latent_channels == 4:
+        if own_encoding:
             # encode ourselves: the posterior sample uses each image's generator, and VQ / shift_factor are handled
             mean, std = encode_moments(pipe.vae, pixels)
             noise = torch.stack([torch.randn(m.shape, generator=g) for m, g in zip(mean, generators[start:stop])])
@@ -288,7 +295,7 @@ def img2img(
             image=init,
             strength=strength,
             num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
+            **{guidance: guidance_scale},
             generator=generators[start:stop],
             output_type="latent",
             **(dict(zip(("height", "width"), pixels.shape[-2:])) if sized else {}),
@@ -421,7 +428,7 @@ class Pipeline:
         return txt2img(
             pipe, prompt, negative_prompt, num_images_per_prompt, steps, guidance, height, width, seed,
             progress=progress, unpack=self.family.pipeline_latents, encode=self.family.pipeline_prompts,
-            **self._family_kwargs(),
+            guidance=self.family.guidance, **self._family_kwargs(),
         )  # fmt: skip
 
     def reconstruct(
@@ -443,7 +450,7 @@ class Pipeline:
         args = (pipe, prompt, image, strength, negative_prompt, steps, guidance, seed)
         family = self.family
         return img2img(*args, progress=progress, unpack=family.pipeline_latents, encode=family.pipeline_prompts,
-                       **self._family_kwargs())  # fmt: skip
+                       guidance=family.guidance, **self._family_kwargs())  # fmt: skip
 
     def _family_kwargs(self) -> dict[str, Any]:
         """What the family's pipelines are called with beside the prompts (SD3: its T5 length)."""

@@ -43,7 +43,7 @@ from sdtrain.data.streams import (
 from sdtrain.errors import StorageError
 from sdtrain.models.families import Encoders, Family, for_config
 from sdtrain.models.lora import adapters_off, add_lora
-from sdtrain.models.vae import downsample_factor
+from sdtrain.models.vae import downsample_factor, latent_channels
 from sdtrain.sample.pipeline import Pipeline, save_images
 from sdtrain.train import block_swap, checkpoint, placement, prior, sharding, text_encoders, zero
 from sdtrain.train.ema import EMA, ema_parameters
@@ -292,7 +292,7 @@ def _start(config: Config) -> tuple[Accelerator, torch.Generator]:
     global micro-batch on every rank, so a run does not depend on the number of processes
     (:mod:`sdtrain.train.randomness`)."""
     tc = config.train
-    accelerator, out = make_accelerator(tc), Path(tc.output_dir)
+    accelerator, out = make_accelerator(tc, for_config(config.model).unused_parameters), Path(tc.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
@@ -457,7 +457,7 @@ def _preflight(
         return None
     tc, model = config.train, family.denoiser_of(components)
     size = config.data.resolution // downsample_factor(encoders.vae)
-    latent_shape = (encoders.vae.config.latent_channels, size, size)
+    latent_shape = (latent_channels(encoders.vae), size, size)
     side = config.data.resolution
     cond = encoders.encode_text([""]) | size_condition(encoders, ([(side, side)], [(0, 0)]), (side, side), "cpu")
     half = placement.compute_dtype(tc, accelerator.device)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import TorchDynamoPlugin
+from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin
 
 from sdtrain.config import ConfigError, TrainConfig
 from sdtrain.errors import Diverged, UserError
@@ -39,9 +39,10 @@ def processes_on_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def make_accelerator(tc: TrainConfig) -> Accelerator:
+def make_accelerator(tc: TrainConfig, unused_parameters: bool = False) -> Accelerator:
     """accelerate's Accelerator as launched (one process, DDP, FSDP2 or DeepSpeed), the strategies sdtrain cannot run
-    refused, and the GPU's math settings (TF32, cuDNN autotuning)."""
+    refused, and the GPU's math settings (TF32, cuDNN autotuning); ``unused_parameters``: the denoiser has parameters
+    its output does not depend on, which DDP is told to look for (else it waits for their gradients and fails)."""
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision", tc.mixed_precision) != tc.mixed_precision:
         AcceleratorState._reset_state()  # a second run in this process (the Python API) with another precision
@@ -53,6 +54,7 @@ def make_accelerator(tc: TrainConfig) -> Accelerator:
         log_with=tc.trackers or None,
         project_dir=Path(tc.output_dir),
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if unused_parameters else None,
     )
     check_strategy(accelerator)  # FSDP1 refused; FSDP2 shards (sdtrain.train.sharding)
     if tc.mixed_precision == "fp16" and accelerator.device.type == "cpu":

@@ -37,6 +37,7 @@ def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
 # inserted into parameter names by activation checkpointing's wrapper (FSDP2's ``fsdp_activation_checkpointing``);
 # state dicts leave it out, and so do the names the EMA is saved under
 CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
+LATENT_SCALE = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")  # how the latents are scaled
 
 
 def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -89,7 +90,7 @@ def describe_frozen(frozen: dict[str, torch.nn.Module], probes: int = 256) -> di
         described[name] = {"class": type(module).__name__, "parameters": total, "probe": values}
     if "vae" in frozen:
         config = getattr(frozen["vae"], "config", {})
-        described["vae"] |= {k: config.get(k) for k in ("scaling_factor", "shift_factor")}
+        described["vae"] |= {k: config.get(k) for k in LATENT_SCALE}
     return described
 
 
@@ -107,7 +108,7 @@ def check_frozen(saved: dict[str, Any] | None, current: dict[str, Any], where: P
         same = (
             a["class"] == b["class"]
             and a["parameters"] == b["parameters"]
-            and all(a.get(k) == b.get(k) for k in ("scaling_factor", "shift_factor"))
+            and all(a.get(k) == b.get(k) for k in LATENT_SCALE)
             and torch.allclose(torch.tensor(a["probe"]), torch.tensor(b["probe"]), rtol=2e-2, atol=1e-3)
         )
         if not same:

@@ -1,5 +1,5 @@
-"""Model families: what differs between Stable Diffusion 1.x / 2.x, SDXL, SD3, Flux, PixArt, Sana, Chroma and
-Z-Image, one module each.
+"""Model families: what differs between Stable Diffusion 1.x / 2.x, SDXL, SD3, Flux, PixArt, Sana, Chroma, Z-Image
+and Qwen-Image, one module each.
 
 A :class:`Family` says, declaratively, which diffusers pipeline classes it samples and exports with, which component
 trains and which adapters LoRA adds, and, as functions, how its components load, how prompts become conditioning (a
@@ -84,6 +84,10 @@ class Family:
         pipeline_prompts: ``(pipeline, prompts, negative prompts or None) -> the pipeline's prompt arguments`` where
             the strings alone would be encoded otherwise than the model trains (Chroma: embeddings with a boolean
             mask); None: the strings.
+        guidance: the pipeline argument the sampling guidance scale goes to (``guidance_scale``; Qwen-Image's
+            ``true_cfg_scale``).
+        unused_parameters: the denoiser has parameters its output does not depend on (Qwen-Image's last block's
+            text stream), which DDP must be told to look for.
     """
 
     name: str
@@ -110,6 +114,8 @@ class Family:
     load_tokenizers: Callable[[Any], dict[str, Any]] | None = None
     pipeline_latents: Callable[[Any, torch.Tensor, int | None, int | None], torch.Tensor] | None = None
     pipeline_prompts: Callable[[Any, list[str], list[str] | None], dict[str, Any]] | None = None
+    guidance: str = "guidance_scale"
+    unused_parameters: bool = False
 
     def denoiser_of(self, components) -> torch.nn.Module:
         """The trained model among ``components``."""
@@ -129,9 +135,9 @@ def fp32_encoding(
 
 def families() -> dict[str, Family]:
     """Every family sdtrain trains, by name (imported here, not at package import: they import diffusers)."""
-    from sdtrain.models.families import chroma, flux, pixart, sana, sd, sd3, sdxl, zimage
+    from sdtrain.models.families import chroma, flux, pixart, qwenimage, sana, sd, sd3, sdxl, zimage
 
-    modules = (sd, sdxl, sd3, flux, pixart, sana, chroma, zimage)
+    modules = (sd, sdxl, sd3, flux, pixart, sana, chroma, zimage, qwenimage)
     return {m.FAMILY.name: m.FAMILY for m in modules}
 
 
