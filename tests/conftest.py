@@ -452,6 +452,39 @@ def qwenimage_dir(tmp_path_factory, clip_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def flux2_klein_dir(tmp_path_factory, clip_dir) -> Path:
+    """A tiny Flux2KleinPipeline folder, as diffusers' own FLUX.2 klein tests build one: a tiny Qwen3 of 28 layers (the
+    pipeline stacks its hidden states 9, 18 and 27; the byte-level CLIP tokenizer with Qwen's chat template stands in
+    for Qwen's), a Flux2Transformer2DModel with one double- and one single-stream block, a tiny AutoencoderKLFlux2
+    (factor 2, 4 channels, its batch norm's running statistics set away from 0 / 1), a dynamically shifted Euler."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import CLIPTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    root = tmp_path_factory.mktemp("flux2-klein")
+    torch.manual_seed(0)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(_byte_vocab()), hidden_size=16, intermediate_size=16,
+                                                num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
+                                                head_dim=8, max_position_embeddings=128))  # fmt: skip
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+    )  # fmt: skip
+    stats = torch.Generator().manual_seed(1)
+    vae.bn.running_mean.copy_(torch.randn(16, generator=stats) * 0.2)
+    vae.bn.running_var.copy_(0.5 + torch.rand(16, generator=stats))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    )  # fmt: skip
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer", model_max_length=96)
+    tokenizer.chat_template = QWEN_CHAT
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+                              vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)  # fmt: skip
+    pipe.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
 def sana_dir(tmp_path_factory, clip_dir) -> Path:
     """A tiny SanaPipeline folder, as diffusers' own Sana tests build one: a tiny Gemma 2 (the byte-level CLIP
     tokenizer standing in for Gemma's), a one-block SanaTransformer2DModel, a tiny AutoencoderDC (factor 2), Sana's
@@ -542,10 +575,10 @@ def assert_comfyui_transformer_layout(adapters: dict, pipeline_folder: Path) -> 
 
 
 def resumes_and_shares(tmp_path: Path, folder: Path, extra: list[str], tolerance: float = 1e-6) -> None:
-    """A family's slow-tier checks on a tiny pipeline folder: SIGKILL at micro-batches and inside a save, then a rerun,
-    ends with the uninterrupted run's losses and transformer weights bit for bit; 2 processes train what one does (the
-    weights within ``tolerance``: the processes' gradients are summed in another order than one process's). The
-    data's 5 images end an epoch mid-batch."""
+    """A family's slow-tier checks on a tiny pipeline folder: SIGKILL inside a save (torn), then mid-accumulation after
+    a whole one, then a rerun from that checkpoint, ends with the uninterrupted run's losses and transformer weights
+    bit for bit; 2 processes train what one does (the weights within ``tolerance``: the processes' gradients are
+    summed in another order than one process's). The data's 5 images end an epoch mid-batch."""
     from tests.test_distributed import ADAM_EPS, _launch_ddp
     from tests.test_faults import KILLED, _losses, _train
 
@@ -559,8 +592,11 @@ def resumes_and_shares(tmp_path: Path, folder: Path, extra: list[str], tolerance
 
     assert _train(pipeline_overrides(tmp_path / "a", data, folder) + extra).returncode == 0
     overrides = pipeline_overrides(tmp_path / "b", data, folder) + extra
-    for fault in ("kill_micro=3", "kill_save=1:manifest", "kill_micro=5"):
+    # a torn first save (the rerun starts again), then a kill in step 4's second micro-batch, after the whole save of
+    # step 3 (each process counts its own micro-batches): the last run resumes mid-run from a checkpoint
+    for fault in ("kill_save=1:manifest", "kill_micro=8"):
         assert _train(overrides, fault).returncode == KILLED, fault
+    assert (tmp_path / "b" / "checkpoints" / "step-00000003").is_dir()  # the rerun resumes from it
     assert _train(overrides).returncode == 0
     assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
     a, b = weights("a"), weights("b")

@@ -343,8 +343,8 @@ def test_fp16_loss_scaler_backs_off_on_an_overflow_trains_on_and_resumes(
 
     make, loss = loop.make_accelerator, objective.diffusion_loss
 
-    def with_a_scaler(tc):
-        accelerator = make(tc)
+    def with_a_scaler(tc, *args):
+        accelerator = make(tc, *args)
         accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu")  # accelerate's CUDA fp16
         return accelerator
 
