@@ -13,9 +13,9 @@ choose another), a LoRA base quantised with ``--quantize`` and the text encoders
 Sizes are the published configs (SD 1.5; SDXL base 1.0: UNet 2.57 B, CLIP ViT-L and OpenCLIP ViT-bigG; SD 3 medium:
 MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; SD 3.5 large: 8.1 B, the same encoders; FLUX.1 dev:
 11.9 B, CLIP-L and T5-XXL, a 16-channel VAE; Chroma1-HD: 8.9 B, T5-XXL, FLUX.1's VAE; Z-Image: 6.2 B, Qwen3 4B,
-FLUX.1's VAE; Qwen-Image: 20.4 B, Qwen2.5-VL 7B with its vision tower, its own 16-channel video autoencoder;
-PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL; Sana 1600M 1024 px: 1.6 B, Gemma 2 2B, the f32c32
-deep-compression autoencoder).
+FLUX.1's VAE; FLUX.2 klein 4B / 9B: 3.9 / 9.1 B, Qwen3 4B / 8B, FLUX.2's 32-channel VAE; Qwen-Image: 20.4 B,
+Qwen2.5-VL 7B with its vision tower, its own 16-channel video autoencoder; PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL;
+Sana 1600M 1024 px: 1.6 B, Gemma 2 2B, the f32c32 deep-compression autoencoder).
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import torch
 from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
+    AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     ChromaTransformer2DModel,
+    Flux2Transformer2DModel,
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
     QwenImageTransformer2DModel,
@@ -45,6 +47,7 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen3Config,
+    Qwen3ForCausalLM,
     Qwen3Model,
     T5Config,
     T5EncoderModel,
@@ -78,6 +81,12 @@ Z_IMAGE = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3
                n_heads=30, n_kv_heads=30, cap_feat_dim=2560)  # fmt: skip
 QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128)  # fmt: skip
+KLEIN = {  # FLUX.2 klein's transformers and their Qwen3 text encoders
+    "4b": (dict(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680,
+                guidance_embeds=False), dict(QWEN3_4B, tie_word_embeddings=True)),
+    "9b": (dict(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288,
+                guidance_embeds=False), dict(QWEN3_4B, hidden_size=4096, intermediate_size=12288)),
+}  # fmt: skip
 QWEN2_5_VL_7B = dict(
     text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                      num_attention_heads=28, num_key_value_heads=4, rope_scaling={"mrope_section": [16, 24, 24],
@@ -110,7 +119,8 @@ UNETS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    transformers = ["sd3", "sd3.5-large", "flux", "pixart", "sana", "chroma", "zimage", "qwenimage"]
+    transformers = ["sd3", "sd3.5-large", "flux", "flux2-klein-4b", "flux2-klein-9b", "pixart", "sana", "chroma",
+                    "zimage", "qwenimage"]  # fmt: skip
     parser.add_argument("--family", choices=sorted([*UNETS, *transformers]), default="sdxl",
                         help="sd3: SD 3 medium; sd3.5-large: SD 3.5 large (8.1 B)")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=1024)
@@ -138,7 +148,7 @@ def main() -> None:
         mixed_precision=args.precision, gradient_checkpointing=args.checkpointing, lora=LoRAConfig(rank=args.lora),
         optim=OptimConfig(name=args.optimizer), ema_decay=0.9999 if args.ema else None,
     )  # fmt: skip
-    family = families()[args.family.split(".")[0]]
+    family = families()[args.family.split(".")[0].removesuffix("-4b").removesuffix("-9b")]
     if args.lora:
         add_lora(model, tc.lora, family.lora_targets)
     side = args.resolution // (32 if args.family == "sana" else 8)
@@ -201,6 +211,12 @@ def _models(name: str) -> tuple[torch.nn.Module, dict, dict, int]:
                       "text_encoder": Qwen3Model(Qwen3Config(**QWEN3_4B))}  # fmt: skip
             cond = {"encoder_hidden_states": torch.zeros(1, 512, 2560), "attention_mask": torch.ones(1, 512)}
             return model, frozen, cond, 16
+        if name.startswith("flux2-klein"):
+            knobs, text = KLEIN[name.rpartition("-")[2]]
+            model = Flux2Transformer2DModel(**knobs)
+            frozen = {"vae": AutoencoderKLFlux2(), "text_encoder": Qwen3ForCausalLM(Qwen3Config(**text))}
+            cond = {"encoder_hidden_states": torch.zeros(1, 512, knobs["joint_attention_dim"])}
+            return model, frozen, cond, 32
         if name == "qwenimage":
             model = QwenImageTransformer2DModel()  # its defaults are Qwen-Image's
             encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN2_5_VL_7B))

@@ -457,7 +457,12 @@ def flux2_klein_dir(tmp_path_factory, clip_dir) -> Path:
     pipeline stacks its hidden states 9, 18 and 27; the byte-level CLIP tokenizer with Qwen's chat template stands in
     for Qwen's), a Flux2Transformer2DModel with one double- and one single-stream block, a tiny AutoencoderKLFlux2
     (factor 2, 4 channels, its batch norm's running statistics set away from 0 / 1), a dynamically shifted Euler."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
     from transformers import CLIPTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     root = tmp_path_factory.mktemp("flux2-klein")
@@ -478,8 +483,9 @@ def flux2_klein_dir(tmp_path_factory, clip_dir) -> Path:
     )  # fmt: skip
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer", model_max_length=96)
     tokenizer.chat_template = QWEN_CHAT
-    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
-                              vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer)  # fmt: skip
     pipe.save_pretrained(root)
     return root
 

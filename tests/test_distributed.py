@@ -461,7 +461,7 @@ def test_fit_under_two_processes_deals_the_batches_out(tmp_path, clip_dir, vae_d
     [
         ("sdxl", "fsdp2"),
         ("sdxl", "zero3"),
-        *[(f, "fsdp2") for f in ("sd3", "flux", "pixart", "sana", "chroma", "zimage", "qwenimage")],
+        *[(f, "fsdp2") for f in ("sd3", "flux", "pixart", "sana", "chroma", "zimage", "qwenimage", "flux2_klein")],
     ],
 )
 def test_every_familys_denoiser_sharded_trains_what_one_process_trains(family, strategy, tmp_path, request):
@@ -473,11 +473,12 @@ def test_every_familys_denoiser_sharded_trains_what_one_process_trains(family, s
     from tests.test_faults import _losses, _train
 
     folder = request.getfixturevalue(f"{family}_dir")
-    denoiser = families()[family].denoiser
+    denoiser = families()[family.replace("_", "-")].denoiser
     data = write_image_folder(tmp_path / "data", count=8, size=40)
     extra = ["train.num_steps=4", "data.caption_dropout=0.3", "train.mixed_precision=no", ADAM_EPS]
     lengths = {"sd3": ("text_encoder_3", 32), "flux": ("text_encoder_2", 32), "chroma": ("text_encoder", 32),
-               "zimage": ("text_encoder", 96), "qwenimage": ("text_encoder", 256)}  # fmt: skip  # the tiny lengths
+               "zimage": ("text_encoder", 96), "qwenimage": ("text_encoder", 256),
+               "flux2_klein": ("text_encoder", 96)}  # fmt: skip  # the tiny lengths
     extra += [f"model.{lengths[family][0]}.max_length={lengths[family][1]}"] if family in lengths else []
     assert _train(pipeline_overrides(tmp_path / "one", data, folder) + extra).returncode == 0
     sharded = pipeline_overrides(tmp_path / "two", data, folder) + extra

@@ -1,12 +1,13 @@
-"""Frozen autoencoder (AutoencoderKL, VQModel, Sana's deep-compression AutoencoderDC, or Qwen-Image's video
-autoencoder AutoencoderKLQwenImage) and the mapping between pixels and scaled latents.
+"""Frozen autoencoder (AutoencoderKL, VQModel, Sana's deep-compression AutoencoderDC, Qwen-Image's video autoencoder
+AutoencoderKLQwenImage, or FLUX.2's AutoencoderKLFlux2) and the mapping between pixels and scaled latents.
 
 Latents the UNet sees are ``(z - shift_factor) * scaling_factor`` with both read from the autoencoder's config
 (``shift_factor`` is unset for Stable Diffusion 1.x / 2.x VAEs). For a VQModel the UNet denoises the
 pre-quantisation latents, as the LDM paper does, and decoding quantises them. An AutoencoderDC's latents are
 deterministic, as a VQModel's. AutoencoderKLQwenImage encodes videos: an image is one frame (the frame axis added
 before encoding, removed after), and its latents are normalised per channel, ``(z - latents_mean) / latents_std``, as
-its pipelines normalise them.
+its pipelines normalise them. AutoencoderKLFlux2 normalises its latents by its batch norm's running statistics over
+2 x 2 patches: the scaled latents are ``unpatchify((patchify(z) - mean) / sqrt(var + eps))``, shaped as ``z``.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderKLQwenImage, VQModel
+from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, VQModel
 
 from sdtrain.errors import Unsupported
 from sdtrain.models.text import DTYPES, freeze
 
 AUTOENCODERS = {
     "AutoencoderKL": AutoencoderKL, "VQModel": VQModel, "AutoencoderDC": AutoencoderDC,
-    "AutoencoderKLQwenImage": AutoencoderKLQwenImage,
+    "AutoencoderKLQwenImage": AutoencoderKLQwenImage, "AutoencoderKLFlux2": AutoencoderKLFlux2,
 }  # fmt: skip
 
-Autoencoder = AutoencoderKL | VQModel | AutoencoderDC | AutoencoderKLQwenImage
+Autoencoder = AutoencoderKL | VQModel | AutoencoderDC | AutoencoderKLQwenImage | AutoencoderKLFlux2
 
 
 def _class_name(path: str, subfolder: str | None) -> str:
@@ -96,8 +97,23 @@ def _per_channel(vae: AutoencoderKLQwenImage, latents: torch.Tensor) -> tuple[to
     return mean, std
 
 
+def _batch_norm(vae: AutoencoderKLFlux2, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLUX.2's batch norm statistics over patchified latents, as its pipelines compute them: the mean and the
+    deviation, shaped to broadcast over ``B x 4C x H/2 x W/2``."""
+    bn = vae.bn
+    mean = bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device, latents.dtype)
+    return mean, std
+
+
 def scale_latents(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
     """Autoencoder latents -> the UNet's latent space."""
+    if isinstance(vae, AutoencoderKLFlux2):
+        from diffusers import Flux2KleinPipeline as Flux2  # its pipelines' 2 x 2 patches
+
+        patches = Flux2._patchify_latents(latents)
+        mean, std = _batch_norm(vae, patches)
+        return Flux2._unpatchify_latents((patches - mean) / std)
     if isinstance(vae, AutoencoderKLQwenImage):
         mean, std = _per_channel(vae, latents)
         return (latents - mean) * (1 / std)  # as its pipelines compute it
@@ -107,6 +123,12 @@ def scale_latents(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
 
 def unscale_latents(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
     """The UNet's latent space -> autoencoder latents."""
+    if isinstance(vae, AutoencoderKLFlux2):
+        from diffusers import Flux2KleinPipeline as Flux2
+
+        patches = Flux2._patchify_latents(latents)
+        mean, std = _batch_norm(vae, patches)
+        return Flux2._unpatchify_latents(patches * std + mean)
     if isinstance(vae, AutoencoderKLQwenImage):
         mean, std = _per_channel(vae, latents)
         return latents / (1 / std) + mean  # as its pipelines compute it

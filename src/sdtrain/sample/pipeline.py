@@ -216,11 +216,13 @@ def txt2img(
     unpack=None,
     encode=None,
     guidance: str = "guidance_scale",
+    latent_output: bool = True,
     **family: Any,
 ) -> Output:
     """Text to image with the pipeline's sampler; image *i* (prompt-major) uses the generator seeded ``seed + i``;
     ``unpack``: the family's ``pipeline_latents`` where it has one; ``encode``: its ``pipeline_prompts``;
-    ``guidance``: the pipeline's argument for ``guidance_scale``; ``family``: further arguments of its pipeline."""
+    ``guidance``: the pipeline's argument for ``guidance_scale``; ``latent_output``: the family's (False: the
+    pipeline decodes); ``family``: further arguments of its pipeline."""
     prompts = _as_list(prompt)
     negatives = _as_list(negative_prompt) if negative_prompt is not None else None
     if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
@@ -231,17 +233,17 @@ def txt2img(
     images: list[Image.Image] = []
     for start in tqdm(range(0, len(flat), batch_size), desc="generate", unit="batch", disable=not progress):
         stop = start + batch_size
-        latents = pipe(
+        out = pipe(
             **_prompts(pipe, flat[start:stop], flat_neg[start:stop] if flat_neg else None, encode),
             num_inference_steps=num_inference_steps,
             **{guidance: guidance_scale},
             height=height,
             width=width,
             generator=generators[start:stop],
-            output_type="latent",
+            output_type="latent" if latent_output else "pil",
             **family,
         ).images
-        images += _postprocess(pipe, latents, unpack, height, width)
+        images += _postprocess(pipe, out, unpack, height, width) if latent_output else out
     return Output(images)
 
 
@@ -428,7 +430,7 @@ class Pipeline:
         return txt2img(
             pipe, prompt, negative_prompt, num_images_per_prompt, steps, guidance, height, width, seed,
             progress=progress, unpack=self.family.pipeline_latents, encode=self.family.pipeline_prompts,
-            guidance=self.family.guidance, **self._family_kwargs(),
+            guidance=self.family.guidance, latent_output=self.family.latent_output, **self._family_kwargs(),
         )  # fmt: skip
 
     def reconstruct(

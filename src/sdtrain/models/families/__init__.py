@@ -1,5 +1,5 @@
-"""Model families: what differs between Stable Diffusion 1.x / 2.x, SDXL, SD3, Flux, PixArt, Sana, Chroma, Z-Image
-and Qwen-Image, one module each.
+"""Model families: what differs between Stable Diffusion 1.x / 2.x, SDXL, SD3, Flux, FLUX.2 klein, PixArt, Sana,
+Chroma, Z-Image and Qwen-Image, one module each.
 
 A :class:`Family` says, declaratively, which diffusers pipeline classes it samples and exports with, which component
 trains and which adapters LoRA adds, and, as functions, how its components load, how prompts become conditioning (a
@@ -88,6 +88,8 @@ class Family:
             ``true_cfg_scale``).
         unused_parameters: the denoiser has parameters its output does not depend on (Qwen-Image's last block's
             text stream), which DDP must be told to look for.
+        latent_output: whether its pipelines return the model's latents with ``output_type="latent"`` (then sdtrain
+            decodes them); False: they return the autoencoder's own (FLUX.2's), and the pipeline decodes.
     """
 
     name: str
@@ -116,6 +118,7 @@ class Family:
     pipeline_prompts: Callable[[Any, list[str], list[str] | None], dict[str, Any]] | None = None
     guidance: str = "guidance_scale"
     unused_parameters: bool = False
+    latent_output: bool = True
 
     def denoiser_of(self, components) -> torch.nn.Module:
         """The trained model among ``components``."""
@@ -135,14 +138,19 @@ def fp32_encoding(
 
 def families() -> dict[str, Family]:
     """Every family sdtrain trains, by name (imported here, not at package import: they import diffusers)."""
-    from sdtrain.models.families import chroma, flux, pixart, qwenimage, sana, sd, sd3, sdxl, zimage
+    from sdtrain.models.families import chroma, flux, flux2_klein, pixart, qwenimage, sana, sd, sd3, sdxl, zimage
 
-    modules = (sd, sdxl, sd3, flux, pixart, sana, chroma, zimage, qwenimage)
+    modules = (sd, sdxl, sd3, flux, pixart, sana, chroma, zimage, qwenimage, flux2_klein)
     return {m.FAMILY.name: m.FAMILY for m in modules}
 
 
 def pipeline_class_name(path: str | Path) -> str | None:
     """``_class_name`` of a pipeline folder's (or hub id's) ``model_index.json``; None where it has none."""
+    return pipeline_index(path).get("_class_name")
+
+
+def pipeline_index(path: str | Path) -> dict[str, Any]:
+    """A pipeline folder's (or hub id's) ``model_index.json``; empty where it has none."""
     index = Path(path, "model_index.json")
     if not index.is_file() and not Path(path).exists():  # a hub id: the index is one small file
         try:
@@ -150,10 +158,10 @@ def pipeline_class_name(path: str | Path) -> str | None:
 
             index = Path(hf_hub_download(str(path), "model_index.json"))
         except Exception:  # offline, private, or not a pipeline: the caller decides
-            return None
+            return {}
     if not index.is_file():
-        return None
-    return json.loads(index.read_text()).get("_class_name")
+        return {}
+    return json.loads(index.read_text())
 
 
 def detect(path: str | Path | None) -> Family:

@@ -1,0 +1,228 @@
+"""FLUX.2 [klein] (the 4 B and 9 B klein models, base and step-distilled, and their fine-tunes): a Qwen3 language model
+as the text encoder, FLUX.2's 32-channel ``AutoencoderKLFlux2`` (latents normalised by the running statistics of its
+batch norm over 2 x 2 patches), the ``Flux2Transformer2DModel`` (double- and single-stream blocks, four rotary axes),
+trained by rectified flow matching, exported as a ``Flux2KleinPipeline``.
+
+Conditioning, as ``Flux2KleinPipeline.encode_prompt`` builds it: each prompt in the tokenizer's chat template (a user
+turn, the generation prompt, thinking off), padded to ``max_sequence_length`` tokens (the pipeline's 512 unless
+``model.text_encoder.max_length`` says otherwise), the hidden states of Qwen3's layers :data:`LAYERS` stacked along
+the channels; the transformer sees every token (no mask), as the pipeline gives them. Caption dropout encodes the
+empty prompt, the pipeline's negative.
+
+Latents are the autoencoder's ``B x 32 x H/8 x W/8``, normalised as the pipeline normalises them (``models/vae.py``:
+patchified 2 x 2, minus the batch norm's running mean, over its deviation, unpatchified again), so the data, the
+caches and the objective see them as every family's. :func:`predict` patchifies them into the pipeline's
+``B x 128 x H/16 x W/16``, packs them with their (time, row, column, layer) position ids, calls the transformer at
+``sigma`` (the pipeline's ``t / 1000``) and undoes the packing. The pipeline returns the autoencoder's own latents
+with ``output_type="latent"``, so it decodes its samples itself (``Family.latent_output``). A step-distilled model
+(``is_distilled`` in ``model_index.json``) keeps that flag in its export, and its pipeline then ignores the guidance.
+
+LoRA adapters go on the attention projections of both streams and the single-stream blocks' fused input projection
+(their output projection shares its name with the double-stream blocks' ``to_out`` list, which peft cannot adapt;
+``train.lora.target_modules`` names it by block where wanted), saved in diffusers' layout (``transformer.…``, what
+``Flux2KleinPipeline.load_lora_weights`` reads). Built from scratch (``model.transformer``: its ``num_layers``
+double-stream and ``num_single_layers`` single-stream blocks), without a guidance embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+from transformers import Qwen3ForCausalLM
+
+from sdtrain.config import ConfigError
+from sdtrain.errors import Unsupported
+from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding, pipeline_index
+from sdtrain.models.hashing import model_hash
+from sdtrain.models.text import hidden_size, load_text_encoder
+from sdtrain.models.vae import load_vae
+
+TOKENS = 512  # Flux2KleinPipeline's max_sequence_length
+LAYERS = (9, 18, 27)  # the pipeline's text_encoder_out_layers: Qwen3's hidden states it stacks
+TRAIN_GUIDANCE = 1.0  # the guidance embedding's value while training a transformer that has one (as Flux's)
+
+
+@dataclass
+class Components:
+    """The autoencoder, Qwen3 and its tokenizer, the transformer (only it trains), and whether the model is
+    step-distilled (the pipeline's ``is_distilled``)."""
+
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    transformer: Flux2Transformer2DModel
+    is_distilled: bool = False
+
+
+def load_components(config, denoiser: bool = True) -> Components:
+    """Load the frozen autoencoder and Qwen3, and load the transformer from ``model.pretrained`` (or its own path) or
+    build it from ``model.transformer``."""
+    m = config.model
+    te = m.text_encoder
+    own = te.path not in ("", "minilm") or te.subfolder is not None
+    if not own and not m.pretrained:
+        raise ConfigError("model.family=flux2-klein needs model.text_encoder.path or model.pretrained (a FLUX.2 klein "
+                          "pipeline)")  # fmt: skip
+    path, sub = (te.path, te.subfolder) if own else (m.pretrained, "text_encoder")
+    encoder, tokenizer = load_text_encoder(path, sub, te.max_length or TOKENS, te.dtype, te.trust_remote_code,
+                                           model_class=Qwen3ForCausalLM)  # fmt: skip
+    if encoder.config.num_hidden_layers < max(LAYERS):
+        raise ConfigError(f"{path}: FLUX.2 klein stacks Qwen3's hidden states {LAYERS}; this encoder has "
+                          f"{encoder.config.num_hidden_layers} layers")  # fmt: skip
+    vae_path, vae_sub = (m.vae.path, m.vae.subfolder) if m.vae.path else (m.pretrained, "vae")
+    vae = load_vae(vae_path, vae_sub, m.vae.dtype)
+    if not isinstance(vae, AutoencoderKLFlux2):
+        raise ConfigError(f"model.family=flux2-klein samples with FLUX.2's autoencoder (AutoencoderKLFlux2); "
+                          f"{vae_path} is a {type(vae).__name__}")  # fmt: skip
+    transformer = None
+    if denoiser and (m.unet.from_scratch or not (m.unet.pretrained or m.pretrained)):
+        transformer = build_transformer(m.transformer, vae.config.latent_channels, len(LAYERS) * hidden_size(encoder))
+    elif denoiser:
+        source, sub = (m.unet.pretrained, m.unet.subfolder) if m.unet.pretrained else (m.pretrained, "transformer")
+        transformer = Flux2Transformer2DModel.from_pretrained(source, subfolder=sub)
+    index = pipeline_index(m.pretrained) if m.pretrained else {}
+    return Components(vae, encoder, tokenizer, transformer, bool(index.get("is_distilled", False)))
+
+
+def build_transformer(knobs, latent_channels: int, text_width: int) -> Flux2Transformer2DModel:
+    """A fresh FLUX.2 transformer of ``model.transformer``'s shape over patchified latents (4 x the latent channels),
+    its four rotary axes (time, row, column, layer) splitting the head's channels evenly as FLUX.2's 128."""
+    head = knobs.attention_head_dim
+    if head % 8:
+        raise ConfigError(
+            f"model.transformer.attention_head_dim={head}: FLUX.2's four rotary axes need a multiple of 8"
+        )
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,
+        num_layers=knobs.num_layers,
+        num_single_layers=knobs.num_single_layers,
+        attention_head_dim=head,
+        num_attention_heads=knobs.num_attention_heads,
+        joint_attention_dim=text_width,
+        axes_dims_rope=(head // 4,) * 4,
+        guidance_embeds=False,
+    )
+
+
+def max_tokens(components: Components) -> int:
+    """The prompt's tokens (the tokenizer's length, at most the pipeline's 512)."""
+    return min(int(components.tokenizer.model_max_length), TOKENS)
+
+
+@torch.no_grad()
+def encode_prompts(components: Components, prompts: list[str], device: torch.device | str) -> Conditioning:
+    """Prompts as ``Flux2KleinPipeline.encode_prompt`` encodes them: the chat template (thinking off), padded to
+    :func:`max_tokens`, Qwen3's hidden states :data:`LAYERS` side by side per token."""
+    c = components
+    templated = [
+        c.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                        add_generation_prompt=True, enable_thinking=False)
+        for prompt in prompts
+    ]  # fmt: skip
+    tokens = c.tokenizer(
+        templated, padding="max_length", truncation=True, max_length=max_tokens(c), return_tensors="pt"
+    )
+    out = c.text_encoder(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device),
+                         output_hidden_states=True, use_cache=False)  # fmt: skip
+    stacked = torch.stack([out.hidden_states[k] for k in LAYERS], dim=1)  # B x layers x L x D
+    b, layers, length, width = stacked.shape
+    return {"encoder_hidden_states": stacked.permute(0, 2, 1, 3).reshape(b, length, layers * width)}
+
+
+def predict(
+    transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
+) -> torch.Tensor:
+    """The velocity for noisy ``B x C x H x W`` latents at ``timesteps`` (``1000 sigma``) under ``cond``: patchified,
+    packed with the pipeline's position ids and called as the pipeline calls the transformer, then unpacked and
+    unpatchified."""
+    pipe = Flux2KleinPipeline
+    b, _, h, w = noisy.shape
+    patches = pipe._patchify_latents(noisy)
+    image_ids = pipe._prepare_latent_ids(patches).to(noisy.device)
+    states = cond["encoder_hidden_states"]
+    config = getattr(transformer, "module", transformer).config  # DDP and DeepSpeed wrap the model
+    guidance = torch.full((b,), TRAIN_GUIDANCE, device=noisy.device) if config.guidance_embeds else None
+    out = transformer(
+        hidden_states=pipe._pack_latents(patches),
+        timestep=timesteps.to(noisy.dtype) / 1000,
+        guidance=guidance,
+        encoder_hidden_states=states,
+        txt_ids=pipe._prepare_text_ids(states).to(noisy.device),
+        img_ids=image_ids,
+        return_dict=False,
+    )[0]
+    return pipe._unpatchify_latents(pipe._unpack_latents_with_ids(out, image_ids, h // 2, w // 2))
+
+
+def pipeline_prompts(pipe, prompts: list[str], negatives: list[str] | None) -> dict[str, Any]:
+    """The prompts; the pipeline guides against the empty prompt and takes no negative one."""
+    if negatives:
+        raise Unsupported("Flux2KleinPipeline guides against the empty prompt and takes no negative prompt")
+    return {"prompt": prompts}
+
+
+def pipeline_components(components: Components, img2img: bool = False) -> dict[str, Any]:
+    """The keyword arguments of ``Flux2KleinPipeline``."""
+    c = components
+    return {"vae": c.vae, "text_encoder": c.text_encoder, "tokenizer": c.tokenizer, "transformer": c.transformer,
+            "is_distilled": c.is_distilled}  # fmt: skip
+
+
+def components_of(pipe: Flux2KleinPipeline) -> Components:
+    """The components of a loaded ``Flux2KleinPipeline``."""
+    return Components(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.transformer, bool(pipe.config.is_distilled))
+
+
+def frozen(components: Components) -> dict[str, torch.nn.Module]:
+    """The frozen modules, by the name checkpoints record them under."""
+    return {"vae": components.vae, "text_encoder": components.text_encoder}
+
+
+def encoders(components: Components) -> Encoders:
+    """The autoencoder and the prompt encoding, for the data layer."""
+    c = components
+    return Encoders(
+        vae=c.vae,
+        encode_text=fp32_encoding(encode_prompts, c, c.text_encoder.device),
+        text_identity=lambda: {
+            "text_encoder": model_hash(c.text_encoder),
+            "max_length": max_tokens(c),
+            "chat_template": c.tokenizer.chat_template,
+            "layers": list(LAYERS),
+        },
+    )
+
+
+FAMILY = Family(
+    name="flux2-klein",
+    pipeline_classes=("Flux2KleinPipeline",),
+    txt2img=Flux2KleinPipeline,
+    img2img=None,  # its image argument is a reference to edit from, not an image to noise (no SDEdit pipeline)
+    denoiser="transformer",
+    lora_targets=(
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "to_qkv_mlp_proj",
+    ),  # fmt: skip
+    objectives=("flow",),
+    load=load_components,
+    encode_prompts=encode_prompts,
+    predict=predict,
+    pipeline_components=pipeline_components,
+    components_of=components_of,
+    frozen=frozen,
+    encoders=encoders,
+    sampling_kwargs=lambda components: {"max_sequence_length": max_tokens(components)},
+    pipeline_prompts=pipeline_prompts,
+    latent_output=False,
+)
