@@ -3,7 +3,8 @@ Flux2KleinPipeline.encode_prompt encodes them (the chat template without thinkin
 side by side); the latents are normalised as the pipeline normalises them (2 x 2 patches and the autoencoder's batch
 norm statistics); the training call patchifies, packs and positions them as the pipeline does; the export loads in
 plain Flux2KleinPipeline and draws the same pixels as `sdtrain generate`; a step-distilled model stays one; LoRA
-exports in diffusers' layout and loads into the base pipeline; a transformer built from scratch trains."""
+exports in diffusers' layout, loads into the base pipeline and names only modules ComfyUI's FLUX.2 mapping reads; a
+transformer built from scratch trains."""
 
 from __future__ import annotations
 
@@ -33,6 +34,20 @@ from tests.conftest import (
 
 TOKENS = ["model.text_encoder.max_length=96"]  # the tiny tokenizer's length (the pipeline's is 512)
 FLOW = ["train.objective.dynamic_shift=true", "train.objective.timestep_sampling=logit_normal", *TOKENS]
+
+
+def comfyui_flux2_modules(double: int, single: int) -> set[str]:
+    """The diffusers module names ComfyUI's ``comfy.utils.flux_to_diffusers`` maps onto its FLUX.2 model (the FLUX.2
+    entries it gained beside Flux's), the weights a LoRA may adapt: both streams' q, k, v (sliced into its fused qkv)
+    and output and their feed-forwards in a double block; a single block's fused input (its ``linear1``) and output
+    (``linear2``)."""
+    pair = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+            "attn.to_out.0", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
+            "ff_context.linear_out"]  # fmt: skip
+    alone = ["attn.to_qkv_mlp_proj", "attn.to_out"]
+    return {f"transformer_blocks.{i}.{m}" for i in range(double) for m in pair} | {
+        f"single_transformer_blocks.{i}.{m}" for i in range(single) for m in alone
+    }
 
 
 def _plain(folder) -> Flux2KleinPipeline:
@@ -124,9 +139,8 @@ def test_flux2_klein_lora_exports_in_the_layout_diffusers_loads_and_a_distilled_
     adapters = load_file(final / "lora" / "pytorch_lora_weights.safetensors")
     assert_comfyui_transformer_layout(adapters, distilled)
     modules = {k.removeprefix("transformer.").rpartition(".lora_")[0] for k in adapters}
-    assert (
-        "single_transformer_blocks.0.attn.to_qkv_mlp_proj" in modules and "transformer_blocks.0.attn.to_q" in modules
-    )
+    assert {"single_transformer_blocks.0.attn.to_qkv_mlp_proj", "transformer_blocks.0.attn.to_q"} <= modules
+    assert modules <= comfyui_flux2_modules(1, 1)  # each one ComfyUI maps onto its FLUX.2 weights
     kwargs = dict(prompt="a red square", num_inference_steps=3, output_type="np", max_sequence_length=96, height=32,
                   width=32)  # fmt: skip
     base = _plain(distilled)
