@@ -140,10 +140,13 @@ LYCORIS_FACTORS = ("hada_w1_a", "lokr_w1", "lokr_w1_a")  # the factor of each up
 
 def _save_lycoris(module, config, out_dir: str | Path, denoiser: str) -> Path:
     """A LoHa / LoKr denoiser's adapters: ``adapter_model.safetensors`` and ``adapter_config.json`` in peft's own
-    layout (its keys as ``get_peft_model_state_dict`` gives them, which ``set_peft_model_state_dict`` loads), and for
-    a UNet ``lora_kohya.safetensors`` in LyCORIS' key names (``lora_unet_<module>.hada_w1_a`` …, ``.lokr_w1`` …), which
-    ComfyUI and A1111 load. LyCORIS' loaders scale by ``alpha`` over the rank of a low-rank factor (1 where there is
-    none): the scale is folded into the first factor and ``alpha`` written as that rank."""
+    layout (its keys as ``get_peft_model_state_dict`` gives them, which ``set_peft_model_state_dict`` loads), and
+    ``lora_kohya.safetensors`` in LyCORIS' parameter names (``.hada_w1_a`` …, ``.lokr_w1`` …, ``.alpha``), which
+    ComfyUI and A1111 load: a UNet's modules as ``lora_unet_<module>``, a transformer's as ``transformer.<module>``
+    (its diffusers name, the prefix ComfyUI maps for every transformer family it loads: SD3, Flux and its FLUX.2 and
+    Chroma, PixArt, Qwen-Image, Lumina 2 and Z-Image). LyCORIS' loaders scale by ``alpha`` over the rank of a
+    low-rank factor (1 where there is none): the scale is folded into the first factor and ``alpha`` written as that
+    rank."""
     from safetensors.torch import save_file
 
     peft = _peft()
@@ -152,15 +155,13 @@ def _save_lycoris(module, config, out_dir: str | Path, denoiser: str) -> Path:
     state = {k: v.contiguous() for k, v in peft.get_peft_model_state_dict(module).items()}
     save_file(state, out / "adapter_model.safetensors")
     config.save_pretrained(out)
-    if denoiser != "unet":
-        return out
     scale, layers = _scale(config), {}
     for key, value in state.items():
         path, _, param = key.rpartition(".")
         layers.setdefault(path, {})[param] = value
     lycoris = {}
     for path, params in layers.items():
-        prefix = "lora_unet_" + path.replace(".", "_")
+        prefix = "lora_unet_" + path.replace(".", "_") if denoiser == "unet" else f"{denoiser}.{path}"
         for param, value in params.items():
             lycoris[f"{prefix}.{param}"] = (value * scale if param in LYCORIS_FACTORS else value).contiguous()
         low = params.get("hada_w1_b", params.get("lokr_w2_b", params.get("lokr_w1_b")))
