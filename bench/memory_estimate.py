@@ -13,7 +13,7 @@ choose another), a LoRA base quantised with ``--quantize`` and the text encoders
 Sizes are the published configs (SD 1.5; SDXL base 1.0: UNet 2.57 B, CLIP ViT-L and OpenCLIP ViT-bigG; SD 3 medium:
 MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; SD 3.5 large: 8.1 B, the same encoders; FLUX.1 dev:
 11.9 B, CLIP-L and T5-XXL, a 16-channel VAE; Chroma1-HD: 8.9 B, T5-XXL, FLUX.1's VAE; Z-Image: 6.2 B, Qwen3 4B,
-FLUX.1's VAE; FLUX.2 klein 4B / 9B: 3.9 / 9.1 B, Qwen3 4B / 8B, FLUX.2's 32-channel VAE; Qwen-Image: 20.4 B,
+FLUX.1's VAE; FLUX.2 dev: 32 B, Mistral Small 3.1 24B with its vision tower; FLUX.2 klein 4B / 9B: 3.9 / 9.1 B, Qwen3 4B / 8B, FLUX.2's 32-channel VAE; Qwen-Image: 20.4 B,
 Qwen2.5-VL 7B with its vision tower, its own 16-channel video autoencoder; PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL;
 Sana 1600M 1024 px: 1.6 B, Gemma 2 2B, the f32c32 deep-compression autoencoder).
 """
@@ -43,6 +43,8 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     Gemma2Config,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     Gemma2Model,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -81,6 +83,12 @@ Z_IMAGE = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3
                n_heads=30, n_kv_heads=30, cap_feat_dim=2560)  # fmt: skip
 QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128)  # fmt: skip
+MISTRAL_SMALL_3_1 = dict(
+    text_config=dict(model_type="mistral", vocab_size=131072, hidden_size=5120, intermediate_size=32768,
+                     num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, image_size=1540, patch_size=14, head_dim=64),
+)  # fmt: skip
 KLEIN = {  # FLUX.2 klein's transformers and their Qwen3 text encoders
     "4b": (dict(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680,
                 guidance_embeds=False), dict(QWEN3_4B, tie_word_embeddings=True)),
@@ -119,7 +127,7 @@ UNETS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    transformers = ["sd3", "sd3.5-large", "flux", "flux2-klein-4b", "flux2-klein-9b", "pixart", "sana", "chroma",
+    transformers = ["sd3", "sd3.5-large", "flux", "flux2", "flux2-klein-4b", "flux2-klein-9b", "pixart", "sana", "chroma",
                     "zimage", "qwenimage"]  # fmt: skip
     parser.add_argument("--family", choices=sorted([*UNETS, *transformers]), default="sdxl",
                         help="sd3: SD 3 medium; sd3.5-large: SD 3.5 large (8.1 B)")  # fmt: skip
@@ -211,6 +219,12 @@ def _models(name: str) -> tuple[torch.nn.Module, dict, dict, int]:
                       "text_encoder": Qwen3Model(Qwen3Config(**QWEN3_4B))}  # fmt: skip
             cond = {"encoder_hidden_states": torch.zeros(1, 512, 2560), "attention_mask": torch.ones(1, 512)}
             return model, frozen, cond, 16
+        if name == "flux2":
+            model = Flux2Transformer2DModel()  # its defaults are FLUX.2 dev's
+            encoder = Mistral3ForConditionalGeneration(Mistral3Config(**MISTRAL_SMALL_3_1))
+            frozen = {"vae": AutoencoderKLFlux2(), "text_encoder": encoder}
+            cond = {"encoder_hidden_states": torch.zeros(1, 512, 15360)}
+            return model, frozen, cond, 32
         if name.startswith("flux2-klein"):
             knobs, text = KLEIN[name.rpartition("-")[2]]
             model = Flux2Transformer2DModel(**knobs)

@@ -451,6 +451,53 @@ def qwenimage_dir(tmp_path_factory, clip_dir) -> Path:
     return root
 
 
+# Mistral's chat format as far as Flux2Pipeline uses it (a system and a user turn, each a list of text parts),
+# tokenised here by the byte-level tokenizer standing in for the Pixtral processor's tokenizer
+MISTRAL_CHAT = (
+    "{% for m in messages %}[{{ m['role'] }}]{% for c in m['content'] %}{{ c['text'] }}{% endfor %}"
+    "[/{{ m['role'] }}]{% endfor %}"
+)
+
+
+@pytest.fixture(scope="session")
+def flux2_dir(tmp_path_factory, clip_dir) -> Path:
+    """A tiny Flux2Pipeline folder, as diffusers' own FLUX.2 tests build one: a tiny Mistral 3 of 31 layers (the
+    pipeline stacks its hidden states 10, 20 and 30; the byte-level CLIP tokenizer with a Mistral chat template
+    stands in for the Pixtral processor, which needs torchvision), a guidance-distilled Flux2Transformer2DModel with
+    one double- and one single-stream block, the tiny AutoencoderKLFlux2 of flux2_klein_dir, a shifted Euler."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import CLIPTokenizer, Mistral3Config, Mistral3ForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("flux2")
+    torch.manual_seed(0)
+    vocab = len(_byte_vocab())
+    text = dict(model_type="mistral", vocab_size=vocab, hidden_size=16, intermediate_size=16, num_hidden_layers=31,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512)  # fmt: skip
+    vision = dict(model_type="pixtral", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8, head_dim=8)  # fmt: skip
+    text_encoder = Mistral3ForConditionalGeneration(
+        Mistral3Config(text_config=text, vision_config=vision, image_token_index=vocab - 1)
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+    )  # fmt: skip
+    stats = torch.Generator().manual_seed(1)
+    vae.bn.running_mean.copy_(torch.randn(16, generator=stats) * 0.2)
+    vae.bn.running_var.copy_(0.5 + torch.rand(16, generator=stats))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+    )  # fmt: skip
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer", model_max_length=320)
+    tokenizer.chat_template = MISTRAL_CHAT
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         transformer=transformer)  # fmt: skip
+    pipe.save_pretrained(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def flux2_klein_dir(tmp_path_factory, clip_dir) -> Path:
     """A tiny Flux2KleinPipeline folder, as diffusers' own FLUX.2 klein tests build one: a tiny Qwen3 of 28 layers (the

@@ -124,6 +124,6 @@ def test_a_preset_is_found_by_name_and_a_missing_file_is_named(tmp_path, monkeyp
     assert to_dict(load_config(Config, "demo")) == to_dict(load_config(Config, PRESETS / "demo.yaml"))
     assert to_dict(load_config(Config, "configs/demo.yaml")) == to_dict(load_config(Config, "demo.yaml"))
     with pytest.raises(
-        ConfigError, match="no such config file.*presets: chroma-full-8x80gb, chroma-lora-12gb, .*demo, demo-dit, demo-vae"
+        ConfigError, match="no such config file.*presets: chroma-full-8x80gb, .*demo, demo-dit, demo-vae"
     ):
         load_config(Config, "nowhere/demo.yaml")

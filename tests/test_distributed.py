@@ -461,7 +461,10 @@ def test_fit_under_two_processes_deals_the_batches_out(tmp_path, clip_dir, vae_d
     [
         ("sdxl", "fsdp2"),
         ("sdxl", "zero3"),
-        *[(f, "fsdp2") for f in ("sd3", "flux", "pixart", "sana", "chroma", "zimage", "qwenimage", "flux2_klein")],
+        *[
+            (f, "fsdp2")
+            for f in ("sd3", "flux", "pixart", "sana", "chroma", "zimage", "qwenimage", "flux2_klein", "flux2")
+        ],
     ],
 )
 def test_every_familys_denoiser_sharded_trains_what_one_process_trains(family, strategy, tmp_path, request):
@@ -478,7 +481,7 @@ def test_every_familys_denoiser_sharded_trains_what_one_process_trains(family, s
     extra = ["train.num_steps=4", "data.caption_dropout=0.3", "train.mixed_precision=no", ADAM_EPS]
     lengths = {"sd3": ("text_encoder_3", 32), "flux": ("text_encoder_2", 32), "chroma": ("text_encoder", 32),
                "zimage": ("text_encoder", 96), "qwenimage": ("text_encoder", 256),
-               "flux2_klein": ("text_encoder", 96)}  # fmt: skip  # the tiny lengths
+               "flux2_klein": ("text_encoder", 96), "flux2": ("text_encoder", 320)}  # fmt: skip  # the tiny lengths
     extra += [f"model.{lengths[family][0]}.max_length={lengths[family][1]}"] if family in lengths else []
     assert _train(pipeline_overrides(tmp_path / "one", data, folder) + extra).returncode == 0
     sharded = pipeline_overrides(tmp_path / "two", data, folder) + extra

@@ -154,10 +154,12 @@ class ModelConfig:
     """The model: its family and components."""
 
     family: (
-        Literal["sd", "sdxl", "sd3", "flux", "flux2-klein", "pixart", "sana", "chroma", "zimage", "qwenimage"] | None
+        Literal["sd", "sdxl", "sd3", "flux", "flux2", "flux2-klein", "pixart", "sana", "chroma", "zimage", "qwenimage"]
+        | None
     ) = None
     """The model family (sd: Stable Diffusion 1.x / 2.x; sdxl: Stable Diffusion XL; sd3: Stable Diffusion 3 /
-    3.5, flow matching; flux: FLUX.1, flow matching; flux2-klein: FLUX.2 [klein], flow matching; pixart: PixArt-Sigma;
+    3.5, flow matching; flux: FLUX.1, flow matching; flux2: FLUX.2 [dev], flow matching; flux2-klein: FLUX.2 [klein],
+    flow matching; pixart: PixArt-Sigma;
     sana: Sana, flow matching; chroma: Chroma1, flow matching; zimage: Z-Image, flow matching; qwenimage: Qwen-Image,
     flow matching); unset: read from model.pretrained's model_index.json, else sd."""
     pretrained: str | None = None

@@ -1,5 +1,5 @@
-"""Model families: what differs between Stable Diffusion 1.x / 2.x, SDXL, SD3, Flux, FLUX.2 klein, PixArt, Sana,
-Chroma, Z-Image and Qwen-Image, one module each.
+"""Model families: what differs between Stable Diffusion 1.x / 2.x, SDXL, SD3, Flux, FLUX.2 (dev and klein), PixArt,
+Sana, Chroma, Z-Image and Qwen-Image, one module each.
 
 A :class:`Family` says, declaratively, which diffusers pipeline classes it samples and exports with, which component
 trains and which adapters LoRA adds, and, as functions, how its components load, how prompts become conditioning (a
@@ -138,9 +138,21 @@ def fp32_encoding(
 
 def families() -> dict[str, Family]:
     """Every family sdtrain trains, by name (imported here, not at package import: they import diffusers)."""
-    from sdtrain.models.families import chroma, flux, flux2_klein, pixart, qwenimage, sana, sd, sd3, sdxl, zimage
+    from sdtrain.models.families import (
+        chroma,
+        flux,
+        flux2,
+        flux2_klein,
+        pixart,
+        qwenimage,
+        sana,
+        sd,
+        sd3,
+        sdxl,
+        zimage,
+    )
 
-    modules = (sd, sdxl, sd3, flux, pixart, sana, chroma, zimage, qwenimage, flux2_klein)
+    modules = (sd, sdxl, sd3, flux, pixart, sana, chroma, zimage, qwenimage, flux2, flux2_klein)
     return {m.FAMILY.name: m.FAMILY for m in modules}
 
 

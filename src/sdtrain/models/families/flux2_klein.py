@@ -30,19 +30,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from transformers import Qwen3ForCausalLM
 
 from sdtrain.config import ConfigError
-from sdtrain.errors import Unsupported
 from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding, pipeline_index
+from sdtrain.models.families.flux2 import (
+    LORA_TARGETS,
+    frozen,
+    load_autoencoder,
+    load_transformer,
+    max_tokens,
+    pipeline_prompts,
+    predict,
+)
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.text import hidden_size, load_text_encoder
-from sdtrain.models.vae import load_vae
 
 TOKENS = 512  # Flux2KleinPipeline's max_sequence_length
 LAYERS = (9, 18, 27)  # the pipeline's text_encoder_out_layers: Qwen3's hidden states it stacks
-TRAIN_GUIDANCE = 1.0  # the guidance embedding's value while training a transformer that has one (as Flux's)
 
 
 @dataclass
@@ -72,45 +78,11 @@ def load_components(config, denoiser: bool = True) -> Components:
     if encoder.config.num_hidden_layers < max(LAYERS):
         raise ConfigError(f"{path}: FLUX.2 klein stacks Qwen3's hidden states {LAYERS}; this encoder has "
                           f"{encoder.config.num_hidden_layers} layers")  # fmt: skip
-    vae_path, vae_sub = (m.vae.path, m.vae.subfolder) if m.vae.path else (m.pretrained, "vae")
-    vae = load_vae(vae_path, vae_sub, m.vae.dtype)
-    if not isinstance(vae, AutoencoderKLFlux2):
-        raise ConfigError(f"model.family=flux2-klein samples with FLUX.2's autoencoder (AutoencoderKLFlux2); "
-                          f"{vae_path} is a {type(vae).__name__}")  # fmt: skip
-    transformer = None
-    if denoiser and (m.unet.from_scratch or not (m.unet.pretrained or m.pretrained)):
-        transformer = build_transformer(m.transformer, vae.config.latent_channels, len(LAYERS) * hidden_size(encoder))
-    elif denoiser:
-        source, sub = (m.unet.pretrained, m.unet.subfolder) if m.unet.pretrained else (m.pretrained, "transformer")
-        transformer = Flux2Transformer2DModel.from_pretrained(source, subfolder=sub)
+    vae = load_autoencoder(config)
+    width = len(LAYERS) * hidden_size(encoder)
+    transformer = load_transformer(config, vae.config.latent_channels, width) if denoiser else None
     index = pipeline_index(m.pretrained) if m.pretrained else {}
     return Components(vae, encoder, tokenizer, transformer, bool(index.get("is_distilled", False)))
-
-
-def build_transformer(knobs, latent_channels: int, text_width: int) -> Flux2Transformer2DModel:
-    """A fresh FLUX.2 transformer of ``model.transformer``'s shape over patchified latents (4 x the latent channels),
-    its four rotary axes (time, row, column, layer) splitting the head's channels evenly as FLUX.2's 128."""
-    head = knobs.attention_head_dim
-    if head % 8:
-        raise ConfigError(
-            f"model.transformer.attention_head_dim={head}: FLUX.2's four rotary axes need a multiple of 8"
-        )
-    return Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=4 * latent_channels,
-        num_layers=knobs.num_layers,
-        num_single_layers=knobs.num_single_layers,
-        attention_head_dim=head,
-        num_attention_heads=knobs.num_attention_heads,
-        joint_attention_dim=text_width,
-        axes_dims_rope=(head // 4,) * 4,
-        guidance_embeds=False,
-    )
-
-
-def max_tokens(components: Components) -> int:
-    """The prompt's tokens (the tokenizer's length, at most the pipeline's 512)."""
-    return min(int(components.tokenizer.model_max_length), TOKENS)
 
 
 @torch.no_grad()
@@ -133,38 +105,6 @@ def encode_prompts(components: Components, prompts: list[str], device: torch.dev
     return {"encoder_hidden_states": stacked.permute(0, 2, 1, 3).reshape(b, length, layers * width)}
 
 
-def predict(
-    transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
-) -> torch.Tensor:
-    """The velocity for noisy ``B x C x H x W`` latents at ``timesteps`` (``1000 sigma``) under ``cond``: patchified,
-    packed with the pipeline's position ids and called as the pipeline calls the transformer, then unpacked and
-    unpatchified."""
-    pipe = Flux2KleinPipeline
-    b, _, h, w = noisy.shape
-    patches = pipe._patchify_latents(noisy)
-    image_ids = pipe._prepare_latent_ids(patches).to(noisy.device)
-    states = cond["encoder_hidden_states"]
-    config = getattr(transformer, "module", transformer).config  # DDP and DeepSpeed wrap the model
-    guidance = torch.full((b,), TRAIN_GUIDANCE, device=noisy.device) if config.guidance_embeds else None
-    out = transformer(
-        hidden_states=pipe._pack_latents(patches),
-        timestep=timesteps.to(noisy.dtype) / 1000,
-        guidance=guidance,
-        encoder_hidden_states=states,
-        txt_ids=pipe._prepare_text_ids(states).to(noisy.device),
-        img_ids=image_ids,
-        return_dict=False,
-    )[0]
-    return pipe._unpatchify_latents(pipe._unpack_latents_with_ids(out, image_ids, h // 2, w // 2))
-
-
-def pipeline_prompts(pipe, prompts: list[str], negatives: list[str] | None) -> dict[str, Any]:
-    """The prompts; the pipeline guides against the empty prompt and takes no negative one."""
-    if negatives:
-        raise Unsupported("Flux2KleinPipeline guides against the empty prompt and takes no negative prompt")
-    return {"prompt": prompts}
-
-
 def pipeline_components(components: Components, img2img: bool = False) -> dict[str, Any]:
     """The keyword arguments of ``Flux2KleinPipeline``."""
     c = components
@@ -175,11 +115,6 @@ def pipeline_components(components: Components, img2img: bool = False) -> dict[s
 def components_of(pipe: Flux2KleinPipeline) -> Components:
     """The components of a loaded ``Flux2KleinPipeline``."""
     return Components(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.transformer, bool(pipe.config.is_distilled))
-
-
-def frozen(components: Components) -> dict[str, torch.nn.Module]:
-    """The frozen modules, by the name checkpoints record them under."""
-    return {"vae": components.vae, "text_encoder": components.text_encoder}
 
 
 def encoders(components: Components) -> Encoders:
@@ -203,17 +138,7 @@ FAMILY = Family(
     txt2img=Flux2KleinPipeline,
     img2img=None,  # its image argument is a reference to edit from, not an image to noise (no SDEdit pipeline)
     denoiser="transformer",
-    lora_targets=(
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-        "to_qkv_mlp_proj",
-    ),  # fmt: skip
+    lora_targets=LORA_TARGETS,
     objectives=("flow",),
     load=load_components,
     encode_prompts=encode_prompts,
