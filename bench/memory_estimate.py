@@ -11,11 +11,12 @@ choose another), a LoRA base quantised with ``--quantize`` and the text encoders
 ``--offload-blocks N`` swaps the last N transformer blocks of the base (all but the two visiting are off the device).
 
 Sizes are the published configs (SD 1.5; SDXL base 1.0: UNet 2.57 B, CLIP ViT-L and OpenCLIP ViT-bigG; SD 3 medium:
-MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; SD 3.5 large: 8.1 B, the same encoders; FLUX.1 dev:
-11.9 B, CLIP-L and T5-XXL, a 16-channel VAE; Chroma1-HD: 8.9 B, T5-XXL, FLUX.1's VAE; Z-Image: 6.2 B, Qwen3 4B,
-FLUX.1's VAE; FLUX.2 dev: 32 B, Mistral Small 3.1 24B with its vision tower; FLUX.2 klein 4B / 9B: 3.9 / 9.1 B, Qwen3 4B / 8B, FLUX.2's 32-channel VAE; Qwen-Image: 20.4 B,
-Qwen2.5-VL 7B with its vision tower, its own 16-channel video autoencoder; PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL;
-Sana 1600M 1024 px: 1.6 B, Gemma 2 2B, the f32c32 deep-compression autoencoder).
+MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; SD 3.5 large: 8.1 B, the same encoders; FLUX.1 dev: 11.9 B,
+CLIP-L and T5-XXL, a 16-channel VAE; Chroma1-HD: 8.9 B, T5-XXL, FLUX.1's VAE; Z-Image: 6.2 B, Qwen3 4B, FLUX.1's VAE;
+FLUX.2 dev: 32 B, Mistral Small 3.1 24B with its vision tower; FLUX.2 klein 4B / 9B: 3.9 / 9.1 B, Qwen3 4B / 8B,
+FLUX.2's 32-channel VAE; Qwen-Image: 20.4 B, Qwen2.5-VL 7B with its vision tower, its own 16-channel video autoencoder;
+PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL; Sana 1600M 1024 px: 1.6 B, Gemma 2 2B, the f32c32 deep-compression
+autoencoder).
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     Gemma2Config,
+    Gemma2Model,
     Mistral3Config,
     Mistral3ForConditionalGeneration,
-    Gemma2Model,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen3Config,
