@@ -128,8 +128,8 @@ UNETS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    transformers = ["sd3", "sd3.5-large", "flux", "flux2", "flux2-klein-4b", "flux2-klein-9b", "pixart", "sana", "chroma",
-                    "zimage", "qwenimage"]  # fmt: skip
+    transformers = ["sd3", "sd3.5-large", "flux", "flux2", "flux2-klein-4b", "flux2-klein-9b", "pixart", "sana",
+                    "chroma", "zimage", "qwenimage"]  # fmt: skip
     parser.add_argument("--family", choices=sorted([*UNETS, *transformers]), default="sdxl",
                         help="sd3: SD 3 medium; sd3.5-large: SD 3.5 large (8.1 B)")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=1024)
