@@ -14,9 +14,9 @@ Sizes are the published configs (SD 1.5; SDXL base 1.0: UNet 2.57 B, CLIP ViT-L 
 MMDiT 2.03 B, CLIP-L, CLIP-G and T5-XXL, a 16-channel VAE; SD 3.5 large: 8.1 B, the same encoders; FLUX.1 dev: 11.9 B,
 CLIP-L and T5-XXL, a 16-channel VAE; Chroma1-HD: 8.9 B, T5-XXL, FLUX.1's VAE; Z-Image: 6.2 B, Qwen3 4B, FLUX.1's VAE;
 FLUX.2 dev: 32 B, Mistral Small 3.1 24B with its vision tower; FLUX.2 klein 4B / 9B: 3.9 / 9.1 B, Qwen3 4B / 8B,
-FLUX.2's 32-channel VAE; Qwen-Image: 20.4 B, Qwen2.5-VL 7B with its vision tower, its own 16-channel video autoencoder;
-PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL; Sana 1600M 1024 px: 1.6 B, Gemma 2 2B, the f32c32 deep-compression
-autoencoder).
+FLUX.2's 32-channel VAE; Lumina-Image 2.0: 2.6 B, Gemma 2 2B, FLUX.1's VAE; Qwen-Image: 20.4 B, Qwen2.5-VL 7B with its
+vision tower, its own 16-channel video autoencoder; PixArt-Sigma XL 1024: DiT 0.61 B and T5-XXL; Sana 1600M 1024 px:
+1.6 B, Gemma 2 2B, the f32c32 deep-compression autoencoder).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from diffusers import (
     ChromaTransformer2DModel,
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    Lumina2Transformer2DModel,
     PixArtTransformer2DModel,
     QwenImageTransformer2DModel,
     SanaTransformer2DModel,
@@ -129,7 +130,7 @@ UNETS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     transformers = ["sd3", "sd3.5-large", "flux", "flux2", "flux2-klein-4b", "flux2-klein-9b", "pixart", "sana",
-                    "chroma", "zimage", "qwenimage"]  # fmt: skip
+                    "chroma", "zimage", "qwenimage", "lumina2"]  # fmt: skip
     parser.add_argument("--family", choices=sorted([*UNETS, *transformers]), default="sdxl",
                         help="sd3: SD 3 medium; sd3.5-large: SD 3.5 large (8.1 B)")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=1024)
@@ -161,6 +162,9 @@ def main() -> None:
     if args.lora:
         add_lora(model, tc.lora, family.lora_targets)
     side = args.resolution // (32 if args.family == "sana" else 8)
+    if args.family == "lumina2":  # its rotary embedding reads the prompts' lengths off the mask: every token, here
+        rope = model.rope_embedder.forward
+        model.rope_embedder.forward = lambda x, mask: rope(x, torch.ones(mask.shape, dtype=torch.long))
     profile = profile_denoiser(model, family.predict, (channels, side, side), cond, torch.device("meta"))  # in fp32
     if args.lora and args.shards == 1:
         hold_in(model, dtype)  # the frozen base (its norms fp32), as sdtrain.train.placement holds it
@@ -232,6 +236,12 @@ def _models(name: str) -> tuple[torch.nn.Module, dict, dict, int]:
             frozen = {"vae": AutoencoderKLFlux2(), "text_encoder": Qwen3ForCausalLM(Qwen3Config(**text))}
             cond = {"encoder_hidden_states": torch.zeros(1, 512, knobs["joint_attention_dim"])}
             return model, frozen, cond, 32
+        if name == "lumina2":
+            model = Lumina2Transformer2DModel(cap_feat_dim=2304)  # the rest of its defaults are Lumina-Image 2.0's
+            frozen = {"vae": AutoencoderKL(**(SD_VAE | {"latent_channels": 16})),
+                      "text_encoder": Gemma2Model(Gemma2Config(**GEMMA2_2B))}  # fmt: skip
+            cond = {"encoder_hidden_states": torch.zeros(1, 256, 2304), "encoder_attention_mask": torch.ones(1, 256)}
+            return model, frozen, cond, 16
         if name == "qwenimage":
             model = QwenImageTransformer2DModel()  # its defaults are Qwen-Image's
             encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN2_5_VL_7B))

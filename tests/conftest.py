@@ -538,6 +538,40 @@ def flux2_klein_dir(tmp_path_factory, clip_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lumina2_dir(tmp_path_factory, clip_dir) -> Path:
+    """A tiny Lumina2Pipeline folder, as diffusers' own Lumina 2 tests build one: a tiny Gemma 2 (the byte-level CLIP
+    tokenizer standing in for Gemma's), a Lumina2Transformer2DModel with two layers and two refiner layers each, a
+    tiny AutoencoderKL of factor 8 (the pipeline's, which it does not read from the autoencoder) with FLUX.1's shift
+    factor, a dynamically shifted Euler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+    from transformers import CLIPTokenizer, Gemma2Config, Gemma2Model
+
+    root = tmp_path_factory.mktemp("lumina2")
+    torch.manual_seed(0)
+    text_encoder = Gemma2Model(Gemma2Config(
+        vocab_size=len(_byte_vocab()), hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+        pad_token_id=_byte_vocab()["<|endoftext|>"],
+    ))  # fmt: skip
+    transformer = Lumina2Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, hidden_size=24, num_layers=2, num_refiner_layers=2,
+        num_attention_heads=2, num_kv_heads=2, multiple_of=16, axes_dim_rope=(4, 4, 4), axes_lens=(300, 64, 64),
+        cap_feat_dim=16,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4, layers_per_block=1,
+        scaling_factor=1.5, shift_factor=0.1159,  # FLUX.1's VAE, which Lumina 2 uses, centres its latents
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer", model_max_length=256)
+    pipe = Lumina2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                           transformer=transformer)  # fmt: skip
+    pipe.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
 def sana_dir(tmp_path_factory, clip_dir) -> Path:
     """A tiny SanaPipeline folder, as diffusers' own Sana tests build one: a tiny Gemma 2 (the byte-level CLIP
     tokenizer standing in for Gemma's), a one-block SanaTransformer2DModel, a tiny AutoencoderDC (factor 2), Sana's

@@ -463,7 +463,18 @@ def test_fit_under_two_processes_deals_the_batches_out(tmp_path, clip_dir, vae_d
         ("sdxl", "zero3"),
         *[
             (f, "fsdp2")
-            for f in ("sd3", "flux", "pixart", "sana", "chroma", "zimage", "qwenimage", "flux2_klein", "flux2")
+            for f in (
+                "sd3",
+                "flux",
+                "pixart",
+                "sana",
+                "chroma",
+                "zimage",
+                "qwenimage",
+                "flux2_klein",
+                "flux2",
+                "lumina2",
+            )
         ],
     ],
 )

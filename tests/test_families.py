@@ -57,12 +57,13 @@ def test_every_family_provides_the_interface(
     qwenimage_dir,
     flux2_klein_dir,
     flux2_dir,
+    lumina2_dir,
 ):
     """Each family's functions agree with one another on tiny components saved by diffusers: its encoders condition
     its denoiser, its pipeline kwargs build its diffusers pipelines, whose components come back as its components."""
     folders = {"sd": _tiny_pipeline(tmp_path / "sd", clip_dir, vae_dir), "sdxl": sdxl_dir, "sd3": sd3_dir}
     folders |= {"pixart": pixart_dir, "flux": flux_dir, "sana": sana_dir, "chroma": chroma_dir, "zimage": zimage_dir}
-    folders |= {"qwenimage": qwenimage_dir, "flux2-klein": flux2_klein_dir, "flux2": flux2_dir}
+    folders |= {"qwenimage": qwenimage_dir, "flux2-klein": flux2_klein_dir, "flux2": flux2_dir, "lumina2": lumina2_dir}
     assert set(folders) == set(families())  # a new family brings its tiny folder here
     for name, family in families().items():
         config = load_config(Config, None, [f"model.pretrained={folders[name]}", "data.resolution=32"])

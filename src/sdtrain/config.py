@@ -154,14 +154,27 @@ class ModelConfig:
     """The model: its family and components."""
 
     family: (
-        Literal["sd", "sdxl", "sd3", "flux", "flux2", "flux2-klein", "pixart", "sana", "chroma", "zimage", "qwenimage"]
+        Literal[
+            "sd",
+            "sdxl",
+            "sd3",
+            "flux",
+            "flux2",
+            "flux2-klein",
+            "pixart",
+            "sana",
+            "chroma",
+            "zimage",
+            "qwenimage",
+            "lumina2",
+        ]
         | None
     ) = None
     """The model family (sd: Stable Diffusion 1.x / 2.x; sdxl: Stable Diffusion XL; sd3: Stable Diffusion 3 /
     3.5, flow matching; flux: FLUX.1, flow matching; flux2: FLUX.2 [dev], flow matching; flux2-klein: FLUX.2 [klein],
     flow matching; pixart: PixArt-Sigma;
     sana: Sana, flow matching; chroma: Chroma1, flow matching; zimage: Z-Image, flow matching; qwenimage: Qwen-Image,
-    flow matching); unset: read from model.pretrained's model_index.json, else sd."""
+    flow matching; lumina2: Lumina 2, flow matching); unset: read from model.pretrained's model_index.json, else sd."""
     pretrained: str | None = None
     """A pipeline folder or hub id (its family is detected); components without a path of their own come from it."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)

@@ -14,6 +14,7 @@ from sdtrain.errors import MissingPackage
 
 LORA_FOLDER = "lora"  # inside an export: final/lora/pytorch_lora_weights.safetensors
 KOHYA_FILE = "lora_kohya.safetensors"  # beside it: the same adapters for A1111 / ComfyUI
+COMFYUI_FILE = "lora_comfyui.safetensors"  # a family whose ComfyUI names differ from diffusers' (Lumina 2)
 ADAPTER_PARAMS = ("lora_", "hada_", "lokr_")  # peft's parameter names of LoRA / DoRA, LoHa and LoKr
 
 
@@ -83,7 +84,9 @@ def has_lora(module) -> bool:
     return bool(getattr(module, "peft_config", None))
 
 
-def save_lora(modules: dict, out_dir: str | Path, pipeline_class=None, denoiser: str = "unet") -> Path:
+def save_lora(
+    modules: dict, out_dir: str | Path, pipeline_class=None, denoiser: str = "unet", comfyui_names=None
+) -> Path:
     """Write the adapters of ``modules`` (by component name: the denoiser, and ``text_encoder`` / ``text_encoder_2``
     where they trained) twice: ``out_dir/pytorch_lora_weights.safetensors`` in diffusers' format (keys
     ``unet.…lora_A/B``, ``text_encoder.…``) and, for a UNet, ``out_dir/lora_kohya.safetensors`` in kohya-ss' layout,
@@ -96,6 +99,10 @@ def save_lora(modules: dict, out_dir: str | Path, pipeline_class=None, denoiser:
     first file (default ``StableDiffusionPipeline``). Neither file carries our alpha (diffusers' holds none, its
     kohya converter writes alpha = rank), so loaders scale the update by 1: the alpha / rank scale is folded into
     every up (B) matrix and both apply the update that trained.
+
+    ``comfyui_names``: the family's ``comfyui_lora``, where ComfyUI reads a transformer's adapters under other names
+    than diffusers' (Lumina 2): the first file's adapters (or a LoHa / LoKr run's LyCORIS file) renamed by it are
+    written as ``out_dir/lora_comfyui.safetensors``.
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
@@ -104,7 +111,9 @@ def save_lora(modules: dict, out_dir: str | Path, pipeline_class=None, denoiser:
     peft = _peft()
     configs = {name: module.peft_config["default"] for name, module in modules.items()}
     if not isinstance(configs[denoiser], peft.LoraConfig):
-        return _save_lycoris(modules[denoiser], configs[denoiser], out_dir, denoiser)
+        out = _save_lycoris(modules[denoiser], configs[denoiser], out_dir, denoiser)
+        _save_renamed(out / KOHYA_FILE, comfyui_names)
+        return out
     states = {}
     for name, module in modules.items():
         scale = _scale(configs[name])
@@ -132,7 +141,18 @@ def save_lora(modules: dict, out_dir: str | Path, pipeline_class=None, denoiser:
     if denoiser == "unet" and not dora:
         kohya = convert_state_dict_to_kohya(peft_keys)
         save_file({k: v.contiguous() for k, v in kohya.items()}, Path(out_dir) / KOHYA_FILE)
+    _save_renamed(Path(out_dir) / "pytorch_lora_weights.safetensors", comfyui_names)
     return Path(out_dir)
+
+
+def _save_renamed(source: Path, comfyui_names) -> None:
+    """``source``'s tensors renamed by ``comfyui_names`` as ``lora_comfyui.safetensors`` beside it (nothing without
+    one)."""
+    if comfyui_names is None:
+        return
+    from safetensors.torch import load_file, save_file
+
+    save_file(comfyui_names(load_file(source)), source.parent / COMFYUI_FILE)
 
 
 LYCORIS_FACTORS = ("hada_w1_a", "lokr_w1", "lokr_w1_a")  # the factor of each update that takes its scale

@@ -44,7 +44,7 @@ def export_pipeline(
     sampling = {"num_inference_steps": sample.num_inference_steps, "guidance_scale": sample.guidance_scale}
     try:
         if adapted:
-            save_lora(adapted, Path(out_dir) / LORA_FOLDER, family.txt2img, family.denoiser)
+            save_lora(adapted, Path(out_dir) / LORA_FOLDER, family.txt2img, family.denoiser, family.comfyui_lora)
             bases = bases or {}
             merged = {name: merged_copy(m, bases.get(name)) for name, m in adapted.items()}
             components = dataclasses.replace(components, **merged)

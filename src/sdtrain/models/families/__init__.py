@@ -90,6 +90,8 @@ class Family:
             text stream), which DDP must be told to look for.
         latent_output: whether its pipelines return the model's latents with ``output_type="latent"`` (then sdtrain
             decodes them); False: they return the autoencoder's own (FLUX.2's), and the pipeline decodes.
+        comfyui_lora: ``adapters in diffusers' layout -> the same under the names ComfyUI's mapping reads``, where
+            they differ (Lumina 2's ``attn`` is ComfyUI's ``attention``); None: ComfyUI reads diffusers' names.
     """
 
     name: str
@@ -119,6 +121,7 @@ class Family:
     guidance: str = "guidance_scale"
     unused_parameters: bool = False
     latent_output: bool = True
+    comfyui_lora: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
     def denoiser_of(self, components) -> torch.nn.Module:
         """The trained model among ``components``."""
@@ -143,6 +146,7 @@ def families() -> dict[str, Family]:
         flux,
         flux2,
         flux2_klein,
+        lumina2,
         pixart,
         qwenimage,
         sana,
@@ -152,7 +156,7 @@ def families() -> dict[str, Family]:
         zimage,
     )
 
-    modules = (sd, sdxl, sd3, flux, pixart, sana, chroma, zimage, qwenimage, flux2, flux2_klein)
+    modules = (sd, sdxl, sd3, flux, pixart, sana, chroma, zimage, qwenimage, flux2, flux2_klein, lumina2)
     return {m.FAMILY.name: m.FAMILY for m in modules}
 
 
