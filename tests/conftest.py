@@ -662,11 +662,15 @@ def assert_comfyui_transformer_layout(adapters: dict, pipeline_folder: Path) -> 
 
 
 def resumes_and_shares(tmp_path: Path, folder: Path, extra: list[str], tolerance: float = 1e-6) -> None:
-    """A family's slow-tier checks on a tiny pipeline folder: SIGKILL inside a save (torn), then mid-accumulation after
-    a whole one, then a rerun from that checkpoint, ends with the uninterrupted run's losses and transformer weights
-    bit for bit; 2 processes train what one does (the weights within ``tolerance``: the processes' gradients are
-    summed in another order than one process's). The data's 5 images end an epoch mid-batch."""
-    from tests.test_distributed import ADAM_EPS, _launch_ddp
+    """A family's slow-tier checks on a tiny pipeline folder: SIGKILL mid-accumulation after a checkpoint, then a rerun
+    from it, ends with the uninterrupted run's losses and transformer weights bit for bit; 2 processes train what one
+    does under DDP (the weights within ``tolerance``: the processes' gradients are summed in another order than one
+    process's) and under FSDP2 (each process holding about half of the transformer, a unit per block of its
+    ``_no_split_modules``; within 1e-5). The data's 5 images end an epoch mid-batch. (A torn save is the same for
+    every family: tests/test_faults.py.)"""
+    import re
+
+    from tests.test_distributed import ADAM_EPS, _launch_ddp, _launch_fsdp
     from tests.test_faults import KILLED, _losses, _train
 
     data = write_image_folder(tmp_path / "data", count=5, size=40)
@@ -679,11 +683,9 @@ def resumes_and_shares(tmp_path: Path, folder: Path, extra: list[str], tolerance
 
     assert _train(pipeline_overrides(tmp_path / "a", data, folder) + extra).returncode == 0
     overrides = pipeline_overrides(tmp_path / "b", data, folder) + extra
-    # a torn first save (the rerun starts again), then a kill in step 4's second micro-batch, after the whole save of
-    # step 3 (each process counts its own micro-batches): the last run resumes mid-run from a checkpoint
-    for fault in ("kill_save=1:manifest", "kill_micro=8"):
-        assert _train(overrides, fault).returncode == KILLED, fault
-    assert (tmp_path / "b" / "checkpoints" / "step-00000003").is_dir()  # the rerun resumes from it
+    # a kill in step 4's second micro-batch, after the save of step 3: the rerun resumes mid-run from a checkpoint
+    assert _train(overrides, "kill_micro=8").returncode == KILLED
+    assert (tmp_path / "b" / "checkpoints" / "step-00000003").is_dir()
     assert _train(overrides).returncode == 0
     assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
     a, b = weights("a"), weights("b")
@@ -694,3 +696,13 @@ def resumes_and_shares(tmp_path: Path, folder: Path, extra: list[str], tolerance
     assert steps_a == steps_b and losses_b == pytest.approx(losses_a, rel=1e-5)
     two = weights("two")
     assert max((a[k] - two[k]).abs().max().item() for k in a) < tolerance
+    result = _launch_fsdp(pipeline_overrides(tmp_path / "fsdp", data, folder) + extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    units, held, total = map(
+        int, re.search(r"(\d+) units; this process holds (\d+) of the denoiser's (\d+)", result.stderr).groups()
+    )
+    assert units > 2 and held < 0.6 * total  # its blocks sharded, not the whole model as one unit
+    assert [s for s, _ in _losses(tmp_path / "fsdp")] == list(steps_a)
+    assert [loss for _, loss in _losses(tmp_path / "fsdp")] == pytest.approx(list(losses_a), rel=1e-5)
+    sharded = weights("fsdp")
+    assert max((a[k] - sharded[k]).abs().max().item() for k in a) < 1e-5

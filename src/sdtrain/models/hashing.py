@@ -33,5 +33,6 @@ def model_hash(model: torch.nn.Module) -> str:
         if type(tensor) is not torch.Tensor:  # quantised (sdtrain.models.quantize): the values it computes with
             digest.update(type(tensor).__name__.encode())
             tensor = tensor.dequantize()
-        digest.update(tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # flattened: a 0-dim tensor (a batch norm's num_batches_tracked, in FLUX.2's autoencoder) has no byte view
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
