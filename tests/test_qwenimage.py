@@ -107,6 +107,10 @@ def test_prompts_latents_and_the_training_call_are_the_pipelines(qwenimage_dir):
     assert torch.equal(mask[:, :longest], their_mask.bool()) and not mask[:, longest:].any()
     assert mask.sum(1)[0] < mask.sum(1)[1] == longest < 256
     assert torch.equal(cond["encoder_hidden_states"][:, :longest][mask[:, :longest]], theirs[their_mask.bool()])
+    empty = QWENIMAGE.encode_prompts(components, [""], "cpu")  # caption dropout: the negative sampling guides against
+    with torch.no_grad():
+        negative, _ = pipe.encode_prompt([" "], max_sequence_length=256)
+    assert torch.equal(empty["encoder_hidden_states"][:, : negative.shape[1]], negative)
 
     pixels = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mean, _ = encode_moments(pipe.vae, pixels)

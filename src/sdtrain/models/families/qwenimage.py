@@ -9,8 +9,8 @@ pipeline's 1024 unless ``model.text_encoder.max_length`` says otherwise). The pi
 of its call with a mask; here they are padded to the length with the ``attention_mask`` of the real tokens (what both
 caches store), and :func:`predict` hands the transformer the batch cut to its longest prompt, so the transformer sees
 what the pipeline gives it. The transformer takes the latents packed in 2 x 2 patches (as Flux's), their shape for its
-rotary positions, and the time ``sigma`` (the pipeline's ``t / 1000``). Caption dropout encodes the empty prompt in
-the same template.
+rotary positions, and the time ``sigma`` (the pipeline's ``t / 1000``). The empty prompt is encoded as the negative
+prompt sampling guides against (:data:`NEGATIVE`, " "), so caption dropout trains that unconditional prediction.
 
 Sampling guidance is the pipeline's ``true_cfg_scale`` (real classifier-free guidance; Qwen-Image has no guidance
 embedding) against the negative prompt, " " where none is given (the pipeline's recommendation; without one it does
@@ -116,10 +116,10 @@ def max_tokens(components: Components) -> int:
 def encode_prompts(components: Components, prompts: list[str], device: torch.device | str) -> Conditioning:
     """Prompts as ``QwenImagePipeline.encode_prompt`` encodes them (the template, the last hidden state of the real
     tokens after the template's first :data:`DROP`), padded to :func:`max_tokens`: ``encoder_hidden_states`` and the
-    ``attention_mask`` of the real tokens."""
+    ``attention_mask`` of the real tokens. The empty prompt is encoded as :data:`NEGATIVE`."""
     c, length = components, max_tokens(components)
     tokens = c.tokenizer(
-        [TEMPLATE.format(p) for p in prompts], max_length=length + DROP, padding=True, truncation=True,
+        [TEMPLATE.format(p or NEGATIVE) for p in prompts], max_length=length + DROP, padding=True, truncation=True,
         return_tensors="pt",
     )  # fmt: skip  # padded to the longest, as the pipeline pads them: the encoder sees what it sees there
     real = tokens.attention_mask.to(device).bool()
