@@ -87,22 +87,14 @@ def load_components(config, denoiser: bool = True) -> Components:
 
 @torch.no_grad()
 def encode_prompts(components: Components, prompts: list[str], device: torch.device | str) -> Conditioning:
-    """Prompts as ``Flux2KleinPipeline.encode_prompt`` encodes them: the chat template (thinking off), padded to
-    :func:`max_tokens`, Qwen3's hidden states :data:`LAYERS` side by side per token."""
+    """Prompts as ``Flux2KleinPipeline.encode_prompt`` encodes them, by the pipeline's own function: the chat template
+    (thinking off), padded to :func:`max_tokens`, Qwen3's hidden states :data:`LAYERS` side by side per token."""
     c = components
-    templated = [
-        c.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                        add_generation_prompt=True, enable_thinking=False)
-        for prompt in prompts
-    ]  # fmt: skip
-    tokens = c.tokenizer(
-        templated, padding="max_length", truncation=True, max_length=max_tokens(c), return_tensors="pt"
-    )
-    out = c.text_encoder(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device),
-                         output_hidden_states=True, use_cache=False)  # fmt: skip
-    stacked = torch.stack([out.hidden_states[k] for k in LAYERS], dim=1)  # B x layers x L x D
-    b, layers, length, width = stacked.shape
-    return {"encoder_hidden_states": stacked.permute(0, 2, 1, 3).reshape(b, length, layers * width)}
+    states = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+        c.text_encoder, c.tokenizer, prompts, device=device, max_sequence_length=max_tokens(c),
+        hidden_states_layers=LAYERS,
+    )  # fmt: skip
+    return {"encoder_hidden_states": states}
 
 
 def pipeline_components(components: Components, img2img: bool = False) -> dict[str, Any]:
