@@ -19,7 +19,8 @@ EXAMPLES = {
   accelerate launch --use_deepspeed --zero_stage 2 --num_processes 8 -m sdtrain train ... (DeepSpeed ZeRO-2)""",
     "generate": """example:
   sdtrain generate --model runs/demo/final --out out/ --seed 0 --steps 30 --guidance 7.5 \\
-      "a red circle on a blue background" "a green square on a yellow background\"""",
+      "a red circle on a blue background" "a green square on a yellow background"
+  sdtrain generate --model runs/edit/final --reference circle.png "make the circle red"   # an edit model\"""",
     "reconstruct": """example:
   sdtrain reconstruct --model runs/demo/final --image dog.png --strength 0.6 --out out/ \\
       "a dog with blue fur and yellow eyes\"""",
@@ -49,6 +50,53 @@ EXAMPLES = {
   sdtrain demo --out runs/demo            # what `make demo` runs; finished stages are reused
   sdtrain demo --config demo-dit          # a diffusion transformer with flow matching instead of the UNet""",
 }
+
+
+def _sampling_parsers(add) -> None:
+    """``generate`` and ``reconstruct``'s arguments (``add``: the subcommand maker of :func:`_parser`)."""
+    for name, help_ in (
+        ("generate", "Text to image (an edit model: a reference edited; a ControlNet: a control drawn to)."),
+        ("reconstruct", "Image to image under a prompt (SDEdit)."),
+    ):
+        p = add(name, help_)
+        p.add_argument("--model", required=True, help="pipeline folder (e.g. runs/x/final) or hub id")
+        p.add_argument("--out", type=Path, default=Path("out"), help="output folder for PNGs and grid.png")
+        p.add_argument("--negative", default=None, help="negative prompt")
+        p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, else 30)")
+        p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's, else 7.5)")
+        p.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
+        p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES, help="the sampler")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+        if name == "generate":
+            p.add_argument("--num", type=int, default=1, help="images per prompt")
+            p.add_argument("--height", type=int, default=None)
+            p.add_argument("--width", type=int, default=None)
+            p.add_argument(
+                "--reference",
+                type=Path,
+                action="append",
+                default=None,
+                help="edit models: the image to edit (once for all prompts, or once per prompt)",
+            )
+            p.add_argument(
+                "--control",
+                type=Path,
+                action="append",
+                default=None,
+                help="ControlNets: the control image (once for all prompts, or once per prompt)",
+            )
+            p.add_argument(
+                "--image-guidance",
+                type=float,
+                default=None,
+                help="edit models with image guidance: how closely to keep the reference (default: "
+                "the model's, else 1.5)",
+            )
+            p.add_argument("prompts", nargs="+", help="one or more prompts")
+        else:
+            p.add_argument("--image", type=Path, required=True, help="input image")
+            p.add_argument("--strength", type=float, default=0.6, help="0 keeps the image, 1 ignores it")
+            p.add_argument("prompt", help="the prompt")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,25 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
 
-    for name, help_ in (("generate", "Text to image."), ("reconstruct", "Image to image under a prompt (SDEdit).")):
-        p = add(name, help_)
-        p.add_argument("--model", required=True, help="pipeline folder (e.g. runs/x/final) or hub id")
-        p.add_argument("--out", type=Path, default=Path("out"), help="output folder for PNGs and grid.png")
-        p.add_argument("--negative", default=None, help="negative prompt")
-        p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, else 30)")
-        p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's, else 7.5)")
-        p.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
-        p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES, help="the sampler")
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-        if name == "generate":
-            p.add_argument("--num", type=int, default=1, help="images per prompt")
-            p.add_argument("--height", type=int, default=None)
-            p.add_argument("--width", type=int, default=None)
-            p.add_argument("prompts", nargs="+", help="one or more prompts")
-        else:
-            p.add_argument("--image", type=Path, required=True, help="input image")
-            p.add_argument("--strength", type=float, default=0.6, help="0 keeps the image, 1 ignores it")
-            p.add_argument("prompt", help="the prompt")
+    _sampling_parsers(add)
 
     p = add(
         "evaluate",
@@ -208,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         _close_process_group()
 
 
-def _read_image(path: Path):
-    """``--image``, decoded as training decodes images (EXIF orientation, alpha on white), or a one-line error."""
+def _read_image(path: Path, flag: str = "--image"):
+    """``--image`` (or ``flag``), decoded as training decodes images (EXIF orientation, alpha on white), or a
+    one-line error."""
     from sdtrain.data.decode import DataError, Skip, decode_image
 
     try:
@@ -218,7 +249,7 @@ def _read_image(path: Path):
         detail = str(skip).partition(": ")[2] if skip.reason in ("corrupt", "too_large") else ""
         what = {"missing": "no such file", "empty": "an empty file", "not_an_image": "not an image file"}
         why = what.get(skip.reason, skip.reason.replace("_", " ")) + (f" ({detail})" if detail else "")
-        raise DataError(f"--image {path}: {why}") from None
+        raise DataError(f"{flag} {path}: {why}") from None
 
 
 def _one_line(error: BaseException) -> str:
@@ -304,9 +335,12 @@ def _run(args: argparse.Namespace) -> int:
             negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed
         )
         if args.command == "generate":
+            images = {k: [_read_image(p, f"--{k}") for p in v] for k in ("reference", "control")
+                      if (v := getattr(args, k))}  # fmt: skip
             out = pipe.generate(
-                args.prompts, num_images_per_prompt=args.num, height=args.height, width=args.width, **common
-            )
+                args.prompts, num_images_per_prompt=args.num, height=args.height, width=args.width,
+                image_guidance_scale=args.image_guidance, **images, **common,
+            )  # fmt: skip
         else:
             image = _read_image(args.image)
             out = pipe.reconstruct(args.prompt, image, strength=args.strength, **common)

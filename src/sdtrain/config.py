@@ -167,6 +167,7 @@ class ModelConfig:
             "zimage",
             "qwenimage",
             "lumina2",
+            "instruct-pix2pix",
         ]
         | None
     ) = None
@@ -174,7 +175,8 @@ class ModelConfig:
     3.5, flow matching; flux: FLUX.1, flow matching; flux2: FLUX.2 [dev], flow matching; flux2-klein: FLUX.2 [klein],
     flow matching; pixart: PixArt-Sigma;
     sana: Sana, flow matching; chroma: Chroma1, flow matching; zimage: Z-Image, flow matching; qwenimage: Qwen-Image,
-    flow matching; lumina2: Lumina 2, flow matching); unset: read from model.pretrained's model_index.json, else sd."""
+    flow matching; lumina2: Lumina 2, flow matching; instruct-pix2pix: Stable Diffusion taught to edit a reference
+    image, data.conditions=[NAME]); unset: read from model.pretrained's model_index.json, else sd."""
     pretrained: str | None = None
     """A pipeline folder or hub id (its family is detected); components without a path of their own come from it."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -316,6 +318,15 @@ class DataConfig:
     the image's size), else its alpha channel, else everywhere; resized, cropped and flipped with the image, then
     averaged to the latents' size (in webdataset shards: a KEY.mask.png member). Online, and in both latent caches
     (`sdtrain cache` with the same setting stores the masks)."""
+    conditions: list[str] = field(default_factory=list)
+    """Names of each sample's condition images, in the order the model takes them (an edit model's reference: [ref];
+    a ControlNet's control image: [control]): NAME.<name>.png (any image suffix) beside NAME.png in a folder, a
+    column <name> in a manifest or dataset, a KEY.<name>.png member in webdataset shards. Resized, cropped and
+    flipped with their image (one of another aspect is skipped: condition_aspect); a sample whose condition is
+    missing or broken is skipped and counted; both latent caches encode them once."""
+    condition_dropout: float = 0.0
+    """Share of samples whose condition images are replaced by the null condition (zero latents), drawn apart from
+    caption_dropout: what image guidance samples against (InstructPix2Pix trains with 0.05)."""
     num_workers: int = 0
     """DataLoader worker processes."""
     cache_latents: bool = False
@@ -421,6 +432,19 @@ class DataConfig:
             )
         if self.resolution <= 0 or self.resolution % 8:
             raise ConfigError(f"data.resolution must be a positive multiple of 8, got {self.resolution}")
+        for name in self.conditions:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in ("mask", "txt", "caption", "json"):
+                raise ConfigError(f"data.conditions: {name!r} is not a condition name (lower-case letters, digits "
+                                  "and _, not mask / txt / caption / json): NAME.<name>.png holds it")  # fmt: skip
+        if len(set(self.conditions)) != len(self.conditions):
+            raise ConfigError(f"data.conditions names a condition twice: {self.conditions}")
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ConfigError(f"data.condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        if self.condition_dropout and not self.conditions:
+            raise ConfigError("data.condition_dropout drops condition images, and data.conditions names none")
+        if self.conditions and self.prior.path:
+            raise ConfigError("data.prior's class images have no condition images: prior preservation is for "
+                              "text-to-image training, not with data.conditions")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -823,6 +847,12 @@ class SampleConfig:
     """Sampling steps (saved in the export's sampling.json)."""
     guidance_scale: float = 7.5
     """Classifier-free guidance scale (saved in the export's sampling.json)."""
+    image_guidance_scale: float = 1.5
+    """Edit models with image guidance (instruct-pix2pix): how closely a result keeps its reference image (saved in
+    the export's sampling.json)."""
+    images: list[str] = field(default_factory=list)
+    """Models that take condition images (edit models, ControlNets): the image each of train.sample_prompts is drawn
+    from, one per prompt (or one for all)."""
 
 
 @dataclass

@@ -42,8 +42,8 @@ from sdtrain.data.captions import cached_captions
 from sdtrain.data.decode import DataError, Skip, SkipCounter
 from sdtrain.data.folder import EpochSampler, training_records
 from sdtrain.data.sources import is_shards, shard_records
-from sdtrain.data.streams import cached_batch, caption_choice, latent_masks
-from sdtrain.data.transforms import load_pixels
+from sdtrain.data.streams import cached_batch, caption_choice, encode_conditions, latent_masks
+from sdtrain.data.transforms import load_pixels, stack_conditions
 from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.hashing import file_sha256, model_hash
 from sdtrain.models.vae import encode_moments
@@ -66,6 +66,7 @@ def fingerprint(config: DataConfig, encoders: Encoders) -> dict[str, Any]:
         "buckets": [list(b) for b in config_buckets(config)],
         **({"trigger": config.trigger} if config.trigger else {}),  # in the cached captions' embeddings
         **({"masked_loss": True} if config.masked_loss else {}),  # the parts hold masks
+        **({"conditions": list(config.conditions)} if config.conditions else {}),  # and encoded condition images
     }
 
 
@@ -76,17 +77,18 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def _records(config: DataConfig, seed: int, rank: int, world: int):
-    """This process's share of the raw samples: ``(key, image, caption, encoded mask or None)``."""
+    """This process's share of the raw samples: ``(key, image, caption, encoded mask or None, condition images or
+    None)``."""
     if is_shards(config.path):
         for r in shard_records(
-            config.path, config.caption_column, config.allow_pipe, rank, world, config.max_member_mb
+            config.path, config.caption_column, config.allow_pipe, rank, world, config.max_member_mb, config.conditions
         ):
-            yield r["key"], r["image"], r["caption"], r["mask"]
+            yield r["key"], r["image"], r["caption"], r["mask"], r.get("conditions")
     else:
         records = training_records(config, seed)
         for index in range(rank, len(records), world):
             record = records[index]
-            yield str(index), record["image"], record["caption"], None
+            yield str(index), record["image"], record["caption"], None, record.get("conditions")
 
 
 def _stored(tensor: torch.Tensor) -> torch.Tensor:
@@ -109,6 +111,10 @@ def _write_part(root: Path, name: str, bucket: tuple[int, int], rows: list[dict]
     tensors = {"mean": mean.half(), "std": std.half(), "offsets": offsets}
     if "mask" in rows[0]:  # data.masked_loss: each sample's mask at its latents' size
         tensors["mask"] = latent_masks(torch.stack([r["mask"] for r in rows]), mean).half()
+    if "conditions" in rows[0]:  # data.conditions: each sample's condition images, as the family encodes them
+        batches = stack_conditions([r["conditions"] for r in rows], len(rows[0]["conditions"]), ())
+        encoded = encode_conditions(encoders, batches, mean.device)
+        tensors |= {f"condition.{k}": v.half() for k, v in encoded.items()}
     tensors |= {f"cond.{k}": _stored(torch.cat([c[k] for c in chunks])) for k in chunks[0]}
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
     meta = {"keys": json.dumps([r["key"] for r in rows]), "bucket": json.dumps(list(bucket)),
@@ -187,11 +193,12 @@ def write_cache(config: DataConfig, encoders: Encoders, seed: int = 0, rank: int
     buckets = config_buckets(config)
     pending: dict[tuple[int, int], list] = {b: [] for b in buckets}
     parts, skipped = [], SkipCounter()
-    for key, image, caption, mask in tqdm(_records(config, seed, rank, world_size), desc="caching", unit="img"):
+    records = _records(config, seed, rank, world_size)
+    for key, image, caption, mask, conditions in tqdm(records, desc="caching", unit="img"):
         try:
             options = cached_captions(caption, config)
             pixels, info = load_pixels(image, config.resolution, bucket_of=partial(nearest_bucket, buckets=buckets),
-                                       masked=config.masked_loss, mask=mask)  # fmt: skip
+                                       masked=config.masked_loss, mask=mask, conditions=conditions)  # fmt: skip
         except Skip as skip:
             skipped[skip.reason] += 1
             continue
@@ -292,6 +299,13 @@ class DiskCache:
         f = self._part(part)[0]
         return f.get_slice("mask")[row : row + 1][0] if "mask" in f.keys() else None
 
+    def conditions(self, i: int) -> Conditioning | None:
+        """Sample ``i``'s encoded condition images (a cache made with data.conditions), else None."""
+        part, row = self.index[i]
+        f = self._part(part)[0]
+        keys = [k for k in f.keys() if k.startswith("condition.")]
+        return {k.removeprefix("condition."): f.get_slice(k)[row : row + 1][0] for k in keys} if keys else None
+
     def _part(self, part: int) -> tuple[Any, list, list]:
         """Part ``part``'s open file, original sizes and crops (opened once)."""
         if part not in self._open:
@@ -305,9 +319,11 @@ class DiskCacheStream:
     """Micro-batches from a DiskCache in EpochSampler order, one bucket per batch; resumable."""
 
     def __init__(
-        self, cache: DiskCache, encoders: Encoders, batch_size, caption_dropout, device, seed=0, rank=0, world_size=1
-    ):
+        self, cache: DiskCache, encoders: Encoders, batch_size, caption_dropout, device, seed=0, rank=0, world_size=1,
+        condition_dropout: float = 0.0,
+    ):  # fmt: skip
         self.cache, self.encoders, self.batch_size, self.caption_dropout = cache, encoders, batch_size, caption_dropout
+        self.condition_dropout = condition_dropout
         self.device, self.seed = device, seed
         self.sampler = EpochSampler(len(cache), seed, rank, world_size)
         self.buffers: dict[str, list[int]] = {}
@@ -344,7 +360,11 @@ class DiskCacheStream:
         cond = {k: _served(torch.stack([t[k] for t in texts]).to(self.device)) for k in self.empty}
         width, height = self.cache.bucket(chosen[0] % n)
         args = (self.empty, self.encoders, self.caption_dropout, draws, (originals, crops), (height, width))
-        latents, cond = cached_batch(mean, std, cond, *args)
+        stored = [self.cache.conditions(e % n) for e in chosen]
+        conditions = None if stored[0] is None else {
+            k: torch.stack([c[k] for c in stored]).to(self.device).float() for k in stored[0]
+        }  # fmt: skip
+        latents, cond = cached_batch(mean, std, cond, *args, conditions, self.condition_dropout)
         masks = [self.cache.mask(e % n) for e in chosen]
         if masks[0] is None:
             return latents, cond

@@ -17,7 +17,7 @@ from sdtrain.config import ConfigError, DataConfig
 from sdtrain.data.captions import training_caption
 from sdtrain.data.decode import Skip, SkipCounter
 from sdtrain.data.sources import list_records
-from sdtrain.data.transforms import load_pixels
+from sdtrain.data.transforms import load_pixels, stack_conditions
 
 
 def split_records(records: list[dict], holdout: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -33,18 +33,20 @@ def split_records(records: list[dict], holdout: int, seed: int) -> tuple[list[di
 
 def training_records(config: DataConfig, seed: int) -> list[dict]:
     """The records training reads: the folder less its validation split."""
-    records = list_records(config.path, config.image_column, config.caption_column, config.skip_bad_rows)
-    return split_records(records, config.validation_split, seed)[0]
+    return split_records(_records(config, config.path), config.validation_split, seed)[0]
 
 
 def validation_records(config: DataConfig, seed: int) -> list[dict]:
     """The held-out records: ``data.validation_path``, or the split of ``data.path``; empty when neither is set."""
     if config.validation_path:
-        return list_records(config.validation_path, config.image_column, config.caption_column, config.skip_bad_rows)
+        return _records(config, config.validation_path)
     if config.validation_split:
-        records = list_records(config.path, config.image_column, config.caption_column, config.skip_bad_rows)
-        return split_records(records, config.validation_split, seed)[1]
+        return split_records(_records(config, config.path), config.validation_split, seed)[1]
     return []
+
+
+def _records(config: DataConfig, path: str) -> list[dict]:
+    return list_records(path, config.image_column, config.caption_column, config.skip_bad_rows, config.conditions)
 
 
 class ImageCaptionFolder(Dataset):
@@ -68,7 +70,7 @@ class ImageCaptionFolder(Dataset):
         try:
             caption = training_caption(record["caption"], rng, c)
             pixels, info = load_pixels(record["image"], c.resolution, c.center_crop, c.random_flip, rng,
-                                       masked=c.masked_loss)  # fmt: skip
+                                       masked=c.masked_loss, conditions=record.get("conditions"))  # fmt: skip
         except Skip as skip:
             return {"skip": skip.reason}
         return {"image": pixels, "text": caption, **info}
@@ -89,6 +91,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if "mask" in good[0]:
         batch["mask"] = torch.stack([s["mask"] for s in good])
+    if "conditions" in good[0]:
+        batch["conditions"] = stack_conditions([s["conditions"] for s in good], len(good[0]["conditions"]), ())
     return batch
 
 

@@ -15,8 +15,8 @@ from sdtrain.config import DataConfig
 from sdtrain.data.captions import cached_captions
 from sdtrain.data.decode import DataError, Skip, SkipCounter
 from sdtrain.data.folder import EpochSampler, training_records
-from sdtrain.data.streams import cached_batch, caption_choice, latent_masks
-from sdtrain.data.transforms import load_pixels
+from sdtrain.data.streams import cached_batch, caption_choice, encode_conditions, latent_masks
+from sdtrain.data.transforms import load_pixels, stack_conditions
 from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.vae import encode_moments
 from sdtrain.objective import LOSS_MASK
@@ -34,6 +34,7 @@ class MemoryCache:
     target: tuple[int, int]  # the (height, width) every image was cropped to
     skipped: SkipCounter = field(default_factory=SkipCounter)
     masks: torch.Tensor | None = None  # per image, its loss mask at the latents' size (data.masked_loss)
+    conditions: Conditioning | None = None  # per image, its condition images as the family encodes them
 
     @property
     def empty(self) -> int:
@@ -46,13 +47,15 @@ class MemoryCache:
 @torch.no_grad()
 def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int = 64, seed: int = 0) -> MemoryCache:
     """Encode a folder dataset's training records once (center crop, no flip), skipping and counting bad samples;
-    with ``data.masked_loss`` each image's mask too, averaged to its latents' size."""
+    with ``data.masked_loss`` each image's mask too, averaged to its latents' size; with ``data.conditions`` its
+    condition images, as the family encodes them."""
     records = training_records(config, seed)
     skipped = SkipCounter()
     texts: dict[str, int] = {}
     originals, crops = [], []
     captions: list[list[int]] = []
     means, stds, pending, masks, pending_masks = [], [], [], [], []
+    conditions, pending_conditions = [], []
 
     def flush() -> None:
         if pending:
@@ -61,19 +64,26 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
             stds.append(std.float().cpu())
             if pending_masks:
                 masks.append(latent_masks(torch.stack(pending_masks), mean).cpu())
+            if pending_conditions:
+                batches = stack_conditions(pending_conditions, len(config.conditions), ())
+                conditions.append({k: v.cpu() for k, v in encode_conditions(encoders, batches, mean.device).items()})
             pending.clear()
             pending_masks.clear()
+            pending_conditions.clear()
 
     for record in tqdm(records, desc="caching latents", unit="img", leave=False):
         try:
             options = cached_captions(record["caption"], config)
-            pixels, info = load_pixels(record["image"], config.resolution, masked=config.masked_loss)
+            pixels, info = load_pixels(record["image"], config.resolution, masked=config.masked_loss,
+                                       conditions=record.get("conditions"))  # fmt: skip
         except Skip as skip:
             skipped[skip.reason] += 1
             continue
         pending.append(pixels)
         if config.masked_loss:
             pending_masks.append(info["mask"])
+        if "conditions" in info:
+            pending_conditions.append(info["conditions"])
         captions.append([texts.setdefault(c, len(texts)) for c in options])
         originals.append(info["original_size"])
         crops.append(info["crop_top_left"])
@@ -86,8 +96,9 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
     chunks = [encoders.encode_text(distinct[i : i + 256]) for i in range(0, len(distinct), 256)]
     embeddings = {k: torch.cat([c[k].cpu() for c in chunks]) for k in chunks[0]}
     target = (config.resolution, config.resolution)
+    encoded = {k: torch.cat([c[k] for c in conditions]) for k in conditions[0]} if conditions else None
     return MemoryCache(torch.cat(means), torch.cat(stds), captions, embeddings, (originals, crops), target, skipped,
-                       torch.cat(masks) if masks else None)  # fmt: skip
+                       torch.cat(masks) if masks else None, encoded)  # fmt: skip
 
 
 class MemoryCacheStream:
@@ -104,6 +115,7 @@ class MemoryCacheStream:
         rank: int = 0,
         world_size: int = 1,
         position: tuple[int, int] = (0, 0),
+        condition_dropout: float = 0.0,
     ):
         self.cache, self.encoders, self.batch_size, self.caption_dropout = cache, encoders, batch_size, caption_dropout
         self.device = device
@@ -111,6 +123,8 @@ class MemoryCacheStream:
         self.embeddings = {k: v.to(device) for k, v in cache.embeddings.items()}
         self.mean, self.std = cache.mean.to(device), cache.std.to(device)
         self.masks = None if cache.masks is None else cache.masks.to(device)
+        self.conditions = None if cache.conditions is None else {k: v.to(device) for k, v in cache.conditions.items()}
+        self.condition_dropout = condition_dropout
         self.seed = seed
         self.skipped = cache.skipped  # counted once, while caching
 
@@ -130,5 +144,6 @@ class MemoryCacheStream:
         originals, crops = self.cache.sizes
         sizes = ([originals[e % n] for e in encoded], [crops[e % n] for e in encoded])
         args = (cond, empty, self.encoders, self.caption_dropout, draws, sizes, self.cache.target)
-        latents, cond = cached_batch(self.mean[index], self.std[index], *args)
+        conditions = None if self.conditions is None else {k: v[index] for k, v in self.conditions.items()}
+        latents, cond = cached_batch(self.mean[index], self.std[index], *args, conditions, self.condition_dropout)
         return latents, cond if self.masks is None else cond | {LOSS_MASK: self.masks[index]}

@@ -30,7 +30,7 @@ import re
 import tarfile
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -41,7 +41,7 @@ from sdtrain.config import ConfigError, DataConfig
 from sdtrain.data.buckets import config_buckets, nearest_bucket
 from sdtrain.data.captions import training_caption
 from sdtrain.data.decode import DataError, Skip, SkipCounter, probe_size
-from sdtrain.data.transforms import check_aspect, load_pixels
+from sdtrain.data.transforms import check_aspect, load_pixels, stack_conditions
 from sdtrain.errors import MissingPackage
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif")
@@ -150,10 +150,22 @@ def _field(sample: dict[str, Any], extensions: tuple[str, ...]) -> bytes | None:
     return None
 
 
-def sample_image(sample: dict[str, Any]) -> bytes | None:
-    """A raw sample's encoded image (the first member with an image extension, its mask aside)."""
-    return _field({k: v for k, v in sample.items() if k != MASK_MEMBER and not k.endswith("." + MASK_MEMBER)},
-                  IMAGE_EXTENSIONS)  # fmt: skip
+def sample_image(sample: dict[str, Any], conditions: Sequence[str] = ()) -> bytes | None:
+    """A raw sample's encoded image (the first member with an image extension, its mask and its ``conditions``'
+    members aside)."""
+    aside = {MASK_MEMBER.split(".")[0], *conditions}
+    return _field({k: v for k, v in sample.items() if _stem(k) not in aside}, IMAGE_EXTENSIONS)
+
+
+def _stem(member: str) -> str:
+    """What a member's extension names before its image suffix (``mask`` of ``mask.png``; ``""`` for ``png``)."""
+    parts = member.split(".")
+    return parts[-2] if len(parts) >= 2 else ""
+
+
+def sample_condition(sample: dict[str, Any], condition: str) -> bytes | None:
+    """A raw sample's condition image ``condition`` (its ``KEY.<condition>.png`` member, any image suffix), or None."""
+    return _field(sample, tuple(f"{condition}.{ext}" for ext in IMAGE_EXTENSIONS))
 
 
 def sample_mask(sample: dict[str, Any]) -> bytes | None:
@@ -251,7 +263,7 @@ class ShardDataset(IterableDataset):
         """The sample's bucket from its image header; raises Skip for unusable samples (counted by the caller)."""
         if SKIP in sample:
             raise Skip(sample[SKIP], sample["__key__"])
-        data = sample_image(sample)
+        data = sample_image(sample, self.config.conditions)
         if data is None:
             raise Skip("no_image", f"key {sample.get('__key__')!r} has no {'/'.join(IMAGE_EXTENSIONS)}")
         size = probe_size(data)
@@ -347,22 +359,26 @@ class ShardDataset(IterableDataset):
 
     def _emit(self, epoch: int, bucket: tuple[int, int], samples: list[dict], skipped: SkipCounter) -> dict[str, Any]:
         """Decode and transform one bucket's samples into a batch; undecodable ones are dropped and counted."""
-        images, texts, sizes, crops, keys, masks = [], [], [], [], [], []
+        images, texts, sizes, crops, keys, masks, conds = [], [], [], [], [], [], []
         for sample in samples:
             key = sample.get("__key__", "")
             rng = random.Random(f"{self.seed}-{epoch}-{key}")  # crop and flip of this sample in this epoch
             try:
                 # json may hold a list
                 caption = training_caption(sample_caption(sample, self.config.caption_column), rng, self.config)
-                image = sample_image(sample) or b""
+                image = sample_image(sample, self.config.conditions) or b""
+                conditions = [sample_condition(sample, c) for c in self.config.conditions] or None
                 pixels, info = load_pixels(image, bucket, self.config.center_crop, self.config.random_flip, rng,
-                                           masked=self.config.masked_loss, mask=sample_mask(sample))  # fmt: skip
+                                           masked=self.config.masked_loss, mask=sample_mask(sample),
+                                           conditions=conditions)  # fmt: skip
             except Skip as skip:
                 skipped[skip.reason] += 1
                 continue
             images.append(pixels)
             if "mask" in info:
                 masks.append(info["mask"])
+            if "conditions" in info:
+                conds.append(info["conditions"])
             texts.append(caption)
             sizes.append(info["original_size"])
             crops.append(info["crop_top_left"])
@@ -372,6 +388,8 @@ class ShardDataset(IterableDataset):
                  "skipped": skipped}  # fmt: skip
         if masks:
             batch["mask"] = torch.stack(masks)
+        if self.config.conditions:
+            batch["conditions"] = stack_conditions(conds, len(self.config.conditions), image.shape)
         return batch
 
 

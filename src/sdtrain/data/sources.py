@@ -18,6 +18,7 @@ they are read once (the disk cache, evaluation). :func:`is_shards` decides which
 from __future__ import annotations
 
 import csv
+import glob
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,27 +42,47 @@ def shard_records(
     rank: int = 0,
     world: int = 1,
     max_member_mb: float | None = 32.0,
+    conditions: Sequence[str] = (),
 ) -> Iterator[dict[str, Any]]:
-    """The samples of webdataset shards as records (``{"key", "image", "caption", "mask"}``), shards as stored, process
-    ``rank`` of ``world`` taking shards ``rank::world``; decoded by the caller, as indexable records are (a sample
-    the shard reader skipped holds its ``Skip``)."""
-    from sdtrain.data.shards import SKIP, expand_urls, iterate_shard, sample_caption, sample_image, sample_mask
+    """The samples of webdataset shards as records (``{"key", "image", "caption", "mask"}``, and ``"conditions"``
+    with ``conditions``), shards as stored, process ``rank`` of ``world`` taking shards ``rank::world``; decoded by
+    the caller, as indexable records are (a sample the shard reader skipped holds its ``Skip``)."""
+    from sdtrain.data.shards import (
+        SKIP,
+        expand_urls,
+        iterate_shard,
+        sample_caption,
+        sample_condition,
+        sample_image,
+        sample_mask,
+    )
 
     for url in expand_urls(path)[rank::world]:
         for sample in iterate_shard(url, allow_pipe, max_member_mb):
             key = sample.get("__key__", "")
             if SKIP in sample:
                 skip = Skip(sample[SKIP], key)
-                yield {"key": key, "image": skip, "caption": skip}
+                yield {"key": key, "image": skip, "caption": skip, **({"conditions": [skip]} if conditions else {})}
             else:
-                image, caption = sample_image(sample) or b"", sample_caption(sample, caption_column)
-                yield {"key": key, "image": image, "caption": caption, "mask": sample_mask(sample)}
+                image = sample_image(sample, conditions) or b""
+                record = {"key": key, "image": image, "caption": sample_caption(sample, caption_column),
+                          "mask": sample_mask(sample)}  # fmt: skip
+                if conditions:
+                    record["conditions"] = [sample_condition(sample, c) for c in conditions]
+                yield record
 
 
 def list_records(
-    path: str | Path, image_column: str = "file_name", caption_column: str = "text", skip_bad_rows: bool = False
+    path: str | Path,
+    image_column: str = "file_name",
+    caption_column: str = "text",
+    skip_bad_rows: bool = False,
+    conditions: Sequence[str] = (),
 ) -> Sequence[dict]:
-    """The records of a folder, manifest or Hugging Face dataset (see the module docstring).
+    """The records of a folder, manifest or Hugging Face dataset (see the module docstring); with ``conditions``
+    (``data.conditions``) each record also holds ``"conditions"``, its condition images in that order (a path,
+    bytes, or None where it has none): ``NAME.<condition>.<suffix>`` beside an image of a folder (not a training
+    image of its own), the column ``<condition>`` of a manifest or dataset.
 
     Raises:
         DataError: a manifest row that cannot be read (not JSON, not an object, a CSV line it cannot parse), naming
@@ -70,19 +91,20 @@ def list_records(
     """
     text = str(path)
     if text.startswith("hf:"):
-        return _hf_records(text[3:], image_column, caption_column, saved=False)
+        return _hf_records(text[3:], image_column, caption_column, saved=False, conditions=conditions)
     root = Path(path)
     if root.is_file():
-        return _manifest(root, image_column, caption_column, skip_bad_rows)
+        return _manifest(root, image_column, caption_column, skip_bad_rows, conditions)
     if not root.is_dir():
         raise DataError(f"{root}: no such file or folder (data.path takes a folder, a manifest, a dataset or shards)")
     if any((root / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        return _hf_records(str(root), image_column, caption_column, saved=True)
+        return _hf_records(str(root), image_column, caption_column, saved=True, conditions=conditions)
     for name in MANIFESTS:
         if (root / name).exists():
-            return _manifest(root / name, image_column, caption_column, skip_bad_rows)
+            return _manifest(root / name, image_column, caption_column, skip_bad_rows, conditions)
     records = []
-    images = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p))
+    images = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p)
+              and condition_of(p, conditions) is None)  # fmt: skip
     for image in sorted(images):
         caption = None
         for suffix in CAPTION_SUFFIXES:
@@ -90,7 +112,8 @@ def list_records(
             if sidecar.exists():
                 caption = sidecar.read_bytes()  # decoded (UTF-8 or skipped) by clean_caption
                 break
-        records.append({"image": image, "caption": caption})
+        record = {"image": image, "caption": caption}
+        records.append(record | ({"conditions": condition_files(image, conditions)} if conditions else {}))
     if not records:
         raise DataError(f"{root}: no images found in it (and no {' / '.join(MANIFESTS)})")
     return records
@@ -111,6 +134,35 @@ def mask_file(image: object) -> Path | None:
     path = Path(image)
     mask = path.with_name(path.stem + MASK_SUFFIX)
     return mask if mask.is_file() else None
+
+
+def condition_of(path: Path, conditions: Sequence[str]) -> str | None:
+    """The condition a file of a folder is (``NAME.<condition>.png``), or None: a training image."""
+    parts = path.name.rsplit(".", 2)
+    return parts[1] if len(parts) == 3 and parts[1] in conditions else None
+
+
+def condition_files(image: Path, conditions: Sequence[str]) -> list[Path | None]:
+    """The ``NAME.<condition>.<suffix>`` files beside ``image``, one per condition (None where there is none)."""
+    found = []
+    for condition in conditions:
+        beside = sorted(image.parent.glob(f"{glob.escape(image.stem)}.{condition}.*"))
+        found.append(next((p for p in beside if p.suffix.lower() in IMAGE_SUFFIXES), None))
+    return found
+
+
+def check_condition_files(records: Sequence[dict], conditions: Sequence[str], where: str) -> None:
+    """Refuse, before any work, records none of which has all its condition images (a sample without one is
+    skipped and counted when it is drawn; a dataset without any would skip them all).
+
+    Raises:
+        DataError: naming ``where`` and the files it looks for.
+    """
+    for record in records:
+        if all(c is not None and (not isinstance(c, Path) or c.is_file()) for c in record.get("conditions", [None])):
+            return
+    looked = ", ".join(f"NAME.{c}.png beside NAME.png (or a {c!r} column)" for c in conditions)
+    raise DataError(f"{where}: none of its {len(records)} samples has its condition images ({looked})")
 
 
 def check_masks(records: Sequence[dict], where: str) -> None:
@@ -209,7 +261,9 @@ def _rows(manifest: Path, skip_bad_rows: bool = False) -> list[dict[str, Any] | 
     raise DataError(f"{manifest}: manifests are .jsonl, .csv or .parquet")
 
 
-def _manifest(manifest: Path, image_column: str, caption_column: str, skip_bad_rows: bool = False) -> list[dict]:
+def _manifest(
+    manifest: Path, image_column: str, caption_column: str, skip_bad_rows: bool = False, conditions: Sequence[str] = ()
+) -> list[dict]:
     rows = _rows(manifest, skip_bad_rows)
     if not rows:
         raise DataError(f"{manifest} lists no samples")
@@ -220,7 +274,10 @@ def _manifest(manifest: Path, image_column: str, caption_column: str, skip_bad_r
             continue
         if image_column not in row:
             raise DataError(f"{manifest}: row {number} has no {image_column!r} column (set data.image_column)")
-        records.append({"image": _image_value(row[image_column], manifest.parent), "caption": row.get(caption_column)})
+        record = {"image": _image_value(row[image_column], manifest.parent), "caption": row.get(caption_column)}
+        if conditions:
+            record["conditions"] = [_image_value(row.get(c), manifest.parent) for c in conditions]
+        records.append(record)
     return records
 
 
@@ -238,8 +295,9 @@ def _image_value(value: Any, root: Path) -> Path | bytes | None:
 class _HFRecords(Sequence):
     """Rows of a Hugging Face dataset read on access (the dataset stays memory-mapped on disk)."""
 
-    def __init__(self, dataset, image_column: str, caption_column: str):
+    def __init__(self, dataset, image_column: str, caption_column: str, conditions: Sequence[str] = ()):
         self.dataset, self.image_column, self.caption_column = dataset, image_column, caption_column
+        self.conditions = conditions
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -248,10 +306,15 @@ class _HFRecords(Sequence):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         row = self.dataset[int(index)]
-        return {"image": _image_value(row[self.image_column], Path(".")), "caption": row.get(self.caption_column)}
+        record = {"image": _image_value(row[self.image_column], Path(".")), "caption": row.get(self.caption_column)}
+        if self.conditions:
+            record["conditions"] = [_image_value(row.get(c), Path(".")) for c in self.conditions]
+        return record
 
 
-def _hf_records(name: str, image_column: str, caption_column: str, saved: bool) -> _HFRecords:
+def _hf_records(
+    name: str, image_column: str, caption_column: str, saved: bool, conditions: Sequence[str] = ()
+) -> _HFRecords:
     try:
         import datasets
     except ImportError as e:
@@ -264,12 +327,13 @@ def _hf_records(name: str, image_column: str, caption_column: str, saved: bool) 
         dataset = dataset["train"]
     if image_column == "file_name":  # the folder default; a hub dataset's usual image column is "image"
         image_column = "image"
-    missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
+    missing = [c for c in (image_column, caption_column, *conditions) if c not in dataset.column_names]
     if missing:
         raise DataError(
             f"dataset {name} has no column {missing} (it has {dataset.column_names}); set data.image_column / "
             "data.caption_column"
         )
-    if isinstance(dataset.features[image_column], datasets.Image):
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))  # bytes: our decoding policy
-    return _HFRecords(dataset, image_column, caption_column)
+    for column in (image_column, *conditions):
+        if isinstance(dataset.features[column], datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))  # bytes: our decoding policy
+    return _HFRecords(dataset, image_column, caption_column, conditions)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from sdtrain.config import DataConfig
+from sdtrain.config import ConfigError, DataConfig
 from sdtrain.data.decode import DataError, SkipCounter
 from sdtrain.data.folder import make_dataloader
 from sdtrain.data.shards import ShardDataset, ShardPosition, make_shard_loader
@@ -79,18 +79,43 @@ def cached_batch(
     draws,
     sizes: tuple[list, list] | None = None,
     target: tuple[int, int] | None = None,
+    conditions: Conditioning | None = None,
+    condition_dropout: float = 0.0,
 ) -> tuple[torch.Tensor, Conditioning]:
     """A micro-batch from cached encodings, as both latent caches serve it: latents sampled from each image's
     posterior (``mean``, ``std``) and scaled, and the chosen captions' conditioning (``cond``) with caption dropout
-    (each sample's replaced by the empty prompt's, ``empty``, with probability ``caption_dropout``), and the
-    samples' ``sizes`` cropped to ``target`` as the family conditions on them."""
+    (each sample's replaced by the empty prompt's, ``empty``, with probability ``caption_dropout``), the samples'
+    ``sizes`` cropped to ``target`` as the family conditions on them, and their encoded condition images
+    (``conditions``) with :func:`drop_conditions`."""
     latents = scale_latents(encoders.vae, sample_posterior(mean, std, draws))
     keep = draws.rand(latents.shape[0]).to(latents.device) >= caption_dropout
     dropped = {}
     for k, value in cond.items():
         mask = keep.view(-1, *[1] * (value.ndim - 1))
         dropped[k] = torch.where(mask, value, empty[k].to(value))
-    return latents, dropped | size_condition(encoders, sizes, target or tuple(mean.shape[-2:]), latents.device)
+    dropped |= size_condition(encoders, sizes, target or tuple(mean.shape[-2:]), latents.device)
+    return latents, dropped | drop_conditions(conditions, condition_dropout, draws)
+
+
+def drop_conditions(conditions: Conditioning | None, probability: float, draws) -> Conditioning:
+    """Encoded condition images with each sample's replaced by the null condition (zeros: what InstructPix2Pix's
+    image guidance samples against) with ``probability``, drawn from ``draws`` (one draw per sample, where there are
+    conditions, even at 0); nothing where there are none."""
+    if not conditions:
+        return {}
+    first = next(iter(conditions.values()))
+    keep = draws.rand(first.shape[0]).to(first.device) >= probability
+    return {k: torch.where(keep.view(-1, *[1] * (v.ndim - 1)), v, torch.zeros_like(v)) for k, v in conditions.items()}
+
+
+def encode_conditions(encoders: Encoders, images: list[torch.Tensor] | None, device) -> Conditioning | None:
+    """Condition images (one B x 3 x H x W batch in [-1, 1] per ``data.conditions`` name) as the family encodes
+    them (``Encoders.encode_conditions``), in fp32; None where there are none."""
+    if not images:
+        return None
+    if encoders.encode_conditions is None:
+        raise ConfigError("data.conditions names condition images, and this model family takes none")
+    return {k: v.float() for k, v in encoders.encode_conditions([i.to(device) for i in images]).items()}
 
 
 def caption_choice(seed: int, encoded: int, options: list):
@@ -140,7 +165,7 @@ class _EncodingStream:
         sizes = (batch["original_size"], batch["crop_top_left"])
         return encode_batch(
             batch["image"], batch["text"], self.encoders, self.config.caption_dropout, draws, self.device, sizes,
-            batch.get("mask"),
+            batch.get("mask"), batch.get("conditions"), self.config.condition_dropout,
         )  # fmt: skip
 
 
@@ -326,11 +351,14 @@ def encode_batch(
     device: torch.device,
     sizes: tuple[list, list] | None = None,
     masks: torch.Tensor | None = None,
+    conditions: list[torch.Tensor] | None = None,
+    condition_dropout: float = 0.0,
 ) -> tuple[torch.Tensor, Conditioning]:
     """Pixels in [-1, 1] and captions -> scaled posterior-sampled latents and the conditioning: the prompts' and,
     from ``sizes`` (original sizes and crops; default: uncropped images of their own size), the samples' geometry;
     with ``masks`` (B x 1 x H x W in [0, 1], ``data.masked_loss``) their area means at the latents' size as
-    ``cond[LOSS_MASK]``, which the objective weighs the loss with."""
+    ``cond[LOSS_MASK]``, which the objective weighs the loss with; with ``conditions`` (the condition images, a
+    batch per name) their encoding with :func:`drop_conditions`."""
     mean, std = encode_moments(encoders.vae, images.to(device))
     latents = scale_latents(encoders.vae, sample_posterior(mean.float(), std.float(), draws))
     cond = encoders.encode_text(drop_captions(texts, caption_dropout, draws))
@@ -338,7 +366,8 @@ def encode_batch(
     sizes = sizes or ([target] * len(texts), [(0, 0)] * len(texts))
     if masks is not None:
         cond = cond | {LOSS_MASK: latent_masks(masks, latents)}
-    return latents, cond | size_condition(encoders, sizes, target, latents.device)
+    cond = cond | size_condition(encoders, sizes, target, latents.device)
+    return latents, cond | drop_conditions(encode_conditions(encoders, conditions, device), condition_dropout, draws)
 
 
 class IterableStream:

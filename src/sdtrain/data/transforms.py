@@ -43,16 +43,20 @@ def load_pixels(
     bucket_of: Callable[[Size], Size] | None = None,
     masked: bool = False,
     mask: bytes | None = None,
+    conditions: list[str | Path | bytes | None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Decode ``image`` and transform it to ``size`` (a square side, or a ``(width, height)`` bucket): C x H x W in
     [-1, 1] and the crop info. ``bucket_of`` chooses the target from the decoded image's original size instead (the
     image is decoded to cover ``size``). ``masked``: the info also holds ``mask``, 1 x H x W in [0, 1], the image's
     loss mask (``mask``, a shard sample's encoded mask, else its ``NAME.mask.png``, else its alpha channel, else
-    ones) resized, cropped and flipped with it.
+    ones) resized, cropped and flipped with it. ``conditions``: the sample's condition images (``data.conditions``),
+    each resized to the image's size and cropped and flipped with it, as ``info["conditions"]``, a list of
+    C x H x W in [-1, 1].
 
     Raises:
         Skip: the image cannot be used (the reason is the skip counter's key); ``mask_size``: its mask file is not
-            the image's size.
+            the image's size; ``no_condition``, ``condition_<reason>`` (a condition image missing or that cannot be
+            decoded), ``condition_aspect`` (one of another aspect than its image).
     """
     cover = (size, size) if isinstance(size, int) else size
     decoded = decode_image(image, cover=cover)
@@ -60,7 +64,8 @@ def load_pixels(
     if bucket_of is not None:
         size = bucket_of(decoded.info.get("original_size", decoded.size))
     loss_mask = _mask_of(mask if mask is not None else mask_file(image), decoded) if masked else None
-    pixels, info = resize_crop(decoded, size, center_crop, flip, rng, loss_mask)
+    extra = [_condition_of(c, decoded, cover) for c in conditions] if conditions is not None else None
+    pixels, info = resize_crop(decoded, size, center_crop, flip, rng, loss_mask, extra)
     if masked and loss_mask is None:
         info["mask"] = torch.ones(1, *pixels.shape[1:])
     return pixels, info
@@ -82,6 +87,36 @@ def _mask_of(source: Path | bytes | None, decoded: Image.Image) -> Image.Image |
     return mask if mask.size == decoded.size else mask.resize(decoded.size, Image.Resampling.BILINEAR)
 
 
+ASPECT_TOLERANCE = 0.02  # a condition image's aspect may differ from its image's by this share (rounding)
+
+
+def _condition_of(source: str | Path | bytes | None, decoded: Image.Image, cover: Size) -> Image.Image:
+    """A condition image decoded as images are, of the decoded image's aspect.
+
+    Raises:
+        Skip: ``no_condition`` (none), ``condition_<reason>`` (it cannot be decoded), ``condition_aspect``.
+    """
+    if source is None or (isinstance(source, (str, Path)) and not Path(source).is_file()):
+        raise Skip("no_condition", str(source) if source is not None else "")
+    try:
+        condition = decode_image(source, cover=cover)
+    except Skip as skip:
+        raise Skip(skip.reason if skip.reason.startswith("condition") else f"condition_{skip.reason}",
+                   str(skip)) from None  # fmt: skip
+    (w, h), (cw, ch) = decoded.info.get("original_size", decoded.size), condition.info.get("original_size")
+    if abs((cw / ch) / (w / h) - 1) > ASPECT_TOLERANCE:
+        raise Skip("condition_aspect", f"a {cw}x{ch} condition image for a {w}x{h} image")
+    return condition  # resized with its image in resize_crop
+
+
+def stack_conditions(samples: list[list[torch.Tensor]], count: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """The good samples' condition images (``info["conditions"]`` each) as one batch per condition; empty batches of
+    ``shape`` (the batch's images') where none was good."""
+    if not samples:
+        return [torch.empty(tuple(shape)) for _ in range(count)]
+    return [torch.stack([s[j] for s in samples]) for j in range(count)]
+
+
 def resize_crop(
     image: Image.Image,
     size: int | tuple[int, int],
@@ -89,10 +124,12 @@ def resize_crop(
     flip: bool = False,
     rng: random.Random | None = None,
     mask: Image.Image | None = None,
+    conditions: list[Image.Image] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Resize so the image covers ``size`` (a square side, or a ``(width, height)`` bucket), crop to it, optionally
     flip; returns C x H x W in [-1, 1] and the crop info (with ``mask``, an L image of the image's size, the same
-    resize, crop and flip of it as ``info["mask"]``, 1 x H x W in [0, 1]).
+    resize, crop and flip of it as ``info["mask"]``, 1 x H x W in [0, 1]; with ``conditions``, RGB images of the
+    image's size, the same of each as ``info["conditions"]``, C x H x W in [-1, 1]).
 
     The info (original size, crop offsets) is kept for SDXL-style micro-conditioning.
 
@@ -117,9 +154,16 @@ def resize_crop(
     flipped = flip and rng.random() < 0.5
     if flipped:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    tensor = _tensor(image)
     info = {"original_size": (original[1], original[0]), "crop_top_left": (top, left), "flipped": flipped}
+    if conditions is not None:
+        transformed = []
+        for condition in conditions:
+            if condition.size != (new_w, new_h):
+                condition = condition.resize((new_w, new_h), Image.Resampling.BICUBIC)
+            condition = condition.crop((left, top, left + target_w, top + target_h))
+            transformed.append(_tensor(condition.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else condition))
+        info["conditions"] = transformed
     if mask is not None:
         if mask.size != (new_w, new_h):
             mask = mask.resize((new_w, new_h), Image.Resampling.BILINEAR)
@@ -128,3 +172,8 @@ def resize_crop(
             mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         info["mask"] = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
     return tensor, info
+
+
+def _tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as C x H x W in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()

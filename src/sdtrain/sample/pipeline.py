@@ -81,10 +81,15 @@ if tuple(SCHEDULERS) != SCHEDULER_NAMES:  # config.SamplerName is the one list o
 # pipeline's scheduler): what guidance and step count the model was validated with
 SAMPLING_FILE = "sampling.json"
 FALLBACK_SAMPLING = {"num_inference_steps": 30, "guidance_scale": 7.5}
+IMAGE_GUIDANCE = "image_guidance_scale"  # an edit model's default image guidance, where it has one (1.5: diffusers')
 
 
-def write_sampling_defaults(folder: str | Path, num_inference_steps: int, guidance_scale: float) -> None:
+def write_sampling_defaults(
+    folder: str | Path, num_inference_steps: int, guidance_scale: float, image_guidance_scale: float | None = None
+) -> None:
     data = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+    if image_guidance_scale is not None:
+        data[IMAGE_GUIDANCE] = image_guidance_scale
     (Path(folder) / SAMPLING_FILE).write_text(json.dumps(data, indent=1) + "\n")
 
 
@@ -93,7 +98,7 @@ def read_sampling_defaults(folder: str | Path) -> dict[str, float]:
     a folder not written by sdtrain)."""
     path = Path(folder) / SAMPLING_FILE
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    return FALLBACK_SAMPLING | {k: v for k, v in saved.items() if k in FALLBACK_SAMPLING}
+    return FALLBACK_SAMPLING | {k: v for k, v in saved.items() if k in FALLBACK_SAMPLING or k == IMAGE_GUIDANCE}
 
 
 @dataclass
@@ -217,13 +222,22 @@ def txt2img(
     encode=None,
     guidance: str = "guidance_scale",
     latent_output: bool = True,
+    images: list[Image.Image] | None = None,
     **family: Any,
 ) -> Output:
     """Text to image with the pipeline's sampler; image *i* (prompt-major) uses the generator seeded ``seed + i``;
     ``unpack``: the family's ``pipeline_latents`` where it has one; ``encode``: its ``pipeline_prompts``;
     ``guidance``: the pipeline's argument for ``guidance_scale``; ``latent_output``: the family's (False: the
-    pipeline decodes); ``family``: further arguments of its pipeline."""
+    pipeline decodes); ``images``: the condition image of each prompt (one for all), to the pipeline's ``image``
+    (an edit model's reference, a ControlNet's control), the size then the image's where the pipeline takes none;
+    ``family``: further arguments of its pipeline."""
     prompts = _as_list(prompt)
+    if images is not None and len(images) not in (1, len(prompts)):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one image, or one per prompt")
+    conditions = None if images is None else [im for im in images * (len(prompts) // len(images))
+                                              for _ in range(num_images_per_prompt)]  # fmt: skip
+    sized = {"height", "width"} <= inspect.signature(pipe.__call__).parameters.keys()
+    size = {"height": height, "width": width} if sized else {}
     negatives = _as_list(negative_prompt) if negative_prompt is not None else None
     if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
         negatives = negatives * len(prompts)
@@ -237,8 +251,8 @@ def txt2img(
             **_prompts(pipe, flat[start:stop], flat_neg[start:stop] if flat_neg else None, encode),
             num_inference_steps=num_inference_steps,
             **{guidance: guidance_scale},
-            height=height,
-            width=width,
+            **size,
+            **({"image": conditions[start:stop]} if conditions is not None else {}),
             generator=generators[start:stop],
             output_type="latent" if latent_output else "pil",
             **family,
@@ -305,6 +319,24 @@ def img2img(
         ).images
         out += _postprocess(pipe, latents, unpack, *pixels.shape[-2:])
     return Output(out)
+
+
+def sample_images(paths: list[str | Path]) -> list[Image.Image]:
+    """Condition images (``sample.images``, ``--reference``, ``--control``) decoded as training decodes images (EXIF
+    orientation, alpha on white).
+
+    Raises:
+        DataError: one that cannot be read, named with why.
+    """
+    from sdtrain.data.decode import DataError, Skip, decode_image
+
+    images = []
+    for path in paths:
+        try:
+            images.append(decode_image(path))
+        except Skip as skip:
+            raise DataError(f"{path}: {skip}") from None
+    return images
 
 
 def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
@@ -402,6 +434,9 @@ class Pipeline:
         cls = self.family.img2img if img2img else self.family.txt2img
         if cls is None:
             name = self.family.name
+            if self.family.condition == "reference":
+                raise Unsupported(f"a {name} model edits its reference under the prompt: generate with --reference "
+                                  "IMAGE (reference=... in Python)")  # fmt: skip
             raise Unsupported(f"diffusers has no image-to-image pipeline for {name} models: no reconstruct")
         pipe = cls(**self.family.pipeline_components(self.components, img2img), scheduler=sched)
         pipe.set_progress_bar_config(disable=True)
@@ -420,18 +455,48 @@ class Pipeline:
         seed: int = 0,
         scheduler: str | None = None,
         progress: bool = False,
+        reference: Image.Image | list[Image.Image] | None = None,
+        control: Image.Image | list[Image.Image] | None = None,
+        image_guidance_scale: float | None = None,
     ) -> Output:
-        """Text to image. Image *i* (prompt-major) is sampled with its own generator seeded ``seed + i``; steps and
-        guidance default to the model's ``sampling``, the size to :meth:`default_resolution` (every family's pipeline
-        default, which Sana's pipeline does not fill in itself)."""
+        """Text to image, or for an edit model the ``reference`` image(s) edited under the prompts, for a ControlNet
+        drawn to the ``control`` image(s) (one for all prompts, or one per prompt). Image *i* (prompt-major) is sampled
+        with its own generator seeded ``seed + i``; steps and guidance (and an edit model's image guidance) default to
+        the model's ``sampling``, the size to :meth:`default_resolution` (every family's pipeline default, which Sana's
+        pipeline does not fill in itself; an edit model's is its reference's)."""
         steps, guidance = self.sampling_settings(num_inference_steps, guidance_scale)
         height, width = height or self.default_resolution(), width or self.default_resolution()
+        images = self._condition_images(reference, control)
+        extra = self._family_kwargs()
+        if self.family.image_guidance:
+            default = self.sampling.get(IMAGE_GUIDANCE, 1.5)
+            extra[self.family.image_guidance] = default if image_guidance_scale is None else image_guidance_scale
         pipe = self.diffusers_pipeline(scheduler=scheduler)
         return txt2img(
             pipe, prompt, negative_prompt, num_images_per_prompt, steps, guidance, height, width, seed,
             progress=progress, unpack=self.family.pipeline_latents, encode=self.family.pipeline_prompts,
-            guidance=self.family.guidance, latent_output=self.family.latent_output, **self._family_kwargs(),
+            guidance=self.family.guidance, latent_output=self.family.latent_output, images=images, **extra,
         )  # fmt: skip
+
+    def _condition_images(self, reference, control) -> list[Image.Image] | None:
+        """The condition images of a generate call, checked against what the model takes.
+
+        Raises:
+            Unsupported: a reference for a model that edits none, a control image for one without a ControlNet, or
+                none where the model needs one.
+        """
+        kind = self.family.condition
+        for name, given in (("reference", reference), ("control", control)):
+            if given is not None and kind != name:
+                what = {"reference": "an edit model", "control": "a ControlNet"}[name]
+                takes = f"takes a {kind} image" if kind else "is text-to-image"
+                raise Unsupported(f"a {name} image is for {what}; this {self.family.name} model {takes}")
+        given = reference if kind == "reference" else control
+        if kind and given is None:
+            raise Unsupported(f"this {self.family.name} model draws from a {kind} image: give one (--{kind} IMAGE)")
+        if given is None:
+            return None
+        return [given] if isinstance(given, Image.Image) else list(given)
 
     def reconstruct(
         self,

@@ -42,6 +42,8 @@ def export_pipeline(
     adapted = {name: getattr(components, name) for name in names if has_lora(getattr(components, name))}
     sample = sample or SampleConfig()
     sampling = {"num_inference_steps": sample.num_inference_steps, "guidance_scale": sample.guidance_scale}
+    if family.image_guidance:
+        sampling["image_guidance_scale"] = sample.image_guidance_scale
     try:
         if adapted:
             save_lora(adapted, Path(out_dir) / LORA_FOLDER, family.txt2img, family.denoiser, family.comfyui_lora)

@@ -37,6 +37,7 @@ from sdtrain.data.streams import (
     ShardStream,
     Stream,
     WeightedStream,
+    encode_conditions,
     size_condition,
     source_weights,
 )
@@ -44,7 +45,7 @@ from sdtrain.errors import StorageError
 from sdtrain.models.families import Encoders, Family, for_config
 from sdtrain.models.lora import adapters_off, add_lora
 from sdtrain.models.vae import downsample_factor, latent_channels
-from sdtrain.sample.pipeline import Pipeline, save_images
+from sdtrain.sample.pipeline import Pipeline, sample_images, save_images
 from sdtrain.train import block_swap, checkpoint, placement, prior, sharding, text_encoders, zero
 from sdtrain.train.ema import EMA, ema_parameters
 from sdtrain.train.export import export_pipeline
@@ -426,13 +427,13 @@ def _make_stream(
         if data.cache_dir:  # each source its own cache under data.cache_dir
             disk = DiskCache(source, encoders)
             args = (disk, encoders, micro_batch, source.caption_dropout, device, seed, rank, world)
-            stream, size = DiskCacheStream(*args), len(disk)
+            stream, size = DiskCacheStream(*args, condition_dropout=source.condition_dropout), len(disk)
         elif data.cache_latents:
             cache = build_memory_cache(source, encoders, seed=seed)
             if cache.skipped:
                 logger.warning("skipped while caching %s: %s", source.path, cache.skipped.summary())
             args = (cache, encoders, micro_batch, source.caption_dropout, device, seed, rank, world)
-            stream, size = MemoryCacheStream(*args), len(cache)
+            stream, size = MemoryCacheStream(*args, condition_dropout=source.condition_dropout), len(cache)
         else:
             kind = ShardStream if is_shards(source.path) else OnlineStream
             stream = kind(source, encoders, micro_batch, device, seed, rank, world)
@@ -460,6 +461,9 @@ def _preflight(
     latent_shape = (latent_channels(encoders.vae), size, size)
     side = config.data.resolution
     cond = encoders.encode_text([""]) | size_condition(encoders, ([(side, side)], [(0, 0)]), (side, side), "cpu")
+    if encoders.encode_conditions is not None:  # gray condition images, as many as the data gives
+        gray = [torch.zeros(1, 3, side, side)] * max(1, len(config.data.conditions))
+        cond |= {k: v.cpu() for k, v in encode_conditions(encoders, gray, encoders.vae.device).items()}
     half = placement.compute_dtype(tc, accelerator.device)
     half = half if half != torch.float32 and placement.base_reloads(config) else None  # a base held in it
     profile = profile_denoiser(model, family.predict, latent_shape, cond, accelerator.device, half)
@@ -615,7 +619,8 @@ def _sample(run: _Run, model: torch.nn.Module | None) -> Path | None:
     out_dir = run.out / "samples" / f"step-{step:06d}"
     with run.autocast():  # a base held in the compute dtype or quantised, fp32 adapters
         prompts = in_prompts(config.train.sample_prompts, config.data.trigger)
-        result = _pipeline(run, model).generate(prompts, seed=config.train.seed)
+        images = {run.family.condition: sample_images(config.sample.images)} if run.family.condition else {}
+        result = _pipeline(run, model).generate(prompts, seed=config.train.seed, **images)
     placement.park(run.components, run.parked)  # the pipeline moved every component to the device
     block_swap.settle(model)
     grid = save_images(result.images, out_dir)

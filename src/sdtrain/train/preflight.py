@@ -12,7 +12,7 @@ from sdtrain import objective
 from sdtrain.config import AutoencoderConfig, Config, ConfigError, DataConfig, ModelConfig, data_sources
 from sdtrain.data.disk_cache import check_cache
 from sdtrain.data.folder import training_records
-from sdtrain.data.sources import check_masks, check_usable, is_shards, list_records
+from sdtrain.data.sources import check_condition_files, check_masks, check_usable, is_shards, list_records
 from sdtrain.models.embeddings import check_tokens, check_trigger
 from sdtrain.models.families import IN_MEMORY, for_config
 from sdtrain.models.hub import check_model_source
@@ -76,6 +76,7 @@ def check_run(config: Config, models: bool = True, data: bool = True) -> str:
     if models:
         check_model_sources(config.model)
     kind = check_objective(config)
+    check_conditions(config, data)
     text_encoders.check(for_config(config.model), config.train)
     if models:
         check_new_tokens(config)
@@ -84,6 +85,34 @@ def check_run(config: Config, models: bool = True, data: bool = True) -> str:
     if data:
         check_data(config.data, config.train.seed)
     return kind
+
+
+def check_conditions(config: Config, data: bool = True) -> None:
+    """The condition images the data and the samples give match what the family takes: an edit model's reference
+    (a ControlNet's control) named in data.conditions and given for each of train.sample_prompts in sample.images,
+    and none for a text-to-image model.
+
+    Raises:
+        ConfigError: naming the keys to set.
+    """
+    family, names, images = for_config(config.model), config.data.conditions, config.sample.images
+    kind = family.condition
+    if kind is None and names:
+        raise ConfigError(f"data.conditions={names}: the {family.name} family draws from text alone and takes no "
+                          "condition images (an edit model or a ControlNet does)")  # fmt: skip
+    if kind is None and images:
+        raise ConfigError(f"sample.images: the {family.name} family draws from text alone and takes no images")
+    if kind and data and not names:
+        raise ConfigError(f"the {family.name} family draws from a {kind} image: name it in data.conditions "
+                          f"(data.conditions=[{kind}] reads NAME.{kind}.png beside each NAME.png)")  # fmt: skip
+    prompts = config.train.sample_prompts
+    if kind and prompts and len(images) not in (1, len(prompts)):
+        count = f"{len(images)} for {len(prompts)} prompts"
+        raise ConfigError(f"sample.images: the {family.name} family draws each of train.sample_prompts from a "
+                          f"{kind} image: give one, or one per prompt ({count})")  # fmt: skip
+    for path in images:
+        if not Path(path).is_file():
+            raise ConfigError(f"sample.images: {path} is not a file")
 
 
 def check_new_tokens(config: Config) -> None:
@@ -153,6 +182,8 @@ def check_data(data: DataConfig, seed: int) -> None:
         if not is_shards(source.path):
             records = training_records(source, seed)
             check_usable(records, f"{key}={source.path}")
+            if source.conditions:
+                check_condition_files(records, source.conditions, f"{key}={source.path}")
             if source.masked_loss:
                 check_masks(records, f"{key}={source.path}")
 

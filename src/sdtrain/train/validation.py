@@ -18,8 +18,8 @@ from sdtrain.config import DataConfig
 from sdtrain.data.captions import with_trigger
 from sdtrain.data.decode import Skip, clean_caption
 from sdtrain.data.folder import validation_records
-from sdtrain.data.streams import size_condition
-from sdtrain.data.transforms import load_pixels
+from sdtrain.data.streams import encode_conditions, size_condition
+from sdtrain.data.transforms import load_pixels, stack_conditions
 from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.vae import encode_moments, scale_latents
 
@@ -44,18 +44,20 @@ def build_validation_set(data: DataConfig, diffusion, encoders: Encoders, seed: 
     """Encode the held-out images, with timesteps from ``diffusion`` (the run's objective) and fixed noise; None
     when the config holds none out."""
     records = validation_records(data, seed)
-    pixels, captions, originals, crops = [], [], [], []
+    pixels, captions, originals, crops, conditions = [], [], [], [], []
     for record in records:
         try:
             caption = record["caption"][0] if isinstance(record["caption"], list) else record["caption"]
             caption = with_trigger(clean_caption(caption), data.trigger)
-            image, info = load_pixels(record["image"], data.resolution)
+            image, info = load_pixels(record["image"], data.resolution, conditions=record.get("conditions"))
         except Skip:
             continue
         pixels.append(image)
         captions.append(caption)
         originals.append(info["original_size"])
         crops.append(info["crop_top_left"])
+        if "conditions" in info:
+            conditions.append(info["conditions"])
     if not pixels:
         return None
     vae = encoders.vae
@@ -63,6 +65,10 @@ def build_validation_set(data: DataConfig, diffusion, encoders: Encoders, seed: 
     latents = scale_latents(vae, torch.cat(means).float())
     target = (data.resolution, data.resolution)
     embeddings = encoders.encode_text(captions) | size_condition(encoders, (originals, crops), target, latents.device)
+    for i in range(0, len(conditions), 32):  # the condition images, encoded as training encodes them (none dropped)
+        chunk = stack_conditions(conditions[i : i + 32], len(data.conditions), ())
+        encoded = encode_conditions(encoders, chunk, latents.device)
+        embeddings |= {k: torch.cat([embeddings[k], v]) if k in embeddings else v for k, v in encoded.items()}
     # stratified: image i at timesteps spread over the range, offset per image so the images cover it between them
     n, k = latents.shape[0], TIMESTEPS_PER_IMAGE
     timesteps = diffusion.fixed_timesteps(n * k).view(k, n).t().reshape(-1)

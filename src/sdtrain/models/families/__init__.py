@@ -1,5 +1,5 @@
 """Model families: what differs between Stable Diffusion 1.x / 2.x, SDXL, SD3, Flux, FLUX.2 (dev and klein), PixArt,
-Sana, Chroma, Z-Image and Qwen-Image, one module each.
+Sana, Chroma, Z-Image, Qwen-Image, Lumina 2 and the InstructPix2Pix edit model, one module each.
 
 A :class:`Family` says, declaratively, which diffusers pipeline classes it samples and exports with, which component
 trains and which adapters LoRA adds, and, as functions, how its components load, how prompts become conditioning (a
@@ -36,12 +36,16 @@ class Encoders:
         encode_sizes: where the family conditions on each sample's geometry (SDXL's time ids),
             ``(original sizes, crop top-lefts, target size) -> Conditioning``, sizes ``(height, width)``,
             crops ``(top, left)``, one per sample; None where it does not.
+        encode_conditions: where the family takes condition images (an edit model's references, a ControlNet's
+            control), ``(one B x 3 x H x W batch in [-1, 1] per data.conditions name) -> Conditioning``,
+            deterministic (both caches store it; zeros are the null condition); None where it takes none.
     """
 
     vae: Any
     encode_text: Callable[[list[str]], Conditioning]
     text_identity: Callable[[], dict[str, Any]]
     encode_sizes: Callable[[list, list, tuple[int, int]], Conditioning] | None = None
+    encode_conditions: Callable[[list[torch.Tensor]], Conditioning] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,11 @@ class Family:
             decodes them); False: they return the autoencoder's own (FLUX.2's), and the pipeline decodes.
         comfyui_lora: ``adapters in diffusers' layout -> the same under the names ComfyUI's mapping reads``, where
             they differ (Lumina 2's ``attn`` is ComfyUI's ``attention``); None: ComfyUI reads diffusers' names.
+        condition: the condition images it takes (``data.conditions``; ``generate``'s images, to its pipeline's
+            ``image``): ``"reference"`` (an edit model: the image to edit), ``"control"`` (a ControlNet's); None:
+            none, a text-to-image model.
+        image_guidance: the pipeline argument of the guidance towards the reference image (InstructPix2Pix's
+            ``image_guidance_scale``, ``sample.image_guidance_scale``); None: it has none.
     """
 
     name: str
@@ -122,6 +131,8 @@ class Family:
     unused_parameters: bool = False
     latent_output: bool = True
     comfyui_lora: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    condition: str | None = None
+    image_guidance: str | None = None
 
     def denoiser_of(self, components) -> torch.nn.Module:
         """The trained model among ``components``."""
@@ -146,6 +157,7 @@ def families() -> dict[str, Family]:
         flux,
         flux2,
         flux2_klein,
+        instruct_pix2pix,
         lumina2,
         pixart,
         qwenimage,
@@ -156,7 +168,8 @@ def families() -> dict[str, Family]:
         zimage,
     )
 
-    modules = (sd, sdxl, sd3, flux, pixart, sana, chroma, zimage, qwenimage, flux2, flux2_klein, lumina2)
+    modules = (sd, sdxl, sd3, flux, pixart, sana, chroma, zimage, qwenimage, flux2, flux2_klein, lumina2,
+               instruct_pix2pix)  # fmt: skip
     return {m.FAMILY.name: m.FAMILY for m in modules}
 
 

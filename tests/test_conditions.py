@@ -1,0 +1,235 @@
+"""Condition images (data.conditions): pairs read from folders, manifests and shards, cropped and flipped with their
+image, encoded into both caches, skipped and counted when broken; the InstructPix2Pix edit family built on them."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdtrain.config import Config, ConfigError, DataConfig, load_config
+from sdtrain.data.decode import Skip
+from sdtrain.data.sources import list_records
+from sdtrain.data.transforms import load_pixels
+from tests.conftest import tiny_overrides
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 50)}
+
+
+def write_pairs(root: Path, count: int = 6, size: int = 32, seed: int = 0) -> Path:
+    """``NAME.png`` (a square of a new colour) beside ``NAME.ref.png`` (the same square in another colour), captioned
+    with the edit."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        before, after = rng.sample(list(COLOURS), 2)
+        x, y = rng.randrange(0, size // 2), rng.randrange(0, size // 2)
+        for name, colour in ((f"{i:03d}.ref.png", before), (f"{i:03d}.png", after)):
+            array = np.full((size, size + 8, 3), 240, dtype=np.uint8)
+            array[y : y + size // 2, x : x + size // 2] = COLOURS[colour]
+            Image.fromarray(array).save(root / name)
+        (root / f"{i:03d}.txt").write_text(f"make the square {after}")
+    return root
+
+
+def test_folder_manifest_and_shard_records_hold_their_conditions(tmp_path):
+    folder = write_pairs(tmp_path / "pairs", count=3)
+    records = list_records(folder, conditions=["ref"])
+    assert [r["image"].name for r in records] == ["000.png", "001.png", "002.png"]  # the references are not images
+    assert [r["conditions"][0].name for r in records] == ["000.ref.png", "001.ref.png", "002.ref.png"]
+    assert len(list_records(folder)) == 6  # without data.conditions every file is an image, as before
+
+    rows = [{"file_name": f"{i:03d}.png", "text": "x", "before": f"{i:03d}.ref.png"} for i in range(3)]
+    (folder / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    manifest = list_records(folder / "m.jsonl", conditions=["before"])
+    assert [r["conditions"][0] for r in manifest] == [r["conditions"][0] for r in records]
+
+    from sdtrain.data.sources import shard_records
+
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for i in range(2):
+            # the condition member first: the image is still the plain .png
+            for member, data in ((f"{i}.ref.png", (folder / f"00{i}.ref.png").read_bytes()),
+                                 (f"{i}.png", (folder / f"00{i}.png").read_bytes()), (f"{i}.txt", b"x")):  # fmt: skip
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    shard = list(shard_records(str(tmp_path / "s.tar"), conditions=["ref"]))
+    assert [s["image"] for s in shard] == [(folder / f"00{i}.png").read_bytes() for i in range(2)]
+    assert [s["conditions"][0] for s in shard] == [(folder / f"00{i}.ref.png").read_bytes() for i in range(2)]
+
+
+def test_a_pair_is_cropped_and_flipped_together(tmp_path):
+    folder = write_pairs(tmp_path / "pairs", count=1, size=48)
+    image, same = folder / "000.png", tmp_path / "same.png"
+    shutil.copy(image, same)
+    twice = tmp_path / "twice.png"  # the image at twice its size: the same aspect, resized with it
+    Image.open(image).resize((112, 96), Image.Resampling.NEAREST).save(twice)
+    flips = set()
+    for seed in range(8):  # random crops, flips both ways
+        pixels, info = load_pixels(image, 32, False, True, random.Random(seed), conditions=[same, twice])
+        assert torch.equal(info["conditions"][0], pixels)
+        assert (info["conditions"][1] - pixels).abs().mean() < 0.05
+        flips.add(info["flipped"])
+    assert flips == {True, False}
+
+
+@pytest.mark.parametrize(
+    ("condition", "reason"),
+    [
+        (None, "no_condition"),
+        ("gone.png", "no_condition"),
+        ("corrupt.png", "condition_corrupt"),
+        ("wide.png", "condition_aspect"),
+    ],  # fmt: skip
+)
+def test_a_bad_condition_skips_its_sample(tmp_path, condition, reason):
+    folder = write_pairs(tmp_path / "pairs", count=1)
+    (tmp_path / "corrupt.png").write_bytes((folder / "000.png").read_bytes()[:60])
+    Image.new("RGB", (80, 20)).save(tmp_path / "wide.png")
+    with pytest.raises(Skip) as caught:
+        load_pixels(folder / "000.png", 32, conditions=[None if condition is None else tmp_path / condition])
+    assert caught.value.reason == reason
+
+
+def test_condition_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="condition name"):
+        DataConfig(path="x", conditions=["Ref!"])
+    with pytest.raises(ConfigError, match="names none"):
+        DataConfig(path="x", condition_dropout=0.1)
+    from sdtrain.train.preflight import check_conditions
+
+    folder = write_pairs(tmp_path / "pairs", count=2)
+    with pytest.raises(ConfigError, match="takes no condition images"):  # a text-to-image family
+        check_conditions(load_config(Config, None, [f"data.path={folder}", "data.conditions=[ref]",
+                                                    "model.vae.path=x"]))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"data.conditions=\[reference\]"):  # an edit family without its references
+        check_conditions(load_config(Config, None, [f"data.path={folder}", "model.family=instruct-pix2pix",
+                                                    "model.vae.path=x"]))  # fmt: skip
+    with pytest.raises(ConfigError, match="one per prompt"):
+        check_conditions(load_config(Config, None, [
+            f"data.path={folder}", "model.family=instruct-pix2pix", "model.vae.path=x", "data.conditions=[ref]",
+            "train.sample_prompts=[a, b, c]", f"sample.images=[{folder}/000.ref.png, {folder}/001.ref.png]",
+        ]))  # fmt: skip
+
+
+def edit_overrides(out: Path, data: Path, vae_dir: Path, clip_dir: Path) -> list[str]:
+    """A tiny InstructPix2Pix run built from scratch on ``data``'s pairs."""
+    return tiny_overrides(out, data, vae_dir, str(clip_dir), "text_encoder") + [
+        "model.family=instruct-pix2pix", "data.conditions=[ref]", "data.condition_dropout=0.2",
+        "sample.scheduler=euler_a",
+    ]  # fmt: skip
+
+
+def test_instruct_pix2pix_trains_exports_and_draws_its_pipelines_pixels(tmp_path, vae_dir, clip_dir):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    from sdtrain.models.families import instruct_pix2pix
+    from sdtrain.sample.pipeline import Pipeline
+    from sdtrain.train.loop import train
+
+    data = write_pairs(tmp_path / "pairs")
+    (data / "005.ref.png").unlink()  # a sample without its reference: skipped and counted
+    config = load_config(
+        Config,
+        None,
+        edit_overrides(tmp_path / "run", data, vae_dir, clip_dir)
+        + ["train.sample_prompts=[make the square red]", f"sample.images=[{data}/000.ref.png]"],
+    )
+    final = train(config)
+    log = (tmp_path / "run" / "log.jsonl").read_text()
+    assert '"no_condition": ' in log
+    assert (tmp_path / "run" / "samples").is_dir()
+    sampling = json.loads((final / "sampling.json").read_text())
+    assert sampling["image_guidance_scale"] == 1.5
+
+    plain = StableDiffusionInstructPix2PixPipeline.from_pretrained(final, safety_checker=None)
+    assert plain.unet.config.in_channels == 8
+    reference = Image.open(data / "001.ref.png").convert("RGB")
+    ours = Pipeline.from_pretrained(final, device="cpu")
+    assert ours.family is instruct_pix2pix.FAMILY
+    got = ours.generate(["make the square blue", "make the square red"], reference=reference, seed=3,
+                        num_inference_steps=4, guidance_scale=3.0, image_guidance_scale=1.2).images  # fmt: skip
+    generators = [torch.Generator().manual_seed(3 + i) for i in range(2)]
+    want = plain(["make the square blue", "make the square red"], image=[reference, reference], num_inference_steps=4,
+                 guidance_scale=3.0, image_guidance_scale=1.2, generator=generators).images  # fmt: skip
+    for a, b in zip(got, want):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    assert got[0].size == (40, 32)  # the reference's size
+
+    # the training call is the pipeline's: the reference's latents as the pipeline prepares them, beside the noisy
+    processor = plain.image_processor
+    pixels = processor.preprocess(reference)
+    prepared = plain.prepare_image_latents(pixels, 1, 1, torch.float32, "cpu", False)
+    encoded = instruct_pix2pix.encode_references(plain.vae, [pixels])[instruct_pix2pix.REFERENCE]
+    assert torch.equal(encoded, prepared)
+    noisy, t = torch.randn(1, 4, 16, 20), torch.tensor([500])
+    text = plain._encode_prompt("make it red", "cpu", 1, False)
+    cond = {"encoder_hidden_states": text, instruct_pix2pix.REFERENCE: encoded}
+    direct = plain.unet(torch.cat([noisy, prepared], 1), t, encoder_hidden_states=text).sample
+    assert torch.equal(instruct_pix2pix.predict(plain.unet, noisy, t, cond), direct)
+
+    from sdtrain.errors import Unsupported
+
+    with pytest.raises(Unsupported, match="ControlNet"):
+        ours.generate("make it red", control=reference)
+    with pytest.raises(Unsupported, match="reference image"):
+        ours.generate("make it red")
+    with pytest.raises(Unsupported, match="--reference"):
+        ours.reconstruct("make it red", reference)
+
+
+def test_a_text_to_image_unet_is_widened_as_diffusers_does(tmp_path, vae_dir, clip_dir):
+    from sdtrain.models.families import instruct_pix2pix
+    from tests.conftest import save_pipeline, tiny_unet
+
+    base = tiny_unet()
+    folder = save_pipeline(tmp_path / "sd", tiny_unet(), clip_dir, vae_dir)
+    config = load_config(Config, None, [f"model.pretrained={folder}", "model.family=instruct-pix2pix",
+                                        "data.conditions=[ref]", "data.path=x"])  # fmt: skip
+    unet = instruct_pix2pix.load_components(config).unet
+    assert unet.config.in_channels == 8
+    x, reference, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    text = torch.randn(2, 5, 32)
+    with torch.no_grad():  # zero weights on the reference: the text-to-image model it was
+        widened = instruct_pix2pix.predict(unet, x, t, {"encoder_hidden_states": text, "image_latents": reference})
+        torch.testing.assert_close(widened, base(x, t, encoder_hidden_states=text).sample)
+
+
+def test_both_caches_hold_the_condition_latents(tmp_path, vae_dir, clip_dir):
+    """A batch read online, from the memory cache and from the disk cache holds the same reference latents (and
+    the null condition where it was dropped, at the same draws)."""
+    from sdtrain.data.disk_cache import DiskCache, DiskCacheStream, write_cache
+    from sdtrain.data.memory_cache import MemoryCacheStream, build_memory_cache
+    from sdtrain.data.streams import OnlineStream
+    from sdtrain.models.families import instruct_pix2pix
+    from sdtrain.train.randomness import SharedDraws
+
+    data = write_pairs(tmp_path / "pairs", count=4)
+    config = load_config(Config, None, edit_overrides(tmp_path / "run", data, vae_dir, clip_dir)
+                         + [f"data.cache_dir={tmp_path / 'cache'}", "data.condition_dropout=0.5"])  # fmt: skip
+    components = instruct_pix2pix.load_components(config, denoiser=False)
+    encoders = instruct_pix2pix.FAMILY.encoders(components)
+    write_cache(config.data, encoders)
+
+    def first(stream) -> dict:
+        draws = SharedDraws(torch.Generator().manual_seed(0), 0, 1, 4)
+        return stream.next(draws)[1]
+
+    online = first(OnlineStream(config.data, encoders, 4, torch.device("cpu")))
+    memory = first(MemoryCacheStream(build_memory_cache(config.data, encoders), encoders, 4, 0.2, "cpu",
+                                     condition_dropout=0.5))  # fmt: skip
+    disk = first(DiskCacheStream(DiskCache(config.data, encoders), encoders, 4, 0.2, "cpu", condition_dropout=0.5))
+    key = instruct_pix2pix.REFERENCE
+    dropped = (online[key].flatten(1) == 0).all(1)
+    assert 0 < dropped.sum() < 4  # some dropped to the null condition, some kept
+    torch.testing.assert_close(memory[key], online[key], atol=1e-5, rtol=0)
+    torch.testing.assert_close(disk[key], online[key], atol=2e-2, rtol=1e-2)  # stored in fp16
