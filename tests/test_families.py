@@ -32,6 +32,21 @@ def _tiny_pipeline(folder: Path, clip_dir: Path, vae_dir: Path) -> Path:
     return save_pipeline(folder, unet, clip_dir, vae_dir)
 
 
+def _tiny_edit_pipeline(folder: Path, clip_dir: Path, vae_dir: Path) -> Path:
+    """The tiny Stable Diffusion pipeline as an InstructPix2Pix folder: its UNet takes the reference's 4 channels too."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    from sdtrain.config import UNetConfig
+
+    torch.manual_seed(0)
+    config = UNetConfig(block_out_channels=[16, 32], attention=[False, True], norm_num_groups=8)
+    sd = StableDiffusionPipeline.from_pretrained(_tiny_pipeline(folder.with_name("t2i"), clip_dir, vae_dir))
+    pipe = StableDiffusionInstructPix2PixPipeline(**sd.components | {"unet": build_unet(config, 4, 16, 32,
+                                                                                        in_channels=8)})  # fmt: skip
+    pipe.save_pretrained(folder)
+    return folder
+
+
 def test_a_family_is_detected_from_model_index(tmp_path, clip_dir, vae_dir):
     folder = _tiny_pipeline(tmp_path / "sd", clip_dir, vae_dir)
     assert detect(folder) is SD
@@ -64,6 +79,7 @@ def test_every_family_provides_the_interface(
     folders = {"sd": _tiny_pipeline(tmp_path / "sd", clip_dir, vae_dir), "sdxl": sdxl_dir, "sd3": sd3_dir}
     folders |= {"pixart": pixart_dir, "flux": flux_dir, "sana": sana_dir, "chroma": chroma_dir, "zimage": zimage_dir}
     folders |= {"qwenimage": qwenimage_dir, "flux2-klein": flux2_klein_dir, "flux2": flux2_dir, "lumina2": lumina2_dir}
+    folders["instruct-pix2pix"] = _tiny_edit_pipeline(tmp_path / "edit", clip_dir, vae_dir)
     assert set(folders) == set(families())  # a new family brings its tiny folder here
     for name, family in families().items():
         config = load_config(Config, None, [f"model.pretrained={folders[name]}", "data.resolution=32"])
@@ -74,6 +90,8 @@ def test_every_family_provides_the_interface(
         cond = encoders.encode_text(["a red circle", ""])
         if encoders.encode_sizes is not None:
             cond |= encoders.encode_sizes([(40, 30), (32, 32)], [(4, 0), (0, 0)], (32, 32))
+        if encoders.encode_conditions is not None:  # an edit model's reference
+            cond |= encoders.encode_conditions([torch.zeros(2, 3, 32, 32)])
         assert all(v.shape[0] == 2 and v.dtype == torch.float32 for v in cond.values())
         assert encoders.text_identity() == family.encoders(family.load(config)).text_identity()  # exact, repeatable
         model = family.denoiser_of(components)

@@ -10,6 +10,7 @@ the same data path as a user's own folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -161,3 +162,91 @@ def load_combos(root: str | Path) -> tuple[list[Combo], list[Combo]]:
     """Read back ``(seen, held_out)`` combinations of a dataset written by :func:`write_shapes_dataset`."""
     info = json.loads((Path(root) / "combos.json").read_text())
     return [Combo(**c) for c in info["seen"]], [Combo(**c) for c in info["held_out"]]
+
+
+# Instruction edits of one attribute (the object's colour, the background's), for training edit models on pairs. The
+# evaluation's instruction is the first phrasing.
+EDIT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "color": ("make the {shape} {value}", "turn the {shape} {value}", "paint the {shape} {value}"),
+    "background": (
+        "put it on a {value} background",
+        "change the background to {value}",
+        "make the background {value}",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One instruction edit: ``source`` with its ``attribute`` (color or background) set to ``value``."""
+
+    source: Combo
+    attribute: str
+    value: str
+
+    @property
+    def target(self) -> Combo:
+        return dataclasses.replace(self.source, **{self.attribute: self.value})
+
+    def instruction(self, template: int = 0) -> str:
+        return EDIT_TEMPLATES[self.attribute][template].format(shape=self.source.shape, value=self.value)
+
+
+def random_edit(rng: random.Random, combos: list[Combo] | None = None) -> Edit:
+    """A source drawn from ``combos`` (default: all) and an edit of its colour or background to another colour (never
+    the colour of the other: the object stays visible)."""
+    source = rng.choice(combos or all_combos())
+    attribute = rng.choice(tuple(EDIT_TEMPLATES))
+    taken = {source.color, source.background}
+    return Edit(source, attribute, rng.choice([c for c in COLORS if c not in taken]))
+
+
+def render_pair(edit: Edit, rng: random.Random, size: int = 64) -> tuple[Image.Image, Image.Image]:
+    """The source and the edited image, drawn from the same random state: the same shape, size, position and colour
+    jitter; only the edited attribute differs."""
+    state = rng.getstate()
+    source = render(edit.source, rng, size)
+    rng.setstate(state)
+    return source, render(edit.target, rng, size)
+
+
+def write_edit_dataset(root: str | Path, num_pairs: int = 4000, num_eval: int = 96, size: int = 64,
+                       seed: int = 0) -> Path:  # fmt: skip
+    """Write instruction-edit pairs as ``root/train`` and ``root/eval`` folders: ``NAME.png`` (the edited image) and
+    ``NAME.ref.png`` (the image to edit) with a ``metadata.jsonl`` (``file_name``, the instruction as ``text``,
+    ``ref``, and the source's and target's attributes), for ``data.conditions=[ref]``. Deterministic for a seed;
+    training pairs use a random phrasing, evaluation pairs (another random stream) the first. An existing complete
+    dataset with the same settings is reused."""
+    root = Path(root)
+    settings = {"num_pairs": num_pairs, "num_eval": num_eval, "size": size, "seed": seed}
+    info_path = root / "edits.json"
+    if info_path.exists() and json.loads(info_path.read_text()).get("settings") == settings:
+        return root
+    for split, count, split_seed in (("train", num_pairs, seed), ("eval", num_eval, seed + 1_000_003)):
+        rng = random.Random(split_seed)
+        folder = root / split
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in tqdm(range(count), desc=f"shape edits/{split}", unit="pair", leave=False):
+            edit = random_edit(rng)
+            template = 0 if split == "eval" else rng.randrange(len(EDIT_TEMPLATES[edit.attribute]))
+            source, target = render_pair(edit, rng, size)
+            source.save(folder / f"{i:06d}.ref.png")
+            target.save(folder / f"{i:06d}.png")
+            record = {"file_name": f"{i:06d}.png", "text": edit.instruction(template), "ref": f"{i:06d}.ref.png",
+                      "source": edit.source.__dict__, "attribute": edit.attribute, "value": edit.value}  # fmt: skip
+            lines.append(json.dumps(record))
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    info_path.write_text(json.dumps({"settings": settings}, indent=1))  # written last: marks the dataset complete
+    return root
+
+
+def load_edits(folder: str | Path) -> list[tuple[Edit, Path, Path]]:
+    """The pairs of a split written by :func:`write_edit_dataset`: ``(edit, the image to edit, the edited image)``."""
+    folder = Path(folder)
+    pairs = []
+    for line in (folder / "metadata.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        edit = Edit(Combo(**row["source"]), row["attribute"], row["value"])
+        pairs.append((edit, folder / row["ref"], folder / row["file_name"]))
+    return pairs

@@ -98,6 +98,31 @@ def classify_mask(mask: np.ndarray) -> str | None:
 def read_image(image: Image.Image, colors: dict[str, tuple[int, int, int]] | None = None) -> Reading:
     """Read background colour, object colour and shape from an image, the colours named from ``colors`` (default:
     the dataset's palette)."""
+    pixels, background_rgb, distance, mask = _segment(image)
+    shape = classify_mask(mask)
+    if shape is None:
+        return Reading(color=None, shape=None, background=nearest_color(background_rgb, colors))
+    # the object's colour from its core, away from antialiased edges
+    core = mask & (distance > np.percentile(distance[mask], 50))
+    object_rgb = np.median(pixels[core if core.sum() >= 4 else mask], axis=0)
+    return Reading(
+        color=nearest_color(object_rgb, colors), shape=shape, background=nearest_color(background_rgb, colors)
+    )
+
+
+def object_mask(image: Image.Image) -> np.ndarray:
+    """The object's pixels as the reader segments them (H x W booleans; none where there is no object)."""
+    return _segment(image)[3]
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two object masks (1 where both are empty)."""
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 1.0
+
+
+def _segment(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(pixels, background colour, each pixel's distance from it, the object's mask)``."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     border = max(1, round(_BORDER * pixels.shape[0] / 64))
     ring = np.concatenate(
@@ -110,16 +135,7 @@ def read_image(image: Image.Image, colors: dict[str, tuple[int, int, int]] | Non
     )
     background_rgb = np.median(ring, axis=0)
     distance = np.sqrt(((pixels - background_rgb) ** 2).sum(-1))
-    mask = largest_component(distance > _OBJECT_DISTANCE)
-    shape = classify_mask(mask)
-    if shape is None:
-        return Reading(color=None, shape=None, background=nearest_color(background_rgb, colors))
-    # the object's colour from its core, away from antialiased edges
-    core = mask & (distance > np.percentile(distance[mask], 50))
-    object_rgb = np.median(pixels[core if core.sum() >= 4 else mask], axis=0)
-    return Reading(
-        color=nearest_color(object_rgb, colors), shape=shape, background=nearest_color(background_rgb, colors)
-    )
+    return pixels, background_rgb, distance, largest_component(distance > _OBJECT_DISTANCE)
 
 
 def score(readings: list[Reading], combos: list[Combo]) -> dict[str, float]:
