@@ -33,7 +33,7 @@ def _tiny_pipeline(folder: Path, clip_dir: Path, vae_dir: Path) -> Path:
 
 
 def _tiny_edit_pipeline(folder: Path, clip_dir: Path, vae_dir: Path) -> Path:
-    """The tiny Stable Diffusion pipeline as an InstructPix2Pix folder: its UNet takes the reference's 4 channels too."""
+    """The tiny Stable Diffusion pipeline as an InstructPix2Pix folder: its UNet takes the reference's channels too."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     from sdtrain.config import UNetConfig
