@@ -233,3 +233,22 @@ def test_both_caches_hold_the_condition_latents(tmp_path, vae_dir, clip_dir):
     assert 0 < dropped.sum() < 4  # some dropped to the null condition, some kept
     torch.testing.assert_close(memory[key], online[key], atol=1e-5, rtol=0)
     torch.testing.assert_close(disk[key], online[key], atol=2e-2, rtol=1e-2)  # stored in fp16
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_exact_with_pairs(tmp_path, vae_dir, clip_dir):
+    """Pairs read by DataLoader workers with random crops and flips, references dropped at random: a run killed
+    mid-accumulation after a checkpoint and rerun ends with the uninterrupted run's losses and weights, bit for bit."""
+    from tests.test_faults import KILLED, _losses, _train, _weights
+
+    data = write_pairs(tmp_path / "pairs", count=7, size=40)
+    extra = ["data.num_workers=2", "data.center_crop=false", "data.random_flip=true", "train.gradient_accumulation=2",
+             "train.num_steps=6", "train.save_every=3"]  # fmt: skip
+    assert _train(edit_overrides(tmp_path / "a", data, vae_dir, clip_dir) + extra).returncode == 0
+    overrides = edit_overrides(tmp_path / "b", data, vae_dir, clip_dir) + extra
+    assert _train(overrides, "kill_micro=8").returncode == KILLED  # in step 4, after step 3's checkpoint
+    assert (tmp_path / "b" / "checkpoints" / "step-00000003").is_dir()
+    assert _train(overrides).returncode == 0
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -168,6 +168,7 @@ class ModelConfig:
             "qwenimage",
             "lumina2",
             "instruct-pix2pix",
+            "flux-kontext",
         ]
         | None
     ) = None
@@ -176,7 +177,8 @@ class ModelConfig:
     flow matching; pixart: PixArt-Sigma;
     sana: Sana, flow matching; chroma: Chroma1, flow matching; zimage: Z-Image, flow matching; qwenimage: Qwen-Image,
     flow matching; lumina2: Lumina 2, flow matching; instruct-pix2pix: Stable Diffusion taught to edit a reference
-    image, data.conditions=[NAME]); unset: read from model.pretrained's model_index.json, else sd."""
+    image, data.conditions=[NAME]; flux-kontext: FLUX.1 Kontext, Flux editing a reference image); unset: read from
+    model.pretrained's model_index.json, else sd."""
     pretrained: str | None = None
     """A pipeline folder or hub id (its family is detected); components without a path of their own come from it."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)

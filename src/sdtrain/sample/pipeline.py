@@ -236,8 +236,10 @@ def txt2img(
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one image, or one per prompt")
     conditions = None if images is None else [im for im in images * (len(prompts) // len(images))
                                               for _ in range(num_images_per_prompt)]  # fmt: skip
-    sized = {"height", "width"} <= inspect.signature(pipe.__call__).parameters.keys()
-    size = {"height": height, "width": width} if sized else {}
+    parameters = inspect.signature(pipe.__call__).parameters.keys()
+    size = {"height": height, "width": width} if {"height", "width"} <= parameters else {}
+    if "max_area" in parameters and height and width:  # Kontext's: it would rescale the size asked to its 1024^2
+        size["max_area"] = height * width
     negatives = _as_list(negative_prompt) if negative_prompt is not None else None
     if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
         negatives = negatives * len(prompts)
