@@ -129,8 +129,8 @@ UNETS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    transformers = ["sd3", "sd3.5-large", "flux", "flux2", "flux2-klein-4b", "flux2-klein-9b", "pixart", "sana",
-                    "chroma", "zimage", "qwenimage", "lumina2"]  # fmt: skip
+    transformers = ["sd3", "sd3.5-large", "flux", "flux-kontext", "flux2", "flux2-klein-4b", "flux2-klein-9b",
+                    "pixart", "sana", "chroma", "zimage", "qwenimage", "lumina2"]  # fmt: skip
     parser.add_argument("--family", choices=sorted([*UNETS, *transformers]), default="sdxl",
                         help="sd3: SD 3 medium; sd3.5-large: SD 3.5 large (8.1 B)")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=1024)
@@ -162,6 +162,8 @@ def main() -> None:
     if args.lora:
         add_lora(model, tc.lora, family.lora_targets)
     side = args.resolution // (32 if args.family == "sana" else 8)
+    if args.family == "flux-kontext":  # the reference's latents, of the image's size, beside the noisy ones
+        cond["reference_latents"] = torch.zeros(1, channels, side, side, device="meta")
     if args.family == "lumina2":  # its rotary embedding reads the prompts' lengths off the mask: every token, here
         rope = model.rope_embedder.forward
         model.rope_embedder.forward = lambda x, mask: rope(x, torch.ones(mask.shape, dtype=torch.long))
@@ -203,7 +205,7 @@ def _models(name: str) -> tuple[torch.nn.Module, dict, dict, int]:
                 "pooled_projections": torch.zeros(1, 2048),
             }
             return model, frozen, cond, 16
-        if name == "flux":
+        if name in ("flux", "flux-kontext"):  # Kontext-dev is FLUX.1 dev's transformer
             model = FluxTransformer2DModel(**FLUX_DEV)
             vae = AutoencoderKL(**(SD_VAE | {"latent_channels": 16}))
             frozen = {"vae": vae, "text_encoder": CLIPTextModel(CLIPTextConfig(**VIT_L)),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import FluxKontextPipeline, FluxPipeline, StableDiffusionPipeline
 
 from sdtrain.config import Config, load_config
 from sdtrain.models.families import Encoders, detect, families, for_config
@@ -80,6 +80,8 @@ def test_every_family_provides_the_interface(
     folders |= {"pixart": pixart_dir, "flux": flux_dir, "sana": sana_dir, "chroma": chroma_dir, "zimage": zimage_dir}
     folders |= {"qwenimage": qwenimage_dir, "flux2-klein": flux2_klein_dir, "flux2": flux2_dir, "lumina2": lumina2_dir}
     folders["instruct-pix2pix"] = _tiny_edit_pipeline(tmp_path / "edit", clip_dir, vae_dir)
+    folders["flux-kontext"] = tmp_path / "kontext"  # Flux's components, the edit pipeline's class
+    FluxKontextPipeline(**FluxPipeline.from_pretrained(flux_dir).components).save_pretrained(folders["flux-kontext"])
     assert set(folders) == set(families())  # a new family brings its tiny folder here
     for name, family in families().items():
         config = load_config(Config, None, [f"model.pretrained={folders[name]}", "data.resolution=32"])
