@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxKontextPipeline, FluxPipeline, StableDiffusionPipeline
+from diffusers import (
+    ControlNetModel,
+    FluxKontextPipeline,
+    FluxPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+)
 
 from sdtrain.config import Config, load_config
 from sdtrain.models.families import Encoders, detect, families, for_config
@@ -80,6 +86,10 @@ def test_every_family_provides_the_interface(
     folders |= {"pixart": pixart_dir, "flux": flux_dir, "sana": sana_dir, "chroma": chroma_dir, "zimage": zimage_dir}
     folders |= {"qwenimage": qwenimage_dir, "flux2-klein": flux2_klein_dir, "flux2": flux2_dir, "lumina2": lumina2_dir}
     folders["instruct-pix2pix"] = _tiny_edit_pipeline(tmp_path / "edit", clip_dir, vae_dir)
+    folders["sd-controlnet"] = tmp_path / "controlnet"  # SD's, with a ControlNet made from its UNet
+    sd = StableDiffusionPipeline.from_pretrained(folders["sd"])
+    control = ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(16, 32))
+    StableDiffusionControlNetPipeline(**sd.components | {"controlnet": control}).save_pretrained(tmp_path / "controlnet")
     folders["flux-kontext"] = tmp_path / "kontext"  # Flux's components, the edit pipeline's class
     FluxKontextPipeline(**FluxPipeline.from_pretrained(flux_dir).components).save_pretrained(folders["flux-kontext"])
     assert set(folders) == set(families())  # a new family brings its tiny folder here

@@ -97,6 +97,10 @@ def check_conditions(config: Config, data: bool = True) -> None:
     """
     family, names, images = for_config(config.model), config.data.conditions, config.sample.images
     kind = family.condition
+    if config.train.lora.rank and not family.lora_targets:
+        raise ConfigError(f"train.lora: the {family.name} family trains a model of its own, wholly (no LoRA)")
+    if config.model.controlnet and family.condition != "control":
+        raise ConfigError(f"model.controlnet: the {family.name} family has no ControlNet (model.family=sd-controlnet)")
     if kind is None and names:
         raise ConfigError(f"data.conditions={names}: the {family.name} family draws from text alone and takes no "
                           "condition images (an edit model or a ControlNet does)")  # fmt: skip

@@ -1,0 +1,148 @@
+"""A ControlNet for Stable Diffusion 1.x / 2.x: a ``ControlNetModel`` trains beside the frozen UNet it steers, reading
+a control image (edges, depth, a pose, a mask: ``data.conditions=[control]``) in pixels in [0, 1], as
+``StableDiffusionControlNetPipeline`` prepares it; its residuals are added to the UNet's skip connections and middle
+block. Text encoder, autoencoder and objective are Stable Diffusion's (:mod:`sdtrain.models.families.sd`); exported
+as a ``StableDiffusionControlNetPipeline`` (the frozen UNet with the trained ControlNet), sampled by
+``sdtrain generate --control IMAGE``.
+
+What trains is :class:`ControlledUNet`, the ControlNet with the frozen UNet inside (the loop sees one denoiser; its
+trainable weights, the ControlNet's, are the optimizer's and the EMA's). The ControlNet is loaded
+(``model.controlnet``, or the pipeline's own) or made from the base UNet as diffusers' ``train_controlnet.py`` does:
+its encoder copied, the zero convolutions at zero (so training starts from the base's own prediction), the control
+image's embedding downsampling by the autoencoder's factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
+
+from sdtrain.config import ConfigError
+from sdtrain.models.families import Conditioning, Encoders, Family, sd
+from sdtrain.models.vae import downsample_factor
+
+CONTROL = "controlnet_cond"  # the conditioning key of the control image (the pipeline's name for it)
+EMBEDDING_CHANNELS = (16, 32, 96, 256)  # the control embedding's widths (diffusers' default, for a factor-8 VAE)
+
+
+class ControlledUNet(torch.nn.Module):
+    """A ControlNet and the frozen UNet it steers, called as the pipeline calls them."""
+
+    def __init__(self, controlnet: ControlNetModel, unet: UNet2DConditionModel):
+        super().__init__()
+        self.controlnet, self.unet = controlnet, unet.requires_grad_(False)
+
+    @property
+    def config(self):
+        """The UNet's config: the model's shape and default size, as the pipeline reads them."""
+        return self.unet.config
+
+    def __eq__(self, other) -> bool:  # the same parts: the same model (a pipeline's components come back equal)
+        return isinstance(other, ControlledUNet) and (other.controlnet, other.unet) == (self.controlnet, self.unet)
+
+    def __hash__(self) -> int:
+        return hash((id(self.controlnet), id(self.unet)))
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.controlnet.enable_gradient_checkpointing()
+        self.unet.enable_gradient_checkpointing()
+
+    def forward(self, noisy, timesteps, encoder_hidden_states, controlnet_cond, **kwargs) -> torch.Tensor:
+        down, middle = self.controlnet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states,
+                                       controlnet_cond=controlnet_cond, return_dict=False, **kwargs)  # fmt: skip
+        return self.unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states,
+                         down_block_additional_residuals=down, mid_block_additional_residual=middle, **kwargs).sample  # fmt: skip
+
+
+@dataclass
+class Components:
+    """Stable Diffusion's, and the ControlNet with its frozen UNet (``controlnet``, what trains)."""
+
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    controlnet: ControlledUNet
+
+
+def load_components(config, denoiser: bool = True) -> Components:
+    """Stable Diffusion's frozen parts and UNet (frozen here), and the ControlNet: loaded, or made from the UNet."""
+    m = config.model
+    base = sd.load_components(config, denoiser)
+    if not denoiser:
+        return Components(base.vae, base.text_encoder, base.tokenizer, None)
+    if m.unet.from_scratch or not (m.unet.pretrained or m.pretrained):
+        raise ConfigError("a ControlNet steers a trained Stable Diffusion UNet: set model.pretrained (or "
+                          "model.unet.pretrained), not model.unet.from_scratch")  # fmt: skip
+    source = m.controlnet or (m.pretrained if _has_controlnet(m.pretrained) else None)
+    if source:
+        controlnet = ControlNetModel.from_pretrained(source, **({} if m.controlnet else {"subfolder": "controlnet"}))
+    else:
+        levels = downsample_factor(base.vae).bit_length()  # the control image's embedding: one level per halving, + 1
+        controlnet = ControlNetModel.from_unet(
+            base.unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS[:levels]
+        )
+    return Components(base.vae, base.text_encoder, base.tokenizer, ControlledUNet(controlnet, base.unet))
+
+
+def _has_controlnet(path: str | None) -> bool:
+    from sdtrain.models.families import pipeline_index
+
+    return bool(path) and "controlnet" in pipeline_index(path)
+
+
+def encode_controls(images: list[torch.Tensor]) -> Conditioning:
+    """The control image as the pipeline's ``prepare_image`` gives it to the ControlNet: pixels in [0, 1]."""
+    if len(images) != 1:
+        raise ConfigError(f"a ControlNet reads one control image; data.conditions names {len(images)}")
+    return {CONTROL: (images[0] + 1) / 2}
+
+
+def predict(model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """The UNet's output steered by the ControlNet's residuals for the control image."""
+    return model(noisy, timesteps, **cond)
+
+
+def encoders(components: Components) -> Encoders:
+    """Stable Diffusion's, and the control images' encoding (their pixels)."""
+    base = sd.Components(components.vae, components.text_encoder, components.tokenizer, None)
+    encoded = sd.encoders(base)
+    return Encoders(encoded.vae, encoded.encode_text, encoded.text_identity, encode_conditions=encode_controls)
+
+
+def pipeline_components(components: Components, img2img: bool = False) -> dict[str, Any]:
+    """The keyword arguments of ``StableDiffusionControlNetPipeline``: Stable Diffusion's, the ControlNet apart."""
+    model = components.controlnet
+    base = sd.Components(components.vae, components.text_encoder, components.tokenizer, model.unet)
+    return sd.pipeline_components(base) | {"controlnet": model.controlnet}
+
+
+def components_of(pipe: StableDiffusionControlNetPipeline) -> Components:
+    """The components of a loaded ``StableDiffusionControlNetPipeline``."""
+    return Components(pipe.vae, pipe.text_encoder, pipe.tokenizer, ControlledUNet(pipe.controlnet, pipe.unet))
+
+
+def frozen(components: Components) -> dict[str, torch.nn.Module]:
+    """The frozen modules, by the name checkpoints record them under (the UNet is inside the trained model)."""
+    return {"vae": components.vae, "text_encoder": components.text_encoder}
+
+
+FAMILY = Family(
+    name="sd-controlnet",
+    pipeline_classes=("StableDiffusionControlNetPipeline",),
+    txt2img=StableDiffusionControlNetPipeline,
+    img2img=None,
+    denoiser="controlnet",
+    lora_targets=(),
+    objectives=("ddpm",),
+    load=load_components,
+    encode_prompts=sd.encode_prompts,
+    predict=predict,
+    pipeline_components=pipeline_components,
+    components_of=components_of,
+    frozen=frozen,
+    encoders=encoders,
+    condition="control",
+)
