@@ -93,8 +93,8 @@ def test_the_training_call_is_the_pipelines(sd_dir):
         torch.testing.assert_close(encoders.encode_conditions([pixels])[CONTROL], prepared, atol=1 / 255, rtol=0)
         down, middle = pipe.controlnet(x, t, encoder_hidden_states=cond["encoder_hidden_states"],
                                        controlnet_cond=cond[CONTROL], return_dict=False)  # fmt: skip
-        theirs = pipe.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"],
-                           down_block_additional_residuals=down, mid_block_additional_residual=middle).sample  # fmt: skip
+        residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": middle}
+        theirs = pipe.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"], **residuals).sample
         assert torch.equal(CONTROLNET.predict(model, x, t, cond), theirs)
 
 

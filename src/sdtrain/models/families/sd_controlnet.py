@@ -53,8 +53,8 @@ class ControlledUNet(torch.nn.Module):
     def forward(self, noisy, timesteps, encoder_hidden_states, controlnet_cond, **kwargs) -> torch.Tensor:
         down, middle = self.controlnet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states,
                                        controlnet_cond=controlnet_cond, return_dict=False, **kwargs)  # fmt: skip
-        return self.unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states,
-                         down_block_additional_residuals=down, mid_block_additional_residual=middle, **kwargs).sample  # fmt: skip
+        residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": middle}
+        return self.unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states, **residuals, **kwargs).sample
 
 
 @dataclass
