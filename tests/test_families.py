@@ -89,7 +89,8 @@ def test_every_family_provides_the_interface(
     folders["sd-controlnet"] = tmp_path / "controlnet"  # SD's, with a ControlNet made from its UNet
     sd = StableDiffusionPipeline.from_pretrained(folders["sd"])
     control = ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(16, 32))
-    StableDiffusionControlNetPipeline(**sd.components | {"controlnet": control}).save_pretrained(folders["sd-controlnet"])
+    controlled = StableDiffusionControlNetPipeline(**sd.components | {"controlnet": control})
+    controlled.save_pretrained(folders["sd-controlnet"])
     folders["flux-kontext"] = tmp_path / "kontext"  # Flux's components, the edit pipeline's class
     FluxKontextPipeline(**FluxPipeline.from_pretrained(flux_dir).components).save_pretrained(folders["flux-kontext"])
     assert set(folders) == set(families())  # a new family brings its tiny folder here
