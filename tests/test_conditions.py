@@ -51,6 +51,8 @@ def test_folder_manifest_and_shard_records_hold_their_conditions(tmp_path):
     (folder / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     manifest = list_records(folder / "m.jsonl", conditions=["before"])
     assert [r["conditions"][0] for r in manifest] == [r["conditions"][0] for r in records]
+    beside = list_records(folder / "m.jsonl", conditions=["ref"])  # no such column: NAME.ref.png beside the image
+    assert [r["conditions"][0] for r in beside] == [r["conditions"][0] for r in records]
 
     from sdtrain.data.sources import shard_records
 

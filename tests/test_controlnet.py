@@ -110,3 +110,31 @@ def test_controlnet_settings_are_checked(tmp_path, sd_dir):
     with pytest.raises(ConfigError, match="not model.unet.from_scratch"):
         CONTROLNET.load(load_config(Config, None, overrides(tmp_path / "r", data, sd_dir)
                                     + ["model.unet.from_scratch=true"]))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_controlnet_resumes_bit_exact_after_sigkill_and_two_processes_train_what_one_does(tmp_path, sd_dir):
+    """The ControlNet's run killed mid-accumulation after a checkpoint and rerun ends with the uninterrupted run's
+    losses and weights bit for bit; under DDP 2 processes train what one does (the frozen UNet inside the trained
+    model has no gradients to reduce)."""
+    from tests.test_distributed import ADAM_EPS, _launch_ddp
+    from tests.test_faults import KILLED, _losses, _train
+
+    data = controls(write_pairs(tmp_path / "pairs", count=5, size=40))
+    extra = ["train.gradient_accumulation=2", "train.num_steps=6", "train.save_every=3", ADAM_EPS]
+
+    def weights(run: str) -> dict:
+        return load_file(tmp_path / run / "final" / "controlnet" / "diffusion_pytorch_model.safetensors")
+
+    assert _train(overrides(tmp_path / "a", data, sd_dir) + extra).returncode == 0
+    assert _train(overrides(tmp_path / "b", data, sd_dir) + extra, "kill_micro=8").returncode == KILLED
+    assert _train(overrides(tmp_path / "b", data, sd_dir) + extra).returncode == 0
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+    a, b = weights("a"), weights("b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    result = _launch_ddp(overrides(tmp_path / "two", data, sd_dir) + extra)
+    assert result.returncode == 0 and "world size 2" in result.stderr, result.stderr[-3000:]
+    one_losses = [loss for _, loss in _losses(tmp_path / "a")]
+    assert [loss for _, loss in _losses(tmp_path / "two")] == pytest.approx(one_losses, rel=1e-5)
+    two = weights("two")
+    assert max((a[k] - two[k]).abs().max().item() for k in a) < 1e-6

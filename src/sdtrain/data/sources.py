@@ -18,7 +18,6 @@ they are read once (the disk cache, evaluation). :func:`is_shards` decides which
 from __future__ import annotations
 
 import csv
-import glob
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -82,7 +81,7 @@ def list_records(
     """The records of a folder, manifest or Hugging Face dataset (see the module docstring); with ``conditions``
     (``data.conditions``) each record also holds ``"conditions"``, its condition images in that order (a path,
     bytes, or None where it has none): ``NAME.<condition>.<suffix>`` beside an image of a folder (not a training
-    image of its own), the column ``<condition>`` of a manifest or dataset.
+    image of its own), the column ``<condition>`` of a manifest (else that file beside the row's image) or dataset.
 
     Raises:
         DataError: a manifest row that cannot be read (not JSON, not an object, a CSV line it cannot parse), naming
@@ -113,7 +112,8 @@ def list_records(
                 caption = sidecar.read_bytes()  # decoded (UTF-8 or skipped) by clean_caption
                 break
         record = {"image": image, "caption": caption}
-        records.append(record | ({"conditions": condition_files(image, conditions)} if conditions else {}))
+        records.append(record | ({"conditions": list(condition_files(image, conditions).values())} if conditions
+                                 else {}))  # fmt: skip
     if not records:
         raise DataError(f"{root}: no images found in it (and no {' / '.join(MANIFESTS)})")
     return records
@@ -142,13 +142,16 @@ def condition_of(path: Path, conditions: Sequence[str]) -> str | None:
     return parts[1] if len(parts) == 3 and parts[1] in conditions else None
 
 
-def condition_files(image: Path, conditions: Sequence[str]) -> list[Path | None]:
-    """The ``NAME.<condition>.<suffix>`` files beside ``image``, one per condition (None where there is none)."""
-    found = []
-    for condition in conditions:
-        beside = sorted(image.parent.glob(f"{glob.escape(image.stem)}.{condition}.*"))
-        found.append(next((p for p in beside if p.suffix.lower() in IMAGE_SUFFIXES), None))
+def condition_files(image: Path, conditions: Sequence[str]) -> dict[str, Path | None]:
+    """The ``NAME.<condition>.<suffix>`` files beside ``image``, by condition (None where there is none)."""
+    found = {}
+    for condition in conditions:  # a few stats each, not a listing of the folder per image
+        names = (f"{image.stem}.{condition}{suffix}" for suffix in CONDITION_SUFFIXES)
+        found[condition] = next((p for p in (image.parent / n for n in names) if p.is_file()), None)
     return found
+
+
+CONDITION_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".PNG", ".JPG", ".JPEG", ".WEBP", ".bmp", ".tif", ".tiff")
 
 
 def check_condition_files(records: Sequence[dict], conditions: Sequence[str], where: str) -> None:
@@ -275,8 +278,10 @@ def _manifest(
         if image_column not in row:
             raise DataError(f"{manifest}: row {number} has no {image_column!r} column (set data.image_column)")
         record = {"image": _image_value(row[image_column], manifest.parent), "caption": row.get(caption_column)}
-        if conditions:
-            record["conditions"] = [_image_value(row.get(c), manifest.parent) for c in conditions]
+        if conditions:  # the column, else NAME.<condition>.png beside the row's image
+            beside = condition_files(record["image"], conditions) if isinstance(record["image"], Path) else None
+            record["conditions"] = [_image_value(row[c], manifest.parent) if row.get(c) else (beside or {}).get(c)
+                                    for c in conditions]  # fmt: skip
         records.append(record)
     return records
 
