@@ -138,3 +138,25 @@ def test_controlnet_resumes_bit_exact_after_sigkill_and_two_processes_train_what
     assert [loss for _, loss in _losses(tmp_path / "two")] == pytest.approx(one_losses, rel=1e-5)
     two = weights("two")
     assert max((a[k] - two[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_an_sdxl_controlnet_trains_and_draws_its_pipelines_pixels(tmp_path, sdxl_dir):
+    """SDXL's: the ControlNet made from SDXL's UNet reads the pooled text and size ids too; the export loads in plain
+    StableDiffusionXLControlNetPipeline and draws what `sdtrain generate --control` draws."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from sdtrain.models.families.sdxl_controlnet import FAMILY as SDXL_CONTROLNET
+
+    data = controls(write_pairs(tmp_path / "pairs", count=4, size=32))
+    extra = ["model.family=sdxl-controlnet", "data.conditions=[control]", "train.num_steps=2"]
+    final = train(load_config(Config, None, pipeline_overrides(tmp_path / "run", data, sdxl_dir) + extra))
+    assert detect(final) is SDXL_CONTROLNET
+    control = Image.open(data / "003.control.png").convert("RGB")
+    ours = Pipeline.from_pretrained(final, device="cpu")
+    images = ours.generate(["a red square"], control=control, num_inference_steps=3, guidance_scale=2.0, height=32,
+                           width=40, seed=1).images  # fmt: skip
+    plain = StableDiffusionXLControlNetPipeline.from_pretrained(final)
+    plain.set_progress_bar_config(disable=True)
+    theirs = plain(["a red square"], image=[control], num_inference_steps=3, guidance_scale=2.0, height=32, width=40,
+                   generator=[torch.Generator().manual_seed(1)]).images  # fmt: skip
+    assert np.array_equal(np.asarray(images[0]), np.asarray(theirs[0]))

@@ -17,6 +17,8 @@ from diffusers import (
     FluxPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLPipeline,
 )
 
 from sdtrain.config import Config, load_config
@@ -91,6 +93,11 @@ def test_every_family_provides_the_interface(
     control = ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(16, 32))
     controlled = StableDiffusionControlNetPipeline(**sd.components | {"controlnet": control})
     controlled.save_pretrained(folders["sd-controlnet"])
+    folders["sdxl-controlnet"] = tmp_path / "sdxl-controlnet"
+    xl = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    control = ControlNetModel.from_unet(xl.unet, conditioning_embedding_out_channels=(16, 32))
+    controlled = StableDiffusionXLControlNetPipeline(**xl.components | {"controlnet": control})
+    controlled.save_pretrained(folders["sdxl-controlnet"])
     folders["flux-kontext"] = tmp_path / "kontext"  # Flux's components, the edit pipeline's class
     FluxKontextPipeline(**FluxPipeline.from_pretrained(flux_dir).components).save_pretrained(folders["flux-kontext"])
     assert set(folders) == set(families())  # a new family brings its tiny folder here

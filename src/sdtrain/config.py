@@ -170,6 +170,7 @@ class ModelConfig:
             "instruct-pix2pix",
             "flux-kontext",
             "sd-controlnet",
+            "sdxl-controlnet",
         ]
         | None
     ) = None
@@ -178,9 +179,9 @@ class ModelConfig:
     flow matching; pixart: PixArt-Sigma;
     sana: Sana, flow matching; chroma: Chroma1, flow matching; zimage: Z-Image, flow matching; qwenimage: Qwen-Image,
     flow matching; lumina2: Lumina 2, flow matching; instruct-pix2pix: Stable Diffusion taught to edit a reference
-    image, data.conditions=[NAME]; flux-kontext: FLUX.1 Kontext, Flux editing a reference image; sd-controlnet: a
-    ControlNet trained for a frozen Stable Diffusion 1.x / 2.x); unset: read from model.pretrained's
-    model_index.json, else sd."""
+    image, data.conditions=[NAME]; flux-kontext: FLUX.1 Kontext, Flux editing a reference image; sd-controlnet /
+    sdxl-controlnet: a ControlNet trained for a frozen Stable Diffusion 1.x / 2.x / SDXL); unset: read from
+    model.pretrained's model_index.json, else sd."""
     pretrained: str | None = None
     """A pipeline folder or hub id (its family is detected); components without a path of their own come from it."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -195,9 +196,9 @@ class ModelConfig:
     """The denoiser: a UNet's knobs; its pretrained / subfolder / from_scratch keys also name a transformer's."""
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     controlnet: str | None = None
-    """A ControlNet to fine-tune (a ControlNetModel folder or hub id) for model.family=sd-controlnet; None: the
-    pipeline's own where model.pretrained is a ControlNet pipeline, else one made from the base UNet (its encoder
-    copied, the zero convolutions at zero, as diffusers' train_controlnet.py does)."""
+    """A ControlNet to fine-tune (a ControlNetModel folder or hub id) for model.family=sd-controlnet or
+    sdxl-controlnet; None: the pipeline's own where model.pretrained is a ControlNet pipeline, else one made from the
+    base UNet (its encoder copied, the zero convolutions at zero, as diffusers' train_controlnet.py does)."""
     quantize: Quantize = "none"
     """Hold the frozen base of a LoRA denoiser quantised (fp8, int8, nf4; docs/memory.md): it must be loaded from
     model.pretrained or model.unet.pretrained, whose full-precision weights the export merges the adapters into."""

@@ -1,6 +1,6 @@
 """Model families: what differs between Stable Diffusion 1.x / 2.x, SDXL, SD3, Flux, FLUX.2 (dev and klein), PixArt,
-Sana, Chroma, Z-Image, Qwen-Image, Lumina 2, the edit models InstructPix2Pix and FLUX.1 Kontext, and Stable
-Diffusion's ControlNet, one module each.
+Sana, Chroma, Z-Image, Qwen-Image, Lumina 2, the edit models InstructPix2Pix and FLUX.1 Kontext, and the
+ControlNets of Stable Diffusion and SDXL, one module each.
 
 A :class:`Family` says, declaratively, which diffusers pipeline classes it samples and exports with, which component
 trains and which adapters LoRA adds, and, as functions, how its components load, how prompts become conditioning (a
@@ -168,11 +168,12 @@ def families() -> dict[str, Family]:
         sd3,
         sd_controlnet,
         sdxl,
+        sdxl_controlnet,
         zimage,
     )
 
     modules = (sd, sdxl, sd3, flux, pixart, sana, chroma, zimage, qwenimage, flux2, flux2_klein, lumina2,
-               instruct_pix2pix, flux_kontext, sd_controlnet)  # fmt: skip
+               instruct_pix2pix, flux_kontext, sd_controlnet, sdxl_controlnet)  # fmt: skip
     return {m.FAMILY.name: m.FAMILY for m in modules}
 
 

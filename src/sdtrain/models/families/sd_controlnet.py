@@ -69,22 +69,31 @@ class Components:
 
 def load_components(config, denoiser: bool = True) -> Components:
     """Stable Diffusion's frozen parts and UNet (frozen here), and the ControlNet: loaded, or made from the UNet."""
-    m = config.model
+    if config.model.unet.from_scratch:
+        controlled(config, None, None)  # refused before a UNet is built
     base = sd.load_components(config, denoiser)
-    if not denoiser:
-        return Components(base.vae, base.text_encoder, base.tokenizer, None)
+    model = controlled(config, base.unet, base.vae) if denoiser else None
+    return Components(base.vae, base.text_encoder, base.tokenizer, model)
+
+
+def controlled(config, unet: UNet2DConditionModel | None, vae) -> ControlledUNet:
+    """``unet`` (frozen) with the ControlNet the config names: ``model.controlnet``, else ``model.pretrained``'s own,
+    else one made from ``unet`` as diffusers makes it (the control embedding sized to ``vae``'s factor).
+
+    Raises:
+        ConfigError: a UNet built from scratch, or none given (a ControlNet steers a trained one).
+    """
+    m = config.model
     if m.unet.from_scratch or not (m.unet.pretrained or m.pretrained):
-        raise ConfigError("a ControlNet steers a trained Stable Diffusion UNet: set model.pretrained (or "
-                          "model.unet.pretrained), not model.unet.from_scratch")  # fmt: skip
+        raise ConfigError("a ControlNet steers a trained UNet: set model.pretrained (or model.unet.pretrained), not "
+                          "model.unet.from_scratch")  # fmt: skip
     source = m.controlnet or (m.pretrained if _has_controlnet(m.pretrained) else None)
     if source:
         controlnet = ControlNetModel.from_pretrained(source, **({} if m.controlnet else {"subfolder": "controlnet"}))
     else:
-        levels = downsample_factor(base.vae).bit_length()  # the control image's embedding: one level per halving, + 1
-        controlnet = ControlNetModel.from_unet(
-            base.unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS[:levels]
-        )
-    return Components(base.vae, base.text_encoder, base.tokenizer, ControlledUNet(controlnet, base.unet))
+        levels = downsample_factor(vae).bit_length()  # the control image's embedding: one level per halving, + 1
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS[:levels])
+    return ControlledUNet(controlnet, unet)
 
 
 def _has_controlnet(path: str | None) -> bool:
