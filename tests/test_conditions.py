@@ -3,6 +3,7 @@ image, encoded into both caches, skipped and counted when broken; the InstructPi
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
@@ -235,6 +236,13 @@ def test_both_caches_hold_the_condition_latents(tmp_path, vae_dir, clip_dir):
     assert 0 < dropped.sum() < 4  # some dropped to the null condition, some kept
     torch.testing.assert_close(memory[key], online[key], atol=1e-5, rtol=0)
     torch.testing.assert_close(disk[key], online[key], atol=2e-2, rtol=1e-2)  # stored in fp16
+
+    from sdtrain.data.decode import DataError
+    from sdtrain.models.families import sd_controlnet
+
+    controls = dataclasses.replace(encoders, encode_conditions=sd_controlnet.encode_controls)
+    with pytest.raises(DataError, match="differs from this run in: conditions"):  # a ControlNet's encoding is another
+        DiskCache(config.data, controls)
 
 
 @pytest.mark.slow

@@ -66,8 +66,16 @@ def fingerprint(config: DataConfig, encoders: Encoders) -> dict[str, Any]:
         "buckets": [list(b) for b in config_buckets(config)],
         **({"trigger": config.trigger} if config.trigger else {}),  # in the cached captions' embeddings
         **({"masked_loss": True} if config.masked_loss else {}),  # the parts hold masks
-        **({"conditions": list(config.conditions)} if config.conditions else {}),  # and encoded condition images
+        **({"conditions": _conditions(config, encoders)} if config.conditions else {}),  # and their encoding
     }
+
+
+def _conditions(config: DataConfig, encoders: Encoders) -> dict[str, Any]:
+    """The condition images' names and who encodes them: each family encodes its own way (InstructPix2Pix's unscaled
+    latents, Kontext's scaled ones, a ControlNet's pixels), and a cache of one is not another's."""
+    encode = encoders.encode_conditions
+    by = f"{encode.__module__}.{encode.__qualname__}" if encode is not None else None
+    return {"names": list(config.conditions), "encoded_by": by}
 
 
 def _write_atomic(path: Path, write) -> None:
