@@ -190,6 +190,34 @@ def test_instruct_pix2pix_trains_exports_and_draws_its_pipelines_pixels(tmp_path
         ours.reconstruct("make it red", reference)
 
 
+def test_instruct_pix2pix_lora_loads_in_its_plain_pipeline(tmp_path, vae_dir, clip_dir):
+    """The LoRA of an edit model: diffusers' file loads into the plain pipeline over the base and draws what the
+    merged export draws; kohya's file is written beside it."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    from sdtrain.train.loop import train
+
+    data = write_pairs(tmp_path / "pairs", count=4)
+    base = train(load_config(Config, None, edit_overrides(tmp_path / "base", data, vae_dir, clip_dir)
+                             + ["train.num_steps=1"]))  # fmt: skip
+    extra = [f"model.pretrained={base}", "train.lora.rank=4", "train.optim.lr=1e-2", "train.ema_decay=null",
+             "train.num_steps=2"]  # fmt: skip
+    final = train(load_config(Config, None, edit_overrides(tmp_path / "lora", data, vae_dir, clip_dir) + extra))
+    assert (final / "lora" / "lora_kohya.safetensors").is_file()
+    reference = Image.open(data / "000.ref.png").convert("RGB")
+    kwargs = dict(prompt="make the square red", image=reference, num_inference_steps=2, output_type="np")
+    plain = StableDiffusionInstructPix2PixPipeline.from_pretrained(base, safety_checker=None)
+    plain.set_progress_bar_config(disable=True)
+    before = plain(generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    plain.load_lora_weights(final / "lora")
+    with_lora = plain(generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    merged = StableDiffusionInstructPix2PixPipeline.from_pretrained(final, safety_checker=None)
+    merged.scheduler = plain.scheduler
+    merged.set_progress_bar_config(disable=True)
+    again = merged(generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    assert np.abs(with_lora - before).max() > 1e-3 and np.abs(with_lora - again).max() < 2e-3
+
+
 def test_a_text_to_image_unet_is_widened_as_diffusers_does(tmp_path, vae_dir, clip_dir):
     from sdtrain.models.families import instruct_pix2pix
     from tests.conftest import save_pipeline, tiny_unet

@@ -21,7 +21,7 @@ from sdtrain.models.families.flux_kontext import FAMILY as KONTEXT
 from sdtrain.models.families.flux_kontext import REFERENCE
 from sdtrain.sample.pipeline import Pipeline
 from sdtrain.train.loop import train
-from tests.conftest import pipeline_overrides
+from tests.conftest import assert_comfyui_transformer_layout, pipeline_overrides
 from tests.test_conditions import write_pairs
 
 EDIT = ["data.conditions=[ref]", "model.text_encoder_2.max_length=32", "train.objective.dynamic_shift=true"]
@@ -99,6 +99,7 @@ def test_kontext_lora_exports_in_diffusers_layout(tmp_path, kontext_dir):
     final = train(load_config(Config, None, pipeline_overrides(tmp_path / "run", data, kontext_dir) + extra))
     adapters = load_file(final / "lora" / "pytorch_lora_weights.safetensors")
     assert adapters and all(k.startswith("transformer.") for k in adapters)
+    assert_comfyui_transformer_layout(adapters, kontext_dir)  # ComfyUI reads Kontext's as FLUX.1's
     reference = Image.open(data / "000.ref.png").convert("RGB")
     kwargs = dict(prompt="make it red", image=reference, num_inference_steps=2, output_type="np", height=32,
                   width=40, max_area=32 * 40, _auto_resize=False, max_sequence_length=32)  # fmt: skip
