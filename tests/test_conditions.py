@@ -186,7 +186,7 @@ def test_instruct_pix2pix_trains_exports_and_draws_its_pipelines_pixels(tmp_path
         ours.generate("make it red", control=reference)
     with pytest.raises(Unsupported, match="reference image"):
         ours.generate("make it red")
-    with pytest.raises(Unsupported, match="--reference"):
+    with pytest.raises(Unsupported, match="no reconstruct; it edits references: generate --reference"):
         ours.reconstruct("make it red", reference)
 
 

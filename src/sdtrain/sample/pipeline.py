@@ -436,10 +436,8 @@ class Pipeline:
         cls = self.family.img2img if img2img else self.family.txt2img
         if cls is None:
             name = self.family.name
-            if self.family.condition == "reference":
-                raise Unsupported(f"a {name} model edits its reference under the prompt: generate with --reference "
-                                  "IMAGE (reference=... in Python)")  # fmt: skip
-            raise Unsupported(f"diffusers has no image-to-image pipeline for {name} models: no reconstruct")
+            edits = "; it edits references: generate --reference IMAGE" if self.family.condition == "reference" else ""
+            raise Unsupported(f"diffusers has no image-to-image pipeline for {name} models: no reconstruct{edits}")
         pipe = cls(**self.family.pipeline_components(self.components, img2img), scheduler=sched)
         pipe.set_progress_bar_config(disable=True)
         getattr(self.components, self.family.denoiser).eval()
@@ -462,7 +460,8 @@ class Pipeline:
         image_guidance_scale: float | None = None,
     ) -> Output:
         """Text to image, or for an edit model the ``reference`` image(s) edited under the prompts, for a ControlNet
-        drawn to the ``control`` image(s) (one for all prompts, or one per prompt). Image *i* (prompt-major) is sampled
+        drawn to the ``control`` image(s) (one for all prompts, or one per prompt; FLUX.2's references are the
+        call's, every prompt drawing from all of them). Image *i* (prompt-major) is sampled
         with its own generator seeded ``seed + i``; steps and guidance (and an edit model's image guidance) default to
         the model's ``sampling``, the size to :meth:`default_resolution` (every family's pipeline default, which Sana's
         pipeline does not fill in itself; an edit model's is its reference's)."""
@@ -474,6 +473,8 @@ class Pipeline:
             default = self.sampling.get(IMAGE_GUIDANCE, 1.5)
             extra[self.family.image_guidance] = default if image_guidance_scale is None else image_guidance_scale
         pipe = self.diffusers_pipeline(scheduler=scheduler)
+        if images is not None and self.family.shared_references:  # the call's references, every prompt's
+            extra["image"], images = images, None
         return txt2img(
             pipe, prompt, negative_prompt, num_images_per_prompt, steps, guidance, height, width, seed,
             progress=progress, unpack=self.family.pipeline_latents, encode=self.family.pipeline_prompts,
@@ -494,11 +495,10 @@ class Pipeline:
                 takes = f"takes a {kind} image" if kind else "is text-to-image"
                 raise Unsupported(f"a {name} image is for {what}; this {self.family.name} model {takes}")
         given = reference if kind == "reference" else control
-        if kind and given is None:
+        given = [given] if isinstance(given, Image.Image) else list(given or [])
+        if kind and not given and self.family.condition_required:
             raise Unsupported(f"this {self.family.name} model draws from a {kind} image: give one (--{kind} IMAGE)")
-        if given is None:
-            return None
-        return [given] if isinstance(given, Image.Image) else list(given)
+        return given or None
 
     def reconstruct(
         self,

@@ -619,7 +619,7 @@ def _sample(run: _Run, model: torch.nn.Module | None) -> Path | None:
     out_dir = run.out / "samples" / f"step-{step:06d}"
     with run.autocast():  # a base held in the compute dtype or quantised, fp32 adapters
         prompts = in_prompts(config.train.sample_prompts, config.data.trigger)
-        images = {run.family.condition: sample_images(config.sample.images)} if run.family.condition else {}
+        images = {run.family.condition: sample_images(config.sample.images)} if config.sample.images else {}
         result = _pipeline(run, model).generate(prompts, seed=config.train.seed, **images)
     placement.park(run.components, run.parked)  # the pipeline moved every component to the device
     block_swap.settle(model)

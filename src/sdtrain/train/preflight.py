@@ -106,11 +106,15 @@ def check_conditions(config: Config, data: bool = True) -> None:
                           "condition images (an edit model or a ControlNet does)")  # fmt: skip
     if kind is None and images:
         raise ConfigError(f"sample.images: the {family.name} family draws from text alone and takes no images")
-    if kind and data and not names:
+    if kind and data and not names and family.condition_required:
         raise ConfigError(f"the {family.name} family draws from a {kind} image: name it in data.conditions "
                           f"(data.conditions=[{kind}] reads NAME.{kind}.png beside each NAME.png)")  # fmt: skip
     prompts = config.train.sample_prompts
-    if kind and prompts and len(images) not in (1, len(prompts)):
+    if family.shared_references and images and len(images) != len(names):
+        raise ConfigError(f"sample.images: the {family.name} family's samples take the references every prompt "
+                          f"shares, one per data.conditions name ({len(names)}); {len(images)} given")  # fmt: skip
+    needed = family.condition_required or bool(names)
+    if kind and prompts and needed and not family.shared_references and len(images) not in (1, len(prompts)):
         count = f"{len(images)} for {len(prompts)} prompts"
         raise ConfigError(f"sample.images: the {family.name} family draws each of train.sample_prompts from a "
                           f"{kind} image: give one, or one per prompt ({count})")  # fmt: skip

@@ -102,6 +102,10 @@ class Family:
             none, a text-to-image model.
         image_guidance: the pipeline argument of the guidance towards the reference image (InstructPix2Pix's
             ``image_guidance_scale``, ``sample.image_guidance_scale``); None: it has none.
+        condition_required: whether every sample and sampling call needs its condition images (an edit model's);
+            False: a model that draws from text alone too (FLUX.2, whose references are optional).
+        shared_references: the pipeline's ``image`` is the list of references of the whole call, every prompt's
+            (FLUX.2's), not one image per prompt.
     """
 
     name: str
@@ -134,6 +138,8 @@ class Family:
     comfyui_lora: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     condition: str | None = None
     image_guidance: str | None = None
+    condition_required: bool = True
+    shared_references: bool = False
 
     def denoiser_of(self, components) -> torch.nn.Module:
         """The trained model among ``components``."""

@@ -39,7 +39,7 @@ from sdtrain.errors import Unsupported
 from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.text import load_text_encoder
-from sdtrain.models.vae import load_vae
+from sdtrain.models.vae import encode_moments, load_vae, scale_latents
 
 TOKENS = 512  # Flux2Pipeline's max_sequence_length
 LAYERS = (10, 20, 30)  # the pipeline's text_encoder_out_layers
@@ -148,23 +148,46 @@ def predict(
     it has one, at :data:`TRAIN_GUIDANCE`), then unpacked and unpatchified."""
     pipe = Flux2Pipeline
     b, _, h, w = noisy.shape
+    cond, references = _references(cond)
     patches = pipe._patchify_latents(noisy)
     image_ids = pipe._prepare_latent_ids(patches).to(noisy.device)
+    tokens, ids = pipe._pack_latents(patches), image_ids
+    if references:  # the references' tokens after the noisy ones, at time 10, 20, ... (the pipeline's ids)
+        parts = [pipe._patchify_latents(r.to(noisy)) for r in references]
+        reference_ids = pipe._prepare_image_ids([p[:1] for p in parts]).to(noisy.device).expand(b, -1, -1)
+        tokens = torch.cat([tokens, *(pipe._pack_latents(p) for p in parts)], dim=1)
+        ids = torch.cat([image_ids, reference_ids.to(image_ids.dtype)], dim=1)
     states = cond["encoder_hidden_states"]
     config = getattr(transformer, "module", transformer).config  # DDP and DeepSpeed wrap the model
     guidance = torch.full((b,), TRAIN_GUIDANCE, device=noisy.device) if config.guidance_embeds else None
     out = transformer(
-        hidden_states=pipe._pack_latents(patches),
+        hidden_states=tokens,
         timestep=timesteps.to(noisy.dtype) / 1000,
         guidance=guidance,
         encoder_hidden_states=states,
         txt_ids=pipe._prepare_text_ids(states).to(noisy.device),
-        img_ids=image_ids,
+        img_ids=ids,
         return_dict=False,
-    )[0]
+    )[0][:, : image_ids.shape[1]]
     # klein's pipeline's unpacking, which is dev's given the size (no device-to-host read of the largest id)
     unpacked = Flux2KleinPipeline._unpack_latents_with_ids(out, image_ids, h // 2, w // 2)
     return pipe._unpatchify_latents(unpacked)
+
+
+REFERENCE = "reference_latents_"  # the conditioning keys of the references' latents, by index (``..._0``, ...)
+
+
+def encode_references(vae, images: list[torch.Tensor]) -> Conditioning:
+    """The reference images (one batch per data.conditions name) as the pipeline's ``_encode_vae_image`` encodes
+    them: the posterior mean, normalised by the batch norm's statistics (kept in the autoencoder's shape, as the
+    latents are)."""
+    return {f"{REFERENCE}{i}": scale_latents(vae, encode_moments(vae, image)[0]) for i, image in enumerate(images)}
+
+
+def _references(cond: Conditioning) -> tuple[Conditioning, list[torch.Tensor]]:
+    """``cond`` without the references' latents, and those latents in their order."""
+    keys = sorted((k for k in cond if k.startswith(REFERENCE)), key=lambda k: int(k.removeprefix(REFERENCE)))
+    return {k: v for k, v in cond.items() if k not in keys}, [cond[k] for k in keys]
 
 
 def pipeline_prompts(pipe, prompts: list[str], negatives: list[str] | None) -> dict[str, Any]:
@@ -203,6 +226,7 @@ def encoders(components: Components) -> Encoders:
             "system_message": SYSTEM_MESSAGE,
             "layers": list(LAYERS),
         },
+        encode_conditions=lambda images: encode_references(c.vae, images),
     )
 
 
@@ -224,4 +248,7 @@ FAMILY = Family(
     sampling_kwargs=lambda components: {"max_sequence_length": max_tokens(components)},
     pipeline_prompts=pipeline_prompts,
     latent_output=False,
+    condition="reference",
+    condition_required=False,
+    shared_references=True,
 )

@@ -37,6 +37,7 @@ from sdtrain.config import ConfigError
 from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding, pipeline_index
 from sdtrain.models.families.flux2 import (
     LORA_TARGETS,
+    encode_references,
     frozen,
     load_autoencoder,
     load_transformer,
@@ -121,6 +122,7 @@ def encoders(components: Components) -> Encoders:
             "chat_template": c.tokenizer.chat_template,
             "layers": list(LAYERS),
         },
+        encode_conditions=lambda images: encode_references(c.vae, images),
     )
 
 
@@ -142,4 +144,7 @@ FAMILY = Family(
     sampling_kwargs=lambda components: {"max_sequence_length": max_tokens(components)},
     pipeline_prompts=pipeline_prompts,
     latent_output=False,
+    condition="reference",
+    condition_required=False,
+    shared_references=True,
 )
