@@ -151,7 +151,8 @@ def condition_files(image: Path, conditions: Sequence[str]) -> dict[str, Path | 
     return found
 
 
-CONDITION_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".PNG", ".JPG", ".JPEG", ".WEBP", ".bmp", ".tif", ".tiff")
+# the suffixes a condition image may have (any image's, either case), PNG first
+CONDITION_SUFFIXES = tuple(sorted({c for s in IMAGE_SUFFIXES for c in (s, s.upper())}, key=lambda s: (s != ".png", s)))
 
 
 def check_condition_files(records: Sequence[dict], conditions: Sequence[str], where: str) -> None:

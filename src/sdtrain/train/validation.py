@@ -65,10 +65,10 @@ def build_validation_set(data: DataConfig, diffusion, encoders: Encoders, seed: 
     latents = scale_latents(vae, torch.cat(means).float())
     target = (data.resolution, data.resolution)
     embeddings = encoders.encode_text(captions) | size_condition(encoders, (originals, crops), target, latents.device)
-    for i in range(0, len(conditions), 32):  # the condition images, encoded as training encodes them (none dropped)
-        chunk = stack_conditions(conditions[i : i + 32], len(data.conditions), ())
-        encoded = encode_conditions(encoders, chunk, latents.device)
-        embeddings |= {k: torch.cat([embeddings[k], v]) if k in embeddings else v for k, v in encoded.items()}
+    if conditions:  # the condition images, encoded as training encodes them (none dropped)
+        chunks = [encode_conditions(encoders, stack_conditions(conditions[i : i + 32], len(data.conditions), ()),
+                                    latents.device) for i in range(0, len(conditions), 32)]  # fmt: skip
+        embeddings |= {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
     # stratified: image i at timesteps spread over the range, offset per image so the images cover it between them
     n, k = latents.shape[0], TIMESTEPS_PER_IMAGE
     timesteps = diffusion.fixed_timesteps(n * k).view(k, n).t().reshape(-1)

@@ -12,7 +12,6 @@ input channels starting at zero (so the model starts as the text-to-image model 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
@@ -88,11 +87,6 @@ def encoders(components: sd.Components) -> Encoders:
     )
 
 
-def pipeline_components(components: sd.Components, img2img: bool = False) -> dict[str, Any]:
-    """The keyword arguments of ``StableDiffusionInstructPix2PixPipeline`` (Stable Diffusion's)."""
-    return sd.pipeline_components(components, img2img)
-
-
 FAMILY = Family(
     name="instruct-pix2pix",
     pipeline_classes=("StableDiffusionInstructPix2PixPipeline",),
@@ -109,7 +103,7 @@ FAMILY = Family(
     load=load_components,
     encode_prompts=sd.encode_prompts,
     predict=predict,
-    pipeline_components=pipeline_components,
+    pipeline_components=sd.pipeline_components,  # the pipeline takes Stable Diffusion's
     components_of=sd.components_of,
     frozen=sd.frozen,
     encoders=encoders,

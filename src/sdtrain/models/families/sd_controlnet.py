@@ -14,6 +14,7 @@ image's embedding downsampling by the autoencoder's factor.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,27 +67,36 @@ class Components:
     tokenizer: Any
     controlnet: ControlledUNet
 
+    def base(self) -> sd.Components:
+        """Stable Diffusion's components, the frozen UNet as its UNet."""
+        unet = self.controlnet.unet if self.controlnet is not None else None
+        return sd.Components(self.vae, self.text_encoder, self.tokenizer, unet)
+
 
 def load_components(config, denoiser: bool = True) -> Components:
     """Stable Diffusion's frozen parts and UNet (frozen here), and the ControlNet: loaded, or made from the UNet."""
-    if config.model.unet.from_scratch:
-        controlled(config, None, None)  # refused before a UNet is built
+    check_base(config)
     base = sd.load_components(config, denoiser)
     model = controlled(config, base.unet, base.vae) if denoiser else None
     return Components(base.vae, base.text_encoder, base.tokenizer, model)
 
 
-def controlled(config, unet: UNet2DConditionModel | None, vae) -> ControlledUNet:
-    """``unet`` (frozen) with the ControlNet the config names: ``model.controlnet``, else ``model.pretrained``'s own,
-    else one made from ``unet`` as diffusers makes it (the control embedding sized to ``vae``'s factor).
+def check_base(config) -> None:
+    """A ControlNet steers a trained UNet: one loaded, not built.
 
     Raises:
-        ConfigError: a UNet built from scratch, or none given (a ControlNet steers a trained one).
+        ConfigError: a UNet built from scratch, or none named.
     """
     m = config.model
     if m.unet.from_scratch or not (m.unet.pretrained or m.pretrained):
         raise ConfigError("a ControlNet steers a trained UNet: set model.pretrained (or model.unet.pretrained), not "
                           "model.unet.from_scratch")  # fmt: skip
+
+
+def controlled(config, unet: UNet2DConditionModel, vae) -> ControlledUNet:
+    """``unet`` (frozen) with the ControlNet the config names: ``model.controlnet``, else ``model.pretrained``'s own,
+    else one made from ``unet`` as diffusers makes it (the control embedding sized to ``vae``'s factor)."""
+    m = config.model
     source = m.controlnet or (m.pretrained if _has_controlnet(m.pretrained) else None)
     if source:
         controlnet = ControlNetModel.from_pretrained(source, **({} if m.controlnet else {"subfolder": "controlnet"}))
@@ -116,16 +126,12 @@ def predict(model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor
 
 def encoders(components: Components) -> Encoders:
     """Stable Diffusion's, and the control images' encoding (their pixels)."""
-    base = sd.Components(components.vae, components.text_encoder, components.tokenizer, None)
-    encoded = sd.encoders(base)
-    return Encoders(encoded.vae, encoded.encode_text, encoded.text_identity, encode_conditions=encode_controls)
+    return dataclasses.replace(sd.encoders(components.base()), encode_conditions=encode_controls)
 
 
 def pipeline_components(components: Components, img2img: bool = False) -> dict[str, Any]:
     """The keyword arguments of ``StableDiffusionControlNetPipeline``: Stable Diffusion's, the ControlNet apart."""
-    model = components.controlnet
-    base = sd.Components(components.vae, components.text_encoder, components.tokenizer, model.unet)
-    return sd.pipeline_components(base) | {"controlnet": model.controlnet}
+    return sd.pipeline_components(components.base()) | {"controlnet": components.controlnet.controlnet}
 
 
 def components_of(pipe: StableDiffusionControlNetPipeline) -> Components:

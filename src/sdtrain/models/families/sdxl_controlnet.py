@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from diffusers import StableDiffusionXLControlNetPipeline
 
 from sdtrain.models.families import Conditioning, Encoders, Family, sdxl
-from sdtrain.models.families.sd_controlnet import CONTROL, ControlledUNet, controlled, encode_controls
+from sdtrain.models.families.sd_controlnet import CONTROL, ControlledUNet, check_base, controlled, encode_controls
 
 
 @dataclass
@@ -36,8 +37,7 @@ class Components:
 
 def load_components(config, denoiser: bool = True) -> Components:
     """SDXL's frozen parts and UNet (frozen here), and the ControlNet: loaded, or made from the UNet."""
-    if config.model.unet.from_scratch:
-        controlled(config, None, None)  # refused before a UNet is built
+    check_base(config)
     b = sdxl.load_components(config, denoiser)
     model = controlled(config, b.unet, b.vae) if denoiser else None
     return Components(b.vae, b.text_encoder, b.text_encoder_2, b.tokenizer, b.tokenizer_2, model)
@@ -57,8 +57,7 @@ def predict(model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor
 
 def encoders(components: Components) -> Encoders:
     """SDXL's, and the control images' encoding (their pixels)."""
-    encoded = sdxl.encoders(components.base())
-    return Encoders(encoded.vae, encoded.encode_text, encoded.text_identity, encoded.encode_sizes, encode_controls)
+    return dataclasses.replace(sdxl.encoders(components.base()), encode_conditions=encode_controls)
 
 
 def pipeline_components(components: Components, img2img: bool = False) -> dict[str, Any]:
