@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -34,7 +35,8 @@ EXAMPLES = {
   sdtrain convert runs/demo/final model.safetensors --half       # for A1111 / ComfyUI (SD 1.x layout)
   sdtrain convert model.safetensors sd15/ --config stable-diffusion-v1-5/stable-diffusion-v1-5""",
     "serve": """example:
-  sdtrain serve --runs runs --port 8000     # then open http://127.0.0.1:8000/""",
+  sdtrain serve --root . --port 8000          # then open http://127.0.0.1:8000/
+  sdtrain serve --root ~/work --devices cuda:0,cuda:1   # two runs at a time, one per GPU""",
     "train-vae": """examples:
   sdtrain train-vae --config demo-vae data.path=data/shapes/train train.max_minutes=3
   sdtrain train-vae --config sd15-vae-ft data.path=data/my-images    # SD 1.5's decoder, fine-tuned""",
@@ -115,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     p = add("train", "Train the UNet (resumes from the run directory's newest valid checkpoint).")
     p.add_argument("--config", type=Path, help="YAML config (see README's config reference)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.optim.lr=1e-3")
+    p.add_argument("--estimate", action="store_true", help="print the memory estimate (models loaded on the CPU) "
+                   "as one JSON line and exit without training")  # fmt: skip
 
     p = add("cache", "Encode a dataset's latents and caption embeddings once into data.cache_dir.")
     p.add_argument("--config", type=Path, help="the training config (its model and data sections are used)")
@@ -162,8 +166,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="for a single file: the pipeline folder or hub id it matches")
     p.add_argument("--half", action="store_true", help="write fp16 weights")
 
-    p = add("serve", "A local web page to browse runs (loss, samples, metrics, config) and generate from them.")
-    p.add_argument("--runs", type=Path, default=Path("runs"), help="folder holding the runs")
+    p = add("serve", "A local web UI: start, watch, stop, resume and compare runs, edit captions, generate.")
+    p.add_argument("--root", "--runs", dest="root", type=Path, default=Path("."),
+                   help="the folder served: runs and data folders under it; nothing outside it is read")  # fmt: skip
+    p.add_argument("--devices", default="default", help="comma-separated devices runs queue for, one run at a time "
+                   "each: cuda:0,cuda:1 or cpu (default: as sdtrain train would choose, one at a time)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (it runs models on request: keep it local)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=None, help="where models run (default: CUDA if available)")
@@ -299,12 +306,25 @@ def _close_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def _print_estimate(config) -> int:
+    """``sdtrain train --estimate``: the pre-flight memory estimate as one JSON line (GiB per part and in total)."""
+    from sdtrain.train.loop import estimate
+    from sdtrain.train.perf import GiB
+
+    found = estimate(config)
+    parts = ("weights", "gradients", "optimizer", "ema", "frozen", "activations")
+    print(json.dumps({k: round(getattr(found, k) / GiB, 4) for k in parts} | {"total": round(found.total / GiB, 4)}))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from sdtrain.config import Config, load_config
         from sdtrain.train.loop import train
 
         config = load_config(Config, args.config, args.overrides)
+        if args.estimate:
+            return _print_estimate(config)
         args.run_dir = config.train.output_dir
         final = train(config)
         if int(os.environ.get("RANK", "0")) == 0:  # once, not once per process
@@ -394,7 +414,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "serve":
         from sdtrain.web import serve
 
-        serve(args.runs, args.host, args.port, args.device, args.max_models, tuple(args.allow_host))
+        devices = tuple(d.strip() for d in args.devices.split(",") if d.strip())
+        serve(args.root, args.host, args.port, args.device, args.max_models, tuple(args.allow_host), devices)
     elif args.command == "caption":
         from sdtrain.data.autocaption import DEFAULT_MODEL, DEFAULT_PROMPT, caption_folder
 

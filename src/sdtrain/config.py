@@ -1246,23 +1246,55 @@ def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def reference(cls: type = Config, prefix: str = "") -> list[str]:
-    """Markdown table rows (key, type, default, meaning) of every field, from the dataclasses' docstrings."""
-    rows = []
+@dataclass(frozen=True)
+class Field:
+    """One config key as the reference and the web UI's form describe it: its dotted key, type, choices (a
+    Literal's), default and help (the field's docstring)."""
+
+    key: str
+    type: str
+    default: Any
+    help: str
+    choices: tuple[Any, ...] = ()
+    kind: str = "text"  # how a form asks for it: "bool", "choice", "int", "float", "list", "text"
+
+
+def fields_of(cls: type = Config, prefix: str = "") -> list[Field]:
+    """Every key of ``cls`` (sections flattened; a list of sections as ``key[].sub``), from the dataclasses and their
+    docstrings: the one source of ``docs/config.md`` and of ``sdtrain serve``'s form."""
+    found = []
     hints = typing.get_type_hints(cls)
     docs = _field_docs(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            rows += reference(tp, f"{prefix}{f.name}.")
+            found += fields_of(tp, f"{prefix}{f.name}.")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         type_text = _type_name(tp).replace("NoneType", "None").replace(" | ", " or ")
-        rows.append(f"| `{prefix}{f.name}` | `{type_text}` | `{default!r}` | {docs.get(f.name, '')} |")
+        options = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
+        choices: tuple[Any, ...] = ()
+        kind = "text"
+        if len(options) == 1 and typing.get_origin(options[0]) is Literal:
+            choices, kind = typing.get_args(options[0]), "choice"
+        elif len(options) == 1 and options[0] in (bool, int, float):
+            kind = options[0].__name__
+        elif any(typing.get_origin(o) in (list, tuple) for o in options):
+            kind = "list"
+        found.append(Field(f"{prefix}{f.name}", type_text, default, docs.get(f.name, ""), choices, kind))
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
         if dataclasses.is_dataclass(item):  # a list of sections: each entry's keys
-            rows += reference(item, f"{prefix}{f.name}[].")
-    return rows
+            found += fields_of(item, f"{prefix}{f.name}[].")
+    return found
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def reference(cls: type = Config, prefix: str = "") -> list[str]:
+    """Markdown table rows (key, type, default, meaning) of every field, from the dataclasses' docstrings."""
+    return [f"| `{f.key}` | `{f.type}` | `{f.default!r}` | {f.help} |" for f in fields_of(cls, prefix)]
 
 
 def _field_docs(cls: type) -> dict[str, str]:

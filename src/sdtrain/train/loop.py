@@ -50,7 +50,15 @@ from sdtrain.train import block_swap, checkpoint, placement, prior, sharding, te
 from sdtrain.train.ema import EMA, ema_parameters
 from sdtrain.train.export import export_pipeline
 from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
-from sdtrain.train.perf import GiB, StepProfile, advice, estimate_memory, peak_tflops, profile_denoiser
+from sdtrain.train.perf import (
+    GiB,
+    MemoryEstimate,
+    StepProfile,
+    advice,
+    estimate_memory,
+    peak_tflops,
+    profile_denoiser,
+)
 from sdtrain.train.preemption import Preempted, StopSignal
 from sdtrain.train.preflight import check_objective, check_run
 from sdtrain.train.progress import Progress
@@ -168,6 +176,26 @@ def train(config: Config, components: Any | None = None, batches: Iterable | Non
         return _train(config, components, batches)
 
 
+def estimate(config: Config) -> MemoryEstimate:
+    """The memory estimate :func:`train` prints before its first step, without training (``sdtrain train
+    --estimate``; the web UI's form): the config checked as ``train`` checks it, the models loaded and placed as the
+    run places them, on the CPU (nothing is taken from a GPU a run may be using), one step profiled; no run folder
+    is made. Under fp16 the CPU computes in fp32, so the activations are counted at fp32's size.
+
+    Raises:
+        UserError: what :func:`~sdtrain.train.preflight.check_run` refuses.
+    """
+    check_run(config)
+    family, tc = for_config(config.model), config.train
+    accelerator = Accelerator(cpu=True, mixed_precision=tc.mixed_precision)
+    components = family.load(config)
+    placement.prepare(family, components, config, accelerator.device, False, 1)
+    _prepare_denoiser(family, components, tc, accelerator)
+    parked = placement.to_park(family, components, config)
+    micro_batch = micro_batch_size(tc, accelerator)
+    return _preflight(accelerator, family, components, family.encoders(components), config, micro_batch, parked)[1]
+
+
 def _train(config: Config, components: Any | None, batches: Iterable | None) -> Path:
     """:func:`train`'s stages, top to bottom."""
     tc, family, out = config.train, for_config(config.model), Path(config.train.output_dir)
@@ -197,7 +225,7 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
     micro_batch = micro_batch_size(tc, accelerator)
     encoders = text_encoders.data_encoders(family, components, tc)
     parked = placement.to_park(family, components, config) if batches is None else ()  # unused once encoded
-    profile = _preflight(accelerator, family, components, family.encoders(components), config, micro_batch, parked)
+    profile, _ = _preflight(accelerator, family, components, family.encoders(components), config, micro_batch, parked)
     stream = _make_stream(config, encoders, batches, micro_batch, device, rank, world)
     tokens = (config.data.resolution // downsample_factor(encoders.vae) // 2) ** 2  # 2 x 2 patches (dynamic shift)
     diffusion = objective.make(kind, tc.objective, tokens)  # noise, timesteps, targets, weights
@@ -452,10 +480,11 @@ def _make_stream(
 
 def _preflight(
     accelerator, family: Family, components, encoders: Encoders, config: Config, micro_batch: int, parked: tuple
-) -> StepProfile | None:
-    """Print parameters, FLOPs and the memory estimate (main process); warn with advice when it will not fit."""
+) -> tuple[StepProfile | None, MemoryEstimate | None]:
+    """Print parameters, FLOPs and the memory estimate (main process); warn with advice when it will not fit.
+    Returns the step's profile and the estimate (None on the other processes)."""
     if not accelerator.is_main_process:
-        return None
+        return None, None
     tc, model = config.train, family.denoiser_of(components)
     size = config.data.resolution // downsample_factor(encoders.vae)
     latent_shape = (latent_channels(encoders.vae), size, size)
@@ -494,7 +523,7 @@ def _preflight(
                 available / GiB,
                 tips,
             )
-    return profile
+    return profile, estimate
 
 
 @dataclass
