@@ -1,123 +1,109 @@
-"""The run browser: pages list and show runs, files never leave the root, generation returns the model's images."""
+"""The web UI (sdtrain serve): its doors, the queue of runs it starts, the new-run form refused where the config
+system refuses it, runs watched, stopped, resumed and compared, captions edited; and all of it in a real browser."""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
+import os
 import re
+import shutil
+import signal
 import socket
+import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from sdtrain.config import Config, load_config
 from sdtrain.train.loop import train
-from sdtrain.web import find_runs, make_server
-from tests.conftest import tiny_overrides
+from sdtrain.web import Server
+from sdtrain.web.files import Root
+from tests.conftest import tiny_overrides, write_image_folder
+
+# a stand-in for `sdtrain train` in the queue's tests: it logs a step every 0.1 s and, on SIGTERM, exits 75 as a run
+# that checkpointed does
+FAKE_RUN = """
+import json, pathlib, signal, sys, time
+args = sys.argv[1:]
+value = lambda key, default: next((a.split("=", 1)[1] for a in args if a.startswith(key + "=")), default)
+out = pathlib.Path(value("train.output_dir", "out"))
+out.mkdir(parents=True, exist_ok=True)
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+for step in range(1, int(value("train.num_steps", "1000")) + 1):
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "loss": 1 / step, "lr": 1e-3}) + "\\n")
+    if stop:
+        print("stopped at step", step)
+        sys.exit(75)
+    time.sleep(0.1)
+print("done")
+"""
+# the UNet and data of a tiny run, on top of the demo preset (paths relative to the served root)
+TINY_FORM = """model.vae.path=models/vae
+model.text_encoder.path=models/clip
+model.text_encoder.subfolder=text_encoder
+model.unet.block_out_channels=[16, 32]
+model.unet.attention=[false, true]
+model.unet.norm_num_groups=8
+model.unet.attention_head_dim=8
+model.unet.text_time_embedding=false
+data.resolution=32
+data.cache_latents=false
+train.batch_size=4
+train.trackers=[]
+sample.num_inference_steps=3"""
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, clip_dir, vae_dir):
-    from tests.conftest import write_image_folder
-
-    root = tmp_path_factory.mktemp("web")
-    data = write_image_folder(root / "data")
+def site(tmp_path_factory, clip_dir, vae_dir):
+    """A served root holding tiny models, a data folder and a finished tiny run; a secret beside (not under) it."""
+    base = tmp_path_factory.mktemp("web")
+    root = base / "root"
+    shutil.copytree(clip_dir, root / "models" / "clip")
+    shutil.copytree(vae_dir, root / "models" / "vae")
+    data = write_image_folder(root / "data" / "tiny")
     overrides = tiny_overrides(root / "runs" / "tiny", data, vae_dir, str(clip_dir), "text_encoder")
-    train(load_config(Config, None, overrides + ["train.num_steps=2", "sample.num_inference_steps=2"]))
-    (root / "secret.txt").write_text("outside the runs folder")
-    server = make_server(root / "runs", port=0, device="cpu")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    prompts = "train.sample_prompts=[a red square, a blue square]"  # the browser test's run draws the same
+    train(load_config(Config, None, overrides + ["train.num_steps=2", "sample.num_inference_steps=2", prompts]))
+    (base / "secret.txt").write_text("outside the served folder")
+    server = Server(root, port=0, device="cpu", devices=("cpu",)).start()
+    yield root, server
+    server.stop()
 
 
-def _get(url: str) -> tuple[int, bytes]:
+def _get(url: str, timeout: float = 60) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
 
 
-def test_pages_list_and_show_runs(served):
-    root, base = served
-    with open(root / "runs" / "tiny" / "log.jsonl", "a") as f:
-        f.write('{"step": 3, "lo')  # a run still writing its log
-    (root / "runs" / "tiny" / "fidelity.json").write_text('{"fid": 12.5}')  # what sdtrain evaluate --out writes
-    assert find_runs(root / "runs") == [Path("tiny")]
-    status, body = _get(base + "/")
-    assert status == 200 and b'href="/run/tiny"' in body and b"<td>2</td>" in body  # the last whole record
-    status, body = _get(base + "/run/tiny")
-    assert status == 200
-    for part in (b"loss.png", b"config.yaml", b'name="model" value="tiny/final"', b"last log record", b"12.5"):
-        assert part in body
-    status, png = _get(base + "/file/tiny/loss.png")
-    assert status == 200 and Image.open(io.BytesIO(png)).size[0] > 100
-    # an autoencoder's run (sdtrain train-vae): its reconstructions and its final/metrics.json
-    vae_run = root / "runs" / "vae"
-    (vae_run / "final").mkdir(parents=True)
-    (vae_run / "log.jsonl").write_text('{"step": 5, "loss": 0.1}\n')
-    (vae_run / "final" / "metrics.json").write_text('{"psnr": 27.25}')
-    Image.new("RGB", (64, 16)).save(vae_run / "reconstructions.png")
-    status, body = _get(base + "/run/vae")
-    assert status == 200 and b"27.25" in body and b"/file/vae/reconstructions.png" in body
-    assert b'name="model"' not in body  # nothing to generate with
+def _token(url: str) -> str:
+    return re.search(rb'name="sdtrain-token" content="([^"]+)"', _get(url + "/")[1]).group(1).decode()
 
 
-@pytest.mark.parametrize("path", ["/file/../secret.txt", "/file/%2e%2e/secret.txt", "/run/../..", "/file//etc/passwd"])
-def test_nothing_outside_the_root_is_served(served, path):
-    status, body = _get(served[1] + path)
-    assert status == 404 and b"outside" not in body
-
-
-def _token(base: str) -> str:
-    """The generation token a run page's form carries."""
-    return re.search(rb'name="token" value="([^"]+)"', _get(base + "/run/tiny")[1]).group(1).decode()
-
-
-def _generated_png(page: bytes) -> Image.Image:
-    data = re.search(rb'src="data:image/png;base64,([^"]+)"', page).group(1)
-    return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
-
-
-def test_generate_shows_the_models_images_on_the_run_page(served):
-    from sdtrain.sample.pipeline import Pipeline, make_grid
-
-    root, base = served
-    fields = {"model": "tiny/final", "run": "tiny", "prompt": "a <b>red</b> square", "seed": 3, "num": 2}
-    status, page = _post(base + "/generate", fields | {"token": _token(base)})
-    assert status == 200 and page.startswith(b"<!doctype html>")  # the run's page, not a bare PNG
-    model = Pipeline.from_pretrained(root / "runs" / "tiny" / "final", device="cpu")
-    expected = make_grid(model.generate("a <b>red</b> square", num_images_per_prompt=2, seed=3).images, columns=2)
-    assert _generated_png(page).tobytes() == expected.convert("RGB").tobytes()
-    assert b'value="a &lt;b&gt;red&lt;/b&gt; square"' in page and b'name="seed" value="3"' in page  # the form kept
-    assert b"<b>red</b>" not in page and b"loss.png" in page
-    for bad in ({"model": "tiny/final", "prompt": "x", "num": 99}, {"model": "tiny/final"}):
-        status, _ = _post(base + "/generate", bad | {"token": _token(base)})
-        assert status == 400
-    assert _post(base + "/generate", {"model": "../..", "prompt": "x", "token": _token(base)})[0] == 404
-
-
-def _post(url: str, fields: dict) -> tuple[int, bytes]:
+def _post(url: str, body, token: str | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    sent = {"Content-Type": "application/json"} | ({"X-Sdtrain-Token": token} if token else {}) | (headers or {})
     try:
-        with urllib.request.urlopen(url, data=urllib.parse.urlencode(fields).encode(), timeout=60) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=sent), timeout=300) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
 
 
-def _raw(base: str, request: bytes, timeout: float = 30) -> bytes:
+def _raw(url: str, request: bytes, timeout: float = 30) -> bytes:
     """Send ``request`` as it is on a socket; the whole answer (b"" if the server closed without one)."""
-    host, port = urllib.parse.urlparse(base).netloc.split(":")
+    host, port = urllib.parse.urlparse(url).netloc.split(":")
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         sock.sendall(request)
         chunks = []
@@ -126,172 +112,442 @@ def _raw(base: str, request: bytes, timeout: float = 30) -> bytes:
     return b"".join(chunks)
 
 
-def test_a_logged_step_is_escaped_not_run(served):
-    root, base = served
-    run = root / "runs" / "xss"
+def _event(url: str) -> dict:
+    """The first server-sent event of a stream, as JSON."""
+    with urllib.request.urlopen(url, timeout=60) as response:
+        for line in response:
+            if line.startswith(b"data: "):
+                return json.loads(line[len(b"data: ") :])
+    raise AssertionError("no event")
+
+
+def test_pages_list_and_show_runs(site):
+    root, server = site
+    with open(root / "runs" / "tiny" / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a run still writing its log
+    (root / "runs" / "tiny" / "fidelity.json").write_text('{"fid": 12.5}')  # what sdtrain evaluate --out writes
+    assert Root(root).find_runs() == [Path("runs/tiny")]
+    status, body = _get(server.url + "/")
+    assert status == 200 and b'href="/run/runs/tiny"' in body and b"<td>2 / 2</td>" in body  # the last whole record
+    status, body = _get(server.url + "/run/runs/tiny")
+    assert status == 200 and b'data-model="runs/tiny/final"' in body and b"loss-chart" in body
+    state = _event(server.url + "/events/run/runs/tiny")
+    assert state["progress"]["step"] == 2 and [r["step"] for r in state["records"]] == [1, 2]
+    assert (
+        state["scores"] == {"fid": 12.5} and state["status"] == "finished" and state["models"] == ["runs/tiny/final"]
+    )
+    status, png = _get(server.url + "/file/runs/tiny/loss.png")
+    assert status == 200 and Image.open(io.BytesIO(png)).size[0] > 100
+    # an autoencoder's run (sdtrain train-vae): its final/metrics.json is its score
+    vae_run = root / "runs" / "vae"
+    (vae_run / "final").mkdir(parents=True)
+    (vae_run / "log.jsonl").write_text('{"step": 5, "loss": 0.1}\n')
+    (vae_run / "final" / "metrics.json").write_text('{"psnr": 27.25}')
+    assert _event(server.url + "/events/run/runs/vae")["scores"] == {"psnr": 27.25}
+    assert b"data-model=" not in _get(server.url + "/run/runs/vae")[1]  # nothing to generate with
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/file/../secret.txt", "/file/%2e%2e/secret.txt", "/run/../..", "/file//etc/passwd", "/file/%2Fetc%2Fpasswd",
+     "/api/browse?path=..", "/api/browse?path=/etc", "/captions?path=..", "/events/run/..%2F.."],
+)  # fmt: skip
+def test_nothing_outside_the_root_is_read(site, path):
+    status, body = _get(site[1].url + path)
+    assert b"outside the served folder" not in body and b"root:" not in body
+    assert status == 404 or (path.startswith("/captions") and b"not a folder under the served folder" in body)
+
+
+def test_generate_draws_the_models_images(site):
+    from sdtrain.sample.pipeline import Pipeline, make_grid
+
+    root, server = site
+    token = _token(server.url)
+    asked = {"model": "runs/tiny/final", "prompt": "a red square", "seed": 3, "num": 2, "steps": 3, "sampler": "ddim"}
+    status, png = _post(server.url + "/api/generate", asked, token)
+    assert status == 200
+    model = Pipeline.from_pretrained(root / "runs" / "tiny" / "final", device="cpu", scheduler="ddim")
+    images = model.generate("a red square", num_images_per_prompt=2, seed=3, num_inference_steps=3).images
+    expected = make_grid(images, columns=2)
+    assert Image.open(io.BytesIO(png)).convert("RGB").tobytes() == expected.convert("RGB").tobytes()
+    for bad in ({"num": 99}, {"prompt": None}, {"sampler": "nope"}, {"steps": 0}, {"reference": "../secret.txt"}):
+        body = asked | bad if bad.get("prompt", "") is not None else {k: v for k, v in asked.items() if k != "prompt"}
+        status, answer = _post(server.url + "/api/generate", body, token)
+        assert status == 400 and b"outside the served folder" not in answer, bad
+    assert _post(server.url + "/api/generate", asked | {"model": "../.."}, token)[0] == 404
+
+
+def test_what_a_run_holds_is_escaped_not_run(site):
+    """A run's folder name, config and log reach the pages as text: Jinja escapes them, and the pages' CSP runs no
+    inline script even if something slipped through."""
+    root, server = site
+    run = root / "runs" / "<img src=x onerror=alert(1)>"
     run.mkdir(exist_ok=True)
-    (run / "log.jsonl").write_text(json.dumps({"step": "<script>alert(1)</script>", "loss": 0.5}) + "\n")
-    status, body = _get(base + "/")
-    assert status == 200 and b"<script>" not in body and b"&lt;script&gt;alert(1)&lt;/script&gt;" in body
-    status, body = _get(base + "/run/xss")
-    assert status == 200 and b"<script>" not in body
+    (run / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+    (run / "config.yaml").write_text("train:\n  sample_prompts: ['<script>alert(2)</script>']\n")
+    status, body = _get(server.url + "/")
+    assert status == 200 and b"<img src=x" not in body and b"&lt;img src=x onerror=alert(1)&gt;" in body
+    status, body = _get(
+        server.url + "/compare?run=" + urllib.parse.quote(str(run.relative_to(root))) + "&run=runs/tiny"
+    )
+    assert status == 200 and b"<script>alert" not in body and b"&lt;script&gt;alert(2)" in body
+    shutil.rmtree(run)
 
 
-def test_only_its_own_host_names_and_own_pages_are_answered(served):
-    """DNS rebinding sends another host name; a cross-site form posts from another origin and cannot know the
+def test_only_its_own_host_names_and_own_pages_are_answered(site):
+    """DNS rebinding sends another host name; a cross-site request comes from another origin and cannot know the
     token: both get a 400, while the same requests from the server's own pages succeed."""
-    _, base = served
-    port = urllib.parse.urlparse(base).port
+    _, server = site
+    port = server.port
     for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}"):
-        answer = _raw(base, f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        assert answer.startswith(b"HTTP/1.0 400") and b"Runs in" not in answer, host
+        answer = _raw(server.url, f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 400") and b"Runs" not in answer, host
     for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
-        assert _raw(base, f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()).startswith(
-            b"HTTP/1.0 200"
-        )
-    fields = {"model": "tiny/final", "prompt": "x", "num": 1}
-    assert _post(base + "/generate", fields)[0] == 400  # no token
-    assert _post(base + "/generate", fields | {"token": "guess"})[0] == 400
-    body = urllib.parse.urlencode(fields | {"token": _token(base)}).encode()
-    for origin, status in ((b"https://evil.example", b"400"), (f"http://127.0.0.1:{port}".encode(), b"200")):
-        request = (
-            f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
-            f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n".encode()
-            + b"Origin: "
-            + origin
-            + b"\r\n\r\n"
-            + body
-        )
-        assert _raw(base, request, timeout=120).startswith(b"HTTP/1.0 " + status), origin
-
-
-def test_links_out_of_the_root_are_not_read(served):
-    root, base = served
-    run = root / "runs" / "linked"
-    run.mkdir(exist_ok=True)
-    for name in ("config.yaml", "metrics.json", "log.jsonl", "loss.png"):
-        target = run / name
-        if not target.is_symlink():
-            target.symlink_to(root / "secret.txt")
-    (root / "runs" / "outside").unlink(missing_ok=True)
-    (root / "runs" / "outside").symlink_to(root / "data", target_is_directory=True)
-    status, body = _get(base + "/run/linked")
-    assert status == 200 and b"outside the runs folder" not in body and b"loss.png" not in body
-    status, body = _get(base + "/")
-    assert b"outside the runs folder" not in body and b"/run/outside" not in body
-    assert _get(base + "/run/outside")[0] == 404 and _get(base + "/file/linked/config.yaml")[0] == 404
+        answer = _raw(server.url, f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 200") and b"content-security-policy: default-src 'none'" in answer.lower()
+    body = {"folder": "data/tiny", "image": "000.png", "caption": "a red square"}
+    assert _post(server.url + "/api/captions", body)[0] == 400  # no token
+    assert _post(server.url + "/api/captions", body, "guess")[0] == 400
+    token = _token(server.url)
+    assert _post(server.url + "/api/captions", body, token, {"Origin": "https://evil.example"})[0] == 400
+    assert _post(server.url + "/api/captions", body, token, {"Origin": server.url})[0] == 200
 
 
 @pytest.mark.parametrize(
     "request_bytes",
     [
-        b"GET /file/tiny/loss.png%00.txt HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
-        b"GET /run/tiny\x00 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
-        b"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Length: abc\r\nConnection: close\r\n\r\n",
-        b"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000000000000000\r\nConnection: close\r\n\r\n",
-        b"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Length: -5\r\nConnection: close\r\n\r\n",
-        b"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4\r\nConnection: close\r\n\r\n\xff\xfe\xfa\xf0",
+        b"GET /file/runs/tiny/loss.png%00.txt HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
+        b"GET /run/runs/tiny\x00 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
+        b"POST /api/check HTTP/1.1\r\nHost: {host}\r\nX-Sdtrain-Token: {token}\r\nContent-Length: abc\r\n\r\n",
+        b"POST /api/check HTTP/1.1\r\nHost: {host}\r\nX-Sdtrain-Token: {token}\r\nContent-Length: 10000000000\r\n\r\n",
+        b"POST /api/check HTTP/1.1\r\nHost: {host}\r\nX-Sdtrain-Token: {token}\r\nContent-Length: -5\r\n\r\n",
+        b"POST /api/check HTTP/1.1\r\nHost: {host}\r\nX-Sdtrain-Token: {token}\r\nContent-Length: 4\r\n"
+        b"Connection: close\r\n\r\n\xff\xfe\xfa\xf0",
+        b"POST /api/check HTTP/1.1\r\nHost: {host}\r\nX-Sdtrain-Token: {token}\r\nContent-Length: 2\r\n"
+        b"Connection: close\r\n\r\n[]",
     ],
-    ids=["nul-escaped", "nul-raw", "length-abc", "length-huge", "length-negative", "body-not-utf8"],
+    ids=["nul-escaped", "nul-raw", "length-abc", "length-huge", "length-negative", "body-not-utf8", "body-not-object"],
 )
-def test_malformed_requests_get_a_400(served, request_bytes):
-    _, base = served
-    host = urllib.parse.urlparse(base).netloc.encode()
-    answer = _raw(base, request_bytes.replace(b"{host}", host))
-    assert answer.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")), answer[:200]
+def test_malformed_requests_get_a_400(site, request_bytes):
+    _, server = site
+    host = urllib.parse.urlparse(server.url).netloc.encode()
+    request = request_bytes.replace(b"{host}", host).replace(b"{token}", _token(server.url).encode())
+    answer = _raw(server.url, request)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
 
 
 def test_an_idle_connection_is_closed(tmp_path, monkeypatch):
-    import time
-
     from sdtrain import web
 
-    monkeypatch.setattr(web, "IDLE_SECONDS", 1.0)
-    server = make_server(tmp_path, port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    monkeypatch.setattr(web, "IDLE_SECONDS", 1)
+    server = Server(tmp_path, port=0).start()
     try:
-        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as sock:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\n")  # and then nothing
             start = time.monotonic()
-            assert sock.recv(100) == b"" and time.monotonic() - start < 10  # closed by the server, not by us
+            while sock.recv(100):  # (a 408 or nothing, then the close)
+                pass
+            assert time.monotonic() - start < 10  # closed by the server, not by us
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
 
 
-def test_models_kept_loaded_are_bounded(served):
-    import shutil
+def test_links_out_of_the_root_are_not_read(site):
+    root, server = site
+    run = root / "runs" / "linked"
+    run.mkdir(exist_ok=True)
+    for name in ("config.yaml", "metrics.json", "log.jsonl", "loss.png"):
+        if not (run / name).is_symlink():
+            (run / name).symlink_to(root.parent / "secret.txt")
+    (root / "runs" / "outside").unlink(missing_ok=True)
+    (root / "runs" / "outside").symlink_to(root.parent, target_is_directory=True)
+    status, body = _get(server.url + "/")
+    assert status == 200 and b"outside the served folder" not in body and b"runs/outside" not in body
+    assert b"outside the served folder" not in json.dumps(_event(server.url + "/events/run/runs/linked")).encode()
+    assert (
+        _get(server.url + "/run/runs/outside")[0] == 404
+        and _get(server.url + "/file/runs/linked/config.yaml")[0] == 404
+    )
+    assert _get(server.url + "/api/browse?path=runs/outside")[0] == 404
+    shutil.rmtree(run)
+    (root / "runs" / "outside").unlink()
 
-    from sdtrain.web import RunBrowser
 
-    root, _ = served
+def test_models_kept_loaded_are_bounded(site):
+    from sdtrain.web.app import Models
+
+    root, _ = site
     second = root / "runs" / "tiny" / "final-copy"
-    if not second.exists():
-        shutil.copytree(root / "runs" / "tiny" / "final", second)
-    browser = RunBrowser(root / "runs", device="cpu")  # max_models=1 by default
-    for model in ("tiny/final", "tiny/final-copy", "tiny/final"):
-        assert browser.generate(model, "a red square", 0, 1) is not None
-    assert browser.loaded() == [(root / "runs" / "tiny" / "final").resolve()]
-    browser = RunBrowser(root / "runs", device="cpu", max_models=2)
-    for model in ("tiny/final", "tiny/final-copy"):
-        browser.generate(model, "a red square", 0, 1)
-    assert len(browser.loaded()) == 2
+    shutil.copytree(root / "runs" / "tiny" / "final", second)
+    models = Models("cpu")  # one kept by default
+    for model in ("final", "final-copy", "final"):
+        models.get(root / "runs" / "tiny" / model)
+    assert models.loaded() == [root / "runs" / "tiny" / "final"]
+    models = Models("cpu", limit=2)
+    for model in ("final", "final-copy"):
+        models.get(root / "runs" / "tiny" / model)
+    assert len(models.loaded()) == 2
     shutil.rmtree(second)
 
 
-def _chromium() -> str:
-    import shutil
-
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    pytest.skip("no Chromium here (Debian: apt-get install chromium; .ci/run installs it): the pages are not shot")
+def _form(name: str, extra: str = TINY_FORM, **values) -> dict:
+    return {"preset": "demo", "name": name, "data": "data/tiny", "extra": extra, "values": values}
 
 
-def _shoot(url: str, out: Path, size: tuple[int, int] = (1000, 1400)) -> tuple[np.ndarray, str]:
-    """Headless Chromium's screenshot of ``url`` (as an array) and the DOM it rendered (as text)."""
-    import subprocess
-
-    browser = _chromium()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={size[0]},{size[1]}"]
-    subprocess.run([browser, *flags, f"--screenshot={out}", url], check=True, capture_output=True, timeout=120)
-    dom = subprocess.run([browser, *flags, "--dump-dom", url], check=True, capture_output=True, timeout=120).stdout
-    return np.asarray(Image.open(out).convert("RGB")), dom.decode()
-
-
-def _contains(shot: np.ndarray, image: Image.Image) -> bool:
-    """Whether ``image`` appears in the screenshot pixel for pixel (the pages show images at their own size)."""
-    patch = np.asarray(image.convert("RGB"))
-    h, w = patch.shape[:2]
-    ys, xs = np.nonzero((shot[: shot.shape[0] - h + 1, : shot.shape[1] - w + 1] == patch[0, 0]).all(-1))
-    return any((shot[y : y + h, x : x + w] == patch).all() for y, x in zip(ys, xs))
+def test_a_form_the_config_system_refuses_starts_nothing(site):
+    root, server = site
+    token, jobs = _token(server.url), len(server.queue.list())
+    for form, said in (
+        (_form("runs/bad", **{"train.ema_decay": "abc"}), b"train.ema_decay: expected float or None"),
+        (_form("runs/bad", **{"train.num_steps": "0"}), b"train.num_steps must be positive"),
+        (_form("runs/bad", **{"data.no_such_key": "1"}), b"data.no_such_key: not a config key"),
+        (_form("runs/bad", extra="train.no_such_key=1"), b"no_such_key"),
+        (_form("runs/bad") | {"preset": "nope"}, b"preset: choose one of"),
+        (_form("runs/tiny"), b"exists already"),
+    ):
+        for route in ("/api/check", "/api/runs"):
+            status, answer = _post(server.url + route, form, token)
+            assert status == 400 and said in answer, (route, answer)
+    assert len(server.queue.list()) == jobs and not (root / "runs" / "bad").exists()
 
 
-@pytest.mark.slow  # a real browser: make test-all (CI installs Chromium)
-def test_the_pages_in_a_real_browser(served, tmp_path):
-    """Headless Chromium renders the index, a run page and a generation's result: the index lists the run with its
-    step, the run page shows its loss curve and the form, and the result shows the generated images (the very pixels
-    the model drew) under the form, which keeps the prompt. The screenshots are kept in tmp_path for a person."""
-    from sdtrain.sample.pipeline import Pipeline, make_grid
+@pytest.mark.parametrize(
+    "change",
+    [{"data": "/etc"}, {"data": "../secret.txt"}, {"name": "../escaped"}, {"name": "/tmp/escaped"},
+     {"extra": "model.vae.path=/etc"}, {"extra": "data.path=~/data"}, {"values": {"model.pretrained": "../.."}},
+     {"extra": "data.datasets=[{path: ../secret.txt}]"}, {"name": ".sdtrain/jobs"}],
+)  # fmt: skip
+def test_a_path_outside_the_root_in_any_field_reads_nothing(site, change):
+    root, server = site
+    token = _token(server.url)
+    for route in ("/api/check", "/api/runs"):
+        status, answer = _post(server.url + route, _form("runs/escape") | change, token)
+        assert status == 400 and b"secret" not in answer.replace(b"secret.txt", b""), answer
+    assert not (root / "runs" / "escape").exists() and not (root.parent / "escaped").exists()
 
-    root, base = served
-    shot, dom = _shoot(base + "/", tmp_path / "index.png")
-    assert "Runs in" in dom and 'href="/run/tiny"' in dom and "<td>2</td>" in dom
-    assert (shot < 128).all(-1).sum() > 500  # dark text was drawn on the white page
 
-    shot, dom = _shoot(base + "/run/tiny", tmp_path / "run.png")
-    assert "generate" in dom and 'name="prompt"' in dom and "config.yaml" in dom
-    assert _contains(shot, Image.open(root / "runs" / "tiny" / "loss.png"))  # the loss curve, drawn in full
+def _fake_program(tmp_path: Path) -> list[str]:
+    script = tmp_path / "fake_run.py"
+    script.write_text(FAKE_RUN)
+    return [sys.executable, str(script)]
 
-    fields = {"model": "tiny/final", "run": "tiny", "prompt": "a green circle", "seed": 1, "num": 3}
-    status, page = _post(base + "/generate", fields | {"token": _token(base)})
-    assert status == 200
-    result = tmp_path / "generated.html"  # the POST's answer, shown as the browser shows it (links to the server)
-    result.write_bytes(page.replace(b"<head>", f'<head><base href="{base}/">'.encode(), 1))
-    shot, dom = _shoot(result.as_uri(), tmp_path / "generated.png")
-    assert 'value="a green circle"' in dom and 'class="generated"' in dom
-    assert _contains(shot, Image.open(root / "runs" / "tiny" / "loss.png"))  # the run's page around the images
-    model = Pipeline.from_pretrained(root / "runs" / "tiny" / "final", device="cpu")
-    expected = make_grid(model.generate("a green circle", num_images_per_prompt=3, seed=1).images, columns=3)
-    assert _contains(shot, expected)
+
+def _wait(predicate, timeout: float = 60, every: float = 0.1):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if value := predicate():
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def test_two_browsers_starting_runs_at_once_queue_them(tmp_path):
+    (tmp_path / "data").mkdir()
+    server = Server(tmp_path, port=0, devices=("cpu",)).start()
+    server.queue.program = _fake_program(tmp_path)
+    token, answers = _token(server.url), {}
+    form = {"preset": "demo", "data": "data", "extra": "train.num_steps=30"}
+
+    def start(name: str) -> None:
+        answers[name] = _post(server.url + "/api/runs", form | {"name": name}, token)
+
+    try:
+        threads = [threading.Thread(target=start, args=(f"runs/{n}",)) for n in ("one", "two")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        states = sorted(json.loads(answers[n][1])["state"] for n in answers)
+        assert states == ["queued", "running"]  # one device: one runs, the other waits for it
+        order = [j["run"] for j in server.queue.list()]
+        _wait(lambda: [j["state"] for j in server.queue.list()] == ["finished", "running"])
+        _wait(lambda: [j["state"] for j in server.queue.list()] == ["finished", "finished"])
+        for run in order:  # each ran to its end, one after the other
+            assert json.loads((tmp_path / run / "log.jsonl").read_text().splitlines()[-1])["step"] == 30
+        first, second = server.queue.list()
+        assert first["ended"] <= second["started"]
+        queued = json.loads((tmp_path / ".sdtrain" / "queue.json").read_text())["jobs"]
+        assert [j["state"] for j in queued] == ["finished", "finished"]  # the file says what the page says
+    finally:
+        server.stop()
+
+
+def test_the_server_restarted_mid_run_finds_the_run_again(tmp_path):
+    """The server stops while a run trains: the run goes on (its own session); the next server reads the queue file,
+    finds the run by its pid, shows it running, stops it (SIGTERM reaches it through its worker: exit 75) and
+    resumes it."""
+    (tmp_path / "data").mkdir()
+    program = _fake_program(tmp_path)
+    server = Server(tmp_path, port=0, devices=("cpu",)).start()
+    server.queue.program = program
+    token = _token(server.url)
+    form = {"preset": "demo", "name": "runs/long", "data": "data", "extra": "train.num_steps=100000"}
+    assert _post(server.url + "/api/runs", form, token)[0] == 200
+    log = tmp_path / "runs" / "long" / "log.jsonl"
+    _wait(lambda: log.is_file() and len(log.read_text().splitlines()) > 3)
+    pid = server.queue.list()[0]["pid"]
+    server.stop()
+    lines = len(log.read_text().splitlines())
+    _wait(lambda: len(log.read_text().splitlines()) > lines + 5)  # it trains on with no server
+    server = Server(tmp_path, port=0, devices=("cpu",)).start()
+    server.queue.program = program
+    try:
+        state = _event(server.url + "/events/run/runs/long")
+        assert state["status"] == "running" and state["progress"]["step"] > lines
+        assert server.queue.list()[0]["pid"] == pid
+        status, answer = _post(server.url + "/api/runs/stop/runs/long", {}, _token(server.url))
+        assert status == 200 and json.loads(answer)["state"] == "stopping"
+        _wait(lambda: server.queue.list()[0]["state"] == "stopped")
+        assert server.queue.list()[0]["returncode"] == 75
+        assert "stopped at step" in (tmp_path / "runs" / "long" / "train.log").read_text()
+        status, answer = _post(server.url + "/api/runs/resume/runs/long", {}, _token(server.url))
+        assert status == 200 and json.loads(answer)["state"] == "running"
+        lines = len(log.read_text().splitlines())
+        _wait(lambda: len(log.read_text().splitlines()) > lines)  # going on where it stopped
+        server.queue.stop("runs/long")
+        _wait(lambda: server.queue.list()[-1]["state"] == "stopped")
+    finally:
+        server.stop()
+        for job in server.queue.list():  # nothing left running, whatever failed above
+            if job["state"] in ("running", "stopping"):
+                os.kill(job["pid"], signal.SIGKILL)
+
+
+def test_captions_are_read_and_written_where_the_folder_keeps_them(tmp_path):
+    from sdtrain.errors import UserError
+    from sdtrain.web import captions
+
+    root = Root(tmp_path)
+    write_image_folder(tmp_path / "sidecars", count=3)
+    write_image_folder(tmp_path / "manifest", count=3, manifest=True)
+    listed = captions.list_captions(root, "sidecars")
+    assert listed["source"] == "text files" and len(listed["items"]) == 3
+    captions.save_caption(root, "sidecars", "001.png", "a purple\nsquare  ")
+    assert (tmp_path / "sidecars" / "001.txt").read_text() == "a purple square\n"
+    assert captions.add_trigger(root, "sidecars", "sks") == 3 and captions.add_trigger(root, "sidecars", "sks") == 0
+    assert (tmp_path / "sidecars" / "001.txt").read_text() == "sks, a purple square\n"
+    assert captions.list_captions(root, "manifest")["source"] == "metadata.jsonl"
+    captions.save_caption(root, "manifest", "002.png", "a teal square")
+    rows = [json.loads(line) for line in (tmp_path / "manifest" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows][2] == "a teal square" and len(rows) == 3
+    for folder, image in (("sidecars", "../manifest/000.png"), ("..", "x.png"), ("sidecars", "nope.png")):
+        with pytest.raises(UserError):
+            captions.save_caption(root, folder, image, "x")
+    assert captions.list_captions(root, "..") is None
+
+
+def test_the_estimate_is_the_runs_own_and_makes_no_run_folder(site):
+    from sdtrain.train.loop import estimate
+
+    root, _ = site
+    out = root / "runs" / "estimated"
+    overrides = tiny_overrides(out, root / "data" / "tiny", root / "models" / "vae", str(root / "models" / "clip"))
+    found = estimate(load_config(Config, None, overrides + ["model.text_encoder.subfolder=text_encoder"]))
+    assert found.total > 0 and found.weights > 0 and found.activations > 0 and not out.exists()
+
+
+# --- in a real browser
+
+
+def _browser():
+    """Playwright's Chromium, the system's (nothing can be downloaded here)."""
+    chromium = next((p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))), None)
+    if chromium is None:
+        pytest.skip("no Chromium here (Debian: apt-get install chromium; .ci/run installs it)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra has it)")
+    return playwright.sync_playwright(), chromium
+
+
+@pytest.mark.slow  # a real browser and two real tiny runs: make test-all (CI installs Chromium)
+def test_the_ui_in_a_real_browser(site, tmp_path):
+    """Headless Chromium starts a tiny run from the form, watches its step advance and a sample appear, stops it,
+    resumes it, sees it finish, generates from it, compares it with another run and edits a caption. Screenshots of
+    each page are kept in tmp_path (SDTRAIN_SHOTS=folder keeps them there) for a person to look at."""
+    root, server = site
+    shots = Path(os.environ.get("SDTRAIN_SHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    manager, chromium = _browser()
+    with manager as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(120_000)
+        _new_run_refused_then_started(page, server, root, shots)
+        _watch_stop_resume_finish(page, server, root, shots)
+        _compare_and_captions(page, server, root, shots)
+        browser.close()
+
+
+def _new_run_refused_then_started(page, server, root: Path, shots: Path) -> None:
+    page.goto(server.url + "/new")
+    page.click("li[data-path='data']")  # the data folder, browsed under the root
+    page.click("li[data-path='data/tiny']")
+    page.wait_for_selector("text=8 images (40x32 × 8)")
+    page.click("#use-folder")
+    assert page.input_value("#data") == "data/tiny"
+    page.screenshot(path=shots / "new-form.png", full_page=False)
+    page.fill("#name", "runs/ui")
+    extra = TINY_FORM + "\ntrain.num_steps=200\ntrain.log_every=2\ntrain.save_every=20\ntrain.sample_every=20"
+    page.fill("#extra", extra + "\ntrain.sample_prompts=[a red square, a blue square]")
+    page.locator("details.section > summary", has_text="train").click()  # the section, opened
+    page.fill("[data-key='train.optim.lr']", "1e-3")
+    page.fill("[data-key='train.ema_decay']", "abc")  # refused by the config system: nothing starts
+    page.click("#start")
+    page.wait_for_selector("#message.error")
+    assert "train.ema_decay: expected float or None" in page.inner_text("#message") and "/new" in page.url
+    page.screenshot(path=shots / "new-refused.png", full_page=False)
+    page.fill("[data-key='train.ema_decay']", "0.99")
+    page.click("#check")
+    page.wait_for_selector("#message.ok >> text=memory estimate")
+    assert "config OK: runs/ui" in page.inner_text("#message")
+    page.screenshot(path=shots / "new-checked.png", full_page=False)
+    page.click("#start")
+    page.wait_for_url("**/run/runs/ui")
+
+
+def _watch_stop_resume_finish(page, server, root: Path, shots: Path) -> None:
+    page.wait_for_function("() => parseInt(document.querySelector('#step').textContent) >= 4")
+    page.wait_for_selector("#samples img")  # the first sample grid, step 20
+    assert page.locator("#loss-chart polyline").count() == 1
+    page.screenshot(path=shots / "run-watched.png", full_page=True)
+    page.click("#stop")
+    page.wait_for_selector("#status.stopped")  # SIGTERM: the step finished, a checkpoint written, exit 75
+    stopped_at = int(page.inner_text("#step").split("/")[0])
+    assert 20 <= stopped_at < 200 and server.queue.latest("runs/ui").returncode == 75
+    assert list((root / "runs" / "ui" / "checkpoints").glob("step-*"))
+    page.click("#resume")
+    page.wait_for_selector("#status.finished")
+    page.wait_for_selector("form.generate")  # the page reloaded when the export appeared
+    log = (root / "runs" / "ui" / "train.log").read_text()
+    assert "resumed from" in log and int(page.inner_text("#step").split("/")[0]) == 200
+    page.fill("form.generate [name=prompt]", "a red square")
+    page.fill("form.generate [name=num]", "2")
+    page.click("form.generate button")
+    page.wait_for_selector("form.generate .generated img")
+    page.screenshot(path=shots / "run-finished.png", full_page=True)
+
+
+def _compare_and_captions(page, server, root: Path, shots: Path) -> None:
+    page.goto(server.url + "/")
+    page.check("input[value='runs/ui']")
+    page.check("input[value='runs/tiny']")
+    page.screenshot(path=shots / "index.png", full_page=True)
+    page.click("text=Compare the checked runs")
+    page.wait_for_selector("#compare-chart polyline")
+    assert page.locator("#compare-chart polyline").count() == 2
+    assert page.locator("table.config tr.differs").count() > 3 and page.locator(".side-images img").count() == 2
+    assert not page.locator("table.config tr.same").first.is_visible()  # only the differences, by default
+    page.screenshot(path=shots / "compare.png", full_page=True)
+    page.goto(server.url + "/captions?path=data/tiny")
+    row = page.locator("tr[data-image='000.png']")
+    row.locator("textarea").fill("a crimson square on white")
+    row.locator(".save").click()
+    row.locator("text=saved").wait_for()
+    assert (root / "data" / "tiny" / "000.txt").read_text() == "a crimson square on white\n"
+    page.fill("#trigger", "sks")
+    page.click("#add-trigger")
+    page.wait_for_selector("#message.ok")
+    page.wait_for_function(
+        "() => document.querySelector('tr[data-image=\"000.png\"] textarea').value.startsWith('sks')"
+    )
+    assert (root / "data" / "tiny" / "000.txt").read_text() == "sks, a crimson square on white\n"
+    page.screenshot(path=shots / "captions.png", full_page=True)

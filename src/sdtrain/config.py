@@ -8,8 +8,10 @@ test).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
+import threading
 import types
 import typing
 from dataclasses import dataclass, field
@@ -1246,6 +1248,9 @@ def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+_SOURCE_LOCK = threading.Lock()
+
+
 @dataclass(frozen=True)
 class Field:
     """One config key as the reference and the web UI's form describe it: its dotted key, type, choices (a
@@ -1297,13 +1302,17 @@ def reference(cls: type = Config, prefix: str = "") -> list[str]:
     return [f"| `{f.key}` | `{f.type}` | `{f.default!r}` | {f.help} |" for f in fields_of(cls, prefix)]
 
 
+@functools.cache
 def _field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (the string literal after each field) read from the class source."""
+    """Attribute docstrings (the string literal after each field) read from the class source (once per class, one
+    thread at a time: inspect's source lookup is not thread-safe, and the web UI's requests come in threads)."""
     import ast
     import inspect
     import textwrap
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    with _SOURCE_LOCK:
+        source = inspect.getsource(cls)
+    tree = ast.parse(textwrap.dedent(source))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for node, nxt in zip(body, body[1:]):

@@ -58,6 +58,33 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _protocol():
+    """uvicorn's HTTP/1.1 protocol, closing a connection that has not sent a whole request within its keep-alive
+    timeout of connecting or of its last answer (uvicorn alone waits forever for a request begun and never finished:
+    a client sending one byte now and then would hold a connection for good)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def _arm(self) -> None:
+            self.loop.call_later(self.timeout_keep_alive, self._close_if_idle, self.cycle)
+
+        def _close_if_idle(self, cycle) -> None:
+            """Close unless a request came since (a new cycle) that is still being answered."""
+            answering = self.cycle is not None and self.cycle is not cycle and not self.cycle.response_complete
+            if not answering and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
+
+
 class Server:
     """The web UI over a root, bound and ready: :meth:`serve_forever` (the CLI) or :meth:`start` / :meth:`stop` (a
     thread: tests, notebooks). ``url`` is where it answers; ``queue`` its runs."""
@@ -79,7 +106,8 @@ class Server:
         self.queue = Queue(self.root, tuple(devices))
         self.models = Models(device, max_models)
         self.app = make_app(self.root, self.queue, self.models, host_names(host, self.port, tuple(allowed_hosts)))
-        config = uvicorn.Config(self.app, log_level="warning", timeout_keep_alive=IDLE_SECONDS, limit_concurrency=64,
+        config = uvicorn.Config(self.app, http=_protocol(), log_level="warning", timeout_keep_alive=IDLE_SECONDS,
+                                limit_concurrency=64,
                                 h11_max_incomplete_event_size=16 * 1024, timeout_graceful_shutdown=2,
                                 server_header=False)  # fmt: skip
         self.server = uvicorn.Server(config)

@@ -97,7 +97,7 @@ def resolve_request(root: Root, body: dict[str, Any]) -> tuple[str, list[str]]:
     preset = str(body.get("preset") or "")
     if preset not in presets():
         raise ConfigError(f"preset: choose one of {', '.join(presets())}")
-    name = str(body.get("name") or f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}").strip().strip("/")
+    name = str(body.get("name") or f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}").strip().rstrip("/")
     folder = root.resolve(name)
     if folder is None or folder == root.path or any(p.startswith(".") for p in PurePosixPath(name).parts):
         raise ConfigError(f"run name: {name} must be a folder under {root.path} (not hidden, not the root)")
