@@ -633,17 +633,19 @@ def pixart_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
 
 def evaluate_and_serve(root: Path, data: Path, final: Path, out: Path, inception: Path, clip: Path, num: int):
     """`sdtrain evaluate` (FID, KID, CLIP score, 2 steps) of an export on ``data``, and a 2-image generation from it
-    through the run browser of ``root``: ``(fidelity.json's scores, the generated grid)``."""
+    as the web UI serving ``root`` draws it: ``(fidelity.json's scores, the generated grid)``."""
     import io
     import json
 
     from sdtrain.cli import main
-    from sdtrain.web import RunBrowser
+    from sdtrain.web.app import Models
+    from sdtrain.web.files import Root
 
     args = ["evaluate", "--model", str(final), "--data", str(data), "--out", str(out), "--num", str(num)]
     args += ["--batch-size", str(num // 2), "--inception", str(inception), "--clip-model", str(clip)]
     assert main(args + ["--steps", "2", "--device", "cpu"]) == 0
-    png = RunBrowser(root, device="cpu").generate(str(final.relative_to(root)), "a red square", 0, 2)
+    model = Root(root).resolve(str(final.relative_to(root)))  # as the web UI finds it: under its root
+    png = Models("cpu").draw(model, {"prompt": "a red square", "seed": 0, "num_images_per_prompt": 2})
     return json.loads((out / "fidelity.json").read_text()), Image.open(io.BytesIO(png))
 
 

@@ -219,7 +219,8 @@ def test_only_its_own_host_names_and_own_pages_are_answered(site):
         b"GET /file/runs/tiny/loss.png%00.txt HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
         b"GET /run/runs/tiny\x00 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
         b"POST /api/check HTTP/1.1\r\nHost: {host}\r\nX-Sdtrain-Token: {token}\r\nContent-Length: abc\r\n\r\n",
-        b"POST /api/check HTTP/1.1\r\nHost: {host}\r\nX-Sdtrain-Token: {token}\r\nContent-Length: 10000000000\r\n\r\n",
+        b"POST /api/check HTTP/1.1\r\nHost: {host}\r\nX-Sdtrain-Token: {token}\r\nContent-Length: 10000000000\r\n"
+        b"Connection: close\r\n\r\n",
         b"POST /api/check HTTP/1.1\r\nHost: {host}\r\nX-Sdtrain-Token: {token}\r\nContent-Length: -5\r\n\r\n",
         b"POST /api/check HTTP/1.1\r\nHost: {host}\r\nX-Sdtrain-Token: {token}\r\nContent-Length: 4\r\n"
         b"Connection: close\r\n\r\n\xff\xfe\xfa\xf0",

@@ -129,6 +129,17 @@ class Models:
     def loaded(self) -> list[Path]:
         return list(self._loaded)
 
+    def draw(self, folder: Path, asked: dict[str, Any]) -> bytes:
+        """A PNG grid of what the model in ``folder`` draws for ``asked`` (:meth:`Pipeline.generate`'s arguments),
+        one generation at a time (models are large and the device is shared)."""
+        from sdtrain.sample.pipeline import make_grid
+
+        with self.lock:
+            images = self.get(folder).generate(**asked).images
+        buffer = io.BytesIO()
+        make_grid(images, columns=min(len(images), 8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
 
 def _release_device_memory() -> None:
     import gc
@@ -265,7 +276,7 @@ class Site:
             if model is None or self.root.read_text(model / "model_index.json") is None:
                 return JSONResponse({"error": "not a model under the served folder"}, 404)
             images = {k: self._image(body.get(k), k) for k in ("reference", "control") if body.get(k)}
-            png = await run_in_threadpool(self._draw, model, asked | images)
+            png = await run_in_threadpool(self.models.draw, model, asked | images)
         except UserError as e:
             return JSONResponse({"error": str(e)}, 400)
         return Response(png, media_type="image/png")
@@ -278,16 +289,6 @@ class Site:
             raise UserError(f"{what}: {rel} is not an image under the served folder")
         with Image.open(path) as image:
             return image.convert("RGB")
-
-    def _draw(self, model: Path, asked: dict[str, Any]) -> bytes:
-        from sdtrain.sample.pipeline import make_grid
-
-        num = asked.pop("num_images_per_prompt")
-        with self.models.lock:  # one generation at a time: models are large and the device is shared
-            images = self.models.get(model).generate(num_images_per_prompt=num, **asked).images
-        buffer = io.BytesIO()
-        make_grid(images, columns=min(num, 8)).save(buffer, format="PNG")
-        return buffer.getvalue()
 
     def _run_rel(self, request: Request) -> str | None:
         run = self.root.resolve(request.path_params["path"])
