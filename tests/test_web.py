@@ -552,3 +552,52 @@ def _compare_and_captions(page, server, root: Path, shots: Path) -> None:
     )
     assert (root / "data" / "tiny" / "000.txt").read_text() == "sks, a crimson square on white\n"
     page.screenshot(path=shots / "captions.png", full_page=True)
+
+
+def test_a_lora_export_draws_at_any_scale(site, tmp_path):
+    """A LoRA run's export drawn at LoRA scale 1 is the export itself, at 0 the base model it was tuned from (its
+    adapters loaded again at scale - 1: W + (s - 1) dW), at 0.5 neither; the web UI's generation and `sdtrain
+    generate --lora-scale` draw the same; a model without adapters refuses a scale in one line."""
+    import numpy as np
+
+    from sdtrain.cli import main
+    from sdtrain.sample.pipeline import Pipeline
+    from tests.conftest import pipeline_overrides
+
+    root, server = site
+    base = root / "runs" / "tiny" / "final"
+    extra = ["train.lora.rank=4", "train.optim.lr=5e-2", "train.ema_decay=null", "train.num_steps=3"]
+    run = root / "runs" / "lora"
+    final = train(load_config(Config, None, pipeline_overrides(run, root / "data" / "tiny", base) + extra))
+    asked = {"prompt": "a red square", "num_images_per_prompt": 2, "seed": 1, "num_inference_steps": 3}
+
+    def draw(folder, scale=None) -> np.ndarray:
+        model = Pipeline.from_pretrained(folder, device="cpu")
+        if scale is not None:
+            model.set_lora_scale(scale)
+        return np.stack([np.asarray(image, dtype=np.int16) for image in model.generate(**asked).images])
+
+    merged, base_images = draw(final), draw(base)
+    assert (draw(final, 1.0) == merged).all()
+    assert np.abs(draw(final, 0.0) - base_images).max() <= 2 and np.abs(merged - base_images).max() > 10
+    half = draw(final, 0.5)
+    assert np.abs(half - merged).max() > 2 and np.abs(half - base_images).max() > 2
+    token, body = _token(server.url), {"model": "runs/lora/final", "prompt": "a red square", "num": 2, "seed": 1}
+    status, png = _post(server.url + "/api/generate", body | {"steps": 3, "lora_scale": 0}, token)
+    grid = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    assert status == 200 and np.abs(grid - np.concatenate(list(base_images), axis=1)).max() <= 2
+    status, png = _post(server.url + "/api/generate", body | {"steps": 3}, token)  # back to the export itself
+    assert (np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) == np.concatenate(list(merged), axis=1)).all()
+    assert b'name="lora_scale"' in _get(server.url + "/run/runs/lora")[1]
+    status, answer = _post(server.url + "/api/generate", body | {"model": "runs/tiny/final", "lora_scale": 0.5}, token)
+    assert status == 400 and b"no LoRA adapters" in answer
+    out = tmp_path / "cli"
+    args = ["generate", "--model", str(final), "--num", "2", "--seed", "1"]
+    assert (
+        main(args + ["--steps", "3", "--lora-scale", "0", "--out", str(out), "--device", "cpu", "a red square"]) == 0
+    )
+    drawn = np.stack(
+        [np.asarray(Image.open(p), dtype=np.int16) for p in sorted(out.glob("*.png")) if p.stem != "grid"]
+    )
+    assert drawn.shape == base_images.shape and np.abs(drawn - base_images).max() <= 2
+    shutil.rmtree(run)

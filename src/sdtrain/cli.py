@@ -69,6 +69,8 @@ def _sampling_parsers(add) -> None:
         p.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
         p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES, help="the sampler")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+        p.add_argument("--lora-scale", type=float, default=None, help="a LoRA run's export: its adapters at this "
+                       "strength (1: as exported, 0: the base model)")  # fmt: skip
         if name == "generate":
             p.add_argument("--num", type=int, default=1, help="images per prompt")
             p.add_argument("--height", type=int, default=None)
@@ -351,6 +353,8 @@ def _run(args: argparse.Namespace) -> int:
         from sdtrain.sample.pipeline import Pipeline, save_images
 
         pipe = Pipeline.from_pretrained(args.model, device=args.device, scheduler=args.scheduler)
+        if args.lora_scale is not None:
+            pipe.set_lora_scale(args.lora_scale)
         common = dict(
             negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed
         )

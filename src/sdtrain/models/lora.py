@@ -13,6 +13,7 @@ from sdtrain.config import LoRAConfig
 from sdtrain.errors import MissingPackage
 
 LORA_FOLDER = "lora"  # inside an export: final/lora/pytorch_lora_weights.safetensors
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' format, which load_lora_weights reads
 KOHYA_FILE = "lora_kohya.safetensors"  # beside it: the same adapters for A1111 / ComfyUI
 COMFYUI_FILE = "lora_comfyui.safetensors"  # a family whose ComfyUI names differ from diffusers' (Lumina 2)
 ADAPTER_PARAMS = ("lora_", "hada_", "lokr_")  # peft's parameter names of LoRA / DoRA, LoHa and LoKr
@@ -133,7 +134,7 @@ def save_lora(
     else:  # a pipeline without LoRA loading (PixArt): the same file, written as diffusers writes a transformer's
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         flat = {f"{name}.{k}": v.contiguous() for name, state in states.items() for k, v in state.items()}
-        save_file(flat, Path(out_dir) / "pytorch_lora_weights.safetensors")
+        save_file(flat, Path(out_dir) / LORA_WEIGHTS)
     peft_keys = {f"{name}.{k}": v for name, state in states.items() for k, v in state.items()}
     dora = any("lora_magnitude_vector" in k for k in peft_keys)
     # a transformer's LoRA goes in diffusers' layout, which ComfyUI reads for them; DoRA has no kohya file: diffusers

@@ -41,6 +41,7 @@ from sdtrain.config import SCHEDULER_NAMES, ConfigError, ObjectiveConfig
 from sdtrain.errors import Unsupported
 from sdtrain.models.families import Family, detect
 from sdtrain.models.hub import ModelNotFound, check_model_source
+from sdtrain.models.lora import LORA_FOLDER, LORA_WEIGHTS
 from sdtrain.models.vae import decode_latents, encode_moments, latent_channels, scale_latents
 from sdtrain.objective import flow_schedule, from_scheduler, is_flow, schedule
 
@@ -81,6 +82,7 @@ if tuple(SCHEDULERS) != SCHEDULER_NAMES:  # config.SamplerName is the one list o
 # pipeline's scheduler): what guidance and step count the model was validated with
 SAMPLING_FILE = "sampling.json"
 FALLBACK_SAMPLING = {"num_inference_steps": 30, "guidance_scale": 7.5}
+LORA_SCALE_ADAPTER = "lora_scale"  # the export's adapters loaded again to scale them (Pipeline.set_lora_scale)
 IMAGE_GUIDANCE = "image_guidance_scale"  # an edit model's default image guidance, where it has one (1.5: diffusers')
 
 
@@ -403,6 +405,7 @@ class Pipeline:
         self.scheduler = scheduler
         self.sampling = FALLBACK_SAMPLING | (sampling or {})
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.folder: Path | None = None  # the folder it was loaded from (from_pretrained), where its LoRA lies
 
     def __getattr__(self, name: str):
         """The components by name (``pipe.vae``, ``pipe.unet``, ...)."""
@@ -428,6 +431,24 @@ class Pipeline:
         """The step count and guidance to sample with: the ones given, else this model's ``sampling``."""
         steps = int(num_inference_steps or self.sampling["num_inference_steps"])
         return steps, self.sampling["guidance_scale"] if guidance_scale is None else guidance_scale
+
+    def set_lora_scale(self, scale: float) -> None:
+        """Draw as if the export's LoRA adapters were merged at ``scale`` (1: as exported, 0: the base model, 0.5:
+        half the change): the adapters of ``FOLDER/lora/`` (diffusers' format) are loaded onto the merged model at
+        ``scale - 1``, since W + (s - 1) dW = W_base + s dW; no base model is read.
+
+        Raises:
+            Unsupported: the model was not loaded from an export with LoRA adapters in diffusers' format.
+        """
+        file = self.folder / LORA_FOLDER / LORA_WEIGHTS if self.folder else None
+        if file is None or not file.is_file():
+            raise Unsupported(f"{self.folder or 'this model'} has no LoRA adapters in diffusers' format beside it "
+                              f"({LORA_FOLDER}/{LORA_WEIGHTS}): a LoRA scale needs a LoRA run's export")  # fmt: skip
+        pipe = self.diffusers_pipeline(device=False)
+        if LORA_SCALE_ADAPTER not in pipe.get_list_adapters().get(self.family.denoiser, []):
+            pipe.load_lora_weights(file.parent, weight_name=LORA_WEIGHTS, adapter_name=LORA_SCALE_ADAPTER)
+            pipe.to(self.device)
+        pipe.set_adapters([LORA_SCALE_ADAPTER], [scale - 1.0])
 
     def diffusers_pipeline(self, img2img: bool = False, scheduler: str | None = None, device: bool = True):
         """The family's diffusers pipeline over these components (``img2img``: its image-to-image sibling), with the
@@ -545,7 +566,9 @@ class Pipeline:
         sched = with_scheduler(pipe.scheduler, scheduler, family.flow_samplers) if scheduler else pipe.scheduler
         sampling = read_sampling_defaults(path) if Path(path).is_dir() else None
         components = family.components_of(pipe)
-        return cls.from_components(components, family, sched, sampling=sampling, device=device)
+        model = cls.from_components(components, family, sched, sampling=sampling, device=device)
+        model.folder = Path(path) if Path(path).is_dir() else None
+        return model
 
     @classmethod
     def from_components(cls, components, family: Family, scheduler=None, **kwargs):

@@ -27,6 +27,7 @@ from starlette.templating import Jinja2Templates
 
 from sdtrain.config import SCHEDULER_NAMES
 from sdtrain.errors import UserError
+from sdtrain.models.lora import LORA_FOLDER, LORA_WEIGHTS
 from sdtrain.web import captions, form, runs
 from sdtrain.web.files import Root
 from sdtrain.web.queue import LOG_NAME, Queue
@@ -112,6 +113,7 @@ class Models:
     def __init__(self, device: str | None, limit: int = 1):
         self.device, self.limit = device, max(1, limit)
         self._loaded: OrderedDict[Path, Any] = OrderedDict()
+        self._scales: dict[Path, float] = {}  # a LoRA export's scale, where one was asked for
         self.lock = threading.Lock()
 
     def get(self, folder: Path):
@@ -119,7 +121,7 @@ class Models:
             self._loaded.move_to_end(folder)
             return self._loaded[folder]
         while len(self._loaded) >= self.limit:
-            self._loaded.popitem(last=False)
+            self._scales.pop(self._loaded.popitem(last=False)[0], None)
             _release_device_memory()
         from sdtrain.sample.pipeline import Pipeline
 
@@ -134,8 +136,14 @@ class Models:
         one generation at a time (models are large and the device is shared)."""
         from sdtrain.sample.pipeline import make_grid
 
+        asked = dict(asked)
+        scale = asked.pop("lora_scale", None)
         with self.lock:
-            images = self.get(folder).generate(**asked).images
+            model = self.get(folder)
+            if scale is not None or self._scales.get(folder, 1.0) != 1.0:  # asked, or back to 1 when not
+                model.set_lora_scale(1.0 if scale is None else scale)
+                self._scales[folder] = 1.0 if scale is None else scale
+            images = model.generate(**asked).images
         buffer = io.BytesIO()
         make_grid(images, columns=min(len(images), 8)).save(buffer, format="PNG")
         return buffer.getvalue()
@@ -193,8 +201,9 @@ class Site:
         if run is None or not run.is_dir():
             return PlainTextResponse("not found", 404)
         rel = self.root.relative(run)
-        return self.page(request, "run.html", run=rel, models=runs.models(self.root, run),
-                         samplers=SCHEDULER_NAMES)  # fmt: skip
+        models = runs.models(self.root, run)
+        lora = [m for m in models if (self.root.path / m / LORA_FOLDER / LORA_WEIGHTS).is_file()]
+        return self.page(request, "run.html", run=rel, models=models, lora_models=lora, samplers=SCHEDULER_NAMES)
 
     async def compare_page(self, request: Request) -> Response:
         chosen = [self.root.resolve(r) for r in request.query_params.getlist("run")]
@@ -277,7 +286,7 @@ class Site:
                 return JSONResponse({"error": "not a model under the served folder"}, 404)
             images = {k: self._image(body.get(k), k) for k in ("reference", "control") if body.get(k)}
             png = await run_in_threadpool(self.models.draw, model, asked | images)
-        except UserError as e:
+        except UserError as e:  # Unsupported too: a LoRA scale for a model without adapters
             return JSONResponse({"error": str(e)}, 400)
         return Response(png, media_type="image/png")
 
@@ -359,7 +368,8 @@ def _generation(body: dict[str, Any]) -> dict[str, Any]:
                  "num_images_per_prompt": int(body.get("num", 4))}  # fmt: skip
         for key, name, kind in (("steps", "num_inference_steps", int), ("guidance", "guidance_scale", float),
                                 ("width", "width", int), ("height", "height", int),
-                                ("image_guidance", "image_guidance_scale", float)):  # fmt: skip
+                                ("image_guidance", "image_guidance_scale", float),
+                                ("lora_scale", "lora_scale", float)):  # fmt: skip
             if body.get(key) not in (None, ""):
                 asked[name] = kind(body[key])
     except (KeyError, ValueError, TypeError) as e:
