@@ -74,6 +74,7 @@ def site(tmp_path_factory, clip_dir, vae_dir):
     prompts = "train.sample_prompts=[a red square, a blue square]"  # the browser test's run draws the same
     train(load_config(Config, None, overrides + ["train.num_steps=2", "sample.num_inference_steps=2", prompts]))
     (base / "secret.txt").write_text("outside the served folder")
+    (root / ".env").write_text("root: a secret under the root, hidden")  # never served: a hidden file
     server = Server(root, port=0, device="cpu", devices=("cpu",)).start()
     yield root, server
     server.stop()
@@ -150,7 +151,9 @@ def test_pages_list_and_show_runs(site):
 @pytest.mark.parametrize(
     "path",
     ["/file/../secret.txt", "/file/%2e%2e/secret.txt", "/run/../..", "/file//etc/passwd", "/file/%2Fetc%2Fpasswd",
-     "/api/browse?path=..", "/api/browse?path=/etc", "/captions?path=..", "/events/run/..%2F.."],
+     "/api/browse?path=..", "/api/browse?path=/etc", "/captions?path=..", "/events/run/..%2F..",
+     "/file/.sdtrain/queue.json", "/file/.env", "/api/browse?path=.sdtrain",
+     "/file/models/vae/diffusion_pytorch_model.safetensors"],
 )  # fmt: skip
 def test_nothing_outside_the_root_is_read(site, path):
     status, body = _get(site[1].url + path)

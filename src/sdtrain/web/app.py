@@ -40,8 +40,20 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")  # fmt: skip
 SECURITY_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
                     (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY")]  # fmt: skip
-KINDS = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".json":
-         "application/json", ".jsonl": "text/plain", ".txt": "text/plain", ".yaml": "text/plain"}  # fmt: skip
+TEXT = "text/plain; charset=utf-8"
+KINDS = {  # what /file/ serves: the pages' images and the runs' text files
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".bmp": "image/bmp",
+    ".gif": "image/gif",
+    ".json": "application/json",
+    ".jsonl": TEXT,
+    ".txt": TEXT,
+    ".yaml": TEXT,
+    ".log": TEXT,
+}
 
 
 class Doors:
@@ -220,9 +232,9 @@ class Site:
 
     async def file(self, request: Request) -> Response:
         path = self.root.resolve(request.path_params["path"])
-        if path is None or not path.is_file():
-            return PlainTextResponse("not found", 404)
-        return FileResponse(path, media_type=KINDS.get(path.suffix.lower(), "text/plain; charset=utf-8"))
+        if path is None or not path.is_file() or not self.root.visible(path) or path.suffix.lower() not in KINDS:
+            return PlainTextResponse("not found", 404)  # the kinds the pages show, out of hidden folders
+        return FileResponse(path, media_type=KINDS[path.suffix.lower()])
 
     # --- the API the pages call
 

@@ -52,7 +52,7 @@ def list_captions(root: Root, rel: str) -> dict[str, Any] | None:
     """The folder's images and their captions (None outside the root): ``{"folder", "source", "items": [{"image",
     "file", "caption"}]}``, ``source`` the manifest's name or ``"text files"``."""
     folder = root.resolve(rel)
-    if folder is None or not folder.is_dir():
+    if folder is None or not folder.is_dir() or not root.visible(folder):
         return None
     manifest = _manifest(folder)
     items = []
@@ -78,7 +78,7 @@ def save_caption(root: Root, rel: str, image: str, caption: str) -> None:
     """
     folder = root.resolve(rel)
     path = root.resolve(f"{rel}/{image}") if folder is not None else None
-    if folder is None or path is None or path.parent != folder or not path.is_file():
+    if folder is None or path is None or path.parent != folder or not path.is_file() or not root.visible(path):
         raise UserError(f"{rel}/{image}: not an image under the served folder")
     caption = " ".join(caption.split())  # one line, as the data layer reads it
     manifest = _manifest(folder)

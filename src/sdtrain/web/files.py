@@ -38,6 +38,11 @@ class Root:
         path = self.path / rel  # an absolute rel replaces the root, and is then outside it
         return path.resolve() if self.inside(path) else None
 
+    def visible(self, path: Path) -> bool:
+        """Whether ``path`` (under the root) lies in no hidden folder and is no hidden file: ``.env``, ``.git``,
+        ``.sdtrain`` (the server's own state) are never listed or served."""
+        return not any(part.startswith(".") for part in Path(path).resolve().relative_to(self.path).parts)
+
     def relative(self, path: Path) -> str:
         return Path(path).resolve().relative_to(self.path).as_posix() or "."
 
@@ -86,7 +91,7 @@ class Root:
         from PIL import Image
 
         folder = self.resolve(rel or ".")
-        if folder is None or not folder.is_dir():
+        if folder is None or not folder.is_dir() or not self.visible(folder):
             return None
         folders, images, sizes, captions = [], [], {}, []
         for entry in sorted(folder.iterdir()):

@@ -116,8 +116,11 @@ class Queue:
             if job.state == "queued":
                 job.state, job.ended = "cancelled", time.time()
             elif job.state == "running":
-                os.kill(job.pid, signal.SIGTERM)  # the worker passes it on to the run
-                job.state = "stopping"
+                try:
+                    os.kill(job.pid, signal.SIGTERM)  # the worker passes it on to the run
+                    job.state = "stopping"
+                except ProcessLookupError:  # it ended a moment ago: the next tick says how
+                    pass
             self._write()
             return job
 
