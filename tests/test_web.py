@@ -604,3 +604,43 @@ def test_a_lora_export_draws_at_any_scale(site, tmp_path):
     )
     assert drawn.shape == base_images.shape and np.abs(drawn - base_images).max() <= 2
     shutil.rmtree(run)
+
+
+@pytest.mark.slow  # a real run and a real browser
+def test_a_real_run_outlives_a_server_restart(site, tmp_path):
+    """A tiny run started from the UI trains on while its server is down; the next server finds it in the queue file,
+    and its page in the browser shows it running, its step advancing, and then finished."""
+    shutil.copytree(site[0] / "models", tmp_path / "models")
+    write_image_folder(tmp_path / "data" / "tiny")
+    shots = Path(os.environ.get("SDTRAIN_SHOTS") or tmp_path)
+    server = Server(tmp_path, port=0, devices=("cpu",)).start()
+    log = tmp_path / "runs" / "long" / "log.jsonl"
+    last_step = lambda: (
+        json.loads(log.read_text().splitlines()[-1])["step"] if log.is_file() and log.read_text() else 0
+    )  # noqa: E731
+    try:
+        extra = TINY_FORM + "\ntrain.num_steps=150\ntrain.log_every=2\ntrain.save_every=50"
+        assert _post(server.url + "/api/runs", _form("runs/long", extra=extra), _token(server.url))[0] == 200
+        _wait(lambda: last_step() >= 6, timeout=180)
+    finally:
+        server.stop()
+    down_at = last_step()
+    _wait(lambda: last_step() >= down_at + 10, timeout=120)  # no server, and it trains on
+    server = Server(tmp_path, port=0, devices=("cpu",)).start()
+    manager, chromium = _browser()
+    try:
+        with manager as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(240_000)
+            page.goto(server.url + "/run/runs/long")
+            page.wait_for_selector("#status.running")
+            seen = int(page.inner_text("#step").split("/")[0])
+            page.wait_for_function(f"() => parseInt(document.querySelector('#step').textContent) > {seen}")
+            page.screenshot(path=shots / "run-after-restart.png", full_page=False)
+            page.wait_for_selector("#status.finished")
+            assert int(page.inner_text("#step").split("/")[0]) == 150
+            browser.close()
+    finally:
+        server.stop()
+    assert server.queue.list()[0]["returncode"] == 0 and (tmp_path / "runs" / "long" / "final").is_dir()
