@@ -311,11 +311,8 @@ def _close_process_group() -> None:
 def _print_estimate(config) -> int:
     """``sdtrain train --estimate``: the pre-flight memory estimate as one JSON line (GiB per part and in total)."""
     from sdtrain.train.loop import estimate
-    from sdtrain.train.perf import GiB
 
-    found = estimate(config)
-    parts = ("weights", "gradients", "optimizer", "ema", "frozen", "activations")
-    print(json.dumps({k: round(getattr(found, k) / GiB, 4) for k in parts} | {"total": round(found.total / GiB, 4)}))
+    print(json.dumps({k: round(v, 4) for k, v in estimate(config).gib().items()}))
     return 0
 
 

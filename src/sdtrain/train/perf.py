@@ -133,9 +133,14 @@ class MemoryEstimate:
     def total(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.ema + self.frozen + self.activations
 
+    def gib(self) -> dict[str, float]:
+        """GiB by kind, and ``total``."""
+        parts = ("weights", "gradients", "optimizer", "ema", "frozen", "activations")
+        return {k: getattr(self, k) / GiB for k in parts} | {"total": self.total / GiB}
+
     def table(self) -> str:
-        rows = [(k, getattr(self, k)) for k in ("weights", "gradients", "optimizer", "ema", "frozen", "activations")]
-        return ", ".join(f"{k} {v / GiB:.2f}" for k, v in rows) + f" = {self.total / GiB:.2f} GiB"
+        *parts, total = self.gib().items()
+        return ", ".join(f"{k} {v:.2f}" for k, v in parts) + f" = {total[1]:.2f} GiB"
 
 
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "adafactor": 0.1}  # per trainable parameter (Adafactor: factored)

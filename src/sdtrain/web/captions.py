@@ -76,23 +76,36 @@ def save_caption(root: Root, rel: str, image: str, caption: str) -> None:
     Raises:
         UserError: the folder or image is not under the root, or not in the folder's manifest.
     """
+    save_captions(root, rel, {image: caption})
+
+
+def save_captions(root: Root, rel: str, captions: dict[str, str]) -> None:
+    """Write each image's caption (``{name in folder rel: caption}``): each sidecar, or the manifest once.
+
+    Raises:
+        UserError: a folder or image not under the root, or not in the folder's manifest (nothing is written then).
+    """
     folder = root.resolve(rel)
-    path = root.resolve(f"{rel}/{image}") if folder is not None else None
-    if folder is None or path is None or path.parent != folder or not path.is_file() or not root.visible(path):
-        raise UserError(f"{rel}/{image}: not an image under the served folder")
-    caption = " ".join(caption.split())  # one line, as the data layer reads it
+    for image in captions:
+        path = root.resolve(f"{rel}/{image}") if folder is not None else None
+        if folder is None or path is None or path.parent != folder or not path.is_file() or not root.visible(path):
+            raise UserError(f"{rel}/{image}: not an image under the served folder")
+    captions = {image: " ".join(caption.split()) for image, caption in captions.items()}  # one line each, as read
     manifest = _manifest(folder)
     if manifest is None:
-        sidecar = _sidecar(path)
-        if sidecar.is_symlink() or not root.inside(sidecar.parent):
-            raise UserError(f"{sidecar.name}: a link; edit it where it points")
-        write_atomically(sidecar, caption + "\n")
+        sidecars = {_sidecar(folder / image): caption for image, caption in captions.items()}
+        for sidecar in sidecars:
+            if sidecar.is_symlink() or not root.inside(sidecar.parent):
+                raise UserError(f"{sidecar.name}: a link; edit it where it points")
+        for sidecar, caption in sidecars.items():
+            write_atomically(sidecar, caption + "\n")
         return
     rows = _read_rows(manifest)
-    row = next((r for r in rows if str(r.get(IMAGE_COLUMN)) == image), None)
-    if row is None:
-        raise UserError(f"{image}: no row of {manifest.name} names it")
-    row[CAPTION_COLUMN] = caption
+    by_image = {str(r.get(IMAGE_COLUMN)): r for r in rows}
+    for image, caption in captions.items():
+        if image not in by_image:
+            raise UserError(f"{image}: no row of {manifest.name} names it")
+        by_image[image][CAPTION_COLUMN] = caption
     _write_rows(manifest, rows)
 
 
@@ -102,9 +115,7 @@ def add_trigger(root: Root, rel: str, word: str) -> int:
     listed = list_captions(root, rel)
     if listed is None or not word:
         raise UserError("give a trigger word and a folder under the served folder")
-    changed = 0
-    for item in listed["items"]:
-        if word not in item["caption"].replace(",", " ").split():
-            save_caption(root, listed["folder"], item["image"], f"{word}, {item['caption']}".rstrip(", "))
-            changed += 1
-    return changed
+    changed = {item["image"]: f"{word}, {item['caption']}".rstrip(", ") for item in listed["items"]
+               if word not in item["caption"].replace(",", " ").split()}  # fmt: skip
+    save_captions(root, listed["folder"], changed)
+    return len(changed)

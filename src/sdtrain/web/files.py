@@ -57,32 +57,26 @@ class Root:
         folder.mkdir(exist_ok=True)
         return folder
 
-    def walk(self, depth: int = 4):
-        """Folders under the root to ``depth`` (relative paths, sorted), hidden ones and links out left alone."""
-        stack = [(self.path, 0)]
+    def find_runs(self, depth: int = 4) -> list[Path]:
+        """Run folders (holding ``config.yaml``, ``log.jsonl``, ``metrics.json`` or ``fidelity.json``) to ``depth``
+        under the root, relative, sorted; hidden folders, links out of the root and a run's own parts (checkpoints,
+        final, samples, ...) are not walked."""
+        found, stack = [], [(self.path, 0)]
         while stack:
             folder, level = stack.pop()
             try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+                entries = list(os.scandir(folder))
             except OSError:
                 continue
             for entry in entries:
-                if entry.name.startswith(".") or not entry.is_dir() or not self.inside(Path(entry.path)):
+                path = Path(entry.path)
+                walked = not entry.name.startswith(".") and entry.name not in RUN_PARTS and entry.is_dir()
+                if not walked or not self.inside(path):
                     continue
-                yield Path(entry.path).relative_to(self.path), entry.name
+                if any(self.inside(path / m) and (path / m).is_file() for m in RUN_MARKERS):
+                    found.append(path.relative_to(self.path))
                 if level + 1 < depth:
-                    stack.append((Path(entry.path), level + 1))
-
-    def find_runs(self, depth: int = 4) -> list[Path]:
-        """Run folders (holding ``config.yaml``, ``log.jsonl``, ``metrics.json`` or ``fidelity.json``), relative,
-        sorted; a run's own parts (checkpoints, final, samples, ...) are not runs."""
-        found = []
-        for rel, _ in self.walk(depth):
-            if set(rel.parts) & RUN_PARTS:
-                continue
-            path = self.path / rel
-            if any(self.inside(path / m) and (path / m).is_file() for m in RUN_MARKERS):
-                found.append(rel)
+                    stack.append((path, level + 1))
         return sorted(found)
 
     def browse(self, rel: str, previews: int = 5) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ import yaml
 
 from sdtrain.config import PRESETS, Config, ConfigError, fields_of, load_config, to_dict
 from sdtrain.web.files import Root
+from sdtrain.web.queue import device_env
 from sdtrain.web.runs import flatten
 
 SECTIONS = ("model", "data", "train", "sample")
@@ -99,7 +100,7 @@ def resolve_request(root: Root, body: dict[str, Any]) -> tuple[str, list[str]]:
         raise ConfigError(f"preset: choose one of {', '.join(presets())}")
     name = str(body.get("name") or f"runs/{preset}-{time.strftime('%Y%m%d-%H%M%S')}").strip().rstrip("/")
     folder = root.resolve(name)
-    if folder is None or folder == root.path or any(p.startswith(".") for p in PurePosixPath(name).parts):
+    if folder is None or folder == root.path or not root.visible(folder):
         raise ConfigError(f"run name: {name} must be a folder under {root.path} (not hidden, not the root)")
     if folder.exists() and any(folder.iterdir()):
         raise ConfigError(f"run name: {name} exists already; resume it from its page, or choose another name")
@@ -118,10 +119,10 @@ def resolve_request(root: Root, body: dict[str, Any]) -> tuple[str, list[str]]:
 def estimate(root: Root, command: list[str]) -> dict[str, Any]:
     """The run's own memory estimate (``sdtrain train --estimate`` in a process of its own, on the CPU, in the root
     like the run): GiB per part and in total, or ``{"error": the run's one-line refusal}``."""
-    env_command = [sys.executable, "-m", "sdtrain", *command, "--estimate"]
+    estimate_command = [sys.executable, "-m", "sdtrain", *command, "--estimate"]
     try:
-        done = subprocess.run(env_command, cwd=root.path, capture_output=True, text=True, timeout=ESTIMATE_SECONDS,
-                              env=_cpu_env())  # fmt: skip
+        done = subprocess.run(estimate_command, cwd=root.path, capture_output=True, text=True,
+                              timeout=ESTIMATE_SECONDS, env=device_env("cpu"))  # fmt: skip
     except subprocess.TimeoutExpired:
         return {"error": f"the estimate took over {ESTIMATE_SECONDS} s"}
     lines = done.stdout.strip().splitlines()
@@ -129,9 +130,3 @@ def estimate(root: Root, command: list[str]) -> dict[str, Any]:
         return json.loads(lines[-1])
     errors = [line for line in done.stderr.splitlines() if line.strip()]
     return {"error": errors[-1] if errors else f"sdtrain train --estimate exited {done.returncode}"}
-
-
-def _cpu_env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ, CUDA_VISIBLE_DEVICES="")

@@ -4,6 +4,7 @@ and the log tail; and what they show of several runs side by side."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,14 @@ def finished(root: Root, run: Path) -> bool:
 
 
 def models(root: Root, run: Path) -> list[str]:
-    """The exported models in a run (folders with ``model_index.json``, checkpoints left out), relative."""
-    found = (p.parent for p in run.glob("**/model_index.json") if "checkpoints" not in p.parts)
-    return sorted(root.relative(p) for p in found if root.inside(p / "model_index.json"))
+    """The exported models in a run (folders with ``model_index.json``), relative; checkpoints, samples and the
+    trackers' folders are not walked (a watched run is looked at every second)."""
+    found = []
+    for folder, subfolders, files in os.walk(run):
+        subfolders[:] = [d for d in subfolders if d not in ("checkpoints", "samples", "tracking", "fidelity")]
+        if "model_index.json" in files and root.inside(Path(folder) / "model_index.json"):
+            found.append(root.relative(Path(folder)))
+    return sorted(found)
 
 
 def compare(root: Root, runs: list[Path]) -> dict[str, Any]:
