@@ -306,6 +306,20 @@ def sd3_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sd3_two_blocks_dir(tmp_path_factory, sd3_dir) -> Path:
+    """``sd3_dir`` with a two-block transformer: a ControlNet copies the first (the last block of an SD3 transformer
+    reads the text without updating it, which no ControlNet block does)."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    root = tmp_path_factory.mktemp("sd3-two")
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir)
+    torch.manual_seed(1)
+    pipe.transformer = SD3Transformer2DModel.from_config({**pipe.transformer.config, "num_layers": 2})
+    pipe.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
 def flux_dir(tmp_path_factory, clip_dir, vae_dir) -> Path:
     """A tiny FluxPipeline folder, as diffusers' own Flux tests build one: the tiny CLIP, a tiny T5 encoder (the
     byte-level CLIP tokenizer standing in for T5's), a FluxTransformer2DModel with one double- and one single-stream

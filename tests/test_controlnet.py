@@ -160,3 +160,139 @@ def test_an_sdxl_controlnet_trains_and_draws_its_pipelines_pixels(tmp_path, sdxl
     theirs = plain(["a red square"], image=[control], num_inference_steps=3, guidance_scale=2.0, height=32, width=40,
                    generator=[torch.Generator().manual_seed(1)]).images  # fmt: skip
     assert np.array_equal(np.asarray(images[0]), np.asarray(theirs[0]))
+
+
+# --- SD3 and Flux: a ControlNet made from the transformer, the control image as latents -------------------------
+
+
+def _transformer_ones(family: str, sd3_two_blocks_dir: Path, flux_dir: Path):
+    """(family, its tiny base folder, the plain pipeline class) of a transformer ControlNet."""
+    from diffusers import FluxControlNetPipeline, StableDiffusion3ControlNetPipeline
+
+    from sdtrain.models.families.flux_controlnet import FAMILY as FLUX_CONTROLNET
+    from sdtrain.models.families.sd3_controlnet import FAMILY as SD3_CONTROLNET
+
+    if family == "sd3-controlnet":
+        return SD3_CONTROLNET, sd3_two_blocks_dir, StableDiffusion3ControlNetPipeline
+    return FLUX_CONTROLNET, flux_dir, FluxControlNetPipeline
+
+
+@pytest.mark.parametrize("name", ["sd3-controlnet", "flux-controlnet"])
+def test_a_transformer_controlnet_trains_and_draws_its_pipelines_pixels(tmp_path, name, sd3_two_blocks_dir, flux_dir):
+    """SD3's and Flux's: made from the base's transformer, trained on pairs while the transformer stays frozen, the
+    export loads in the plain ControlNet pipeline and `sdtrain generate --control` draws its pixels."""
+    family, base, plain_class = _transformer_ones(name, sd3_two_blocks_dir, flux_dir)
+    data = controls(write_pairs(tmp_path / "pairs", count=4, size=32))
+    extra = [f"model.family={name}", "data.conditions=[control]", "train.num_steps=2", "model.controlnet_layers=1"]
+    final = train(load_config(Config, None, pipeline_overrides(tmp_path / "run", data, base) + extra))
+    assert detect(final) is family
+    assert json.loads((final / "model_index.json").read_text())["_class_name"] == plain_class.__name__
+    saved, before = (load_file(f / "transformer" / "diffusion_pytorch_model.safetensors") for f in (final, base))
+    assert set(saved) == set(before) and all(torch.equal(saved[k], before[k]) for k in before)  # frozen
+    controlnet = load_file(final / "controlnet" / "diffusion_pytorch_model.safetensors")
+    zero_layers = [k for k in controlnet if k.startswith("controlnet_blocks.")]
+    assert zero_layers and all(controlnet[k].abs().max() > 0 for k in zero_layers)  # they left zero
+    config = json.loads((final / "controlnet" / "config.json").read_text())
+    assert config["num_layers"] == 1 and config.get("force_zeros_for_pooled_projection") in (False, None)
+
+    control = Image.open(data / "002.control.png").convert("RGB")
+    ours = Pipeline.from_pretrained(final, device="cpu")
+    images = ours.generate(["a red square", "a blue square"], control=control, num_inference_steps=3,
+                           guidance_scale=2.0, height=32, width=32, seed=3).images  # fmt: skip
+    plain = plain_class.from_pretrained(final)
+    plain.set_progress_bar_config(disable=True)
+    kwargs = ours._family_kwargs()
+    generators = [torch.Generator().manual_seed(3 + i) for i in range(2)]
+    theirs = plain(["a red square", "a blue square"], control_image=[control, control], num_inference_steps=3,
+                   guidance_scale=2.0, height=32, width=32, generator=generators, **kwargs).images  # fmt: skip
+    assert images[0].size == (32, 32)
+    for a, b in zip(images, theirs):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("name,instantx", [("sd3-controlnet", False), ("sd3-controlnet", True),
+                                           ("flux-controlnet", False)])  # fmt: skip
+def test_a_transformer_controlnets_training_call_is_its_pipelines(name, instantx, sd3_two_blocks_dir, flux_dir):
+    """The training call is what the plain pipeline calls, captured from one of its steps: the same control latents
+    (the posterior's mean on both sides; shifted or, for InstantX's SD3 ControlNets, not), the pooled text (zeros
+    for InstantX's), position ids and guidance; the transformer's output equals ours."""
+    from unittest.mock import patch
+
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from sdtrain.models.families import flux
+
+    family, base, plain_class = _transformer_ones(name, sd3_two_blocks_dir, flux_dir)
+    keys = [f"model.pretrained={base}", f"model.family={name}", "model.controlnet_layers=1"]
+    config = load_config(Config, None, keys + ["data.conditions=[control]", "data.path=x"])
+    components = family.load(config)
+    model = components.controlnet
+    assert not any(p.requires_grad for p in model.transformer.parameters())
+    with torch.no_grad():
+        for p in model.controlnet.controlnet_blocks.parameters():
+            p.normal_(std=0.1)  # as if trained: the block outputs are no longer zero
+        c = model.controlnet
+        for p in (c.pos_embed_input if name == "sd3-controlnet" else c.controlnet_x_embedder).parameters():
+            p.normal_(std=0.1)
+    model.controlnet.register_to_config(force_zeros_for_pooled_projection=instantx)
+    pipe = plain_class(**family.pipeline_components(components), scheduler=Pipeline(components, family).scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    control = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    calls = {}
+    hooks = [m.register_forward_hook(lambda _m, _a, kw, out, key=key: calls.setdefault(key, (kw, out)) and None,
+                                     with_kwargs=True)  # the first step's call (None: the output kept)
+             for key, m in (("controlnet", pipe.controlnet), ("transformer", pipe.transformer))]  # fmt: skip
+    with patch.object(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean):
+        pipe("a red square", control_image=control, num_inference_steps=2, guidance_scale=1.0, height=32, width=32,
+             generator=torch.Generator().manual_seed(0), output_type="latent",
+             **family.sampling_kwargs(components))  # fmt: skip
+    for h in hooks:
+        h.remove()
+    seen, out = calls["transformer"]
+    pixels = torch.from_numpy(np.asarray(control)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    cond = family.encode_prompts(components, ["a red square"], "cpu") | family.encoders(components).encode_conditions(
+        [pixels])  # fmt: skip
+    latents, timesteps, theirs = seen["hidden_states"], seen["timestep"], out[0]
+    given = calls["controlnet"][0]["controlnet_cond"]
+    if name == "flux-controlnet":  # packed on the pipeline's side; its timestep is sigma
+        latents, theirs, given = (flux.unpack(x, 16, 16) for x in (latents, theirs, given))
+        timesteps = timesteps * 1000
+    torch.testing.assert_close(cond[CONTROL], given, atol=1e-5, rtol=1e-5)
+    if instantx:
+        assert not calls["controlnet"][0]["pooled_projections"].any()
+    with torch.no_grad():
+        ours = family.predict(model, latents, timesteps, cond)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    from sdtrain.models.families import sd3
+
+    text = {k: v for k, v in cond.items() if k != CONTROL}
+    unsteered = (sd3 if name == "sd3-controlnet" else flux).predict(model.transformer, latents, timesteps, text)
+    assert (ours - unsteered).abs().max() > 1e-3  # the ControlNet steers
+
+
+def test_transformer_controlnets_refuse_what_they_cannot_steer(tmp_path, sd3_dir, flux_dir):
+    """A one-block SD3 transformer has no block a ControlNet can copy; a Flux ControlNet of XLabs' kind (pixels
+    through an input hint block) or a union one is refused by name, before any training."""
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    from sdtrain.models.families.flux_controlnet import FAMILY as FLUX_CONTROLNET
+    from sdtrain.models.families.sd3_controlnet import FAMILY as SD3_CONTROLNET
+
+    def config(base: Path, *extra: str) -> Config:
+        return load_config(Config, None, [f"model.pretrained={base}", "data.conditions=[control]", "data.path=x",
+                                          *extra])  # fmt: skip
+
+    with pytest.raises(ConfigError, match="but its last: this one has one"):
+        SD3_CONTROLNET.load(config(sd3_dir, "model.family=sd3-controlnet"))
+    c = FluxTransformer2DModel.load_config(flux_dir / "transformer")
+    shape = dict(num_layers=1, num_single_layers=0, attention_head_dim=c["attention_head_dim"],
+                 num_attention_heads=c["num_attention_heads"], joint_attention_dim=c["joint_attention_dim"],
+                 pooled_projection_dim=c["pooled_projection_dim"], in_channels=c["in_channels"],
+                 axes_dims_rope=c["axes_dims_rope"], guidance_embeds=True)  # fmt: skip
+    for i, (kind, extra) in enumerate((("XLabs' kind", {"conditioning_embedding_channels": 16}),
+                                       ("a union one", {"num_mode": 3}))):  # fmt: skip
+        FluxControlNetModel(**shape, **extra).save_pretrained(tmp_path / f"c{i}")
+        with pytest.raises(ConfigError, match=kind):
+            FLUX_CONTROLNET.load(config(flux_dir, "model.family=flux-controlnet", f"model.controlnet={tmp_path}/c{i}"))
+    with pytest.raises(ConfigError, match="model.controlnet_layers must be at least 1"):
+        config(flux_dir, "model.controlnet_layers=0")

@@ -3,6 +3,7 @@ cycles, no front-end imports, short functions) checked by tools/check_layout.py.
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -13,8 +14,13 @@ import pytest
 import torch
 from diffusers import (
     ControlNetModel,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
     FluxKontextPipeline,
     FluxPipeline,
+    SD3ControlNetModel,
+    StableDiffusion3ControlNetPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLControlNetPipeline,
@@ -72,6 +78,7 @@ def test_every_family_provides_the_interface(
     vae_dir,
     sdxl_dir,
     sd3_dir,
+    sd3_two_blocks_dir,
     flux_dir,
     pixart_dir,
     sana_dir,
@@ -98,6 +105,20 @@ def test_every_family_provides_the_interface(
     control = ControlNetModel.from_unet(xl.unet, conditioning_embedding_out_channels=(16, 32))
     controlled = StableDiffusionXLControlNetPipeline(**xl.components | {"controlnet": control})
     controlled.save_pretrained(folders["sdxl-controlnet"])
+    folders["sd3-controlnet"] = tmp_path / "sd3-controlnet"  # SD3's, with a ControlNet made from its transformer
+    sd3 = StableDiffusion3Pipeline.from_pretrained(sd3_two_blocks_dir)
+    # (from_transformer writes into the config it reads: given a copy)
+    control = SD3ControlNetModel.from_transformer(copy.deepcopy(sd3.transformer), 1, num_extra_conditioning_channels=0)
+    StableDiffusion3ControlNetPipeline(**sd3.components | {"controlnet": control}).save_pretrained(
+        folders["sd3-controlnet"]
+    )
+    folders["flux-controlnet"] = tmp_path / "flux-controlnet"
+    fl = FluxPipeline.from_pretrained(flux_dir)
+    c = fl.transformer.config
+    control = FluxControlNetModel.from_transformer(fl.transformer, num_layers=1, num_single_layers=1,
+                                                   attention_head_dim=c.attention_head_dim,
+                                                   num_attention_heads=c.num_attention_heads)  # fmt: skip
+    FluxControlNetPipeline(**fl.components | {"controlnet": control}).save_pretrained(folders["flux-controlnet"])
     folders["flux-kontext"] = tmp_path / "kontext"  # Flux's components, the edit pipeline's class
     FluxKontextPipeline(**FluxPipeline.from_pretrained(flux_dir).components).save_pretrained(folders["flux-kontext"])
     assert set(folders) == set(families())  # a new family brings its tiny folder here

@@ -173,6 +173,8 @@ class ModelConfig:
             "flux-kontext",
             "sd-controlnet",
             "sdxl-controlnet",
+            "sd3-controlnet",
+            "flux-controlnet",
         ]
         | None
     ) = None
@@ -182,8 +184,8 @@ class ModelConfig:
     sana: Sana, flow matching; chroma: Chroma1, flow matching; zimage: Z-Image, flow matching; qwenimage: Qwen-Image,
     flow matching; lumina2: Lumina 2, flow matching; instruct-pix2pix: Stable Diffusion taught to edit a reference
     image, data.conditions=[NAME]; flux-kontext: FLUX.1 Kontext, Flux editing a reference image; sd-controlnet /
-    sdxl-controlnet: a ControlNet trained for a frozen Stable Diffusion 1.x / 2.x / SDXL); unset: read from
-    model.pretrained's model_index.json, else sd."""
+    sdxl-controlnet / sd3-controlnet / flux-controlnet: a ControlNet trained for a frozen Stable Diffusion 1.x / 2.x /
+    SDXL / SD3 / FLUX.1); unset: read from model.pretrained's model_index.json, else sd."""
     pretrained: str | None = None
     """A pipeline folder or hub id (its family is detected); components without a path of their own come from it."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -198,12 +200,25 @@ class ModelConfig:
     """The denoiser: a UNet's knobs; its pretrained / subfolder / from_scratch keys also name a transformer's."""
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     controlnet: str | None = None
-    """A ControlNet to fine-tune (a ControlNetModel folder or hub id) for model.family=sd-controlnet or
-    sdxl-controlnet; None: the pipeline's own where model.pretrained is a ControlNet pipeline, else one made from the
-    base UNet (its encoder copied, the zero convolutions at zero, as diffusers' train_controlnet.py does)."""
+    """A ControlNet to fine-tune (a folder or hub id: a ControlNetModel for model.family=sd-controlnet or
+    sdxl-controlnet, an SD3ControlNetModel for sd3-controlnet, a FluxControlNetModel for flux-controlnet); None: the
+    pipeline's own where model.pretrained is a ControlNet pipeline, else one made from the base as diffusers' training
+    scripts make it (a UNet's encoder copied, a transformer's first blocks; the zero layers at zero)."""
+    controlnet_layers: int | None = None
+    """The transformer blocks a ControlNet made from an SD3 / Flux transformer copies: SD3's first joint blocks
+    (None: 12, diffusers' default; at most all but the last), Flux's double-stream blocks (None: 4; at most all)."""
+    controlnet_single_layers: int | None = None
+    """The single-stream blocks a ControlNet made from a Flux transformer copies (None: 4, diffusers' default); at
+    most the transformer's own."""
     quantize: Quantize = "none"
     """Hold the frozen base of a LoRA denoiser quantised (fp8, int8, nf4; docs/memory.md): it must be loaded from
     model.pretrained or model.unet.pretrained, whose full-precision weights the export merges the adapters into."""
+
+    def __post_init__(self) -> None:
+        if self.controlnet_layers is not None and self.controlnet_layers < 1:
+            raise ConfigError(f"model.controlnet_layers must be at least 1, got {self.controlnet_layers}")
+        if self.controlnet_single_layers is not None and self.controlnet_single_layers < 0:
+            raise ConfigError(f"model.controlnet_single_layers must be >= 0, got {self.controlnet_single_layers}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -225,14 +225,15 @@ def txt2img(
     guidance: str = "guidance_scale",
     latent_output: bool = True,
     images: list[Image.Image] | None = None,
+    image_argument: str = "image",
     **family: Any,
 ) -> Output:
     """Text to image with the pipeline's sampler; image *i* (prompt-major) uses the generator seeded ``seed + i``;
     ``unpack``: the family's ``pipeline_latents`` where it has one; ``encode``: its ``pipeline_prompts``;
     ``guidance``: the pipeline's argument for ``guidance_scale``; ``latent_output``: the family's (False: the
-    pipeline decodes); ``images``: the condition image of each prompt (one for all), to the pipeline's ``image``
-    (an edit model's reference, a ControlNet's control), the size then the image's where the pipeline takes none;
-    ``family``: further arguments of its pipeline."""
+    pipeline decodes); ``images``: the condition image of each prompt (one for all), to the pipeline's
+    ``image_argument`` (an edit model's reference, a ControlNet's control), the size then the image's where the
+    pipeline takes none; ``family``: further arguments of its pipeline."""
     prompts = _as_list(prompt)
     if images is not None and len(images) not in (1, len(prompts)):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one image, or one per prompt")
@@ -256,7 +257,7 @@ def txt2img(
             num_inference_steps=num_inference_steps,
             **{guidance: guidance_scale},
             **size,
-            **({"image": conditions[start:stop]} if conditions is not None else {}),
+            **({image_argument: conditions[start:stop]} if conditions is not None else {}),
             generator=generators[start:stop],
             output_type="latent" if latent_output else "pil",
             **family,
@@ -499,7 +500,8 @@ class Pipeline:
         return txt2img(
             pipe, prompt, negative_prompt, num_images_per_prompt, steps, guidance, height, width, seed,
             progress=progress, unpack=self.family.pipeline_latents, encode=self.family.pipeline_prompts,
-            guidance=self.family.guidance, latent_output=self.family.latent_output, images=images, **extra,
+            guidance=self.family.guidance, latent_output=self.family.latent_output, images=images,
+            image_argument=self.family.condition_argument, **extra,
         )  # fmt: skip
 
     def _condition_images(self, reference, control) -> list[Image.Image] | None:

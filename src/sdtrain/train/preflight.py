@@ -100,7 +100,8 @@ def check_conditions(config: Config, data: bool = True) -> None:
     if config.train.lora.rank and not family.lora_targets:
         raise ConfigError(f"train.lora: the {family.name} family trains a model of its own, wholly (no LoRA)")
     if config.model.controlnet and family.condition != "control":
-        raise ConfigError(f"model.controlnet: the {family.name} family has no ControlNet (model.family=sd-controlnet)")
+        raise ConfigError(f"model.controlnet: the {family.name} family has no ControlNet (model.family="
+                          "sd-controlnet, sdxl-controlnet, sd3-controlnet or flux-controlnet)")  # fmt: skip
     if kind is None and names:
         raise ConfigError(f"data.conditions={names}: the {family.name} family draws from text alone and takes no "
                           "condition images (an edit model or a ControlNet does)")  # fmt: skip

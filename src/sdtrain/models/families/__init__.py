@@ -1,6 +1,6 @@
 """Model families: what differs between Stable Diffusion 1.x / 2.x, SDXL, SD3, Flux, FLUX.2 (dev and klein), PixArt,
 Sana, Chroma, Z-Image, Qwen-Image, Lumina 2, the edit models InstructPix2Pix and FLUX.1 Kontext, and the
-ControlNets of Stable Diffusion and SDXL, one module each.
+ControlNets of Stable Diffusion, SDXL, SD3 and Flux, one module each.
 
 A :class:`Family` says, declaratively, which diffusers pipeline classes it samples and exports with, which component
 trains and which adapters LoRA adds, and, as functions, how its components load, how prompts become conditioning (a
@@ -98,8 +98,10 @@ class Family:
         comfyui_lora: ``adapters in diffusers' layout -> the same under the names ComfyUI's mapping reads``, where
             they differ (Lumina 2's ``attn`` is ComfyUI's ``attention``); None: ComfyUI reads diffusers' names.
         condition: the condition images it takes (``data.conditions``; ``generate``'s images, to its pipeline's
-            ``image``): ``"reference"`` (an edit model: the image to edit), ``"control"`` (a ControlNet's); None:
-            none, a text-to-image model.
+            ``condition_argument``): ``"reference"`` (an edit model: the image to edit), ``"control"`` (a
+            ControlNet's); None: none, a text-to-image model.
+        condition_argument: the pipeline argument its condition images go to (``image``; SD3's and Flux's
+            ControlNet pipelines' ``control_image``).
         image_guidance: the pipeline argument of the guidance towards the reference image (InstructPix2Pix's
             ``image_guidance_scale``, ``sample.image_guidance_scale``); None: it has none.
         condition_required: whether every sample and sampling call needs its condition images (an edit model's);
@@ -137,6 +139,7 @@ class Family:
     latent_output: bool = True
     comfyui_lora: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     condition: str | None = None
+    condition_argument: str = "image"
     image_guidance: str | None = None
     condition_required: bool = True
     shared_references: bool = False
@@ -164,6 +167,7 @@ def families() -> dict[str, Family]:
         flux,
         flux2,
         flux2_klein,
+        flux_controlnet,
         flux_kontext,
         instruct_pix2pix,
         lumina2,
@@ -172,6 +176,7 @@ def families() -> dict[str, Family]:
         sana,
         sd,
         sd3,
+        sd3_controlnet,
         sd_controlnet,
         sdxl,
         sdxl_controlnet,
@@ -179,7 +184,8 @@ def families() -> dict[str, Family]:
     )
 
     modules = (sd, sdxl, sd3, flux, pixart, sana, chroma, zimage, qwenimage, flux2, flux2_klein, lumina2,
-               instruct_pix2pix, flux_kontext, sd_controlnet, sdxl_controlnet)  # fmt: skip
+               instruct_pix2pix, flux_kontext, sd_controlnet, sdxl_controlnet, sd3_controlnet,
+               flux_controlnet)  # fmt: skip
     return {m.FAMILY.name: m.FAMILY for m in modules}
 
 

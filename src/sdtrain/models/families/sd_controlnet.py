@@ -29,27 +29,41 @@ CONTROL = "controlnet_cond"  # the conditioning key of the control image (the pi
 EMBEDDING_CHANNELS = (16, 32, 96, 256)  # the control embedding's widths (diffusers' default, for a factor-8 VAE)
 
 
-class ControlledUNet(torch.nn.Module):
-    """A ControlNet and the frozen UNet it steers, called as the pipeline calls them."""
+class Controlled(torch.nn.Module):
+    """A ControlNet and the frozen denoiser it steers (its ``base``, under the attribute ``base_name``: the names
+    checkpoints record its weights under), called as the family's ControlNet pipeline calls them; the ControlNets of
+    every family subclass it with their ``forward``."""
 
-    def __init__(self, controlnet: ControlNetModel, unet: UNet2DConditionModel):
+    base_name = "unet"
+
+    def __init__(self, controlnet: torch.nn.Module, base: torch.nn.Module):
         super().__init__()
-        self.controlnet, self.unet = controlnet, unet.requires_grad_(False)
+        self.controlnet = controlnet
+        setattr(self, self.base_name, base.requires_grad_(False))
+
+    @property
+    def base(self) -> torch.nn.Module:
+        """The frozen denoiser."""
+        return getattr(self, self.base_name)
 
     @property
     def config(self):
-        """The UNet's config: the model's shape and default size, as the pipeline reads them."""
-        return self.unet.config
+        """The denoiser's config: the model's shape and default size, as the pipeline reads them."""
+        return self.base.config
 
     def __eq__(self, other) -> bool:  # the same parts: the same model (a pipeline's components come back equal)
-        return isinstance(other, ControlledUNet) and (other.controlnet, other.unet) == (self.controlnet, self.unet)
+        return type(other) is type(self) and (other.controlnet, other.base) == (self.controlnet, self.base)
 
     def __hash__(self) -> int:
-        return hash((id(self.controlnet), id(self.unet)))
+        return hash((id(self.controlnet), id(self.base)))
 
     def enable_gradient_checkpointing(self) -> None:
         self.controlnet.enable_gradient_checkpointing()
-        self.unet.enable_gradient_checkpointing()
+        self.base.enable_gradient_checkpointing()
+
+
+class ControlledUNet(Controlled):
+    """A ControlNet and the frozen UNet it steers, called as the pipeline calls them."""
 
     def forward(self, noisy, timesteps, encoder_hidden_states, controlnet_cond, **kwargs) -> torch.Tensor:
         down, middle = self.controlnet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states,
@@ -81,25 +95,34 @@ def load_components(config, denoiser: bool = True) -> Components:
     return Components(base.vae, base.text_encoder, base.tokenizer, model)
 
 
-def check_base(config) -> None:
-    """A ControlNet steers a trained UNet: one loaded, not built.
+def check_base(config, denoiser: str = "UNet") -> None:
+    """A ControlNet steers a trained denoiser (``denoiser``: what the family calls it): one loaded, not built.
 
     Raises:
-        ConfigError: a UNet built from scratch, or none named.
+        ConfigError: a denoiser built from scratch, or none named.
     """
     m = config.model
     if m.unet.from_scratch or not (m.unet.pretrained or m.pretrained):
-        raise ConfigError("a ControlNet steers a trained UNet: set model.pretrained (or model.unet.pretrained), not "
-                          "model.unet.from_scratch")  # fmt: skip
+        raise ConfigError(f"a ControlNet steers a trained {denoiser}: set model.pretrained (or "
+                          "model.unet.pretrained), not model.unet.from_scratch")  # fmt: skip
+
+
+def controlnet_source(config) -> tuple[str, dict[str, str]] | None:
+    """Where the config's ControlNet loads from, as ``from_pretrained``'s path and keyword arguments:
+    ``model.controlnet``, else ``model.pretrained``'s own (a ControlNet pipeline's subfolder); None: none, one is made
+    from the base."""
+    m = config.model
+    if m.controlnet:
+        return m.controlnet, {}
+    return (m.pretrained, {"subfolder": "controlnet"}) if _has_controlnet(m.pretrained) else None
 
 
 def controlled(config, unet: UNet2DConditionModel, vae) -> ControlledUNet:
-    """``unet`` (frozen) with the ControlNet the config names: ``model.controlnet``, else ``model.pretrained``'s own,
-    else one made from ``unet`` as diffusers makes it (the control embedding sized to ``vae``'s factor)."""
-    m = config.model
-    source = m.controlnet or (m.pretrained if _has_controlnet(m.pretrained) else None)
+    """``unet`` (frozen) with the ControlNet the config names (:func:`controlnet_source`), else one made from
+    ``unet`` as diffusers makes it (the control embedding sized to ``vae``'s factor)."""
+    source = controlnet_source(config)
     if source:
-        controlnet = ControlNetModel.from_pretrained(source, **({} if m.controlnet else {"subfolder": "controlnet"}))
+        controlnet = ControlNetModel.from_pretrained(source[0], **source[1])
     else:
         levels = downsample_factor(vae).bit_length()  # the control image's embedding: one level per halving, + 1
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS[:levels])
@@ -112,11 +135,20 @@ def _has_controlnet(path: str | None) -> bool:
     return bool(path) and "controlnet" in pipeline_index(path)
 
 
-def encode_controls(images: list[torch.Tensor]) -> Conditioning:
-    """The control image as the pipeline's ``prepare_image`` gives it to the ControlNet: pixels in [0, 1]."""
+def the_control(images: list[torch.Tensor]) -> torch.Tensor:
+    """The one control image batch of ``data.conditions``' batches.
+
+    Raises:
+        ConfigError: data.conditions names more than one.
+    """
     if len(images) != 1:
         raise ConfigError(f"a ControlNet reads one control image; data.conditions names {len(images)}")
-    return {CONTROL: (images[0] + 1) / 2}
+    return images[0]
+
+
+def encode_controls(images: list[torch.Tensor]) -> Conditioning:
+    """The control image as the pipeline's ``prepare_image`` gives it to the ControlNet: pixels in [0, 1]."""
+    return {CONTROL: (the_control(images) + 1) / 2}
 
 
 def predict(model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
