@@ -83,6 +83,29 @@ def test_lr_schedule_warmup_cosine_floor():
     assert lr_factor(99, 1.0, c) == pytest.approx(0.1)
 
 
+def test_the_decay_starts_at_the_peak_where_the_warm_up_ends():
+    """The lr is continuous at the end of warm-up (it used to drop there to the cosine's value at that share of the
+    run: from 1.0 to 0.55 for 100 warm-up steps of 200), and by steps it is diffusers' cosine schedule with warm-up
+    (whose warm-up starts at 0 where sdtrain's takes its first step at 1 / warmup_steps)."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    total, warmup = 200, 100
+    c = OptimConfig(lr=1.0, schedule="cosine", warmup_steps=warmup, min_lr_ratio=0.0)
+    ours = [lr_factor(s, s / total, c, warmup / total) for s in range(total)]
+    assert ours[warmup - 1] == 1.0 and ours[warmup] == 1.0 and ours[150] == pytest.approx(0.5)
+    assert max(abs(a - b) for a, b in zip(ours, ours[1:])) < 0.016  # no jump: at most the cosine's slope, pi / 200
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        theirs.step()
+    assert ours[warmup:] == pytest.approx(lrs[warmup:], abs=1e-12)
+    linear = OptimConfig(lr=1.0, schedule="linear", warmup_steps=warmup, min_lr_ratio=0.1)
+    assert lr_factor(warmup, 0.5, linear, 0.5) == 1.0 and lr_factor(150, 0.75, linear, 0.5) == pytest.approx(0.55)
+
+
 def test_no_weight_decay_on_norms_and_biases():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
     decay, no_decay = param_groups(model, 0.1)

@@ -620,7 +620,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     """Decoupled weight decay (not applied to norms and biases)."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    """Learning-rate schedule after warm-up."""
+    """Learning-rate schedule after warm-up: the decay runs from the peak, where the warm-up ends, to min_lr_ratio at
+    the last step (as diffusers' get_cosine_schedule_with_warmup)."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
     min_lr_ratio: float = 0.0

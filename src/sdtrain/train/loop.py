@@ -261,13 +261,14 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
     bar = Progress("train", tc.num_steps, budget, counters.step, disable=not accelerator.is_main_process)
     window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
     consecutive_skips, saved_at = 0, counters.step  # the decisions every rank takes alike
+    warmup_share = min(1.0, tc.optim.warmup_steps / tc.num_steps)  # the decay runs over the rest
     started = time.perf_counter() - counters.train_seconds
     # the SIGTERM / SIGUSR1 handlers are the caller's again (and the bar closed) when the loop ends, raises or stops
     with StopSignal() as stop_signal, bar:
         while counters.step < tc.num_steps and (budget is None or counters.train_seconds < budget):
             # 6a-6d. one optimizer step over gradient_accumulation micro-batches
             progress = max(counters.step / tc.num_steps, counters.train_seconds / budget if budget else 0.0)
-            set_lr(optimizer, tc.optim.lr * lr_factor(counters.step, progress, tc.optim))
+            set_lr(optimizer, tc.optim.lr * lr_factor(counters.step, progress, tc.optim, warmup_share))
             step_loss, nonfinite, stop = _optimizer_step(run, stop_signal, started)
             # 6e. EMA, counters, logs; a skipped step leaves weights and EMA unchanged
             if nonfinite:

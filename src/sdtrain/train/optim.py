@@ -56,9 +56,13 @@ def make_optimizer(
     return Adafactor(groups, lr=config.lr, beta1=None, relative_step=False, scale_parameter=False, warmup_init=False)
 
 
-def lr_factor(step: int, progress: float, config: OptimConfig) -> float:
+def lr_factor(step: int, progress: float, config: OptimConfig, warmup_share: float = 0.0) -> float:
     """Multiplier of the peak lr: linear warm-up over ``warmup_steps``, then constant, cosine or linear decay to
-    ``min_lr_ratio`` as ``progress`` (the share of the run done, by steps or by time budget) goes from 0 to 1.
+    ``min_lr_ratio`` over the rest of the run, as ``progress`` (the share of the run done, by steps or by time budget)
+    goes from ``warmup_share`` (the share the warm-up takes: ``warmup_steps / num_steps``) to 1. The decay starts at
+    the peak where the warm-up ends, as diffusers' and transformers' schedules do (by steps: exactly
+    ``get_cosine_schedule_with_warmup``'s, with its floor); a run that a time budget ends before its steps can be a
+    little past ``warmup_share`` when its warm-up ends.
 
     The lr is a pure function of (step, progress), so there is no schedule state to checkpoint.
     """
@@ -66,8 +70,9 @@ def lr_factor(step: int, progress: float, config: OptimConfig) -> float:
         return (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return 1.0
-    progress = min(1.0, max(0.0, progress))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1.0 - progress
+    decayed = (progress - warmup_share) / (1.0 - warmup_share) if warmup_share < 1.0 else 1.0
+    decayed = min(1.0, max(0.0, decayed))
+    shape = 0.5 * (1 + math.cos(math.pi * decayed)) if config.schedule == "cosine" else 1.0 - decayed
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * shape
 
 
