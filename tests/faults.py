@@ -11,6 +11,8 @@
   deleted);
 - ``nan=RANK:N``: rank RANK's N-th micro-batch has a NaN loss (the other ranks' are finite);
 - ``enospc=K``: the K-th checkpoint save fails with "No space left on device" after writing its first file;
+- ``term_setup``: SIGTERM to this process while the run sets up (right after its models loaded), as a stop from
+  the web UI or a scheduler while a large model loads;
 - ``orphan_kill=N:FILE``: at the N-th micro-batch, fork a child that lives on for 2 minutes (a data-loader worker slow
   to notice its parent is gone), write its pid to FILE, and SIGKILL this process.
 
@@ -115,6 +117,16 @@ def _inject(spec: str) -> None:
             return save_file(tensors, path, *args, **kwargs)
 
         checkpoint.save_file = full_disk
+    elif kind == "term_setup":
+        from sdtrain.train import loop
+
+        check_disk = loop.check_disk
+
+        def terminated(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return check_disk(*args, **kwargs)
+
+        loop.check_disk = terminated
     elif kind == "orphan_kill":
         nth, pid_file = arg.split(":", 1)
         calls = [0]

@@ -399,3 +399,49 @@ def test_export_does_not_take_trust_remote_code_from_the_runs_config(trained_cli
     assert main(["export", "--run", str(copy), "--out", str(tmp_path / "a")]) == 0
     assert main(["export", "--run", str(copy), "--out", str(tmp_path / "b"), "--trust-remote-code"]) == 0
     assert asked == [False, True]
+
+
+def test_a_stop_signal_while_the_run_sets_up_stops_it_cleanly(tmp_path, clip_dir, vae_dir, image_folder, monkeypatch):
+    """SIGTERM before the first step (here: right after the models loaded; for a large model that takes minutes, and
+    the web UI's Stop may come then) stops the run with Preempted (the CLI's exit 75), where it used to kill it
+    (exit -15, read as a failure): the caller's handlers come back, nothing was checkpointed, and the same command
+    then trains. The autoencoder's stage does the same."""
+    import os
+    import signal
+
+    from sdtrain.config import AutoencoderConfig
+    from sdtrain.train import autoencoder, loop
+    from sdtrain.train.autoencoder import train_autoencoder
+    from sdtrain.train.preemption import Preempted
+
+    def terminated(original):
+        def send_then_go_on(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return original(*args, **kwargs)
+
+        return send_then_go_on
+
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, image_folder, vae_dir, str(clip_dir), "text_encoder") + ["train.num_steps=2"]
+    mine = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(loop, "check_disk", terminated(loop.check_disk))
+            with pytest.raises(Preempted, match="SIGTERM before the first step"):
+                train(load_config(Config, None, overrides))
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert checkpoint.find_latest(run / "checkpoints") is None
+        assert (train(load_config(Config, None, overrides)) / "model_index.json").exists()
+        assert signal.getsignal(signal.SIGTERM) is mine
+
+        vae_overrides = ["model.block_out_channels=[8, 16]", "model.norm_num_groups=4", f"data.path={image_folder}",
+                         "data.resolution=32", f"train.output_dir={tmp_path / 'vae'}", "train.batch_size=4",
+                         "train.num_steps=2", "train.eval_images=4"]  # fmt: skip
+        with monkeypatch.context() as patch:
+            patch.setattr(autoencoder, "_data", terminated(autoencoder._data))
+            with pytest.raises(Preempted, match="SIGTERM before the first step"):
+                train_autoencoder(load_config(AutoencoderConfig, None, vae_overrides))
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)

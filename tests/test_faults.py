@@ -142,6 +142,19 @@ def test_restart_right_after_a_sigkill_resumes_while_its_workers_still_live(tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_stop_while_setting_up_exits_75_in_one_line_and_the_rerun_trains(tmp_path, clip_dir, vae_dir, image_folder):
+    """SIGTERM while the models load: `sdtrain train` exits with the stopped code (75, what the web UI shows as
+    stopped and resumes), one line and no traceback, where it used to die of the signal (-15, a failure)."""
+    from sdtrain.train.preemption import EXIT_PREEMPTED
+
+    overrides = _overrides(tmp_path / "run", image_folder, vae_dir, clip_dir) + ["train.num_steps=2"]
+    result = _train(overrides, "term_setup")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == EXIT_PREEMPTED and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last.startswith("sdtrain: stopped by SIGTERM before the first step"), last
+    assert _train(overrides).returncode == 0
+
+
 def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, clip_dir, vae_dir, image_folder):
     """Writes refused for want of space (``ulimit -f``: EFBIG, as the issue tried) while a checkpoint or an export is
     written: one line naming what could not be written where, the errno, the last good checkpoint and that a rerun

@@ -222,10 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         print("sdtrain: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        from sdtrain.errors import in_chain
         from sdtrain.train.preemption import EXIT_PREEMPTED, Preempted
 
-        if isinstance(e, Preempted):
-            print(f"sdtrain: {e}", file=sys.stderr)
+        preempted = in_chain(e, Preempted)  # (a stop while loading: a library may have wrapped it)
+        if preempted is not None:
+            print(f"sdtrain: {preempted}", file=sys.stderr)
             return EXIT_PREEMPTED
         cause = failed_write(e)
         if cause is not None:

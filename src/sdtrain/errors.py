@@ -48,6 +48,19 @@ class Diverged(UserError, RuntimeError):
 _OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
 
 
+def in_chain(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` among ``error``, its cause and its context (a library that caught it while
+    loading may have raised its own error from it); None where there is none."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, kind):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def failed_write(error: BaseException) -> OSError | None:
     """The operating system's error behind ``error`` when it is a write that failed for want of space or permission
     (:data:`WRITE_ERRNOS`), wherever the library that wrote put it: the error itself, its cause or context (as

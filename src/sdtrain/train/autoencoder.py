@@ -44,7 +44,7 @@ from sdtrain.sample.pipeline import make_grid
 from sdtrain.train import checkpoint
 from sdtrain.train.ema import EMA, ema_parameters
 from sdtrain.train.optim import set_lr, warmup_times_cosine
-from sdtrain.train.preemption import Preempted, StopSignal
+from sdtrain.train.preemption import Preempted, StopSignal, StopWhileSettingUp
 from sdtrain.train.preflight import check_autoencoder_run
 from sdtrain.train.progress import Progress
 from sdtrain.train.randomness import rng_state, set_rng_state
@@ -205,12 +205,12 @@ def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
         Preempted: SIGTERM or SIGUSR1 arrived; the step in progress was finished and checkpointed.
     """
     check_autoencoder_run(config)  # before the run folder is made
-    with run_lock(config.train.output_dir, main_process=True):
-        return _train_autoencoder(config)
+    with run_lock(config.train.output_dir, main_process=True), StopWhileSettingUp() as setup:
+        return _train_autoencoder(config, setup)
 
 
-def _train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
-    """:func:`train_autoencoder`'s stages, top to bottom."""
+def _train_autoencoder(config: AutoencoderConfig, setup: StopWhileSettingUp) -> dict[str, Any]:
+    """:func:`train_autoencoder`'s stages, top to bottom (a stop signal before the loop stops it through ``setup``)."""
     tc = config.train
     # 1. Seeds, run directory, device, precision, the perceptual network (its weight files before any image is read)
     out = Path(tc.output_dir)
@@ -256,6 +256,7 @@ def _train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:
     started = time.perf_counter() - counters.train_seconds
     bar = Progress("train-vae", tc.num_steps, budget, counters.step)
     # the SIGTERM / SIGUSR1 handlers are the caller's again (and the bar closed) when the loop ends, raises or stops
+    setup.done()
     with StopSignal() as stop_signal, bar:
         while counters.step < tc.num_steps and (budget is None or time.perf_counter() - started < budget):
             progress = max(counters.step / tc.num_steps, (time.perf_counter() - started) / budget if budget else 0)

@@ -59,7 +59,7 @@ from sdtrain.train.perf import (
     peak_tflops,
     profile_denoiser,
 )
-from sdtrain.train.preemption import Preempted, StopSignal
+from sdtrain.train.preemption import Preempted, StopSignal, StopWhileSettingUp
 from sdtrain.train.preflight import check_objective, check_run
 from sdtrain.train.progress import Progress
 from sdtrain.train.randomness import SharedDraws
@@ -172,8 +172,8 @@ def train(config: Config, components: Any | None = None, batches: Iterable | Non
         Preempted: SIGTERM or SIGUSR1 arrived; the step in progress was finished and checkpointed.
     """
     check_run(config, models=components is None, data=batches is None)  # before the run folder is made
-    with run_lock(config.train.output_dir):
-        return _train(config, components, batches)
+    with run_lock(config.train.output_dir), StopWhileSettingUp() as setup:
+        return _train(config, components, batches, setup)
 
 
 def estimate(config: Config) -> MemoryEstimate:
@@ -196,8 +196,8 @@ def estimate(config: Config) -> MemoryEstimate:
     return _preflight(accelerator, family, components, family.encoders(components), config, micro_batch, parked)[1]
 
 
-def _train(config: Config, components: Any | None, batches: Iterable | None) -> Path:
-    """:func:`train`'s stages, top to bottom."""
+def _train(config: Config, components: Any | None, batches: Iterable | None, setup: StopWhileSettingUp) -> Path:
+    """:func:`train`'s stages, top to bottom (a stop signal before the loop stops the run through ``setup``)."""
     tc, family, out = config.train, for_config(config.model), Path(config.train.output_dir)
     kind = check_objective(config)
     # 1. Accelerator (DDP, FSDP2 or DeepSpeed, as launched), run directory, seeds
@@ -264,6 +264,7 @@ def _train(config: Config, components: Any | None, batches: Iterable | None) -> 
     warmup_share = min(1.0, tc.optim.warmup_steps / tc.num_steps)  # the decay runs over the rest
     started = time.perf_counter() - counters.train_seconds
     # the SIGTERM / SIGUSR1 handlers are the caller's again (and the bar closed) when the loop ends, raises or stops
+    setup.done()
     with StopSignal() as stop_signal, bar:
         while counters.step < tc.num_steps and (budget is None or counters.train_seconds < budget):
             # 6a-6d. one optimizer step over gradient_accumulation micro-batches
