@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from sdtrain.config import Config, load_config
+from sdtrain.errors import UserError
 from sdtrain.train.loop import train
 from sdtrain.web import Server
 from sdtrain.web.files import Root
@@ -390,6 +391,8 @@ def test_the_server_restarted_mid_run_finds_the_run_again(tmp_path):
     log = tmp_path / "runs" / "long" / "log.jsonl"
     _wait(lambda: log.is_file() and len(log.read_text().splitlines()) > 3)
     pid = server.queue.list()[0]["pid"]
+    with pytest.raises(UserError, match=f"already served by sdtrain serve at {server.url} .pid {os.getpid()}.: one"):
+        Server(tmp_path, port=0)  # one server per root: the queue file has one writer
     server.stop()
     lines = len(log.read_text().splitlines())
     _wait(lambda: len(log.read_text().splitlines()) > lines + 5)  # it trains on with no server
@@ -399,7 +402,9 @@ def test_the_server_restarted_mid_run_finds_the_run_again(tmp_path):
         state = _event(server.url + "/events/run/runs/long")
         assert state["status"] == "running" and state["progress"]["step"] > lines
         assert server.queue.list()[0]["pid"] == pid
-        status, answer = _post(server.url + "/api/runs/stop/runs/long", {}, _token(server.url))
+        assert _token(server.url) == token  # the root's: a page opened before the restart still works
+        assert (tmp_path / ".sdtrain" / "token").stat().st_mode & 0o777 == 0o600
+        status, answer = _post(server.url + "/api/runs/stop/runs/long", {}, token)
         assert status == 200 and json.loads(answer)["state"] == "stopping"
         _wait(lambda: server.queue.list()[0]["state"] == "stopped")
         assert server.queue.list()[0]["returncode"] == 75
@@ -418,7 +423,6 @@ def test_the_server_restarted_mid_run_finds_the_run_again(tmp_path):
 
 
 def test_captions_are_read_and_written_where_the_folder_keeps_them(tmp_path):
-    from sdtrain.errors import UserError
     from sdtrain.web import captions
 
     root = Root(tmp_path)

@@ -9,7 +9,7 @@ samples as a timeline, the log's tail; stop and resume; generation from its mode
 (:mod:`sdtrain.web.queue`), one at a time per device; they outlive the server.
 
 Its doors: every file it reads, lists or serves is resolved under the root (links followed); it answers requests
-addressed to its own host names only (DNS rebinding); a request that changes anything carries the per-process token
+addressed to its own host names only (DNS rebinding); a request that changes anything carries the root's token
 of its own pages and their origin; bodies are capped at 64 KiB; uvicorn parses the requests (malformed ones are a
 400) and closes idle connections. It binds to 127.0.0.1 by default: it trains and runs models on request, so it is
 not for the open internet.
@@ -18,9 +18,13 @@ not for the open internet.
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
+import secrets
 import socket
 import threading
 from pathlib import Path
+from typing import IO
 
 from sdtrain.errors import UserError
 
@@ -85,6 +89,42 @@ def _protocol():
     return Protocol
 
 
+def _hold_root(state: Path, url: str, sock) -> IO[str]:
+    """The root's server lock (``.sdtrain/server.lock``, an exclusive ``flock`` held while this server lives, the
+    operating system's to release if it dies), naming this server's address and pid for the next one's message.
+
+    Raises:
+        UserError: another server holds the root (its queue file has one writer).
+    """
+    lock = open(state / "server.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        sock.close()
+        raise UserError(f"{state.parent} is already served by {holder}: one server per folder (its runs' queue "
+                        "is one file); open that one, or stop it first") from None  # fmt: skip
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"sdtrain serve at {url} (pid {os.getpid()})")
+    lock.flush()
+    return lock
+
+
+def _root_token(state: Path) -> str:
+    """The root's token for changes (``.sdtrain/token``, made once, readable by its owner only): the same across
+    server restarts, so a page opened before one still works after it."""
+    path = state / "token"
+    if not path.is_file():
+        fd = os.open(path.with_name(f".token-{os.getpid()}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24))
+        os.replace(path.with_name(f".token-{os.getpid()}"), path)
+    return path.read_text().strip()
+
+
 class Server:
     """The web UI over a root, bound and ready: :meth:`serve_forever` (the CLI) or :meth:`start` / :meth:`stop` (a
     thread: tests, notebooks). ``url`` is where it answers; ``queue`` its runs."""
@@ -103,9 +143,11 @@ class Server:
         self.socket = _bind(host, port)
         self.port = self.socket.getsockname()[1]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+        self._lock = _hold_root(self.root.state_dir(), self.url, self.socket)
         self.queue = Queue(self.root, tuple(devices))
         self.models = Models(device, max_models)
-        self.app = make_app(self.root, self.queue, self.models, host_names(host, self.port, tuple(allowed_hosts)))
+        hosts = host_names(host, self.port, tuple(allowed_hosts))
+        self.app = make_app(self.root, self.queue, self.models, hosts, _root_token(self.root.state_dir()))
         config = uvicorn.Config(self.app, http=_protocol(), log_level="warning", timeout_keep_alive=IDLE_SECONDS,
                                 limit_concurrency=64,
                                 h11_max_incomplete_event_size=16 * 1024, timeout_graceful_shutdown=2,
@@ -122,6 +164,7 @@ class Server:
         finally:
             self.queue.close()
             self.socket.close()
+            self._lock.close()  # the root is free for the next server
 
     def start(self) -> Server:
         self._thread = threading.Thread(target=self.serve_forever, name="sdtrain-web", daemon=True)

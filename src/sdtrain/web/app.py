@@ -58,7 +58,7 @@ KINDS = {  # what /file/ serves: the pages' images and the runs' text files
 
 class Doors:
     """ASGI middleware: what every request passes before a route sees it. A NUL in the path is a 400; a request that
-    changes anything (any method but GET / HEAD) must carry this server's per-process token in ``X-Sdtrain-Token``
+    changes anything (any method but GET / HEAD) must carry the root's token (.sdtrain/token) in ``X-Sdtrain-Token``
     (only its own pages hold it: a page elsewhere cannot read them, and a cross-site form cannot set a header), an
     ``Origin`` of its own where one is sent, and a body of at most ``MAX_BODY`` bytes; every response carries the
     security headers."""
