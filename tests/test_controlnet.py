@@ -184,7 +184,12 @@ def test_a_transformer_controlnet_trains_and_draws_its_pipelines_pixels(tmp_path
     family, base, plain_class = _transformer_ones(name, sd3_two_blocks_dir, flux_dir)
     data = controls(write_pairs(tmp_path / "pairs", count=4, size=32))
     extra = [f"model.family={name}", "data.conditions=[control]", "train.num_steps=2", "model.controlnet_layers=1"]
-    final = train(load_config(Config, None, pipeline_overrides(tmp_path / "run", data, base) + extra))
+    config = load_config(Config, None, pipeline_overrides(tmp_path / "run", data, base) + extra)
+    from sdtrain.train.loop import estimate
+
+    memory = estimate(config)  # the pre-flight estimate: the ControlNet's gradients, the two models' weights
+    assert not (tmp_path / "run").exists()
+    final = train(config)
     assert detect(final) is family
     assert json.loads((final / "model_index.json").read_text())["_class_name"] == plain_class.__name__
     saved, before = (load_file(f / "transformer" / "diffusion_pytorch_model.safetensors") for f in (final, base))
@@ -201,6 +206,9 @@ def test_a_transformer_controlnet_trains_and_draws_its_pipelines_pixels(tmp_path
                            guidance_scale=2.0, height=32, width=32, seed=3).images  # fmt: skip
     plain = plain_class.from_pretrained(final)
     plain.set_progress_bar_config(disable=True)
+    trained = sum(p.numel() for p in plain.controlnet.parameters())
+    held = sum(t.numel() for m in (plain.controlnet, plain.transformer) for t in m.state_dict().values())
+    assert memory.gradients == 4 * trained and memory.weights == 4 * held  # fp32; the position tables too
     kwargs = ours._family_kwargs()
     generators = [torch.Generator().manual_seed(3 + i) for i in range(2)]
     theirs = plain(["a red square", "a blue square"], control_image=[control, control], num_inference_steps=3,
