@@ -304,3 +304,27 @@ def test_transformer_controlnets_refuse_what_they_cannot_steer(tmp_path, sd3_dir
             FLUX_CONTROLNET.load(config(flux_dir, "model.family=flux-controlnet", f"model.controlnet={tmp_path}/c{i}"))
     with pytest.raises(ConfigError, match="model.controlnet_layers must be at least 1"):
         config(flux_dir, "model.controlnet_layers=0")
+
+
+@pytest.mark.slow  # two-process launches: make test-all
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero3"])
+def test_a_controlnet_sharded_trains_what_one_process_trains(strategy, tmp_path, sd_dir):
+    """The ControlNet with its frozen UNet inside, sharded over 2 processes (FSDP2 or DeepSpeed ZeRO-3): the losses and
+    the exported ControlNet are one process's, the frozen UNet exported unchanged."""
+    from tests.test_distributed import ADAM_EPS, _launch_deepspeed, _launch_fsdp
+    from tests.test_faults import _losses, _train
+
+    data = controls(write_pairs(tmp_path / "pairs", count=4, size=32))
+    extra = ["train.num_steps=4", "train.mixed_precision=no", ADAM_EPS]
+    assert _train(overrides(tmp_path / "one", data, sd_dir) + extra).returncode == 0
+    sharded = overrides(tmp_path / "two", data, sd_dir) + extra
+    result = _launch_fsdp(sharded) if strategy == "fsdp2" else _launch_deepspeed(sharded, "--zero_stage", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (steps_a, losses_a), (steps_b, losses_b) = zip(*_losses(tmp_path / "one")), zip(*_losses(tmp_path / "two"))
+    assert steps_a == steps_b == (1, 2, 3, 4) and losses_b == pytest.approx(losses_a, rel=1e-5)
+    for part in ("controlnet", "unet"):
+        a, b = (load_file(tmp_path / run / "final" / part / "diffusion_pytorch_model.safetensors")
+                for run in ("one", "two"))  # fmt: skip
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    base = load_file(sd_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(b[k], base[k]) for k in base)
