@@ -328,3 +328,40 @@ def test_a_controlnet_sharded_trains_what_one_process_trains(strategy, tmp_path,
         assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     base = load_file(sd_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(b[k], base[k]) for k in base)
+
+
+def test_a_controlnets_base_is_held_in_bf16_checkpointed_never_and_exported_as_its_files_hold_it(tmp_path, sd_dir):
+    """Under bf16 the frozen UNet inside the trained model is held in bf16 (the ControlNet trains in fp32), as a LoRA
+    run's base is: the checkpoints hold the ControlNet's weights alone, the export (and `sdtrain export` of a
+    checkpoint) writes the base UNet as its files hold it, bit for bit, beside the trained ControlNet; killed and
+    rerun, the run ends as the uninterrupted one."""
+    from sdtrain.train import placement
+    from sdtrain.train.export import export_checkpoint
+    from tests.test_faults import KILLED, _losses, _train
+
+    data = controls(write_pairs(tmp_path / "pairs", count=4, size=32))
+    extra = ["train.mixed_precision=bf16", "train.num_steps=4", "train.save_every=2"]
+    config = load_config(Config, None, overrides(tmp_path / "run", data, sd_dir) + extra)
+    components = CONTROLNET.load(config)
+    placed = placement.prepare(CONTROLNET, components, config, torch.device("cpu"), sharded=False)
+    model = components.controlnet
+    assert placed.base_reloads and model.unet.conv_in.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.controlnet.parameters())
+    assert all(not p.requires_grad for p in model.unet.parameters())
+
+    assert _train(overrides(tmp_path / "run", data, sd_dir) + extra).returncode == 0
+    final = tmp_path / "run" / "final"
+    held = load_file(tmp_path / "run" / "checkpoints" / "step-00000004" / "controlnet.safetensors")
+    assert held and all(k.startswith("controlnet.") for k in held)  # the trained weights alone
+    assert all(v.dtype == torch.float32 for v in held.values())
+    unet = load_file(sd_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    exported = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
+    assert exported.keys() == unet.keys() and all(torch.equal(exported[k], unet[k]) for k in unet)
+    again = export_checkpoint(tmp_path / "run", 4, tmp_path / "again")
+    a, b = (load_file(f / "controlnet" / "diffusion_pytorch_model.safetensors") for f in (final, again))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the EMA of step 4, as the final export
+    assert _train(overrides(tmp_path / "b", data, sd_dir) + extra, "kill_micro=4").returncode == KILLED
+    assert _train(overrides(tmp_path / "b", data, sd_dir) + extra).returncode == 0
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "run")
+    c = load_file(tmp_path / "b" / "final" / "controlnet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)

@@ -36,7 +36,8 @@ def export_pipeline(
     tokenizers and encoders, and each in ``out_dir/embeddings/TOKEN.safetensors`` for the base model (A1111's and
     ComfyUI's layout, which ``load_textual_inversion`` reads). ``bases``: by component name, the full-precision
     base to merge a component's adapters into, where it trained on a base held in less precision
-    (:func:`sdtrain.train.placement.full_precision`).
+    (:func:`sdtrain.train.placement.full_precision`); for a model that holds its frozen base (a ControlNet's), the
+    same model as its files hold it, given the trained weights (:func:`with_trained`).
     """
     names = (family.denoiser, *family.text_encoders)
     adapted = {name: getattr(components, name) for name in names if has_lora(getattr(components, name))}
@@ -50,6 +51,9 @@ def export_pipeline(
             bases = bases or {}
             merged = {name: merged_copy(m, bases.get(name)) for name, m in adapted.items()}
             components = dataclasses.replace(components, **merged)
+        inside = {name: with_trained(getattr(components, name), base) for name, base in (bases or {}).items()
+                  if name not in adapted}  # a model holding its frozen base (a ControlNet's)  # fmt: skip
+        components = dataclasses.replace(components, **inside)
         pipe = Pipeline(components, family, sample.scheduler, objective_config, sampling, device="cpu")
         encoders = {name: getattr(components, name) for name in family.text_encoders}
         with merged_tables(list(encoders.values())):  # new tokens' rows in the saved encoders' tables
@@ -61,6 +65,25 @@ def export_pipeline(
         if cause is None:
             raise
         raise StorageError(f"could not write the export {out_dir} ({describe_os_error(cause)})") from e
+
+
+def with_trained(model: torch.nn.Module, base: torch.nn.Module) -> torch.nn.Module:
+    """``base`` (the same model as its files hold it) with ``model``'s trained weights (those ``base`` trains: a
+    ControlNet's, beside the frozen model it steers held in less precision); it is changed.
+
+    Raises:
+        ValueError: ``model`` lacks one of them.
+    """
+    weights = model.state_dict()
+    names = [n for n, p in base.named_parameters() if p.requires_grad]
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ValueError(f"the trained model lacks {len(missing)} of its base's trained weights ({missing[0]}...)")
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if p.requires_grad:
+                p.copy_(weights[name])
+    return base
 
 
 def export_checkpoint(
@@ -95,7 +118,7 @@ def export_checkpoint(
     components = family.load(config)  # as the files hold them: nothing quantised, auto dtypes in float32
     frozen = text_encoders.frozen(family, components, config.train)
     if reloads:
-        frozen[family.denoiser] = family.denoiser_of(components)
+        frozen[family.denoiser] = placement.frozen_base(family, components)
     check_frozen(state.get("frozen"), describe_frozen(frozen), path)
     denoiser = family.denoiser_of(components)
     if config.train.lora.rank:

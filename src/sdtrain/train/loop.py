@@ -213,7 +213,7 @@ def _train(config: Config, components: Any | None, batches: Iterable | None, set
     components = components or family.load(config)
     frozen_modules = text_encoders.frozen(family, components, tc)
     if placement.base_reloads(config):  # a LoRA run's base, read again on resume
-        frozen_modules[family.denoiser] = family.denoiser_of(components)
+        frozen_modules[family.denoiser] = placement.frozen_base(family, components)
     frozen = describe_frozen(frozen_modules)  # checkpoints record them; resume and export check them
     if accelerator.is_main_process:
         check_disk(out, family.denoiser_of(components), tc.ema_decay is not None)

@@ -39,12 +39,21 @@ def compute_dtype(tc: TrainConfig, device: torch.device | str = "cuda") -> torch
 
 
 def base_reloads(config: Config) -> bool:
-    """Whether the denoiser is a LoRA run's frozen base loaded from a folder or hub id (``model.unet.pretrained`` or
-    ``model.pretrained``), which resume and export can read again in full precision; not one built from knobs or
-    handed over by the Python API."""
+    """Whether the denoiser holds a frozen base loaded from a folder or hub id (``model.unet.pretrained`` or
+    ``model.pretrained``), which resume and export can read again in full precision: a LoRA run's, or the model a
+    ControlNet steers (``Family.base_inside``); not one built from knobs or handed over by the Python API."""
     m = config.model
     loaded = bool(m.unet.pretrained) or (bool(m.pretrained) and m.pretrained != IN_MEMORY)
-    return bool(config.train.lora.rank) and loaded and not m.unet.from_scratch
+    frozen_base = bool(config.train.lora.rank) or for_config(m).base_inside
+    return frozen_base and loaded and not m.unet.from_scratch
+
+
+def frozen_base(family: Family, components) -> torch.nn.Module:
+    """The frozen base a run re-reads from its folder (:func:`base_reloads`), as checkpoints describe it: a LoRA run's
+    denoiser, or the model a ControlNet steers (the trained model's ``base``; the ControlNet's own weights, partly
+    drawn at random when it is made, are not the base's)."""
+    denoiser = family.denoiser_of(components)
+    return denoiser.base if family.base_inside else denoiser
 
 
 def _frozen_settings(config: Config) -> dict[str, Any]:
@@ -142,7 +151,9 @@ def prepare(
         logger.info("%s: %d linear layers of the frozen base held in %s", family.denoiser, layers,
                     config.model.quantize)  # fmt: skip
     elif reloads and dtype != torch.float32 and not sharded:
-        hold_in(denoiser.requires_grad_(False), dtype)  # the frozen base in the compute dtype; fp32 adapters come
+        if config.train.lora.rank:
+            denoiser.requires_grad_(False)  # the base; fp32 adapters come
+        hold_in(denoiser, dtype)  # its frozen weights in the compute dtype (a ControlNet's own train in fp32)
     return Placed(reloads, altered)
 
 

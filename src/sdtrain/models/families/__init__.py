@@ -108,6 +108,9 @@ class Family:
             False: a model that draws from text alone too (FLUX.2, whose references are optional).
         shared_references: the pipeline's ``image`` is the list of references of the whole call, every prompt's
             (FLUX.2's), not one image per prompt.
+        base_inside: the trained model holds the frozen denoiser it steers, loaded from a folder (a ControlNet's):
+            held as a LoRA run's base is (in the compute dtype), checkpoints hold the trained weights alone, and the
+            export reads the base again as its files hold it.
     """
 
     name: str
@@ -143,6 +146,7 @@ class Family:
     image_guidance: str | None = None
     condition_required: bool = True
     shared_references: bool = False
+    base_inside: bool = False
 
     def denoiser_of(self, components) -> torch.nn.Module:
         """The trained model among ``components``."""

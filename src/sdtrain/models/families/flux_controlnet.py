@@ -175,5 +175,6 @@ FAMILY = Family(
     sampling_kwargs=lambda components: {"max_sequence_length": components.tokenizer_2.model_max_length},
     pipeline_latents=flux.pipeline_latents,
     condition="control",
+    base_inside=True,
     condition_argument="control_image",
 )

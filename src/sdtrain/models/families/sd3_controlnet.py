@@ -173,5 +173,6 @@ FAMILY = Family(
     encoders=encoders,
     sampling_kwargs=lambda components: {"max_sequence_length": components.tokenizer_3.model_max_length},
     condition="control",
+    base_inside=True,
     condition_argument="control_image",
 )

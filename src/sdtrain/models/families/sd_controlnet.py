@@ -192,4 +192,5 @@ FAMILY = Family(
     frozen=frozen,
     encoders=encoders,
     condition="control",
+    base_inside=True,
 )

@@ -96,4 +96,5 @@ FAMILY = Family(
     frozen=frozen,
     encoders=encoders,
     condition="control",
+    base_inside=True,
 )
