@@ -124,6 +124,111 @@ def test_condition_settings_are_checked(tmp_path):
         ]))  # fmt: skip
 
 
+def _halves(width: int, height: int) -> Image.Image:
+    """A reference whose left half is red and right half blue: a flip or a crop shows."""
+    array = np.zeros((height, width, 3), dtype=np.uint8)
+    array[:, : width // 2], array[:, width // 2 :] = COLOURS["red"], COLOURS["blue"]
+    return Image.fromarray(array)
+
+
+def test_a_reference_at_its_own_size_keeps_its_aspect_and_flips_with_its_image(tmp_path):
+    """With data.condition_resolution a reference of any aspect is resized to its own bucket and center-cropped,
+    never cropped with its image; it is flipped where its image is."""
+    from sdtrain.data.buckets import condition_bucket_of, make_buckets, nearest_bucket
+
+    folder = write_pairs(tmp_path / "pairs", count=1, size=48)
+    _halves(96, 32).save(tmp_path / "wide.png")  # 3:1, for a 56 x 48 image
+    config = DataConfig(path="x", conditions=["ref"], condition_resolution=32, buckets=True, bucket_step=8)
+    bucket = nearest_bucket((96, 32), make_buckets(32, 8))
+    assert bucket == (40, 24)  # the widest bucket within the largest ratio (2), about 32 x 32 pixels
+    outputs, flips = {}, set()
+    for seed in range(8):  # random crops of the image, flips both ways
+        pixels, info = load_pixels(folder / "000.png", 32, False, True, random.Random(seed),
+                                   conditions=[tmp_path / "wide.png"],
+                                   condition_bucket_of=condition_bucket_of(config))  # fmt: skip
+        (reference,) = info["conditions"]
+        assert pixels.shape == (3, 32, 32) and reference.shape == (3, 24, 40)
+        outputs[info["flipped"]] = reference
+        flips.add(info["flipped"])
+    assert flips == {True, False}
+    assert torch.equal(outputs[True], outputs[False].flip(-1))  # flipped with its image, else the same pixels
+    left, right = outputs[False][:, :, :8].mean((1, 2)), outputs[False][:, :, -8:].mean((1, 2))
+    assert left[0] > left[2] and right[2] > right[0]  # red stays left, blue right: center-cropped, not cropped
+    # without a bucket set, the square of condition_resolution
+    square = DataConfig(path="x", conditions=["ref"], condition_resolution=24)
+    _, info = load_pixels(folder / "000.png", 32, conditions=[tmp_path / "wide.png"],
+                          condition_bucket_of=condition_bucket_of(square))  # fmt: skip
+    assert info["conditions"][0].shape == (3, 24, 24)
+
+
+def test_condition_resolution_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="names none"):
+        DataConfig(path="x", condition_resolution=32)
+    with pytest.raises(ConfigError, match="multiple of data.bucket_step=16"):
+        DataConfig(path="x", conditions=["ref"], condition_resolution=40, buckets=True, bucket_step=16)
+    from sdtrain.train.preflight import check_conditions
+
+    folder = write_pairs(tmp_path / "pairs", count=2)
+    for family in ("instruct-pix2pix", "sd-controlnet"):  # the condition is read pixel for pixel beside the image
+        with pytest.raises(ConfigError, match="pixel for pixel"):
+            check_conditions(load_config(Config, None, [f"data.path={folder}", f"model.family={family}",
+                                                        "model.vae.path=x", "data.conditions=[ref]",
+                                                        "data.condition_resolution=32"]))  # fmt: skip
+
+
+def write_pair_shards(root: Path, count: int = 24, broken: int = 5) -> str:
+    """Shards of pairs: images of a few aspects, each with a reference of another (``KEY.ref.png``); sample
+    ``broken`` has no reference."""
+    import webdataset as wds
+
+    sizes = [(64, 64), (96, 48), (48, 96)]
+    root.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(root / "%05d.tar"), maxcount=8, verbose=0) as sink:
+        for i in range(count):
+            image, reference = io.BytesIO(), io.BytesIO()
+            Image.new("RGB", sizes[i % 3], (i * 9 % 256, 80, 160)).save(image, "PNG")
+            _halves(*sizes[(i // 3) % 3]).save(reference, "PNG")
+            sample = {"__key__": f"{i:05d}", "png": image.getvalue(), "txt": f"pair {i}"}
+            sink.write(sample if i == broken else sample | {"ref.png": reference.getvalue()})
+    return str(root / f"{{00000..{(count - 1) // 8:05d}}}.tar")
+
+
+def test_shard_batches_hold_one_bucket_of_each_and_resume_exactly(tmp_path):
+    """From shards with aspect buckets, a batch holds one image bucket and one reference bucket, the references at
+    their own size; a sample without its reference is skipped and counted; a resumed stream goes on as the
+    uninterrupted one."""
+    from sdtrain.data.shards import ShardDataset, ShardPosition, make_shard_loader
+
+    spec = write_pair_shards(tmp_path / "s")
+    config = DataConfig(path=spec, resolution=64, buckets=True, bucket_step=16, shuffle_buffer=7, num_workers=1,
+                        conditions=["ref"], condition_resolution=48)  # fmt: skip
+
+    def stream(state=None):
+        position = ShardPosition(1, state)
+        dataset = ShardDataset(config, 2, 5, 0, 1, 1, position.states, position.next_worker)
+        return position, iter(make_shard_loader(dataset))
+
+    _, straight = stream()
+    batches = [next(straight) for _ in range(16)]  # an epoch and more
+    pairs = set()
+    for batch in batches:
+        (references,) = batch["conditions"]
+        assert references.shape[0] == batch["image"].shape[0]
+        pairs.add((tuple(batch["image"].shape[-2:]), tuple(references.shape[-2:])))
+    assert {image for image, _ in pairs} == {(64, 64), (48, 80), (80, 48)}  # (height, width), about 64 x 64
+    assert {reference for _, reference in pairs} == {(48, 48), (32, 64), (64, 32)}  # about 48 x 48 pixels
+    assert len(pairs) == 9  # every image bucket beside every reference bucket
+    assert sum(b["skipped"].get("no_condition", 0) for b in batches) >= 1
+    for cut in (3, 7):
+        position, loader = stream()
+        for _ in range(cut):
+            position.consumed(next(loader))
+        _, resumed = stream(json.loads(json.dumps(position.state())))  # as it goes through a checkpoint
+        rest = [next(resumed) for _ in range(16 - cut)]
+        assert [b["key"] for b in rest] == [b["key"] for b in batches[cut:]], f"cut at {cut}"
+        assert all(torch.equal(a["conditions"][0], b["conditions"][0]) for a, b in zip(rest, batches[cut:]))
+
+
 def edit_overrides(out: Path, data: Path, vae_dir: Path, clip_dir: Path) -> list[str]:
     """A tiny InstructPix2Pix run built from scratch on ``data``'s pairs."""
     return tiny_overrides(out, data, vae_dir, str(clip_dir), "text_encoder") + [

@@ -64,15 +64,16 @@ def test_a_kontext_folder_fine_tunes_on_pairs_and_draws_its_pipelines_pixels(tmp
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_the_training_call_is_the_pipelines(kontext_dir):
+@pytest.mark.parametrize("reference_size", [(16, 24), (12, 32)])  # the image's size, and one of its own
+def test_the_training_call_is_the_pipelines(kontext_dir, reference_size):
     """predict appends the reference's packed latents (encoded as the pipeline encodes its image) to the noisy ones'
     sequence at position index 1, and keeps the noisy tokens' output: the pipeline's transformer call, on a
-    non-square latent."""
+    non-square latent, with a reference of the image's size or of its own (data.condition_resolution)."""
     pipe = _plain(kontext_dir)
     components = KONTEXT.components_of(pipe)
     encoders = KONTEXT.encoders(components)
     cond = KONTEXT.encode_prompts(components, ["make it red", "make it blue"], "cpu")
-    pixels = torch.rand(2, 3, 16, 24) * 2 - 1
+    pixels = torch.rand(2, 3, *reference_size) * 2 - 1
     reference = encoders.encode_conditions([pixels])[REFERENCE]
     assert torch.equal(reference, pipe._encode_vae_image(pixels, None))
     latents, t = torch.randn(2, 4, 8, 12), torch.tensor([300.0, 700.0])
@@ -110,3 +111,44 @@ def test_kontext_lora_exports_in_diffusers_layout(tmp_path, kontext_dir):
     merged.scheduler = base.scheduler
     again = merged(generator=torch.Generator().manual_seed(0), **kwargs).images[0]
     assert np.abs(with_lora - again).max() < 2e-3
+
+
+def test_references_at_their_own_size_train_from_the_disk_cache(tmp_path, kontext_dir):
+    """data.condition_resolution: references of other aspects than their images are cached at their own buckets,
+    batched by both buckets, served as the autoencoder encodes them, and train Kontext (whose pipeline takes a
+    reference at its own size)."""
+    from sdtrain.data.buckets import condition_bucket_of
+    from sdtrain.data.disk_cache import DiskCache, DiskCacheStream, write_cache
+    from sdtrain.data.transforms import load_pixels
+    from sdtrain.train.randomness import SharedDraws
+    from tests.test_conditions import _halves
+
+    data = write_pairs(tmp_path / "pairs", count=8, size=32)  # 40 x 32 images
+    for i in range(8):  # references of three aspects, none the image's
+        _halves(*[(64, 32), (32, 64), (48, 48)][i % 3]).save(data / f"{i:03d}.ref.png")
+    own = ["data.condition_resolution=48", "data.buckets=true", "data.bucket_step=16",
+           f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    config = load_config(Config, None, pipeline_overrides(tmp_path / "run", data, kontext_dir) + EDIT + own)
+    pipe = _plain(kontext_dir)
+    encoders = KONTEXT.encoders(KONTEXT.components_of(pipe))
+    write_cache(config.data, encoders)
+    cache = DiskCache(config.data, encoders)
+    assert {cache.group(i) for i in range(len(cache))} == {"32x32x48x48", "32x32x64x32", "32x32x32x64"}
+    draws = SharedDraws(torch.Generator().manual_seed(0), 0, 1, 2)
+    stream = DiskCacheStream(cache, encoders, 2, 0.0, "cpu")
+    seen = set()
+    for _ in range(6):
+        latents, cond = stream.next(draws)
+        seen.add(tuple(cond[REFERENCE].shape[-2:]))
+        assert latents.shape[-2:] == (16, 16)  # the image's bucket, 32 x 32 pixels
+    f = pipe.vae_scale_factor
+    assert seen == {(48 // f, 48 // f), (32 // f, 64 // f), (64 // f, 32 // f)}  # (height, width)
+    pixels = load_pixels(data / "000.png", 32, conditions=[data / "000.ref.png"],
+                         condition_bucket_of=condition_bucket_of(config.data))[1]["conditions"][0]  # fmt: skip
+    wide = next(i for i in range(len(cache)) if cache.group(i).endswith("x64x32"))  # every wide reference is 000's
+    stored = cache.conditions(wide)[REFERENCE].float()
+    torch.testing.assert_close(stored[None], pipe._encode_vae_image(pixels[None], None), atol=2e-2, rtol=1e-2)
+    final = train(config)
+    before = load_file(kontext_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    after = load_file(final / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)

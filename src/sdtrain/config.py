@@ -348,8 +348,15 @@ class DataConfig:
     """Names of each sample's condition images, in the order the model takes them (an edit model's reference: [ref];
     a ControlNet's control image: [control]): NAME.<name>.png (any image suffix) beside NAME.png in a folder, a
     column <name> in a manifest or dataset, a KEY.<name>.png member in webdataset shards. Resized, cropped and
-    flipped with their image (one of another aspect is skipped: condition_aspect); a sample whose condition is
-    missing or broken is skipped and counted; both latent caches encode them once."""
+    flipped with their image (one of another aspect is skipped: condition_aspect), unless condition_resolution
+    sets a size of their own; a sample whose condition is missing or broken is skipped and counted; both latent
+    caches encode them once."""
+    condition_resolution: int | None = None
+    """Condition images at a size of their own, for models that take references at their own size (FLUX.1 Kontext,
+    FLUX.2): each is resized to cover, and center-cropped to, the bucket of about condition_resolution**2 pixels
+    nearest its own aspect (data.buckets' step and largest ratio; the square without data.buckets), and flipped
+    with its image; any aspect. Batches hold one image bucket and one bucket per condition. Unset: cropped with
+    the image (what ControlNets and InstructPix2Pix need, whose condition is pixel-aligned with the image)."""
     condition_dropout: float = 0.0
     """Share of samples whose condition images are replaced by the null condition (zero latents), drawn apart from
     caption_dropout: what image guidance samples against (InstructPix2Pix trains with 0.05)."""
@@ -466,6 +473,14 @@ class DataConfig:
             raise ConfigError(f"data.conditions names a condition twice: {self.conditions}")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ConfigError(f"data.condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        if self.condition_resolution is not None:
+            if not self.conditions:
+                raise ConfigError("data.condition_resolution sizes condition images, and data.conditions names none")
+            step = self.bucket_step if self.buckets else 8
+            if self.condition_resolution <= 0 or self.condition_resolution % step:
+                raise ConfigError(f"data.condition_resolution must be a positive multiple of "
+                                  f"{'data.bucket_step=' if self.buckets else ''}{step}, got "
+                                  f"{self.condition_resolution}")  # fmt: skip
         if self.condition_dropout and not self.conditions:
             raise ConfigError("data.condition_dropout drops condition images, and data.conditions names none")
         if self.conditions and self.prior.path:

@@ -9,6 +9,8 @@ nearest to its own (in log space), is resized to cover it and cropped; every bat
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 from sdtrain.config import DataConfig
 
@@ -31,6 +33,21 @@ def config_buckets(config: DataConfig) -> list[tuple[int, int]]:
     if config.buckets:
         return make_buckets(config.resolution, config.bucket_step, config.bucket_max_ratio)
     return [(config.resolution, config.resolution)]
+
+
+def condition_buckets(config: DataConfig) -> list[tuple[int, int]] | None:
+    """The buckets of condition images at their own size (``data.condition_resolution``: ``make_buckets`` of it with
+    ``data.buckets``, else its square); None where they are cropped with their image."""
+    side = config.condition_resolution
+    if side is None:
+        return None
+    return make_buckets(side, config.bucket_step, config.bucket_max_ratio) if config.buckets else [(side, side)]
+
+
+def condition_bucket_of(config: DataConfig) -> Callable[[tuple[int, int]], tuple[int, int]] | None:
+    """``(width, height) -> the condition bucket nearest it`` with ``data.condition_resolution``, else None."""
+    buckets = condition_buckets(config)
+    return None if buckets is None else partial(nearest_bucket, buckets=buckets)
 
 
 def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:

@@ -5,10 +5,11 @@ Layout of ``data.cache_dir``::
     fingerprint.json                 what made it: hashes of the VAE and text-encoder weights, tokenizer length,
                                      resolution, crop, bucket set, the layout's version
     empty.safetensors                the empty prompt's conditioning (caption dropout), a tensor per key
-    part-r000-00000.safetensors      up to 256 samples of one bucket: posterior mean and std (fp16), every
-                                     caption option's conditioning (fp16, ``cond.<key>``: for Stable Diffusion
-                                     ``cond.encoder_hidden_states``) with per-sample offsets; keys and sizes in the
-                                     metadata
+    part-r000-00000.safetensors      up to 256 samples of one bucket (and, with data.condition_resolution, one
+                                     bucket per condition image): posterior mean and std (fp16), every caption
+                                     option's conditioning (fp16, ``cond.<key>``: for Stable Diffusion
+                                     ``cond.encoder_hidden_states``) with per-sample offsets, the encoded condition
+                                     images (``condition.<key>``); keys and sizes in the metadata
     rank-000.json                    written last by each process: its parts (each with its size and sha256) and
                                      skip counts
 
@@ -37,7 +38,7 @@ from safetensors.torch import save, save_file
 from tqdm.auto import tqdm
 
 from sdtrain.config import DataConfig
-from sdtrain.data.buckets import config_buckets, nearest_bucket
+from sdtrain.data.buckets import condition_bucket_of, condition_buckets, config_buckets, nearest_bucket
 from sdtrain.data.captions import cached_captions
 from sdtrain.data.decode import DataError, Skip, SkipCounter
 from sdtrain.data.folder import EpochSampler, training_records
@@ -67,6 +68,7 @@ def fingerprint(config: DataConfig, encoders: Encoders) -> dict[str, Any]:
         **({"trigger": config.trigger} if config.trigger else {}),  # in the cached captions' embeddings
         **({"masked_loss": True} if config.masked_loss else {}),  # the parts hold masks
         **({"conditions": _conditions(config, encoders)} if config.conditions else {}),  # and their encoding
+        **({"condition_buckets": [list(b) for b in condition_buckets(config)]} if config.condition_resolution else {}),
     }
 
 
@@ -99,6 +101,11 @@ def _records(config: DataConfig, seed: int, rank: int, world: int):
             yield str(index), record["image"], record["caption"], None, record.get("conditions")
 
 
+def _size(pixels: torch.Tensor) -> tuple[int, int]:
+    """The ``(width, height)`` of C x H x W pixels, as buckets are written."""
+    return pixels.shape[2], pixels.shape[1]
+
+
 def _stored(tensor: torch.Tensor) -> torch.Tensor:
     """Embeddings are stored in fp16; token ids and masks (trained text encoders) as they are."""
     return tensor.half() if tensor.is_floating_point() else tensor
@@ -110,8 +117,12 @@ def _served(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _write_part(root: Path, name: str, bucket: tuple[int, int], rows: list[dict], encoders: Encoders) -> dict:
-    """Encode one bucket's rows and write them as ``root/name.safetensors``; returns the part's index record."""
+def _write_part(
+    root: Path, name: str, group: tuple[tuple[int, int], ...], rows: list[dict], encoders: Encoders
+) -> dict:
+    """Encode one group's rows (an image bucket, and a bucket per condition image at its own size) and write them
+    as ``root/name.safetensors``; returns the part's index record."""
+    bucket, own = group[0], group[1:]
     mean, std = encode_moments(encoders.vae, torch.stack([r["pixels"] for r in rows]))
     options = [c for r in rows for c in r["captions"]]
     chunks = [encoders.encode_text(options[i : i + 64]) for i in range(0, len(options), 64)]
@@ -131,6 +142,8 @@ def _write_part(root: Path, name: str, bucket: tuple[int, int], rows: list[dict]
     data = save(tensors, metadata=meta)  # a part is small (PART_SIZE samples): hashed as it is written
     _write_atomic(root / f"{name}.safetensors", lambda p: p.write_bytes(data))
     record = {"file": f"{name}.safetensors", "count": len(rows), "bucket": list(bucket)}
+    if own:  # data.condition_resolution: the condition images' own buckets
+        record["condition_buckets"] = [list(b) for b in own]
     return record | {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -199,28 +212,27 @@ def write_cache(config: DataConfig, encoders: Encoders, seed: int = 0, rank: int
         empty = {k: _stored(v[0]).cpu().contiguous() for k, v in encoders.encode_text([""]).items()}
         _write_atomic(root / "empty.safetensors", lambda p: save_file(empty, p))
     buckets = config_buckets(config)
-    pending: dict[tuple[int, int], list] = {b: [] for b in buckets}
+    pending: dict[tuple[tuple[int, int], ...], list] = {}  # by image bucket and condition images' own buckets
     parts, skipped = [], SkipCounter()
     records = _records(config, seed, rank, world_size)
     for key, image, caption, mask, conditions in tqdm(records, desc="caching", unit="img"):
         try:
             options = cached_captions(caption, config)
             pixels, info = load_pixels(image, config.resolution, bucket_of=partial(nearest_bucket, buckets=buckets),
-                                       masked=config.masked_loss, mask=mask, conditions=conditions)  # fmt: skip
+                                       masked=config.masked_loss, mask=mask, conditions=conditions,
+                                       condition_bucket_of=condition_bucket_of(config))  # fmt: skip
         except Skip as skip:
             skipped[skip.reason] += 1
             continue
-        bucket = (pixels.shape[2], pixels.shape[1])  # (width, height), as the buckets are
-        pending[bucket].append({"key": key, "pixels": pixels, "captions": options,
-                                **info})  # fmt: skip
-        if len(pending[bucket]) == PART_SIZE:
-            parts.append(_write_part(root, f"part-r{rank:03d}-{len(parts):05d}", bucket, pending[bucket],
-                                     encoders))  # fmt: skip
-            pending[bucket] = []
-    for bucket in buckets:
-        if pending[bucket]:
-            parts.append(_write_part(root, f"part-r{rank:03d}-{len(parts):05d}", bucket, pending[bucket],
-                                     encoders))  # fmt: skip
+        group = (_size(pixels),) + (tuple(_size(c) for c in info["conditions"]) if config.condition_resolution else ())
+        rows = pending.setdefault(group, [])
+        rows.append({"key": key, "pixels": pixels, "captions": options, **info})
+        if len(rows) == PART_SIZE:
+            parts.append(_write_part(root, f"part-r{rank:03d}-{len(parts):05d}", group, rows, encoders))
+            pending[group] = []
+    for group in sorted(pending, key=lambda g: (buckets.index(g[0]), g[1:])):  # the remainders, in bucket order
+        if pending[group]:
+            parts.append(_write_part(root, f"part-r{rank:03d}-{len(parts):05d}", group, pending[group], encoders))
     record = {"parts": parts, "skipped": dict(skipped), "samples": sum(p["count"] for p in parts)}
     _write_atomic(done, lambda p: p.write_text(json.dumps(record, indent=1)))
     return root
@@ -290,6 +302,11 @@ class DiskCache:
     def bucket(self, i: int) -> tuple[int, int]:
         return tuple(self.parts[self.index[i][0]]["bucket"])
 
+    def group(self, i: int) -> str:
+        """What sample ``i`` batches with: its bucket (``WxH``), and its condition images' own buckets."""
+        part = self.parts[self.index[i][0]]
+        return "x".join(str(side) for size in [part["bucket"], *part.get("condition_buckets", [])] for side in size)
+
     def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[Conditioning], tuple, tuple]:
         """``(mean, std, the conditioning of each caption option, original (height, width), crop (top, left))`` of
         sample ``i``; :meth:`mask` its loss mask."""
@@ -324,7 +341,8 @@ class DiskCache:
 
 
 class DiskCacheStream:
-    """Micro-batches from a DiskCache in EpochSampler order, one bucket per batch; resumable."""
+    """Micro-batches from a DiskCache in EpochSampler order, one bucket per batch (and one bucket per condition image
+    at its own size); resumable."""
 
     def __init__(
         self, cache: DiskCache, encoders: Encoders, batch_size, caption_dropout, device, seed=0, rank=0, world_size=1,
@@ -349,11 +367,11 @@ class DiskCacheStream:
         n = len(self.cache)
         while True:  # fill per-bucket buffers in sampler order until one holds a batch
             (encoded,) = self.sampler.take(1)
-            bucket = "x".join(map(str, self.cache.bucket(encoded % n)))
-            queue = self.buffers.setdefault(bucket, [])
+            group = self.cache.group(encoded % n)
+            queue = self.buffers.setdefault(group, [])
             queue.append(encoded)
             if len(queue) == self.batch_size:
-                chosen, self.buffers[bucket] = queue, []
+                chosen, self.buffers[group] = queue, []
                 break
         means, stds, texts, originals, crops = [], [], [], [], []
         for e in chosen:

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sdtrain.config import ConfigError, DataConfig
+from sdtrain.data.buckets import condition_bucket_of
 from sdtrain.data.captions import training_caption
 from sdtrain.data.decode import Skip, SkipCounter
 from sdtrain.data.sources import list_records
@@ -70,7 +71,8 @@ class ImageCaptionFolder(Dataset):
         try:
             caption = training_caption(record["caption"], rng, c)
             pixels, info = load_pixels(record["image"], c.resolution, c.center_crop, c.random_flip, rng,
-                                       masked=c.masked_loss, conditions=record.get("conditions"))  # fmt: skip
+                                       masked=c.masked_loss, conditions=record.get("conditions"),
+                                       condition_bucket_of=condition_bucket_of(c))  # fmt: skip
         except Skip as skip:
             return {"skip": skip.reason}
         return {"image": pixels, "text": caption, **info}

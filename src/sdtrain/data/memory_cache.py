@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdtrain.config import DataConfig
+from sdtrain.data.buckets import condition_bucket_of
 from sdtrain.data.captions import cached_captions
 from sdtrain.data.decode import DataError, Skip, SkipCounter
 from sdtrain.data.folder import EpochSampler, training_records
@@ -75,7 +76,8 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
         try:
             options = cached_captions(record["caption"], config)
             pixels, info = load_pixels(record["image"], config.resolution, masked=config.masked_loss,
-                                       conditions=record.get("conditions"))  # fmt: skip
+                                       conditions=record.get("conditions"),
+                                       condition_bucket_of=condition_bucket_of(config))  # fmt: skip
         except Skip as skip:
             skipped[skip.reason] += 1
             continue

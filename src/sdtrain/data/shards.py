@@ -8,7 +8,8 @@ key); ``pipe:`` URLs only with ``data.allow_pipe``; ``s3://`` and other fsspec U
 dataloader worker ``w`` of ``W`` takes ``w::W`` of those, so ranks and workers read disjoint shards that together are
 all of them. A worker reads its shards in blocks of ``data.shuffle_buffer`` raw samples, shuffles each block with an
 RNG seeded by ``(seed, e, r, w, block)``, reads each image's size from its header, puts the sample in the buffer of its
-aspect bucket (one bucket, the square, without ``data.buckets``) and emits a batch when a buffer is full. Images are
+aspect bucket (one bucket, the square, without ``data.buckets``; with ``data.condition_resolution``, of its bucket and
+its condition images' own buckets) and emits a batch when a buffer is full. Images are
 decoded only then. Memory is bounded by one block plus one batch per bucket, whatever the dataset's size, and
 nothing scans the dataset at start-up.
 
@@ -22,6 +23,7 @@ worker whose batch was due next.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import lzma
@@ -38,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sdtrain.config import ConfigError, DataConfig
-from sdtrain.data.buckets import config_buckets, nearest_bucket
+from sdtrain.data.buckets import condition_bucket_of, condition_buckets, config_buckets, nearest_bucket
 from sdtrain.data.captions import training_caption
 from sdtrain.data.decode import DataError, Skip, SkipCounter, probe_size
 from sdtrain.data.transforms import check_aspect, load_pixels, stack_conditions
@@ -224,6 +226,10 @@ class ShardDataset(IterableDataset):
                 "write more, smaller shards or use fewer workers"
             )
         self.buckets = config_buckets(config)
+        self.condition_bucket_of = condition_bucket_of(config)
+        own = [condition_buckets(config)] * len(config.conditions) if self.condition_bucket_of else []
+        # what a batch holds one of: a bucket (width, height), and each condition image's own bucket after it
+        self.groups = [sum(sizes, ()) for sizes in itertools.product(self.buckets, *own)]
 
     def shards(self, epoch: int, worker: int) -> list[str]:
         """This (rank, worker)'s shards in epoch ``epoch``."""
@@ -259,8 +265,10 @@ class ShardDataset(IterableDataset):
         rng.shuffle(order)
         return [buffer[i] for i in order]
 
-    def _bucket(self, sample: dict) -> tuple[int, int]:
-        """The sample's bucket from its image header; raises Skip for unusable samples (counted by the caller)."""
+    def _group(self, sample: dict) -> tuple[int, ...]:
+        """The sample's group from its images' headers: its bucket ``(width, height)``, and with
+        data.condition_resolution each condition image's own bucket after it; raises Skip for unusable samples
+        (counted by the caller)."""
         if SKIP in sample:
             raise Skip(sample[SKIP], sample["__key__"])
         data = sample_image(sample, self.config.conditions)
@@ -268,7 +276,18 @@ class ShardDataset(IterableDataset):
             raise Skip("no_image", f"key {sample.get('__key__')!r} has no {'/'.join(IMAGE_EXTENSIONS)}")
         size = probe_size(data)
         check_aspect(size)
-        return nearest_bucket(size, self.buckets)
+        group = nearest_bucket(size, self.buckets)
+        for name in self.config.conditions if self.condition_bucket_of else ():
+            condition = sample_condition(sample, name)
+            if condition is None:
+                raise Skip("no_condition", f"key {sample.get('__key__')!r} has no {name} image")
+            try:
+                own = probe_size(condition)
+                check_aspect(own)
+            except Skip as skip:
+                raise Skip(f"condition_{skip.reason}", str(skip)) from None
+            group += self.condition_bucket_of(own)
+        return group
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -283,7 +302,7 @@ class ShardDataset(IterableDataset):
             epoch, state = epoch + 1, None
 
     def _epoch(self, epoch: int, worker: int, state: dict | None) -> Iterator[dict[str, Any]]:
-        buffers: dict[tuple[int, int], deque] = {b: deque() for b in self.buckets}
+        buffers: dict[tuple[int, ...], deque] = {g: deque() for g in self.groups}
         starts: dict[int, tuple[int, int]] = {}  # block -> (shard, offset) of its first sample, while referenced
         skipped = SkipCounter()
         resume_at = None
@@ -292,7 +311,7 @@ class ShardDataset(IterableDataset):
             resume_at = (state["block"], state["in_block"])
             start = tuple(oldest)
             keep = {tuple(b): n for b, n in state["buffers"]}
-            buffers = {b: deque(maxlen=keep.get(b, 0)) for b in self.buckets}
+            buffers = {g: deque(maxlen=keep.get(g, 0)) for g in self.groups}
         else:
             start = (0, 0, 0)
         last_block, emitted = start[0] - 1, 0
@@ -303,7 +322,7 @@ class ShardDataset(IterableDataset):
                 replay_to = len(samples) if block < resume_at[0] else resume_at[1]
                 for sample in samples[:replay_to]:
                     try:
-                        buffers[self._bucket(sample)].append((block, sample))
+                        buffers[self._group(sample)].append((block, sample))
                     except Skip:
                         pass  # counted before the checkpoint
                 if block < resume_at[0]:
@@ -313,15 +332,15 @@ class ShardDataset(IterableDataset):
             for index in range(begin, len(samples)):
                 sample = samples[index]
                 try:
-                    bucket = self._bucket(sample)
+                    group = self._group(sample)
                 except Skip as skip:
                     skipped[skip.reason] += 1
                     continue
-                queue = buffers[bucket]
+                queue = buffers[group]
                 queue.append((block, sample))
                 if len(queue) == self.batch_size:
                     emitted += 1
-                    batch = self._emit(epoch, bucket, [queue.popleft()[1] for _ in range(self.batch_size)], skipped)
+                    batch = self._emit(epoch, group, [queue.popleft()[1] for _ in range(self.batch_size)], skipped)
                     skipped = SkipCounter()
                     batch["state"] = self._state(epoch, worker, block, index + 1, buffers, starts)
                     yield batch
@@ -329,11 +348,11 @@ class ShardDataset(IterableDataset):
             raise DataError(
                 f"no usable sample in the shards of rank {self.rank}, worker {worker} ({skipped.summary()})"
             )
-        for bucket in self.buckets:  # epoch end: each bucket's remainder is one smaller batch
-            queue = buffers[bucket]
+        for group in self.groups:  # epoch end: each bucket's remainder is one smaller batch
+            queue = buffers[group]
             if not queue:
                 continue
-            batch = self._emit(epoch, bucket, [sample for _, sample in queue], skipped)
+            batch = self._emit(epoch, group, [sample for _, sample in queue], skipped)
             skipped = SkipCounter()
             queue.clear()
             if any(buffers.values()):  # a resume replays the epoch's remaining headers and flushes the rest
@@ -357,8 +376,9 @@ class ShardDataset(IterableDataset):
             "buffers": [(list(b), len(q)) for b, q in buffers.items() if q],
         }
 
-    def _emit(self, epoch: int, bucket: tuple[int, int], samples: list[dict], skipped: SkipCounter) -> dict[str, Any]:
-        """Decode and transform one bucket's samples into a batch; undecodable ones are dropped and counted."""
+    def _emit(self, epoch: int, group: tuple[int, ...], samples: list[dict], skipped: SkipCounter) -> dict[str, Any]:
+        """Decode and transform one group's samples into a batch; undecodable ones are dropped and counted."""
+        bucket = group[:2]
         images, texts, sizes, crops, keys, masks, conds = [], [], [], [], [], [], []
         for sample in samples:
             key = sample.get("__key__", "")
@@ -370,7 +390,8 @@ class ShardDataset(IterableDataset):
                 conditions = [sample_condition(sample, c) for c in self.config.conditions] or None
                 pixels, info = load_pixels(image, bucket, self.config.center_crop, self.config.random_flip, rng,
                                            masked=self.config.masked_loss, mask=sample_mask(sample),
-                                           conditions=conditions)  # fmt: skip
+                                           conditions=conditions,
+                                           condition_bucket_of=self.condition_bucket_of)  # fmt: skip
             except Skip as skip:
                 skipped[skip.reason] += 1
                 continue
@@ -389,7 +410,8 @@ class ShardDataset(IterableDataset):
         if masks:
             batch["mask"] = torch.stack(masks)
         if self.config.conditions:
-            batch["conditions"] = stack_conditions(conds, len(self.config.conditions), image.shape)
+            own = [(0, 3, h, w) for w, h in zip(group[2::2], group[3::2])]  # at their own size: empty batches' shapes
+            batch["conditions"] = stack_conditions(conds, len(self.config.conditions), own or image.shape)
         return batch
 
 

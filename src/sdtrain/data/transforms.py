@@ -44,6 +44,7 @@ def load_pixels(
     masked: bool = False,
     mask: bytes | None = None,
     conditions: list[str | Path | bytes | None] | None = None,
+    condition_bucket_of: Callable[[Size], Size] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Decode ``image`` and transform it to ``size`` (a square side, or a ``(width, height)`` bucket): C x H x W in
     [-1, 1] and the crop info. ``bucket_of`` chooses the target from the decoded image's original size instead (the
@@ -51,7 +52,9 @@ def load_pixels(
     loss mask (``mask``, a shard sample's encoded mask, else its ``NAME.mask.png``, else its alpha channel, else
     ones) resized, cropped and flipped with it. ``conditions``: the sample's condition images (``data.conditions``),
     each resized to the image's size and cropped and flipped with it, as ``info["conditions"]``, a list of
-    C x H x W in [-1, 1].
+    C x H x W in [-1, 1]; with ``condition_bucket_of`` (``data.condition_resolution``) each at a size of its own
+    instead: resized to cover and center-cropped to the bucket it gives for the condition's own size, any aspect,
+    flipped where its image is.
 
     Raises:
         Skip: the image cannot be used (the reason is the skip counter's key); ``mask_size``: its mask file is not
@@ -64,11 +67,38 @@ def load_pixels(
     if bucket_of is not None:
         size = bucket_of(decoded.info.get("original_size", decoded.size))
     loss_mask = _mask_of(mask if mask is not None else mask_file(image), decoded) if masked else None
-    extra = [_condition_of(c, decoded, cover) for c in conditions] if conditions is not None else None
-    pixels, info = resize_crop(decoded, size, center_crop, flip, rng, loss_mask, extra)
+    own = condition_bucket_of is not None
+    if conditions is not None and not own:
+        extra = [_condition_of(c, decoded, cover) for c in conditions]
+    elif conditions is not None:  # each at its own size, resized below once the image's flip is drawn
+        extra = [_condition_of(c, decoded, _cover(condition_bucket_of), same_aspect=False) for c in conditions]
+    else:
+        extra = None
+    pixels, info = resize_crop(decoded, size, center_crop, flip, rng, loss_mask, None if own else extra)
+    if own and extra is not None:
+        info["conditions"] = [_own_size(c, condition_bucket_of, info["flipped"]) for c in extra]
     if masked and loss_mask is None:
         info["mask"] = torch.ones(1, *pixels.shape[1:])
     return pixels, info
+
+
+def _cover(bucket_of: Callable[[Size], Size]) -> Size:
+    """What a condition image at its own size is decoded to cover: its square bucket's side both ways (a bucket of
+    another aspect covered by the image's own aspect needs no more)."""
+    side = bucket_of((1, 1))[0]
+    return side, side
+
+
+def _own_size(condition: Image.Image, bucket_of: Callable[[Size], Size], flipped: bool) -> torch.Tensor:
+    """A condition image at its own size: resized to cover and center-cropped to its bucket, flipped with its
+    image."""
+    original = condition.info.get("original_size", condition.size)
+    try:
+        check_aspect(original)
+        pixels, _ = resize_crop(condition, bucket_of(original), center_crop=True)
+    except Skip as skip:
+        raise Skip(f"condition_{skip.reason}", str(skip)) from None
+    return pixels.flip(-1) if flipped else pixels
 
 
 def _mask_of(source: Path | bytes | None, decoded: Image.Image) -> Image.Image | None:
@@ -90,8 +120,10 @@ def _mask_of(source: Path | bytes | None, decoded: Image.Image) -> Image.Image |
 ASPECT_TOLERANCE = 0.02  # a condition image's aspect may differ from its image's by this share (rounding)
 
 
-def _condition_of(source: str | Path | bytes | None, decoded: Image.Image, cover: Size) -> Image.Image:
-    """A condition image decoded as images are, of the decoded image's aspect.
+def _condition_of(
+    source: str | Path | bytes | None, decoded: Image.Image, cover: Size, same_aspect: bool = True
+) -> Image.Image:
+    """A condition image decoded as images are, of the decoded image's aspect (``same_aspect``; else any).
 
     Raises:
         Skip: ``no_condition`` (none), ``condition_<reason>`` (it cannot be decoded), ``condition_aspect``.
@@ -104,16 +136,19 @@ def _condition_of(source: str | Path | bytes | None, decoded: Image.Image, cover
         raise Skip(skip.reason if skip.reason.startswith("condition") else f"condition_{skip.reason}",
                    str(skip)) from None  # fmt: skip
     (w, h), (cw, ch) = decoded.info.get("original_size", decoded.size), condition.info.get("original_size")
-    if abs((cw / ch) / (w / h) - 1) > ASPECT_TOLERANCE:
+    if same_aspect and abs((cw / ch) / (w / h) - 1) > ASPECT_TOLERANCE:
         raise Skip("condition_aspect", f"a {cw}x{ch} condition image for a {w}x{h} image")
     return condition  # resized with its image in resize_crop
 
 
-def stack_conditions(samples: list[list[torch.Tensor]], count: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
+def stack_conditions(
+    samples: list[list[torch.Tensor]], count: int, shape: tuple[int, ...] | list[tuple[int, ...]]
+) -> list[torch.Tensor]:
     """The good samples' condition images (``info["conditions"]`` each) as one batch per condition; empty batches of
-    ``shape`` (the batch's images') where none was good."""
+    ``shape`` (the batch's images', or a list: each condition's) where none was good."""
     if not samples:
-        return [torch.empty(tuple(shape)) for _ in range(count)]
+        shapes = shape if isinstance(shape, list) else [shape] * count
+        return [torch.empty(tuple(s)) for s in shapes]
     return [torch.stack([s[j] for s in samples]) for j in range(count)]
 
 

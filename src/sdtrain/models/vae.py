@@ -106,6 +106,12 @@ def _batch_norm(vae: AutoencoderKLFlux2, latents: torch.Tensor) -> tuple[torch.T
     return mean, std
 
 
+def mean_latents(vae: Autoencoder, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] -> their posterior mean in the denoiser's latent space: how the pipelines encode a reference
+    or control image (``retrieve_latents(..., sample_mode="argmax")``, then shifted and scaled)."""
+    return scale_latents(vae, encode_moments(vae, pixels)[0])
+
+
 def scale_latents(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
     """Autoencoder latents -> the UNet's latent space."""
     if isinstance(vae, AutoencoderKLFlux2):

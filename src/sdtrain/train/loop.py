@@ -492,8 +492,9 @@ def _preflight(
     latent_shape = (latent_channels(encoders.vae), size, size)
     side = config.data.resolution
     cond = encoders.encode_text([""]) | size_condition(encoders, ([(side, side)], [(0, 0)]), (side, side), "cpu")
-    if encoders.encode_conditions is not None:  # gray condition images, as many as the data gives
-        gray = [torch.zeros(1, 3, side, side)] * max(1, len(config.data.conditions))
+    if encoders.encode_conditions is not None:  # gray condition images, as many as the data gives, of their size
+        own = config.data.condition_resolution or side
+        gray = [torch.zeros(1, 3, own, own)] * max(1, len(config.data.conditions))
         cond |= {k: v.cpu() for k, v in encode_conditions(encoders, gray, encoders.vae.device).items()}
     half = placement.compute_dtype(tc, accelerator.device)
     half = half if half != torch.float32 and placement.base_reloads(config) else None  # a base held in it

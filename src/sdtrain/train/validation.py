@@ -15,6 +15,7 @@ import torch
 
 from sdtrain import objective
 from sdtrain.config import DataConfig
+from sdtrain.data.buckets import condition_bucket_of
 from sdtrain.data.captions import with_trigger
 from sdtrain.data.decode import Skip, clean_caption
 from sdtrain.data.folder import validation_records
@@ -49,7 +50,8 @@ def build_validation_set(data: DataConfig, diffusion, encoders: Encoders, seed: 
         try:
             caption = record["caption"][0] if isinstance(record["caption"], list) else record["caption"]
             caption = with_trigger(clean_caption(caption), data.trigger)
-            image, info = load_pixels(record["image"], data.resolution, conditions=record.get("conditions"))
+            image, info = load_pixels(record["image"], data.resolution, conditions=record.get("conditions"),
+                                      condition_bucket_of=condition_bucket_of(data))  # fmt: skip
         except Skip:
             continue
         pixels.append(image)

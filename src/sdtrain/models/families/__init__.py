@@ -108,6 +108,9 @@ class Family:
             False: a model that draws from text alone too (FLUX.2, whose references are optional).
         shared_references: the pipeline's ``image`` is the list of references of the whole call, every prompt's
             (FLUX.2's), not one image per prompt.
+        references_own_size: its references may be of another size and aspect than the image (their tokens beside
+            the image's: FLUX.1 Kontext, FLUX.2), so ``data.condition_resolution`` may size them; False: its
+            condition is read pixel for pixel beside the image (channels concatenated, a ControlNet's residuals).
         base_inside: the trained model holds the frozen denoiser it steers, loaded from a folder (a ControlNet's):
             held as a LoRA run's base is (in the compute dtype), checkpoints hold the trained weights alone, and the
             export reads the base again as its files hold it.
@@ -146,6 +149,7 @@ class Family:
     image_guidance: str | None = None
     condition_required: bool = True
     shared_references: bool = False
+    references_own_size: bool = False
     base_inside: bool = False
 
     def denoiser_of(self, components) -> torch.nn.Module:

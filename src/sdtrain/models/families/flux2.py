@@ -39,7 +39,7 @@ from sdtrain.errors import Unsupported
 from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.text import load_text_encoder
-from sdtrain.models.vae import encode_moments, load_vae, scale_latents
+from sdtrain.models.vae import load_vae, mean_latents
 
 TOKENS = 512  # Flux2Pipeline's max_sequence_length
 LAYERS = (10, 20, 30)  # the pipeline's text_encoder_out_layers
@@ -181,7 +181,7 @@ def encode_references(vae, images: list[torch.Tensor]) -> Conditioning:
     """The reference images (one batch per data.conditions name) as the pipeline's ``_encode_vae_image`` encodes
     them: the posterior mean, normalised by the batch norm's statistics (kept in the autoencoder's shape, as the
     latents are)."""
-    return {f"{REFERENCE}{i}": scale_latents(vae, encode_moments(vae, image)[0]) for i, image in enumerate(images)}
+    return {f"{REFERENCE}{i}": mean_latents(vae, image) for i, image in enumerate(images)}
 
 
 def _references(cond: Conditioning) -> tuple[Conditioning, list[torch.Tensor]]:
@@ -249,6 +249,7 @@ FAMILY = Family(
     pipeline_prompts=pipeline_prompts,
     latent_output=False,
     condition="reference",
+    references_own_size=True,
     condition_required=False,
     shared_references=True,
 )

@@ -145,6 +145,7 @@ FAMILY = Family(
     pipeline_prompts=pipeline_prompts,
     latent_output=False,
     condition="reference",
+    references_own_size=True,
     condition_required=False,
     shared_references=True,
 )

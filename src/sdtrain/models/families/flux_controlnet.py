@@ -26,7 +26,7 @@ from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline,
 from sdtrain.config import ConfigError
 from sdtrain.models.families import Conditioning, Encoders, Family, flux
 from sdtrain.models.families.sd_controlnet import CONTROL, Controlled, check_base, controlnet_source, the_control
-from sdtrain.models.vae import encode_moments, scale_latents
+from sdtrain.models.vae import mean_latents
 
 LAYERS, SINGLE_LAYERS = 4, 4  # the blocks diffusers' train_controlnet_flux.py copies by default
 
@@ -131,7 +131,7 @@ def predict(model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor
 def encode_controls(vae, images: list[torch.Tensor]) -> Conditioning:
     """The control image as the pipeline encodes it for the ControlNet (before packing): the posterior mean, shifted
     and scaled."""
-    return {CONTROL: scale_latents(vae, encode_moments(vae, the_control(images))[0])}
+    return {CONTROL: mean_latents(vae, the_control(images))}
 
 
 def encoders(components: Components) -> Encoders:

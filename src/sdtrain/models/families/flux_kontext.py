@@ -7,7 +7,8 @@ latents' is 0); the transformer's output for the noisy latents' tokens is the ve
 Loads a Kontext folder (``FluxKontextPipeline``), or with ``model.family=flux-kontext`` a FLUX.1 folder (the same
 transformer, which then learns to read the reference); exported as a ``FluxKontextPipeline``. Sampling draws at the
 size asked (the pipeline's ``max_area`` set to it) from the reference at its own size (not resized to Kontext's
-preferred resolutions: the model trains on pairs of one size).
+preferred resolutions). References train cropped with their image, or at a size of their own of any aspect with
+``data.condition_resolution`` (the reference's ids follow its own latents' shape either way).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from diffusers import FluxKontextPipeline, FluxPipeline
 
 from sdtrain.config import ConfigError
 from sdtrain.models.families import Conditioning, Encoders, Family, flux
-from sdtrain.models.vae import encode_moments, scale_latents
+from sdtrain.models.vae import mean_latents
 
 REFERENCE = "reference_latents"  # the conditioning key of the reference's latents
 
@@ -29,7 +30,7 @@ def encode_references(vae, images: list[torch.Tensor]) -> Conditioning:
     """The reference as the pipeline's ``_encode_vae_image`` encodes it: the posterior mean, shifted and scaled."""
     if len(images) != 1:
         raise ConfigError(f"FLUX.1 Kontext edits one reference image; data.conditions names {len(images)}")
-    return {REFERENCE: scale_latents(vae, encode_moments(vae, images[0])[0])}
+    return {REFERENCE: mean_latents(vae, images[0])}
 
 
 def predict(
@@ -93,4 +94,5 @@ FAMILY = Family(
     sampling_kwargs=sampling_kwargs,
     pipeline_latents=flux.pipeline_latents,
     condition="reference",
+    references_own_size=True,
 )
