@@ -465,6 +465,94 @@ def qwenimage_dir(tmp_path_factory, clip_dir) -> Path:
     return root
 
 
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                 "<|video_pad|>"]  # fmt: skip
+
+
+def qwen_vl_processor(image_processor, tokenizer):
+    """A ``Qwen2VLProcessor`` of these parts, its class's own code. Its constructor checks each part's class, and
+    the video processor's lookup needs torchvision (no CPU build here imports beside this torch): without it, the
+    instance is made without that check and without a video processor, which the edit pipelines never call."""
+    from transformers import Qwen2VLProcessor
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        from transformers import Qwen2VLVideoProcessor
+
+        return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                video_processor=Qwen2VLVideoProcessor())  # fmt: skip
+    processor = object.__new__(Qwen2VLProcessor)
+    processor.image_processor, processor.tokenizer, processor.chat_template = image_processor, tokenizer, None
+    processor.image_token, processor.video_token = "<|image_pad|>", "<|video_pad|>"
+    ids = tokenizer.convert_tokens_to_ids([processor.image_token, processor.video_token])
+    processor.image_token_id, processor.video_token_id = ids
+    return processor
+
+
+@pytest.fixture(scope="session")
+def qwen_processor_files():
+    """Where torchvision is missing, ``Qwen2VLProcessor`` loads and saves as its files hold it (the image
+    processor's config and the tokenizer, read and written by their own classes) through :func:`qwen_vl_processor`;
+    with torchvision, as transformers does."""
+    from transformers import AutoTokenizer, Qwen2VLProcessor
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        yield
+        return
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    def from_pretrained(cls, path, subfolder=None, **kwargs):
+        where = {"subfolder": subfolder} if subfolder else {}
+        return qwen_vl_processor(Qwen2VLImageProcessorPil.from_pretrained(path, **where),
+                                 AutoTokenizer.from_pretrained(path, **where))  # fmt: skip
+
+    def save_pretrained(self, path, **kwargs):
+        self.image_processor.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Qwen2VLProcessor, "from_pretrained", classmethod(from_pretrained))
+        patch.setattr(Qwen2VLProcessor, "save_pretrained", save_pretrained)
+        yield
+
+
+@pytest.fixture(scope="session")
+def qwenimage_edit_dir(tmp_path_factory, qwenimage_dir, qwen_processor_files) -> Path:
+    """A tiny QwenImageEditPipeline folder: Qwen-Image's tiny transformer, autoencoder and scheduler, a tiny
+    Qwen2.5-VL with a one-block vision tower, and a real ``Qwen2VLProcessor``: a byte-level ``Qwen2Tokenizer`` (no
+    merges) with Qwen's special tokens, and the image processor sized so a reference gives a few vision tokens."""
+    from diffusers import QwenImageEditPipeline, QwenImagePipeline
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    root = tmp_path_factory.mktemp("qwenimage-edit")
+    chars = [c for c in _byte_vocab() if not c.endswith("</w>") and not c.startswith("<|")]
+    vocab = {c: i for i, c in enumerate(chars + QWEN_SPECIALS)}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|endoftext|>",
+                               pad_token="<|endoftext|>", model_max_length=512)  # fmt: skip
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56)
+    torch.manual_seed(0)
+    rope = {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}
+    text = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, rope_scaling=rope, rope_theta=1e6, vocab_size=len(vocab),
+                max_position_embeddings=512)  # fmt: skip
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
+                  fullatt_block_indexes=[0])  # fmt: skip
+    ids = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, vocab_size=len(vocab), hidden_size=16, vision_start_token_id=ids[0],
+        vision_end_token_id=ids[1], image_token_id=ids[2], video_token_id=ids[3],
+    ))  # fmt: skip
+    base = QwenImagePipeline.from_pretrained(qwenimage_dir)
+    pipe = QwenImageEditPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=text_encoder,
+                                 tokenizer=tokenizer, processor=qwen_vl_processor(image_processor, tokenizer),
+                                 transformer=base.transformer)  # fmt: skip
+    pipe.save_pretrained(root)
+    return root
+
+
 # Mistral's chat format as far as Flux2Pipeline uses it (a system and a user turn, each a list of text parts),
 # tokenised here by the byte-level tokenizer standing in for the Pixtral processor's tokenizer
 MISTRAL_CHAT = (

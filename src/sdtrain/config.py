@@ -171,6 +171,7 @@ class ModelConfig:
             "lumina2",
             "instruct-pix2pix",
             "flux-kontext",
+            "qwenimage-edit",
             "sd-controlnet",
             "sdxl-controlnet",
             "sd3-controlnet",
@@ -183,7 +184,8 @@ class ModelConfig:
     flow matching; pixart: PixArt-Sigma;
     sana: Sana, flow matching; chroma: Chroma1, flow matching; zimage: Z-Image, flow matching; qwenimage: Qwen-Image,
     flow matching; lumina2: Lumina 2, flow matching; instruct-pix2pix: Stable Diffusion taught to edit a reference
-    image, data.conditions=[NAME]; flux-kontext: FLUX.1 Kontext, Flux editing a reference image; sd-controlnet /
+    image, data.conditions=[NAME]; flux-kontext: FLUX.1 Kontext, Flux editing a reference image; qwenimage-edit:
+    Qwen-Image-Edit, Qwen-Image editing a reference image its prompt encoder sees too; sd-controlnet /
     sdxl-controlnet / sd3-controlnet / flux-controlnet: a ControlNet trained for a frozen Stable Diffusion 1.x / 2.x /
     SDXL / SD3 / FLUX.1); unset: read from model.pretrained's model_index.json, else sd."""
     pretrained: str | None = None
@@ -353,10 +355,11 @@ class DataConfig:
     caches encode them once."""
     condition_resolution: int | None = None
     """Condition images at a size of their own, for models that take references at their own size (FLUX.1 Kontext,
-    FLUX.2): each is resized to cover, and center-cropped to, the bucket of about condition_resolution**2 pixels
-    nearest its own aspect (data.buckets' step and largest ratio; the square without data.buckets), and flipped
-    with its image; any aspect. Batches hold one image bucket and one bucket per condition. Unset: cropped with
-    the image (what ControlNets and InstructPix2Pix need, whose condition is pixel-aligned with the image)."""
+    FLUX.2, Qwen-Image-Edit, whose pipeline reads them at about 1024**2 pixels): each is resized to cover, and
+    center-cropped to, the bucket of about condition_resolution**2 pixels nearest its own aspect (data.buckets' step
+    and largest ratio; the square without data.buckets), and flipped with its image; any aspect. Batches hold one
+    image bucket and one bucket per condition. Unset: cropped with the image (what ControlNets and InstructPix2Pix
+    need, whose condition is pixel-aligned with the image)."""
     condition_dropout: float = 0.0
     """Share of samples whose condition images are replaced by the null condition (zero latents), drawn apart from
     caption_dropout: what image guidance samples against (InstructPix2Pix trains with 0.05)."""

@@ -43,7 +43,7 @@ from sdtrain.data.captions import cached_captions
 from sdtrain.data.decode import DataError, Skip, SkipCounter
 from sdtrain.data.folder import EpochSampler, training_records
 from sdtrain.data.sources import is_shards, shard_records
-from sdtrain.data.streams import cached_batch, caption_choice, encode_conditions, latent_masks
+from sdtrain.data.streams import cached_batch, caption_choice, encode_conditions, encode_prompts, latent_masks
 from sdtrain.data.transforms import load_pixels, stack_conditions
 from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.hashing import file_sha256, model_hash
@@ -124,17 +124,27 @@ def _write_part(
     as ``root/name.safetensors``; returns the part's index record."""
     bucket, own = group[0], group[1:]
     mean, std = encode_moments(encoders.vae, torch.stack([r["pixels"] for r in rows]))
-    options = [c for r in rows for c in r["captions"]]
-    chunks = [encoders.encode_text(options[i : i + 64]) for i in range(0, len(options), 64)]
-    offsets = torch.tensor([0] + [len(r["captions"]) for r in rows]).cumsum(0)
-    tensors = {"mean": mean.half(), "std": std.half(), "offsets": offsets}
+    tensors = {"mean": mean.half(), "std": std.half()}
     if "mask" in rows[0]:  # data.masked_loss: each sample's mask at its latents' size
         tensors["mask"] = latent_masks(torch.stack([r["mask"] for r in rows]), mean).half()
+    batches = None
     if "conditions" in rows[0]:  # data.conditions: each sample's condition images, as the family encodes them
         batches = stack_conditions([r["conditions"] for r in rows], len(rows[0]["conditions"]), ())
         encoded = encode_conditions(encoders, batches, mean.device)
         tensors |= {f"condition.{k}": v.half() for k, v in encoded.items()}
-    tensors |= {f"cond.{k}": _stored(torch.cat([c[k] for c in chunks])) for k in chunks[0]}
+    options = [c for r in rows for c in r["captions"]]
+    owner = torch.tensor([i for i, r in enumerate(rows) for _ in r["captions"]])  # each option's sample
+
+    def encode(texts: list[str], samples: torch.Tensor) -> Conditioning:  # with their samples' images where seen
+        images = None if batches is None else [b[samples] for b in batches]
+        chunks = [encode_prompts(encoders, texts[i : i + 64], images and [b[i : i + 64] for b in images])
+                  for i in range(0, len(texts), 64)]  # fmt: skip
+        return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+    offsets = torch.tensor([0] + [len(r["captions"]) for r in rows]).cumsum(0)
+    tensors |= {f"cond.{k}": _stored(v) for k, v in encode(options, owner).items()} | {"offsets": offsets}
+    if encoders.encode_text_seeing is not None:  # each sample's empty prompt, encoded with its images
+        tensors |= {f"empty.{k}": _stored(v) for k, v in encode([""] * len(rows), torch.arange(len(rows))).items()}
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
     meta = {"keys": json.dumps([r["key"] for r in rows]), "bucket": json.dumps(list(bucket)),
             "original_size": json.dumps([r["original_size"] for r in rows]),
@@ -209,7 +219,8 @@ def write_cache(config: DataConfig, encoders: Encoders, seed: int = 0, rank: int
         raise DataError(f"{root} holds a cache made with other settings or models; choose another data.cache_dir")
     _write_atomic(fp, lambda p: p.write_text(json.dumps(stamp, indent=1)))
     if rank == 0:
-        empty = {k: _stored(v[0]).cpu().contiguous() for k, v in encoders.encode_text([""]).items()}
+        seeing = encoders.encode_text_seeing is not None  # then each part holds its samples' empty prompts
+        empty = {} if seeing else {k: _stored(v[0]).cpu().contiguous() for k, v in encoders.encode_text([""]).items()}
         _write_atomic(root / "empty.safetensors", lambda p: save_file(empty, p))
     buckets = config_buckets(config)
     pending: dict[tuple[tuple[int, int], ...], list] = {}  # by image bucket and condition images' own buckets
@@ -318,6 +329,14 @@ class DiskCache:
         mean, std = f.get_slice("mean")[row : row + 1][0], f.get_slice("std")[row : row + 1][0]
         return mean, std, options, tuple(originals[row]), tuple(crops[row])
 
+    def empty_of(self, i: int) -> Conditioning | None:
+        """Sample ``i``'s empty prompt, encoded with its condition images (a family whose prompt encoding reads
+        them), else None: the cache's one empty prompt."""
+        part, row = self.index[i]
+        f = self._part(part)[0]
+        keys = [k for k in f.keys() if k.startswith("empty.")]
+        return {k.removeprefix("empty."): f.get_slice(k)[row : row + 1][0] for k in keys} if keys else None
+
     def mask(self, i: int) -> torch.Tensor | None:
         """Sample ``i``'s loss mask at its latents' size (a cache made with data.masked_loss), else None."""
         part, row = self.index[i]
@@ -383,9 +402,13 @@ class DiskCacheStream:
             crops.append(crop)
         mean = torch.stack(means).to(self.device).float()
         std = torch.stack(stds).to(self.device).float()
-        cond = {k: _served(torch.stack([t[k] for t in texts]).to(self.device)) for k in self.empty}
+        cond = {k: _served(torch.stack([t[k] for t in texts]).to(self.device)) for k in texts[0]}
+        empty = self.empty
+        if not empty:  # each sample's own, encoded with its condition images
+            stored = [self.cache.empty_of(e % n) for e in chosen]
+            empty = {k: _served(torch.stack([s[k] for s in stored]).to(self.device)) for k in stored[0]}
         width, height = self.cache.bucket(chosen[0] % n)
-        args = (self.empty, self.encoders, self.caption_dropout, draws, (originals, crops), (height, width))
+        args = (empty, self.encoders, self.caption_dropout, draws, (originals, crops), (height, width))
         stored = [self.cache.conditions(e % n) for e in chosen]
         conditions = None if stored[0] is None else {
             k: torch.stack([c[k] for c in stored]).to(self.device).float() for k in stored[0]

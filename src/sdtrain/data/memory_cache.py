@@ -16,7 +16,7 @@ from sdtrain.data.buckets import condition_bucket_of
 from sdtrain.data.captions import cached_captions
 from sdtrain.data.decode import DataError, Skip, SkipCounter
 from sdtrain.data.folder import EpochSampler, training_records
-from sdtrain.data.streams import cached_batch, caption_choice, encode_conditions, latent_masks
+from sdtrain.data.streams import cached_batch, caption_choice, encode_conditions, encode_prompts, latent_masks
 from sdtrain.data.transforms import load_pixels, stack_conditions
 from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.vae import encode_moments
@@ -36,6 +36,7 @@ class MemoryCache:
     skipped: SkipCounter = field(default_factory=SkipCounter)
     masks: torch.Tensor | None = None  # per image, its loss mask at the latents' size (data.masked_loss)
     conditions: Conditioning | None = None  # per image, its condition images as the family encodes them
+    empties: list[int] | None = None  # per image, its empty prompt's row where prompts are encoded seeing its images
 
     @property
     def empty(self) -> int:
@@ -49,7 +50,8 @@ class MemoryCache:
 def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int = 64, seed: int = 0) -> MemoryCache:
     """Encode a folder dataset's training records once (center crop, no flip), skipping and counting bad samples;
     with ``data.masked_loss`` each image's mask too, averaged to its latents' size; with ``data.conditions`` its
-    condition images, as the family encodes them."""
+    condition images, as the family encodes them; where the family's prompt encoding reads them
+    (``Encoders.encode_text_seeing``), each image's caption options and empty prompt encoded with them."""
     records = training_records(config, seed)
     skipped = SkipCounter()
     texts: dict[str, int] = {}
@@ -57,6 +59,22 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
     captions: list[list[int]] = []
     means, stds, pending, masks, pending_masks = [], [], [], [], []
     conditions, pending_conditions = [], []
+    seeing = encoders.encode_text_seeing is not None
+    seen: list[Conditioning] = []  # with seeing: each flushed batch's prompts, encoded with their images
+    pending_options: list[list[str]] = []
+    empties: list[int] = []
+
+    def encode_seeing(batches: list[torch.Tensor]) -> None:
+        """The pending samples' caption options and empty prompt, each encoded with its sample's images."""
+        rows = [(i, text) for i, options in enumerate(pending_options) for text in [*options, ""]]
+        first = sum(len(c[next(iter(c))]) for c in seen)
+        for i, options in enumerate(pending_options):
+            start = first + sum(len(o) + 1 for o in pending_options[:i])
+            captions.append(list(range(start, start + len(options))))
+            empties.append(start + len(options))
+        which = torch.tensor([i for i, _ in rows])
+        seen.append({k: v.cpu() for k, v in encode_prompts(encoders, [t for _, t in rows],
+                                                            [b[which] for b in batches]).items()})  # fmt: skip
 
     def flush() -> None:
         if pending:
@@ -68,9 +86,12 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
             if pending_conditions:
                 batches = stack_conditions(pending_conditions, len(config.conditions), ())
                 conditions.append({k: v.cpu() for k, v in encode_conditions(encoders, batches, mean.device).items()})
+                if seeing:
+                    encode_seeing(batches)
             pending.clear()
             pending_masks.clear()
             pending_conditions.clear()
+            pending_options.clear()
 
     for record in tqdm(records, desc="caching latents", unit="img", leave=False):
         try:
@@ -86,7 +107,10 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
             pending_masks.append(info["mask"])
         if "conditions" in info:
             pending_conditions.append(info["conditions"])
-        captions.append([texts.setdefault(c, len(texts)) for c in options])
+        if seeing:
+            pending_options.append(options)
+        else:
+            captions.append([texts.setdefault(c, len(texts)) for c in options])
         originals.append(info["original_size"])
         crops.append(info["crop_top_left"])
         if len(pending) == batch_size:
@@ -94,13 +118,16 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
     flush()
     if not captions:
         raise DataError(f"no usable samples in {config.path} (skipped: {skipped.summary()})")
-    distinct = list(texts) + [""]
-    chunks = [encoders.encode_text(distinct[i : i + 256]) for i in range(0, len(distinct), 256)]
+    if seeing:
+        chunks = seen
+    else:
+        distinct = list(texts) + [""]
+        chunks = [encoders.encode_text(distinct[i : i + 256]) for i in range(0, len(distinct), 256)]
     embeddings = {k: torch.cat([c[k].cpu() for c in chunks]) for k in chunks[0]}
     target = (config.resolution, config.resolution)
     encoded = {k: torch.cat([c[k] for c in conditions]) for k in conditions[0]} if conditions else None
     return MemoryCache(torch.cat(means), torch.cat(stds), captions, embeddings, (originals, crops), target, skipped,
-                       torch.cat(masks) if masks else None, encoded)  # fmt: skip
+                       torch.cat(masks) if masks else None, encoded, empties if seeing else None)  # fmt: skip
 
 
 class MemoryCacheStream:
@@ -142,7 +169,11 @@ class MemoryCacheStream:
         index = torch.tensor([e % n for e in encoded], device=self.device)
         text = torch.tensor([caption_choice(self.seed, e, self.cache.captions[e % n]) for e in encoded])
         cond = {k: v[text.to(self.device)] for k, v in self.embeddings.items()}
-        empty = {k: v[self.cache.empty] for k, v in self.embeddings.items()}
+        if self.cache.empties is None:  # the one empty prompt
+            empty = {k: v[self.cache.empty] for k, v in self.embeddings.items()}
+        else:  # each sample's, encoded with its condition images
+            rows = torch.tensor([self.cache.empties[e % n] for e in encoded], device=self.device)
+            empty = {k: v[rows] for k, v in self.embeddings.items()}
         originals, crops = self.cache.sizes
         sizes = ([originals[e % n] for e in encoded], [crops[e % n] for e in encoded])
         args = (cond, empty, self.encoders, self.caption_dropout, draws, sizes, self.cache.target)

@@ -108,6 +108,17 @@ def drop_conditions(conditions: Conditioning | None, probability: float, draws) 
     return {k: torch.where(keep.view(-1, *[1] * (v.ndim - 1)), v, torch.zeros_like(v)) for k, v in conditions.items()}
 
 
+def encode_prompts(encoders: Encoders, texts: list[str], images: list[torch.Tensor] | None = None) -> Conditioning:
+    """The samples' prompts as the family encodes them: with their condition images (one batch per data.conditions
+    name, a row per prompt) where its encoding reads them (``Encoders.encode_text_seeing``), else alone."""
+    if encoders.encode_text_seeing is None:
+        return encoders.encode_text(texts)
+    if not images:
+        raise ConfigError("this model family encodes each prompt with its condition images: name them in "
+                          "data.conditions")  # fmt: skip
+    return {k: v.float() for k, v in encoders.encode_text_seeing(texts, images).items()}
+
+
 def encode_conditions(encoders: Encoders, images: list[torch.Tensor] | None, device) -> Conditioning | None:
     """Condition images (one B x 3 x H x W batch in [-1, 1] per ``data.conditions`` name) as the family encodes
     them (``Encoders.encode_conditions``), in fp32; None where there are none."""
@@ -361,7 +372,7 @@ def encode_batch(
     batch per name) their encoding with :func:`drop_conditions`."""
     mean, std = encode_moments(encoders.vae, images.to(device))
     latents = scale_latents(encoders.vae, sample_posterior(mean.float(), std.float(), draws))
-    cond = encoders.encode_text(drop_captions(texts, caption_dropout, draws))
+    cond = encode_prompts(encoders, drop_captions(texts, caption_dropout, draws), conditions)
     target = tuple(images.shape[-2:])
     sizes = sizes or ([target] * len(texts), [(0, 0)] * len(texts))
     if masks is not None:

@@ -38,6 +38,7 @@ from sdtrain.data.streams import (
     Stream,
     WeightedStream,
     encode_conditions,
+    encode_prompts,
     size_condition,
     source_weights,
 )
@@ -491,11 +492,13 @@ def _preflight(
     size = config.data.resolution // downsample_factor(encoders.vae)
     latent_shape = (latent_channels(encoders.vae), size, size)
     side = config.data.resolution
-    cond = encoders.encode_text([""]) | size_condition(encoders, ([(side, side)], [(0, 0)]), (side, side), "cpu")
+    cond = size_condition(encoders, ([(side, side)], [(0, 0)]), (side, side), "cpu")
+    gray = None
     if encoders.encode_conditions is not None:  # gray condition images, as many as the data gives, of their size
         own = config.data.condition_resolution or side
         gray = [torch.zeros(1, 3, own, own)] * max(1, len(config.data.conditions))
         cond |= {k: v.cpu() for k, v in encode_conditions(encoders, gray, encoders.vae.device).items()}
+    cond |= {k: v.cpu() for k, v in encode_prompts(encoders, [""], gray).items()}
     half = placement.compute_dtype(tc, accelerator.device)
     half = half if half != torch.float32 and placement.base_reloads(config) else None  # a base held in it
     profile = profile_denoiser(model, family.predict, latent_shape, cond, accelerator.device, half)

@@ -110,7 +110,8 @@ def check_conditions(config: Config, data: bool = True) -> None:
     if config.data.condition_resolution is not None and not family.references_own_size:
         raise ConfigError(f"data.condition_resolution: the {family.name} family reads its {kind or 'condition'} "
                           "image pixel for pixel beside its image (of the image's size): leave it unset (it is for "
-                          "models that take references at their own size: FLUX.1 Kontext, FLUX.2)")  # fmt: skip
+                          "models that take references at their own size: FLUX.1 Kontext, FLUX.2, "
+                          "Qwen-Image-Edit)")  # fmt: skip
     if kind and data and not names and family.condition_required:
         raise ConfigError(f"the {family.name} family draws from a {kind} image: name it in data.conditions "
                           f"(data.conditions=[{kind}] reads NAME.{kind}.png beside each NAME.png)")  # fmt: skip

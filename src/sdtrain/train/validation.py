@@ -19,7 +19,7 @@ from sdtrain.data.buckets import condition_bucket_of
 from sdtrain.data.captions import with_trigger
 from sdtrain.data.decode import Skip, clean_caption
 from sdtrain.data.folder import validation_records
-from sdtrain.data.streams import encode_conditions, size_condition
+from sdtrain.data.streams import encode_conditions, encode_prompts, size_condition
 from sdtrain.data.transforms import load_pixels, stack_conditions
 from sdtrain.models.families import Conditioning, Encoders
 from sdtrain.models.vae import encode_moments, scale_latents
@@ -66,11 +66,17 @@ def build_validation_set(data: DataConfig, diffusion, encoders: Encoders, seed: 
     means = [encode_moments(vae, torch.stack(pixels[i : i + 32]))[0] for i in range(0, len(pixels), 32)]
     latents = scale_latents(vae, torch.cat(means).float())
     target = (data.resolution, data.resolution)
-    embeddings = encoders.encode_text(captions) | size_condition(encoders, (originals, crops), target, latents.device)
+    embeddings = size_condition(encoders, (originals, crops), target, latents.device)
     if conditions:  # the condition images, encoded as training encodes them (none dropped)
-        chunks = [encode_conditions(encoders, stack_conditions(conditions[i : i + 32], len(data.conditions), ()),
-                                    latents.device) for i in range(0, len(conditions), 32)]  # fmt: skip
-        embeddings |= {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+        batches = [
+            stack_conditions(conditions[i : i + 32], len(data.conditions), ()) for i in range(0, len(conditions), 32)
+        ]
+        # the prompts with them, where their encoding sees the images
+        chunks = [encode_conditions(encoders, b, latents.device) | encode_prompts(encoders, captions[32 * i :][:32], b)
+                  for i, b in enumerate(batches)]  # fmt: skip
+        embeddings |= {k: torch.cat([c[k].to(latents.device) for c in chunks]) for k in chunks[0]}
+    else:
+        embeddings |= encoders.encode_text(captions)
     # stratified: image i at timesteps spread over the range, offset per image so the images cover it between them
     n, k = latents.shape[0], TIMESTEPS_PER_IMAGE
     timesteps = diffusion.fixed_timesteps(n * k).view(k, n).t().reshape(-1)

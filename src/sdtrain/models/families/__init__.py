@@ -40,6 +40,11 @@ class Encoders:
         encode_conditions: where the family takes condition images (an edit model's references, a ControlNet's
             control), ``(one B x 3 x H x W batch in [-1, 1] per data.conditions name) -> Conditioning``,
             deterministic (both caches store it; zeros are the null condition); None where it takes none.
+        encode_text_seeing: where the prompts' encoding reads their samples' condition images (Qwen-Image-Edit's
+            vision-language encoder sees the reference), ``(prompts, one B x 3 x H x W batch in [-1, 1] per
+            data.conditions name) -> Conditioning``, one prompt per sample, used instead of ``encode_text``
+            wherever a sample's prompt is encoded (every stream, both caches, the validation set); None: the
+            prompts alone.
     """
 
     vae: Any
@@ -47,6 +52,7 @@ class Encoders:
     text_identity: Callable[[], dict[str, Any]]
     encode_sizes: Callable[[list, list, tuple[int, int]], Conditioning] | None = None
     encode_conditions: Callable[[list[torch.Tensor]], Conditioning] | None = None
+    encode_text_seeing: Callable[[list[str], list[torch.Tensor]], Conditioning] | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,7 @@ def families() -> dict[str, Family]:
         lumina2,
         pixart,
         qwenimage,
+        qwenimage_edit,
         sana,
         sd,
         sd3,
@@ -192,7 +199,7 @@ def families() -> dict[str, Family]:
     )
 
     modules = (sd, sdxl, sd3, flux, pixart, sana, chroma, zimage, qwenimage, flux2, flux2_klein, lumina2,
-               instruct_pix2pix, flux_kontext, sd_controlnet, sdxl_controlnet, sd3_controlnet,
+               instruct_pix2pix, flux_kontext, qwenimage_edit, sd_controlnet, sdxl_controlnet, sd3_controlnet,
                flux_controlnet)  # fmt: skip
     return {m.FAMILY.name: m.FAMILY for m in modules}
 

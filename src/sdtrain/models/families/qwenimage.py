@@ -134,25 +134,31 @@ def encode_prompts(components: Components, prompts: list[str], device: torch.dev
 
 
 def predict(
-    transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
+    transformer: torch.nn.Module,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: Conditioning,
+    references: list[torch.Tensor] = (),
 ) -> torch.Tensor:
     """The velocity for noisy ``B x C x H x W`` latents at ``timesteps`` (``1000 sigma``) under ``cond``: the
     transformer's call as the pipeline makes it (the latents packed, their shape, the prompts cut to the longest with
-    their mask, none where every token is real), unpacked."""
+    their mask, none where every token is real), unpacked. ``references``: latents whose packed tokens follow the
+    noisy ones, each with its own shape (Qwen-Image-Edit's reference images); the output is the noisy tokens'."""
     b, _, h, w = noisy.shape
     mask = cond["attention_mask"] > 0
     # the meta device (the memory estimate's) has no values: every token counts there
     longest = mask.shape[1] if mask.is_meta else max(int(mask.sum(1).max()), 1)
     states, mask = cond["encoder_hidden_states"][:, :longest], mask[:, :longest]
+    tokens = (h // 2) * (w // 2)
     out = transformer(
-        hidden_states=pack(noisy),
+        hidden_states=torch.cat([pack(noisy), *(pack(r.to(noisy)) for r in references)], dim=1),
         timestep=timesteps.to(noisy.dtype) / 1000,
         encoder_hidden_states=states,
         encoder_hidden_states_mask=mask if mask.is_meta or not bool(mask.all()) else None,
-        img_shapes=[[(1, h // 2, w // 2)]] * b,
+        img_shapes=[[(1, h // 2, w // 2), *((1, r.shape[-2] // 2, r.shape[-1] // 2) for r in references)]] * b,
         return_dict=False,
     )[0]
-    return unpack(out, h, w)
+    return unpack(out[:, :tokens], h, w)
 
 
 def pipeline_latents(pipe, latents: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:

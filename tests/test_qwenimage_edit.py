@@ -1,0 +1,159 @@
+"""Qwen-Image-Edit: each prompt is encoded as QwenImageEditPipeline.encode_prompt encodes it, with its reference
+through the processor and Qwen2.5-VL's vision tower; the reference's latents are the pipeline's; the training call
+hands the transformer the pipeline's packed latents with the reference's after them and both shapes; online, the
+memory cache and the disk cache serve the same prompt encodings (each sample's empty prompt with its own reference);
+a tiny Qwen-Image-Edit folder fine-tunes with model.pretrained and data.conditions alone, and its export loads in
+plain QwenImageEditPipeline and draws the pixels `sdtrain generate --reference` draws.
+
+The processor is transformers' ``Qwen2VLProcessor`` with its image processor and a byte-level ``Qwen2Tokenizer``;
+without torchvision it is built without its constructor's class check (``tests/conftest.py``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import QwenImageEditPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from sdtrain.config import Config, ConfigError, load_config
+from sdtrain.models.families import detect
+from sdtrain.models.families.qwenimage_edit import FAMILY as EDIT
+from sdtrain.models.families.qwenimage_edit import REFERENCE, encode_prompts
+from sdtrain.sample.pipeline import Pipeline
+from sdtrain.train.loop import train
+from tests.conftest import pipeline_overrides
+from tests.test_conditions import write_pairs
+
+PAIRS = ["data.conditions=[ref]", "data.condition_resolution=32", "train.objective.dynamic_shift=true"]
+
+
+def _plain(folder) -> QwenImageEditPipeline:
+    pipe = QwenImageEditPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """An 8-bit image as the data layer reads it: 3 x H x W in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def _reference(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_the_prompt_encoding_and_the_training_call_are_the_pipelines(qwenimage_edit_dir):
+    pipe = _plain(qwenimage_edit_dir)
+    components = EDIT.components_of(pipe)
+    prompts = ["make it red", ""]  # the empty prompt is the negative prompt sampling guides against, " "
+    images = [_reference(64, 48, 0), _reference(64, 48, 1)]
+    references = torch.stack([_pixels(i) for i in images])
+    cond = encode_prompts(components, prompts, "cpu", [references])
+    with torch.no_grad():
+        states, mask = pipe.encode_prompt(["make it red", " "], image=images, device="cpu")
+    n = states.shape[1]
+    mask = torch.ones(states.shape[:2]) if mask is None else mask
+    assert torch.equal(cond["encoder_hidden_states"][:, :n], states)  # the vision tokens among them
+    assert torch.equal(cond["attention_mask"][:, :n], mask.float()) and not cond["attention_mask"][:, n:].any()
+    assert n > 250  # the byte-level tokenizer's long template, kept whole as the pipeline keeps it
+
+    encoders = EDIT.encoders(components)
+    latents_of_reference = encoders.encode_conditions([references])[REFERENCE]
+    assert torch.equal(latents_of_reference, pipe._encode_vae_image(references.unsqueeze(2), None).squeeze(2))
+    noisy, t = torch.randn(2, 16, 8, 6), torch.tensor([300.0, 700.0])  # another shape than the reference's 12 x 16
+    with torch.no_grad():
+        ours = EDIT.predict(pipe.transformer, noisy, t, cond | {REFERENCE: latents_of_reference})
+        packed = pipe._pack_latents(noisy, 2, 16, 8, 6)
+        packed_reference = pipe._pack_latents(latents_of_reference, 2, 16, 12, 16)
+        out = pipe.transformer(
+            hidden_states=torch.cat([packed, packed_reference], dim=1), timestep=t / 1000,
+            encoder_hidden_states=states, encoder_hidden_states_mask=None if mask.all() else mask,
+            img_shapes=[[(1, 4, 3), (1, 6, 8)]] * 2, return_dict=False,
+        )[0][:, : packed.shape[1]]  # fmt: skip
+    f = pipe.vae_scale_factor
+    torch.testing.assert_close(ours, pipe._unpack_latents(out, 8 * f, 6 * f, f).squeeze(2), atol=1e-6, rtol=1e-5)
+
+
+def test_every_stream_encodes_each_prompt_with_its_reference(tmp_path, qwenimage_edit_dir):
+    """Online, from the memory cache and from the disk cache, a batch's prompt encodings are the same: each
+    caption and each dropped caption's empty prompt encoded with the sample's own reference."""
+    from sdtrain.data.disk_cache import DiskCache, DiskCacheStream, write_cache
+    from sdtrain.data.memory_cache import MemoryCacheStream, build_memory_cache
+    from sdtrain.data.streams import OnlineStream
+    from sdtrain.train.randomness import SharedDraws
+
+    data = write_pairs(tmp_path / "pairs", count=4)
+    overrides = pipeline_overrides(tmp_path / "run", data, qwenimage_edit_dir) + PAIRS
+    overrides += [f"data.cache_dir={tmp_path / 'cache'}", "data.caption_dropout=0.5"]
+    config = load_config(Config, None, overrides)
+    components = EDIT.load(config, denoiser=False)
+    encoders = EDIT.encoders(components)
+    write_cache(config.data, encoders)
+
+    def first(stream) -> dict:
+        return stream.next(SharedDraws(torch.Generator().manual_seed(0), 0, 1, 4))[1]
+
+    online = first(OnlineStream(config.data, encoders, 4, torch.device("cpu")))
+    memory = first(MemoryCacheStream(build_memory_cache(config.data, encoders), encoders, 4, 0.5, "cpu"))
+    disk = first(DiskCacheStream(DiskCache(config.data, encoders), encoders, 4, 0.5, "cpu"))
+    states = online["encoder_hidden_states"]
+    alone = encoders.encode_text_seeing([""] * 4, [torch.zeros(4, 3, 32, 32)])["encoder_hidden_states"]
+    assert not torch.allclose(states, alone)  # the references are seen
+    torch.testing.assert_close(memory["encoder_hidden_states"], states, atol=1e-5, rtol=0)
+    torch.testing.assert_close(disk["encoder_hidden_states"], states, atol=2e-2, rtol=1e-2)  # stored in fp16
+    for cond in (memory, disk):
+        assert torch.equal(cond["attention_mask"], online["attention_mask"])
+        torch.testing.assert_close(cond[REFERENCE], online[REFERENCE], atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.slow
+def test_an_edit_folder_fine_tunes_and_draws_its_pipelines_pixels(tmp_path, qwenimage_edit_dir):
+    data = write_pairs(tmp_path / "pairs", count=4, size=32)
+    final = train(load_config(Config, None, pipeline_overrides(tmp_path / "run", data, qwenimage_edit_dir) + PAIRS))
+    assert detect(qwenimage_edit_dir) is EDIT and detect(final) is EDIT
+    assert json.loads((final / "model_index.json").read_text())["_class_name"] == "QwenImageEditPipeline"
+    before = load_file(qwenimage_edit_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    after = load_file(final / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    reference = Image.open(data / "001.ref.png").convert("RGB")
+    ours = Pipeline.from_pretrained(final, device="cpu")
+    image = ours.generate(["make the square red"], reference=reference, num_inference_steps=2, guidance_scale=2.0,
+                          height=32, width=32, seed=7).images[0]  # fmt: skip
+    theirs = _plain(final)(prompt=["make the square red"], negative_prompt=[" "], image=[reference],
+                           num_inference_steps=2, true_cfg_scale=2.0, height=32, width=32,
+                           generator=[torch.Generator().manual_seed(7)]).images[0]  # fmt: skip
+    assert image.size == (32, 32)
+    assert np.array_equal(np.asarray(image), np.asarray(theirs))
+
+
+def test_refusals(tmp_path, qwenimage_edit_dir, qwenimage_dir):
+    data = write_pairs(tmp_path / "pairs", count=2)
+    config = load_config(Config, None, pipeline_overrides(tmp_path / "a", data, qwenimage_dir)
+                         + ["model.family=qwenimage-edit", *PAIRS])  # fmt: skip
+    with pytest.raises(ConfigError, match="processor"):  # a Qwen-Image folder has none, and no text encoder is named
+        EDIT.load(config, denoiser=False)
+    components = EDIT.components_of(_plain(qwenimage_edit_dir))
+    with pytest.raises(ConfigError, match="one reference"):
+        encode_prompts(components, ["a"], "cpu", [torch.zeros(1, 3, 32, 32)] * 2)
+    with pytest.raises(ConfigError, match="never alone"):
+        EDIT.encoders(components).encode_text(["a"])
+
+
+def test_a_missing_torchvision_is_said_in_one_line(qwenimage_edit_dir, monkeypatch):
+    """Where torchvision is missing, loading the processor as transformers does fails: one line says why."""
+    from transformers import Qwen2VLProcessor
+    from transformers.utils import is_torchvision_available
+
+    from sdtrain.models.families.qwenimage_edit import load_processor
+
+    if is_torchvision_available():
+        pytest.skip("torchvision is installed: the processor loads")
+    monkeypatch.delattr(Qwen2VLProcessor, "from_pretrained")  # transformers' own (the tests' is set on the class)
+    with pytest.raises(ConfigError, match="needs torchvision, which is not installed"):
+        load_processor(str(qwenimage_edit_dir), "processor")
