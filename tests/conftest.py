@@ -553,6 +553,18 @@ def qwenimage_edit_dir(tmp_path_factory, qwenimage_dir, qwen_processor_files) ->
     return root
 
 
+@pytest.fixture(scope="session")
+def qwenimage_edit_plus_dir(tmp_path_factory, qwenimage_edit_dir) -> Path:
+    """The tiny Qwen-Image-Edit components saved as a QwenImageEditPlusPipeline folder (the same architecture)."""
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+
+    root = tmp_path_factory.mktemp("qwenimage-edit-plus")
+    QwenImageEditPlusPipeline(**QwenImageEditPipeline.from_pretrained(qwenimage_edit_dir).components).save_pretrained(
+        root
+    )
+    return root
+
+
 # Mistral's chat format as far as Flux2Pipeline uses it (a system and a user turn, each a list of text parts),
 # tokenised here by the byte-level tokenizer standing in for the Pixtral processor's tokenizer
 MISTRAL_CHAT = (

@@ -88,6 +88,8 @@ def test_every_family_provides_the_interface(
     flux2_klein_dir,
     flux2_dir,
     lumina2_dir,
+    qwenimage_edit_dir,
+    qwenimage_edit_plus_dir,
 ):
     """Each family's functions agree with one another on tiny components saved by diffusers: its encoders condition
     its denoiser, its pipeline kwargs build its diffusers pipelines, whose components come back as its components."""
@@ -121,6 +123,7 @@ def test_every_family_provides_the_interface(
     FluxControlNetPipeline(**fl.components | {"controlnet": control}).save_pretrained(folders["flux-controlnet"])
     folders["flux-kontext"] = tmp_path / "kontext"  # Flux's components, the edit pipeline's class
     FluxKontextPipeline(**FluxPipeline.from_pretrained(flux_dir).components).save_pretrained(folders["flux-kontext"])
+    folders |= {"qwenimage-edit": qwenimage_edit_dir, "qwenimage-edit-plus": qwenimage_edit_plus_dir}
     assert set(folders) == set(families())  # a new family brings its tiny folder here
     for name, family in families().items():
         config = load_config(Config, None, [f"model.pretrained={folders[name]}", "data.resolution=32"])
@@ -128,11 +131,15 @@ def test_every_family_provides_the_interface(
         components = family.load(config)
         encoders = family.encoders(components)
         assert isinstance(encoders, Encoders)
-        cond = encoders.encode_text(["a red circle", ""])
+        gray = [torch.zeros(2, 3, 32, 32)]
+        if encoders.encode_text_seeing is None:
+            cond = encoders.encode_text(["a red circle", ""])
+        else:  # Qwen-Image-Edit's prompts are encoded with their references
+            cond = encoders.encode_text_seeing(["a red circle", ""], gray)
         if encoders.encode_sizes is not None:
             cond |= encoders.encode_sizes([(40, 30), (32, 32)], [(4, 0), (0, 0)], (32, 32))
         if encoders.encode_conditions is not None:  # an edit model's reference
-            cond |= encoders.encode_conditions([torch.zeros(2, 3, 32, 32)])
+            cond |= encoders.encode_conditions(gray)
         assert all(v.shape[0] == 2 and v.dtype == torch.float32 for v in cond.values())
         assert encoders.text_identity() == family.encoders(family.load(config)).text_identity()  # exact, repeatable
         model = family.denoiser_of(components)

@@ -123,13 +123,14 @@ def test_an_edit_folder_fine_tunes_and_draws_its_pipelines_pixels(tmp_path, qwen
 
     reference = Image.open(data / "001.ref.png").convert("RGB")
     ours = Pipeline.from_pretrained(final, device="cpu")
-    image = ours.generate(["make the square red"], reference=reference, num_inference_steps=2, guidance_scale=2.0,
-                          height=32, width=32, seed=7).images[0]  # fmt: skip
-    theirs = _plain(final)(prompt=["make the square red"], negative_prompt=[" "], image=[reference],
-                           num_inference_steps=2, true_cfg_scale=2.0, height=32, width=32,
-                           generator=[torch.Generator().manual_seed(7)]).images[0]  # fmt: skip
-    assert image.size == (32, 32)
-    assert np.array_equal(np.asarray(image), np.asarray(theirs))
+    images = ours.generate(["make the square blue", "make the square red"], reference=reference,
+                           num_inference_steps=2, guidance_scale=2.0, height=32, width=32, seed=7).images  # fmt: skip
+    # the pipeline as its users call it: one prompt, the reference alone (which it resizes for the vision tower)
+    theirs = _plain(final)(prompt="make the square red", negative_prompt=" ", image=reference, num_inference_steps=2,
+                           true_cfg_scale=2.0, height=32, width=32,
+                           generator=torch.Generator().manual_seed(8)).images[0]  # fmt: skip
+    assert images[1].size == (32, 32)
+    assert np.array_equal(np.asarray(images[1]), np.asarray(theirs))
 
 
 def test_refusals(tmp_path, qwenimage_edit_dir, qwenimage_dir):
@@ -157,3 +158,89 @@ def test_a_missing_torchvision_is_said_in_one_line(qwenimage_edit_dir, monkeypat
     monkeypatch.delattr(Qwen2VLProcessor, "from_pretrained")  # transformers' own (the tests' is set on the class)
     with pytest.raises(ConfigError, match="needs torchvision, which is not installed"):
         load_processor(str(qwenimage_edit_dir), "processor")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Qwen-Image-Edit-Plus: several references, each seen by the vision tower at about 384 x 384 pixels
+
+
+def test_edit_plus_encodes_and_calls_as_its_pipeline_with_two_references(qwenimage_edit_plus_dir):
+    from diffusers import QwenImageEditPlusPipeline
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, calculate_dimensions
+
+    from sdtrain.models.families import qwenimage_edit_plus as plus
+
+    pipe = QwenImageEditPlusPipeline.from_pretrained(qwenimage_edit_plus_dir)
+    components = plus.FAMILY.components_of(pipe)
+    first, second = _reference(64, 48, 0), _reference(48, 80, 1)  # two aspects
+    cond = plus.encode_prompts(components, ["make it red", ""], "cpu",
+                               [torch.stack([_pixels(first)] * 2), torch.stack([_pixels(second)] * 2)])  # fmt: skip
+    seen = []  # the pipeline's own resize of each reference for the vision tower
+    for image in (first, second):
+        width, height = calculate_dimensions(CONDITION_IMAGE_SIZE, image.width / image.height)
+        seen.append(pipe.image_processor.resize(image, height, width))
+    for row, prompt in enumerate(["make it red", " "]):  # its processor pairs one prompt with every reference
+        with torch.no_grad():
+            states, mask = pipe.encode_prompt([prompt], image=seen, device="cpu")
+        n = states.shape[1]
+        # batched with another prompt here (as the caches encode them): equal up to float rounding
+        torch.testing.assert_close(cond["encoder_hidden_states"][row, :n], states[0], atol=1e-5, rtol=1e-5)
+        assert cond["attention_mask"][row, :n].all() and not cond["attention_mask"][row, n:].any()
+    alone = plus.encode_prompts(components, ["make it red"], "cpu", [_pixels(first)[None], _pixels(second)[None]])
+    with torch.no_grad():
+        states, _ = pipe.encode_prompt(["make it red"], image=seen, device="cpu")
+    assert torch.equal(alone["encoder_hidden_states"][:, : states.shape[1]], states)  # alone: bit for bit
+
+    encoders = plus.FAMILY.encoders(components)
+    references = [torch.stack([_pixels(image)] * 2) for image in (first, second)]
+    latents_of = encoders.encode_conditions(references)
+    noisy, t = torch.randn(2, 16, 8, 6), torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        ours = plus.FAMILY.predict(pipe.transformer, noisy, t, cond | latents_of)
+        _, packed_references = pipe.prepare_latents([r.unsqueeze(2) for r in references], 2, 16, 8 * 4, 6 * 4,
+                                                    torch.float32, "cpu", None)  # fmt: skip
+        packed = pipe._pack_latents(noisy, 2, 16, 8, 6)
+        mask = cond["attention_mask"] > 0
+        longest = int(mask.sum(1).max())
+        out = pipe.transformer(
+            hidden_states=torch.cat([packed, packed_references], dim=1), timestep=t / 1000,
+            encoder_hidden_states=cond["encoder_hidden_states"][:, :longest],
+            encoder_hidden_states_mask=mask[:, :longest], img_shapes=[[(1, 4, 3), (1, 6, 8), (1, 10, 6)]] * 2,
+            return_dict=False,
+        )[0][:, : packed.shape[1]]  # fmt: skip
+    f = pipe.vae_scale_factor
+    torch.testing.assert_close(ours, pipe._unpack_latents(out, 8 * f, 6 * f, f).squeeze(2), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_an_edit_plus_folder_fine_tunes_on_two_references_and_draws_its_pipelines_pixels(
+    tmp_path, qwenimage_edit_plus_dir
+):
+    from diffusers import QwenImageEditPlusPipeline
+
+    from sdtrain.models.families import qwenimage_edit_plus as plus
+
+    data = write_pairs(tmp_path / "pairs", count=4, size=32)
+    for i in range(4):  # a second reference of another aspect
+        _reference(48, 32, i).save(data / f"{i:03d}.style.png")
+    two = ["data.conditions=[ref, style]", "data.condition_resolution=32", "train.objective.dynamic_shift=true"]
+    final = train(load_config(Config, None, pipeline_overrides(tmp_path / "run", data, qwenimage_edit_plus_dir) + two))
+    assert detect(qwenimage_edit_plus_dir) is plus.FAMILY and detect(final) is plus.FAMILY
+    assert json.loads((final / "model_index.json").read_text())["_class_name"] == "QwenImageEditPlusPipeline"
+
+    reference = Image.open(data / "001.ref.png").convert("RGB")  # one reference: the pipeline's cost grows with each
+    ours = Pipeline.from_pretrained(final, device="cpu")
+    image = ours.generate("make the square red", reference=[reference], num_inference_steps=2, guidance_scale=2.0,
+                          height=32, width=32, seed=7).images[0]  # fmt: skip
+    plain = QwenImageEditPlusPipeline.from_pretrained(final)
+    theirs = plain(
+        prompt="make the square red",
+        negative_prompt=" ",
+        image=[reference],
+        num_inference_steps=2,
+        true_cfg_scale=2.0,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(7),
+    ).images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(theirs))

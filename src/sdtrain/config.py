@@ -172,6 +172,7 @@ class ModelConfig:
             "instruct-pix2pix",
             "flux-kontext",
             "qwenimage-edit",
+            "qwenimage-edit-plus",
             "sd-controlnet",
             "sdxl-controlnet",
             "sd3-controlnet",
@@ -185,7 +186,8 @@ class ModelConfig:
     sana: Sana, flow matching; chroma: Chroma1, flow matching; zimage: Z-Image, flow matching; qwenimage: Qwen-Image,
     flow matching; lumina2: Lumina 2, flow matching; instruct-pix2pix: Stable Diffusion taught to edit a reference
     image, data.conditions=[NAME]; flux-kontext: FLUX.1 Kontext, Flux editing a reference image; qwenimage-edit:
-    Qwen-Image-Edit, Qwen-Image editing a reference image its prompt encoder sees too; sd-controlnet /
+    Qwen-Image-Edit, Qwen-Image editing a reference image its prompt encoder sees too; qwenimage-edit-plus: the same
+    with one or more references; sd-controlnet /
     sdxl-controlnet / sd3-controlnet / flux-controlnet: a ControlNet trained for a frozen Stable Diffusion 1.x / 2.x /
     SDXL / SD3 / FLUX.1); unset: read from model.pretrained's model_index.json, else sd."""
     pretrained: str | None = None

@@ -226,6 +226,7 @@ def txt2img(
     latent_output: bool = True,
     images: list[Image.Image] | None = None,
     image_argument: str = "image",
+    one_prompt_per_call: bool = False,
     **family: Any,
 ) -> Output:
     """Text to image with the pipeline's sampler; image *i* (prompt-major) uses the generator seeded ``seed + i``;
@@ -233,7 +234,8 @@ def txt2img(
     ``guidance``: the pipeline's argument for ``guidance_scale``; ``latent_output``: the family's (False: the
     pipeline decodes); ``images``: the condition image of each prompt (one for all), to the pipeline's
     ``image_argument`` (an edit model's reference, a ControlNet's control), the size then the image's where the
-    pipeline takes none; ``family``: further arguments of its pipeline."""
+    pipeline takes none; ``one_prompt_per_call``: the family's pipeline takes one prompt a call, and its condition
+    image alone, not in a list (Qwen-Image-Edit's); ``family``: further arguments of its pipeline."""
     prompts = _as_list(prompt)
     if images is not None and len(images) not in (1, len(prompts)):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one image, or one per prompt")
@@ -249,6 +251,7 @@ def txt2img(
     flat = [p for p in prompts for _ in range(num_images_per_prompt)]
     flat_neg = [n for n in negatives for _ in range(num_images_per_prompt)] if negatives else None
     generators = _generators(seed, len(flat))
+    batch_size = 1 if one_prompt_per_call else batch_size
     images: list[Image.Image] = []
     for start in tqdm(range(0, len(flat), batch_size), desc="generate", unit="batch", disable=not progress):
         stop = start + batch_size
@@ -257,7 +260,11 @@ def txt2img(
             num_inference_steps=num_inference_steps,
             **{guidance: guidance_scale},
             **size,
-            **({image_argument: conditions[start:stop]} if conditions is not None else {}),
+            **(
+                {image_argument: conditions[start] if one_prompt_per_call else conditions[start:stop]}
+                if conditions is not None
+                else {}
+            ),  # fmt: skip
             generator=generators[start:stop],
             output_type="latent" if latent_output else "pil",
             **family,
@@ -501,7 +508,8 @@ class Pipeline:
             pipe, prompt, negative_prompt, num_images_per_prompt, steps, guidance, height, width, seed,
             progress=progress, unpack=self.family.pipeline_latents, encode=self.family.pipeline_prompts,
             guidance=self.family.guidance, latent_output=self.family.latent_output, images=images,
-            image_argument=self.family.condition_argument, **extra,
+            image_argument=self.family.condition_argument, one_prompt_per_call=self.family.one_prompt_per_call,
+            **extra,
         )  # fmt: skip
 
     def _condition_images(self, reference, control) -> list[Image.Image] | None:

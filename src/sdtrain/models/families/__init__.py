@@ -114,6 +114,9 @@ class Family:
             False: a model that draws from text alone too (FLUX.2, whose references are optional).
         shared_references: the pipeline's ``image`` is the list of references of the whole call, every prompt's
             (FLUX.2's), not one image per prompt.
+        one_prompt_per_call: its pipeline takes one prompt a call (Qwen-Image-Edit's: it resizes a reference given
+            alone for its vision tower, not one in a list; Edit-Plus's processor pairs each prompt with every
+            reference), so sampling calls it once per image.
         references_own_size: its references may be of another size and aspect than the image (their tokens beside
             the image's: FLUX.1 Kontext, FLUX.2), so ``data.condition_resolution`` may size them; False: its
             condition is read pixel for pixel beside the image (channels concatenated, a ControlNet's residuals).
@@ -156,6 +159,7 @@ class Family:
     condition_required: bool = True
     shared_references: bool = False
     references_own_size: bool = False
+    one_prompt_per_call: bool = False
     base_inside: bool = False
 
     def denoiser_of(self, components) -> torch.nn.Module:
@@ -188,6 +192,7 @@ def families() -> dict[str, Family]:
         pixart,
         qwenimage,
         qwenimage_edit,
+        qwenimage_edit_plus,
         sana,
         sd,
         sd3,
@@ -199,8 +204,8 @@ def families() -> dict[str, Family]:
     )
 
     modules = (sd, sdxl, sd3, flux, pixart, sana, chroma, zimage, qwenimage, flux2, flux2_klein, lumina2,
-               instruct_pix2pix, flux_kontext, qwenimage_edit, sd_controlnet, sdxl_controlnet, sd3_controlnet,
-               flux_controlnet)  # fmt: skip
+               instruct_pix2pix, flux_kontext, qwenimage_edit, qwenimage_edit_plus, sd_controlnet, sdxl_controlnet,
+               sd3_controlnet, flux_controlnet)  # fmt: skip
     return {m.FAMILY.name: m.FAMILY for m in modules}
 
 

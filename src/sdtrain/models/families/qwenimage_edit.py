@@ -93,7 +93,7 @@ def load_components(config, denoiser: bool = True) -> Components:
     return Components(base.vae, base.text_encoder, base.tokenizer, base.transformer, processor)
 
 
-def _pictures(images: torch.Tensor) -> list[Image.Image]:
+def pictures(images: torch.Tensor) -> list[Image.Image]:
     """``B x 3 x H x W`` pixels in [-1, 1] (decoded from 8-bit images) as the 8-bit RGB images they came from."""
     array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
@@ -106,45 +106,57 @@ def vision_tokens(components: Components, height: int, width: int) -> int:
 
 
 @torch.no_grad()
-def encode_prompts(
-    components: Components, prompts: list[str], device: torch.device | str, images: list[torch.Tensor] | None = None
+def encode_seeing(
+    components: Components, texts: list[str], pictures: list[Image.Image], device: torch.device | str
 ) -> Conditioning:
-    """Prompts as ``QwenImageEditPipeline.encode_prompt`` encodes them with their references (``images``: one
-    ``B x 3 x H x W`` batch in [-1, 1], a reference per prompt): the edit template with the reference's vision tokens
-    through the processor and Qwen2.5-VL, the last hidden state of the real tokens after the template's first
-    :data:`DROP`, padded to the prompt length (:func:`qwenimage.max_tokens`) plus the reference's vision tokens with
-    the ``attention_mask`` of the real tokens. The empty prompt is encoded as the negative prompt, " "."""
-    if not images or len(images) != 1:
-        raise ConfigError("Qwen-Image-Edit encodes each prompt with its one reference image: data.conditions names "
-                          f"{len(images or [])}")  # fmt: skip
+    """Templated ``texts`` with their ``pictures`` (in the order of their vision tokens, every text's the same count
+    and sizes) as the edit pipelines' ``_get_qwen_prompt_embeds`` encode them: through the processor and Qwen2.5-VL,
+    the last hidden state of the real tokens after the template's first :data:`DROP`, padded to the prompt length
+    (:func:`qwenimage.max_tokens`) plus each text's vision tokens, with the ``attention_mask`` of the real tokens."""
     c = components
-    (references,) = images
-    h, w = references.shape[-2:]
-    length = qwenimage.max_tokens(c) + vision_tokens(c, h, w)
-    inputs = c.processor(text=[TEMPLATE.format(p or qwenimage.NEGATIVE) for p in prompts],
-                         images=_pictures(references), padding=True, return_tensors="pt").to(device)  # fmt: skip
+    per_text = len(pictures) // len(texts)
+    length = qwenimage.max_tokens(c) + sum(vision_tokens(c, p.height, p.width) for p in pictures[:per_text])
+    inputs = c.processor(text=texts, images=pictures, padding=True, return_tensors="pt").to(device)
     out = c.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                          pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
                          output_hidden_states=True)  # fmt: skip
     states, real = out.hidden_states[-1], inputs["attention_mask"].bool()
-    padded = states.new_zeros(len(prompts), length, states.shape[-1])
-    mask = torch.zeros(len(prompts), length, device=states.device, dtype=states.dtype)
+    padded = states.new_zeros(len(texts), length, states.shape[-1])
+    mask = torch.zeros(len(texts), length, device=states.device, dtype=states.dtype)
     for i, (row, keep) in enumerate(zip(states, real)):
         kept = row[keep][DROP:][:length]  # a prompt longer than model.text_encoder.max_length is cut
         padded[i, : len(kept)], mask[i, : len(kept)] = kept, 1
     return {"encoder_hidden_states": padded, "attention_mask": mask}
 
 
-def encode_references(vae, images: list[torch.Tensor]) -> Conditioning:
-    """The reference as the pipeline's ``_encode_vae_image`` encodes it: the posterior mode (its mean), normalised
-    by the per-channel statistics (a division, as the pipeline computes it)."""
-    if len(images) != 1:
-        raise ConfigError(f"Qwen-Image-Edit edits one reference image; data.conditions names {len(images)}")
-    mean = encode_moments(vae, images[0])[0]
+def encode_prompts(
+    components: Components, prompts: list[str], device: torch.device | str, images: list[torch.Tensor] | None = None
+) -> Conditioning:
+    """Prompts as ``QwenImageEditPipeline.encode_prompt`` encodes them with their references (``images``: one
+    ``B x 3 x H x W`` batch in [-1, 1], a reference per prompt): the edit template with the reference's vision
+    tokens (:func:`encode_seeing`). The empty prompt is encoded as the negative prompt, " "."""
+    if not images or len(images) != 1:
+        raise ConfigError("Qwen-Image-Edit encodes each prompt with its one reference image: data.conditions names "
+                          f"{len(images or [])}")  # fmt: skip
+    texts = [TEMPLATE.format(p or qwenimage.NEGATIVE) for p in prompts]
+    return encode_seeing(components, texts, pictures(images[0]), device)
+
+
+def normalized_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels as the edit pipelines' ``_encode_vae_image`` encodes them: the posterior mode (its mean), normalised by
+    the per-channel statistics (a division, as the pipelines compute it)."""
+    mean = encode_moments(vae, pixels)[0]
     c = vae.config
     shift, scale = (torch.tensor(v, device=mean.device, dtype=mean.dtype).view(1, -1, 1, 1)
                     for v in (c.latents_mean, c.latents_std))  # fmt: skip
-    return {REFERENCE: (mean - shift) / scale}
+    return (mean - shift) / scale
+
+
+def encode_references(vae, images: list[torch.Tensor]) -> Conditioning:
+    """The reference as the pipeline's ``_encode_vae_image`` encodes it (:func:`normalized_latents`)."""
+    if len(images) != 1:
+        raise ConfigError(f"Qwen-Image-Edit edits one reference image; data.conditions names {len(images)}")
+    return {REFERENCE: normalized_latents(vae, images[0])}
 
 
 def predict(
@@ -167,7 +179,7 @@ def components_of(pipe: QwenImageEditPipeline) -> Components:
 
 
 def _text_alone(prompts: list[str]) -> Conditioning:
-    raise ConfigError("Qwen-Image-Edit encodes each prompt with its reference image, never alone")
+    raise ConfigError("Qwen-Image-Edit encodes each prompt with its reference images, never alone")
 
 
 def _settings(image_processor) -> dict[str, Any]:
@@ -176,8 +188,9 @@ def _settings(image_processor) -> dict[str, Any]:
     return json.loads(json.dumps({k: getattr(image_processor, k, None) for k in names}, default=str))
 
 
-def encoders(components: Components) -> Encoders:
-    """The autoencoder, the prompts encoded with their references, and the references' latents."""
+def edit_encoders(components: Components, encode, references, template: str) -> Encoders:
+    """The autoencoder, the prompts encoded with their references (``encode``: a family's ``encode_prompts``), and
+    the references' latents (``references(vae, images)``); ``template`` goes into the caches' fingerprint."""
     c = components
     device = c.text_encoder.device
     processor = c.processor.image_processor
@@ -187,14 +200,17 @@ def encoders(components: Components) -> Encoders:
         text_identity=lambda: {
             "text_encoder": model_hash(c.text_encoder),
             "max_length": qwenimage.max_tokens(c),
-            "template": [TEMPLATE, DROP],
+            "template": [template, DROP],
             "processor": _settings(processor),
         },
-        encode_conditions=lambda images: encode_references(c.vae, images),
-        encode_text_seeing=lambda texts, images: {
-            k: v.float() for k, v in encode_prompts(c, texts, device, images).items()
-        },  # fmt: skip
+        encode_conditions=lambda images: references(c.vae, images),
+        encode_text_seeing=lambda texts, images: {k: v.float() for k, v in encode(c, texts, device, images).items()},
     )
+
+
+def encoders(components: Components) -> Encoders:
+    """The autoencoder, the prompts encoded with their reference, and the reference's latents."""
+    return edit_encoders(components, encode_prompts, encode_references, TEMPLATE)
 
 
 FAMILY = Family(
@@ -219,4 +235,5 @@ FAMILY = Family(
     unused_parameters=True,
     condition="reference",
     references_own_size=True,
+    one_prompt_per_call=True,
 )
