@@ -193,6 +193,7 @@ def write_pair_shards(root: Path, count: int = 24, broken: int = 5) -> str:
     return str(root / f"{{00000..{(count - 1) // 8:05d}}}.tar")
 
 
+@pytest.mark.slow
 def test_shard_batches_hold_one_bucket_of_each_and_resume_exactly(tmp_path):
     """From shards with aspect buckets, a batch holds one image bucket and one reference bucket, the references at
     their own size; a sample without its reference is skipped and counted; a resumed stream goes on as the

@@ -79,6 +79,7 @@ def test_the_prompt_encoding_and_the_training_call_are_the_pipelines(qwenimage_e
     torch.testing.assert_close(ours, pipe._unpack_latents(out, 8 * f, 6 * f, f).squeeze(2), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_every_stream_encodes_each_prompt_with_its_reference(tmp_path, qwenimage_edit_dir):
     """Online, from the memory cache and from the disk cache, a batch's prompt encodings are the same: each
     caption and each dropped caption's empty prompt encoded with the sample's own reference."""
@@ -244,3 +245,26 @@ def test_an_edit_plus_folder_fine_tunes_on_two_references_and_draws_its_pipeline
         generator=torch.Generator().manual_seed(7),
     ).images[0]
     assert np.array_equal(np.asarray(image), np.asarray(theirs))
+
+
+@pytest.mark.slow
+def test_an_edit_lora_loads_in_its_plain_pipeline_and_in_comfyuis_layout(tmp_path, qwenimage_edit_dir):
+    """A LoRA trained on pairs: diffusers' layout (every key one of the transformer's weights, as ComfyUI maps
+    Qwen-Image's), which plain QwenImageEditPipeline.load_lora_weights reads onto the base and draws what the merged
+    export draws."""
+    from tests.conftest import assert_comfyui_transformer_layout
+
+    data = write_pairs(tmp_path / "pairs", count=4, size=32)
+    extra = ["train.lora.rank=4", "train.optim.lr=1e-2", "train.ema_decay=null", "train.num_steps=2", *PAIRS]
+    final = train(load_config(Config, None, pipeline_overrides(tmp_path / "run", data, qwenimage_edit_dir) + extra))
+    adapters = load_file(final / "lora" / "pytorch_lora_weights.safetensors")
+    assert_comfyui_transformer_layout(adapters, qwenimage_edit_dir)
+    kwargs = dict(prompt="make it red", negative_prompt=" ", image=Image.open(data / "000.ref.png").convert("RGB"),
+                  true_cfg_scale=3.0, num_inference_steps=2, output_type="np", height=32, width=32)  # fmt: skip
+    base = _plain(qwenimage_edit_dir)
+    base.load_lora_weights(final / "lora")
+    with_lora = base(generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    merged = _plain(final)
+    merged.scheduler = base.scheduler
+    again = merged(generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    assert np.isfinite(with_lora).all() and np.abs(again - with_lora).max() < 1e-4
