@@ -108,6 +108,9 @@ def drop_conditions(conditions: Conditioning | None, probability: float, draws) 
     return {k: torch.where(keep.view(-1, *[1] * (v.ndim - 1)), v, torch.zeros_like(v)) for k, v in conditions.items()}
 
 
+SEEING_CHUNK = 8  # prompts encoded at once with their images (a vision-language model's images are many tokens)
+
+
 def encode_prompts(encoders: Encoders, texts: list[str], images: list[torch.Tensor] | None = None) -> Conditioning:
     """The samples' prompts as the family encodes them: with their condition images (one batch per data.conditions
     name, a row per prompt) where its encoding reads them (``Encoders.encode_text_seeing``), else alone."""
@@ -116,7 +119,9 @@ def encode_prompts(encoders: Encoders, texts: list[str], images: list[torch.Tens
     if not images:
         raise ConfigError("this model family encodes each prompt with its condition images: name them in "
                           "data.conditions")  # fmt: skip
-    return {k: v.float() for k, v in encoders.encode_text_seeing(texts, images).items()}
+    chunks = [encoders.encode_text_seeing(texts[i : i + SEEING_CHUNK], [b[i : i + SEEING_CHUNK] for b in images])
+              for i in range(0, len(texts), SEEING_CHUNK)]  # fmt: skip
+    return {k: torch.cat([c[k].float() for c in chunks]) for k in chunks[0]}
 
 
 def encode_conditions(encoders: Encoders, images: list[torch.Tensor] | None, device) -> Conditioning | None:
