@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdtrain.config import Config, ConfigError, load_config
+from sdtrain.errors import MissingPackage
 from sdtrain.models.families import detect
 from sdtrain.models.families.qwenimage_edit import FAMILY as EDIT
 from sdtrain.models.families.qwenimage_edit import REFERENCE, encode_prompts
@@ -148,7 +149,8 @@ def test_refusals(tmp_path, qwenimage_edit_dir, qwenimage_dir):
 
 
 def test_a_missing_torchvision_is_said_in_one_line(qwenimage_edit_dir, monkeypatch):
-    """Where torchvision is missing, loading the processor as transformers does fails: one line says why."""
+    """Where torchvision is missing, loading the processor as transformers does fails: one line says why, for
+    training (the processor alone) and for sampling (the whole pipeline, which diffusers loads)."""
     from transformers import Qwen2VLProcessor
     from transformers.utils import is_torchvision_available
 
@@ -157,8 +159,10 @@ def test_a_missing_torchvision_is_said_in_one_line(qwenimage_edit_dir, monkeypat
     if is_torchvision_available():
         pytest.skip("torchvision is installed: the processor loads")
     monkeypatch.delattr(Qwen2VLProcessor, "from_pretrained")  # transformers' own (the tests' is set on the class)
-    with pytest.raises(ConfigError, match="needs torchvision, which is not installed"):
+    with pytest.raises(MissingPackage, match="needs torchvision, which is not installed"):
         load_processor(str(qwenimage_edit_dir), "processor")
+    with pytest.raises(MissingPackage, match="QwenImageEditPipeline.* needs a package .*Torchvision"):
+        Pipeline.from_pretrained(qwenimage_edit_dir, device="cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdtrain.config import SCHEDULER_NAMES, ConfigError, ObjectiveConfig
-from sdtrain.errors import Unsupported
+from sdtrain.errors import MissingPackage, Unsupported
 from sdtrain.models.families import Family, detect
 from sdtrain.models.hub import ModelNotFound, check_model_source
 from sdtrain.models.lora import LORA_FOLDER, LORA_WEIGHTS
@@ -572,7 +572,11 @@ class Pipeline:
             raise ModelNotFound(f"{path} is not a pipeline folder (it has no model_index.json): give an export "
                                 "(RUN/final, RUN/export/step-N) or a diffusers pipeline folder or hub id")  # fmt: skip
         family = detect(path)
-        pipe = family.txt2img.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+        try:
+            pipe = family.txt2img.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+        except ImportError as e:  # a component's class needs a package (Qwen2VLProcessor: torchvision)
+            raise MissingPackage(f"loading {path} ({family.txt2img.__name__}) needs a package that is not installed: "
+                                 f"{str(e).strip().split('. ')[0]}") from e  # fmt: skip
         sched = with_scheduler(pipe.scheduler, scheduler, family.flow_samplers) if scheduler else pipe.scheduler
         sampling = read_sampling_defaults(path) if Path(path).is_dir() else None
         components = family.components_of(pipe)

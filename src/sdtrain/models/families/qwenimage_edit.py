@@ -37,6 +37,7 @@ from diffusers import QwenImageEditPipeline
 from PIL import Image
 
 from sdtrain.config import ConfigError
+from sdtrain.errors import MissingPackage
 from sdtrain.models.families import Conditioning, Encoders, Family, qwenimage
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.vae import encode_moments
@@ -68,7 +69,7 @@ def load_processor(path: str, subfolder: str | None = None):
         return Qwen2VLProcessor.from_pretrained(path, **({"subfolder": subfolder} if subfolder else {}))
     except Exception as e:
         if not is_torchvision_available():  # transformers builds the processor's video part with it
-            raise ConfigError(
+            raise MissingPackage(
                 f"model.family=qwenimage-edit: Qwen2.5-VL's processor ({where}) needs torchvision, "
                 "which is not installed: pip install torchvision (the build matching your torch)"
             ) from e
