@@ -223,15 +223,15 @@ def write_cache(config: DataConfig, encoders: Encoders, seed: int = 0, rank: int
         empty = {} if seeing else {k: _stored(v[0]).cpu().contiguous() for k, v in encoders.encode_text([""]).items()}
         _write_atomic(root / "empty.safetensors", lambda p: save_file(empty, p))
     buckets = config_buckets(config)
+    bucket_of, own_size = partial(nearest_bucket, buckets=buckets), condition_bucket_of(config)
     pending: dict[tuple[tuple[int, int], ...], list] = {}  # by image bucket and condition images' own buckets
     parts, skipped = [], SkipCounter()
     records = _records(config, seed, rank, world_size)
     for key, image, caption, mask, conditions in tqdm(records, desc="caching", unit="img"):
         try:
             options = cached_captions(caption, config)
-            pixels, info = load_pixels(image, config.resolution, bucket_of=partial(nearest_bucket, buckets=buckets),
-                                       masked=config.masked_loss, mask=mask, conditions=conditions,
-                                       condition_bucket_of=condition_bucket_of(config))  # fmt: skip
+            pixels, info = load_pixels(image, config.resolution, bucket_of=bucket_of, masked=config.masked_loss,
+                                       mask=mask, conditions=conditions, condition_bucket_of=own_size)  # fmt: skip
         except Skip as skip:
             skipped[skip.reason] += 1
             continue

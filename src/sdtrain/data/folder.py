@@ -58,6 +58,7 @@ class ImageCaptionFolder(Dataset):
         self.config = config
         self.records = training_records(config, seed)
         self.seed = seed
+        self.condition_bucket_of = condition_bucket_of(config)  # references at their own size, else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -72,7 +73,7 @@ class ImageCaptionFolder(Dataset):
             caption = training_caption(record["caption"], rng, c)
             pixels, info = load_pixels(record["image"], c.resolution, c.center_crop, c.random_flip, rng,
                                        masked=c.masked_loss, conditions=record.get("conditions"),
-                                       condition_bucket_of=condition_bucket_of(c))  # fmt: skip
+                                       condition_bucket_of=self.condition_bucket_of)  # fmt: skip
         except Skip as skip:
             return {"skip": skip.reason}
         return {"image": pixels, "text": caption, **info}

@@ -63,18 +63,21 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
     seen: list[Conditioning] = []  # with seeing: each flushed batch's prompts, encoded with their images
     pending_options: list[list[str]] = []
     empties: list[int] = []
+    row = 0  # the next row of the embeddings seen so far
+    own_size = condition_bucket_of(config)
 
     def encode_seeing(batches: list[torch.Tensor]) -> None:
-        """The pending samples' caption options and empty prompt, each encoded with its sample's images."""
-        rows = [(i, text) for i, options in enumerate(pending_options) for text in [*options, ""]]
-        first = sum(len(c[next(iter(c))]) for c in seen)
+        """The pending samples' caption options and empty prompt (their rows next), each with its sample's images."""
+        nonlocal row
+        texts, owners = [], []
         for i, options in enumerate(pending_options):
-            start = first + sum(len(o) + 1 for o in pending_options[:i])
-            captions.append(list(range(start, start + len(options))))
-            empties.append(start + len(options))
-        which = torch.tensor([i for i, _ in rows])
-        seen.append({k: v.cpu() for k, v in encode_prompts(encoders, [t for _, t in rows],
-                                                            [b[which] for b in batches]).items()})  # fmt: skip
+            captions.append(list(range(row, row + len(options))))
+            empties.append(row + len(options))
+            row += len(options) + 1
+            texts += [*options, ""]
+            owners += [i] * (len(options) + 1)
+        which = torch.tensor(owners)
+        seen.append({k: v.cpu() for k, v in encode_prompts(encoders, texts, [b[which] for b in batches]).items()})
 
     def flush() -> None:
         if pending:
@@ -97,8 +100,7 @@ def build_memory_cache(config: DataConfig, encoders: Encoders, batch_size: int =
         try:
             options = cached_captions(record["caption"], config)
             pixels, info = load_pixels(record["image"], config.resolution, masked=config.masked_loss,
-                                       conditions=record.get("conditions"),
-                                       condition_bucket_of=condition_bucket_of(config))  # fmt: skip
+                                       conditions=record.get("conditions"), condition_bucket_of=own_size)  # fmt: skip
         except Skip as skip:
             skipped[skip.reason] += 1
             continue

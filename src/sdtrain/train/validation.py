@@ -46,12 +46,13 @@ def build_validation_set(data: DataConfig, diffusion, encoders: Encoders, seed: 
     when the config holds none out."""
     records = validation_records(data, seed)
     pixels, captions, originals, crops, conditions = [], [], [], [], []
+    own_size = condition_bucket_of(data)
     for record in records:
         try:
             caption = record["caption"][0] if isinstance(record["caption"], list) else record["caption"]
             caption = with_trigger(clean_caption(caption), data.trigger)
             image, info = load_pixels(record["image"], data.resolution, conditions=record.get("conditions"),
-                                      condition_bucket_of=condition_bucket_of(data))  # fmt: skip
+                                      condition_bucket_of=own_size)  # fmt: skip
         except Skip:
             continue
         pixels.append(image)
@@ -67,16 +68,12 @@ def build_validation_set(data: DataConfig, diffusion, encoders: Encoders, seed: 
     latents = scale_latents(vae, torch.cat(means).float())
     target = (data.resolution, data.resolution)
     embeddings = size_condition(encoders, (originals, crops), target, latents.device)
-    if conditions:  # the condition images, encoded as training encodes them (none dropped)
-        batches = [
-            stack_conditions(conditions[i : i + 32], len(data.conditions), ()) for i in range(0, len(conditions), 32)
-        ]
-        # the prompts with them, where their encoding sees the images
-        chunks = [encode_conditions(encoders, b, latents.device) | encode_prompts(encoders, captions[32 * i :][:32], b)
-                  for i, b in enumerate(batches)]  # fmt: skip
-        embeddings |= {k: torch.cat([c[k].to(latents.device) for c in chunks]) for k in chunks[0]}
-    else:
-        embeddings |= encoders.encode_text(captions)
+    images = stack_conditions(conditions, len(data.conditions), ()) if conditions else None
+    if images:  # the condition images, encoded as training encodes them (none dropped)
+        chunks = [encode_conditions(encoders, [b[i : i + 32] for b in images], latents.device)
+                  for i in range(0, len(conditions), 32)]  # fmt: skip
+        embeddings |= {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+    embeddings |= encode_prompts(encoders, captions, images)  # with the images, where their encoding sees them
     # stratified: image i at timesteps spread over the range, offset per image so the images cover it between them
     n, k = latents.shape[0], TIMESTEPS_PER_IMAGE
     timesteps = diffusion.fixed_timesteps(n * k).view(k, n).t().reshape(-1)

@@ -178,6 +178,15 @@ def fp32_encoding(
     return lambda prompts: {k: v.float() for k, v in encode_prompts(components, prompts, device).items()}
 
 
+REFERENCES = "reference_latents_"  # the conditioning keys of several references' latents, by index (``..._0``, ...)
+
+
+def split_references(cond: Conditioning) -> tuple[Conditioning, list[torch.Tensor]]:
+    """``cond`` without the references' latents (:data:`REFERENCES` keys), and those latents in their order."""
+    keys = sorted((k for k in cond if k.startswith(REFERENCES)), key=lambda k: int(k.removeprefix(REFERENCES)))
+    return {k: v for k, v in cond.items() if k not in keys}, [cond[k] for k in keys]
+
+
 def families() -> dict[str, Family]:
     """Every family sdtrain trains, by name (imported here, not at package import: they import diffusers)."""
     from sdtrain.models.families import (

@@ -36,7 +36,7 @@ from transformers import Mistral3ForConditionalGeneration
 
 from sdtrain.config import ConfigError
 from sdtrain.errors import Unsupported
-from sdtrain.models.families import Conditioning, Encoders, Family, fp32_encoding
+from sdtrain.models.families import REFERENCES, Conditioning, Encoders, Family, fp32_encoding, split_references
 from sdtrain.models.hashing import model_hash
 from sdtrain.models.text import load_text_encoder
 from sdtrain.models.vae import load_vae, mean_latents
@@ -148,7 +148,7 @@ def predict(
     it has one, at :data:`TRAIN_GUIDANCE`), then unpacked and unpatchified."""
     pipe = Flux2Pipeline
     b, _, h, w = noisy.shape
-    cond, references = _references(cond)
+    cond, references = split_references(cond)
     patches = pipe._patchify_latents(noisy)
     image_ids = pipe._prepare_latent_ids(patches).to(noisy.device)
     tokens, ids = pipe._pack_latents(patches), image_ids
@@ -174,7 +174,7 @@ def predict(
     return pipe._unpatchify_latents(unpacked)
 
 
-REFERENCE = "reference_latents_"  # the conditioning keys of the references' latents, by index (``..._0``, ...)
+REFERENCE = REFERENCES  # the conditioning keys of the references' latents, by index (``..._0``, ...)
 
 
 def encode_references(vae, images: list[torch.Tensor]) -> Conditioning:
@@ -182,12 +182,6 @@ def encode_references(vae, images: list[torch.Tensor]) -> Conditioning:
     them: the posterior mean, normalised by the batch norm's statistics (kept in the autoencoder's shape, as the
     latents are)."""
     return {f"{REFERENCE}{i}": mean_latents(vae, image) for i, image in enumerate(images)}
-
-
-def _references(cond: Conditioning) -> tuple[Conditioning, list[torch.Tensor]]:
-    """``cond`` without the references' latents, and those latents in their order."""
-    keys = sorted((k for k in cond if k.startswith(REFERENCE)), key=lambda k: int(k.removeprefix(REFERENCE)))
-    return {k: v for k, v in cond.items() if k not in keys}, [cond[k] for k in keys]
 
 
 def pipeline_prompts(pipe, prompts: list[str], negatives: list[str] | None) -> dict[str, Any]:

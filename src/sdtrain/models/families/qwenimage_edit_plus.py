@@ -17,6 +17,8 @@ call's list of references, every prompt's, and it encodes one prompt a call. The
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from diffusers import QwenImageEditPlusPipeline
 from diffusers.image_processor import VaeImageProcessor
@@ -24,7 +26,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION
 from PIL import Image
 
 from sdtrain.config import ConfigError
-from sdtrain.models.families import Conditioning, Encoders, Family, qwenimage, qwenimage_edit
+from sdtrain.models.families import REFERENCES, Conditioning, Encoders, qwenimage, qwenimage_edit, split_references
 from sdtrain.models.families.qwenimage_edit import Components, edit_encoders, encode_seeing, normalized_latents
 
 TEMPLATE = (
@@ -34,7 +36,7 @@ TEMPLATE = (
     "<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 )  # QwenImageEditPlusPipeline.prompt_template_encode
 PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"  # each reference's, before the instruction
-REFERENCE = "reference_latents_"  # the conditioning keys of the references' latents, by index (``..._0``, ...)
+REFERENCE = REFERENCES  # the conditioning keys of the references' latents, by index (``..._0``, ...)
 _RESIZE = VaeImageProcessor()  # the pipeline's resize of a picture (Lanczos); its scale factor plays no part
 
 
@@ -71,14 +73,7 @@ def predict(
     transformer: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
 ) -> torch.Tensor:
     """Qwen-Image's call with the references' packed latents after the noisy ones, in order."""
-    keys = sorted((k for k in cond if k.startswith(REFERENCE)), key=lambda k: int(k.removeprefix(REFERENCE)))
-    rest = {k: v for k, v in cond.items() if k not in keys}
-    return qwenimage.predict(transformer, noisy, timesteps, rest, [cond[k] for k in keys])
-
-
-def components_of(pipe: QwenImageEditPlusPipeline) -> Components:
-    """The components of a loaded ``QwenImageEditPlusPipeline``."""
-    return Components(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.transformer, pipe.processor)
+    return qwenimage.predict(transformer, noisy, timesteps, *split_references(cond))
 
 
 def encoders(components: Components) -> Encoders:
@@ -86,28 +81,14 @@ def encoders(components: Components) -> Encoders:
     return edit_encoders(components, encode_prompts, encode_references, TEMPLATE + PICTURE)
 
 
-FAMILY = Family(
+# Qwen-Image-Edit's family with several references, the call's list (every prompt's), and Edit-Plus's pipeline
+FAMILY = dataclasses.replace(
+    qwenimage_edit.FAMILY,
     name="qwenimage-edit-plus",
     pipeline_classes=("QwenImageEditPlusPipeline",),
     txt2img=QwenImageEditPlusPipeline,
-    img2img=None,
-    denoiser="transformer",
-    lora_targets=qwenimage.FAMILY.lora_targets,
-    objectives=("flow",),
-    load=qwenimage_edit.load_components,
     encode_prompts=encode_prompts,
     predict=predict,
-    pipeline_components=qwenimage_edit.pipeline_components,
-    components_of=components_of,
-    frozen=qwenimage.frozen,
     encoders=encoders,
-    sampling_kwargs=qwenimage.FAMILY.sampling_kwargs,
-    pipeline_latents=qwenimage.pipeline_latents,
-    pipeline_prompts=qwenimage.pipeline_prompts,
-    guidance="true_cfg_scale",
-    unused_parameters=True,
-    condition="reference",
     shared_references=True,
-    references_own_size=True,
-    one_prompt_per_call=True,
 )
