@@ -53,7 +53,8 @@ def test_quick_demo_end_to_end_reuse_and_a_second_from_scratch_trains_the_same(t
         assert Image.open(out / grid).size[0] > 0
     first = capsys.readouterr().out
     assert "| seen |" in first and "metrics:" in first
-    assert "30 steps of 16 crops" in first and "40 steps of 16 images" in first and "this run took" in first
+    batch = load_config(Config, "demo").train.batch_size  # the quick demo changes the steps, not the batch
+    assert "30 steps of 16 crops" in first and f"40 steps of {batch} images" in first and "this run took" in first
     assert "goal:" not in first  # the goals are the full demo's
 
     again = run_demo(out, data, quick=True)  # finished stages are reused, not retrained
