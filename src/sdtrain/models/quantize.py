@@ -111,6 +111,12 @@ def _to_nf4(model: torch.nn.Module, compute_dtype: torch.dtype, device) -> None:
             )
             if child.bias is not None:
                 layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            # bitsandbytes repacks a 4-bit weight in place for its AVX512-BF16 CPU kernel the first time the layer
+            # runs in eval mode without gradients (sampling): a layer narrower than its 64-wide block fails there
+            # (`shape '[N, 0]' is invalid`), the repacked weight (absmax rounded to bf16) gives other values, and it
+            # stays repacked for the training steps after, whose matmul then has no backward (an in-place error on
+            # the bias). Off: one kernel on every CPU, in training and sampling.
+            layer.support_avx512bf16_for_cpu = False
             setattr(parent, name, layer.to(device))  # bitsandbytes quantises on the move
 
 
