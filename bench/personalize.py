@@ -106,7 +106,9 @@ def check_autoencoder(base: Path, concept: Path, word: str, rgb: tuple[int, int,
     return distance
 
 
-def train_method(name: str, base: Path, runs: Path, concept: Path, word: str, steps: int) -> tuple[Path, float]:
+def train_method(
+    name: str, base: Path, runs: Path, concept: Path, word: str, steps: int, extra: list[str]
+) -> tuple[Path, float]:
     """Train one method (reused when its export exists); returns its export and training seconds."""
     from sdtrain.train.loop import train
 
@@ -119,7 +121,7 @@ def train_method(name: str, base: Path, runs: Path, concept: Path, word: str, st
         # the demo's objective (its scheduler's: v, zero terminal SNR), as it trained
         "train.objective.prediction_type=v_prediction", "train.objective.rescale_zero_terminal_snr=true",
         "train.objective.timestep_sampling=logit_normal",
-    ] + methods(concept, runs / "classes", word)[name]  # fmt: skip
+    ] + methods(concept, runs / "classes", word)[name] + extra  # fmt: skip
     started = time.perf_counter()
     if not (out / "final" / "model_index.json").exists():
         train(load_config(Config, None, overrides))
@@ -154,6 +156,8 @@ def main() -> None:
     parser.add_argument("--method", action="append", help="methods to run (default: all; 'recommended')")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--images-per-combo", type=int, default=4, help="concept images scored per combination")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every method, after its own (use another --runs)")  # fmt: skip
     args = parser.parse_args()
 
     name, rgb_text = args.concept.split("=")
@@ -170,7 +174,7 @@ def main() -> None:
     base_scores = json.loads(before.read_text())
     rows = []
     for method in chosen:
-        model, seconds = train_method(method, args.base, runs, concept, args.token, args.steps)
+        model, seconds = train_method(method, args.base, runs, concept, args.token, args.steps, args.set)
         scores = score(model, args.data, args.token, rgb, runs / method, args.images_per_combo)
         row = {
             "method": method, "concept_name": name, "token": args.token, "steps": args.steps,
@@ -179,7 +183,7 @@ def main() -> None:
             "concept_color": round(scores["concept"]["color"], 4), "seen": round(scores["seen"]["all"], 4),
             "seen_before": round(base_scores["seen"]["all"], 4),
             "concept_before": round(base_scores["concept"]["all"], 4), "train_seconds": round(seconds, 1),
-            "autoencoder_color_error": round(vae_error, 1),
+            "autoencoder_color_error": round(vae_error, 1), "overrides": args.set,
         }  # fmt: skip
         rows.append(row)
         print(f"{method}: concept {row['concept']:.1%} (colour {row['concept_color']:.1%}), drift {row['drift']} "
