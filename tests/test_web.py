@@ -523,8 +523,8 @@ def _watch_stop_resume_finish(page, server, root: Path, shots: Path) -> None:
     assert 20 <= stopped_at < 200 and server.queue.latest("runs/ui").returncode == 75
     assert list((root / "runs" / "ui" / "checkpoints").glob("step-*"))
     page.click("#resume")
-    # 180 steps, 9 sample grids and the export: about a minute alone on 2 cores, past the 2 minutes of the default
-    # timeout on a machine busy with other work (a CI run beside a benchmark); a deadline, not a timing
+    # 180 steps, 9 sample grids and the export: the whole test takes 90 s alone on 2 cores, but this wait ran past
+    # the default 2 minutes on a machine busy with other work (a CI run beside a benchmark); a deadline, not a timing
     page.wait_for_selector("#status.finished", timeout=600_000)
     page.wait_for_selector("form.generate")  # the page reloaded when the export appeared
     log = (root / "runs" / "ui" / "train.log").read_text()
