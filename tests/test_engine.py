@@ -91,16 +91,20 @@ def test_validation_loss_is_fixed_for_fixed_weights(tmp_path, clip_dir, vae_dir)
     assert len(train_names) == 8 and len(val_names) == 4 and not train_names & val_names
 
 
+WIDE = "[to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out,time_emb_proj,conv1,conv2]"
+
+
 @pytest.mark.parametrize(
-    "alpha, variant", [("null", "lora"), ("1", "lora"), ("1", "dora")]
-)  # alpha = rank, and a scale of 1 / 4 folded into the export
+    "alpha, variant, targets",
+    [("null", "lora", None), ("1", "lora", None), ("1", "dora", None), pytest.param("null", "lora", WIDE, id="wide")],
+)  # alpha = rank, and a scale of 1 / 4 folded into the export; adapters beyond attention (feed-forwards, resnets)
 def test_lora_export_loads_with_plain_diffusers_and_changes_the_output(
-    tmp_path, clip_dir, vae_dir, image_folder, alpha, variant, lora_base
+    tmp_path, clip_dir, vae_dir, image_folder, alpha, variant, targets, lora_base
 ):
     base = lora_base
     extra = [f"model.pretrained={base}", "train.lora.rank=4", f"train.lora.alpha={alpha}", "train.optim.lr=1e-2"]
     extra += [f"train.lora.variant={variant}"]
-    extra += ["train.ema_decay=null"]
+    extra += ["train.ema_decay=null"] + ([f"train.lora.target_modules={targets}"] if targets else [])
     final = _run(tmp_path, clip_dir, vae_dir, image_folder, extra, "lora")
     lora = final / "lora" / "pytorch_lora_weights.safetensors"
     from safetensors.torch import load_file

@@ -106,7 +106,7 @@ def save_lora(
     written as ``out_dir/lora_comfyui.safetensors``.
     """
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from diffusers.utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
     peft = _peft()
@@ -125,7 +125,7 @@ def save_lora(
     # them; a transformer's in peft's, as diffusers' SD3 / Flux examples save them (its loaders read nothing else)
     peft_named = {denoiser} - {"unet"}
     layers = {
-        f"{name}_lora_layers": state if name in peft_named else convert_state_dict_to_diffusers(state)
+        f"{name}_lora_layers": state if name in peft_named else _diffusers_names(state)
         for name, state in states.items()
     }
     pipeline_class = pipeline_class or StableDiffusionPipeline
@@ -144,6 +144,17 @@ def save_lora(
         save_file({k: v.contiguous() for k, v in kohya.items()}, Path(out_dir) / KOHYA_FILE)
     _save_renamed(Path(out_dir) / "pytorch_lora_weights.safetensors", comfyui_names)
     return Path(out_dir)
+
+
+def _diffusers_names(state: dict) -> dict:
+    """``state`` (peft's names) in diffusers' own names where its converter renames every key: attention adapters
+    (``to_q`` …, a text encoder's ``q_proj`` …). Where it renames some (adapters on a UNet's feed-forwards, resnets or
+    time embedding too, ``train.lora.target_modules``), peft's names for all: diffusers reads a file of peft's names
+    right, and a file mixing both wrong (its old-format conversion takes the renamed keys and misreads the rest)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    renamed = convert_state_dict_to_diffusers(state)
+    return state if any(".lora_A." in k or ".lora_B." in k for k in renamed) else renamed
 
 
 def _save_renamed(source: Path, comfyui_names) -> None:
