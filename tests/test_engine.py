@@ -275,6 +275,38 @@ def test_ema_follows_diffusers_warmup_formula_and_diffusers_ema():
         assert not torch.equal(a, w)
 
 
+@pytest.mark.parametrize("power", [2 / 3, 0.75])
+def test_posthoc_ema_shares_rebuild_the_training_ema(power):
+    """bench/posthoc_ema.py's shares of each step's weights, with a snapshot at every step, give the EMA the training
+    loop keeps (the same warm-up power and cap); snapshots every 10 steps give it where the weights move linearly."""
+    import importlib.util
+    from pathlib import Path
+
+    from sdtrain.train.ema import EMA
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "posthoc_ema.py"
+    spec = importlib.util.spec_from_file_location("posthoc_ema", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    weights = torch.randn(201, dtype=torch.float64).cumsum(0)  # after step k (0: the initial weights)
+    p = torch.nn.Parameter(weights[:1].clone())
+    ema = EMA([p], 0.98)
+    ema.power = power
+    for k in range(1, 201):
+        p.data.copy_(weights[k : k + 1])
+        ema.step([p])
+    share = bench.shares(list(range(201)), power, 0.98)
+    rebuilt = sum(share[k] * weights[k] for k in range(201))
+    assert rebuilt.item() == pytest.approx(ema.shadow_params[0].item(), rel=1e-9, abs=1e-9)
+    # snapshots every 10 steps: exact where the weights move linearly between them, which the interpolation assumes
+    coarse = bench.shares(list(range(0, 201, 10)), power, 0.98)
+    assert sum(coarse.values()) == pytest.approx(1.0) and min(coarse.values()) >= 0
+    line = 0.5 + 0.01 * torch.arange(201, dtype=torch.float64)
+    exact = sum(share[k] * line[k] for k in range(201))
+    assert sum(coarse[s] * line[s] for s in coarse).item() == pytest.approx(exact.item(), rel=1e-9)
+
+
 class _Weights(torch.nn.Module):
     def __init__(self):
         super().__init__()
