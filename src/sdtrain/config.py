@@ -809,7 +809,7 @@ class TrainConfig:
     ema_decay: float | None = 0.9999
     """Largest EMA decay of the UNet weights (None: no EMA). Export uses the EMA weights. Below it, diffusers' warm-up
     decides: step k's decay is 1 - (1 + k) ** (-2/3), which reaches 0.999 at step 31,623 and 0.9999 at 1,000,000 (a run
-    of 3,400 steps ends at 0.9956 whatever this says)."""
+    of 3,400 steps ends at 0.9956 under any larger cap)."""
     ema_every: int = 1
     """Average the EMA every N optimizer steps, with the N steps' decays multiplied: N times less EMA work (and with
     ema_offload N times fewer copies of the UNet to and from the device); samples, validation and export see it
