@@ -2,7 +2,7 @@
 
     python bench/demo_recipe.py --config demo --name snap train.save_every=100 train.keep_checkpoints=40
     python bench/posthoc_ema.py runs/recipes/snap --power 0.75        # diffusers' warm-up at power 3/4
-    python bench/posthoc_ema.py runs/recipes/snap --power 1           # the plain mean of every step
+    python bench/posthoc_ema.py runs/recipes/snap --power 1 --cap 1   # the plain mean of every step
 
 The EMA of a run is a weighted sum of the weights after each step. With diffusers' warm-up of power ``p`` (the one
 ``train.ema_decay`` caps), step ``k``'s decay is ``d_k = min(cap, 1 - k ** -p)`` and the weights after step ``k``
@@ -28,12 +28,14 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 
 def shares(snapshots: list[int], power: float, cap: float) -> dict[int, float]:
-    """Each snapshot's share of the average at the last one (diffusers' ``get_decay``: step ``k`` is update ``k``)."""
+    """Each snapshot's share of the average at the last one (step ``k``'s decay: diffusers' ``get_decay(k)``)."""
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel([torch.zeros(1)], decay=cap, use_ema_warmup=True, power=power)
     last = snapshots[-1]
     weight, tail = [0.0] * (last + 1), 1.0
     for k in range(last, 0, -1):
-        step = k - 1  # EMAModel.get_decay: max(0, optimization_step - 1); decay 0 at the first update
-        decay = 0.0 if step <= 0 else min(cap, 1 - (1 + step) ** -power)
+        decay = ema.get_decay(k)
         weight[k], tail = (1 - decay) * tail, tail * decay
     weight[0] += tail
     share = dict.fromkeys(snapshots, 0.0)
