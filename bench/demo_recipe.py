@@ -10,6 +10,13 @@ them; ``--guidance`` / ``--scheduler`` / ``--sampling-steps`` score the same mod
 ``--curve`` each checkpoint the run kept (all three, seen and held out, by step: the row's ``curve``).
 Prints the row as JSON on its last line: the config, the overrides, steps, images per step, training seconds and
 images per second on this machine, and the seen and held-out scores (colour, shape, background, all three).
+
+The training seed moves the demo's seen score by up to 10 points (docs/demo.md), more than most recipe changes, so
+a change is judged over several seeds: ``--train-seeds 0,1,2`` trains the recipe once per seed (``train.seed``), each
+in ``--runs/NAME-seedN`` (reused when there), prints each seed's row, and on the last line the seeds' all-three
+scores with their mean, lowest and highest:
+
+    python bench/demo_recipe.py --config demo --name b8-3400 --train-seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -43,9 +50,36 @@ def main() -> None:
     parser.add_argument(
         "--curve", action="store_true", help="also score every kept checkpoint (keep them: train.keep_checkpoints=N)"
     )
+    parser.add_argument(
+        "--train-seeds", default=None, help="comma-separated training seeds: one run each, and their mean (e.g. 0,1,2)"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.train_seeds is None:
+        print(json.dumps(run(args, args.name, args.overrides)))
+        return
+    seeds = [int(s) for s in args.train_seeds.split(",")]
+    name = args.name or recipe_hash(args.config, args.overrides)
+    rows = []
+    for seed in seeds:
+        rows.append(run(args, f"{name}-seed{seed}", args.overrides + [f"train.seed={seed}"]))
+        print(json.dumps(rows[-1]), flush=True)
+    summary = {"config": args.config, "name": name, "overrides": args.overrides, "train_seeds": seeds}
+    for part in ("seen", "held_out"):
+        scores = [row[part]["all"] for row in rows]
+        mean = round(sum(scores) / len(scores), 4)
+        summary |= {part: scores, f"{part}_mean": mean, f"{part}_min": min(scores), f"{part}_max": max(scores)}
+    print(json.dumps(summary))
 
+
+def recipe_hash(config: str, overrides: list[str]) -> str:
+    """The default run name: a hash of the preset and its overrides."""
+    return hashlib.sha1(json.dumps([config, overrides]).encode()).hexdigest()[:10]
+
+
+def run(args: argparse.Namespace, name: str | None, recipe: list[str]) -> dict:
+    """Train the recipe (``--config`` with the ``recipe`` overrides) into ``--runs/name`` unless it is there, score
+    it, and return its row."""
     write_shapes_dataset(args.data)
     vae = args.vae / "final"
     if not (vae / "metrics.json").exists():
@@ -55,10 +89,10 @@ def main() -> None:
         overrides += [f"train.num_steps={args.vae_steps}"] if args.vae_steps else []
         train_autoencoder(load_config(AutoencoderConfig, PRESETS / "demo-vae.yaml", overrides + [
             f"train.output_dir={args.vae}"]))  # fmt: skip
-    name = args.name or hashlib.sha1(json.dumps([args.config, args.overrides]).encode()).hexdigest()[:10]
+    name = name or recipe_hash(args.config, recipe)
     out = args.runs / name
     overrides = [f"data.path={args.data / 'train'}", f"model.vae.path={vae}", f"train.output_dir={out}"]
-    config = load_config(Config, args.config, overrides + args.overrides)
+    config = load_config(Config, args.config, overrides + recipe)
     started = time.perf_counter()
     if not (out / "final" / "model_index.json").exists():
         from sdtrain.train.loop import train
@@ -92,7 +126,7 @@ def main() -> None:
     row = {
         "config": args.config,
         "name": name,
-        "overrides": args.overrides,
+        "overrides": recipe,
         "steps": steps,
         "batch": config.train.batch_size,
         "train_s": round(seconds, 1),
@@ -104,7 +138,7 @@ def main() -> None:
     }
     if curve:
         row["curve"] = curve
-    print(json.dumps(row))
+    return row
 
 
 if __name__ == "__main__":

@@ -307,6 +307,37 @@ def test_posthoc_ema_shares_rebuild_the_training_ema(power):
     assert sum(coarse[s] * line[s] for s in coarse).item() == pytest.approx(exact.item(), rel=1e-9)
 
 
+def test_demo_recipe_train_seeds_run_each_seed_in_its_folder_and_average(monkeypatch, capsys):
+    """bench/demo_recipe.py --train-seeds: one run per training seed, in NAME-seedN with train.seed=N after the
+    recipe's overrides, and the seeds' scores with their mean on the last line."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "demo_recipe.py"
+    spec = importlib.util.spec_from_file_location("demo_recipe", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = []
+
+    def run(args, name, recipe):
+        runs.append((name, recipe))
+        seed = int(recipe[-1].removeprefix("train.seed="))
+        return {"name": name, "seen": {"all": 0.8 + 0.05 * seed}, "held_out": {"all": 1.0 - 0.1 * seed}}
+
+    monkeypatch.setattr(bench, "run", run)
+    monkeypatch.setattr(sys, "argv", ["demo_recipe.py", "--name", "r", "--train-seeds", "0,2", "train.optim.lr=1e-3"])
+    bench.main()
+    assert runs == [
+        ("r-seed0", ["train.optim.lr=1e-3", "train.seed=0"]),
+        ("r-seed2", ["train.optim.lr=1e-3", "train.seed=2"]),
+    ]
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["seen"] == [0.8, 0.9] and last["seen_mean"] == pytest.approx(0.85)
+    assert (last["held_out_min"], last["held_out_max"], last["train_seeds"]) == (0.8, 1.0, [0, 2])
+
+
 class _Weights(torch.nn.Module):
     def __init__(self):
         super().__init__()
