@@ -51,25 +51,32 @@ def main() -> None:
         "--curve", action="store_true", help="also score every kept checkpoint (keep them: train.keep_checkpoints=N)"
     )
     parser.add_argument(
-        "--train-seeds", default=None, help="comma-separated training seeds: one run each, and their mean (e.g. 0,1,2)"
+        "--train-seeds",
+        type=seeds,
+        default=None,
+        help="comma-separated training seeds: one run each, and their mean (e.g. 0,1,2)",
     )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.train_seeds is None:
         print(json.dumps(run(args, args.name, args.overrides)))
         return
-    seeds = [int(s) for s in args.train_seeds.split(",")]
     name = args.name or recipe_hash(args.config, args.overrides)
     rows = []
-    for seed in seeds:
+    for seed in args.train_seeds:
         rows.append(run(args, f"{name}-seed{seed}", args.overrides + [f"train.seed={seed}"]))
         print(json.dumps(rows[-1]), flush=True)
-    summary = {"config": args.config, "name": name, "overrides": args.overrides, "train_seeds": seeds}
+    summary = {"config": args.config, "name": name, "overrides": args.overrides, "train_seeds": args.train_seeds}
     for part in ("seen", "held_out"):
         scores = [row[part]["all"] for row in rows]
         mean = round(sum(scores) / len(scores), 4)
         summary |= {part: scores, f"{part}_mean": mean, f"{part}_min": min(scores), f"{part}_max": max(scores)}
     print(json.dumps(summary))
+
+
+def seeds(text: str) -> list[int]:
+    """``--train-seeds``: comma-separated integers."""
+    return [int(seed) for seed in text.split(",")]
 
 
 def recipe_hash(config: str, overrides: list[str]) -> str:
