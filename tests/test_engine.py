@@ -275,19 +275,25 @@ def test_ema_follows_diffusers_warmup_formula_and_diffusers_ema():
         assert not torch.equal(a, w)
 
 
+def _bench_script(name: str):
+    """A script of bench/ (not a package) imported as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("power", [2 / 3, 0.75])
 def test_posthoc_ema_shares_rebuild_the_training_ema(power):
     """bench/posthoc_ema.py's shares of each step's weights, with a snapshot at every step, give the EMA the training
     loop keeps (the same warm-up power and cap); snapshots every 10 steps give it where the weights move linearly."""
-    import importlib.util
-    from pathlib import Path
-
     from sdtrain.train.ema import EMA
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "posthoc_ema.py"
-    spec = importlib.util.spec_from_file_location("posthoc_ema", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_script("posthoc_ema")
     torch.manual_seed(0)
     weights = torch.randn(201, dtype=torch.float64).cumsum(0)  # after step k (0: the initial weights)
     p = torch.nn.Parameter(weights[:1].clone())
@@ -310,15 +316,10 @@ def test_posthoc_ema_shares_rebuild_the_training_ema(power):
 def test_demo_recipe_train_seeds_run_each_seed_in_its_folder_and_average(monkeypatch, capsys):
     """bench/demo_recipe.py --train-seeds: one run per training seed, in NAME-seedN with train.seed=N after the
     recipe's overrides, and the seeds' scores with their mean on the last line."""
-    import importlib.util
     import json
     import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "demo_recipe.py"
-    spec = importlib.util.spec_from_file_location("demo_recipe", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_script("demo_recipe")
     runs = []
 
     def run(args, name, recipe):
