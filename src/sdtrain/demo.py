@@ -26,8 +26,8 @@ EDIT_STRENGTH = 0.8
 # both cores and on one (`taskset -c 0`: a machine of half the speed), by preset (docs/demo.md): what the plan
 # printed at the start expects. The steps are fixed: a slower machine takes longer for the same training. demo:
 # 11.5 / 19.0 at 1,700 steps of 16 (at 3,400 steps of 8, 17.7 on 2 cores of a slower Xeon); demo-dit at 3,400
-# steps of 8: 13.2 on 2 cores of that slower Xeon, one core scaled from it as 13.2 x 19 / 11.5 (at 1,700 of 16 it
-# took 16 on one core of the first).
+# steps of 8: 13.2 on 2 cores of a Xeon (2026-12-06, later), one core scaled from it as 13.2 x 19 / 11.5 (at
+# 1,700 of 16 it took 16 on one core of the first).
 EXPECTED_MINUTES = {"demo": (11.5, 19.0), "demo-dit": (13.0, 22.0)}
 
 # The share of seen and of held-out prompts each preset's model must draw right in all three (colour, shape,
