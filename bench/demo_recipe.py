@@ -118,6 +118,7 @@ def run(args: argparse.Namespace, name: str | None, recipe: list[str]) -> dict:
         "seed": args.seed,
     }
     tag = f"{settings['scheduler']}-{settings['guidance_scale']}-{args.seed}"
+    tag += f"-{args.sampling_steps}steps" if args.sampling_steps else ""  # its own folder: the preset's eval stays
     scores = evaluate_shapes_model(out / "final", args.data, out / f"eval-{tag}", **settings)
     curve = {}
     for checkpoint in sorted((out / "checkpoints").glob("step-*")) if args.curve else []:
