@@ -13,7 +13,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from sdtrain import objective
-from sdtrain.config import ObjectiveConfig
+from sdtrain.config import ConfigError, ObjectiveConfig
 from sdtrain.train.randomness import SharedDraws
 
 
@@ -128,3 +128,47 @@ def test_dpmpp_2m_and_its_sde_variant_are_told_apart():
     plain = with_scheduler(sde, "dpmpp_2m")
     assert plain.config.algorithm_type == "dpmsolver++" and sampler_name(plain) == "dpmpp_2m"
     assert with_scheduler(sde, "dpmpp_2m_sde") is sde and sampler_name(EulerDiscreteScheduler()) == "euler"
+
+
+def test_flow_input_perturbation_noises_the_input_and_keeps_the_target():
+    """Input perturbation under flow matching: x_t takes ``noise + gamma * extra`` (drawn after the sigmas, so the
+    noise and sigmas are those of the run without it), the velocity target keeps ``noise - x_0``."""
+    shape = (3, 4, 8, 8)
+    plain = objective.make("flow", ObjectiveConfig()).draw(shape, SharedDraws(torch.Generator().manual_seed(4)))
+    flow = objective.make("flow", ObjectiveConfig(input_perturbation=0.1))
+    drawn = flow.draw(shape, SharedDraws(torch.Generator().manual_seed(4)))
+    assert plain.input_noise is None
+    assert torch.equal(drawn.noise, plain.noise) and torch.equal(drawn.timesteps, plain.timesteps)
+    extra = (drawn.input_noise - drawn.noise) / 0.1
+    assert 0.8 < extra.std() < 1.2
+    seen = {}
+
+    def predict(model, noisy, timesteps, cond):
+        seen["noisy"] = noisy
+        return torch.zeros_like(noisy)
+
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    _, per_sample = flow.loss(predict, None, {}, x0, drawn)
+    s = (drawn.timesteps / 1000).view(-1, 1, 1, 1)
+    assert torch.allclose(seen["noisy"], (1 - s) * x0 + s * drawn.input_noise)
+    assert torch.allclose(per_sample, (drawn.noise - x0).pow(2).mean(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("family", "kind", "setting", "named"),
+    [
+        ("sd", None, {"shift": 3.0}, "shift"),
+        ("sd", None, {"flow_weighting": "cosmap", "dynamic_shift": True}, "dynamic_shift, flow_weighting"),
+        ("pixart", "ddpm", {"timestep_sampling": "mode"}, "timestep_sampling=mode"),
+        ("pixart", "flow", {"snr_gamma": 5.0}, "snr_gamma"),
+        ("flux", None, {"prediction_type": "v_prediction", "rescale_zero_terminal_snr": True}, "prediction_type"),
+    ],
+)
+def test_a_knob_of_the_other_objective_is_refused(family, kind, setting, named):
+    """A knob only the other objective reads (which this run would ignore) is refused, naming it and the way out."""
+    from sdtrain.models.families import families
+
+    config = ObjectiveConfig(kind=kind, **setting)
+    with pytest.raises(ConfigError, match=rf"{named}.* only appl.*remove"):
+        objective.kind_of(config, families()[family])
+    assert objective.kind_of(ObjectiveConfig(kind=kind, input_perturbation=0.1), families()[family])

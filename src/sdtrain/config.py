@@ -604,7 +604,7 @@ class ObjectiveConfig:
     """Largest training timestep; None: num_train_timesteps - 1."""
     input_perturbation: float = 0.0
     """Ning et al. 2023: noise the input with noise + gamma * extra noise while the target keeps the plain noise
-    (0.1 is typical); 0 turns it off."""
+    (0.1 is typical; DDPM and flow matching); 0 turns it off."""
 
     def __post_init__(self) -> None:
         high = self.max_timestep if self.max_timestep is not None else self.num_train_timesteps - 1

@@ -329,20 +329,22 @@ def flow_loss_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
 
 class FlowMatching:
     """Rectified flow matching: ``x_t = (1 - sigma) x_0 + sigma noise``, the model predicts the velocity
-    ``noise - x_0`` at timestep ``1000 sigma``; sigmas drawn by :func:`flow_density` and shifted by
-    :func:`flow_sigmas`, weighted by :func:`flow_loss_weights` (``config.flow_weighting``)."""
+    ``noise - x_0`` at timestep ``1000 sigma`` (with input perturbation, ``x_t`` takes the perturbed noise); sigmas
+    drawn by :func:`flow_density` and shifted by :func:`flow_sigmas`, weighted by :func:`flow_loss_weights`
+    (``config.flow_weighting``)."""
 
     def __init__(self, config: ObjectiveConfig, image_seq_len: int | None = None):
         self.config, self.image_seq_len = config, image_seq_len
         self.num_train_timesteps = config.num_train_timesteps
 
     def draw(self, shape: tuple[int, ...], draws: SharedDraws) -> Draw:
-        """Noise (with the noise offset), then sigmas: drawn in this order. A dynamic shift is Flux's for the batch's
-        sequence length (its latents in 2 x 2 patches, as SD3's and Flux's transformers take them)."""
+        """Noise (with the noise offset), sigmas, input perturbation: drawn in this order. A dynamic shift is Flux's
+        for the batch's sequence length (its latents in 2 x 2 patches, as SD3's and Flux's transformers take them)."""
         noise = sample_noise(shape, self.config.noise_offset, draws)
         tokens = shape[-2] * shape[-1] // 4 if self.config.dynamic_shift else None
         sigmas = flow_sigmas(flow_density(shape[0], self.config, draws), self.config, tokens)
-        return Draw(noise, sigmas * self.num_train_timesteps)
+        gamma = self.config.input_perturbation
+        return Draw(noise, sigmas * self.num_train_timesteps, perturb(noise, gamma, draws) if gamma else None)
 
     def fixed_timesteps(self, count: int) -> torch.Tensor:
         """``count`` timesteps at evenly spread ``u``, shifted as training shifts them at ``image_seq_len`` tokens
@@ -358,7 +360,8 @@ class FlowMatching:
         timesteps = draw.timesteps.to(device=latents.device, dtype=torch.float32)
         sigmas = (timesteps / self.num_train_timesteps).view(-1, *[1] * (latents.ndim - 1)).to(latents)
         noise = draw.noise.to(latents)
-        noisy = (1 - sigmas) * latents + sigmas * noise
+        input_noise = noise if draw.input_noise is None else draw.input_noise.to(latents)
+        noisy = (1 - sigmas) * latents + sigmas * input_noise  # the target below keeps the plain noise
         weights = flow_loss_weights(sigmas.flatten().float(), self.config.flow_weighting)
         cond, mask, sample_weights, flags = split_loss_terms(cond)
         if sample_weights is not None:
@@ -379,7 +382,33 @@ def kind_of(config: ObjectiveConfig, family) -> str:
         raise ConfigError(
             f"train.objective.kind={kind}: {family.name} models train with {' or '.join(family.objectives)}"
         )
+    unused = [key for key, set_ in _ONLY[kind](config).items() if set_]
+    if unused:
+        other = "flow" if kind == "ddpm" else "ddpm"
+        raise ConfigError(
+            f"train.objective: {', '.join(unused)} only appl{'ies' if len(unused) == 1 else 'y'} to "
+            f"kind={other}, and this run trains with {kind} ({family.name}'s "
+            f"{'default' if not config.kind else 'setting'}): remove {'it' if len(unused) == 1 else 'them'}, or "
+            f"set train.objective.kind={other} if {family.name} trains with it"
+        )
     return kind
+
+
+# The knobs one objective reads and the other would silently ignore: set under the other kind, a run refuses them.
+_ONLY = {
+    "ddpm": lambda o: {  # flow matching's, set under DDPM
+        "shift": o.shift != 1.0,
+        "dynamic_shift": o.dynamic_shift,
+        "shift_terminal": o.shift_terminal is not None,
+        "flow_weighting": o.flow_weighting != "none",
+        "timestep_sampling=mode": o.timestep_sampling == "mode",
+    },
+    "flow": lambda o: {  # DDPM's, set under flow matching
+        "prediction_type": o.prediction_type != "epsilon",
+        "rescale_zero_terminal_snr": o.rescale_zero_terminal_snr,
+        "snr_gamma": o.snr_gamma is not None,
+    },
+}
 
 
 def make(kind: str, config: ObjectiveConfig, image_seq_len: int | None = None) -> DDPM | FlowMatching:
