@@ -375,7 +375,8 @@ def kind_of(config: ObjectiveConfig, family) -> str:
     """The objective a run trains: ``config.kind``, else the family's default (the first of ``Family.objectives``).
 
     Raises:
-        ValueError: the family's pipelines cannot sample a model trained with ``config.kind``.
+        ValueError: the family's pipelines cannot sample a model trained with ``config.kind``, or ``config`` sets a
+            knob only the other objective reads (:data:`_ONLY`).
     """
     kind = config.kind or family.objectives[0]
     if kind not in family.objectives:
