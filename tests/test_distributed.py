@@ -298,6 +298,9 @@ def test_unsupported_strategies_are_refused_before_any_work(monkeypatch, caplog)
 
     with pytest.raises(Unsupported, match="FSDP version 1 is not supported"):
         check_strategy(accelerator(DistributedType.FSDP, fsdp_version=1))
+    with pytest.raises(Unsupported, match="muon is not supported under FSDP2.*muon under DDP"):
+        check_strategy(accelerator(DistributedType.FSDP), "muon")
+    check_strategy(accelerator(DistributedType.MULTI_CPU), "muon")
     kinds = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.FSDP)
     for kind in kinds + (DistributedType.DEEPSPEED,):
         check_strategy(accelerator(kind))
@@ -337,6 +340,7 @@ def test_deepspeed_settings_sdtrain_does_not_drive_are_refused_and_its_config_is
         "ZeRO stage 0 is not supported": (accelerator(zero_optimization={"stage": 0}), train()),
         "fp16 is not supported.*use bf16": (accelerator(), train(mixed_precision="fp16")),
         "adafactor is not supported": (accelerator(), train(optim="adafactor")),
+        "muon is not supported.*Muon would orthogonalise": (accelerator(), train(optim="muon")),
         "offload_optimizer is not supported": (
             accelerator(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}),
             train(),

@@ -3,6 +3,7 @@ EMA, FLOP count and the memory estimate."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -197,12 +198,68 @@ def test_loha_and_lokr_export_for_peft_and_lycoris_loaders(
         assert torch.allclose(rebuilt, merged_weights[name].detach(), atol=1e-6), prefix
 
 
-@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "muon"])
 def test_optimizers_train(tmp_path, clip_dir, vae_dir, image_folder, name):
     final = _run(tmp_path, clip_dir, vae_dir, image_folder, [f"train.optim.name={name}", "train.num_steps=3"])
     assert (final / "unet").is_dir()
     losses = [r["loss"] for r in _log(tmp_path / "run")]
     assert all(np.isfinite(losses))
+
+
+def test_muon_orthogonalises_hidden_matrices_and_steps_the_rest_as_adamw():
+    """Muon's groups: the hidden layers' matrices and kernels (not the UNet's conv_in / conv_out, norms, biases); their
+    update is the momentum made semi-orthogonal, at AdamW's RMS; every other parameter steps exactly as torch's
+    AdamW; the state round-trips through state_dict to the same next step."""
+    from sdtrain.train.optim import Muon, orthogonalise
+
+    torch.manual_seed(0)
+    kernel = torch.randn(32, 16, 3, 3)
+    singular = torch.linalg.svdvals(orthogonalise(kernel).reshape(32, -1))
+    assert 0.6 < singular.min() and singular.max() < 1.25  # Newton-Schulz's band around 1, not the raw spread
+    assert torch.linalg.svdvals(kernel.reshape(32, -1)).max() > 10
+
+    unet = _tiny_unet()
+    optimizer = make_optimizer(unet, OptimConfig(name="muon", lr=1e-3, weight_decay=0.1))
+    named = {id(p): n for n, p in unet.named_parameters()}
+    hidden = {named[id(p)] for g in optimizer.param_groups if g.get("muon") for p in g["params"]}
+    matrices = {n for n, p in unet.named_parameters() if p.ndim >= 2}
+    assert matrices - hidden == {"conv_in.weight", "conv_out.weight"}
+    assert all(p.ndim >= 2 for g in optimizer.param_groups for p in g["params"] if g.get("muon"))
+
+    small, reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16)), None
+    reference = copy.deepcopy(small)
+    mine = Muon([{"params": list(small.parameters()), "weight_decay": 0.01}], lr=1e-2, betas=(0.9, 0.99), eps=1e-8,
+                momentum=0.95)  # fmt: skip
+    theirs = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
+    for _ in range(4):
+        x = torch.randn(4, 8)
+        for model, opt in ((small, mine), (reference, theirs)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(small.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+    def step(model, opt, seed):
+        torch.manual_seed(seed)
+        opt.zero_grad()
+        out = model(torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 8, 32)).sample
+        out.pow(2).mean().backward()
+        opt.step()
+
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    for seed in range(3):
+        step(unet, optimizer, seed)
+    weight = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    moved = (dict(unet.named_parameters())[weight] - before[weight]).pow(2).mean().sqrt()
+    assert 2e-4 < moved < 6e-4  # AdamW's RMS per step, lr x 0.2, over three steps (1.7 to 3 steps' worth)
+    twin = copy.deepcopy(unet)
+    restored = make_optimizer(twin, OptimConfig(name="muon", lr=1e-3, weight_decay=0.1))
+    restored.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    step(unet, optimizer, 9)
+    step(twin, restored, 9)
+    for a, b in zip(unet.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_adamw8bit_without_bitsandbytes_names_the_package(monkeypatch):

@@ -628,15 +628,19 @@ class ObjectiveConfig:
 class OptimConfig:
     """Optimizer and the learning-rate schedule."""
 
-    name: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
-    """AdamW (fused), 8-bit AdamW (bitsandbytes, `pip install bitsandbytes`) or Adafactor (factored second moments,
-    transformers' implementation, driven by `lr`)."""
+    name: Literal["adamw", "adamw8bit", "adafactor", "muon"] = "adamw"
+    """AdamW (fused), 8-bit AdamW (bitsandbytes, `pip install bitsandbytes`), Adafactor (factored second moments,
+    transformers' implementation, driven by `lr`) or Muon (the hidden layers' matrices and kernels step by their
+    orthogonalised momentum, scaled to AdamW's size so that `lr` and `weight_decay` carry over; the denoiser's entry
+    and exit layers, embeddings, norms and biases by AdamW; one process or DDP)."""
     lr: float = 2e-4
     """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     eps: float = 1e-8
     """Adam epsilon."""
+    momentum: float = 0.95
+    """Muon's (Nesterov) momentum; the other optimizers' first moment is `betas[0]`."""
     weight_decay: float = 0.0
     """Decoupled weight decay (not applied to norms and biases)."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
@@ -652,6 +656,8 @@ class OptimConfig:
             raise ConfigError(f"train.optim.lr must be positive, got {self.lr}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.optim.betas must be in [0, 1), got {self.betas}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"train.optim.momentum must be in [0, 1), got {self.momentum}")
 
 
 @dataclass

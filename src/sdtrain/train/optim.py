@@ -1,4 +1,4 @@
-"""Optimizers (AdamW, 8-bit AdamW, Adafactor) with decay only where it belongs, and the learning-rate schedule."""
+"""Optimizers (AdamW, 8-bit AdamW, Adafactor, Muon) with decay only where it belongs; the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -12,21 +12,28 @@ from sdtrain.errors import MissingPackage
 
 
 def param_groups(
-    model: torch.nn.Module, weight_decay: float, lr_scale: Callable[[str], float] | None = None
+    model: torch.nn.Module,
+    weight_decay: float,
+    lr_scale: Callable[[str], float] | None = None,
+    muon: bool = False,
 ) -> list[dict]:
     """Two groups: matrices and convolution kernels decay; norms, biases and embeddings' 1-d params do not; and two
     more for the parameters whose ``lr_scale(name)`` is not 1 (text encoders at their own learning rate), whose
-    ``lr_scale`` key :func:`set_lr` reads. A group with no parameters (LoRA trains matrices only) is left out, as
+    ``lr_scale`` key :func:`set_lr` reads. With ``muon``, the hidden layers' matrices (:func:`is_hidden_matrix`) are
+    a group of their own, marked ``muon``. A group with no parameters (LoRA trains matrices only) is left out, as
     DeepSpeed leaves it out: the optimizer state has the same layout under every strategy."""
-    groups: dict[tuple[float, bool], list] = {(1.0, True): [], (1.0, False): []}
+    embeddings = {f"{module_name}.weight".lstrip(".") for module_name, module in model.named_modules()
+                  if isinstance(module, torch.nn.Embedding)}  # fmt: skip
+    groups: dict[tuple[float, bool, bool], list] = {(1.0, True, False): [], (1.0, False, False): []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        groups.setdefault((lr_scale(name) if lr_scale else 1.0, param.ndim >= 2), []).append(param)
+        hidden = muon and is_hidden_matrix(name, param, embeddings)
+        groups.setdefault((lr_scale(name) if lr_scale else 1.0, param.ndim >= 2, hidden), []).append(param)
     made = []
-    for (scale, decays), params in groups.items():
+    for (scale, decays, hidden), params in groups.items():
         group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
-        made.append(group | ({"lr_scale": scale} if scale != 1.0 else {}))
+        made.append(group | ({"lr_scale": scale} if scale != 1.0 else {}) | ({"muon": True} if hidden else {}))
     return [g for g in made if g["params"]]
 
 
@@ -38,11 +45,14 @@ def make_optimizer(
     - ``adamw``: torch's fused AdamW (one kernel for all parameters, CUDA and CPU);
     - ``adamw8bit``: bitsandbytes' 8-bit AdamW (optimizer state in 2 instead of 8 bytes per parameter);
     - ``adafactor``: transformers' Adafactor with factored second moments, stepped at ``lr`` (the schedule here
-      sets it, so its own relative-step schedule is off).
+      sets it, so its own relative-step schedule is off);
+    - ``muon``: :class:`Muon` for the hidden layers' matrices and kernels, AdamW for the rest.
 
     ``lr_scale(name)``: a parameter's learning rate over ``config.lr`` (default 1 for all).
     """
-    groups = param_groups(model, config.weight_decay, lr_scale)
+    groups = param_groups(model, config.weight_decay, lr_scale, muon=config.name == "muon")
+    if config.name == "muon":
+        return Muon(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, momentum=config.momentum)
     if config.name == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=True)
     if config.name == "adamw8bit":
@@ -54,6 +64,76 @@ def make_optimizer(
     from transformers.optimization import Adafactor
 
     return Adafactor(groups, lr=config.lr, beta1=None, relative_step=False, scale_parameter=False, warmup_init=False)
+
+
+# The denoiser's entry and exit: the layers that read the latent (or its patches) and write the prediction. Muon
+# orthogonalises hidden layers' updates; these, embeddings, norms and biases step with AdamW, as Muon's authors do.
+EDGES = frozenset({"conv_in", "conv_out", "pos_embed", "patch_embed", "x_embedder", "proj_out"})
+
+
+def is_hidden_matrix(name: str, param: torch.Tensor, embeddings: set[str]) -> bool:
+    """Whether Muon steps ``param``: a matrix or convolution kernel of a hidden layer (not the denoiser's entry or
+    exit, whose module is named in the first two parts of ``name`` (a wrapper's prefix first), nor an embedding)."""
+    return param.ndim >= 2 and not EDGES.intersection(name.split(".")[:2]) and name not in embeddings
+
+
+def orthogonalise(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to ``update`` (a kernel as its output rows), by the quintic Newton-Schulz
+    iteration of Muon (Jordan et al., 2024; the coefficients maximise the slope at zero, so the singular values land
+    in about [0.7, 1.2] rather than at 1), in fp32 so that every device computes the same."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = update.reshape(update.shape[0], -1).float()
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / x.norm().clamp(min=1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).reshape(update.shape)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the hidden layers' matrices and kernels, AdamW for the rest: one optimizer, one state to checkpoint.
+
+    A group with ``muon=True`` steps each parameter by its Nesterov momentum orthogonalised (:func:`orthogonalise`),
+    scaled by 0.2 sqrt(max(rows, columns)) so that its RMS is AdamW's (Moonshot's "Muon is scalable", 2025): the
+    learning rate and weight decay tuned for AdamW carry over. The other groups step as AdamW with ``betas``.
+    """
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float, momentum: float):
+        super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "momentum": momentum, "muon": False})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, decay = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                p.mul_(1 - lr * decay)
+                if group["muon"]:
+                    buffer = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    buffer.mul_(group["momentum"]).add_(p.grad)
+                    nesterov = p.grad.add(buffer, alpha=group["momentum"])
+                    rows, columns = p.shape[0], p[0].numel()
+                    p.add_(orthogonalise(nesterov).to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(rows, columns)))
+                    continue
+                beta1, beta2 = group["betas"]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                step = state["step"].item()
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denominator = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denominator, value=-lr / (1 - beta1**step))
+        return loss
 
 
 def lr_factor(step: int, progress: float, config: OptimConfig, warmup_share: float = 0.0) -> float:

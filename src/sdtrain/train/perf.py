@@ -143,7 +143,8 @@ class MemoryEstimate:
         return ", ".join(f"{k} {v:.2f}" for k, v in parts) + f" = {total[1]:.2f} GiB"
 
 
-OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "adafactor": 0.1}  # per trainable parameter (Adafactor: factored)
+# per trainable parameter (Adafactor: factored; Muon: one momentum for most, AdamW's two for the rest)
+OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "adafactor": 0.1, "muon": 4.5}
 
 
 def estimate_memory(

@@ -56,7 +56,7 @@ def make_accelerator(tc: TrainConfig, unused_parameters: bool = False) -> Accele
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if tc.compile else None,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if unused_parameters else None,
     )
-    check_strategy(accelerator)  # FSDP1 refused; FSDP2 shards (sdtrain.train.sharding)
+    check_strategy(accelerator, tc.optim.name)  # FSDP1 refused; FSDP2 shards (sdtrain.train.sharding)
     if tc.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         logger.warning("train.mixed_precision=fp16 on a CPU: accelerate autocasts to fp16 on accelerators only, so "
                        "this run trains in fp32 (bf16 autocast runs on CPUs)")  # fmt: skip

@@ -40,11 +40,16 @@ from sdtrain.train import zero
 logger = logging.getLogger(__name__)
 
 
-def check_strategy(accelerator) -> None:
-    """Refuse FSDP version 1 before any work, with the version to use instead; warn when FSDP or DeepSpeed was asked
-    for and accelerate fell back to DDP (it builds them only on accelerators). DeepSpeed's settings are checked by
-    :func:`sdtrain.train.zero.check`."""
+def check_strategy(accelerator, optimizer: str = "adamw") -> None:
+    """Refuse FSDP version 1 before any work, with the version to use instead, and Muon under FSDP2 (``optimizer``:
+    train.optim.name); warn when FSDP or DeepSpeed was asked for and accelerate fell back to DDP (it builds them only
+    on accelerators). DeepSpeed's settings are checked by :func:`sdtrain.train.zero.check`."""
     kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP and optimizer == "muon":
+        raise Unsupported(
+            "train.optim.name=muon is not supported under FSDP2 (it orthogonalises each whole matrix, and FSDP2 "
+            "leaves each process a shard of it): use adamw, or muon under DDP or on one device"
+        )
     if kind == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise Unsupported(
             "FSDP version 1 is not supported (it flattens parameters, so the EMA and checkpoints cannot address them "

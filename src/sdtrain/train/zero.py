@@ -81,7 +81,8 @@ def check(accelerator, train_config) -> None:
         refusals.append(
             f"train.optim.name={train_config.optim.name} is not supported under DeepSpeed ZeRO (it steps the "
             "optimizer on flat partitions of the weights: Adafactor would stop factoring, 8-bit states would not "
-            "map back to parameters): use adamw, or DDP / FSDP2"
+            "map back to parameters, Muon would orthogonalise parts of matrices): use adamw, or DDP (or FSDP2, "
+            "but for muon)"
         )
     zero = config.get("zero_optimization", {})
     for part in ("offload_optimizer", "offload_param"):
