@@ -22,13 +22,13 @@ def param_groups(
     ``lr_scale`` key :func:`set_lr` reads. With ``muon``, the hidden layers' matrices (:func:`is_hidden_matrix`) are
     a group of their own, marked ``muon``. A group with no parameters (LoRA trains matrices only) is left out, as
     DeepSpeed leaves it out: the optimizer state has the same layout under every strategy."""
-    embeddings = {f"{module_name}.weight".lstrip(".") for module_name, module in model.named_modules()
-                  if isinstance(module, torch.nn.Embedding)}  # fmt: skip
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    matrices = {f"{name}.weight".lstrip(".") for name, module in model.named_modules() if isinstance(module, layers)}
     groups: dict[tuple[float, bool, bool], list] = {(1.0, True, False): [], (1.0, False, False): []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        hidden = muon and is_hidden_matrix(name, param, embeddings)
+        hidden = muon and is_hidden_matrix(name, matrices)
         groups.setdefault((lr_scale(name) if lr_scale else 1.0, param.ndim >= 2, hidden), []).append(param)
     made = []
     for (scale, decays, hidden), params in groups.items():
@@ -71,10 +71,11 @@ def make_optimizer(
 EDGES = frozenset({"conv_in", "conv_out", "pos_embed", "patch_embed", "x_embedder", "proj_out"})
 
 
-def is_hidden_matrix(name: str, param: torch.Tensor, embeddings: set[str]) -> bool:
-    """Whether Muon steps ``param``: a matrix or convolution kernel of a hidden layer (not the denoiser's entry or
-    exit, whose module is named in the first two parts of ``name`` (a wrapper's prefix first), nor an embedding)."""
-    return param.ndim >= 2 and not EDGES.intersection(name.split(".")[:2]) and name not in embeddings
+def is_hidden_matrix(name: str, matrices: set[str]) -> bool:
+    """Whether Muon steps the parameter ``name``: the weight of a linear or convolution layer (``matrices``: their
+    names) that is not the denoiser's entry or exit (whose module is named in the first two parts of ``name``, a
+    wrapper's prefix first). Embeddings, modulation tables, norms and biases are not layers' matrices."""
+    return name in matrices and not EDGES.intersection(name.split(".")[:2])
 
 
 def orthogonalise(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
