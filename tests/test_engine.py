@@ -217,6 +217,11 @@ def test_muon_orthogonalises_hidden_matrices_and_steps_the_rest_as_adamw():
     singular = torch.linalg.svdvals(orthogonalise(kernel).reshape(32, -1))
     assert 0.6 < singular.min() and singular.max() < 1.25  # Newton-Schulz's band around 1, not the raw spread
     assert torch.linalg.svdvals(kernel.reshape(32, -1)).max() > 10
+    x = kernel.reshape(32, -1) / kernel.norm()  # the iteration as Muon's authors write it, on the wide matrix
+    for _ in range(5):
+        gram = x @ x.T
+        x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+    torch.testing.assert_close(orthogonalise(kernel).reshape(32, -1), x, rtol=0, atol=2e-6)
 
     unet = _tiny_unet()
     optimizer = make_optimizer(unet, OptimConfig(name="muon", lr=1e-3, weight_decay=0.1))
