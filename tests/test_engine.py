@@ -222,6 +222,10 @@ def test_muon_orthogonalises_hidden_matrices_and_steps_the_rest_as_adamw():
         gram = x @ x.T
         x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
     torch.testing.assert_close(orthogonalise(kernel).reshape(32, -1), x, rtol=0, atol=2e-6)
+    left, right = torch.linalg.qr(torch.randn(24, 24))[0], torch.linalg.qr(torch.randn(24, 24))[0]
+    square = left @ torch.diag(torch.linspace(0.1, 3.0, 24)) @ right  # iterated on itself, not on its Gram matrix
+    singular = torch.linalg.svdvals(orthogonalise(square))
+    assert 0.6 < singular.min() and singular.max() < 1.25
 
     unet = _tiny_unet()
     optimizer = make_optimizer(unet, OptimConfig(name="muon", lr=1e-3, weight_decay=0.1))
