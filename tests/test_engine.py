@@ -207,21 +207,22 @@ def test_optimizers_train(tmp_path, clip_dir, vae_dir, image_folder, name):
 
 
 def test_muon_orthogonalises_hidden_matrices_and_steps_the_rest_as_adamw():
-    """Muon's groups: the hidden layers' matrices and kernels (not the UNet's conv_in / conv_out, norms, biases); their
+    """Muon's groups: the matrices and kernels of the UNet's blocks (not conv_in / conv_out, the timestep embedding,
+    norms, biases); their
     update is the momentum made semi-orthogonal, at AdamW's RMS; every other parameter steps exactly as torch's
     AdamW; the state round-trips through state_dict to the same next step."""
     from sdtrain.train.optim import Muon, orthogonalise
 
     torch.manual_seed(0)
     kernel = torch.randn(32, 16, 3, 3)
-    singular = torch.linalg.svdvals(orthogonalise(kernel).reshape(32, -1))
+    singular = torch.linalg.svdvals(orthogonalise(kernel.reshape(32, -1)))
     assert 0.6 < singular.min() and singular.max() < 1.25  # Newton-Schulz's band around 1, not the raw spread
     assert torch.linalg.svdvals(kernel.reshape(32, -1)).max() > 10
     x = kernel.reshape(32, -1) / kernel.norm()  # the iteration as Muon's authors write it, on the wide matrix
     for _ in range(5):
         gram = x @ x.T
         x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
-    torch.testing.assert_close(orthogonalise(kernel).reshape(32, -1), x, rtol=0, atol=2e-6)
+    torch.testing.assert_close(orthogonalise(kernel.reshape(32, -1)), x, rtol=0, atol=2e-6)
     left, right = torch.linalg.qr(torch.randn(24, 24))[0], torch.linalg.qr(torch.randn(24, 24))[0]
     square = left @ torch.diag(torch.linspace(0.1, 3.0, 24)) @ right  # iterated on itself, not on its Gram matrix
     singular = torch.linalg.svdvals(orthogonalise(square))
@@ -232,7 +233,12 @@ def test_muon_orthogonalises_hidden_matrices_and_steps_the_rest_as_adamw():
     named = {id(p): n for n, p in unet.named_parameters()}
     hidden = {named[id(p)] for g in optimizer.param_groups if g.get("muon") for p in g["params"]}
     matrices = {n for n, p in unet.named_parameters() if p.ndim >= 2}
-    assert matrices - hidden == {"conv_in.weight", "conv_out.weight"}
+    assert matrices - hidden == {
+        "conv_in.weight",
+        "conv_out.weight",
+        *(f"time_embedding.linear_{i}.weight" for i in (1, 2)),
+    }
+    assert all(name.split(".")[0] in ("down_blocks", "mid_block", "up_blocks") for name in hidden)
     assert all(p.ndim >= 2 for g in optimizer.param_groups for p in g["params"] if g.get("muon"))
 
     small, reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16)), None

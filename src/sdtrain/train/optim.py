@@ -66,22 +66,21 @@ def make_optimizer(
     return Adafactor(groups, lr=config.lr, beta1=None, relative_step=False, scale_parameter=False, warmup_init=False)
 
 
-# The denoiser's entry and exit: the layers that read the latent (or its patches) and write the prediction. Muon
-# orthogonalises hidden layers' updates; these, embeddings, norms and biases step with AdamW, as Muon's authors do.
-EDGES = frozenset({"conv_in", "conv_out", "pos_embed", "patch_embed", "x_embedder", "proj_out"})
-
-
 def is_hidden_matrix(name: str, matrices: set[str]) -> bool:
     """Whether Muon steps the parameter ``name``: the weight of a linear or convolution layer (``matrices``: their
-    names) that is not the denoiser's entry or exit (whose module is named in the first two parts of ``name``, a
-    wrapper's prefix first). Embeddings, modulation tables, norms and biases are not layers' matrices."""
-    return name in matrices and not EDGES.intersection(name.split(".")[:2])
+    names) inside the denoiser's stack of blocks (a UNet's ``down_blocks`` / ``mid_block`` / ``up_blocks``, a
+    transformer's ``transformer_blocks`` / ``single_transformer_blocks``: the first two parts of ``name``, a
+    wrapper's prefix first, name a block). The layers that read the latent and write the prediction, the timestep
+    and pooled-prompt embeddings (small square matrices applied once a sample, whose orthogonalisation would cost
+    more than their forward), modulation tables, norms and biases step with AdamW, as Muon's authors keep a network's
+    embeddings and head on AdamW."""
+    return name in matrices and any("block" in part for part in name.split(".")[:2])
 
 
-def orthogonalise(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """The nearest semi-orthogonal matrix to ``update`` (a kernel as its output rows), by the quintic Newton-Schulz
-    iteration of Muon (Jordan et al., 2024; the coefficients maximise the slope at zero, so the singular values land
-    in about [0.7, 1.2] rather than at 1), in fp32 so that every device computes the same.
+def orthogonalise(matrices: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The nearest semi-orthogonal matrices to ``matrices`` (``(..., rows, columns)``: a batch of them), by the
+    quintic Newton-Schulz iteration of Muon (Jordan et al., 2024; the coefficients maximise the slope at zero, so the
+    singular values land in about [0.7, 1.2] rather than at 1), in fp32 so that every device computes the same.
 
     Each iteration is ``X <- (a + b G + c G^2) X`` with ``G = X X^T`` over the short side (``m`` rows of ``n``).
     The polynomial commutes with ``G``, so for a wide matrix the iteration runs on the short side's square matrices
@@ -90,32 +89,33 @@ def orthogonalise(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
     result to 1e-6; a matrix near square iterates on ``X``.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = update.reshape(update.shape[0], -1).float()
-    tall = x.shape[0] > x.shape[1]
-    x = x.T if tall else x
-    x = x / x.norm().clamp(min=1e-7)
-    m, n = x.shape
+    x = matrices.float()
+    tall = x.shape[-2] > x.shape[-1]
+    x = x.mT if tall else x
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
+    m, n = x.shape[-2:]
     if steps * (2 * m * m * n + m**3) <= 2 * m * m * n + 4 * steps * m**3:
         for _ in range(steps):
-            gram = x @ x.T
+            gram = x @ x.mT
             x = a * x + (b * gram + c * gram @ gram) @ x
-        return (x.T if tall else x).reshape(update.shape)
-    gram = x @ x.T
+        return x.mT if tall else x
+    gram = x @ x.mT
     eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
     product = eye
     for _ in range(steps):
         step = a * eye + b * gram + c * gram @ gram
         product, gram = step @ product, step @ step @ gram
     x = product @ x
-    return (x.T if tall else x).reshape(update.shape)
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for the hidden layers' matrices and kernels, AdamW for the rest: one optimizer, one state to checkpoint.
 
-    A group with ``muon=True`` steps each parameter by its Nesterov momentum orthogonalised (:func:`orthogonalise`),
-    scaled by 0.2 sqrt(max(rows, columns)) so that its RMS is AdamW's (Moonshot's "Muon is scalable", 2025): the
-    learning rate and weight decay tuned for AdamW carry over. The other groups step as AdamW with ``betas``.
+    A group with ``muon=True`` steps each parameter by its Nesterov momentum orthogonalised (:func:`orthogonalise`,
+    a kernel as its output rows; the matrices of one shape as one batch), scaled by 0.2 sqrt(max(rows, columns)) so
+    that its RMS is AdamW's (Moonshot's "Muon is scalable", 2025): the learning rate and weight decay tuned for AdamW
+    carry over. The other groups step as AdamW with ``betas``.
     """
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float, momentum: float):
@@ -128,30 +128,39 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
             lr, decay = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
+            for p in params:
                 p.mul_(1 - lr * decay)
-                if group["muon"]:
-                    buffer = state.setdefault("momentum_buffer", torch.zeros_like(p))
-                    buffer.mul_(group["momentum"]).add_(p.grad)
-                    nesterov = p.grad.add(buffer, alpha=group["momentum"])
-                    rows, columns = p.shape[0], p[0].numel()
-                    p.add_(orthogonalise(nesterov).to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(rows, columns)))
-                    continue
-                beta1, beta2 = group["betas"]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                state["step"] += 1
-                step = state["step"].item()
-                state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denominator = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
-                p.addcdiv_(state["exp_avg"], denominator, value=-lr / (1 - beta1**step))
+            (self._muon if group["muon"] else self._adamw)(group, params)
         return loss
+
+    def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
+        by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for p in params:
+            buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            buffer.mul_(group["momentum"]).add_(p.grad)
+            nesterov = p.grad.add(buffer, alpha=group["momentum"]).reshape(p.shape[0], -1)
+            by_shape.setdefault(tuple(nesterov.shape), []).append((p, nesterov))
+        for (rows, columns), pairs in by_shape.items():
+            updates = orthogonalise(torch.stack([update for _, update in pairs]))
+            scale = -group["lr"] * 0.2 * math.sqrt(max(rows, columns))
+            for (p, _), update in zip(pairs, updates, strict=True):
+                p.add_(update.reshape(p.shape).to(p.dtype), alpha=scale)
+
+    def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+            state["step"] += 1
+            step = state["step"].item()
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denominator = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
+            p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1**step))
 
 
 def lr_factor(step: int, progress: float, config: OptimConfig, warmup_share: float = 0.0) -> float:
