@@ -120,11 +120,14 @@ def test_reconstruct_distance_grows_with_strength(trained_clip, image_folder):
     assert distances[0] < distances[1] < distances[2], distances
 
 
-def test_resume_continues_exactly(tmp_path, clip_dir, vae_dir, image_folder):
-    """A run stopped at step 2 and resumed to step 4 ends with the weights of an uninterrupted 4-step run."""
-    base = tiny_overrides(tmp_path / "a", image_folder, vae_dir, str(clip_dir), "text_encoder")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(tmp_path, clip_dir, vae_dir, image_folder, optimizer):
+    """A run stopped at step 2 and resumed to step 4 ends with the weights of an uninterrupted 4-step run (Muon's
+    momentum and its AdamW part's moments resume too)."""
+    chosen = [f"train.optim.name={optimizer}"]
+    base = tiny_overrides(tmp_path / "a", image_folder, vae_dir, str(clip_dir), "text_encoder") + chosen
     straight = train(load_config(Config, None, base))
-    split = tiny_overrides(tmp_path / "b", image_folder, vae_dir, str(clip_dir), "text_encoder")
+    split = tiny_overrides(tmp_path / "b", image_folder, vae_dir, str(clip_dir), "text_encoder") + chosen
     train(load_config(Config, None, split + ["train.num_steps=2"]))
     resumed = train(load_config(Config, None, split))
     a = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
