@@ -92,21 +92,28 @@ def orthogonalise(matrices: torch.Tensor, steps: int = 5) -> torch.Tensor:
     x = matrices.float()
     tall = x.shape[-2] > x.shape[-1]
     x = x.mT if tall else x
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
+    x = flush(x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7))
     m, n = x.shape[-2:]
     if steps * (2 * m * m * n + m**3) <= 2 * m * m * n + 4 * steps * m**3:
         for _ in range(steps):
-            gram = x @ x.mT
-            x = a * x + (b * gram + c * gram @ gram) @ x
+            gram = flush(x @ x.mT)
+            x = flush(a * x + (b * gram + c * gram @ gram) @ x)
         return x.mT if tall else x
-    gram = x @ x.mT
+    gram = flush(x @ x.mT)
     eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
     product = eye
     for _ in range(steps):
-        step = a * eye + b * gram + c * gram @ gram
-        product, gram = step @ product, step @ step @ gram
+        step = flush(a * eye + b * gram + c * gram @ gram)
+        product, gram = flush(step @ product), flush(step @ step @ gram)
     x = product @ x
     return x.mT if tall else x
+
+
+def flush(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with entries below 1e-15 set to zero. The iteration's matrices are of order one, so such entries change
+    nothing at fp32's precision, but their products are subnormal numbers, which x86 CPUs compute a hundred times
+    slower: on a tiny UNet's gradients Muon's steps took seconds."""
+    return x.masked_fill_(x.abs() < 1e-15, 0.0)
 
 
 class Muon(torch.optim.Optimizer):
