@@ -19,9 +19,10 @@ def param_groups(
 ) -> list[dict]:
     """Two groups: matrices and convolution kernels decay; norms, biases and embeddings' 1-d params do not; and two
     more for the parameters whose ``lr_scale(name)`` is not 1 (text encoders at their own learning rate), whose
-    ``lr_scale`` key :func:`set_lr` reads. With ``muon``, the hidden layers' matrices (:func:`is_hidden_matrix`) are
-    a group of their own, marked ``muon``. A group with no parameters (LoRA trains matrices only) is left out, as
-    DeepSpeed leaves it out: the optimizer state has the same layout under every strategy."""
+    ``lr_scale`` key :func:`set_lr` reads. With ``muon``, the matrices of the denoiser's blocks
+    (:func:`is_hidden_matrix`) are groups of their own, marked ``muon``. A group with no parameters (LoRA trains
+    matrices only) is left out, as DeepSpeed leaves it out: the optimizer state has the same layout under every
+    strategy."""
     layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
     matrices = {f"{name}.weight".lstrip(".") for name, module in model.named_modules() if isinstance(module, layers)}
     groups: dict[tuple[float, bool, bool], list] = {(1.0, True, False): [], (1.0, False, False): []}
@@ -46,7 +47,7 @@ def make_optimizer(
     - ``adamw8bit``: bitsandbytes' 8-bit AdamW (optimizer state in 2 instead of 8 bytes per parameter);
     - ``adafactor``: transformers' Adafactor with factored second moments, stepped at ``lr`` (the schedule here
       sets it, so its own relative-step schedule is off);
-    - ``muon``: :class:`Muon` for the hidden layers' matrices and kernels, AdamW for the rest.
+    - ``muon``: :class:`Muon` for the matrices and kernels of the denoiser's blocks, AdamW for the rest.
 
     ``lr_scale(name)``: a parameter's learning rate over ``config.lr`` (default 1 for all).
     """
@@ -117,7 +118,7 @@ def flush(x: torch.Tensor) -> torch.Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for the hidden layers' matrices and kernels, AdamW for the rest: one optimizer, one state to checkpoint.
+    """Muon for the matrices and kernels of the denoiser's blocks, AdamW for the rest: one optimizer, one state.
 
     A group with ``muon=True`` steps each parameter by its Nesterov momentum orthogonalised (:func:`orthogonalise`,
     a kernel as its output rows; the matrices of one shape as one batch), scaled by 0.2 sqrt(max(rows, columns)) so
