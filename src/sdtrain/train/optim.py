@@ -87,26 +87,31 @@ def orthogonalise(matrices: torch.Tensor, steps: int = 5) -> torch.Tensor:
     The polynomial commutes with ``G``, so for a wide matrix the iteration runs on the short side's square matrices
     alone (``G <- Q^2 G``, the product of the ``Q`` kept) and ``X`` is multiplied once at each end: ``2 m^2 n + 4 m^3``
     a step against ``2 m^2 n + m^3`` (for a 3 x 3 kernel of 128 channels, 128 x 1152, a fifth of the work), the same
-    result to 1e-6; a matrix near square iterates on ``X``.
+    result to 1e-6; a matrix near square iterates on ``X``. Each polynomial is two fused ``baddbmm`` products, not
+    products and sums apart (on the CPU, 64 matrices of 192 x 192 took 0.85 s and take 0.55).
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = matrices.float()
     tall = x.shape[-2] > x.shape[-1]
     x = x.mT if tall else x
+    batch = x.shape[:-2]
+    x = x.reshape(-1, *x.shape[-2:])  # baddbmm: one batch dimension
     x = flush(x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7))
     m, n = x.shape[-2:]
     if steps * (2 * m * m * n + m**3) <= 2 * m * m * n + 4 * steps * m**3:
         for _ in range(steps):
             gram = flush(x @ x.mT)
-            x = flush(a * x + (b * gram + c * gram @ gram) @ x)
-        return x.mT if tall else x
-    gram = flush(x @ x.mT)
-    eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
-    product = eye
-    for _ in range(steps):
-        step = flush(a * eye + b * gram + c * gram @ gram)
-        product, gram = flush(step @ product), flush(step @ step @ gram)
-    x = product @ x
+            x = flush(torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a))
+    else:
+        gram = flush(x @ x.mT)
+        product = None
+        for _ in range(steps):
+            step = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            step.diagonal(dim1=-2, dim2=-1).add_(a)
+            step = flush(step)
+            product, gram = step if product is None else flush(step @ product), flush(step @ step @ gram)
+        x = product @ x
+    x = x.reshape(*batch, *x.shape[-2:])
     return x.mT if tall else x
 
 
