@@ -24,13 +24,14 @@ EDIT_STRENGTH = 0.8
 
 # Minutes the demo took in a fresh clone (dataset to evaluation; `make demo` adds its setup) on two machines, and
 # which (docs/demo.md): what the plan printed at the start expects. The steps are fixed: a slower machine takes
-# longer for the same training. demo at 3,400 steps of 8: 16.5 on 2 cores of a Xeon (2026-12-06, night; 17.7 on
-# another day's), 24.9 on 2 cores of an AMD EPYC (2026-12-07, alone: the slow machine of issue 26, whose UNet stage
-# trains 23.4 images / s against the Xeon's 31); demo-dit at 3,400 steps of 8: 13.2 on 2 cores of a Xeon
-# (2026-12-06), one core scaled from it as 13.2 x 19 / 11.5 (the UNet demo at 1,700 of 16 took 11.5 / 19.0 on the
-# Xeon's 2 cores / one, both measured).
+# longer for the same training. demo at 3,400 steps of 8 with Muon: 28.0 on 2 cores of an AMD EPYC (2026-12-07,
+# alone: the slow machine of issue 26; with AdamW it took 24.9, the UNet stage 1,161 s against Muon's 1,445), and
+# about 20 on 2 cores of a Xeon, estimated: AdamW's 16.5 there (2026-12-06, night) with its UNet stage's 796 s
+# times the EPYC's 1,445 / 1,161; demo-dit at 3,400 steps of 8: 13.2 on 2 cores of a Xeon (2026-12-06), one core
+# scaled from it as 13.2 x 19 / 11.5 (the UNet demo at 1,700 of 16 took 11.5 / 19.0 on the Xeon's 2 cores / one,
+# both measured).
 EXPECTED_MINUTES = {
-    "demo": (16.5, 25.0, "2 cores of a Xeon, 2 of an AMD EPYC"),
+    "demo": (20.0, 28.0, "2 cores of a Xeon (estimated), 2 of an AMD EPYC"),
     "demo-dit": (13.0, 22.0, "2 cores of a Xeon, one of them"),
 }
 
