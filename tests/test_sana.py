@@ -72,6 +72,21 @@ def test_sana_prompts_encode_with_the_pipelines_instruction(sana_dir):
     assert not torch.equal(plain, states)  # the instruction changes the encoding: training must see it
 
 
+def test_sana_empty_prompt_encodes_as_the_pipelines_negative(sana_dir):
+    # caption dropout trains the unconditional branch that guidance samples against: SanaPipeline encodes its
+    # negative "" without the instruction, so training must too, in a batch beside prompts that keep it
+    pipe = _plain(sana_dir)
+    cond = SANA.encode_prompts(SANA.components_of(pipe), ["", "A red square", ""], "cpu")
+    kwargs = dict(max_sequence_length=24, complex_human_instruction=INSTRUCTION)
+    states, mask, empty, empty_mask = pipe.encode_prompt("A red square", negative_prompt="", **kwargs)
+    ours = cond["encoder_hidden_states"]
+    assert torch.equal(ours[1], states[0]) and torch.equal(cond["encoder_attention_mask"][1], mask[0])
+    for i in (0, 2):
+        assert torch.equal(ours[i], empty[0]) and torch.equal(cond["encoder_attention_mask"][i], empty_mask[0])
+    with_instruction, _, _, _ = pipe.encode_prompt("", do_classifier_free_guidance=False, **kwargs)
+    assert not torch.equal(with_instruction[0], empty[0])  # the test can tell the two encodings apart
+
+
 def test_sana_lora_exports_for_load_lora_weights(tmp_path, sana_dir):
     data = write_image_folder(tmp_path / "data", count=8, size=40)
     extra = ["train.lora.rank=4", "train.optim.lr=1e-2", "train.ema_decay=null", "train.num_steps=2", *SAMPLER]

@@ -5,12 +5,12 @@ matching, exported as a ``SanaPipeline``.
 Prompts are encoded by ``SanaPipeline.encode_prompt`` itself (no copy of it here): the pipeline prepends its complex
 human instruction to every prompt, and keeps the first token and the last ``max_sequence_length - 1`` of the result,
 which training must see as sampling does. Its default instruction and length (300 tokens, or
-``model.text_encoder.max_length``) are used for both. Caption dropout encodes the empty prompt, as the pipeline's
-unconditional branch does. The transformer is called at ``1000 sigma`` times its ``timestep_scale``; a
-learned-variance half of its output, where it has one, is left untrained. diffusers has no Sana image-to-image
-pipeline, so ``reconstruct`` is refused. LoRA adapters on the attention projections are saved in diffusers' layout,
-which ``SanaPipeline.load_lora_weights`` reads. From scratch (``model.family=sana``), the transformer is built from
-``model.transformer`` over any transformers text encoder given by path.
+``model.text_encoder.max_length``) are used for both. Caption dropout encodes the empty prompt as the pipeline's
+unconditional branch does: without the instruction. The transformer is called at ``1000 sigma`` times its
+``timestep_scale``; a learned-variance half of its output, where it has one, is left untrained. diffusers has no Sana
+image-to-image pipeline, so ``reconstruct`` is refused. LoRA adapters on the attention projections are saved in
+diffusers' layout, which ``SanaPipeline.load_lora_weights`` reads. From scratch (``model.family=sana``), the
+transformer is built from ``model.transformer`` over any transformers text encoder given by path.
 """
 
 from __future__ import annotations
@@ -91,14 +91,27 @@ def build_transformer(knobs, latent_channels: int, sample_size: int, caption_cha
 
 @torch.no_grad()
 def encode_prompts(components: Components, prompts: list[str], device: torch.device | str) -> Conditioning:
-    """Prompts as ``SanaPipeline.encode_prompt`` encodes them (its instruction prepended, no caption cleaning): Gemma's
-    last hidden state and the attention mask over its tokens."""
+    """Prompts as ``SanaPipeline.encode_prompt`` encodes them (its instruction prepended, no caption cleaning), the
+    empty prompt as it encodes its negative (without the instruction: caption dropout trains the unconditional
+    prediction that classifier-free guidance samples against): Gemma's last hidden state and the attention mask over
+    its tokens."""
     c = components
     encoder = SanaPipeline(c.tokenizer, c.text_encoder, vae=None, transformer=None, scheduler=None)
-    states, mask, _, _ = encoder.encode_prompt(
-        prompts, do_classifier_free_guidance=False, device=torch.device(device), clean_caption=False,
-        max_sequence_length=c.tokenizer.model_max_length, complex_human_instruction=INSTRUCTION,
-    )  # fmt: skip
+    kwargs = dict(do_classifier_free_guidance=False, device=torch.device(device), clean_caption=False,
+                  max_sequence_length=c.tokenizer.model_max_length)  # fmt: skip
+    blank = [i for i, p in enumerate(prompts) if not p]
+    said = [i for i, p in enumerate(prompts) if p]
+    parts = []
+    if said:  # the instruction is prepended, and the first token and the last max_sequence_length - 1 kept
+        states, mask, _, _ = encoder.encode_prompt([prompts[i] for i in said], complex_human_instruction=INSTRUCTION,
+                                                   **kwargs)  # fmt: skip
+        parts.append((said, states, mask))
+    if blank:  # the negative's encoding: max_sequence_length tokens of the prompt alone, all of them kept
+        states, mask, _, _ = encoder.encode_prompt([""] * len(blank), complex_human_instruction=None, **kwargs)
+        parts.append((blank, states, mask))
+    order = torch.tensor([i for indices, _, _ in parts for i in indices]).argsort()
+    states = torch.cat([s for _, s, _ in parts])[order.to(states.device)]
+    mask = torch.cat([m for _, _, m in parts])[order.to(mask.device)]
     return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
 
 
