@@ -1,4 +1,5 @@
-"""Stage 1: AutoencoderKL and VQModel training, metrics, scaling factor, export; VQ latents through the UNet stage."""
+"""Stage 1: AutoencoderKL, VQModel and AutoencoderDC training, metrics, scaling factor, export; VQ latents through the
+UNet stage."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderDC, AutoencoderKL, VQModel
 
 from sdtrain.config import AutoencoderConfig, Config, ConfigError, load_config
 from sdtrain.evaluate.metrics import psnr, ssim
@@ -42,14 +43,14 @@ def _overrides(tmp_path, kind: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("kind", ["kl", "vq"])
+@pytest.mark.parametrize("kind", ["kl", "vq", "dc"])
 def test_train_autoencoder_exports_with_metrics(tmp_path, kind):
     result = train_autoencoder(load_config(AutoencoderConfig, None, _overrides(tmp_path, kind)))
     final = tmp_path / "vae" / "final"
     saved = json.loads((final / "metrics.json").read_text())
     assert saved["steps"] == 30 and saved["psnr"] == result["psnr"] and 0 < saved["ssim"] <= 1
     vae = load_vae(str(final))
-    assert isinstance(vae, VQModel if kind == "vq" else AutoencoderKL)
+    assert isinstance(vae, {"kl": AutoencoderKL, "vq": VQModel, "dc": AutoencoderDC}[kind])
     assert vae.config.scaling_factor == pytest.approx(saved["scaling_factor"])
     if kind == "vq":
         assert 0 < saved["codebook_usage"] <= 1
@@ -401,7 +402,7 @@ def test_perceptual_loss_trains_and_reports_lpips(tmp_path):
     assert result["lpips"] > 0 and json.loads((tmp_path / "vae" / "final" / "metrics.json").read_text())["lpips"]
 
 
-@pytest.mark.parametrize("kind", ["kl", "vq"])
+@pytest.mark.parametrize("kind", ["kl", "vq", "dc"])
 def test_bf16_autoencoder_steps_run_under_autocast_with_fp32_weights(tmp_path, kind):
     """bf16 (autocast on the CPU here, as on a GPU): the same run's losses move by bf16's rounding, not more, and
     what is exported is fp32."""

@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="let the text encoder's own code run (the "
                    "run's config.yaml is not asked)")  # fmt: skip
 
-    p = add("train-vae", "Train an autoencoder (stage 1): AutoencoderKL or VQModel.")
+    p = add("train-vae", "Train an autoencoder (stage 1): AutoencoderKL, VQModel or AutoencoderDC.")
     p.add_argument("--config", type=Path, help="YAML config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
 

@@ -958,12 +958,14 @@ class AutoencoderModelConfig:
     """The autoencoder built by `sdtrain train-vae`."""
 
     pretrained: str | None = None
-    """Fine-tune this diffusers AutoencoderKL / VQModel (a folder or hub id) instead of building one; the
-    architecture settings below are then ignored, and the export keeps its scaling_factor (its latents' scale)."""
+    """Fine-tune this diffusers AutoencoderKL / VQModel / AutoencoderDC (a folder or hub id) instead of building
+    one; the architecture settings below are then ignored, and the export keeps its scaling_factor (its latents'
+    scale)."""
     subfolder: str | None = None
     """Subfolder of model.pretrained holding it ("vae" in a Stable Diffusion pipeline)."""
-    kind: Literal["kl", "vq"] = "kl"
-    """AutoencoderKL (continuous, KL-regularised) or VQModel (discrete codebook)."""
+    kind: Literal["kl", "vq", "dc"] = "kl"
+    """AutoencoderKL (continuous, KL-regularised), VQModel (discrete codebook) or AutoencoderDC (Sana's kind:
+    deterministic latents, pixel-shuffle resampling; what a SanaPipeline holds)."""
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     """Width of each level; the downsampling factor is 2**(levels-1)."""
     layers_per_block: int = 1
@@ -975,7 +977,8 @@ class AutoencoderModelConfig:
     num_vq_embeddings: int = 256
     """Codebook size (vq only)."""
     mid_block_attention: bool = True
-    """Self-attention in the middle block (off: a fully convolutional model, which can train on crops)."""
+    """Self-attention in the middle block (dc: linear-attention blocks at the deepest level; off: a fully
+    convolutional model, which can train on crops)."""
 
     def __post_init__(self) -> None:
         bad = [w for w in self.block_out_channels if w % self.norm_num_groups]

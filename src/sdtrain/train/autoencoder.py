@@ -1,12 +1,13 @@
 """Stage 1: train the autoencoder the UNet will work in (``sdtrain train-vae``), or fine-tune one.
 
 AutoencoderKL: L1 + L2 reconstruction of a posterior sample plus a small KL term. VQModel: the same reconstruction loss
-plus diffusers' codebook / commitment loss; codebook usage is reported. LDM's two other terms are options:
-``train.perceptual_weight`` (LPIPS, ``sdtrain.evaluate.lpips``) and ``train.disc_weight`` (a PatchGAN critic, hinge
-loss, adaptively weighted). ``model.pretrained`` fine-tunes an existing autoencoder, with ``train.decoder_only`` its
-decoder alone (its latents unchanged). ``train.ema_decay`` keeps an EMA, which the metrics and the export use.
-Training images are decoded once into memory, or streamed (``train.in_memory=false``, ``sdtrain.data.images``).
-Checkpoints every ``train.save_every`` steps; a rerun resumes bit for bit.
+plus diffusers' codebook / commitment loss; codebook usage is reported. AutoencoderDC (Sana's kind: deterministic
+latents, residual blocks with pixel-(un)shuffle resampling): the reconstruction loss alone, as DC-AE trains. LDM's two
+other terms are options: ``train.perceptual_weight`` (LPIPS, ``sdtrain.evaluate.lpips``) and ``train.disc_weight`` (a
+PatchGAN critic, hinge loss, adaptively weighted). ``model.pretrained`` fine-tunes an existing autoencoder, with
+``train.decoder_only`` its decoder alone (its latents unchanged). ``train.ema_decay`` keeps an EMA, which the metrics
+and the export use. Training images are decoded once into memory, or streamed (``train.in_memory=false``,
+``sdtrain.data.images``). Checkpoints every ``train.save_every`` steps; a rerun resumes bit for bit.
 At the end: PSNR, SSIM (and LPIPS) on held-out images, the latent scaling factor (1 / std of the latents, as Stable
 Diffusion computed 0.18215; a pretrained model keeps its own), a diffusers folder in ``output_dir/final`` with
 ``scaling_factor`` set in its config, and ``output_dir/reconstructions.png`` (held-out images above their
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderDC, AutoencoderKL, VQModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
@@ -54,8 +55,8 @@ from sdtrain.train.state import Counters, trainable, truncate_log
 logger = logging.getLogger(__name__)
 
 
-def build_autoencoder(config: AutoencoderModelConfig) -> AutoencoderKL | VQModel:
-    """A fresh AutoencoderKL or VQModel with ``len(block_out_channels) - 1`` downsamplings."""
+def build_autoencoder(config: AutoencoderModelConfig) -> AutoencoderKL | VQModel | AutoencoderDC:
+    """A fresh AutoencoderKL, VQModel or AutoencoderDC with ``len(block_out_channels) - 1`` downsamplings."""
     levels = len(config.block_out_channels)
     common = dict(
         in_channels=3,
@@ -68,6 +69,8 @@ def build_autoencoder(config: AutoencoderModelConfig) -> AutoencoderKL | VQModel
         norm_num_groups=config.norm_num_groups,
         mid_block_add_attention=config.mid_block_attention,
     )
+    if config.kind == "dc":
+        return build_dc(config)
     if config.kind == "kl":
         vae = AutoencoderKL(**common)
         with torch.no_grad():
@@ -78,13 +81,37 @@ def build_autoencoder(config: AutoencoderModelConfig) -> AutoencoderKL | VQModel
     return VQModel(**common, num_vq_embeddings=config.num_vq_embeddings, vq_embed_dim=config.latent_channels)
 
 
-def load_trainable(config: AutoencoderConfig) -> AutoencoderKL | VQModel:
+def build_dc(config: AutoencoderModelConfig) -> AutoencoderDC:
+    """A fresh AutoencoderDC: residual blocks at every level (with ``model.mid_block_attention``, DC-AE's
+    linear-attention blocks at the deepest), pixel-unshuffle down and pixel-shuffle up, as Sana's autoencoder."""
+    levels = len(config.block_out_channels)
+    deepest = config.block_out_channels[-1]
+    attention = ("EfficientViTBlock",) if config.mid_block_attention else ("ResBlock",)
+    blocks = ("ResBlock",) * (levels - 1) + attention
+    scales = ((),) * (levels - 1) + (((5,),) if config.mid_block_attention else ((),))
+    return AutoencoderDC(
+        in_channels=3,
+        latent_channels=config.latent_channels,
+        attention_head_dim=min(32, deepest),
+        encoder_block_types=blocks,
+        decoder_block_types=blocks,
+        encoder_block_out_channels=tuple(config.block_out_channels),
+        decoder_block_out_channels=tuple(config.block_out_channels),
+        encoder_layers_per_block=(config.layers_per_block,) * levels,
+        decoder_layers_per_block=(config.layers_per_block,) * levels,
+        encoder_qkv_multiscales=scales,
+        decoder_qkv_multiscales=scales,
+    )
+
+
+def load_trainable(config: AutoencoderConfig) -> AutoencoderKL | VQModel | AutoencoderDC:
     """``model.pretrained`` to fine-tune, in fp32: whole, or its decoder only (``train.decoder_only``: the encoder,
     its quant_conv and a VQ codebook frozen, so its latents do not change). Its downsampling factor must divide the
     resolution and the crops."""
     vae = load_vae(config.model.pretrained, config.model.subfolder).requires_grad_(True)
     if config.train.decoder_only:
-        frozen = [vae.encoder, vae.quant_conv] + ([vae.quantize] if isinstance(vae, VQModel) else [])
+        frozen = [vae.encoder] + ([] if isinstance(vae, AutoencoderDC) else [vae.quant_conv])
+        frozen += [vae.quantize] if isinstance(vae, VQModel) else []
         for module in frozen:
             module.requires_grad_(False)
     factor = downsample_factor(vae)
@@ -111,6 +138,9 @@ def reconstruction_loss(
         out = vae(x)
         rec, reg = out.sample.float(), out.commit_loss.float().mean()
         reg_weight = 1.0  # diffusers' VQ loss already weighs commitment (beta) against the codebook term
+    elif isinstance(vae, AutoencoderDC):  # deterministic latents, no regulariser
+        rec = vae.decode(vae.encode(x).latent).sample.float()
+        reg, reg_weight = torch.zeros((), device=x.device), 0.0
     else:
         posterior = vae.encode(x).latent_dist
         if posterior.parameters.dtype != torch.float32:  # under bf16 autocast: sample and sum the KL in fp32
@@ -148,6 +178,8 @@ def latent_statistics(vae, images: torch.Tensor, batch_size: int = 128) -> dict[
             _, _, (_, _, indices) = vae.quantize(h)
             used.update(indices.flatten().tolist())
             latents.append(h.float().cpu())
+        elif isinstance(vae, AutoencoderDC):
+            latents.append(vae.encode(x).latent.float().cpu())
         else:
             latents.append(vae.encode(x).latent_dist.sample().float().cpu())
     stacked = torch.cat(latents)
@@ -189,6 +221,8 @@ def _reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
     """The deterministic reconstruction (posterior mean / nearest codes), clamped to [-1, 1]."""
     if isinstance(vae, VQModel):
         return vae.decode(vae.encode(x).latents).sample.clamp(-1, 1)
+    if isinstance(vae, AutoencoderDC):
+        return vae.decode(vae.encode(x).latent).sample.clamp(-1, 1)
     return vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
 
 
@@ -426,7 +460,7 @@ def _finish(config: AutoencoderConfig, m: _Models, records, eval_images, percept
 class _Models:
     """What a stage-1 checkpoint holds besides its counters."""
 
-    vae: AutoencoderKL | VQModel
+    vae: AutoencoderKL | VQModel | AutoencoderDC
     optimizer: torch.optim.Optimizer
     ema: EMA | None
     critic: PatchDiscriminator | None

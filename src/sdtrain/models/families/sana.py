@@ -48,7 +48,9 @@ def load_components(config, denoiser: bool = True) -> Components:
     paths)."""
     m = config.model
     te = m.text_encoder
-    own = te.path not in ("", "minilm") or te.subfolder is not None
+    scratch = m.unet.from_scratch or not (m.unet.pretrained or m.pretrained)
+    # the bundled MiniLM conditions a transformer built from scratch with nothing pretrained (the demo's)
+    own = te.path not in ("", "minilm") or te.subfolder is not None or (te.path == "minilm" and not m.pretrained)
     if not own and not m.pretrained:
         raise ConfigError("model.family=sana needs model.text_encoder.path (a Gemma 2) or model.pretrained")
     path, sub = (te.path, te.subfolder) if own else (m.pretrained, "text_encoder")
@@ -56,7 +58,7 @@ def load_components(config, denoiser: bool = True) -> Components:
     vae_path, vae_sub = (m.vae.path, m.vae.subfolder) if m.vae.path else (m.pretrained, "vae")
     vae = load_vae(vae_path, vae_sub, m.vae.dtype)
     transformer = None
-    if denoiser and (m.unet.from_scratch or not (m.unet.pretrained or m.pretrained)):
+    if denoiser and scratch:
         sample_size = config.data.resolution // downsample_factor(vae)
         width = hidden_size(text_encoder)
         transformer = build_transformer(m.transformer, vae.config.latent_channels, sample_size, width)
