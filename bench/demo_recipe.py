@@ -4,12 +4,13 @@
     python bench/demo_recipe.py --config demo-dit --name dit-lr2 train.optim.lr=2e-3
 
 The shapes dataset (``--data``) and the demo's autoencoder (``--vae``; trained with the ``demo-vae`` preset when the
-folder holds none) are shared by every recipe; each recipe trains into ``--runs/NAME`` from scratch (an existing
-folder is reused: its export is scored again). The overrides apply on top of the preset, as ``sdtrain train`` takes
-them; ``--guidance`` / ``--scheduler`` / ``--sampling-steps`` score the same model with other sampling settings, and
-``--curve`` each checkpoint the run kept (all three, seen and held out, by step: the row's ``curve``).
-Prints the row as JSON on its last line: the config, the overrides, steps, images per step, training seconds and
-images per second on this machine, and the seen and held-out scores (colour, shape, background, all three).
+folder holds none, as an AutoencoderDC in ``runs/recipes/vae-dc`` for a Sana transformer) are shared by every recipe;
+each recipe trains into ``--runs/NAME`` from scratch (an existing folder is reused: its export is scored again). The
+overrides apply on top of the preset, as ``sdtrain train`` takes them; ``--guidance`` / ``--scheduler`` /
+``--sampling-steps`` score the same model with other sampling settings, and ``--curve`` each checkpoint the run kept
+(all three, seen and held out, by step: the row's ``curve``). Prints the row as JSON on its last line: the config, the
+overrides, steps, images per step, training seconds and images per second on this machine, and the seen and held-out
+scores (colour, shape, background, all three).
 
 The training seed moves the demo's seen score by up to 10 points (docs/demo.md), more than most recipe changes, so
 a change is judged over several seeds: ``--train-seeds 0,1,2`` trains the recipe once per seed (``train.seed``), each
@@ -32,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from sdtrain.config import PRESETS, AutoencoderConfig, Config, load_config  # noqa: E402
 from sdtrain.data.shapes import write_shapes_dataset  # noqa: E402
-from sdtrain.demo import EDIT_STRENGTH  # noqa: E402
+from sdtrain.demo import EDIT_STRENGTH, autoencoder_overrides  # noqa: E402
+from sdtrain.models.families import for_config  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +42,12 @@ def main() -> None:
     parser.add_argument("--config", default="demo", help="the denoiser's preset (demo, demo-dit) or a YAML file")
     parser.add_argument("--name", default=None, help="the run's folder under --runs (default: a hash of the recipe)")
     parser.add_argument("--data", type=Path, default=Path("data/shapes"))
-    parser.add_argument("--vae", type=Path, default=Path("runs/recipes/vae"), help="the autoencoder's run folder")
+    parser.add_argument(
+        "--vae",
+        type=Path,
+        default=None,
+        help="the autoencoder's run folder (default: runs/recipes/vae; vae-dc for Sana)",
+    )
     parser.add_argument("--vae-steps", type=int, default=None, help="the autoencoder's steps (default: demo-vae's)")
     parser.add_argument("--runs", type=Path, default=Path("runs/recipes"))
     parser.add_argument("--guidance", type=float, default=None)
@@ -88,14 +95,17 @@ def run(args: argparse.Namespace, name: str | None, recipe: list[str]) -> dict:
     """Train the recipe (``--config`` with the ``recipe`` overrides) into ``--runs/name`` unless it is there, score
     it, and return its row."""
     write_shapes_dataset(args.data)
-    vae = args.vae / "final"
+    family = for_config(load_config(Config, args.config, recipe).model).name
+    kind = autoencoder_overrides(family)  # the autoencoder its pipeline holds: its own folder
+    runs = args.vae or Path("runs/recipes") / ("vae-" + kind[0].removeprefix("model.kind=") if kind else "vae")
+    vae = runs / "final"
     if not (vae / "metrics.json").exists():
         from sdtrain.train.autoencoder import train_autoencoder
 
-        overrides = [f"data.path={args.data / 'train'}", f"eval_data={args.data / 'eval'}"]
+        overrides = [f"data.path={args.data / 'train'}", f"eval_data={args.data / 'eval'}", *kind]
         overrides += [f"train.num_steps={args.vae_steps}"] if args.vae_steps else []
         train_autoencoder(load_config(AutoencoderConfig, PRESETS / "demo-vae.yaml", overrides + [
-            f"train.output_dir={args.vae}"]))  # fmt: skip
+            f"train.output_dir={runs}"]))  # fmt: skip
     name = name or recipe_hash(args.config, recipe)
     out = args.runs / name
     overrides = [f"data.path={args.data / 'train'}", f"model.vae.path={vae}", f"train.output_dir={out}"]

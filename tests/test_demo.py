@@ -72,3 +72,24 @@ def test_quick_demo_end_to_end_reuse_and_a_second_from_scratch_trains_the_same(t
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), weights
     for key in ("vae_psnr", "seen", "held_out", "reconstruct"):
         assert metrics[key] == other[key], key
+
+
+def test_a_sana_demo_trains_the_autoencoder_its_pipeline_holds():
+    """SanaPipeline reads an AutoencoderDC's config (its scale factor from the encoder's levels): a demo whose second
+    stage is a Sana transformer trains the demo-vae preset as one, which the pipeline holds at the preset's f4; the
+    preset's AutoencoderKL it cannot hold."""
+    from diffusers import SanaPipeline
+
+    from sdtrain.demo import autoencoder_overrides
+    from sdtrain.train.autoencoder import build_autoencoder
+
+    assert autoencoder_overrides("pixart") == [] and autoencoder_overrides("sd") == []
+    for family, holds in (("sana", True), ("pixart", False)):
+        vae = load_config(AutoencoderConfig, PRESETS / "demo-vae.yaml", autoencoder_overrides(family))
+        model = build_autoencoder(vae.model)
+        if holds:
+            pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=model, transformer=None, scheduler=None)
+            assert vae.model.kind == "dc" and pipe.vae_scale_factor == 4
+        else:
+            with pytest.raises(AttributeError, match="encoder_block_out_channels"):
+                SanaPipeline(tokenizer=None, text_encoder=None, vae=model, transformer=None, scheduler=None)
