@@ -88,6 +88,11 @@ def test_decode_inverts_scaling():
     assert torch.allclose(decode_latents(vae, scale_latents(vae, z)), direct, atol=1e-5)
 
 
+def test_dc_autoencoder_whose_latents_do_not_divide_its_width_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="latent_channels=3 does not divide the deepest width 16"):
+        load_config(AutoencoderConfig, None, _overrides(tmp_path, "dc") + ["model.latent_channels=3"])
+
+
 def test_crop_training_needs_convolutional_model(tmp_path):
     with pytest.raises(ConfigError, match="mid_block_attention"):
         load_config(AutoencoderConfig, None, ["train.crop_size=32", "data.resolution=64"])

@@ -984,6 +984,11 @@ class AutoencoderModelConfig:
         bad = [w for w in self.block_out_channels if w % self.norm_num_groups]
         if bad:
             raise ConfigError(f"model.norm_num_groups={self.norm_num_groups} does not divide widths {bad}")
+        if self.kind == "dc" and self.block_out_channels[-1] % self.latent_channels:
+            raise ConfigError(  # AutoencoderDC's shortcuts average / repeat the deepest width in latent-sized groups
+                f"model.kind=dc: model.latent_channels={self.latent_channels} does not divide the deepest width "
+                f"{self.block_out_channels[-1]}"
+            )
 
 
 @dataclass

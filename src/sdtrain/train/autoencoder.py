@@ -92,7 +92,7 @@ def build_dc(config: AutoencoderModelConfig) -> AutoencoderDC:
     return AutoencoderDC(
         in_channels=3,
         latent_channels=config.latent_channels,
-        attention_head_dim=min(32, deepest),
+        attention_head_dim=math.gcd(32, deepest),  # DC-AE's 32 where the width allows
         encoder_block_types=blocks,
         decoder_block_types=blocks,
         encoder_block_out_channels=tuple(config.block_out_channels),
