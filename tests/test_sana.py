@@ -85,6 +85,8 @@ def test_sana_empty_prompt_encodes_as_the_pipelines_negative(sana_dir):
         assert torch.equal(ours[i], empty[0]) and torch.equal(cond["encoder_attention_mask"][i], empty_mask[0])
     with_instruction, _, _, _ = pipe.encode_prompt("", do_classifier_free_guidance=False, **kwargs)
     assert not torch.equal(with_instruction[0], empty[0])  # the test can tell the two encodings apart
+    # a disk cache from before, whose empty prompt has the instruction, differs in its fingerprint: it is refused
+    assert SANA.encoders(SANA.components_of(pipe)).text_identity()["empty_prompt"] == "negative"
 
 
 def test_sana_lora_exports_for_load_lora_weights(tmp_path, sana_dir):

@@ -149,7 +149,11 @@ def encoders(components: Components) -> Encoders:
     return Encoders(
         vae=c.vae,
         encode_text=fp32_encoding(encode_prompts, c, c.text_encoder.device),
-        text_identity=lambda: {"text_encoder": model_hash(c.text_encoder), "max_length": c.tokenizer.model_max_length},
+        text_identity=lambda: {
+            "text_encoder": model_hash(c.text_encoder),
+            "max_length": c.tokenizer.model_max_length,
+            "empty_prompt": "negative",  # since 2026-12-07: a cache holding it with the instruction is refused
+        },
     )
 
 
