@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from sdtrain.config import PRESETS, AutoencoderConfig, Config, load_config  # noqa: E402
 from sdtrain.data.shapes import write_shapes_dataset  # noqa: E402
-from sdtrain.demo import EDIT_STRENGTH, autoencoder_overrides  # noqa: E402
+from sdtrain.demo import AUTOENCODER_KIND, EDIT_STRENGTH, autoencoder_overrides  # noqa: E402
 from sdtrain.models.families import for_config  # noqa: E402
 
 
@@ -96,13 +96,14 @@ def run(args: argparse.Namespace, name: str | None, recipe: list[str]) -> dict:
     it, and return its row."""
     write_shapes_dataset(args.data)
     family = for_config(load_config(Config, args.config, recipe).model).name
-    kind = autoencoder_overrides(family)  # the autoencoder its pipeline holds: its own folder
-    runs = args.vae or Path("runs/recipes") / ("vae-" + kind[0].removeprefix("model.kind=") if kind else "vae")
+    kind = AUTOENCODER_KIND.get(family)  # the autoencoder its pipeline holds, in a folder of its own
+    runs = args.vae or Path("runs/recipes") / (f"vae-{kind}" if kind else "vae")
     vae = runs / "final"
     if not (vae / "metrics.json").exists():
         from sdtrain.train.autoencoder import train_autoencoder
 
-        overrides = [f"data.path={args.data / 'train'}", f"eval_data={args.data / 'eval'}", *kind]
+        overrides = [f"data.path={args.data / 'train'}", f"eval_data={args.data / 'eval'}"]
+        overrides += autoencoder_overrides(family)
         overrides += [f"train.num_steps={args.vae_steps}"] if args.vae_steps else []
         train_autoencoder(load_config(AutoencoderConfig, PRESETS / "demo-vae.yaml", overrides + [
             f"train.output_dir={runs}"]))  # fmt: skip

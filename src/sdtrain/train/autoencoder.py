@@ -40,7 +40,7 @@ from sdtrain.errors import Diverged
 from sdtrain.evaluate.lpips import LPIPS, load_lpips
 from sdtrain.evaluate.metrics import psnr, ssim
 from sdtrain.models.discriminator import PatchDiscriminator, hinge_loss
-from sdtrain.models.vae import downsample_factor, load_vae
+from sdtrain.models.vae import downsample_factor, encode_moments, load_vae
 from sdtrain.sample.pipeline import make_grid
 from sdtrain.train import checkpoint
 from sdtrain.train.ema import EMA, ema_parameters
@@ -219,11 +219,7 @@ def reconstruction_grid(vae, images: torch.Tensor) -> Image.Image:
 
 def _reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
     """The deterministic reconstruction (posterior mean / nearest codes), clamped to [-1, 1]."""
-    if isinstance(vae, VQModel):
-        return vae.decode(vae.encode(x).latents).sample.clamp(-1, 1)
-    if isinstance(vae, AutoencoderDC):
-        return vae.decode(vae.encode(x).latent).sample.clamp(-1, 1)
-    return vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    return vae.decode(encode_moments(vae, x)[0]).sample.clamp(-1, 1)
 
 
 def train_autoencoder(config: AutoencoderConfig) -> dict[str, Any]:

@@ -101,19 +101,12 @@ def encode_prompts(components: Components, prompts: list[str], device: torch.dev
     encoder = SanaPipeline(c.tokenizer, c.text_encoder, vae=None, transformer=None, scheduler=None)
     kwargs = dict(do_classifier_free_guidance=False, device=torch.device(device), clean_caption=False,
                   max_sequence_length=c.tokenizer.model_max_length)  # fmt: skip
+    # the instruction is prepended, and the first token and the last max_sequence_length - 1 kept
+    states, mask, _, _ = encoder.encode_prompt(prompts, complex_human_instruction=INSTRUCTION, **kwargs)
     blank = [i for i, p in enumerate(prompts) if not p]
-    said = [i for i, p in enumerate(prompts) if p]
-    parts = []
-    if said:  # the instruction is prepended, and the first token and the last max_sequence_length - 1 kept
-        states, mask, _, _ = encoder.encode_prompt([prompts[i] for i in said], complex_human_instruction=INSTRUCTION,
-                                                   **kwargs)  # fmt: skip
-        parts.append((said, states, mask))
     if blank:  # the negative's encoding: max_sequence_length tokens of the prompt alone, all of them kept
-        states, mask, _, _ = encoder.encode_prompt([""] * len(blank), complex_human_instruction=None, **kwargs)
-        parts.append((blank, states, mask))
-    order = torch.tensor([i for indices, _, _ in parts for i in indices]).argsort()
-    states = torch.cat([s for _, s, _ in parts])[order.to(states.device)]
-    mask = torch.cat([m for _, _, m in parts])[order.to(mask.device)]
+        empty, empty_mask, _, _ = encoder.encode_prompt([""], complex_human_instruction=None, **kwargs)
+        states[blank], mask[blank] = empty[0], empty_mask[0]
     return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
 
 
