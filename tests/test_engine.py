@@ -241,17 +241,19 @@ def test_muon_orthogonalises_hidden_matrices_and_steps_the_rest_as_adamw():
     assert all(name.split(".")[0] in ("down_blocks", "mid_block", "up_blocks") for name in hidden)
     assert all(p.ndim >= 2 for g in optimizer.param_groups for p in g["params"] if g.get("muon"))
 
-    small, reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16)), None
+    # the last layer has no gradient on odd steps: it keeps its own step count, as in torch's AdamW
+    small = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
     reference = copy.deepcopy(small)
     mine = Muon([{"params": list(small.parameters()), "weight_decay": 0.01}], lr=1e-2, betas=(0.9, 0.99), eps=1e-8,
                 momentum=0.95)  # fmt: skip
     theirs = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
-    for _ in range(4):
+    for i in range(5):
         x = torch.randn(4, 8)
         for model, opt in ((small, mine), (reference, theirs)):
             opt.zero_grad()
-            model(x).pow(2).mean().backward()
+            (model if i % 2 == 0 else model[:2])(x).pow(2).mean().backward()
             opt.step()
+    assert mine.state[small[2].weight]["step"] == 3 and mine.state[small[0].weight]["step"] == 5
     for a, b in zip(small.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
