@@ -141,6 +141,24 @@ def test_a_pixart_transformer_from_scratch_trains_with_flow_matching_and_samples
         ours.generate(prompts, num_inference_steps=2, scheduler="euler")
 
 
+def test_a_transformer_from_scratch_on_a_pretrained_folder_keeps_its_t5(tmp_path, pixart_dir):
+    # the default text path ("minilm") means the bundled MiniLM only where nothing is pretrained (the demo's)
+    data = write_image_folder(tmp_path / "data", count=8, size=40)
+    overrides = pipeline_overrides(tmp_path / "run", data, pixart_dir) + [
+        "model.unet.from_scratch=true",
+        "model.transformer.num_layers=1",
+        "model.transformer.num_attention_heads=2",
+        "model.transformer.attention_head_dim=8",
+    ]
+    components = PIXART.load(load_config(Config, None, overrides))
+    folder = PixArtSigmaPipeline.from_pretrained(pixart_dir)
+    assert type(components.text_encoder) is type(folder.text_encoder)
+    theirs = folder.text_encoder.state_dict()
+    assert all(torch.equal(w, theirs[k]) for k, w in components.text_encoder.state_dict().items())
+    assert len(components.transformer.transformer_blocks) == 1  # built, not loaded
+    assert components.transformer.config.caption_channels == folder.text_encoder.config.d_model
+
+
 def test_an_objective_or_sampler_the_family_cannot_run_is_refused_before_work(tmp_path, clip_dir, vae_dir):
     overrides = scratch_overrides(tmp_path, clip_dir, vae_dir)
     with pytest.raises(ValueError, match="not 'euler'"):

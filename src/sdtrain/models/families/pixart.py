@@ -44,12 +44,14 @@ class Components:
 
 def load_components(config, denoiser: bool = True) -> Components:
     """Load the frozen autoencoder and text encoder, and load the transformer from ``model.pretrained`` (or its own
-    path) or build it from ``model.transformer`` (from scratch: any transformers encoder conditions it, T5 or the
-    demo's MiniLM)."""
+    path) or build it from ``model.transformer`` (from scratch: any transformers encoder conditions it, the folder's
+    T5, another one named by ``model.text_encoder.path``, or the demo's MiniLM where nothing is pretrained)."""
     m = config.model
     te = m.text_encoder
     scratch = m.unet.from_scratch or not (m.unet.pretrained or m.pretrained)
-    own = te.path not in ("", "minilm") or te.subfolder is not None or (scratch and te.path == "minilm")
+    # the bundled MiniLM conditions a transformer built from scratch with nothing pretrained (the demo's); a new
+    # transformer on a pretrained folder keeps the folder's T5
+    own = te.path not in ("", "minilm") or te.subfolder is not None or (te.path == "minilm" and not m.pretrained)
     if not own and not m.pretrained:
         raise ConfigError("model.family=pixart needs model.text_encoder.path (a T5) or model.pretrained")
     path, sub = (te.path, te.subfolder) if own else (m.pretrained, "text_encoder")
