@@ -12,7 +12,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from sdtrain.config import Config, LoRAConfig, OptimConfig, TrainConfig, UNetConfig, load_config
+from sdtrain.config import Config, ConfigError, LoRAConfig, OptimConfig, TrainConfig, UNetConfig, load_config
 from sdtrain.models.families.sd import FAMILY
 from sdtrain.models.unet import build_unet
 from sdtrain.train.loop import train
@@ -204,6 +204,25 @@ def test_optimizers_train(tmp_path, clip_dir, vae_dir, image_folder, name):
     assert (final / "unet").is_dir()
     losses = [r["loss"] for r in _log(tmp_path / "run")]
     assert all(np.isfinite(losses))
+
+
+def test_muon_skip_leaves_the_named_modules_to_adamw_and_refuses_names_it_cannot_find():
+    unet = _tiny_unet()
+    named = {id(p): n for n, p in unet.named_parameters()}
+
+    def hidden(optimizer):
+        return {named[id(p)] for g in optimizer.param_groups if g.get("muon") for p in g["params"]}
+
+    every = hidden(make_optimizer(unet, OptimConfig(name="muon")))
+    fewer = hidden(make_optimizer(unet, OptimConfig(name="muon", muon_skip=["attn2"])))
+    assert {n for n in every if ".attn2." in n} == every - fewer and every - fewer  # the cross-attention's 4 x 2
+    assert any(".attn1." in n for n in fewer)
+    with pytest.raises(ConfigError, match=r"module named \['attn3'\]"):
+        make_optimizer(unet, OptimConfig(name="muon", muon_skip=["attn2", "attn3"]))
+    with pytest.raises(ConfigError, match="conv_in"):  # a matrix AdamW steps anyway
+        make_optimizer(unet, OptimConfig(name="muon", muon_skip=["conv_in"]))
+    with pytest.raises(ConfigError, match="set train.optim.name=muon"):
+        OptimConfig(name="adamw", muon_skip=["attn2"])
 
 
 def test_muon_orthogonalises_hidden_matrices_and_steps_the_rest_as_adamw():

@@ -642,6 +642,11 @@ class OptimConfig:
     """Adam epsilon."""
     momentum: float = 0.95
     """Muon's (Nesterov) momentum; the other optimizers' first moment is `betas[0]`."""
+    muon_skip: list[str] = field(default_factory=list)
+    """Under Muon, modules whose matrices step with AdamW instead: a parameter is one of them when a part of its
+    dotted name is one of these names, e.g. `attn2`, the cross-attention of UNet, PixArt and Sana blocks (the layers
+    that read the prompt; the demo-dit preset). A name that matches no matrix Muon would step is refused when the
+    optimizer is built."""
     weight_decay: float = 0.0
     """Decoupled weight decay (not applied to norms and biases)."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
@@ -659,6 +664,9 @@ class OptimConfig:
             raise ConfigError(f"train.optim.betas must be in [0, 1), got {self.betas}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"train.optim.momentum must be in [0, 1), got {self.momentum}")
+        if self.muon_skip and self.name != "muon":
+            raise ConfigError(f"train.optim.muon_skip names modules Muon leaves to AdamW; train.optim.name is "
+                              f"{self.name}: set train.optim.name=muon or leave muon_skip empty")  # fmt: skip
 
 
 @dataclass

@@ -50,7 +50,7 @@ from sdtrain.sample.pipeline import Pipeline, sample_images, save_images
 from sdtrain.train import block_swap, checkpoint, placement, prior, sharding, text_encoders, zero
 from sdtrain.train.ema import EMA, ema_parameters
 from sdtrain.train.export import export_pipeline
-from sdtrain.train.optim import lr_factor, make_optimizer, set_lr
+from sdtrain.train.optim import check_muon_skip, lr_factor, make_optimizer, set_lr
 from sdtrain.train.perf import (
     GiB,
     MemoryEstimate,
@@ -221,6 +221,7 @@ def _train(config: Config, components: Any | None, batches: Iterable | None, set
     sharded = is_sharded(accelerator) or zero.is_zero(accelerator)
     placed = placement.prepare(family, components, config, device, sharded, world)  # dtypes, quantisation, device
     model = _prepare_denoiser(family, components, tc, accelerator)  # LoRA, text encoders, checkpointing, device
+    check_muon_skip(model, tc.optim)  # before the data's caching: the optimizer is built after it
 
     # 3. Data: a resumable stream of micro-batches (the prompts' tokens where the text encoders train)
     micro_batch = micro_batch_size(tc, accelerator)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from sdtrain.config import OptimConfig
+from sdtrain.config import ConfigError, OptimConfig
 from sdtrain.errors import MissingPackage
 
 
@@ -16,20 +16,21 @@ def param_groups(
     weight_decay: float,
     lr_scale: Callable[[str], float] | None = None,
     muon: bool = False,
+    skip: tuple[str, ...] = (),
 ) -> list[dict]:
     """Two groups: matrices and convolution kernels decay; norms, biases and embeddings' 1-d params do not; and two
     more for the parameters whose ``lr_scale(name)`` is not 1 (text encoders at their own learning rate), whose
     ``lr_scale`` key :func:`set_lr` reads. With ``muon``, the matrices of the denoiser's blocks
-    (:func:`is_hidden_matrix`) are groups of their own, marked ``muon``. A group with no parameters (LoRA trains
+    (:func:`is_hidden_matrix`) are groups of their own, marked ``muon``, but for those of the modules named in
+    ``skip`` (a part of the parameter's dotted name). A group with no parameters (LoRA trains
     matrices only) is left out, as DeepSpeed leaves it out: the optimizer state has the same layout under every
     strategy."""
-    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-    matrices = {f"{name}.weight".lstrip(".") for name, module in model.named_modules() if isinstance(module, layers)}
+    matrices = matrix_names(model)
     groups: dict[tuple[float, bool, bool], list] = {(1.0, True, False): [], (1.0, False, False): []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        hidden = muon and is_hidden_matrix(name, matrices)
+        hidden = muon and is_hidden_matrix(name, matrices) and not set(skip) & set(name.split("."))
         groups.setdefault((lr_scale(name) if lr_scale else 1.0, param.ndim >= 2, hidden), []).append(param)
     made = []
     for (scale, decays, hidden), params in groups.items():
@@ -51,8 +52,10 @@ def make_optimizer(
 
     ``lr_scale(name)``: a parameter's learning rate over ``config.lr`` (default 1 for all).
     """
-    groups = param_groups(model, config.weight_decay, lr_scale, muon=config.name == "muon")
-    if config.name == "muon":
+    muon = config.name == "muon"
+    groups = param_groups(model, config.weight_decay, lr_scale, muon=muon, skip=tuple(config.muon_skip))
+    if muon:
+        check_muon_skip(model, config)
         return Muon(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, momentum=config.momentum)
     if config.name == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=True)
@@ -65,6 +68,22 @@ def make_optimizer(
     from transformers.optimization import Adafactor
 
     return Adafactor(groups, lr=config.lr, beta1=None, relative_step=False, scale_parameter=False, warmup_init=False)
+
+
+def check_muon_skip(model: torch.nn.Module, config: OptimConfig) -> None:
+    """Refuse a ``train.optim.muon_skip`` name under which ``model`` has no matrix that Muon would step."""
+    matrices = matrix_names(model)
+    parts = {part for name in matrices if is_hidden_matrix(name, matrices) for part in name.split(".")}
+    if unknown := sorted(set(config.muon_skip) - parts):
+        raise ConfigError(f"train.optim.muon_skip: no matrix that Muon steps in this {type(model).__name__} lies in "
+                          f"a module named {unknown} (a name is a part of a parameter's dotted name, "
+                          "e.g. attn2)")  # fmt: skip
+
+
+def matrix_names(model: torch.nn.Module) -> set[str]:
+    """The parameter names of the weights of ``model``'s linear and convolution layers."""
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return {f"{name}.weight".lstrip(".") for name, module in model.named_modules() if isinstance(module, layers)}
 
 
 def is_hidden_matrix(name: str, matrices: set[str]) -> bool:
