@@ -645,8 +645,8 @@ class OptimConfig:
     muon_skip: list[str] = field(default_factory=list)
     """Under Muon, modules whose matrices step with AdamW instead: a parameter is one of them when a part of its
     dotted name is one of these names, e.g. `attn2`, the cross-attention of UNet, PixArt and Sana blocks (the layers
-    that read the prompt; the demo-dit preset). A name that matches no matrix Muon would step is refused when the
-    optimizer is built."""
+    that read the prompt; the demo-dit preset). A name that matches no matrix Muon would step is refused once the
+    model is built, before the data is read."""
     weight_decay: float = 0.0
     """Decoupled weight decay (not applied to norms and biases)."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"

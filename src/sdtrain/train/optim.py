@@ -184,7 +184,7 @@ class Muon(torch.optim.Optimizer):
             orthogonal = orthogonalise(torch.stack(updates)).to(same[0].dtype)
             scale = -group["lr"] * 0.2 * math.sqrt(max(rows, columns))
             torch._foreach_add_(
-                same, [update.view(p.shape) for p, update in zip(same, orthogonal, strict=True)], alpha=scale
+                same, [update.reshape(p.shape) for p, update in zip(same, orthogonal, strict=True)], alpha=scale
             )
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
