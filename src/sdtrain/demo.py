@@ -32,7 +32,7 @@ EDIT_STRENGTH = 0.8
 # both measured).
 EXPECTED_MINUTES = {
     "demo": (20.0, 28.0, "2 cores of a Xeon (estimated), 2 of an AMD EPYC"),
-    "demo-dit": (13.0, 22.0, "2 cores of a Xeon, one of them"),
+    "demo-dit": (21.5, 31.0, "2 cores of a Xeon (estimated), 2 of an AMD EPYC"),
 }
 
 # The share of seen and of held-out prompts each preset's model must draw right in all three (colour, shape,
