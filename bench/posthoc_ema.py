@@ -10,7 +10,8 @@ have the share ``(1 - d_k) * d_{k+1} * ... * d_T`` at the last step ``T``. The r
 steps (its checkpoints), so step ``k``'s weights are taken as the two snapshots around it interpolated; the rebuild
 of the run's own EMA (``--power 2/3``) says how far that is from the real one (printed: the distance from the
 checkpoint's EMA, over the raw weights' distance from it). Writes the run's export with the rebuilt average as its
-UNet to ``RUN/posthoc-pP`` and prints the scores as JSON on the last line.
+UNet (or transformer, for ``demo-dit``'s runs) to ``RUN/posthoc-pP`` (``-capC`` added with ``--cap``) and prints
+the scores as JSON on the last line.
 """
 
 from __future__ import annotations
@@ -68,24 +69,25 @@ def main() -> None:
     config = yaml.safe_load((args.run / "config.yaml").read_text())
     cap = args.cap if args.cap is not None else config["train"]["ema_decay"] or 1.0
     folders = sorted((args.run / "checkpoints").glob("step-*"))
+    denoiser = "unet" if (folders[-1] / "unet.safetensors").exists() else "transformer"  # the UNet or a DiT
     steps = [int(f.name.removeprefix("step-")) for f in folders]
     share = shares(steps, args.power, cap)
     average: dict[str, torch.Tensor] = {}
     for step, folder in zip(steps, folders):
         if share[step] > 1e-9:
-            for name, tensor in load_file(folder / "unet.safetensors").items():
+            for name, tensor in load_file(folder / f"{denoiser}.safetensors").items():
                 average[name] = average.get(name, 0) + share[step] * tensor.double()
     total = sum(share.values())
     average = {name: (tensor / total).float().contiguous() for name, tensor in average.items()}
-    real, raw = load_file(folders[-1] / "ema.safetensors"), load_file(folders[-1] / "unet.safetensors")
+    real, raw = load_file(folders[-1] / "ema.safetensors"), load_file(folders[-1] / f"{denoiser}.safetensors")
     off = sum(((average[n] - real[n]) ** 2).sum() for n in real).sqrt()
     span = sum(((raw[n] - real[n]) ** 2).sum() for n in real).sqrt()
 
-    out = args.run / f"posthoc-p{args.power:.3g}"
+    out = args.run / (f"posthoc-p{args.power:.3g}" + (f"-cap{args.cap:g}" if args.cap is not None else ""))
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(args.run / "final", out, ignore=shutil.ignore_patterns("eval-*"))
-    save_file(average, out / "unet" / "diffusion_pytorch_model.safetensors")
+    save_file(average, out / denoiser / "diffusion_pytorch_model.safetensors")
     sample = config["sample"]
     scores = evaluate_shapes_model(
         out, args.data, out / f"eval-{args.seed}", guidance_scale=sample["guidance_scale"],
