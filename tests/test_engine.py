@@ -16,7 +16,7 @@ from sdtrain.config import Config, ConfigError, LoRAConfig, OptimConfig, TrainCo
 from sdtrain.models.families.sd import FAMILY
 from sdtrain.models.unet import build_unet
 from sdtrain.train.loop import train
-from sdtrain.train.optim import make_optimizer
+from sdtrain.train.optim import make_optimizer, set_lr
 from sdtrain.train.perf import advice, estimate_memory, profile_denoiser
 from tests.conftest import tiny_overrides, write_image_folder
 
@@ -223,6 +223,19 @@ def test_muon_skip_leaves_the_named_modules_to_adamw_and_refuses_names_it_cannot
         make_optimizer(unet, OptimConfig(name="muon", muon_skip=["conv_in"]))
     with pytest.raises(ConfigError, match="set train.optim.name=muon"):
         OptimConfig(name="adamw", muon_skip=["attn2"])
+
+
+def test_muon_lr_sets_the_rate_of_muons_matrices_and_leaves_adamws_at_lr():
+    unet = _tiny_unet()
+    optimizer = make_optimizer(unet, OptimConfig(name="muon", lr=1e-3, muon_lr=3e-3, muon_skip=["attn2"]))
+    set_lr(optimizer, 5e-4)  # the schedule's value of lr at some step: Muon's matrices follow it at 3 times
+    rates = sorted((bool(g.get("muon")), g["lr"]) for g in optimizer.param_groups)
+    assert rates == [(False, 5e-4), (False, 5e-4), (True, pytest.approx(1.5e-3))]
+    plain = make_optimizer(unet, OptimConfig(name="muon", lr=1e-3, muon_skip=["attn2"]))
+    assert [len(g["params"]) for g in plain.param_groups] == [len(g["params"]) for g in optimizer.param_groups]
+    for bad in ({"name": "adamw", "muon_lr": 1e-3}, {"name": "muon", "muon_lr": 0.0}):
+        with pytest.raises(ConfigError, match="train.optim.muon_lr"):
+            OptimConfig(**bad)
 
 
 def test_muon_orthogonalises_hidden_matrices_and_steps_the_rest_as_adamw():

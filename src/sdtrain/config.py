@@ -647,6 +647,9 @@ class OptimConfig:
     dotted name is one of these names, e.g. `attn2`, the cross-attention of UNet, PixArt and Sana blocks (the layers
     that read the prompt; the demo-dit preset). A name that matches no matrix Muon would step is refused once the
     model is built, before the data is read."""
+    muon_lr: float | None = None
+    """Under Muon, the peak learning rate of the matrices Muon steps (the same warm-up and decay); None: `lr`, which
+    the AdamW part keeps either way."""
     weight_decay: float = 0.0
     """Decoupled weight decay (not applied to norms and biases)."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
@@ -667,6 +670,9 @@ class OptimConfig:
         if self.muon_skip and self.name != "muon":
             raise ConfigError(f"train.optim.muon_skip names modules Muon leaves to AdamW; train.optim.name is "
                               f"{self.name}: set train.optim.name=muon or leave muon_skip empty")  # fmt: skip
+        if self.muon_lr is not None and (self.name != "muon" or self.muon_lr <= 0):
+            raise ConfigError(f"train.optim.muon_lr is the learning rate of Muon's matrices: a positive number under "
+                              f"train.optim.name=muon (got {self.muon_lr} under {self.name})")  # fmt: skip
 
 
 @dataclass

@@ -17,21 +17,23 @@ def param_groups(
     lr_scale: Callable[[str], float] | None = None,
     muon: bool = False,
     skip: tuple[str, ...] = (),
+    muon_scale: float = 1.0,
 ) -> list[dict]:
     """Two groups: matrices and convolution kernels decay; norms, biases and embeddings' 1-d params do not; and two
     more for the parameters whose ``lr_scale(name)`` is not 1 (text encoders at their own learning rate), whose
     ``lr_scale`` key :func:`set_lr` reads. With ``muon``, the matrices of the denoiser's blocks
     (:func:`is_hidden_matrix`) are groups of their own, marked ``muon``, but for those of the modules named in
-    ``skip`` (a part of the parameter's dotted name). A group with no parameters (LoRA trains
-    matrices only) is left out, as DeepSpeed leaves it out: the optimizer state has the same layout under every
-    strategy."""
+    ``skip`` (a part of the parameter's dotted name), their ``lr_scale`` times ``muon_scale``. A group with no
+    parameters (LoRA trains matrices only) is left out, as DeepSpeed leaves it out: the optimizer state has the same
+    layout under every strategy."""
     matrices = matrix_names(model)
     groups: dict[tuple[float, bool, bool], list] = {(1.0, True, False): [], (1.0, False, False): []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         hidden = muon and is_hidden_matrix(name, matrices) and not set(skip) & set(name.split("."))
-        groups.setdefault((lr_scale(name) if lr_scale else 1.0, param.ndim >= 2, hidden), []).append(param)
+        scale = (lr_scale(name) if lr_scale else 1.0) * (muon_scale if hidden else 1.0)
+        groups.setdefault((scale, param.ndim >= 2, hidden), []).append(param)
     made = []
     for (scale, decays, hidden), params in groups.items():
         group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
@@ -53,7 +55,8 @@ def make_optimizer(
     ``lr_scale(name)``: a parameter's learning rate over ``config.lr`` (default 1 for all).
     """
     muon = config.name == "muon"
-    groups = param_groups(model, config.weight_decay, lr_scale, muon=muon, skip=tuple(config.muon_skip))
+    muon_scale = config.muon_lr / config.lr if muon and config.muon_lr is not None else 1.0
+    groups = param_groups(model, config.weight_decay, lr_scale, muon, tuple(config.muon_skip), muon_scale)
     if muon:
         check_muon_skip(model, config)
         return Muon(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, momentum=config.momentum)
